@@ -1,0 +1,56 @@
+# hotsite: the two commands a newcomer needs are `make demo` and `make test`.
+# Both install what they need first (Debian packages as root, then a virtualenv).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := kamailio sip-tester iproute2 procps python3-venv
+# Stamp files make the install steps run once, and again when their inputs change.
+APT_STAMP := $(VENV)/.apt-installed
+PIP_STAMP := $(VENV)/.pip-installed
+
+.PHONY: demo test unit lint typecheck deps venv clean lab-down
+
+demo: deps venv
+	$(BIN)/hotsite lab demo
+
+test: deps venv lint typecheck
+	$(BIN)/pytest
+
+unit: venv
+	$(BIN)/pytest tests/unit
+
+lint: venv
+	$(BIN)/ruff check appliance failover monitoring provisioning tests
+
+typecheck: venv
+	$(BIN)/mypy
+
+deps: $(APT_STAMP)
+
+$(APT_STAMP):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	    if [ -n "$$missing" ]; then \
+	        echo "installing Debian packages: $$missing"; \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	    fi; \
+	else \
+	    echo "not root or no apt-get: skipping Debian packages ($(APT_PACKAGES)); lab tests will be skipped"; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+venv: $(PIP_STAMP)
+
+$(PIP_STAMP): pyproject.toml
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+lab-down: venv
+	$(BIN)/hotsite lab down
+
+clean: lab-down
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

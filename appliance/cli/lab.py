@@ -1,0 +1,227 @@
+"""``hotsite lab``: the one-machine lab of network namespaces, and the demo on top of it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance import api
+from appliance.cli import render
+from appliance.errors import HotsiteError
+
+DEFAULT_WORKDIR = Path("/run/hotsite-lab")
+
+
+def _lab(workdir: Path) -> Any:
+    from provisioning.lab import Lab
+
+    return Lab(workdir)
+
+
+def _lab_errors() -> tuple[type[BaseException], ...]:
+    from provisioning.lab import LabError
+
+    return (LabError,)
+
+
+def _die(message: str, code: int = 1) -> None:
+    click.echo(f"hotsite: error: {message}", err=True)
+    sys.exit(code)
+
+
+workdir_option = click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_WORKDIR,
+    show_default=True,
+    help="Where the lab keeps its generated files, logs and state.",
+)
+
+
+@click.group()
+def lab() -> None:
+    """The one-machine lab: primary, backup, carrier edge and witness as namespaces.
+
+    \b
+    Examples:
+      hotsite lab up && hotsite lab status
+      hotsite lab impair trunk-a --cut     # pull trunk-a's cable
+      hotsite lab heal trunk-a
+      hotsite lab down                     # removes everything, even after a crash
+    """
+
+
+@lab.command()
+@workdir_option
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "netns", "loopback"]),
+    default="auto",
+    show_default=True,
+    help="netns needs root; loopback runs every host on its own 127.77.0.x address.",
+)
+@click.option("--metrics-listen", default="127.0.0.1:9477", show_default=True)
+def up(workdir: Path, mode: str, metrics_listen: str) -> None:
+    """Bring the lab up and write the daemon's config for it."""
+    info = _up(workdir, mode, metrics_listen)
+    click.echo(f"lab up ({info['mode']} mode); daemon config: {workdir / 'hotsite.toml'}")
+    for skipped in info.get("skipped", []):
+        click.echo(f"skipped: {skipped}")
+
+
+def _up(workdir: Path, mode: str, metrics_listen: str) -> dict[str, Any]:
+    from provisioning.lab import config as lab_config
+
+    the_lab = _lab(workdir)
+    try:
+        info = the_lab.up(mode=mode)
+        the_lab.wait_ready()
+    except _lab_errors() as exc:
+        with contextlib.suppress(Exception):
+            the_lab.down()
+        _die(str(exc))
+    (workdir / "hotsite.toml").write_text(lab_config.render(info, metrics_listen=metrics_listen))
+    return dict(info)
+
+
+@lab.command()
+@workdir_option
+def down(workdir: Path) -> None:
+    """Remove every namespace, process and file the lab made."""
+    try:
+        removed = _lab(workdir).down()
+    except _lab_errors() as exc:
+        _die(str(exc))
+    for line in removed:
+        click.echo(line)
+    click.echo("lab down")
+
+
+@lab.command("status")
+@workdir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts and tests.")
+def lab_status(workdir: Path, as_json: bool) -> None:
+    """Every lab host with its namespace, addresses, ports and processes."""
+    info = _lab(workdir).status()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        sys.exit(0 if info else 1)
+    if not info:
+        _die("the lab is not up ('hotsite lab up' starts it)")
+    click.echo(f"mode {info['mode']}, workdir {info['workdir']}, Kamailio RPC {info['kamailio']['rpc_url']}")
+    for host in info["hosts"]:
+        procs = ", ".join(
+            f"{p['name']}[{p['pid']}]{'' if p['alive'] else ' DEAD'}" for p in host["processes"]
+        )
+        ports = ", ".join(f"{k} {v}" for k, v in host["ports"].items())
+        click.echo(f"  {host['name']:<9} {host['namespace'] or '-':<16} {host['address']:<12} {ports:<20} {procs}")
+    for skipped in info.get("skipped", []):
+        click.echo(f"skipped: {skipped}")
+
+
+@lab.command()
+@workdir_option
+@click.argument("host")
+@click.option("--loss", "loss_pct", type=click.FloatRange(0, 100), help="Packet loss in percent.")
+@click.option("--delay", "delay_ms", type=click.FloatRange(0, 60000), help="Added delay in ms.")
+@click.option("--cut", is_flag=True, help="Cut the host's link entirely.")
+def impair(workdir: Path, host: str, loss_pct: float | None, delay_ms: float | None, cut: bool) -> None:
+    """Degrade HOST's link with tc netem: loss, delay, or a cut."""
+    if loss_pct is None and delay_ms is None and not cut:
+        raise click.UsageError("give --loss, --delay or --cut")
+    try:
+        click.echo(_lab(workdir).impair(host, loss_pct=loss_pct, delay_ms=delay_ms, cut=cut))
+    except _lab_errors() as exc:
+        _die(str(exc))
+
+
+@lab.command()
+@workdir_option
+@click.argument("host")
+def heal(workdir: Path, host: str) -> None:
+    """Remove every impairment from HOST's link."""
+    try:
+        click.echo(_lab(workdir).heal(host))
+    except _lab_errors() as exc:
+        _die(str(exc))
+
+
+@lab.command()
+@workdir_option
+@click.option("--mode", type=click.Choice(["auto", "netns", "loopback"]), default="auto", show_default=True)
+@click.option("--metrics-listen", default="127.0.0.1:9477", show_default=True)
+def demo(workdir: Path, mode: str, metrics_listen: str) -> None:
+    """Lab up, daemon on the lab config, live status until Ctrl-C, then everything down."""
+    from rich.live import Live
+
+    info = _up(workdir, mode, metrics_listen)
+    runtime_dir = workdir / "run"
+    log_path = workdir / "hotsite-daemon.log"
+    daemon = _start_daemon(workdir / "hotsite.toml", log_path)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    hint = (
+        f"Lab up ({info['mode']}). Daemon log: {log_path}. Metrics: http://{metrics_listen}/metrics\n"
+        f"Try in another terminal:  hotsite lab impair trunk-a --cut   |   "
+        f"hotsite --runtime-dir {runtime_dir} status\nCtrl-C tears everything down."
+    )
+    try:
+        with Live(refresh_per_second=2, screen=False) as live:
+            while not stop["now"]:
+                if daemon.poll() is not None:
+                    raise HotsiteError(f"the daemon exited with status {daemon.returncode}; see {log_path}")
+                live.update(_demo_view(runtime_dir, hint))
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    except HotsiteError as exc:
+        click.echo(f"hotsite: error: {exc.message}", err=True)
+    finally:
+        click.echo("stopping the daemon and tearing the lab down...")
+        _stop_daemon(daemon)
+        for line in _lab(workdir).down():
+            click.echo(line)
+        click.echo("lab down")
+
+
+def _demo_view(runtime_dir: Path, hint: str) -> Any:
+    from rich.console import Group
+    from rich.text import Text
+
+    try:
+        status = api.call(runtime_dir, "status", {"events": 6}, timeout=2.0)
+    except HotsiteError as exc:
+        return Group(Text(hint), Text(f"waiting for the daemon: {exc.message}", style="yellow"))
+    return Group(Text(hint, style="dim"), render.status_view(status))
+
+
+def _start_daemon(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    log_file = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli.main", "--config", str(config_path), "run"],
+        stdout=log_file,
+        stderr=log_file,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches us, not the daemon: we stop it in order
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _stop_daemon(daemon: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if daemon.poll() is not None:
+        return
+    daemon.terminate()
+    try:
+        daemon.wait(timeout)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()

@@ -1,0 +1,229 @@
+"""``hotsite``: the technician's command line.
+
+A thin client of the daemon's control API: every read goes through the
+socket, so the CLI shows exactly what the daemon believes. Only ``run``
+(the daemon itself), ``config check`` and ``lab`` work without a daemon.
+
+Exit status: 0 ok, 1 failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from appliance import __version__, api, config as config_mod, logs
+from appliance.cli import render
+from appliance.errors import ConfigError, HotsiteError
+
+DEFAULT_RUNTIME_DIR = Path("/run/hotsite")
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def fail(exc: HotsiteError) -> NoReturn:
+    click.echo(f"hotsite: error: {exc.message}", err=True)
+    if isinstance(exc, ConfigError):
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class Context:
+    def __init__(self, config: str | None, runtime_dir: str | None) -> None:
+        self.config_path = config_mod.resolve_path(config)
+        self._runtime_dir = Path(runtime_dir) if runtime_dir else None
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Where the socket is: --runtime-dir, else the config's setting, else the default.
+
+        Reads only that one key, so a broken config does not stop a technician
+        from asking the running daemon what it is doing.
+        """
+        if self._runtime_dir:
+            return self._runtime_dir
+        try:
+            data = tomllib.loads(self.config_path.read_text())
+            return Path(data["appliance"]["runtime_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return DEFAULT_RUNTIME_DIR
+
+    def call(self, method: str, **params: Any) -> Any:
+        try:
+            return api.call(self.runtime_dir, method, params)
+        except HotsiteError as exc:
+            fail(exc)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings=CONTEXT)
+@click.option(
+    "--config",
+    "-c",
+    envvar=config_mod.ENV_VAR,
+    metavar="FILE",
+    help=f"Configuration file [default: {config_mod.DEFAULT_PATH}; env {config_mod.ENV_VAR}].",
+)
+@click.option(
+    "--runtime-dir",
+    envvar="HOTSITE_RUNTIME_DIR",
+    metavar="DIR",
+    help="Where the daemon's control socket is [default: the config's appliance.runtime_dir].",
+)
+@click.version_option(__version__, prog_name="hotsite")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, runtime_dir: str | None) -> None:
+    """hotsite: the disaster-recovery site's appliance.
+
+    \b
+    Examples:
+      hotsite status               what the daemon sees now
+      hotsite status --json        the same, for scripts
+      hotsite config check /etc/hotsite/hotsite.toml
+      hotsite lab demo             the one-machine lab with a live view
+    """
+    ctx.obj = Context(config, runtime_dir)
+
+
+@cli.command()
+@pass_ctx
+def run(ctx: Context) -> None:
+    """Run the daemon in the foreground (systemd starts it this way).
+
+    SIGTERM stops it cleanly; SIGHUP reloads the configuration, keeping the
+    old one if the new one is invalid.
+    """
+    from appliance.app import Appliance
+
+    try:
+        config = config_mod.load(ctx.config_path)
+    except ConfigError as exc:
+        fail(exc)
+    logs.setup(config.appliance.log_level, config.appliance.log_format)
+    try:
+        asyncio.run(Appliance(config, ctx.config_path).main())
+    except HotsiteError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--events", default=8, show_default=True, help="How many recent events to show.")
+@pass_ctx
+def status(ctx: Context, as_json: bool, events: int) -> None:
+    """Sites, trunks, the failover state and the last events.
+
+    \b
+    Example:
+      hotsite status --json | jq '.trunks[] | select(.state != "up")'
+    """
+    result = ctx.call("status", events=events)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render.print_status(result)
+
+
+@cli.command("events")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option("--limit", default=50, show_default=True, help="How many events, newest first.")
+@click.option("--kind", help="Only this kind or kind prefix, e.g. 'probe' or 'operator.note'.")
+@click.option("--since", type=float, metavar="SECONDS", help="Only events of the last SECONDS.")
+@pass_ctx
+def events_cmd(ctx: Context, as_json: bool, limit: int, kind: str | None, since: float | None) -> None:
+    """Read the audit log: who did what, when."""
+    params: dict[str, Any] = {"limit": limit}
+    if kind:
+        params["kind"] = kind
+    if since is not None:
+        params["since"] = time.time() - since
+    result = ctx.call("events", **params)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render.print_events(result)
+
+
+@cli.command()
+@click.argument("text", nargs=-1, required=True)
+@pass_ctx
+def note(ctx: Context, text: tuple[str, ...]) -> None:
+    """Add a note to the audit log (e.g. "replaced PSU 2 in rack B3")."""
+    event = ctx.call("note", text=" ".join(text))
+    click.echo(f"noted as event {event['id']} by {event['actor']}")
+
+
+@cli.command()
+@pass_ctx
+def reload(ctx: Context) -> None:
+    """Ask the daemon to re-read its configuration (like SIGHUP)."""
+    ctx.call("reload")
+    click.echo("reload requested; 'hotsite events --kind config' shows the result")
+
+
+@cli.group()
+def config() -> None:
+    """Validate and inspect configuration files."""
+
+
+@config.command("check")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON.")
+@pass_ctx
+def config_check(ctx: Context, file: Path | None, as_json: bool) -> None:
+    """Validate FILE (default: the --config file); exit 2 on any mistake.
+
+    Every mistake is listed with its key path, the bad value and what is
+    expected. Files the config names (modem device, secrets) must exist.
+    """
+    path = file or ctx.config_path
+    try:
+        cfg = config_mod.load(path)
+        problems = config_mod.check_environment(cfg)
+        warnings = cfg.warnings()
+    except ConfigError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "file": str(path), "error": exc.message, "problems": exc.problems}))
+            sys.exit(exc.exit_code)
+        fail(exc)
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "file": str(path), "problems": problems, "warnings": warnings}))
+    else:
+        for problem in problems:
+            click.echo(f"  {problem}", err=True)
+        for warning in warnings:
+            click.echo(f"warning: {warning}", err=True)
+        if not problems:
+            click.echo(f"{path}: ok ({len(cfg.sites)} sites, {len(cfg.trunks)} trunks, {len(cfg.contacts)} contacts)")
+    if problems:
+        if not as_json:
+            click.echo(f"hotsite: error: {path}: {len(problems)} problem(s)", err=True)
+        sys.exit(2)
+
+
+def _register_subgroups() -> None:
+    from appliance.cli.lab import lab
+
+    cli.add_command(lab)
+
+
+_register_subgroups()
+
+
+def main() -> None:
+    cli(prog_name="hotsite")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Human renderings of API results: tables with colour on a terminal, plain text elsewhere."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+STATE_STYLE = {"up": "bold green", "down": "bold red", "unknown": "yellow"}
+
+
+def _console() -> Console:
+    # rich drops colour by itself when stdout is not a terminal.
+    return Console(highlight=False)
+
+
+def _state(state: str) -> Text:
+    return Text(state.upper(), style=STATE_STYLE.get(state, ""))
+
+
+def _since(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def status_view(status: dict[str, Any]) -> Group:
+    appliance = status["appliance"]
+    failover = status["failover"]
+    header = Text.assemble(
+        ("hotsite ", "bold"),
+        f"{appliance['version']} on {appliance['name']}  up {_since(appliance['uptime_s'])}  ",
+        ("failover: ", "bold"),
+        f"{failover['state']} (policy {failover['policy']})",
+    )
+    sites = Table(title="Sites", title_justify="left", expand=False)
+    for column in ("site", "role", "SBC", "state", "since", "RTT ms", "code", "reason"):
+        sites.add_column(column)
+    for site in status["sites"]:
+        sites.add_row(
+            site["name"], site["role"], site["sbc"], _state(site["state"]), _since(site["since_s"]),
+            _ms(site["rtt_ms"]), str(site["last_code"] or "-"), site["reason"],
+        )
+    trunks = Table(title="Trunks", title_justify="left", expand=False)
+    for column in ("trunk", "address", "state", "since", "RTT ms", "code", "reason"):
+        trunks.add_column(column)
+    for trunk in status["trunks"]:
+        trunks.add_row(
+            trunk["name"], trunk["address"], _state(trunk["state"]), _since(trunk["since_s"]),
+            _ms(trunk["rtt_ms"]), str(trunk["last_code"] or "-"), trunk["reason"],
+        )
+    parts: list[Any] = [header, sites, trunks]
+    if status.get("events"):
+        parts.append(events_table(status["events"], title="Recent events"))
+    return Group(*parts)
+
+
+def events_table(events: list[dict[str, Any]], title: str = "Events") -> Table:
+    table = Table(title=title, title_justify="left", expand=False)
+    for column in ("id", "time (UTC)", "kind", "actor", "message"):
+        table.add_column(column, overflow="fold")
+    for event in events:
+        table.add_row(
+            str(event["id"]),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event["at"])),
+            event["kind"],
+            event["actor"],
+            event["message"],
+        )
+    return table
+
+
+def print_status(status: dict[str, Any]) -> None:
+    _console().print(status_view(status))
+
+
+def print_events(events: list[dict[str, Any]]) -> None:
+    _console().print(events_table(events))

@@ -1,0 +1,419 @@
+"""The one configuration loader: a TOML file validated against a schema.
+
+Why a schema: a technician editing ``/etc/hotsite/hotsite.toml`` at 3 a.m.
+must be told exactly which key is wrong, what value it holds and what is
+expected, for every mistake at once, before the daemon acts on it. Every
+section forbids unknown keys, because a misspelt key silently ignored is a
+setting silently not applied.
+
+Durations are plain seconds in keys ending ``_s``; addresses are
+``host:port``. Secrets are never inline: keys ending ``_file`` name a file
+that holds them, so the config can be shown, logged and bundled safely.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from appliance.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/hotsite/hotsite.toml")
+ENV_VAR = "HOTSITE_CONFIG"
+
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
+_E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _split_host_port(value: str, default_port: int | None) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or host.count(":") and not host.startswith("["):
+        # No port given (or a bare IPv6 address).
+        host, port_text = value, ""
+    host = host.strip("[]")
+    if not port_text:
+        if default_port is None:
+            raise ValueError("expected host:port, e.g. 127.0.0.1:9477")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def _check_host(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME_RE.match(host):
+            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+    return host
+
+
+def _address(default_port: int | None) -> Any:
+    def check(value: str) -> str:
+        host, port = _split_host_port(value, default_port)
+        _check_host(host)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    return AfterValidator(check)
+
+
+def _match(pattern: re.Pattern[str], expected: str) -> Any:
+    def check(value: str) -> str:
+        if not pattern.match(value):
+            raise ValueError(f"expected {expected}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _http_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+SipAddress = Annotated[str, _address(5060)]
+ListenAddress = Annotated[str, _address(None)]
+Phone = Annotated[str, _match(_E164_RE, "an E.164 phone number such as +8613800138000")]
+Email = Annotated[str, _match(_EMAIL_RE, "an e-mail address such as ops@example.com")]
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+Name = Annotated[str, _match(_NAME_RE, "a lower-case name: letters, digits, '-' or '_'")]
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """Split a validated ``host:port`` into its parts."""
+    host, port = _split_host_port(address, None)
+    return host, port
+
+
+class Section(BaseModel):
+    """Base of every config section: strict about keys, immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApplianceSection(Section):
+    name: str = Field(default_factory=socket.gethostname)
+    state_dir: Path = Path("/var/lib/hotsite")
+    runtime_dir: Path = Path("/run/hotsite")
+    socket_group: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["kv", "json"] = "kv"
+    watchdog: bool = True
+
+
+class MetricsSection(Section):
+    enabled: bool = True
+    listen: ListenAddress = "127.0.0.1:9477"
+
+
+class SiteSection(Section):
+    role: Literal["primary", "backup"]
+    description: str = ""
+    sbc: SipAddress
+    sbc_transport: Literal["udp", "tcp"] = "udp"
+    health_url: HttpUrl | None = None
+    kamailio_set: int = Field(ge=1, le=65535)
+    seats: int = Field(default=0, ge=0)
+
+
+class TrunkSection(Section):
+    address: SipAddress
+    transport: Literal["udp", "tcp"] = "udp"
+    carrier: str = ""
+
+
+class ProbesSection(Section):
+    interval_s: Seconds = 1.0
+    timeout_s: Seconds = 0.8
+    rise: int = Field(default=2, ge=1, le=100)
+    fall: int = Field(default=3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> ProbesSection:
+        if self.timeout_s > self.interval_s:
+            raise ValueError(
+                f"timeout_s ({self.timeout_s}) must not exceed interval_s ({self.interval_s}):"
+                " a probe would still be running when the next one is due"
+            )
+        return self
+
+
+class FailoverSection(Section):
+    policy: Literal["auto", "confirm", "manual"] = "confirm"
+    witness: HttpUrl | None = None
+    hold_down_s: Seconds = 30.0
+    min_dwell_s: Seconds = 300.0
+    max_auto_per_hour: int = Field(default=1, ge=0, le=60)
+    failback: Literal["manual", "auto"] = "manual"
+
+
+class KamailioSection(Section):
+    rpc_url: HttpUrl | None = None
+    rpc_socket: Path | None = None
+    dispatcher_list: Path | None = None
+
+
+class ContactSection(Section):
+    name: str = Field(min_length=1)
+    company: str = ""
+    phone: Phone | None = None
+    email: Email | None = None
+    skills: list[Literal["telephony", "network", "power", "data", "facilities"]] = []
+
+
+class GsmChannel(Section):
+    type: Literal["gsm"]
+    device: Path
+    baud: Literal[9600, 19200, 38400, 57600, 115200, 230400, 460800] = 115200
+    pin_file: Path | None = None
+    smsc: Phone | None = None
+
+
+class SmtpChannel(Section):
+    type: Literal["smtp"]
+    host: str
+    port: int = Field(default=587, ge=1, le=65535)
+    starttls: bool = True
+    username: str | None = None
+    password_file: Path | None = None
+    from_addr: Email
+
+
+class WebhookChannel(Section):
+    type: Literal["webhook"]
+    url: HttpUrl
+    format: Literal["json", "pagerduty", "alertmanager"] = "json"
+    secret_file: Path | None = None
+
+
+Channel = Annotated[Union[GsmChannel, SmtpChannel, WebhookChannel], Field(discriminator="type")]
+
+
+class StreamSection(Section):
+    kind: Literal["sqlite", "files"]
+    source: str = Field(min_length=1)
+    replica: Path
+    rpo_budget_s: Seconds = 5.0
+
+
+class ReplicationSection(Section):
+    source_agent: str | None = None
+    streams: dict[Name, StreamSection] = {}
+
+
+class Config(Section):
+    """The whole appliance configuration (the root of ``hotsite.toml``)."""
+
+    appliance: ApplianceSection = ApplianceSection()
+    metrics: MetricsSection = MetricsSection()
+    sites: dict[Name, SiteSection]
+    trunks: dict[Name, TrunkSection] = {}
+    probes: ProbesSection = ProbesSection()
+    failover: FailoverSection = FailoverSection()
+    kamailio: KamailioSection = KamailioSection()
+    contacts: list[ContactSection] = []
+    channels: dict[Name, Channel] = {}
+    replication: ReplicationSection = ReplicationSection()
+
+    @model_validator(mode="after")
+    def _one_primary_and_a_backup(self) -> Config:
+        roles = [site.role for site in self.sites.values()]
+        if roles.count("primary") != 1:
+            raise ValueError(f"expected exactly one site with role 'primary', found {roles.count('primary')}")
+        if "backup" not in roles:
+            raise ValueError("expected at least one site with role 'backup'")
+        sets: dict[int, str] = {}
+        for name, site in self.sites.items():
+            if site.kamailio_set in sets:
+                raise ValueError(
+                    f"sites.{name}.kamailio_set {site.kamailio_set} is already used by"
+                    f" sites.{sets[site.kamailio_set]}: each site needs its own dispatcher set"
+                )
+            sets[site.kamailio_set] = name
+        return self
+
+    @property
+    def primary(self) -> tuple[str, SiteSection]:
+        return next((n, s) for n, s in self.sites.items() if s.role == "primary")
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but will not do what they seem to say."""
+        notes = []
+        if self.failover.policy == "auto" and self.failover.witness is None:
+            notes.append(
+                "failover.policy: 'auto' without failover.witness degrades to 'confirm':"
+                " two sites alone cannot tell a dead primary from a cut link"
+            )
+        if not self.contacts:
+            notes.append("contacts: none configured; incidents will page nobody")
+        return notes
+
+
+# ---------------------------------------------------------------------------
+# Loading and error reporting
+
+
+def resolve_path(cli_value: str | os.PathLike[str] | None) -> Path:
+    """``--config`` wins over ``$HOTSITE_CONFIG``, which wins over the default."""
+    if cli_value:
+        return Path(cli_value)
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else DEFAULT_PATH
+
+
+def load(path: Path) -> Config:
+    """Read and validate ``path``; raise :class:`ConfigError` listing every mistake."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    return parse(raw.decode("utf-8", errors="replace"), source=str(path))
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}", [f"TOML syntax: {exc}"]) from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(err) for err in exc.errors(include_url=False)]
+        raise ConfigError(f"{source}: {len(problems)} problem(s) in the configuration", problems) from None
+
+
+def check_environment(config: Config) -> list[str]:
+    """Problems a schema cannot see: files named by the config that are missing or unreadable."""
+    problems = []
+    for name, channel in config.channels.items():
+        for key in ("device", "pin_file", "password_file", "secret_file"):
+            path = getattr(channel, key, None)
+            if path is None:
+                continue
+            if not path.exists():
+                problems.append(f"channels.{name}.{key}: {str(path)!r} does not exist")
+            elif not os.access(path, os.R_OK | (os.W_OK if key == "device" else 0)):
+                mode = "read and write" if key == "device" else "read"
+                problems.append(f"channels.{name}.{key}: {str(path)!r} exists but this user cannot {mode} it")
+    return problems
+
+
+def _describe(err: Any) -> str:
+    parts, model = _walk(err["loc"])
+    where = ".".join(parts) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent, parent_model = _walk(err["loc"][:-1])
+        known = sorted(parent_model.model_fields) if _is_model(parent_model) else []
+        hint = f" (known keys here: {', '.join(known)})" if known else ""
+        return f"{where}: unknown key{hint}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    message = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
+    if kind == "union_tag_invalid":
+        return f"{where}.type: {err['input'].get('type')!r}: {message}"
+    if isinstance(err.get("input"), dict):
+        return f"{where}: {message}"
+    return f"{where}: {_show(err.get('input'))}: {message}"
+
+
+def _walk(loc: Iterable[Any]) -> tuple[list[str], Any]:
+    """Follow an error location through the schema.
+
+    Returns the key path as the user wrote it (pydantic inserts the tag of a
+    discriminated union, e.g. ``channels.sms.gsm.baud``; the file says
+    ``channels.sms.baud``) and the annotation found at its end.
+    """
+    parts: list[str] = []
+    model: Any = Config
+    for part in loc:
+        if part == "[key]":  # pydantic's marker for an invalid table name
+            continue
+        if isinstance(model, _Tagged):
+            model = model.by_tag(str(part))
+            continue
+        if isinstance(part, int) and parts:
+            parts[-1] += f"[{part}]"
+        else:
+            parts.append(str(part))
+        model = _descend(model, part) if model is not None else None
+    return parts, model
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _descend(annotation: Any, part: Any) -> Any:
+    annotation = _unwrap(annotation)
+    if _is_model(annotation):
+        field = annotation.model_fields.get(str(part))
+        return field.annotation if field else None
+    origin = typing.get_origin(annotation)
+    if origin in (dict, list):
+        inner = _unwrap(typing.get_args(annotation)[-1])
+        members = _union_members(inner)
+        if len(members) > 1:
+            # A discriminated union keyed by "type": the error loc names the tag next.
+            return _Tagged(members)
+        return inner
+    return None
+
+
+class _Tagged:
+    def __init__(self, members: list[Any]) -> None:
+        self.members = members
+
+    def by_tag(self, tag: str) -> Any:
+        for member in self.members:
+            field = member.model_fields.get("type")
+            if field is not None and tag in typing.get_args(field.annotation):
+                return member
+        return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    members = _union_members(annotation)
+    non_none = [m for m in members if m is not type(None)]
+    if len(members) > 1 and len(non_none) == 1:
+        return _unwrap(non_none[0])
+    return annotation
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return list(typing.get_args(annotation))
+    return [annotation]

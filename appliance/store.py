@@ -1,0 +1,263 @@
+"""The one owner of the appliance's SQLite state.
+
+Everything hotsite must remember across a restart lives in one database under
+the state directory: the append-only audit log (who did what, when) and small
+keyed state records (the failover engine's state, later). Only the daemon
+opens it for writing, and only through this module.
+
+Crash safety comes from SQLite itself: WAL journal, ``synchronous=FULL`` (an
+audit record that was acknowledged survives a power cut), every write one
+transaction, migrations applied in a transaction together with the schema
+version, so a crash at any point leaves either the old or the new state.
+The audit log is append-only, enforced by triggers, so no bug of ours can
+rewrite history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from appliance.errors import StateError
+
+DB_NAME = "hotsite.db"
+LOCK_NAME = "hotsite.lock"
+
+# Each migration runs once, in order, in one transaction with the version bump.
+# Never edit a released migration: append a new one.
+MIGRATIONS: list[str] = [
+    # 1: audit log and keyed state.
+    """
+    CREATE TABLE events (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      REAL    NOT NULL,          -- unix time, seconds
+        kind    TEXT    NOT NULL,          -- e.g. daemon.start, probe.state, api.ack
+        actor   TEXT    NOT NULL,          -- 'daemon', 'uid=0(root)', 'sms:+86…'
+        subject TEXT    NOT NULL DEFAULT '',
+        message TEXT    NOT NULL DEFAULT '',
+        data    TEXT    NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_at ON events(at);
+    CREATE INDEX events_kind ON events(kind, at);
+    CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TABLE state (
+        key        TEXT PRIMARY KEY,
+        value      TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One audit record."""
+
+    id: int
+    at: float
+    kind: str
+    actor: str
+    subject: str
+    message: str
+    data: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": self.at,
+            "kind": self.kind,
+            "actor": self.actor,
+            "subject": self.subject,
+            "message": self.message,
+            "data": self.data,
+        }
+
+
+class Store:
+    """The appliance's database. Open with :meth:`open`; close when done.
+
+    ``exclusive=True`` (the daemon) also takes an advisory lock on the state
+    directory, so a second daemon on the same state fails at once with a
+    clear :class:`StateError` instead of two writers racing.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, lock_fd: int | None, clock: Callable[[], float]):
+        self._conn = conn
+        self._db = sqlite_utils.Database(conn)
+        self._lock_fd = lock_fd
+        self._clock = clock
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path,
+        *,
+        exclusive: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> Store:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as exc:
+            raise StateError(f"state directory {state_dir} cannot be created: {exc.strerror}") from None
+        lock_fd = _lock(state_dir) if exclusive else None
+        try:
+            conn = sqlite3.connect(
+                state_dir / DB_NAME, isolation_level=None, timeout=5.0, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            store = cls(conn, lock_fd, clock)
+            store._migrate()
+        except sqlite3.DatabaseError as exc:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise StateError(f"state database {state_dir / DB_NAME} is unusable: {exc}") from None
+        return store
+
+    def close(self) -> None:
+        self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        current = self.schema_version
+        if current > len(MIGRATIONS):
+            raise StateError(
+                f"state database has schema version {current}, newer than this hotsite"
+                f" ({len(MIGRATIONS)}): refusing to run an older release on it"
+            )
+        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            with self._transaction():
+                for statement in _statements(script):
+                    self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version = {version}")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- audit log ---------------------------------------------------------
+
+    def record(
+        self,
+        kind: str,
+        *,
+        actor: str = "daemon",
+        subject: str = "",
+        message: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> Event:
+        """Append one event to the audit log and return it (durable on return)."""
+        row = {
+            "at": self._clock(),
+            "kind": kind,
+            "actor": actor,
+            "subject": subject,
+            "message": message,
+            "data": json.dumps(data or {}, sort_keys=True, default=str),
+        }
+        with self._transaction():
+            table = self._db.table("events")
+            table.insert(row)
+            event_id = table.last_rowid
+        assert event_id is not None
+        return Event(id=event_id, **{**row, "data": data or {}})  # type: ignore[arg-type]
+
+    def events(
+        self,
+        *,
+        limit: int = 20,
+        kind: str | None = None,
+        since: float | None = None,
+    ) -> list[Event]:
+        """The newest events first, optionally filtered by kind prefix and time."""
+        clauses, args = [], []
+        if kind:
+            clauses.append("(kind = ? OR kind LIKE ?)")
+            args += [kind, kind + ".%"]
+        if since is not None:
+            clauses.append("at >= ?")
+            args.append(since)
+        rows = self._db.table("events").rows_where(
+            " AND ".join(clauses) or None, args, order_by="id DESC", limit=limit
+        )
+        return [_event(row) for row in rows]
+
+    # -- keyed state ---------------------------------------------------------
+
+    def put_state(self, key: str, value: Any) -> None:
+        with self._transaction():
+            self._db.table("state").upsert(
+                {"key": key, "value": json.dumps(value, sort_keys=True), "updated_at": self._clock()},
+                pk="key",
+            )
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        row = self._conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+
+def _event(row: dict[str, Any]) -> Event:
+    return Event(
+        id=row["id"],
+        at=row["at"],
+        kind=row["kind"],
+        actor=row["actor"],
+        subject=row["subject"],
+        message=row["message"],
+        data=json.loads(row["data"]),
+    )
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (``executescript`` would commit on its own)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {buffer.strip()[:60]!r}")
+    return statements
+
+
+def _lock(state_dir: Path) -> int:
+    path = state_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateError(
+            f"another hotsite daemon (pid {holder}) is already using the state directory {state_dir}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
