@@ -57,6 +57,7 @@ class Appliance(Daemon):
         self._targets: dict[str, Target] = {}
         self._health: dict[str, TargetHealth] = {}
         self._started_at = 0.0
+        self._started = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -81,12 +82,14 @@ class Appliance(Daemon):
             clock=self.clock.monotonic,
             on_unmatched=lambda reason: self.metrics.unmatched_replies.labels(reason=reason).inc(),
         )
-        self._set_targets(from_config(cfg))
+        targets = from_config(cfg)
         self.store.record(
             "daemon.start",
             message=f"hotsite {__version__} started",
-            data={"pid": os.getpid(), "config": str(self.config_path), "targets": len(self._targets)},
+            data={"pid": os.getpid(), "config": str(self.config_path), "targets": len(targets)},
         )
+        self._set_targets(targets)
+        self._started = True
         log.info(
             "hotsite started",
             extra=kv(version=__version__, config=self.config_path, targets=len(self._targets)),
@@ -122,10 +125,12 @@ class Appliance(Daemon):
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         if self.store is not None:
-            self.store.record("daemon.stop", message="hotsite stopped")
+            if self._started:
+                self.store.record("daemon.stop", message="hotsite stopped")
             self.store.close()
             self.store = None
-        log.info("hotsite stopped")
+        if self._started:
+            log.info("hotsite stopped")
 
     def describe(self) -> str:
         up = sum(1 for h in self._health.values() if h.state == "up")
