@@ -90,7 +90,9 @@ class ApiServer:
         try:
             self._runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         except OSError as exc:
-            raise StartupError(f"runtime directory {self._runtime_dir} cannot be created: {exc.strerror}") from None
+            raise StartupError(
+                f"runtime directory {self._runtime_dir} cannot be created: {exc.strerror}"
+            ) from None
         _remove_stale_socket(self.path)
         old_umask = os.umask(0o117)  # the socket is born 0660: never a window where it is world-writable
         try:
@@ -191,7 +193,9 @@ def _remove_stale_socket(path: Path) -> None:
 # Client
 
 
-def call(runtime_dir: Path, method: str, params: dict[str, Any] | None = None, timeout: float = CLIENT_TIMEOUT_S) -> Any:
+def call(
+    runtime_dir: Path, method: str, params: dict[str, Any] | None = None, timeout: float = CLIENT_TIMEOUT_S
+) -> Any:
     """Call the daemon and return the result; raise DaemonNotRunning or ApiError."""
     path = runtime_dir / SOCKET_NAME
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

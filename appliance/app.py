@@ -13,7 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from appliance import __version__, config as config_mod
+from appliance import __version__
+from appliance import config as config_mod
 from appliance.api import ApiServer, Caller, RequestError
 from appliance.clock import Clock, SystemClock
 from appliance.config import Config
@@ -111,9 +112,7 @@ class Appliance(Daemon):
         await self.supervisor.stop("probes")
         self._set_targets(from_config(new))
         self.metrics.config_reloads.labels(result="applied").inc()
-        self._record(
-            "config.reload", message="configuration reloaded", data={"restart_needed_for": ignored}
-        )
+        self._record("config.reload", message="configuration reloaded", data={"restart_needed_for": ignored})
         log.info("configuration reloaded", extra=kv(targets=len(self._targets)))
 
     async def stop(self) -> None:
@@ -189,7 +188,12 @@ class Appliance(Daemon):
                 "probe.state",
                 subject=target.name,
                 message=f"{target.name} {before.state} -> {after.state}: {after.reason}",
-                data={"state": after.state, "was": before.state, "code": result.code, "reason": result.reason},
+                data={
+                    "state": after.state,
+                    "was": before.state,
+                    "code": result.code,
+                    "reason": result.reason,
+                },
             )
 
     def _record(self, kind: str, **fields: Any) -> None:

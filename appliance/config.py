@@ -208,7 +208,7 @@ class WebhookChannel(Section):
     secret_file: Path | None = None
 
 
-Channel = Annotated[Union[GsmChannel, SmtpChannel, WebhookChannel], Field(discriminator="type")]
+Channel = Annotated[GsmChannel | SmtpChannel | WebhookChannel, Field(discriminator="type")]
 
 
 class StreamSection(Section):

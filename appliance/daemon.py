@@ -65,9 +65,7 @@ class Supervisor:
                 raise
             except Exception:
                 self.restarts[name] = self.restarts.get(name, 0) + 1
-                log.exception(
-                    "task crashed; restarting", extra=kv(task=name, backoff_s=backoff)
-                )
+                log.exception("task crashed; restarting", extra=kv(task=name, backoff_s=backoff))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 

@@ -196,7 +196,8 @@ class Store:
         since: float | None = None,
     ) -> list[Event]:
         """The newest events first, optionally filtered by kind prefix and time."""
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[str | float] = []
         if kind:
             clauses.append("(kind = ? OR kind LIKE ?)")
             args += [kind, kind + ".%"]

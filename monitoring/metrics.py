@@ -7,6 +7,7 @@ bounded: target names come from the config, reasons from a fixed vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from typing import Any
 
@@ -60,9 +61,7 @@ class Metrics:
             ["target", "reason"],
             registry=registry,
         )
-        self.probes = Counter(
-            "hotsite_probes_total", "Probes run.", ["target"], registry=registry
-        )
+        self.probes = Counter("hotsite_probes_total", "Probes run.", ["target"], registry=registry)
         self.unmatched_replies = Counter(
             "hotsite_sip_unmatched_replies_total",
             "SIP replies ignored because they matched no outstanding probe (stray, spoofed, late, garbage).",
@@ -85,9 +84,7 @@ class Metrics:
     def set_target_state(self, target: str, kind: str, state: str) -> None:
         self.probe_up.labels(target=target, kind=kind).set(1 if state == "up" else 0)
         for candidate in TARGET_STATES:
-            self.probe_state.labels(target=target, state=candidate).set(
-                1 if candidate == state else 0
-            )
+            self.probe_state.labels(target=target, state=candidate).set(1 if candidate == state else 0)
 
     def forget_target(self, target: str, kind: str) -> None:
         """Drop a target's series after a reload removed it from the config."""
@@ -103,10 +100,8 @@ class Metrics:
 
 
 def _remove(metric: Any, labels: tuple[str, ...]) -> None:
-    try:
+    with contextlib.suppress(KeyError):
         metric.remove(*labels)
-    except KeyError:
-        pass
 
 
 def serve(registry: CollectorRegistry, host: str, port: int) -> Any:

@@ -82,13 +82,9 @@ class ProbeScheduler:
         async with self._slots:
             started = self._clock.monotonic()
             try:
-                return await asyncio.wait_for(
-                    self._probe(target), self._timeout + HARD_TIMEOUT_GRACE_S
-                )
+                return await asyncio.wait_for(self._probe(target), self._timeout + HARD_TIMEOUT_GRACE_S)
             except TimeoutError:
                 return ProbeResult(target.name, False, started, None, None, "timeout", "hard timeout")
             except Exception as exc:  # a probe bug must not stop the other targets
                 log.exception("probe raised", extra=kv(target=target.name))
-                return ProbeResult(
-                    target.name, False, started, None, None, "error", type(exc).__name__
-                )
+                return ProbeResult(target.name, False, started, None, None, "error", type(exc).__name__)

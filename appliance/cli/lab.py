@@ -123,7 +123,9 @@ def lab_status(workdir: Path, as_json: bool) -> None:
             f"{p['name']}[{p['pid']}]{'' if p['alive'] else ' DEAD'}" for p in host["processes"]
         )
         ports = ", ".join(f"{k} {v}" for k, v in host["ports"].items())
-        click.echo(f"  {host['name']:<9} {host['namespace'] or '-':<16} {host['address']:<12} {ports:<20} {procs}")
+        click.echo(
+            f"  {host['name']:<9} {host['namespace'] or '-':<16} {host['address']:<12} {ports:<20} {procs}"
+        )
     for skipped in info.get("skipped", []):
         click.echo(f"skipped: {skipped}")
 

@@ -19,7 +19,8 @@ from typing import Any, NoReturn
 
 import click
 
-from appliance import __version__, api, config as config_mod, logs
+from appliance import __version__, api, logs
+from appliance import config as config_mod
 from appliance.cli import render
 from appliance.errors import ConfigError, HotsiteError
 
@@ -194,18 +195,24 @@ def config_check(ctx: Context, file: Path | None, as_json: bool) -> None:
         warnings = cfg.warnings()
     except ConfigError as exc:
         if as_json:
-            click.echo(json.dumps({"ok": False, "file": str(path), "error": exc.message, "problems": exc.problems}))
+            click.echo(
+                json.dumps({"ok": False, "file": str(path), "error": exc.message, "problems": exc.problems})
+            )
             sys.exit(exc.exit_code)
         fail(exc)
     if as_json:
-        click.echo(json.dumps({"ok": not problems, "file": str(path), "problems": problems, "warnings": warnings}))
+        click.echo(
+            json.dumps({"ok": not problems, "file": str(path), "problems": problems, "warnings": warnings})
+        )
     else:
         for problem in problems:
             click.echo(f"  {problem}", err=True)
         for warning in warnings:
             click.echo(f"warning: {warning}", err=True)
         if not problems:
-            click.echo(f"{path}: ok ({len(cfg.sites)} sites, {len(cfg.trunks)} trunks, {len(cfg.contacts)} contacts)")
+            click.echo(
+                f"{path}: ok ({len(cfg.sites)} sites, {len(cfg.trunks)} trunks, {len(cfg.contacts)} contacts)"
+            )
     if problems:
         if not as_json:
             click.echo(f"hotsite: error: {path}: {len(problems)} problem(s)", err=True)

@@ -50,16 +50,27 @@ def status_view(status: dict[str, Any]) -> Group:
         sites.add_column(column)
     for site in status["sites"]:
         sites.add_row(
-            site["name"], site["role"], site["sbc"], _state(site["state"]), _since(site["since_s"]),
-            _ms(site["rtt_ms"]), str(site["last_code"] or "-"), site["reason"],
+            site["name"],
+            site["role"],
+            site["sbc"],
+            _state(site["state"]),
+            _since(site["since_s"]),
+            _ms(site["rtt_ms"]),
+            str(site["last_code"] or "-"),
+            site["reason"],
         )
     trunks = Table(title="Trunks", title_justify="left", expand=False)
     for column in ("trunk", "address", "state", "since", "RTT ms", "code", "reason"):
         trunks.add_column(column)
     for trunk in status["trunks"]:
         trunks.add_row(
-            trunk["name"], trunk["address"], _state(trunk["state"]), _since(trunk["since_s"]),
-            _ms(trunk["rtt_ms"]), str(trunk["last_code"] or "-"), trunk["reason"],
+            trunk["name"],
+            trunk["address"],
+            _state(trunk["state"]),
+            _since(trunk["since_s"]),
+            _ms(trunk["rtt_ms"]),
+            str(trunk["last_code"] or "-"),
+            trunk["reason"],
         )
     parts: list[Any] = [header, sites, trunks]
     if status.get("events"):

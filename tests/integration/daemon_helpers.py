@@ -16,9 +16,13 @@ import httpx
 HOTSITE = [sys.executable, "-m", "appliance.cli.main"]
 
 
-def hotsite(*args: str, config: Path | None = None, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def hotsite(
+    *args: str, config: Path | None = None, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     cmd = [*HOTSITE, *(["--config", str(config)] if config else []), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 class RunningDaemon:
@@ -28,7 +32,8 @@ class RunningDaemon:
         self._log_file = log.open("wb")
         self.proc = subprocess.Popen(
             [*HOTSITE, "--config", str(config), "run"],
-            stdout=self._log_file, stderr=subprocess.STDOUT,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 

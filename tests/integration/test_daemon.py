@@ -45,13 +45,21 @@ def test_status_metrics_reload_and_clean_stop(cfg: Path, tmp_path: Path) -> None
         text = metrics(_listen(cfg))
         assert re.search(r'^hotsite_build_info\{.*version="', text, re.M)
         assert 'hotsite_probe_up{kind="sip",target="site:primary:sbc"} 0.0' in text
-        assert re.search(r'hotsite_probe_failures_total\{reason="(unreachable|timeout)",target="site:primary:sbc"\} [1-9]', text)
+        assert re.search(
+            r'hotsite_probe_failures_total\{reason="(unreachable|timeout)",target="site:primary:sbc"\} [1-9]',
+            text,
+        )
 
         # An invalid config on SIGHUP is rejected and the old one kept.
         good = cfg.read_text()
         cfg.write_text(good + '\n[trunks.x]\nadress = "1.2.3.4"\n')
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: hotsite("events", "--json", "--kind", "config", config=cfg).stdout.count("config.reload_rejected"), what="reload rejected")
+        wait_for(
+            lambda: hotsite("events", "--json", "--kind", "config", config=cfg).stdout.count(
+                "config.reload_rejected"
+            ),
+            what="reload rejected",
+        )
         assert daemon.status()["trunks"] == []
         assert 'hotsite_config_reloads_total{result="rejected"} 1.0' in metrics(_listen(cfg))
 
@@ -85,7 +93,8 @@ def test_systemd_notifications(cfg: Path, tmp_path: Path) -> None:
     listener.bind(str(sock_path))
     listener.settimeout(10)
     daemon = RunningDaemon(
-        cfg, tmp_path / "daemon.log",
+        cfg,
+        tmp_path / "daemon.log",
         env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"},
     )
 
@@ -122,7 +131,11 @@ def test_second_daemon_on_the_same_state_is_refused(cfg: Path, tmp_path: Path) -
     try:
         daemon.wait_ready()
         second = hotsite("run", config=cfg)
-        _one_error_line(second, 1, rf"^hotsite: error: another hotsite daemon \(pid {daemon.proc.pid}\) is already using the state directory")
+        _one_error_line(
+            second,
+            1,
+            rf"^hotsite: error: another hotsite daemon \(pid {daemon.proc.pid}\) is already using the state directory",
+        )
     finally:
         daemon.stop()
 
@@ -133,12 +146,18 @@ def test_metrics_port_in_use_is_one_clear_line(cfg: Path) -> None:
         busy.bind((host, int(port)))
         busy.listen()
         proc = hotsite("run", config=cfg)
-    _one_error_line(proc, 1, rf"^hotsite: error: metrics listener {host}:{port} cannot be opened: Address already in use\n$")
+    _one_error_line(
+        proc,
+        1,
+        rf"^hotsite: error: metrics listener {host}:{port} cannot be opened: Address already in use\n$",
+    )
 
 
 def test_bad_config_exits_2_naming_each_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
-    bad.write_text('[appliance]\nnme = "x"\n[sites.p]\nrole = "primary"\nsbc = "10.0.0.1:99999"\nkamailio_set = 1\n')
+    bad.write_text(
+        '[appliance]\nnme = "x"\n[sites.p]\nrole = "primary"\nsbc = "10.0.0.1:99999"\nkamailio_set = 1\n'
+    )
     for args in (["run"], ["config", "check"]):
         proc = hotsite(*args, config=bad)
         _one_error_line(proc, 2, r"^hotsite: error: .*bad.toml: 2 problem\(s\)")
@@ -158,7 +177,9 @@ def test_config_check_names_an_unreadable_modem(cfg: Path) -> None:
 
 def test_cli_without_daemon_says_so(cfg: Path) -> None:
     proc = hotsite("status", config=cfg)
-    _one_error_line(proc, 1, r"^hotsite: error: the hotsite daemon is not running \(no answer on .*hotsite.sock\)")
+    _one_error_line(
+        proc, 1, r"^hotsite: error: the hotsite daemon is not running \(no answer on .*hotsite.sock\)"
+    )
 
 
 def test_usage_errors_exit_2() -> None:

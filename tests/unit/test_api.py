@@ -29,9 +29,7 @@ async def _crash(caller: Caller, params: dict[str, Any]) -> Any:
 
 
 def _serve(tmp_path: Path, bad: list[str]) -> ApiServer:
-    return ApiServer(
-        tmp_path, {"echo": _echo, "refuse": _refuse, "crash": _crash}, on_bad_request=bad.append
-    )
+    return ApiServer(tmp_path, {"echo": _echo, "refuse": _refuse, "crash": _crash}, on_bad_request=bad.append)
 
 
 async def _call(tmp_path: Path, method: str, params: dict[str, Any] | None = None) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -34,26 +33,68 @@ def problems(text: str) -> list[str]:
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        ('[appliance]\nnme = "x"\n', "appliance.nme: unknown key (known keys here: log_format, log_level, name,"),
-        ('[appliance]\nlog_level = "loud"\n', "appliance.log_level: 'loud': expected 'debug', 'info', 'warning' or 'error'"),
-        ('[metrics]\nlisten = "1.2.3.4"\n', "metrics.listen: '1.2.3.4': expected host:port, e.g. 127.0.0.1:9477"),
-        ('[metrics]\nlisten = "127.0.0.1:70000"\n', "metrics.listen: '127.0.0.1:70000': port must be 1-65535, got '70000'"),
+        (
+            '[appliance]\nnme = "x"\n',
+            "appliance.nme: unknown key (known keys here: log_format, log_level, name,",
+        ),
+        (
+            '[appliance]\nlog_level = "loud"\n',
+            "appliance.log_level: 'loud': expected 'debug', 'info', 'warning' or 'error'",
+        ),
+        (
+            '[metrics]\nlisten = "1.2.3.4"\n',
+            "metrics.listen: '1.2.3.4': expected host:port, e.g. 127.0.0.1:9477",
+        ),
+        (
+            '[metrics]\nlisten = "127.0.0.1:70000"\n',
+            "metrics.listen: '127.0.0.1:70000': port must be 1-65535, got '70000'",
+        ),
         ('[trunks.a]\nadress = "10.0.0.9"\n', "trunks.a.address: required key is missing"),
-        ('[trunks.a]\naddress = "no such host!"\n', "trunks.a.address: 'no such host!': 'no such host!' is neither an IP address nor a host name"),
+        (
+            '[trunks.a]\naddress = "no such host!"\n',
+            "trunks.a.address: 'no such host!': 'no such host!' is neither an IP address nor a host name",
+        ),
         ('[trunks.A]\naddress = "10.0.0.9"\n', "trunks.A: 'A': expected a lower-case name"),
-        ('[probes]\ninterval_s = 0.5\ntimeout_s = 1\n', "probes: timeout_s (1.0) must not exceed interval_s (0.5)"),
-        ('[probes]\nrise = 0\n', "probes.rise: 0: expected greater than or equal to 1"),
+        (
+            "[probes]\ninterval_s = 0.5\ntimeout_s = 1\n",
+            "probes: timeout_s (1.0) must not exceed interval_s (0.5)",
+        ),
+        ("[probes]\nrise = 0\n", "probes.rise: 0: expected greater than or equal to 1"),
         ('[probes]\ninterval_s = "fast"\n', "probes.interval_s: 'fast': expected a valid number"),
         ('[failover]\npolicy = "yolo"\n', "failover.policy: 'yolo': expected 'auto', 'confirm' or 'manual'"),
-        ('[failover]\nwitness = "ftp://w"\n', "failover.witness: 'ftp://w': expected an http:// or https:// URL"),
-        ('[[contacts]]\nname = "Li"\nphone = "12345"\n', "contacts[0].phone: '12345': expected an E.164 phone number such as +8613800138000"),
-        ('[[contacts]]\nname = "Li"\nemail = "li-at-example"\n', "contacts[0].email: 'li-at-example': expected an e-mail address"),
-        ('[[contacts]]\nname = "Li"\nskills = ["juggling"]\n', "contacts[0].skills[0]: 'juggling': expected 'telephony', 'network', 'power', 'data' or 'facilities'"),
-        ('[channels.sms]\ntype = "gsm"\ndevice = "/dev/x"\nbaud = 1\n', "channels.sms.baud: 1: expected 9600, 19200"),
-        ('[channels.sms]\ntype = "gsm"\ndevise = "/dev/x"\n', "channels.sms.devise: unknown key (known keys here: baud, device, pin_file, smsc, type)"),
-        ('[channels.x]\ntype = "pigeon"\n', "channels.x.type: 'pigeon': Input tag 'pigeon' found using 'type' does not match any of the expected tags: 'gsm', 'smtp', 'webhook'"),
+        (
+            '[failover]\nwitness = "ftp://w"\n',
+            "failover.witness: 'ftp://w': expected an http:// or https:// URL",
+        ),
+        (
+            '[[contacts]]\nname = "Li"\nphone = "12345"\n',
+            "contacts[0].phone: '12345': expected an E.164 phone number such as +8613800138000",
+        ),
+        (
+            '[[contacts]]\nname = "Li"\nemail = "li-at-example"\n',
+            "contacts[0].email: 'li-at-example': expected an e-mail address",
+        ),
+        (
+            '[[contacts]]\nname = "Li"\nskills = ["juggling"]\n',
+            "contacts[0].skills[0]: 'juggling': expected 'telephony', 'network', 'power', 'data' or 'facilities'",
+        ),
+        (
+            '[channels.sms]\ntype = "gsm"\ndevice = "/dev/x"\nbaud = 1\n',
+            "channels.sms.baud: 1: expected 9600, 19200",
+        ),
+        (
+            '[channels.sms]\ntype = "gsm"\ndevise = "/dev/x"\n',
+            "channels.sms.devise: unknown key (known keys here: baud, device, pin_file, smsc, type)",
+        ),
+        (
+            '[channels.x]\ntype = "pigeon"\n',
+            "channels.x.type: 'pigeon': Input tag 'pigeon' found using 'type' does not match any of the expected tags: 'gsm', 'smtp', 'webhook'",
+        ),
         ('[channels.mail]\ntype = "smtp"\nhost = "h"\n', "channels.mail.from_addr: required key is missing"),
-        ('[replication.streams.db]\nkind = "mysql"\nsource = "x"\nreplica = "/r"\n', "replication.streams.db.kind: 'mysql': expected 'sqlite' or 'files'"),
+        (
+            '[replication.streams.db]\nkind = "mysql"\nsource = "x"\nreplica = "/r"\n',
+            "replication.streams.db.kind: 'mysql': expected 'sqlite' or 'files'",
+        ),
         ("[appliance\nname = 1\n", "TOML syntax: "),
     ],
 )
@@ -70,8 +111,14 @@ def test_all_mistakes_are_reported_at_once() -> None:
 @pytest.mark.parametrize(
     ("sites", "expected"),
     [
-        ('[sites.a]\nrole = "backup"\nsbc = "10.0.0.1"\nkamailio_set = 1\n', "expected exactly one site with role 'primary', found 0"),
-        ('[sites.a]\nrole = "primary"\nsbc = "10.0.0.1"\nkamailio_set = 1\n', "expected at least one site with role 'backup'"),
+        (
+            '[sites.a]\nrole = "backup"\nsbc = "10.0.0.1"\nkamailio_set = 1\n',
+            "expected exactly one site with role 'primary', found 0",
+        ),
+        (
+            '[sites.a]\nrole = "primary"\nsbc = "10.0.0.1"\nkamailio_set = 1\n',
+            "expected at least one site with role 'backup'",
+        ),
         (
             '[sites.a]\nrole = "primary"\nsbc = "10.0.0.1"\nkamailio_set = 1\n'
             '[sites.b]\nrole = "backup"\nsbc = "10.0.0.2"\nkamailio_set = 1\n',

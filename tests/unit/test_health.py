@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from monitoring.health import TargetHealth, Thresholds, observe
 from monitoring.probes.base import ProbeResult
@@ -11,12 +12,19 @@ from monitoring.probes.base import ProbeResult
 
 def result(ok: bool, at: float, target: str = "trunk:a") -> ProbeResult:
     return ProbeResult(
-        target=target, ok=ok, at=at, rtt_s=0.002 if ok else None,
-        code=200 if ok else None, reason="ok" if ok else "timeout",
+        target=target,
+        ok=ok,
+        at=at,
+        rtt_s=0.002 if ok else None,
+        code=200 if ok else None,
+        reason="ok" if ok else "timeout",
     )
 
 
-def run(oks: list[bool], thresholds: Thresholds = Thresholds(rise=2, fall=3)) -> list[str]:
+DEFAULT = Thresholds(rise=2, fall=3)
+
+
+def run(oks: list[bool], thresholds: Thresholds = DEFAULT) -> list[str]:
     health = TargetHealth("trunk:a")
     states = []
     for i, ok in enumerate(oks):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 from monitoring.probes.base import ProbeResult
@@ -18,10 +19,8 @@ async def _run_for(scheduler: ProbeScheduler, targets: list[Target], seconds: fl
     task = asyncio.create_task(scheduler.run(targets))
     await asyncio.sleep(seconds)
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
 
 
 def test_hung_probe_becomes_a_timeout_result_and_others_keep_running() -> None:
@@ -38,7 +37,9 @@ def test_hung_probe_becomes_a_timeout_result_and_others_keep_running() -> None:
     asyncio.run(_run_for(scheduler, [target("hung"), target("ok"), target("buggy")], 1.0))
     by_target = {name: [r for r in results if r.target == name] for name in ("hung", "ok", "buggy")}
     assert by_target["hung"] and all(r.reason == "timeout" for r in by_target["hung"])
-    assert by_target["buggy"] and all(r.reason == "error" and r.detail == "RuntimeError" for r in by_target["buggy"])
+    assert by_target["buggy"] and all(
+        r.reason == "error" and r.detail == "RuntimeError" for r in by_target["buggy"]
+    )
     assert len(by_target["ok"]) >= 5 and all(r.ok for r in by_target["ok"])
 
 
@@ -56,7 +57,10 @@ def test_slow_probe_skips_missed_slots_instead_of_piling_up() -> None:
         return ProbeResult(t.name, True, 0.0, 0.3, 200, "ok")
 
     scheduler = ProbeScheduler(
-        probe, lambda r: None, interval_s=0.1, timeout_s=0.1,
+        probe,
+        lambda r: None,
+        interval_s=0.1,
+        timeout_s=0.1,
         on_skipped=lambda t, n: skipped.append(n),
     )
     asyncio.run(_run_for(scheduler, [target("slow")], 1.2))
@@ -77,7 +81,11 @@ def test_in_flight_probes_are_bounded() -> None:
         return ProbeResult(t.name, True, 0.0, 0.05, 200, "ok")
 
     scheduler = ProbeScheduler(
-        probe, lambda r: None, interval_s=0.1, timeout_s=0.1, max_in_flight=3,
+        probe,
+        lambda r: None,
+        interval_s=0.1,
+        timeout_s=0.1,
+        max_in_flight=3,
         rng=random.Random(1),
     )
     asyncio.run(_run_for(scheduler, [target(f"t{i}") for i in range(20)], 0.6))
