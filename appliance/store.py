@@ -21,7 +21,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,38 +29,10 @@ from typing import Any
 import sqlite_utils
 
 from appliance.errors import StateError
+from appliance.migrations import COMPONENTS
 
 DB_NAME = "hotsite.db"
 LOCK_NAME = "hotsite.lock"
-
-# Each migration runs once, in order, in one transaction with the version bump.
-# Never edit a released migration: append a new one.
-MIGRATIONS: list[str] = [
-    # 1: audit log and keyed state.
-    """
-    CREATE TABLE events (
-        id      INTEGER PRIMARY KEY AUTOINCREMENT,
-        at      REAL    NOT NULL,          -- unix time, seconds
-        kind    TEXT    NOT NULL,          -- e.g. daemon.start, probe.state, api.ack
-        actor   TEXT    NOT NULL,          -- 'daemon', 'uid=0(root)', 'sms:+86…'
-        subject TEXT    NOT NULL DEFAULT '',
-        message TEXT    NOT NULL DEFAULT '',
-        data    TEXT    NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX events_at ON events(at);
-    CREATE INDEX events_kind ON events(kind, at);
-    CREATE TRIGGER events_no_update BEFORE UPDATE ON events
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    CREATE TABLE state (
-        key        TEXT PRIMARY KEY,
-        value      TEXT NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    """,
-]
-
 
 @dataclass(frozen=True, slots=True)
 class Event:
@@ -107,12 +79,14 @@ class Store:
         *,
         exclusive: bool = True,
         clock: Callable[[], float] = time.time,
+        components: Mapping[str, Sequence[str]] = COMPONENTS,
     ) -> Store:
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as exc:
             raise StateError(f"state directory {state_dir} cannot be created: {exc.strerror}") from None
         lock_fd = _lock(state_dir) if exclusive else None
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(
                 state_dir / DB_NAME, isolation_level=None, timeout=5.0, check_same_thread=False
@@ -121,8 +95,10 @@ class Store:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             store = cls(conn, lock_fd, clock)
-            store._migrate()
+            store._migrate(components)
         except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
             if lock_fd is not None:
                 os.close(lock_fd)
             raise StateError(f"state database {state_dir / DB_NAME} is unusable: {exc}") from None
@@ -134,32 +110,55 @@ class Store:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    @property
-    def schema_version(self) -> int:
-        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+    def schema_version(self, component: str = "core") -> int:
+        row = self._conn.execute(
+            "SELECT version FROM schema_versions WHERE component = ?", (component,)
+        ).fetchone()
+        return int(row[0]) if row else 0
 
-    def _migrate(self) -> None:
-        current = self.schema_version
-        if current > len(MIGRATIONS):
-            raise StateError(
-                f"state database has schema version {current}, newer than this hotsite"
-                f" ({len(MIGRATIONS)}): refusing to run an older release on it"
-            )
-        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-            with self._transaction():
-                for statement in _statements(script):
-                    self._conn.execute(statement)
-                self._conn.execute(f"PRAGMA user_version = {version}")
+    def _migrate(self, components: Mapping[str, Sequence[str]]) -> None:
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_versions"
+            " (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+        )
+        for component, migrations in components.items():
+            current = self.schema_version(component)
+            if current > len(migrations):
+                raise StateError(
+                    f"state database has {component} schema version {current}, newer than this"
+                    f" hotsite ({len(migrations)}): refusing to run an older release on it"
+                )
+            for version, script in enumerate(migrations[current:], start=current + 1):
+                with self.transaction() as conn:
+                    for statement in _statements(script):
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO schema_versions (component, version) VALUES (?, ?)"
+                        " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                        (component, version),
+                    )
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``): all of it commits, or none of it.
+
+        Components that keep their own tables (registered in
+        ``appliance.migrations``) write through this, so every write in the
+        appliance goes through the one connection this store owns.
+        """
         self._conn.execute("BEGIN IMMEDIATE")
         try:
-            yield
+            yield self._conn
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Rows of a read-only query, as ``sqlite3.Row`` (index by column name)."""
+        cursor = self._conn.execute(sql, params)
+        cursor.row_factory = sqlite3.Row
+        return cursor.fetchall()
 
     # -- audit log ---------------------------------------------------------
 
@@ -181,7 +180,7 @@ class Store:
             "message": message,
             "data": json.dumps(data or {}, sort_keys=True, default=str),
         }
-        with self._transaction():
+        with self.transaction():
             table = self._db.table("events")
             table.insert(row)
             event_id = table.last_rowid
@@ -212,7 +211,7 @@ class Store:
     # -- keyed state ---------------------------------------------------------
 
     def put_state(self, key: str, value: Any) -> None:
-        with self._transaction():
+        with self.transaction():
             self._db.table("state").upsert(
                 {"key": key, "value": json.dumps(value, sort_keys=True), "updated_at": self._clock()},
                 pk="key",
@@ -236,14 +235,19 @@ def _event(row: dict[str, Any]) -> Event:
 
 
 def _statements(script: str) -> list[str]:
-    """Split a migration into statements (``executescript`` would commit on its own)."""
+    """Split a migration into statements (``executescript`` would commit on its own).
+
+    Splits at every ``;`` that ends a complete statement, as SQLite judges it,
+    so semicolons inside strings and trigger bodies stay where they are.
+    """
     statements, buffer = [], ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
+    for piece in script.split(";"):
+        buffer += piece + ";"
         if sqlite3.complete_statement(buffer):
-            statements.append(buffer.strip())
+            if buffer.strip(" \n\t;"):
+                statements.append(buffer.strip())
             buffer = ""
-    if buffer.strip():
+    if buffer.strip(" \n\t;"):
         raise ValueError(f"incomplete SQL statement in migration: {buffer.strip()[:60]!r}")
     return statements
 

@@ -12,12 +12,13 @@ import pytest
 from appliance import store as store_mod
 from appliance.clock import SimulatedClock
 from appliance.errors import StateError
+from appliance.migrations import CORE
 from appliance.store import Store
 
 
 def test_fresh_database_is_migrated_and_in_wal_mode(tmp_path: Path) -> None:
     s = Store.open(tmp_path)
-    assert s.schema_version == len(store_mod.MIGRATIONS)
+    assert s.schema_version() == len(CORE)
     s.close()
     conn = sqlite3.connect(tmp_path / store_mod.DB_NAME)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -73,9 +74,10 @@ def test_second_owner_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     Store.open(tmp_path).close()
     conn = sqlite3.connect(tmp_path / store_mod.DB_NAME)
-    conn.execute("PRAGMA user_version = 99")
+    with conn:
+        conn.execute("UPDATE schema_versions SET version = 99 WHERE component = 'core'")
     conn.close()
-    with pytest.raises(StateError, match="schema version 99, newer than this hotsite"):
+    with pytest.raises(StateError, match="core schema version 99, newer than this hotsite"):
         Store.open(tmp_path)
 
 
@@ -110,4 +112,28 @@ def test_sigkill_mid_write_leaves_a_consistent_database(tmp_path: Path, kill_aft
     assert [e.data["n"] for e in reversed(events)] == list(range(kill_after))
     conn = sqlite3.connect(tmp_path / store_mod.DB_NAME)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    s.close()
+
+
+def test_components_migrate_independently_and_only_once(tmp_path: Path) -> None:
+    components = {"core": CORE, "paging": ["CREATE TABLE outbox (id INTEGER PRIMARY KEY);"]}
+    s = Store.open(tmp_path, components=components)
+    assert s.schema_version("paging") == 1
+    with s.transaction() as conn:
+        conn.execute("INSERT INTO outbox (id) VALUES (7)")
+    s.close()
+    grown = {**components, "paging": [*components["paging"], "ALTER TABLE outbox ADD COLUMN body TEXT;"]}
+    s = Store.open(tmp_path, components=grown)
+    assert s.schema_version("paging") == 2 and s.schema_version("core") == len(CORE)
+    assert [tuple(r) for r in s.query("SELECT id, body FROM outbox")] == [(7, None)]
+    s.close()
+
+
+def test_a_failed_migration_leaves_the_previous_version(tmp_path: Path) -> None:
+    broken = {"core": CORE, "paging": ["CREATE TABLE a (x); CREATE TABLE a (x);"]}
+    with pytest.raises(StateError, match="table a already exists"):
+        Store.open(tmp_path, components=broken)
+    s = Store.open(tmp_path)
+    assert s.schema_version("paging") == 0
+    assert not s.query("SELECT name FROM sqlite_master WHERE name = 'a'")
     s.close()
