@@ -24,11 +24,8 @@ from appliance.logs import kv
 from appliance.store import Store
 from appliance.systemd import Notifier
 from monitoring import metrics as metrics_mod
-from monitoring.health import TargetHealth, Thresholds, observe
-from monitoring.probes.base import ProbeResult
-from monitoring.probes.sip import SipOptionsProbe
-from monitoring.scheduler import ProbeScheduler
-from monitoring.targets import Target, from_config
+from monitoring.monitor import Monitor
+from monitoring.targets import from_config
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +51,7 @@ class Appliance(Daemon):
         self.store: Store | None = None
         self.api: ApiServer | None = None
         self._metrics_server: Any = None
-        self._sip: SipOptionsProbe | None = None
-        self._targets: dict[str, Target] = {}
-        self._health: dict[str, TargetHealth] = {}
+        self.monitor: Monitor | None = None
         self._started_at = 0.0
         self._started = False
 
@@ -79,21 +74,18 @@ class Appliance(Daemon):
         self.metrics.start_time.set(self._started_at)
         for problem in config_mod.check_environment(cfg):
             log.error("configuration problem", extra=kv(problem=problem))
-        self._sip = SipOptionsProbe(
-            clock=self.clock.monotonic,
-            on_unmatched=lambda reason: self.metrics.unmatched_replies.labels(reason=reason).inc(),
-        )
         targets = from_config(cfg)
         self.store.record(
             "daemon.start",
             message=f"hotsite {__version__} started",
             data={"pid": os.getpid(), "config": str(self.config_path), "targets": len(targets)},
         )
-        self._set_targets(targets)
+        self.monitor = Monitor(cfg, self.metrics, self.clock, self._record)
+        self.supervisor.start("probes", self.monitor.run)
         self._started = True
         log.info(
             "hotsite started",
-            extra=kv(version=__version__, config=self.config_path, targets=len(self._targets)),
+            extra=kv(version=__version__, config=self.config_path, targets=len(targets)),
         )
 
     async def reload(self) -> None:
@@ -109,15 +101,17 @@ class Appliance(Daemon):
         for key in ignored:
             log.warning("setting changes only at restart", extra=kv(key=key))
         self.config = new
+        assert self.monitor is not None
         await self.supervisor.stop("probes")
-        self._set_targets(from_config(new))
+        self.monitor.configure(new)
+        self.supervisor.start("probes", self.monitor.run)
         self.metrics.config_reloads.labels(result="applied").inc()
         self._record("config.reload", message="configuration reloaded", data={"restart_needed_for": ignored})
-        log.info("configuration reloaded", extra=kv(targets=len(self._targets)))
+        log.info("configuration reloaded", extra=kv(targets=len(self.monitor.targets)))
 
     async def stop(self) -> None:
-        if self._sip is not None:
-            await self._sip.close()
+        if self.monitor is not None:
+            await self.monitor.close()
         if self.api is not None:
             await self.api.close()
         if self._metrics_server is not None:
@@ -132,69 +126,7 @@ class Appliance(Daemon):
             log.info("hotsite stopped")
 
     def describe(self) -> str:
-        up = sum(1 for h in self._health.values() if h.state == "up")
-        return f"{up}/{len(self._health)} targets up"
-
-    # -- probes and health -----------------------------------------------------
-
-    def _set_targets(self, targets: list[Target]) -> None:
-        old = self._targets
-        self._targets = {t.name: t for t in targets}
-        for name, target in old.items():
-            if name not in self._targets or self._targets[name] != target:
-                self._health.pop(name, None)
-                self.metrics.forget_target(name, target.kind)
-        for name, target in self._targets.items():
-            if name not in self._health:
-                self._health[name] = TargetHealth(name)
-                self.metrics.set_target_state(name, target.kind, "unknown")
-        probes = self.config.probes
-        scheduler = ProbeScheduler(
-            self._probe,
-            self._on_result,
-            interval_s=probes.interval_s,
-            timeout_s=probes.timeout_s,
-            clock=self.clock,
-        )
-        self.supervisor.start("probes", lambda: scheduler.run(list(self._targets.values())))
-
-    async def _probe(self, target: Target) -> ProbeResult:
-        assert self._sip is not None
-        return await self._sip.probe(
-            target.name, target.host, target.port, timeout=self.config.probes.timeout_s
-        )
-
-    def _on_result(self, result: ProbeResult) -> None:
-        target = self._targets.get(result.target)
-        if target is None:  # a result that raced a reload
-            return
-        probes = self.config.probes
-        before = self._health[result.target]
-        after = observe(before, result, Thresholds(rise=probes.rise, fall=probes.fall))
-        self._health[result.target] = after
-        self.metrics.probes.labels(target=target.name).inc()
-        self.metrics.last_code.labels(target=target.name).set(result.code or 0)
-        if result.ok and result.rtt_s is not None:
-            self.metrics.probe_rtt.labels(target=target.name).observe(result.rtt_s)
-        elif not result.ok:
-            self.metrics.probe_failures.labels(target=target.name, reason=result.reason).inc()
-        if after.state != before.state:
-            self.metrics.set_target_state(target.name, target.kind, after.state)
-            log.info(
-                f"{target.name} is {after.state}",
-                extra=kv(target=target.name, state=after.state, was=before.state, reason=after.reason),
-            )
-            self._record(
-                "probe.state",
-                subject=target.name,
-                message=f"{target.name} {before.state} -> {after.state}: {after.reason}",
-                data={
-                    "state": after.state,
-                    "was": before.state,
-                    "code": result.code,
-                    "reason": result.reason,
-                },
-            )
+        return self.monitor.summary() if self.monitor else "starting"
 
     def _record(self, kind: str, **fields: Any) -> None:
         if self.store is not None:
@@ -207,6 +139,8 @@ class Appliance(Daemon):
             "ping": self._api_ping,
             "status": self._api_status,
             "events": self._api_events,
+            "probes": self._api_probes,
+            "trunks": self._api_trunks,
             "note": self._api_note,
             "reload": self._api_reload,
         }
@@ -216,6 +150,17 @@ class Appliance(Daemon):
 
     async def _api_status(self, caller: Caller, params: dict[str, Any]) -> Any:
         return self.status(events=_int_param(params, "events", 10, 0, 1000))
+
+    async def _api_probes(self, caller: Caller, params: dict[str, Any]) -> Any:
+        assert self.monitor is not None
+        return [self.monitor.target_view(name) for name in self.monitor.targets]
+
+    async def _api_trunks(self, caller: Caller, params: dict[str, Any]) -> Any:
+        assert self.monitor is not None
+        return [
+            {"name": name, "carrier": trunk.carrier, **self.monitor.target_view(f"trunk:{name}")}
+            for name, trunk in self.config.trunks.items()
+        ]
 
     async def _api_events(self, caller: Caller, params: dict[str, Any]) -> Any:
         assert self.store is not None
@@ -243,29 +188,19 @@ class Appliance(Daemon):
 
     def status(self, events: int = 10) -> dict[str, Any]:
         cfg = self.config
-        now_mono = self.clock.monotonic()
-
-        def health_json(name: str) -> dict[str, Any]:
-            h = self._health.get(name) or TargetHealth(name)
-            last = h.last
-            return {
-                "target": name,
-                "state": h.state,
-                "since_s": None if h.since is None else round(now_mono - h.since, 3),
-                "reason": h.reason,
-                "rtt_ms": None if last is None or last.rtt_s is None else round(last.rtt_s * 1000, 3),
-                "last_code": None if last is None else last.code,
-            }
-
+        assert self.store is not None and self.monitor is not None
+        monitor = self.monitor
         sites = []
         for name, site in cfg.sites.items():
-            sbc = health_json(f"site:{name}:sbc")
-            sites.append({"name": name, "role": site.role, "sbc": site.sbc, "seats": site.seats, **sbc})
+            view = monitor.site_view(name)
+            sbc = monitor.target_view(f"site:{name}:sbc")
+            sites.append(
+                {"name": name, "role": site.role, "sbc": site.sbc, "seats": site.seats, **sbc, **view}
+            )
         trunks = [
-            {"name": name, "address": trunk.address, "carrier": trunk.carrier, **health_json(f"trunk:{name}")}
+            {"name": name, "carrier": trunk.carrier, **monitor.target_view(f"trunk:{name}")}
             for name, trunk in cfg.trunks.items()
         ]
-        assert self.store is not None
         return {
             "appliance": {
                 "name": cfg.appliance.name,

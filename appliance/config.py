@@ -128,27 +128,76 @@ class MetricsSection(Section):
     listen: ListenAddress = "127.0.0.1:9477"
 
 
+def _target_url(value: str) -> str:
+    from monitoring.targets import parse_url
+
+    parse_url(value)
+    return value
+
+
+def _accept_codes(codes: list[int]) -> list[int]:
+    for code in codes:
+        if not 100 <= code <= 699:
+            raise ValueError(f"SIP status codes are 100-699, got {code}")
+        if code == 408:
+            raise ValueError(
+                "408 is never accepted: it is generated locally on timeout and would hide a dead trunk"
+            )
+    return codes
+
+
+TargetUrl = Annotated[str, AfterValidator(_target_url)]
+ProbeSeconds = Annotated[float, Field(ge=0.1, le=3600)]
+
+
+class CheckSection(Section):
+    """One more vantage point on a site: an ACD port, a CTI health page, a gateway."""
+
+    url: TargetUrl
+    interval_s: ProbeSeconds | None = None
+    timeout_s: ProbeSeconds | None = None
+    expect_body: str | None = None
+
+    @model_validator(mode="after")
+    def _body_match_is_a_regex(self) -> CheckSection:
+        if self.expect_body is not None:
+            if not self.url.lower().startswith(("http://", "https://")):
+                raise ValueError("expect_body applies only to http(s):// checks")
+            try:
+                re.compile(self.expect_body)
+            except re.error as exc:
+                raise ValueError(f"expect_body is not a valid regular expression: {exc}") from None
+        return self
+
+
 class SiteSection(Section):
     role: Literal["primary", "backup"]
     description: str = ""
     sbc: SipAddress
-    sbc_transport: Literal["udp", "tcp"] = "udp"
+    sbc_transport: Literal["udp", "tcp", "tls"] = "udp"
     health_url: HttpUrl | None = None
+    checks: dict[Name, CheckSection] = {}
     kamailio_set: int = Field(ge=1, le=65535)
     seats: int = Field(default=0, ge=0)
 
 
 class TrunkSection(Section):
     address: SipAddress
-    transport: Literal["udp", "tcp"] = "udp"
+    transport: Literal["udp", "tcp", "tls"] = "udp"
     carrier: str = ""
+    interval_s: ProbeSeconds | None = None
+    timeout_s: ProbeSeconds | None = None
+    accept_codes: Annotated[list[int], AfterValidator(_accept_codes)] = []
 
 
 class ProbesSection(Section):
-    interval_s: Seconds = 1.0
-    timeout_s: Seconds = 0.8
+    interval_s: ProbeSeconds = 1.0
+    timeout_s: ProbeSeconds = 0.8
     rise: int = Field(default=2, ge=1, le=100)
     fall: int = Field(default=3, ge=1, le=100)
+    damping_s: float = Field(default=0.0, ge=0, le=3600)
+    min_evidence: int = Field(default=2, ge=1, le=4)
+    max_in_flight: int = Field(default=256, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _timeout_within_interval(self) -> ProbesSection:
@@ -268,7 +317,36 @@ class Config(Section):
             )
         if not self.contacts:
             notes.append("contacts: none configured; incidents will page nobody")
+        for name in self.sites:
+            kinds = self.evidence_kinds(name)
+            if len(kinds) < self.probes.min_evidence:
+                notes.append(
+                    f"sites.{name}: {len(kinds)} kind(s) of evidence ({', '.join(sorted(kinds))}) but"
+                    f" probes.min_evidence is {self.probes.min_evidence}: this site can be judged degraded,"
+                    " never down; add checks of other kinds (http, tcp, icmp)"
+                )
         return notes
+
+    def evidence_kinds(self, site: str) -> set[str]:
+        """The independent kinds of probe watching ``site`` (sip, http, tcp, icmp)."""
+        section = self.sites[site]
+        kinds = {"sip"} | ({"http"} if section.health_url else set())
+        kinds |= {check.url.split(":", 1)[0].lower().removesuffix("s") for check in section.checks.values()}
+        return kinds
+
+    @model_validator(mode="after")
+    def _timeouts_within_intervals(self) -> Config:
+        default_interval, default_timeout = self.probes.interval_s, self.probes.timeout_s
+        places = [(f"trunks.{name}", t.interval_s, t.timeout_s) for name, t in self.trunks.items()] + [
+            (f"sites.{site}.checks.{name}", c.interval_s, c.timeout_s)
+            for site, section in self.sites.items()
+            for name, c in section.checks.items()
+        ]
+        for where, interval, timeout in places:
+            interval, timeout = interval or default_interval, timeout or default_timeout
+            if timeout > interval:
+                raise ValueError(f"{where}: timeout_s ({timeout}) must not exceed interval_s ({interval})")
+        return self
 
 
 # ---------------------------------------------------------------------------

@@ -1,35 +1,56 @@
-"""The health model: turns probe observations into a judged state per target.
+"""The health model: turns probe observations into judged states, per target and per site.
 
-Pure: ``observe(health, result) -> health`` takes the previous state and one
-observation and returns the new state; nothing here reads a clock or does
-I/O, so every judgement is reproducible under a simulated clock.
+Pure: ``observe(health, result, policy) -> health`` and
+``judge_site(previous, healths, policy, now) -> verdict`` take the previous
+state and return the new one; nothing here reads a clock or does I/O, so
+every judgement is reproducible under a simulated clock.
 
-A target starts ``unknown``. It becomes ``up`` after ``rise`` consecutive
-successes and ``down`` after ``fall`` consecutive failures, as HAProxy and
-Kamailio's dispatcher do: one lost packet must never move a bank's phone lines.
+Per target, three rules, in order:
+
+1. **rise/fall**: the evidence is ``up`` after ``rise`` consecutive
+   successes and ``down`` after ``fall`` consecutive failures, as HAProxy and
+   Kamailio's dispatcher do: one lost packet must never move a bank's phone
+   lines.
+2. **damping**: the published state changes at most once per ``damping_s``;
+   evidence that flips faster waits (``pending``) and is published at the
+   first observation after the dwell, if it still holds.
+3. **explanation**: every published transition carries a ``why``.
+
+Per site, a verdict from several independent vantage points (different
+probe kinds): ``down`` only when every known target is down and at least
+``min_evidence`` different kinds agree; ``degraded`` when some are down (a
+grey failure: the SBC answers but the ACD does not), ``up`` when all are up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from monitoring.probes.base import ProbeResult
 
 State = Literal["unknown", "up", "down"]
+Verdict = Literal["unknown", "up", "degraded", "down"]
 
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
     rise: int = 2
     fall: int = 3
+    damping_s: float = 0.0
+    min_evidence: int = 2
 
     def __post_init__(self) -> None:
         if self.rise < 1:
             raise ValueError(f"rise must be >= 1, got {self.rise}")
         if self.fall < 1:
             raise ValueError(f"fall must be >= 1, got {self.fall}")
+        if self.damping_s < 0:
+            raise ValueError(f"damping_s must be >= 0, got {self.damping_s}")
+        if self.min_evidence < 1:
+            raise ValueError(f"min_evidence must be >= 1, got {self.min_evidence}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,25 +58,35 @@ class TargetHealth:
     """What the appliance believes about one target, and why."""
 
     target: str
-    state: State = "unknown"
+    kind: str = "sip"
+    state: State = "unknown"  # published (damped) state
     since: float | None = None  # when ``state`` was entered (monotonic seconds)
+    evidence: State = "unknown"  # what rise/fall alone says; differs from state while damped
     successes: int = 0  # consecutive
     failures: int = 0  # consecutive
     last: ProbeResult | None = None
     transitions: int = 0
+    why: str = "not probed yet"  # why the published state is what it is
+
+    @property
+    def pending(self) -> bool:
+        """The evidence says otherwise, but damping holds the published state."""
+        return self.evidence != self.state and self.evidence != "unknown"
 
     @property
     def reason(self) -> str:
-        """A short human reason for the current state."""
+        """A short human reason for the current state and the latest observation."""
         if self.last is None:
             return "not probed yet"
         if self.last.ok:
-            return f"{self.successes} consecutive successes"
-        detail = f" ({self.last.detail})" if self.last.detail else ""
-        return f"{self.failures} consecutive failures: {self.last.reason}{detail}"
+            text = f"{self.successes} consecutive successes"
+        else:
+            detail = f" ({self.last.detail})" if self.last.detail else ""
+            text = f"{self.failures} consecutive failures: {self.last.reason}{detail}"
+        return text + (f"; {self.evidence} held back by damping" if self.pending else "")
 
 
-def observe(health: TargetHealth, result: ProbeResult, thresholds: Thresholds) -> TargetHealth:
+def observe(health: TargetHealth, result: ProbeResult, policy: Thresholds) -> TargetHealth:
     """Fold one probe result into the target's health."""
     if result.target != health.target:
         raise ValueError(f"result for {result.target!r} given to the health of {health.target!r}")
@@ -63,18 +94,88 @@ def observe(health: TargetHealth, result: ProbeResult, thresholds: Thresholds) -
         successes, failures = health.successes + 1, 0
     else:
         successes, failures = 0, health.failures + 1
-    state = health.state
-    if successes >= thresholds.rise:
-        state = "up"
-    elif failures >= thresholds.fall:
-        state = "down"
-    changed = state != health.state
+    evidence = health.evidence
+    if successes >= policy.rise:
+        evidence = "up"
+    elif failures >= policy.fall:
+        evidence = "down"
+    state, since, why, transitions = health.state, health.since, health.why, health.transitions
+    dwelt = since is None or health.state == "unknown" or result.at - since >= policy.damping_s
+    if evidence != state and evidence != "unknown" and dwelt:
+        state, since, transitions = evidence, result.at, transitions + 1
+        why = _why(evidence, successes, failures, result)
+    elif since is None:
+        since = result.at
     return dataclasses.replace(
         health,
         state=state,
-        since=result.at if changed or health.since is None else health.since,
+        since=since,
+        evidence=evidence,
         successes=successes,
         failures=failures,
         last=result,
-        transitions=health.transitions + (1 if changed else 0),
+        transitions=transitions,
+        why=why,
+    )
+
+
+def _why(state: State, successes: int, failures: int, result: ProbeResult) -> str:
+    if state == "up":
+        return f"{successes} consecutive successes" + (f" ({result.detail})" if result.detail else "")
+    detail = f": {result.detail}" if result.detail else ""
+    return f"{failures} consecutive failures, last {result.reason}{detail}"
+
+
+# ---------------------------------------------------------------------------
+# Site verdicts
+
+
+@dataclass(frozen=True, slots=True)
+class SiteVerdict:
+    site: str
+    verdict: Verdict = "unknown"
+    since: float | None = None
+    why: tuple[str, ...] = ("no evidence yet",)
+    down: tuple[str, ...] = ()  # targets judged down
+    up: tuple[str, ...] = ()  # targets judged up
+    kinds_down: tuple[str, ...] = ()  # distinct probe kinds among the down targets
+
+
+def judge_site(
+    previous: SiteVerdict, healths: Iterable[TargetHealth], policy: Thresholds, now: float
+) -> SiteVerdict:
+    """Combine a site's targets into one verdict that says why."""
+    known = [h for h in healths if h.state != "unknown"]
+    down = sorted(h.target for h in known if h.state == "down")
+    up = sorted(h.target for h in known if h.state == "up")
+    kinds_down = sorted({h.kind for h in known if h.state == "down"})
+    since_of = {h.target: h.since for h in known}
+    verdict: Verdict
+    if not known:
+        verdict, why = "unknown", ["no target of this site has been judged yet"]
+    elif not down:
+        verdict, why = "up", [f"all {len(up)} targets up"]
+    elif up:
+        verdict = "degraded"
+        why = [f"{t} down since {since_of[t]:.1f}" for t in down] + [f"{len(up)} other target(s) up"]
+    elif len(kinds_down) >= policy.min_evidence:
+        verdict = "down"
+        why = [f"{t} down since {since_of[t]:.1f}" for t in down]
+        why.append(f"{len(kinds_down)} independent kinds of evidence agree ({', '.join(kinds_down)})")
+    else:
+        verdict = "degraded"
+        why = [f"{t} down since {since_of[t]:.1f}" for t in down]
+        why.append(
+            f"only {len(kinds_down)} kind of evidence ({', '.join(kinds_down)}); "
+            f"{policy.min_evidence} must agree to judge the site down"
+        )
+    since = previous.since if verdict == previous.verdict and previous.since is not None else now
+    return SiteVerdict(
+        site=previous.site,
+        verdict=verdict,
+        since=since,
+        why=tuple(why),
+        down=tuple(down),
+        up=tuple(up),
+        kinds_down=tuple(kinds_down),
     )

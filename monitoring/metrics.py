@@ -16,8 +16,10 @@ from prometheus_client.exposition import start_http_server
 
 from appliance import __version__
 from appliance.errors import StartupError
+from monitoring.probes.base import REASONS
 
 TARGET_STATES = ("unknown", "up", "down")
+SITE_VERDICTS = ("unknown", "up", "degraded", "down")
 # Sized for SIP OPTIONS over a WAN: sub-millisecond in a rack, hundreds of ms on a bad trunk.
 RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -68,6 +70,24 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.site_verdict = Gauge(
+            "hotsite_site_verdict",
+            "Verdict on each site from all its vantage points (one series per verdict, 1 for the current).",
+            ["site", "verdict"],
+            registry=registry,
+        )
+        self.site_up = Gauge(
+            "hotsite_site_up",
+            "1 when the site's verdict is up, 0 otherwise (degraded, down or unknown).",
+            ["site"],
+            registry=registry,
+        )
+        self.probes_skipped = Counter(
+            "hotsite_probe_slots_skipped_total",
+            "Probe slots skipped because the previous probe of the target overran its interval.",
+            ["target"],
+            registry=registry,
+        )
         self.api_bad_requests = Counter(
             "hotsite_api_bad_requests_total",
             "Control API requests rejected before reaching a handler.",
@@ -86,17 +106,25 @@ class Metrics:
         for candidate in TARGET_STATES:
             self.probe_state.labels(target=target, state=candidate).set(1 if candidate == state else 0)
 
+    def set_site_verdict(self, site: str, verdict: str) -> None:
+        self.site_up.labels(site=site).set(1 if verdict == "up" else 0)
+        for candidate in SITE_VERDICTS:
+            self.site_verdict.labels(site=site, verdict=candidate).set(1 if candidate == verdict else 0)
+
     def forget_target(self, target: str, kind: str) -> None:
         """Drop a target's series after a reload removed it from the config."""
         for metric, labels in (
             (self.probe_up, (target, kind)),
             (self.probe_rtt, (target,)),
             (self.probes, (target,)),
+            (self.probes_skipped, (target,)),
             (self.last_code, (target,)),
         ):
             _remove(metric, labels)
         for state in TARGET_STATES:
             _remove(self.probe_state, (target, state))
+        for reason in REASONS:
+            _remove(self.probe_failures, (target, reason))
 
 
 def _remove(metric: Any, labels: tuple[str, ...]) -> None:

@@ -24,7 +24,8 @@ from monitoring.targets import Target
 
 log = logging.getLogger(__name__)
 
-ProbeFn = Callable[[Target], Awaitable[ProbeResult]]
+# probe(target, timeout_s): must return within timeout_s; the scheduler enforces it anyway.
+ProbeFn = Callable[[Target, float], Awaitable[ProbeResult]]
 # Grace beyond the probe's own timeout before the scheduler cancels it.
 HARD_TIMEOUT_GRACE_S = 0.25
 
@@ -61,28 +62,34 @@ class ProbeScheduler:
             for target in targets:
                 group.create_task(self._loop(target), name=f"probe {target.name}")
 
+    def timing(self, target: Target) -> tuple[float, float]:
+        """The target's (interval, timeout): its own settings, else the defaults."""
+        interval = target.interval_s or self._interval
+        return interval, min(target.timeout_s or self._timeout, interval)
+
     async def _loop(self, target: Target) -> None:
-        await asyncio.sleep(self._rng.uniform(0, self._interval))
+        interval, timeout = self.timing(target)
+        await asyncio.sleep(self._rng.uniform(0, interval))
         due = self._clock.monotonic()
         while True:
-            result = await self._run_one(target)
+            result = await self._run_one(target, timeout)
             try:
                 self._on_result(result)
             except Exception:
                 log.exception("probe result handler failed", extra=kv(target=target.name))
-            due += self._interval
+            due += interval
             now = self._clock.monotonic()
             if due < now:
-                missed = math.ceil((now - due) / self._interval)
-                due += missed * self._interval
+                missed = math.ceil((now - due) / interval)
+                due += missed * interval
                 self._on_skipped(target, missed)
             await asyncio.sleep(due - now)
 
-    async def _run_one(self, target: Target) -> ProbeResult:
+    async def _run_one(self, target: Target, timeout: float) -> ProbeResult:
         async with self._slots:
             started = self._clock.monotonic()
             try:
-                return await asyncio.wait_for(self._probe(target), self._timeout + HARD_TIMEOUT_GRACE_S)
+                return await asyncio.wait_for(self._probe(target, timeout), timeout + HARD_TIMEOUT_GRACE_S)
             except TimeoutError:
                 return ProbeResult(target.name, False, started, None, None, "timeout", "hard timeout")
             except Exception as exc:  # a probe bug must not stop the other targets

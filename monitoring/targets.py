@@ -1,17 +1,35 @@
-"""Probe targets derived from the configuration.
+"""Probe targets: what to probe, how, and how often.
 
-A target's name is stable and bounded (it becomes a metric label):
-``trunk:<name>`` for a carrier trunk, ``site:<name>:sbc`` for a site's SBC.
+Targets come from the configuration (sites' SBCs, health URLs and named
+checks; carrier trunks) or from a URL typed at the command line
+(``hotsite probe``). One URL syntax serves both:
+
+    sip:HOST[:PORT][;transport=udp|tcp|tls]
+    http://HOST[:PORT]/PATH   https://…
+    tcp://HOST:PORT
+    icmp://HOST
+
+A target's name is stable and bounded, because it becomes a metric label:
+``trunk:<name>``, ``site:<site>:sbc``, ``site:<site>:http``,
+``site:<site>:<check>``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
-from appliance.config import Config, host_port
+if TYPE_CHECKING:
+    from appliance.config import Config
 
-Kind = Literal["sip"]
+Kind = Literal["sip", "http", "tcp", "icmp"]
+KINDS: tuple[Kind, ...] = ("sip", "http", "tcp", "icmp")
+SIP_TRANSPORTS = ("udp", "tcp", "tls")
+_SIP_DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
+_HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,18 +37,128 @@ class Target:
     name: str
     kind: Kind
     host: str
-    port: int
-    transport: str
+    port: int = 0  # 0 where the kind has no port (icmp) or the URL carries it (http)
+    transport: str = ""  # sip: udp|tcp|tls
+    url: str = ""  # http(s): the full URL
     site: str | None = None
     trunk: str | None = None
+    interval_s: float | None = None  # None: the [probes] default
+    timeout_s: float | None = None
+    accept_codes: frozenset[int] | None = None  # sip: None means any 2xx
+    expect_body: str | None = None  # http: a regular expression the body must match
+    labels: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+
+def _check_host(host: str, url: str) -> str:
+    if not host:
+        raise ValueError(f"{url!r}: no host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_RE.match(host):
+            raise ValueError(f"{url!r}: {host!r} is neither an IP address nor a host name") from None
+    return host
+
+
+def _port(text: str, url: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{url!r}: port must be 1-65535, got {text!r}")
+    return int(text)
+
+
+def parse_url(url: str, name: str = "") -> Target:
+    """Parse a target URL; raise ValueError saying what is wrong and what is expected."""
+    url = url.strip()
+    name = name or url
+    lowered = url.lower()
+    if lowered.startswith("sip:"):
+        return _parse_sip(url, name)
+    if lowered.startswith(("http://", "https://")):
+        parts = urlsplit(url)
+        _check_host(parts.hostname or "", url)
+        try:
+            parts.port  # noqa: B018 -- raises ValueError for a bad port
+        except ValueError:
+            raise ValueError(f"{url!r}: port must be 1-65535") from None
+        return Target(name, "http", parts.hostname or "", parts.port or 0, url=url)
+    if lowered.startswith("tcp://"):
+        host, sep, port = url[6:].rstrip("/").rpartition(":")
+        if not sep:
+            raise ValueError(f"{url!r}: expected tcp://HOST:PORT")
+        return Target(name, "tcp", _check_host(host.strip("[]"), url), _port(port, url))
+    if lowered.startswith("icmp://"):
+        return Target(name, "icmp", _check_host(url[7:].rstrip("/"), url))
+    raise ValueError(
+        f"{url!r}: unknown target; expected sip:HOST:PORT;transport=udp|tcp|tls,"
+        " http(s)://…, tcp://HOST:PORT or icmp://HOST"
+    )
+
+
+def _parse_sip(url: str, name: str) -> Target:
+    body, *params = url[4:].split(";")
+    transport = "udp"
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.lower() != "transport":
+            continue
+        if value.lower() not in SIP_TRANSPORTS:
+            raise ValueError(f"{url!r}: transport must be udp, tcp or tls, got {value!r}")
+        transport = value.lower()
+    if "@" in body:
+        body = body.rsplit("@", 1)[1]
+    if body.startswith("["):
+        host, _, rest = body[1:].partition("]")
+        port_text = rest.lstrip(":")
+    else:
+        host, _, port_text = body.partition(":")
+    port = _port(port_text, url) if port_text else _SIP_DEFAULT_PORT[transport]
+    return Target(name, "sip", _check_host(host, url), port, transport)
+
+
+def sip_url(address: str, transport: str) -> str:
+    return f"sip:{address};transport={transport}"
 
 
 def from_config(config: Config) -> list[Target]:
+    """Every target the configuration names, in a stable order."""
+    from appliance.config import host_port
+
     targets = []
-    for name, site in config.sites.items():
+    for site_name, site in config.sites.items():
         host, port = host_port(site.sbc)
-        targets.append(Target(f"site:{name}:sbc", "sip", host, port, site.sbc_transport, site=name))
-    for name, trunk in config.trunks.items():
+        targets.append(Target(f"site:{site_name}:sbc", "sip", host, port, site.sbc_transport, site=site_name))
+        if site.health_url:
+            targets.append(_with(parse_url(site.health_url, f"site:{site_name}:http"), site=site_name))
+        for check_name, check in site.checks.items():
+            target = parse_url(check.url, f"site:{site_name}:{check_name}")
+            targets.append(
+                _with(
+                    target,
+                    site=site_name,
+                    interval_s=check.interval_s,
+                    timeout_s=check.timeout_s,
+                    expect_body=check.expect_body,
+                )
+            )
+    for trunk_name, trunk in config.trunks.items():
         host, port = host_port(trunk.address)
-        targets.append(Target(f"trunk:{name}", "sip", host, port, trunk.transport, trunk=name))
+        targets.append(
+            Target(
+                f"trunk:{trunk_name}",
+                "sip",
+                host,
+                port,
+                trunk.transport,
+                trunk=trunk_name,
+                interval_s=trunk.interval_s,
+                timeout_s=trunk.timeout_s,
+                accept_codes=frozenset(trunk.accept_codes) if trunk.accept_codes else None,
+            )
+        )
     return targets
+
+
+def _with(target: Target, **changes: object) -> Target:
+    import dataclasses
+
+    return dataclasses.replace(target, **changes)  # type: ignore[arg-type]

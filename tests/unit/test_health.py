@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from monitoring.health import TargetHealth, Thresholds, observe
+from monitoring.health import SiteVerdict, TargetHealth, Thresholds, judge_site, observe
 from monitoring.probes.base import ProbeResult
 
 
@@ -51,6 +51,7 @@ def test_since_and_reason() -> None:
         health = observe(health, result(ok, at), Thresholds(rise=2, fall=3))
     assert health.state == "up" and health.since == 11.0
     assert health.reason == "1 consecutive failures: timeout"
+    assert health.why == "2 consecutive successes"
     assert health.transitions == 1
 
 
@@ -59,10 +60,18 @@ def test_a_result_for_another_target_is_refused() -> None:
         observe(TargetHealth("trunk:a"), result(True, 0.0, "trunk:b"), Thresholds())
 
 
-@pytest.mark.parametrize(("rise", "fall"), [(0, 1), (1, 0)])
-def test_thresholds_must_be_positive(rise: int, fall: int) -> None:
-    with pytest.raises(ValueError, match="must be >= 1"):
-        Thresholds(rise=rise, fall=fall)
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rise": 0}, "rise must be >= 1, got 0"),
+        ({"fall": 0}, "fall must be >= 1, got 0"),
+        ({"damping_s": -1}, "damping_s must be >= 0, got -1"),
+        ({"min_evidence": 0}, "min_evidence must be >= 1, got 0"),
+    ],
+)
+def test_thresholds_are_checked(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Thresholds(**kwargs)  # type: ignore[arg-type]
 
 
 @given(
@@ -95,3 +104,88 @@ def _last_run_end(history: list[bool], value: bool, length: int) -> int | None:
         if count >= length:
             best = i
     return best
+
+
+def test_damping_holds_a_fast_flip_and_publishes_it_once_the_dwell_is_over() -> None:
+    policy = Thresholds(rise=1, fall=1, damping_s=10.0)
+    h = TargetHealth("trunk:a")
+    h = observe(h, result(True, 0.0), policy)
+    assert h.state == "up"
+    h = observe(h, result(False, 2.0), policy)
+    assert (h.state, h.evidence, h.pending) == ("up", "down", True)
+    assert "held back by damping" in h.reason
+    h = observe(h, result(False, 9.9), policy)
+    assert h.state == "up"
+    h = observe(h, result(False, 10.0), policy)
+    assert (h.state, h.since, h.pending) == ("down", 10.0, False)
+    assert h.why == "3 consecutive failures, last timeout"
+
+
+@given(
+    steps=st.lists(st.tuples(st.booleans(), st.floats(0.01, 5.0)), max_size=150),
+    rise=st.integers(1, 4),
+    fall=st.integers(1, 4),
+    damping=st.floats(0.0, 20.0),
+)
+def test_no_flap_faster_than_damping_and_every_transition_explained(
+    steps: list[tuple[bool, float]], rise: int, fall: int, damping: float
+) -> None:
+    policy = Thresholds(rise=rise, fall=fall, damping_s=damping)
+    h = TargetHealth("trunk:a")
+    now = 0.0
+    published: list[float] = []
+    for ok, gap in steps:
+        now += gap
+        before = h
+        h = observe(h, result(ok, now), policy)
+        if h.state != before.state:
+            assert h.since == now and h.transitions == before.transitions + 1
+            assert "consecutive" in h.why
+            if before.state != "unknown":
+                published.append(now)
+        # The published state never contradicts settled evidence for longer than the dwell.
+        if h.pending:
+            assert before.since is not None and now - h.since < damping  # type: ignore[operator]
+    assert all(b - a >= damping for a, b in zip(published, published[1:], strict=False))
+
+
+def health(name: str, kind: str, state: str, since: float = 5.0) -> TargetHealth:
+    return TargetHealth(name, kind=kind, state=state, since=since)  # type: ignore[arg-type]
+
+
+def test_site_verdicts_say_why() -> None:
+    policy = Thresholds(min_evidence=2)
+    start = SiteVerdict("primary")
+    assert judge_site(start, [health("sbc", "sip", "unknown")], policy, 1.0).verdict == "unknown"
+    up = judge_site(start, [health("sbc", "sip", "up"), health("acd", "tcp", "up")], policy, 1.0)
+    assert (up.verdict, up.why) == ("up", ("all 2 targets up",))
+    grey = judge_site(up, [health("sbc", "sip", "up"), health("acd", "tcp", "down")], policy, 2.0)
+    assert grey.verdict == "degraded" and grey.down == ("acd",) and grey.since == 2.0
+    assert grey.why[0] == "acd down since 5.0"
+    lonely = judge_site(grey, [health("sbc", "sip", "down")], policy, 3.0)
+    assert lonely.verdict == "degraded" and lonely.since == 2.0  # same verdict: since kept
+    assert "only 1 kind of evidence (sip); 2 must agree" in lonely.why[-1]
+    down = judge_site(lonely, [health("sbc", "sip", "down"), health("acd", "tcp", "down")], policy, 4.0)
+    assert down.verdict == "down" and down.since == 4.0 and down.kinds_down == ("sip", "tcp")
+    assert down.why[-1] == "2 independent kinds of evidence agree (sip, tcp)"
+
+
+@given(
+    states=st.lists(
+        st.tuples(st.sampled_from(["sip", "http", "tcp", "icmp"]), st.sampled_from(["unknown", "up", "down"])),
+        max_size=8,
+    ),
+    min_evidence=st.integers(1, 4),
+)
+def test_a_site_is_down_only_when_independent_evidence_agrees(
+    states: list[tuple[str, str]], min_evidence: int
+) -> None:
+    healths = [health(f"t{i}", kind, state) for i, (kind, state) in enumerate(states)]
+    verdict = judge_site(SiteVerdict("p"), healths, Thresholds(min_evidence=min_evidence), 1.0)
+    known = [h for h in healths if h.state != "unknown"]
+    if verdict.verdict == "down":
+        assert all(h.state == "down" for h in known)
+        assert len({h.kind for h in known}) >= min_evidence
+    if verdict.verdict == "up":
+        assert known and all(h.state == "up" for h in known)
+    assert verdict.why

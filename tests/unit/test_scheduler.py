@@ -11,8 +11,8 @@ from monitoring.scheduler import ProbeScheduler
 from monitoring.targets import Target
 
 
-def target(name: str) -> Target:
-    return Target(name, "sip", "127.0.0.1", 5060, "udp")
+def target(name: str, interval_s: float | None = None) -> Target:
+    return Target(name, "sip", "127.0.0.1", 5060, "udp", interval_s=interval_s)
 
 
 async def _run_for(scheduler: ProbeScheduler, targets: list[Target], seconds: float) -> None:
@@ -26,7 +26,7 @@ async def _run_for(scheduler: ProbeScheduler, targets: list[Target], seconds: fl
 def test_hung_probe_becomes_a_timeout_result_and_others_keep_running() -> None:
     results: list[ProbeResult] = []
 
-    async def probe(t: Target) -> ProbeResult:
+    async def probe(t: Target, timeout: float) -> ProbeResult:
         if t.name == "hung":
             await asyncio.sleep(3600)
         if t.name == "buggy":
@@ -48,7 +48,7 @@ def test_slow_probe_skips_missed_slots_instead_of_piling_up() -> None:
     peak = 0
     skipped: list[int] = []
 
-    async def probe(t: Target) -> ProbeResult:
+    async def probe(t: Target, timeout: float) -> ProbeResult:
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
@@ -72,7 +72,7 @@ def test_in_flight_probes_are_bounded() -> None:
     in_flight = 0
     peak = 0
 
-    async def probe(t: Target) -> ProbeResult:
+    async def probe(t: Target, timeout: float) -> ProbeResult:
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
@@ -93,7 +93,7 @@ def test_in_flight_probes_are_bounded() -> None:
 
 
 def test_invalid_timing_is_refused() -> None:
-    async def probe(t: Target) -> ProbeResult:
+    async def probe(t: Target, timeout: float) -> ProbeResult:
         raise AssertionError
 
     for kwargs, message in [
@@ -106,3 +106,17 @@ def test_invalid_timing_is_refused() -> None:
             assert message in str(exc)
         else:
             raise AssertionError("accepted")
+
+
+def test_each_target_runs_on_its_own_interval_and_timeout_never_exceeds_it() -> None:
+    seen: dict[str, list[float]] = {"fast": [], "slow": []}
+
+    async def probe(t: Target, timeout: float) -> ProbeResult:
+        seen[t.name].append(timeout)
+        return ProbeResult(t.name, True, 0.0, 0.001, 200, "ok")
+
+    scheduler = ProbeScheduler(probe, lambda r: None, interval_s=0.5, timeout_s=0.4)
+    assert scheduler.timing(target("fast", interval_s=0.1)) == (0.1, 0.1)
+    asyncio.run(_run_for(scheduler, [target("fast", interval_s=0.1), target("slow")], 1.05))
+    assert len(seen["fast"]) >= 3 * len(seen["slow"]) > 0
+    assert set(seen["slow"]) == {0.4}

@@ -1,0 +1,177 @@
+"""The monitor: probes every target on schedule and keeps the judged health.
+
+It connects the edges (the prober, the scheduler) to the pure health model
+and publishes what changes: metrics, an INFO log line and an audit record
+per transition, so ``hotsite events`` tells why a trunk or a site changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from appliance.clock import Clock
+from appliance.config import Config
+from appliance.logs import kv
+from monitoring.health import SiteVerdict, TargetHealth, Thresholds, judge_site, observe
+from monitoring.metrics import Metrics
+from monitoring.prober import Prober
+from monitoring.probes.base import ProbeResult
+from monitoring.scheduler import ProbeScheduler
+from monitoring.targets import Target, from_config
+
+log = logging.getLogger(__name__)
+
+Recorder = Callable[..., Any]  # Store.record-like: record(kind, subject=…, message=…, data=…)
+
+
+class Monitor:
+    def __init__(self, config: Config, metrics: Metrics, clock: Clock, record: Recorder) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._record = record
+        self.prober = Prober(
+            clock=clock.monotonic,
+            on_unmatched=lambda reason: metrics.unmatched_replies.labels(reason=reason).inc(),
+        )
+        self.targets: dict[str, Target] = {}
+        self.health: dict[str, TargetHealth] = {}
+        self.sites: dict[str, SiteVerdict] = {}
+        self.config = config
+        self.scheduler = self._scheduler(config)
+        self.configure(config)
+
+    # -- configuration -----------------------------------------------------------
+
+    def configure(self, config: Config) -> None:
+        """Adopt a (new) config: keep the health of unchanged targets, forget removed ones."""
+        self.config = config
+        new = {t.name: t for t in from_config(config)}
+        for name, target in self.targets.items():
+            if new.get(name) != target:
+                self.health.pop(name, None)
+                self._metrics.forget_target(name, target.kind)
+        self.targets = new
+        for name, target in new.items():
+            if name not in self.health:
+                self.health[name] = TargetHealth(name, kind=target.kind)
+                self._metrics.set_target_state(name, target.kind, "unknown")
+        self.sites = {name: self.sites.get(name, SiteVerdict(name)) for name in config.sites}
+        for site in self.sites:
+            self._judge(site)
+        self.scheduler = self._scheduler(config)
+
+    def _scheduler(self, config: Config) -> ProbeScheduler:
+        probes = config.probes
+        return ProbeScheduler(
+            self.prober.probe,
+            self.on_result,
+            interval_s=probes.interval_s,
+            timeout_s=probes.timeout_s,
+            clock=self._clock,
+            max_in_flight=probes.max_in_flight,
+            on_skipped=lambda t, n: self._metrics.probes_skipped.labels(target=t.name).inc(n),
+        )
+
+    @property
+    def thresholds(self) -> Thresholds:
+        p = self.config.probes
+        return Thresholds(rise=p.rise, fall=p.fall, damping_s=p.damping_s, min_evidence=p.min_evidence)
+
+    async def run(self) -> None:
+        """Probe until cancelled (the supervisor owns this task)."""
+        await self.scheduler.run(list(self.targets.values()))
+
+    async def close(self) -> None:
+        await self.prober.close()
+
+    # -- results -------------------------------------------------------------------
+
+    def on_result(self, result: ProbeResult) -> None:
+        target = self.targets.get(result.target)
+        if target is None:  # a result that raced a reload
+            return
+        before = self.health[target.name]
+        after = observe(before, result, self.thresholds)
+        self.health[target.name] = after
+        m = self._metrics
+        m.probes.labels(target=target.name).inc()
+        if target.kind in ("sip", "http"):
+            m.last_code.labels(target=target.name).set(result.code or 0)
+        if result.ok and result.rtt_s is not None:
+            m.probe_rtt.labels(target=target.name).observe(result.rtt_s)
+        elif not result.ok:
+            m.probe_failures.labels(target=target.name, reason=result.reason).inc()
+        if after.state == before.state:
+            return
+        m.set_target_state(target.name, target.kind, after.state)
+        log.info(
+            f"{target.name} is {after.state}",
+            extra=kv(target=target.name, state=after.state, was=before.state, why=after.why),
+        )
+        self._record(
+            "probe.state",
+            subject=target.name,
+            message=f"{target.name} {before.state} -> {after.state}: {after.why}",
+            data={"state": after.state, "was": before.state, "code": result.code, "reason": result.reason},
+        )
+        if target.site:
+            self._judge(target.site)
+
+    def _judge(self, site: str) -> None:
+        before = self.sites[site]
+        members = [h for name, h in self.health.items() if self.targets[name].site == site]
+        after = judge_site(before, members, self.thresholds, self._clock.monotonic())
+        self.sites[site] = after
+        self._metrics.set_site_verdict(site, after.verdict)
+        if after.verdict != before.verdict:
+            log.info(
+                f"site {site} is {after.verdict}",
+                extra=kv(site=site, verdict=after.verdict, was=before.verdict, why="; ".join(after.why)),
+            )
+            self._record(
+                "site.verdict",
+                subject=site,
+                message=f"site {site} {before.verdict} -> {after.verdict}: {'; '.join(after.why)}",
+                data={"verdict": after.verdict, "was": before.verdict, "down": list(after.down)},
+            )
+
+    # -- views -----------------------------------------------------------------------
+
+    def target_view(self, name: str) -> dict[str, Any]:
+        target = self.targets[name]
+        h = self.health.get(name) or TargetHealth(name, kind=target.kind)
+        last = h.last
+        now = self._clock.monotonic()
+        interval, timeout = self.scheduler.timing(target)
+        return {
+            "target": name,
+            "kind": target.kind,
+            "address": target.url or (f"{target.host}:{target.port}" if target.port else target.host),
+            "transport": target.transport or None,
+            "state": h.state,
+            "since_s": None if h.since is None else round(now - h.since, 3),
+            "why": h.why,
+            "reason": h.reason,
+            "pending": h.pending,
+            "rtt_ms": None if last is None or last.rtt_s is None else round(last.rtt_s * 1000, 3),
+            "last_code": None if last is None else last.code,
+            "last_result": None if last is None else last.reason,
+            "interval_s": interval,
+            "timeout_s": timeout,
+        }
+
+    def site_view(self, site: str) -> dict[str, Any]:
+        verdict = self.sites[site]
+        now = self._clock.monotonic()
+        return {
+            "verdict": verdict.verdict,
+            "verdict_since_s": None if verdict.since is None else round(now - verdict.since, 3),
+            "why": list(verdict.why),
+            "targets": [self.target_view(n) for n, t in self.targets.items() if t.site == site],
+        }
+
+    def summary(self) -> str:
+        up = sum(1 for h in self.health.values() if h.state == "up")
+        return f"{up}/{len(self.health)} targets up"
