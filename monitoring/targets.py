@@ -77,10 +77,12 @@ def parse_url(url: str, name: str = "") -> Target:
         parts = urlsplit(url)
         _check_host(parts.hostname or "", url)
         try:
-            parts.port  # noqa: B018 -- raises ValueError for a bad port
+            port = parts.port
         except ValueError:
-            raise ValueError(f"{url!r}: port must be 1-65535") from None
-        return Target(name, "http", parts.hostname or "", parts.port or 0, url=url)
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"{url!r}: port must be 1-65535")
+        return Target(name, "http", parts.hostname or "", port or 0, url=url)
     if lowered.startswith("tcp://"):
         host, sep, port = url[6:].rstrip("/").rpartition(":")
         if not sep:

@@ -23,6 +23,7 @@ from appliance import __version__, api, logs
 from appliance import config as config_mod
 from appliance.cli import render
 from appliance.errors import ConfigError, HotsiteError
+from monitoring.targets import parse_url as parse_target
 
 DEFAULT_RUNTIME_DIR = Path("/run/hotsite")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -134,6 +135,61 @@ def status(ctx: Context, as_json: bool, events: int) -> None:
         click.echo(json.dumps(result, indent=2))
     else:
         render.print_status(result)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_ctx
+def trunks(ctx: Context, as_json: bool) -> None:
+    """Carrier trunks: state, RTT, last SIP code, since when, and why."""
+    result = ctx.call("trunks")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render.print_targets(result, title="Trunks")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_ctx
+def probes(ctx: Context, as_json: bool) -> None:
+    """Every probe target (trunks, SBCs, site checks) with its judged state."""
+    result = ctx.call("probes")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render.print_targets(result, title="Probes")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--count", "-n", default=4, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--interval", "-i", default=1.0, show_default=True, type=click.FloatRange(0.01, 3600))
+@click.option("--timeout", "-W", default=1.0, show_default=True, type=click.FloatRange(0.01, 60))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per probe, then a summary.")
+def probe(target: str, count: int, interval: float, timeout: float, as_json: bool) -> None:
+    """Probe TARGET now, like ping; no daemon needed. Exit 0 if it answered.
+
+    \b
+    TARGET forms:
+      sip:HOST[:PORT][;transport=udp|tcp|tls]
+      http(s)://HOST[:PORT]/PATH
+      tcp://HOST:PORT
+      icmp://HOST
+    \b
+    Examples:
+      hotsite probe sip:10.0.0.1:5060
+      hotsite probe 'sip:sbc.example.com;transport=tls' -n 10 -i 0.2
+      hotsite probe https://10.0.0.6/health --json
+    """
+    from monitoring.oneshot import run_probes
+
+    try:
+        parsed = parse_target(target)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="TARGET") from None
+    answered = run_probes(parsed, count=count, interval=interval, timeout=timeout, as_json=as_json)
+    sys.exit(0 if answered else 1)
 
 
 @cli.command("events")

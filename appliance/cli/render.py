@@ -13,8 +13,12 @@ STATE_STYLE = {"up": "bold green", "down": "bold red", "unknown": "yellow"}
 
 
 def _console() -> Console:
-    # rich drops colour by itself when stdout is not a terminal.
-    return Console(highlight=False)
+    # rich drops colour by itself when stdout is not a terminal; there, do not
+    # fold long names into an 80-column box either: scripts grep this output.
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=240)
+    return console
 
 
 def _state(state: str) -> Text:
@@ -99,3 +103,28 @@ def print_status(status: dict[str, Any]) -> None:
 
 def print_events(events: list[dict[str, Any]]) -> None:
     _console().print(events_table(events))
+
+
+def targets_table(targets: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left", expand=False)
+    for column in ("target", "kind", "address", "state", "since", "RTT ms", "code", "why"):
+        table.add_column(column, overflow="fold")
+    for t in targets:
+        state = _state(t["state"])
+        if t.get("pending"):
+            state.append(" (damped)", style="dim")
+        table.add_row(
+            t["target"],
+            t["kind"],
+            t["address"],
+            state,
+            _since(t["since_s"]),
+            _ms(t["rtt_ms"]),
+            str(t["last_code"] or "-"),
+            t["reason"],
+        )
+    return table
+
+
+def print_targets(targets: list[dict[str, Any]], title: str) -> None:
+    _console().print(targets_table(targets, title))

@@ -49,7 +49,7 @@ class HttpProbe:
         except httpx.TimeoutException:
             return self._fail(target, "timeout", f"no answer in {timeout:g}s")
         except httpx.ConnectError as exc:
-            reason = "refused" if "refused" in str(exc).lower() else "unreachable"
+            reason = "refused" if _caused_by(exc, ConnectionRefusedError) else "unreachable"
             return self._fail(target, reason, str(exc) or type(exc).__name__)
         except httpx.HTTPError as exc:
             return self._fail(target, "error", type(exc).__name__)
@@ -74,3 +74,13 @@ class HttpProbe:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``kind`` is anywhere in the exception's cause chain (httpx wraps the OS error)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -185,3 +185,34 @@ def test_cli_without_daemon_says_so(cfg: Path) -> None:
 def test_usage_errors_exit_2() -> None:
     assert hotsite("no-such-command").returncode == 2
     assert hotsite("status", "--no-such-flag").returncode == 2
+
+
+def test_probes_and_trunks_commands(cfg: Path, tmp_path: Path) -> None:
+    cfg.write_text(cfg.read_text() + f'\n[trunks.carrier-x]\naddress = "127.0.0.1:{free_port(socket.SOCK_DGRAM)}"\n')
+    daemon = RunningDaemon(cfg, tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        probes = json.loads(hotsite("probes", "--json", config=cfg).stdout)
+        assert [p["target"] for p in probes] == ["site:primary:sbc", "site:backup:sbc", "trunk:carrier-x"]
+        assert all(p["interval_s"] == 0.2 and p["timeout_s"] == 0.15 for p in probes)
+        trunks = json.loads(hotsite("trunks", "--json", config=cfg).stdout)
+        assert [(t["name"], t["kind"], t["transport"]) for t in trunks] == [("carrier-x", "sip", "udp")]
+        human = hotsite("trunks", config=cfg)
+        assert human.returncode == 0 and "trunk:carrier-x" in human.stdout
+    finally:
+        daemon.stop()
+
+
+def test_one_shot_probe_needs_no_daemon() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        ok = hotsite("probe", f"tcp://127.0.0.1:{server.getsockname()[1]}", "-n", "2", "-i", "0.1", "--json")
+    assert ok.returncode == 0, ok.stderr
+    lines = [json.loads(line) for line in ok.stdout.splitlines()]
+    assert [line.get("ok") for line in lines[:2]] == [True, True]
+    assert lines[-1]["summary"]["answered"] == 2
+    dead = hotsite("probe", f"sip:127.0.0.1:{free_port(socket.SOCK_DGRAM)}", "-n", "1", "-W", "0.3")
+    assert dead.returncode == 1 and "unreachable" in dead.stdout and "100.0% loss" in dead.stdout
+    bad = hotsite("probe", "gopher://x")
+    assert bad.returncode == 2 and "unknown target" in bad.stderr
