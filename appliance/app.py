@@ -25,6 +25,7 @@ from appliance.store import Store
 from appliance.systemd import Notifier
 from monitoring import metrics as metrics_mod
 from monitoring.monitor import Monitor
+from monitoring.probes.host import HostCollector
 from monitoring.targets import from_config
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Appliance(Daemon):
             host, port = config_mod.host_port(cfg.metrics.listen)
             self._metrics_server = metrics_mod.serve(self.metrics.registry, host, port)
         self.metrics.start_time.set(self._started_at)
+        self.metrics.registry.register(HostCollector(cfg.appliance.state_dir, cfg.host.interfaces))
         for problem in config_mod.check_environment(cfg):
             log.error("configuration problem", extra=kv(problem=problem))
         targets = from_config(cfg)

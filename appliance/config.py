@@ -209,6 +209,16 @@ class ProbesSection(Section):
         return self
 
 
+class HostSection(Section):
+    """The appliance itself: its interfaces (watched by netlink events) and resources."""
+
+    interfaces: list[Annotated[str, _match(re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$"), "an interface name")]] = []
+    interval_s: ProbeSeconds = 5.0
+    disk_min_free_pct: float = Field(default=10.0, ge=0, le=100)
+    memory_min_available_pct: float = Field(default=5.0, ge=0, le=100)
+    max_temperature_c: float = Field(default=85.0, ge=20, le=150)
+
+
 class FailoverSection(Section):
     policy: Literal["auto", "confirm", "manual"] = "confirm"
     witness: HttpUrl | None = None
@@ -280,6 +290,7 @@ class Config(Section):
     sites: dict[Name, SiteSection]
     trunks: dict[Name, TrunkSection] = {}
     probes: ProbesSection = ProbesSection()
+    host: HostSection = HostSection()
     failover: FailoverSection = FailoverSection()
     kamailio: KamailioSection = KamailioSection()
     contacts: list[ContactSection] = []

@@ -7,6 +7,7 @@ per transition, so ``hotsite events`` tells why a trunk or a site changed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,8 @@ from monitoring.health import SiteVerdict, TargetHealth, Thresholds, judge_site,
 from monitoring.metrics import Metrics
 from monitoring.prober import Prober
 from monitoring.probes.base import ProbeResult
+from monitoring.probes.host import HostProbe
+from monitoring.probes.link import LinkMonitor
 from monitoring.scheduler import ProbeScheduler
 from monitoring.targets import Target, from_config
 
@@ -34,6 +37,13 @@ class Monitor:
         self.prober = Prober(
             clock=clock.monotonic,
             on_unmatched=lambda reason: metrics.unmatched_replies.labels(reason=reason).inc(),
+            host=HostProbe(
+                config.appliance.state_dir,
+                disk_min_free_pct=config.host.disk_min_free_pct,
+                memory_min_available_pct=config.host.memory_min_available_pct,
+                max_temperature_c=config.host.max_temperature_c,
+                clock=clock.monotonic,
+            ),
         )
         self.targets: dict[str, Target] = {}
         self.health: dict[str, TargetHealth] = {}
@@ -79,9 +89,20 @@ class Monitor:
         p = self.config.probes
         return Thresholds(rise=p.rise, fall=p.fall, damping_s=p.damping_s, min_evidence=p.min_evidence)
 
+    def thresholds_for(self, target: Target) -> Thresholds:
+        if target.kind == "link":  # the kernel's word on a carrier is definitive, not a sample
+            return Thresholds(rise=1, fall=1, damping_s=self.config.probes.damping_s)
+        return self.thresholds
+
     async def run(self) -> None:
         """Probe until cancelled (the supervisor owns this task)."""
-        await self.scheduler.run(list(self.targets.values()))
+        polled = [t for t in self.targets.values() if t.kind != "link"]
+        links = LinkMonitor(
+            [t.host for t in self.targets.values() if t.kind == "link"], self.on_result, self._clock.monotonic
+        )
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.scheduler.run(polled), name="probe scheduler")
+            group.create_task(links.run(), name="link monitor")
 
     async def close(self) -> None:
         await self.prober.close()
@@ -93,7 +114,7 @@ class Monitor:
         if target is None:  # a result that raced a reload
             return
         before = self.health[target.name]
-        after = observe(before, result, self.thresholds)
+        after = observe(before, result, self.thresholds_for(target))
         self.health[target.name] = after
         m = self._metrics
         m.probes.labels(target=target.name).inc()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from monitoring.probes.base import ProbeResult
+from monitoring.probes.host import HostProbe
 from monitoring.probes.http import HttpProbe
 from monitoring.probes.icmp import IcmpProbe
 from monitoring.probes.sip import SipOptionsProbe
@@ -30,8 +31,10 @@ class Prober:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_unmatched: Callable[[str], None] | None = None,
+        host: HostProbe | None = None,
     ) -> None:
         self._clock = clock
+        self._host = host
         self._on_unmatched = on_unmatched
         self._sip: SipOptionsProbe | None = None
         self._http: HttpProbe | None = None
@@ -50,6 +53,10 @@ class Prober:
         if target.kind == "tcp":
             self._tcp = self._tcp or TcpConnectProbe(clock=self._clock)
             return await self._tcp.probe(target.name, target.host, target.port, timeout=timeout)
+        if target.kind == "host":
+            if self._host is None:
+                raise ValueError("host targets need a HostProbe")
+            return self._host.probe(target.name, target.host)
         if target.kind == "icmp":
             self._icmp = self._icmp or IcmpProbe(clock=self._clock)
             return await self._icmp.probe(target.name, target.host, timeout=timeout)

@@ -56,6 +56,7 @@ _DIGITS_RE = re.compile(r"[0-9]{1,10}")
 _END_OF_HEADERS_RE = re.compile(rb"\r?\n\r?\n")
 _LINE_END_RE = re.compile(r"\r?\n")
 _UNPRINTABLE_RE = re.compile(r"[^\x20-\x7e]")
+_SPACE_RE = re.compile(r"\s")
 
 
 class SipParseError(ValueError):
@@ -180,18 +181,25 @@ def build_options(
     from_tag: str | None = None,
     user_agent: str = USER_AGENT,
 ) -> OptionsRequest:
-    """Build the OPTIONS keep-alive a dispatcher would send (ids random unless given)."""
+    """Build the OPTIONS keep-alive a dispatcher would send (ids random unless given).
+
+    ``transport`` is the Via token (UDP, TCP, TLS); for a stream transport the
+    Request-URI also carries ``;transport=`` so a proxy answers on the same kind.
+    """
     if not 0 < cseq <= MAX_CSEQ:
         raise ValueError(f"cseq must be in 1..{MAX_CSEQ}, got {cseq}")
     remote = f"{_host_for_uri(host)}:{port}"
     local = f"{_host_for_uri(local_host)}:{local_port}"
-    branch = branch or new_branch()
-    call_id = call_id or f"{secrets.token_hex(16)}@{_host_for_uri(local_host)}"
-    from_tag = from_tag or secrets.token_hex(8)
-    uri = f"sip:{remote}"
+    # One read of the kernel's random pool for all three ids (this is the probe's hot path).
+    rand = secrets.token_hex(36)
+    branch = branch or BRANCH_MAGIC + rand[:24]
+    call_id = call_id or f"{rand[24:56]}@{_host_for_uri(local_host)}"
+    from_tag = from_tag or rand[56:72]
+    transport = transport.upper()
+    uri = f"sip:{remote}" if transport == "UDP" else f"sip:{remote};transport={transport.lower()}"
     lines = [
         f"OPTIONS {uri} SIP/2.0",
-        f"Via: SIP/2.0/{transport.upper()} {local};branch={branch};rport",
+        f"Via: SIP/2.0/{transport} {local};branch={branch};rport",
         "Max-Forwards: 70",
         f"From: <sip:hotsite@{local}>;tag={from_tag}",
         f"To: <{uri}>",
@@ -282,18 +290,19 @@ def _parse_headers(lines: list[str]) -> tuple[tuple[str, str], ...]:
 
 def _check_headers(headers: tuple[tuple[str, str], ...]) -> None:
     """The headers every message needs, once each, and well-formed."""
-    names = [name for name, _ in headers]
-    for name in REQUIRED_HEADERS:
-        if name not in names:
-            raise SipParseError(f"missing {name} header")
-    for name in SINGLE_HEADERS:
-        if names.count(name) > 1:
-            raise SipParseError(f"more than one {name} header")
+    counts: dict[str, int] = {}
     for name, value in headers:
-        if name == "call-id" and (not value or any(ch.isspace() for ch in value)):
+        counts[name] = counts.get(name, 0) + 1
+        if name == "call-id" and (not value or _SPACE_RE.search(value)):
             raise SipParseError("bad Call-ID")
         if name == "cseq":
             parse_cseq(value)
+    for name in REQUIRED_HEADERS:
+        if name not in counts:
+            raise SipParseError(f"missing {name} header")
+    for name in SINGLE_HEADERS:
+        if counts.get(name, 0) > 1:
+            raise SipParseError(f"more than one {name} header")
 
 
 def _body(rest: bytes, headers: tuple[tuple[str, str], ...]) -> bytes:
@@ -333,6 +342,8 @@ def parse_via(value: str) -> Via:
 
 def split_commas(value: str) -> list[str]:
     """Split a header that may hold several values, ignoring commas inside quotes."""
+    if '"' not in value:  # the usual case, and the probe's hot path: no quoting to honour
+        return [part.strip() for part in value.split(",") if part.strip()]
     parts: list[str] = []
     current: list[str] = []
     quoted = False
@@ -346,3 +357,86 @@ def split_commas(value: str) -> list[str]:
             current.append(ch)
     parts.append("".join(current))
     return [part.strip() for part in parts if part.strip()]
+
+
+# -- stream framing (TCP, TLS) ----------------------------------------------------
+
+MAX_STREAM_MESSAGE = 65535  # bytes: Kamailio's own TCP read buffer; an OPTIONS reply is far smaller
+_CONTENT_LENGTH_RE = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*([0-9]{1,10})[ \t]*\r?$", re.I | re.M)
+_HEADERS_END = b"\r\n\r\n"
+
+
+class SipFramingError(SipParseError):
+    """The stream can no longer be cut into messages (oversized, no Content-Length): reset it."""
+
+
+class StreamFramer:
+    """Cuts a SIP byte stream into whole messages by Content-Length (RFC 3261 18.3).
+
+    On a stream a message may arrive in pieces, or several in one read, so the
+    framer buffers until a message is complete. Content-Length is mandatory on
+    streams; without it, or past ``max_message`` bytes, the message boundaries
+    are lost for good and the only safe thing is to drop the connection:
+    :meth:`feed` then raises :class:`SipFramingError` and forgets the buffer.
+    A message that frames correctly but does not parse is the caller's business
+    (it is one bad message; the stream stays in step).
+
+    CRLF keep-alives (RFC 5626 3.5.1) between messages are skipped; each
+    double-CRLF "ping" is counted in :attr:`pings` so the caller can answer
+    with a single CRLF "pong".
+    """
+
+    def __init__(self, max_message: int = MAX_STREAM_MESSAGE) -> None:
+        if max_message < 64:
+            raise ValueError(f"max_message must be >= 64 bytes, got {max_message}")
+        self.max_message = max_message
+        self.pings = 0
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return every message it completed, in order."""
+        buf = self._buffer
+        buf += data
+        messages: list[bytes] = []
+        while buf:
+            if buf[:1] == b"\r" or buf[:1] == b"\n":
+                if not self._skip_keepalive(buf):
+                    break  # a lone CR or CRLF: wait for the rest
+                continue
+            end = buf.find(_HEADERS_END, 0, self.max_message + len(_HEADERS_END))
+            if end < 0:
+                if len(buf) > self.max_message:
+                    self._fail(f"no end of headers within {self.max_message} bytes")
+                break
+            head = bytes(buf[:end])
+            match = _CONTENT_LENGTH_RE.search(head)
+            if match is None:
+                self._fail("a message on a stream without Content-Length")
+            assert match is not None
+            total = end + len(_HEADERS_END) + int(match.group(1))
+            if total > self.max_message:
+                self._fail(f"a {total}-byte message (cap {self.max_message})")
+            if len(buf) < total:
+                break
+            messages.append(bytes(buf[:total]))
+            del buf[:total]
+        return messages
+
+    def _skip_keepalive(self, buf: bytearray) -> bool:
+        """Consume CR/LF bytes before a message; False while they may still become a ping."""
+        if buf.startswith(b"\r\n\r\n"):
+            self.pings += 1
+            del buf[:4]
+            return True
+        if b"\r\n\r\n".startswith(bytes(buf[:4])):
+            return False
+        del buf[:1]  # a stray CR or LF (RFC 3261 7.5 lets a peer send CRLFs before a message)
+        return True
+
+    def _fail(self, why: str) -> None:
+        self._buffer.clear()
+        raise SipFramingError(why)

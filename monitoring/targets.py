@@ -11,7 +11,7 @@ checks; carrier trunks) or from a URL typed at the command line
 
 A target's name is stable and bounded, because it becomes a metric label:
 ``trunk:<name>``, ``site:<site>:sbc``, ``site:<site>:http``,
-``site:<site>:<check>``.
+``site:<site>:<check>``, ``host:disk|memory|temperature``, ``link:<ifname>``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from appliance.config import Config
 
-Kind = Literal["sip", "http", "tcp", "icmp"]
-KINDS: tuple[Kind, ...] = ("sip", "http", "tcp", "icmp")
+Kind = Literal["sip", "http", "tcp", "icmp", "host", "link"]
+KINDS: tuple[Kind, ...] = ("sip", "http", "tcp", "icmp", "host", "link")
 SIP_TRANSPORTS = ("udp", "tcp", "tls")
 _SIP_DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
 _HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
@@ -84,10 +84,10 @@ def parse_url(url: str, name: str = "") -> Target:
             raise ValueError(f"{url!r}: port must be 1-65535")
         return Target(name, "http", parts.hostname or "", port or 0, url=url)
     if lowered.startswith("tcp://"):
-        host, sep, port = url[6:].rstrip("/").rpartition(":")
+        host, sep, port_text = url[6:].rstrip("/").rpartition(":")
         if not sep:
             raise ValueError(f"{url!r}: expected tcp://HOST:PORT")
-        return Target(name, "tcp", _check_host(host.strip("[]"), url), _port(port, url))
+        return Target(name, "tcp", _check_host(host.strip("[]"), url), _port(port_text, url))
     if lowered.startswith("icmp://"):
         return Target(name, "icmp", _check_host(url[7:].rstrip("/"), url))
     raise ValueError(
@@ -142,6 +142,10 @@ def from_config(config: Config) -> list[Target]:
                     expect_body=check.expect_body,
                 )
             )
+    for resource in ("disk", "memory", "temperature"):
+        targets.append(Target(f"host:{resource}", "host", resource, interval_s=config.host.interval_s))
+    for interface in config.host.interfaces:
+        targets.append(Target(f"link:{interface}", "link", interface))
     for trunk_name, trunk in config.trunks.items():
         host, port = host_port(trunk.address)
         targets.append(

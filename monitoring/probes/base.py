@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 # Bounded vocabulary for ``ProbeResult.reason``: it becomes a metric label.
 REASONS = frozenset(
-    {"ok", "timeout", "unreachable", "bad_code", "bad_body", "send_error", "refused", "error"}
+    {"ok", "timeout", "unreachable", "bad_code", "bad_body", "send_error", "refused", "threshold", "error"}
 )
 
 

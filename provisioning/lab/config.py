@@ -8,6 +8,7 @@ default work directory; a test keeps the two equal.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ def _host(info: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _addr(host: dict[str, Any], port: str) -> str:
     return f"{host['address']}:{host['ports'][port]}"
+
+
+def appliance_interfaces(info: dict[str, Any]) -> list[str]:
+    """The appliance's own interfaces in this lab, watched for link state."""
+    interface = info["appliance"].get("interface")
+    return [interface] if interface and info["mode"] == "netns" else []
 
 
 def render(info: dict[str, Any], *, metrics_listen: str = "127.0.0.1:9477") -> str:
@@ -65,6 +72,9 @@ def render(info: dict[str, Any], *, metrics_listen: str = "127.0.0.1:9477") -> s
         f"kamailio_set = {kamailio['sets']['backup']}",
         "seats = 120",
         "",
+        "[sites.backup.checks.reachable]",
+        f'url = "icmp://{backup["address"]}"',
+        "",
     ]
     for trunk in trunks:
         lines += [
@@ -75,6 +85,9 @@ def render(info: dict[str, Any], *, metrics_listen: str = "127.0.0.1:9477") -> s
             "",
         ]
     lines += [
+        "[host]",
+        f"interfaces = {json.dumps(appliance_interfaces(info))}",
+        "",
         "[failover]",
         'policy = "confirm"',
         f'witness = "http://{_addr(witness, "http")}/health"',

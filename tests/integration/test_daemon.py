@@ -193,8 +193,11 @@ def test_probes_and_trunks_commands(cfg: Path, tmp_path: Path) -> None:
     try:
         daemon.wait_ready()
         probes = json.loads(hotsite("probes", "--json", config=cfg).stdout)
-        assert [p["target"] for p in probes] == ["site:primary:sbc", "site:backup:sbc", "trunk:carrier-x"]
-        assert all(p["interval_s"] == 0.2 and p["timeout_s"] == 0.15 for p in probes)
+        assert [p["target"] for p in probes] == [
+            "site:primary:sbc", "site:backup:sbc", "host:disk", "host:memory", "host:temperature", "trunk:carrier-x",
+        ]
+        assert all(p["interval_s"] == 0.2 and p["timeout_s"] == 0.15 for p in probes if p["kind"] == "sip")
+        assert next(p for p in probes if p["target"] == "host:disk")["interval_s"] == 5.0
         trunks = json.loads(hotsite("trunks", "--json", config=cfg).stdout)
         assert [(t["name"], t["kind"], t["transport"]) for t in trunks] == [("carrier-x", "sip", "udp")]
         human = hotsite("trunks", config=cfg)

@@ -71,7 +71,7 @@ def test_every_configured_target_with_stable_names() -> None:
     targets = {t.name: t for t in from_config(cfg)}
     assert list(targets) == [
         "site:primary:sbc", "site:primary:http", "site:primary:acd", "site:primary:cti",
-        "site:backup:sbc", "trunk:carrier-a",
+        "site:backup:sbc", "host:disk", "host:memory", "host:temperature", "trunk:carrier-a",
     ]
     assert targets["site:primary:acd"].interval_s == 0.2 and targets["site:primary:acd"].site == "primary"
     assert targets["site:primary:cti"].expect_body == '"agents":\\s*[1-9]'

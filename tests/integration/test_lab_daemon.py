@@ -1,0 +1,159 @@
+"""End to end in the lab: real SIPp trunks and SBCs, the real daemon, the CLI and /metrics.
+
+The path probe -> health -> CLI/metrics is exercised for real, and a trunk's
+link is cut with tc netem to see it judged down, then healed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioning.lab import config as lab_config
+from tests.conftest import free_port
+from tests.integration.daemon_helpers import RunningDaemon, hotsite, metrics, wait_for
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+NEEDS = [
+    (os.geteuid() == 0, "the namespace lab needs root"),
+    (shutil.which("kamailio") is not None, "kamailio is not installed"),
+    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
+]
+for ok, why in NEEDS:
+    if not ok:
+        pytestmark.append(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, dict[str, Any]]]:
+    from provisioning.lab import Lab
+
+    the_lab = Lab(tmp_path_factory.mktemp("lab"))
+    try:
+        info = the_lab.up(mode="netns")
+        the_lab.wait_ready()
+        yield the_lab, info
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture(scope="module")
+def daemon(lab: tuple[Any, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+    _, info = lab
+    listen = f"127.0.0.1:{free_port()}"
+    path = Path(info["workdir"]) / "hotsite.toml"
+    path.write_text(lab_config.render(info, metrics_listen=listen))
+    running = RunningDaemon(path, tmp_path_factory.mktemp("daemon") / "daemon.log")
+    running.listen = listen  # type: ignore[attr-defined]
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        assert running.stop() == 0
+
+
+def _states(daemon: RunningDaemon) -> dict[str, str]:
+    status = daemon.status()
+    states = {f"site:{s['name']}": s["state"] for s in status["sites"]}
+    states.update({f"trunk:{t['name']}": t["state"] for t in status["trunks"]})
+    return states
+
+
+def test_every_trunk_and_sbc_is_seen_up(daemon: RunningDaemon) -> None:
+    states = wait_for(
+        lambda: (s := _states(daemon)) and all(v == "up" for v in s.values()) and s,
+        what="all targets up",
+    )
+    assert set(states) == {"site:primary", "site:backup", "trunk:trunk-a", "trunk:trunk-b"}
+    status = daemon.status()
+    for trunk in status["trunks"]:
+        assert trunk["last_code"] == 200
+        assert 0 < trunk["rtt_ms"] < 100
+    text = metrics(daemon.listen)  # type: ignore[attr-defined]
+    for target in ("site:primary:sbc", "site:backup:sbc", "trunk:trunk-a", "trunk:trunk-b"):
+        assert f'hotsite_probe_up{{kind="sip",target="{target}"}} 1.0' in text
+    assert 'hotsite_probe_rtt_seconds_count{target="trunk:trunk-a"}' in text
+    human = hotsite("status", config=daemon.config)
+    assert human.returncode == 0 and "trunk-a" in human.stdout and "UP" in human.stdout
+
+
+def test_a_cut_trunk_goes_down_and_comes_back(lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon) -> None:
+    the_lab, _ = lab
+    wait_for(lambda: _states(daemon).get("trunk:trunk-a") == "up", what="trunk-a up")
+    proc = hotsite("lab", "impair", "--workdir", str(the_lab_workdir(the_lab)), "trunk-a", "--cut")
+    assert proc.returncode == 0, proc.stderr
+    try:
+        wait_for(lambda: _states(daemon)["trunk:trunk-a"] == "down", what="trunk-a down")
+        states = _states(daemon)
+        assert states["trunk:trunk-b"] == "up" and states["site:primary"] == "up"
+        trunk = next(t for t in daemon.status()["trunks"] if t["name"] == "trunk-a")
+        assert "timeout" in trunk["reason"]
+        assert 'hotsite_probe_up{kind="sip",target="trunk:trunk-a"} 0.0' in metrics(daemon.listen)  # type: ignore[attr-defined]
+        events = json.loads(hotsite("events", "--json", "--kind", "probe", config=daemon.config).stdout)
+        assert any(e["subject"] == "trunk:trunk-a" and e["data"]["state"] == "down" for e in events)
+    finally:
+        healed = hotsite("lab", "heal", "--workdir", str(the_lab_workdir(the_lab)), "trunk-a")
+        assert healed.returncode == 0, healed.stderr
+    wait_for(lambda: _states(daemon)["trunk:trunk-a"] == "up", what="trunk-a up again")
+
+
+def test_lab_status_json_lists_every_host(lab: tuple[Any, dict[str, Any]]) -> None:
+    the_lab, _ = lab
+    proc = hotsite("lab", "status", "--json", "--workdir", str(the_lab_workdir(the_lab)))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    names = {h["name"] for h in info["hosts"]}
+    assert names == {"carrier", "trunk-a", "trunk-b", "primary", "backup", "witness"}
+    for host in info["hosts"]:
+        assert host["namespace"].startswith("hs-lab-")
+        assert host["processes"] and all(p["alive"] for p in host["processes"])
+    assert info["kamailio"]["rpc_url"].startswith("http://")
+
+
+def test_the_shipped_lab_config_is_what_the_lab_generates(lab: tuple[Any, dict[str, Any]]) -> None:
+    _, info = lab
+    generated = lab_config.render(info).replace(info["workdir"], "/run/hotsite-lab")
+    assert lab_config.SHIPPED.read_text() == generated
+
+
+def the_lab_workdir(the_lab: Any) -> Path:
+    return Path(the_lab.workdir)
+
+
+def test_free_port_helper_gives_distinct_ports() -> None:
+    assert free_port() != 0 and free_port(socket.SOCK_DGRAM) != 0
+
+
+def test_a_dead_primary_is_judged_down_by_two_kinds_of_evidence(
+    lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
+) -> None:
+    the_lab, _ = lab
+    primary = lambda: next(s for s in daemon.status()["sites"] if s["name"] == "primary")  # noqa: E731
+    wait_for(lambda: primary()["verdict"] == "up", what="primary up")
+    assert hotsite("lab", "impair", "--workdir", str(the_lab.workdir), "primary", "--cut").returncode == 0
+    try:
+        site = wait_for(lambda: (p := primary())["verdict"] == "down" and p, what="primary down")
+        assert site["why"][-1] == "2 independent kinds of evidence agree (http, sip)"
+        assert 'hotsite_site_verdict{site="primary",verdict="down"} 1.0' in metrics(daemon.listen)  # type: ignore[attr-defined]
+        backup = next(s for s in daemon.status()["sites"] if s["name"] == "backup")
+        assert backup["verdict"] == "up"
+    finally:
+        assert hotsite("lab", "heal", "--workdir", str(the_lab.workdir), "primary").returncode == 0
+    wait_for(lambda: primary()["verdict"] == "up", what="primary up again")
+    events = json.loads(hotsite("events", "--json", "--kind", "site", config=daemon.config).stdout)
+    verdicts = [e["data"]["verdict"] for e in events]
+    assert verdicts[0] == "up" and "down" in verdicts[:5]  # newest first; degraded may sit between
+
+
+def test_the_appliance_link_is_watched_by_netlink(daemon: RunningDaemon) -> None:
+    probes = json.loads(hotsite("probes", "--json", config=daemon.config).stdout)
+    link = next(p for p in probes if p["target"] == "link:hs-appl")
+    assert link["state"] == "up" and link["kind"] == "link"
