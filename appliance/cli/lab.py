@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,13 +98,32 @@ def _up(workdir: Path, mode: str, metrics_listen: str) -> dict[str, Any]:
 @workdir_option
 def down(workdir: Path) -> None:
     """Remove every namespace, process and file the lab made."""
-    try:
-        removed = _lab(workdir).down()
-    except _lab_errors() as exc:
-        _die(str(exc))
-    for line in removed:
+    for line in _down(workdir):
         click.echo(line)
     click.echo("lab down")
+
+
+# What `lab up` and the demo add to the lab's workdir beside the lab's own files.
+DAEMON_FILES = ("hotsite.toml", "hotsite-daemon.log", "state", "run")
+
+
+def _down(workdir: Path) -> list[str]:
+    try:
+        removed = list(_lab(workdir).down())
+    except _lab_errors() as exc:
+        _die(str(exc))
+    for name in DAEMON_FILES:
+        path = workdir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(f"removed {path}")
+    with contextlib.suppress(OSError):
+        workdir.rmdir()  # only if empty: never remove what we did not make
+    return removed
 
 
 @lab.command("status")
@@ -177,11 +197,21 @@ def demo(workdir: Path, mode: str, metrics_listen: str) -> None:
         f"hotsite --runtime-dir {runtime_dir} status\nCtrl-C tears everything down."
     )
     try:
-        with Live(refresh_per_second=2, screen=False) as live:
+        if sys.stdout.isatty():
+            with Live(refresh_per_second=2, screen=False) as live:
+                while not stop["now"]:
+                    _check_alive(daemon, log_path)
+                    live.update(_demo_view(runtime_dir, hint))
+                    time.sleep(0.5)
+        else:  # a log or a pipe: one plain line whenever something changed
+            click.echo(hint)
+            last = ""
             while not stop["now"]:
-                if daemon.poll() is not None:
-                    raise HotsiteError(f"the daemon exited with status {daemon.returncode}; see {log_path}")
-                live.update(_demo_view(runtime_dir, hint))
+                _check_alive(daemon, log_path)
+                line = _plain_line(runtime_dir)
+                if line != last:
+                    click.echo(f"{time.strftime('%H:%M:%S')} {line}")
+                    last = line
                 time.sleep(0.5)
     except KeyboardInterrupt:
         pass
@@ -190,9 +220,24 @@ def demo(workdir: Path, mode: str, metrics_listen: str) -> None:
     finally:
         click.echo("stopping the daemon and tearing the lab down...")
         _stop_daemon(daemon)
-        for line in _lab(workdir).down():
+        for line in _down(workdir):
             click.echo(line)
         click.echo("lab down")
+
+
+def _check_alive(daemon: subprocess.Popen[bytes], log_path: Path) -> None:
+    if daemon.poll() is not None:
+        raise HotsiteError(f"the daemon exited with status {daemon.returncode}; see {log_path}")
+
+
+def _plain_line(runtime_dir: Path) -> str:
+    try:
+        status = api.call(runtime_dir, "status", {"events": 0}, timeout=2.0)
+    except HotsiteError as exc:
+        return f"waiting for the daemon: {exc.message}"
+    sites = " ".join(f"{s['name']}={s['verdict']}" for s in status["sites"])
+    trunks = " ".join(f"{t['name']}={t['state']}" for t in status["trunks"])
+    return f"sites: {sites}  trunks: {trunks}"
 
 
 def _demo_view(runtime_dir: Path, hint: str) -> Any:

@@ -9,7 +9,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-STATE_STYLE = {"up": "bold green", "down": "bold red", "unknown": "yellow"}
+STATE_STYLE = {"up": "bold green", "down": "bold red", "degraded": "bold yellow", "unknown": "yellow"}
 
 
 def _console() -> Console:
@@ -50,18 +50,17 @@ def status_view(status: dict[str, Any]) -> Group:
         f"{failover['state']} (policy {failover['policy']})",
     )
     sites = Table(title="Sites", title_justify="left", expand=False)
-    for column in ("site", "role", "SBC", "state", "since", "RTT ms", "code", "reason"):
-        sites.add_column(column)
+    for column in ("site", "role", "verdict", "since", "SBC", "SBC RTT ms", "why"):
+        sites.add_column(column, overflow="fold")
     for site in status["sites"]:
         sites.add_row(
             site["name"],
             site["role"],
-            site["sbc"],
-            _state(site["state"]),
-            _since(site["since_s"]),
+            _state(site["verdict"]),
+            _since(site["verdict_since_s"]),
+            f"{site['sbc']} {site['state']}",
             _ms(site["rtt_ms"]),
-            str(site["last_code"] or "-"),
-            site["reason"],
+            "; ".join(site["why"]),
         )
     trunks = Table(title="Trunks", title_justify="left", expand=False)
     for column in ("trunk", "address", "state", "since", "RTT ms", "code", "reason"):
