@@ -209,10 +209,13 @@ class ProbesSection(Section):
         return self
 
 
+InterfaceName = Annotated[str, _match(re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$"), "an interface name")]
+
+
 class HostSection(Section):
     """The appliance itself: its interfaces (watched by netlink events) and resources."""
 
-    interfaces: list[Annotated[str, _match(re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$"), "an interface name")]] = []
+    interfaces: list[InterfaceName] = []
     interval_s: ProbeSeconds = 5.0
     disk_min_free_pct: float = Field(default=10.0, ge=0, le=100)
     memory_min_available_pct: float = Field(default=5.0, ge=0, le=100)

@@ -159,12 +159,19 @@ class Lab:
             ns.delete_root_link(topo.APPLIANCE_IFACE)  # leftover of a crashed lab
         ns.build(topo.HOSTS, topo.NETNS_APPLIANCE_ADDR)
         netem, reason = ns.netem_supported()
+        nft, nft_reason = (False, "") if netem else ns.nft_supported()
         if not netem:
+            loss = "loss uses nftables instead" if nft else f"loss skipped too ({nft_reason})"
             skipped.append(
-                f"{reason}: loss/delay impairments skipped; impair(cut=True) sets "
+                f"{reason}: delay impairments skipped, {loss}; impair(cut=True) sets "
                 "the host's bridge port down instead"
             )
-        return {"namespaces": True, "netem": netem, "cut": "netem" if netem else "link-down"}
+        return {
+            "namespaces": True,
+            "netem": netem,
+            "nft_loss": nft,
+            "cut": "netem" if netem else "link-down",
+        }
 
     def _check_ports_free(self) -> None:
         for h in topo.HOSTS:
@@ -421,6 +428,12 @@ class Lab:
                 if x
             )
             if not caps.get("netem"):
+                if caps.get("nft_loss") and loss_pct and not delay_ms:
+                    ns.nft_loss(h.namespace, loss_pct)
+                    desc = f"{host}: loss {loss_pct:g}% on egress (nftables)"
+                    entry["impairment"] = desc
+                    self._save(info)
+                    return desc
                 reason = next((s for s in info["skipped"] if "netem" in s), "no tc netem")
                 return f"skipped: {wanted} on {host} ({reason})"
             self._netlink(
@@ -436,6 +449,8 @@ class Lab:
         entry, h = self._host(info, host)
         if info["mode"] == "netns":
             self._netlink(lambda: ns.heal(h, netem=info.get("capabilities", {}).get("netem", False)))
+            if info.get("capabilities", {}).get("nft_loss"):
+                ns.nft_clear(h.namespace)
         else:
             for p in entry["processes"]:
                 processes.signal_group(int(p["pid"]), signal.SIGCONT)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
+import subprocess
 from collections.abc import Iterable
 
 from pyroute2 import IPRoute, NetNS, netns
@@ -234,3 +236,39 @@ def qdisc_kinds(namespace: str, ifname: str) -> list[str]:
 
 def running_as_root() -> bool:
     return os.geteuid() == 0
+
+
+# -- packet loss without netem: nftables ---------------------------------------------
+# Minimal kernels (this CI's among them) lack sch_netem but have nf_tables.
+# Random loss is then a `numgen random` drop rule on the host's output path,
+# like netem's egress loss. Delay has no nftables equivalent and stays skipped.
+
+NFT_TABLE = "hotsite_lab"
+
+
+def nft_supported() -> tuple[bool, str]:
+    if shutil.which("nft") is None:
+        return False, "the nft command (nftables) is missing"
+    return True, ""
+
+
+def nft_loss(namespace: str, loss_pct: float) -> None:
+    """Drop ``loss_pct`` percent of the host's outgoing packets (replaces an earlier rule)."""
+    nft_clear(namespace)
+    per_mille = int(round(loss_pct * 10))
+    script = (
+        f"add table inet {NFT_TABLE}\n"
+        f"add chain inet {NFT_TABLE} out {{ type filter hook output priority 0; }}\n"
+        f"add rule inet {NFT_TABLE} out numgen random mod 1000 < {per_mille} drop\n"
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", namespace, "nft", "-f", "-"],
+        input=script, text=True, check=True, capture_output=True,
+    )
+
+
+def nft_clear(namespace: str) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", namespace, "nft", "delete", "table", "inet", NFT_TABLE],
+        check=False, capture_output=True,
+    )

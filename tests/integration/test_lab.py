@@ -80,6 +80,13 @@ def options(addr: str, port: int = 5060, timeout: float = 1.0) -> str:
         return reply.split("\r\n", 1)[0]
 
 
+def _options_answered(addr: str, timeout: float) -> bool:
+    try:
+        return options(addr, timeout=timeout).startswith("SIP/2.0 200")
+    except TimeoutError:
+        return False
+
+
 def rpc(url: str, method: str, params: list[Any] | None = None) -> Any:
     body = {"jsonrpc": "2.0", "method": method, "params": params or [], "id": 1}
     r = httpx.post(url, json=body, timeout=3, trust_env=False)
@@ -284,6 +291,22 @@ def test_loss_and_delay_are_applied_or_reported_skipped(lab: Lab) -> None:
             assert any("netem" in s for s in info["skipped"])
     finally:
         lab.heal("witness")
+
+
+def test_random_loss_drops_about_that_share(lab: Lab) -> None:
+    """50% egress loss: of 200 OPTIONS, between 60 and 140 are answered (mean 100, sd 7)."""
+    info = lab.status()
+    assert info is not None
+    if not (info["capabilities"]["netem"] or info["capabilities"].get("nft_loss")):
+        pytest.skip("neither netem nor nftables can drop packets here")
+    desc = lab.impair("trunk-b", loss_pct=50)
+    try:
+        assert "loss 50%" in desc
+        answered = sum(_options_answered("10.77.0.12", timeout=0.2) for _ in range(200))
+    finally:
+        lab.heal("trunk-b")
+    assert 60 <= answered <= 140, answered
+    assert _options_answered("10.77.0.12", timeout=1.0)
 
 
 def test_bad_requests_raise_laberror(lab: Lab) -> None:
