@@ -20,6 +20,7 @@ from appliance.clock import Clock, SystemClock
 from appliance.config import Config
 from appliance.daemon import Daemon
 from appliance.errors import ConfigError
+from appliance.kamailio import KamailioRpc
 from appliance.logs import kv
 from appliance.store import Store
 from appliance.systemd import Notifier
@@ -27,6 +28,7 @@ from monitoring import metrics as metrics_mod
 from monitoring.monitor import Monitor
 from monitoring.probes.host import HostCollector
 from monitoring.targets import from_config
+from monitoring.usage import UsageMonitor
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class Appliance(Daemon):
         self.api: ApiServer | None = None
         self._metrics_server: Any = None
         self.monitor: Monitor | None = None
+        self.kamailio: KamailioRpc | None = None
+        self.usage: UsageMonitor | None = None
         self._started_at = 0.0
         self._started = False
 
@@ -84,11 +88,25 @@ class Appliance(Daemon):
         )
         self.monitor = Monitor(cfg, self.metrics, self.clock, self._record)
         self.supervisor.start("probes", self.monitor.run)
+        self._start_usage(cfg)
         self._started = True
         log.info(
             "hotsite started",
             extra=kv(version=__version__, config=self.config_path, targets=len(targets)),
         )
+
+    def _start_usage(self, cfg: Config) -> None:
+        """Calls in progress, when the carrier edge's Kamailio RPC is configured."""
+        if cfg.kamailio.rpc_url:
+            self.kamailio = KamailioRpc(cfg.kamailio.rpc_url, timeout_s=cfg.kamailio.rpc_timeout_s)
+            self.usage = UsageMonitor(cfg, self.kamailio, self.metrics)
+            self.supervisor.start("usage", self.usage.run)
+
+    async def _stop_usage(self) -> None:
+        await self.supervisor.stop("usage")
+        if self.kamailio is not None:
+            await self.kamailio.close()
+        self.kamailio, self.usage = None, None
 
     async def reload(self) -> None:
         try:
@@ -107,6 +125,8 @@ class Appliance(Daemon):
         await self.supervisor.stop("probes")
         self.monitor.configure(new)
         self.supervisor.start("probes", self.monitor.run)
+        await self._stop_usage()
+        self._start_usage(new)
         self.metrics.config_reloads.labels(result="applied").inc()
         self._record("config.reload", message="configuration reloaded", data={"restart_needed_for": ignored})
         log.info("configuration reloaded", extra=kv(targets=len(self.monitor.targets)))
@@ -114,6 +134,7 @@ class Appliance(Daemon):
     async def stop(self) -> None:
         if self.monitor is not None:
             await self.monitor.close()
+        await self._stop_usage()
         if self.api is not None:
             await self.api.close()
         if self._metrics_server is not None:
@@ -158,9 +179,18 @@ class Appliance(Daemon):
         return [self.monitor.target_view(name) for name in self.monitor.targets]
 
     async def _api_trunks(self, caller: Caller, params: dict[str, Any]) -> Any:
+        return self._trunk_views()
+
+    def _trunk_views(self) -> list[dict[str, Any]]:
         assert self.monitor is not None
+        calls = self.usage.trunks if self.usage else {}
         return [
-            {"name": name, "carrier": trunk.carrier, **self.monitor.target_view(f"trunk:{name}")}
+            {
+                "name": name,
+                "carrier": trunk.carrier,
+                **self.monitor.target_view(f"trunk:{name}"),
+                "calls_in_progress": calls.get(name),
+            }
             for name, trunk in self.config.trunks.items()
         ]
 
@@ -196,13 +226,14 @@ class Appliance(Daemon):
         for name, site in cfg.sites.items():
             view = monitor.site_view(name)
             sbc = monitor.target_view(f"site:{name}:sbc")
+            calls = self.usage.sites.get(name) if self.usage else None
             sites.append(
-                {"name": name, "role": site.role, "sbc": site.sbc, "seats": site.seats, **sbc, **view}
+                {"name": name, "role": site.role, "sbc": site.sbc, "seats": site.seats}
+                | sbc
+                | view
+                | {"calls_in_progress": calls}
             )
-        trunks = [
-            {"name": name, "carrier": trunk.carrier, **monitor.target_view(f"trunk:{name}")}
-            for name, trunk in cfg.trunks.items()
-        ]
+        trunks = self._trunk_views()
         return {
             "appliance": {
                 "name": cfg.appliance.name,

@@ -234,7 +234,9 @@ class FailoverSection(Section):
 class KamailioSection(Section):
     rpc_url: HttpUrl | None = None
     rpc_socket: Path | None = None
+    rpc_timeout_s: ProbeSeconds = 2.0
     dispatcher_list: Path | None = None
+    usage_interval_s: ProbeSeconds = 5.0  # how often calls in progress are read
 
 
 class ContactSection(Section):

@@ -88,6 +88,21 @@ class Metrics:
             ["target"],
             registry=registry,
         )
+        self.kamailio_rpc_up = Gauge(
+            "hotsite_kamailio_rpc_up", "1 when Kamailio's JSON-RPC answered the last poll.", registry=registry
+        )
+        self.site_calls = Gauge(
+            "hotsite_site_calls_in_progress",
+            "Calls in progress routed to each site (Kamailio dialog profile calls_by_set).",
+            ["site"],
+            registry=registry,
+        )
+        self.trunk_calls = Gauge(
+            "hotsite_trunk_calls_in_progress",
+            "Calls in progress from each carrier trunk (Kamailio dialog profile calls_by_trunk).",
+            ["trunk"],
+            registry=registry,
+        )
         self.api_bad_requests = Counter(
             "hotsite_api_bad_requests_total",
             "Control API requests rejected before reaching a handler.",

@@ -95,6 +95,7 @@ def render(info: dict[str, Any], *, metrics_listen: str = "127.0.0.1:9477") -> s
         "[kamailio]",
         f'rpc_url = "{kamailio["rpc_url"]}"',
         f'dispatcher_list = "{kamailio["dispatcher_list"]}"',
+        "usage_interval_s = 1.0",
         "",
         "[[contacts]]",
         'name = "Lab On-Call"',

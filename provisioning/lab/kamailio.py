@@ -24,7 +24,7 @@ MODULE_GLOBS = (
     "/usr/lib64/kamailio/modules",
     "/usr/local/lib*/kamailio/modules",
 )
-REQUIRED_MODULES = ("dispatcher", "jsonrpcs", "xhttp", "htable", "tm", "sl", "rr")
+REQUIRED_MODULES = ("dispatcher", "jsonrpcs", "xhttp", "htable", "tm", "sl", "rr", "dialog")
 
 
 def find_binary() -> str | None:
@@ -95,6 +95,7 @@ loadmodule "htable.so"
 loadmodule "dispatcher.so"
 loadmodule "xhttp.so"
 loadmodule "jsonrpcs.so"
+loadmodule "dialog.so"
 
 # A dead SBC must be noticed in a second, not in tm's default 30 s
 # (Kamailio 5.6 has no ds_ping_fr_timer: keepalives use fr_timer too).
@@ -110,6 +111,12 @@ modparam("htable", "htable", "hotlines=>size=8;autoexpire=0;")
 # calls=><Call-ID>: the site that answered, for in-dialog requests that come
 # back without Route headers (SIPp's built-in uac sends its BYE that way).
 modparam("htable", "htable", "calls=>size=10;autoexpire=7200;")
+
+# Calls in progress ("line resources"), counted per dispatcher set and per
+# carrier trunk (the source address), read by hotsite with dlg.profile_get_size.
+modparam("dialog", "profiles_with_value", "calls_by_set;calls_by_trunk")
+modparam("dialog", "dlg_match_mode", 1)
+modparam("dialog", "default_timeout", 7200)
 
 modparam("dispatcher", "list_file", "{dispatcher_list}")
 modparam("dispatcher", "flags", 2)
@@ -155,6 +162,7 @@ request_route {{
     }}
 
     if (has_totag()) {{
+        dlg_manage();  # in-dialog: lets the dialog module see the BYE that ends a call
         if (loose_route()) {{
             t_relay();
             exit;
@@ -192,6 +200,8 @@ request_route {{
     # active site): route to a site.
     if (is_method("INVITE|OPTIONS")) {{
         if (is_method("INVITE")) {{
+            dlg_manage();
+            set_dlg_profile("calls_by_trunk", "$si");
             record_route();
         }}
         route(SITE);
@@ -214,6 +224,9 @@ route[SITE] {{
         xlog("L_WARN", "no destination up in dispatcher set $var(set) for $rU\\n");
         sl_send_reply("503", "No Site Available");
         exit;
+    }}
+    if (is_method("INVITE")) {{
+        set_dlg_profile("calls_by_set", "$var(set)");
     }}
     t_on_failure("SITE_FAILOVER");
     t_on_reply("SITE_REPLY");

@@ -157,3 +157,28 @@ def test_the_appliance_link_is_watched_by_netlink(daemon: RunningDaemon) -> None
     probes = json.loads(hotsite("probes", "--json", config=daemon.config).stdout)
     link = next(p for p in probes if p["target"] == "link:hs-appl")
     assert link["state"] == "up" and link["kind"] == "link"
+
+
+def test_calls_in_progress_are_read_from_kamailio(daemon: RunningDaemon) -> None:
+    """Three 3-second calls from trunk-a through Kamailio: counted per trunk and per site, then gone."""
+    import subprocess
+
+    call = subprocess.Popen(
+        ["ip", "netns", "exec", "hs-lab-trunk-a", "sipp", "-sn", "uac", "10.77.0.10:5060", "-s", "1000",
+         "-m", "3", "-l", "3", "-r", "3", "-d", "3000", "-i", "10.77.0.11", "-p", "5071", "-nostdin"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        def counted() -> Any:
+            trunks = {t["name"]: t["calls_in_progress"] for t in json.loads(hotsite("trunks", "--json", config=daemon.config).stdout)}
+            sites = {s["name"]: s["calls_in_progress"] for s in daemon.status()["sites"]}
+            return trunks["trunk-a"] == 3 and (trunks, sites)
+
+        trunks, sites = wait_for(counted, timeout=10, what="3 calls counted")
+        assert trunks["trunk-b"] == 0 and sites == {"primary": 3, "backup": 0}
+        assert 'hotsite_trunk_calls_in_progress{trunk="trunk-a"} 3.0' in metrics(daemon.listen)  # type: ignore[attr-defined]
+        assert "hotsite_kamailio_rpc_up 1.0" in metrics(daemon.listen)  # type: ignore[attr-defined]
+        assert call.wait(timeout=20) == 0
+    finally:
+        call.kill()
+    wait_for(lambda: daemon.status()["sites"][0]["calls_in_progress"] == 0, timeout=10, what="calls ended")
