@@ -225,10 +225,69 @@ class HostSection(Section):
 class FailoverSection(Section):
     policy: Literal["auto", "confirm", "manual"] = "confirm"
     witness: HttpUrl | None = None
-    hold_down_s: Seconds = 30.0
-    min_dwell_s: Seconds = 300.0
+    witness_timeout_s: ProbeSeconds = 2.0
+    hold_down_s: Seconds = 30.0  # the primary must stay judged down this long before acting
+    min_dwell_s: Seconds = 300.0  # minimum time in a routing before moving again automatically
     max_auto_per_hour: int = Field(default=1, ge=0, le=60)
+    confirm_timeout_s: float = Field(default=0.0, ge=0, le=86400)  # confirm: proceed after this; 0 = never
     failback: Literal["manual", "auto"] = "manual"
+    failback_stable_s: Seconds = 600.0  # auto failback: the primary up this long first
+    step_timeout_s: ProbeSeconds = 10.0  # each runbook step
+    reconcile_interval_s: ProbeSeconds = 10.0
+    test_number: str | None = None  # dialled by `hotsite drill` through the backup path
+
+
+class HotlineSection(Section):
+    """One called number (a product line or customer tier) and where it goes in a failover."""
+
+    number: Annotated[str, _match(re.compile(r"^\+?[0-9*#]{2,32}$"), "a dialled number such as 95588")]
+    priority: int = Field(default=100, ge=1, le=10_000)  # 1 is served first
+    agents: int = Field(default=0, ge=0)  # seats it needs where agents answer it
+    failover: list[Name] = Field(min_length=1)  # destinations in order of preference
+
+
+class DestinationSection(Section):
+    """Somewhere a hotline can be sent besides a site's agents: IVR, announcement, remote agents."""
+
+    kind: Literal["ivr", "announcement", "remote_agents"]
+    kamailio_set: int = Field(ge=1, le=65535)
+    capacity: int = Field(default=0, ge=0)  # agent seats; 0 = unlimited (self-service)
+
+
+class KamailioActuator(Section):
+    type: Literal["kamailio"]
+
+
+class NetlinkActuator(Section):
+    """A service address that lives on the serving site's side (moved at failover, with gratuitous ARP)."""
+
+    type: Literal["netlink"]
+    address: str
+    interface: InterfaceName
+    serve_on: Literal["failover", "normal"] = "failover"  # which routing puts the address here
+    garp_count: int = Field(default=5, ge=0, le=100)
+    garp_interval_s: ProbeSeconds = 1.0
+
+
+class HookActuator(Section):
+    """An external command or webhook (a carrier's redirect API, another PBX); 0 exit or 2xx is success."""
+
+    type: Literal["hook"]
+    command: list[str] = []
+    url: HttpUrl | None = None
+    secret_file: Path | None = None
+    timeout_s: ProbeSeconds = 10.0
+
+    @model_validator(mode="after")
+    def _one_way(self) -> HookActuator:
+        if bool(self.command) == bool(self.url):
+            raise ValueError("give exactly one of command (argv list) or url")
+        return self
+
+
+ActuatorConfig = Annotated[
+    Union[KamailioActuator, NetlinkActuator, HookActuator], Field(discriminator="type")
+]
 
 
 class KamailioSection(Section):
@@ -297,6 +356,9 @@ class Config(Section):
     probes: ProbesSection = ProbesSection()
     host: HostSection = HostSection()
     failover: FailoverSection = FailoverSection()
+    hotlines: dict[Name, HotlineSection] = {}
+    destinations: dict[Name, DestinationSection] = {}
+    actuators: dict[Name, ActuatorConfig] = {}
     kamailio: KamailioSection = KamailioSection()
     contacts: list[ContactSection] = []
     channels: dict[Name, Channel] = {}
@@ -394,10 +456,16 @@ def parse(text: str, source: str = "<config>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}", [f"TOML syntax: {exc}"]) from None
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         problems = [_describe(err) for err in exc.errors(include_url=False)]
         raise ConfigError(f"{source}: {len(problems)} problem(s) in the configuration", problems) from None
+    from failover import plans  # the plan's rules live with the plans
+
+    problems = plans.problems(config)
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} problem(s) in the configuration", problems)
+    return config
 
 
 def check_environment(config: Config) -> list[str]:

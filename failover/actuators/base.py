@@ -1,0 +1,79 @@
+"""The contract every actuator keeps.
+
+An actuator moves one part of the real world (Kamailio, an IP address, a
+carrier's API) to a :class:`~failover.routing.Routing`, and reads it back.
+
+Contract, for every implementation:
+
+* ``apply(routing, token)`` is **idempotent** (applying the same routing twice
+  is harmless: a restarted daemon re-runs an interrupted runbook from the
+  top) and returns within ``timeout_s``, else raises :class:`ActuatorError`.
+  ``token`` is the fencing token of the decision (an increasing integer); an
+  actuator that can remember tokens refuses one older than the newest it
+  obeyed, raising :class:`StaleToken`, so a paused former leader can never
+  move routing again.
+* ``verify(routing)`` reads the real state back and returns the differences
+  as human lines (empty: it matches). It never changes anything and returns
+  within ``timeout_s``, else raises :class:`ActuatorError`.
+* ``rollback(previous, token)`` is ``apply(previous, token)`` unless the
+  actuator needs something more careful; it is called, in reverse order,
+  for the steps that had been applied when a later step failed.
+* Nothing but :class:`ActuatorError` (and its subclasses) escapes.
+
+:class:`NullActuator` keeps the contract and touches nothing: the runbook,
+the engine and their tests run without any real edge.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from appliance.errors import HotsiteError
+from failover.routing import Routing
+
+
+class ActuatorError(HotsiteError):
+    """An actuator could not apply, verify or roll back (one line saying why)."""
+
+
+class StaleToken(ActuatorError):
+    """The decision's fencing token is older than one this actuator already obeyed."""
+
+
+class Actuator(abc.ABC):
+    name: str = "actuator"
+    timeout_s: float = 5.0
+
+    @abc.abstractmethod
+    async def apply(self, routing: Routing, token: int) -> None: ...
+
+    @abc.abstractmethod
+    async def verify(self, routing: Routing) -> list[str]: ...
+
+    async def rollback(self, previous: Routing, token: int) -> None:
+        await self.apply(previous, token)
+
+    async def close(self) -> None:
+        """Release connections; called once at shutdown."""
+
+
+class NullActuator(Actuator):
+    """Touches nothing, remembers what it was told: for dry runs and tests."""
+
+    name = "null"
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[Routing, int]] = []
+        self.highest_token = 0
+
+    async def apply(self, routing: Routing, token: int) -> None:
+        if token < self.highest_token:
+            raise StaleToken(f"token {token} is older than {self.highest_token}")
+        self.highest_token = token
+        self.applied.append((routing, token))
+
+    async def verify(self, routing: Routing) -> list[str]:
+        if not self.applied:
+            return ["nothing applied yet"]
+        current = self.applied[-1][0]
+        return [] if current == routing else [f"holds {current.name!r}, wanted {routing.name!r}"]

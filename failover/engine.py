@@ -1,0 +1,504 @@
+"""The failover engine: a pure state machine over (state, event, now).
+
+``step(state, event, policy, now) -> Outcome`` returns the new state, the
+actions the edges must carry out (run a runbook, page, resolve a page) and a
+readable decision, which the daemon logs at INFO and the tests assert on.
+Nothing here does I/O or reads a clock: ``now`` is unix time, passed in.
+
+The states, and what moves them::
+
+    primary_active ──primary down──▶ primary_degraded ──hold-down over──▶ failing_over
+          ▲   ▲                          │    (auto: witness agrees)          │ runbook ok
+          │   └──────primary back────────┘                                   ▼
+          │                              └──▶ failover_pending ──approve──▶ backup_active
+          │                                  (confirm, manual, no witness,    │
+          │                                   rate limit)                     │ primary back
+          │                                                                   ▼
+          └──────────runbook ok──────── failing_back ◀──failback / stable── failback_pending
+
+    maintenance: no automatic action until switched off.  drill: a readiness
+    test that moves nothing.  held: a runbook failed *and* its rollback failed;
+    routing is unknown and only an operator may move it again.
+
+Safety rules, each tested as a property:
+
+* Routing is always exactly one of "normal" and "failover": never both sites.
+* Nothing moves on a blip: the primary must be judged down for
+  ``hold_down_s`` first, and an automatic move needs the witness to agree
+  (no witness: ``auto`` behaves as ``confirm``).
+* At most ``max_auto_per_hour`` automatic failovers; none within
+  ``min_dwell_s`` of the last routing change.
+* Every decision that moves routing increments ``epoch``, the fencing token
+  the actuators check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EngineStateName = Literal[
+    "primary_active",
+    "primary_degraded",
+    "failover_pending",
+    "failing_over",
+    "backup_active",
+    "failback_pending",
+    "failing_back",
+    "maintenance",
+    "drill",
+    "held",
+]
+RUNNING = ("failing_over", "failing_back")
+HOUR = 3600.0
+
+
+# -- policy --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    mode: Literal["auto", "confirm", "manual"] = "confirm"
+    has_witness: bool = False
+    hold_down_s: float = 30.0
+    min_dwell_s: float = 300.0
+    max_auto_per_hour: int = 1
+    confirm_timeout_s: float = 0.0  # confirm: proceed after this long without an answer; 0 = never
+    failback: Literal["manual", "auto"] = "manual"
+    failback_stable_s: float = 600.0
+
+    @property
+    def effective_mode(self) -> str:
+        return "confirm" if self.mode == "auto" and not self.has_witness else self.mode
+
+
+# -- state ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EngineState:
+    state: EngineStateName = "primary_active"
+    since: float = 0.0
+    routing: Literal["normal", "failover", "unknown"] = "normal"  # what is applied (or being applied)
+    epoch: int = 0  # fencing token of the newest routing decision
+    primary: str = "unknown"  # the primary site's latest verdict
+    primary_since: float = 0.0
+    witness: bool | None = None  # does the witness see the primary?
+    witness_detail: str = "no vote yet"
+    routing_changed_at: float = 0.0
+    auto_moves: tuple[float, ...] = ()  # times of automatic failovers, for the hourly limit
+    waiting_for: str = ""  # what a pending state waits for, in words
+    before_maintenance: EngineStateName | None = None
+    last_decision: str = "started"
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["auto_moves"] = list(self.auto_moves)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EngineState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["auto_moves"] = tuple(values.get("auto_moves", ()))
+        return cls(**values)
+
+
+# -- events --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PrimaryVerdict:
+    verdict: str  # up | degraded | down | unknown
+    why: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessVote:
+    primary_alive: bool | None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    command: Literal["failover", "failback", "approve", "cancel", "maintenance_on", "maintenance_off", "drill"]
+    actor: str
+    reason: str = ""
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: timers (hold-down, confirm timeout, stable period) are evaluated."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunbookDone:
+    kind: Literal["failover", "failback"]
+    epoch: int
+    ok: bool
+    routing: Literal["normal", "failover", "unknown"]  # what the runbook left in place
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DrillDone:
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """The daemon restarted with this persisted state."""
+
+
+Event = PrimaryVerdict | WitnessVote | Command | Tick | RunbookDone | DrillDone | Resumed
+
+
+# -- actions -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunRunbook:
+    kind: Literal["failover", "failback"]
+    epoch: int
+    reason: str
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunDrill:
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    key: str  # incidents are deduplicated by key
+    severity: Literal["info", "warning", "error", "critical"]
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    key: str
+    summary: str
+
+
+Action = RunRunbook | RunDrill | Page | Resolve
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: EngineState
+    actions: tuple[Action, ...] = ()
+    decision: str = ""
+    refused: bool = False  # an operator command that was not carried out (the CLI exits 1)
+    changed: bool = field(default=False)
+
+
+# -- the step ----------------------------------------------------------------------------
+
+PRIMARY_DOWN = "primary-down"
+FAILOVER = "failover"
+
+
+def step(state: EngineState, event: Event, policy: Policy, now: float) -> Outcome:
+    """Apply one event. Pure: same inputs, same outcome."""
+    state = _observe(state, event, now)
+    if isinstance(event, Command):
+        outcome = _command(state, event, policy, now)
+    elif isinstance(event, RunbookDone):
+        outcome = _runbook_done(state, event, now)
+    elif isinstance(event, DrillDone):
+        outcome = _drill_done(state, event, now)
+    elif isinstance(event, Resumed):
+        outcome = _resumed(state, now)
+    else:
+        outcome = _evaluate(state, policy, now)
+    changed = outcome.state.state != state.state or outcome.state.routing != state.routing
+    final = dataclasses.replace(outcome.state, last_decision=outcome.decision or state.last_decision)
+    return dataclasses.replace(outcome, state=final, changed=changed)
+
+
+def _observe(state: EngineState, event: Event, now: float) -> EngineState:
+    """Remember what the world says, whatever the state."""
+    if isinstance(event, PrimaryVerdict) and event.verdict != state.primary:
+        return dataclasses.replace(state, primary=event.verdict, primary_since=now)
+    if isinstance(event, WitnessVote):
+        return dataclasses.replace(state, witness=event.primary_alive, witness_detail=event.detail)
+    return state
+
+
+def _to(state: EngineState, name: EngineStateName, now: float, **changes: Any) -> EngineState:
+    return dataclasses.replace(state, state=name, since=now, **changes)
+
+
+def _stay(state: EngineState, decision: str = "") -> Outcome:
+    return Outcome(state, (), decision)
+
+
+def _for(state: EngineState, now: float) -> str:
+    return f"{now - state.since:.0f}s"
+
+
+# -- automatic evaluation ------------------------------------------------------------
+
+
+def _evaluate(state: EngineState, policy: Policy, now: float) -> Outcome:
+    handler: Callable[[EngineState, Policy, float], Outcome] = _EVALUATE.get(state.state, _idle)
+    return handler(state, policy, now)
+
+
+def _idle(state: EngineState, policy: Policy, now: float) -> Outcome:
+    return _stay(state)
+
+
+def _primary_active(state: EngineState, policy: Policy, now: float) -> Outcome:
+    if state.primary != "down":
+        return _stay(state)
+    decision = f"primary judged down; holding down {policy.hold_down_s:g}s before deciding"
+    page = Page(PRIMARY_DOWN, "warning", "Primary site judged down; failover decision in progress")
+    return Outcome(_to(state, "primary_degraded", now, waiting_for="hold-down"), (page,), decision)
+
+
+def _primary_degraded(state: EngineState, policy: Policy, now: float) -> Outcome:
+    if state.primary != "down":
+        decision = f"primary is {state.primary} again after {_for(state, now)}: a blip, no action"
+        resolve = Resolve(PRIMARY_DOWN, "Primary site recovered before any failover")
+        return Outcome(_to(state, "primary_active", now, waiting_for=""), (resolve,), decision)
+    if now - state.since < policy.hold_down_s:
+        return _stay(state)
+    return _decide_failover(state, policy, now)
+
+
+def _decide_failover(state: EngineState, policy: Policy, now: float) -> Outcome:
+    mode = policy.effective_mode
+    if state.witness is True and mode != "manual":
+        decision = "primary unreachable from here but the witness sees it: a partition, not failing over"
+        return _stay(dataclasses.replace(state, waiting_for="witness to lose the primary"), decision)
+    if mode == "auto":
+        blocked = _auto_blocked(state, policy, now)
+        if blocked is None and state.witness is False:
+            reason = f"primary down for {_for(state, now)} and the witness agrees"
+            return _start(state, "failover", now, reason, "daemon", automatic=True)
+        why = blocked or "the witness cannot say (" + state.witness_detail + ")"
+        return _pending(state, now, f"automatic failover withheld: {why}; waiting for an operator")
+    if mode == "confirm":
+        return _pending(state, now, "policy confirm: waiting for 'hotsite approve'")
+    return _pending(state, now, "policy manual: waiting for 'hotsite failover --to backup'")
+
+
+def _auto_blocked(state: EngineState, policy: Policy, now: float) -> str | None:
+    recent = [t for t in state.auto_moves if now - t < HOUR]
+    if len(recent) >= policy.max_auto_per_hour:
+        return f"{len(recent)} automatic failover(s) in the last hour (limit {policy.max_auto_per_hour})"
+    if state.routing_changed_at and now - state.routing_changed_at < policy.min_dwell_s:
+        return f"routing changed {now - state.routing_changed_at:.0f}s ago (minimum dwell {policy.min_dwell_s:g}s)"
+    return None
+
+
+def _pending(state: EngineState, now: float, waiting: str) -> Outcome:
+    page = Page(PRIMARY_DOWN, "critical", f"Primary site down; {waiting}")
+    return Outcome(_to(state, "failover_pending", now, waiting_for=waiting), (page,), waiting)
+
+
+def _failover_pending(state: EngineState, policy: Policy, now: float) -> Outcome:
+    if state.primary != "down":
+        decision = f"primary is {state.primary} again: pending failover cancelled"
+        resolve = Resolve(PRIMARY_DOWN, "Primary site recovered; no failover was needed")
+        return Outcome(_to(state, "primary_active", now, waiting_for=""), (resolve,), decision)
+    timeout = policy.confirm_timeout_s
+    if policy.effective_mode == "confirm" and timeout and now - state.since >= timeout and state.witness is not True:
+        reason = f"no answer within confirm_timeout_s={timeout:g}s"
+        return _start(state, "failover", now, reason, "daemon", automatic=True)
+    if policy.mode == "auto" and policy.has_witness and state.witness is False:
+        if _auto_blocked(state, policy, now) is None:
+            return _start(state, "failover", now, "the witness now agrees the primary is down", "daemon", True)
+    return _stay(state)
+
+
+def _backup_active(state: EngineState, policy: Policy, now: float) -> Outcome:
+    if state.primary != "up":
+        return _stay(state)
+    waiting = (
+        f"primary up; automatic failback after {policy.failback_stable_s:g}s stable"
+        if policy.failback == "auto"
+        else "primary up; waiting for 'hotsite failback'"
+    )
+    page = Page("failback", "info", f"Primary site is back; {waiting}")
+    return Outcome(_to(state, "failback_pending", now, waiting_for=waiting), (page,), waiting)
+
+
+def _failback_pending(state: EngineState, policy: Policy, now: float) -> Outcome:
+    if state.primary != "up":
+        decision = f"primary is {state.primary} again: failback no longer pending"
+        return Outcome(_to(state, "backup_active", now, waiting_for=""), (Resolve("failback", decision),), decision)
+    stable = now - state.primary_since
+    if policy.failback == "auto" and stable >= policy.failback_stable_s:
+        return _start(state, "failback", now, f"primary up and stable for {stable:.0f}s", "daemon", False)
+    return _stay(state)
+
+
+_EVALUATE: dict[str, Callable[[EngineState, Policy, float], Outcome]] = {
+    "primary_active": _primary_active,
+    "primary_degraded": _primary_degraded,
+    "failover_pending": _failover_pending,
+    "backup_active": _backup_active,
+    "failback_pending": _failback_pending,
+}
+
+
+def _start(
+    state: EngineState, kind: Literal["failover", "failback"], now: float, reason: str, actor: str, automatic: bool
+) -> Outcome:
+    epoch = state.epoch + 1
+    target: Literal["normal", "failover"] = "failover" if kind == "failover" else "normal"
+    moves = (*[t for t in state.auto_moves if now - t < HOUR], now) if automatic else state.auto_moves
+    new = _to(
+        state,
+        "failing_over" if kind == "failover" else "failing_back",
+        now,
+        routing=target,
+        epoch=epoch,
+        auto_moves=moves,
+        routing_changed_at=now,
+        waiting_for=f"{kind} runbook (epoch {epoch})",
+    )
+    page = Page(FAILOVER, "critical", f"{kind.capitalize()} started by {actor}: {reason}")
+    decision = f"starting {kind} (epoch {epoch}) by {actor}: {reason}"
+    return Outcome(new, (RunRunbook(kind, epoch, reason, actor), page), decision)
+
+
+# -- operator commands ---------------------------------------------------------------------
+
+
+def _refuse(state: EngineState, why: str) -> Outcome:
+    return Outcome(state, (), f"refused: {why}", refused=True)
+
+
+def _command(state: EngineState, cmd: Command, policy: Policy, now: float) -> Outcome:
+    if state.state in RUNNING and cmd.command != "maintenance_on":
+        return _refuse(state, f"a {state.state.replace('_', ' ')} runbook is running (epoch {state.epoch})")
+    if state.state == "maintenance" and cmd.command not in ("maintenance_off", "failover", "failback"):
+        return _refuse(state, "in maintenance: switch it off first ('hotsite maintenance off')")
+    handler = _COMMANDS[cmd.command]
+    return handler(state, cmd, policy, now)
+
+
+def _cmd_failover(state: EngineState, cmd: Command, policy: Policy, now: float) -> Outcome:
+    if state.routing == "failover" and state.state != "held":
+        return _refuse(state, "routing is already on the backup")
+    if state.primary == "up" and not cmd.force:
+        return _refuse(state, "the primary is judged up; add --force to move routing anyway")
+    return _start(state, "failover", now, cmd.reason or "operator command", cmd.actor, automatic=False)
+
+
+def _cmd_failback(state: EngineState, cmd: Command, policy: Policy, now: float) -> Outcome:
+    if state.routing == "normal" and state.state != "held":
+        return _refuse(state, "routing is already normal (on the primary)")
+    if state.primary != "up" and not cmd.force:
+        return _refuse(state, f"the primary is judged {state.primary}; add --force to fail back anyway")
+    return _start(state, "failback", now, cmd.reason or "operator command", cmd.actor, automatic=False)
+
+
+def _cmd_approve(state: EngineState, cmd: Command, policy: Policy, now: float) -> Outcome:
+    if state.state == "failover_pending":
+        return _start(state, "failover", now, f"approved: {cmd.reason or 'operator approval'}", cmd.actor, False)
+    if state.state == "failback_pending":
+        return _start(state, "failback", now, f"approved: {cmd.reason or 'operator approval'}", cmd.actor, False)
+    return _refuse(state, f"nothing is waiting for approval (state {state.state})")
+
+
+def _cmd_cancel(state: EngineState, cmd: Command, policy: Policy, now: float) -> Outcome:
+    if state.state == "failover_pending":
+        decision = f"pending failover cancelled by {cmd.actor}: {cmd.reason or 'no reason given'}"
+        return Outcome(_to(state, "primary_degraded", now, waiting_for="operator cancelled"), (), decision)
+    if state.state == "failback_pending":
+        decision = f"pending failback cancelled by {cmd.actor}"
+        return Outcome(_to(state, "backup_active", now, waiting_for=""), (), decision)
+    return _refuse(state, f"nothing pending to cancel (state {state.state})")
+
+
+def _cmd_maintenance_on(state: EngineState, cmd: Command, policy: Policy, now: float) -> Outcome:
+    if state.state == "maintenance":
+        return _refuse(state, "already in maintenance")
+    resume: EngineStateName = "backup_active" if state.routing == "failover" else "primary_active"
+    if state.state in RUNNING:
+        return _refuse(state, "a runbook is running; wait for it to finish")
+    decision = f"maintenance on by {cmd.actor}: {cmd.reason or 'no reason given'}; no automatic action"
+    new = _to(state, "maintenance", now, before_maintenance=resume, waiting_for="maintenance off")
+    return Outcome(new, (Page("maintenance", "info", decision),), decision)
+
+
+def _cmd_maintenance_off(state: EngineState, cmd: Command, policy: Policy, now: float) -> Outcome:
+    if state.state != "maintenance":
+        return _refuse(state, "not in maintenance")
+    back = state.before_maintenance or "primary_active"
+    decision = f"maintenance off by {cmd.actor}; automatic decisions resume from {back}"
+    new = _to(state, back, now, before_maintenance=None, waiting_for="")
+    return Outcome(new, (Resolve("maintenance", decision),), decision)
+
+
+def _cmd_drill(state: EngineState, cmd: Command, policy: Policy, now: float) -> Outcome:
+    if state.state != "primary_active":
+        return _refuse(state, f"a drill needs normal operation (state {state.state})")
+    decision = f"drill started by {cmd.actor}: readiness checks, production routing untouched"
+    return Outcome(_to(state, "drill", now, waiting_for="drill checks"), (RunDrill(cmd.actor),), decision)
+
+
+_COMMANDS: dict[str, Callable[[EngineState, Command, Policy, float], Outcome]] = {
+    "failover": _cmd_failover,
+    "failback": _cmd_failback,
+    "approve": _cmd_approve,
+    "cancel": _cmd_cancel,
+    "maintenance_on": _cmd_maintenance_on,
+    "maintenance_off": _cmd_maintenance_off,
+    "drill": _cmd_drill,
+}
+
+
+# -- results from the edges ----------------------------------------------------------------
+
+
+def _runbook_done(state: EngineState, done: RunbookDone, now: float) -> Outcome:
+    if done.epoch != state.epoch or state.state not in RUNNING:
+        return _stay(state, f"ignored a stale {done.kind} result (epoch {done.epoch}, now {state.epoch})")
+    if done.ok:
+        if done.kind == "failover":
+            new = _to(state, "backup_active", now, routing="failover", waiting_for="")
+            page = Page(FAILOVER, "critical", f"Failover completed: calls now go to the backup site ({done.detail})")
+            return Outcome(new, (page,), f"failover completed (epoch {done.epoch}): {done.detail}")
+        new = _to(state, "primary_active", now, routing="normal", waiting_for="")
+        resolves = (Resolve(FAILOVER, "Failback completed"), Resolve(PRIMARY_DOWN, "Primary serving again"))
+        return Outcome(new, resolves, f"failback completed (epoch {done.epoch}): {done.detail}")
+    if done.routing == "unknown":
+        new = _to(state, "held", now, routing="unknown", waiting_for="an operator: routing state unknown")
+        page = Page(FAILOVER, "critical", f"{done.kind} failed and could not be rolled back: {done.detail}")
+        return Outcome(new, (page,), f"{done.kind} failed, rollback failed too: holding ({done.detail})")
+    back: EngineStateName = "backup_active" if done.routing == "failover" else "primary_degraded"
+    new = _to(state, back, now, routing=done.routing, waiting_for="")
+    page = Page(FAILOVER, "critical", f"{done.kind} failed and was rolled back: {done.detail}")
+    return Outcome(new, (page,), f"{done.kind} failed, rolled back to {done.routing} routing: {done.detail}")
+
+
+def _drill_done(state: EngineState, done: DrillDone, now: float) -> Outcome:
+    if state.state != "drill":
+        return _stay(state, "ignored a drill result outside a drill")
+    verdict = "passed" if done.ok else "FAILED"
+    new = _to(state, "primary_active", now, waiting_for="")
+    actions: tuple[Action, ...] = () if done.ok else (Page("drill", "warning", f"DR drill failed: {done.detail}"),)
+    return Outcome(new, actions, f"drill {verdict}: {done.detail}")
+
+
+def _resumed(state: EngineState, now: float) -> Outcome:
+    if state.state in RUNNING:
+        kind: Literal["failover", "failback"] = "failover" if state.state == "failing_over" else "failback"
+        epoch = state.epoch + 1
+        new = dataclasses.replace(state, epoch=epoch, waiting_for=f"{kind} runbook (epoch {epoch}, resumed)")
+        decision = f"resuming the interrupted {kind} from the top (epoch {epoch}; every step is idempotent)"
+        return Outcome(new, (RunRunbook(kind, epoch, "resumed after a restart", "daemon"),), decision)
+    if state.state == "drill":
+        return Outcome(_to(state, "primary_active", now), (), "an interrupted drill was abandoned at restart")
+    return _stay(state, f"resumed in {state.state} with {state.routing} routing")

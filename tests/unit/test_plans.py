@@ -1,0 +1,117 @@
+"""Per-hotline plans: priorities, capacities, self-service fallback, validation."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from appliance import config
+from failover import plans
+
+SITES = """
+[sites.primary]
+role = "primary"
+sbc = "10.0.0.1"
+kamailio_set = 1
+seats = 400
+[sites.backup]
+role = "backup"
+sbc = "10.0.1.1"
+kamailio_set = 2
+seats = 100
+[destinations.ivr]
+kind = "ivr"
+kamailio_set = 3
+[destinations.remote]
+kind = "remote_agents"
+kamailio_set = 4
+capacity = 30
+"""
+
+HOTLINES = """
+[hotlines.vip]
+number = "95588"
+priority = 1
+agents = 60
+failover = ["backup", "remote", "ivr"]
+[hotlines.cards]
+number = "95566"
+priority = 2
+agents = 60
+failover = ["backup", "remote", "ivr"]
+[hotlines.loans]
+number = "95577"
+priority = 3
+agents = 40
+failover = ["backup", "ivr"]
+"""
+
+
+def test_failover_serves_by_priority_within_capacity() -> None:
+    cfg = config.parse(SITES + HOTLINES)
+    assignments, unserved = plans.assign(cfg, "primary")
+    assert unserved == []
+    assert [(a.hotline, a.destination) for a in assignments] == [
+        ("vip", "backup"),  # 60 of 100 seats
+        ("cards", "ivr"),  # 60 > 40 left at the backup, 60 > 30 remote: self-service
+        ("loans", "backup"),  # 40 fits the 40 left
+    ]
+    routing = plans.failover_routing(cfg)
+    assert routing.hotlines == {"95588": 2, "95566": 3, "95577": 2}
+    assert routing.default_set == 2 and routing.fenced_sets == {1} and routing.serving_site == "backup"
+
+
+def test_normal_routing_sends_every_hotline_to_the_primary_set() -> None:
+    routing = plans.normal_routing(config.parse(SITES + HOTLINES))
+    assert routing.hotlines == {"95588": 1, "95566": 1, "95577": 1}
+    assert routing.default_set == 1 and routing.active_sets == {1} and not routing.fenced_sets
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            '[hotlines.x]\nnumber = "123"\nagents = 500\nfailover = ["backup"]\n',
+            "hotlines.x: no destination in ['backup'] can take it when primary is lost (needs 500 agents)",
+        ),
+        ('[hotlines.x]\nnumber = "95588"\nfailover = ["ivr"]\n', "hotlines.x.number '95588' is already hotlines.vip"),
+        ('[hotlines.x]\nnumber = "1"\nfailover = ["ivr"]\n', "hotlines.x.number: '1': expected a dialled number"),
+        ('[hotlines.x]\nnumber = "123"\nfailover = ["moon"]\n', "hotlines.x.failover: unknown destination 'moon' (known: backup, ivr, primary, remote)"),
+        ('[destinations.dup]\nkind = "ivr"\nkamailio_set = 2\n', "dup: kamailio_set 2 is already used by backup"),
+        ('[hotlines.x]\nnumber = "123"\nfailover = []\n', "hotlines.x.failover: a list: List should have at least 1 item"),
+    ],
+)
+def test_unusable_plans_are_config_errors(extra: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(SITES + HOTLINES + extra)
+    assert any(message in p for p in info.value.problems), info.value.problems
+
+
+@given(
+    lines=st.lists(
+        st.tuples(st.integers(1, 5), st.integers(0, 80), st.sampled_from([("backup", "ivr"), ("remote", "ivr"), ("backup", "remote", "ivr")])),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_capacities_are_never_exceeded_and_every_line_is_served(lines: list[tuple[int, int, tuple[str, ...]]]) -> None:
+    text = SITES + "".join(
+        f'[hotlines.h{i}]\nnumber = "{1000 + i}"\npriority = {prio}\nagents = {agents}\nfailover = {list(prefs)!r}\n'.replace("'", '"')
+        for i, (prio, agents, prefs) in enumerate(lines)
+    )
+    cfg = config.parse(text)
+    assignments, unserved = plans.assign(cfg, "primary")
+    assert unserved == [] and len(assignments) == len(lines)
+    used: dict[str, int] = {}
+    for a in assignments:
+        used[a.destination] = used.get(a.destination, 0) + a.agents
+    assert used.get("backup", 0) <= 100 and used.get("remote", 0) <= 30
+    # Self-service only when the preferred seats were really gone: a line that wanted
+    # the backup but got the IVR did not fit in what higher-priority lines had left.
+    taken = 0
+    for a in assignments:  # in the order they were served (priority, name)
+        prefs = dict((f"h{i}", p) for i, (_, _, p) in enumerate(lines))[a.hotline]
+        if a.destination == "backup":
+            taken += a.agents
+        elif prefs[0] == "backup" and a.destination == "ivr":
+            assert taken + a.agents > 100
