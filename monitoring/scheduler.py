@@ -89,7 +89,10 @@ class ProbeScheduler:
         async with self._slots:
             started = self._clock.monotonic()
             try:
-                return await asyncio.wait_for(self._probe(target, timeout), timeout + HARD_TIMEOUT_GRACE_S)
+                # asyncio.timeout, not wait_for: no extra task per probe, and no lost
+                # cancellation when a probe ends as the scheduler is cancelled (bpo-42130).
+                async with asyncio.timeout(timeout + HARD_TIMEOUT_GRACE_S):
+                    return await self._probe(target, timeout)
             except TimeoutError:
                 return ProbeResult(target.name, False, started, None, None, "timeout", "hard timeout")
             except Exception as exc:  # a probe bug must not stop the other targets
