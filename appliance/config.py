@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -198,6 +199,7 @@ class ProbesSection(Section):
     damping_s: float = Field(default=0.0, ge=0, le=3600)
     min_evidence: int = Field(default=2, ge=1, le=4)
     max_in_flight: int = Field(default=256, ge=1, le=100_000)
+    tls_ca_file: Path | None = None  # CA bundle for sip:…;transport=tls and https checks; default: system CAs
 
     @model_validator(mode="after")
     def _timeout_within_interval(self) -> ProbesSection:
@@ -226,6 +228,11 @@ class FailoverSection(Section):
     policy: Literal["auto", "confirm", "manual"] = "confirm"
     witness: HttpUrl | None = None
     witness_timeout_s: ProbeSeconds = 2.0
+    witness_token_file: Path | None = None
+    witness_ca_file: Path | None = None
+    witness_max_age_s: ProbeSeconds = (
+        10.0  # an older view is no vote: more than the witness's interval + timeout
+    )
     hold_down_s: Seconds = 30.0  # the primary must stay judged down this long before acting
     min_dwell_s: Seconds = 300.0  # minimum time in a routing before moving again automatically
     max_auto_per_hour: int = Field(default=1, ge=0, le=60)
@@ -254,15 +261,30 @@ class DestinationSection(Section):
     capacity: int = Field(default=0, ge=0)  # agent seats; 0 = unlimited (self-service)
 
 
+def _ipv4_interface(value: str) -> str:
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise ValueError("expected an IPv4 address with optional /prefix, e.g. 192.0.2.10/24") from None
+    if iface.version != 4:
+        raise ValueError("only IPv4 service addresses are supported (gratuitous ARP; no IPv6 NA yet)")
+    return str(iface) if "/" in value else f"{iface.ip}/32"
+
+
 class KamailioActuator(Section):
+    """Dispatcher states and hotline htables in Kamailio (``[kamailio]`` says how to reach it)."""
+
     type: Literal["kamailio"]
+    probing: bool = True  # re-enabled sets get state "ap": Kamailio keeps probing them itself
+    token_file: Path | None = None  # default: beside kamailio.dispatcher_list, "<list>.token"
+    timeout_s: ProbeSeconds = 5.0  # the whole apply or verify
 
 
 class NetlinkActuator(Section):
     """A service address that lives on the serving site's side (moved at failover, with gratuitous ARP)."""
 
     type: Literal["netlink"]
-    address: str
+    address: Annotated[str, AfterValidator(_ipv4_interface)]  # "192.0.2.10/24"; no prefix = /32
     interface: InterfaceName
     serve_on: Literal["failover", "normal"] = "failover"  # which routing puts the address here
     garp_count: int = Field(default=5, ge=0, le=100)
@@ -277,6 +299,7 @@ class HookActuator(Section):
     url: HttpUrl | None = None
     secret_file: Path | None = None
     timeout_s: ProbeSeconds = 10.0
+    verify: bool = True  # the hook answers "--verify" (command) or action "verify" (url); see hook.py
 
     @model_validator(mode="after")
     def _one_way(self) -> HookActuator:
@@ -285,9 +308,7 @@ class HookActuator(Section):
         return self
 
 
-ActuatorConfig = Annotated[
-    Union[KamailioActuator, NetlinkActuator, HookActuator], Field(discriminator="type")
-]
+ActuatorConfig = Annotated[KamailioActuator | NetlinkActuator | HookActuator, Field(discriminator="type")]
 
 
 class KamailioSection(Section):
@@ -304,6 +325,8 @@ class ContactSection(Section):
     phone: Phone | None = None
     email: Email | None = None
     skills: list[Literal["telephony", "network", "power", "data", "facilities"]] = []
+    # At night (paging.night) this contact is woken only for incidents at least this severe.
+    wake_for: Literal["info", "warning", "error", "critical"] = "critical"
 
 
 class GsmChannel(Section):
@@ -312,6 +335,12 @@ class GsmChannel(Section):
     baud: Literal[9600, 19200, 38400, 57600, 115200, 230400, 460800] = 115200
     pin_file: Path | None = None
     smsc: Phone | None = None
+    send_timeout_s: Seconds = 60.0  # AT+CMGS can take tens of seconds on a real network
+    prompt_timeout_s: Seconds = 10.0
+    retries: int = Field(default=3, ge=0, le=10)
+    poll_s: Seconds = 30.0  # AT+CMGL polling: modems drop +CMTI
+    health_s: Seconds = 60.0
+    status_reports: bool = True
 
 
 class SmtpChannel(Section):
@@ -322,6 +351,8 @@ class SmtpChannel(Section):
     username: str | None = None
     password_file: Path | None = None
     from_addr: Email
+    ca_file: Path | None = None  # CA bundle for a private mail server's certificate
+    timeout_s: Seconds = 20.0
 
 
 class WebhookChannel(Section):
@@ -329,21 +360,119 @@ class WebhookChannel(Section):
     url: HttpUrl
     format: Literal["json", "pagerduty", "alertmanager"] = "json"
     secret_file: Path | None = None
+    timeout_s: Seconds = 10.0
+    retries: int = Field(default=3, ge=0, le=10)
 
 
 Channel = Annotated[GsmChannel | SmtpChannel | WebhookChannel, Field(discriminator="type")]
 
 
+class RotationSection(Section):
+    """Contacts (by name) take turns of ``period_s``; the first turn starts at ``start``."""
+
+    contacts: list[str] = Field(min_length=1)
+    start: AwareDatetime
+    period_s: float = Field(default=7 * 86400.0, gt=0, le=90 * 86400)
+
+
+class OverrideSection(Section):
+    rotation: Name
+    contact: str = Field(min_length=1)
+    start: AwareDatetime
+    end: AwareDatetime
+
+    @model_validator(mode="after")
+    def _ends_after_start(self) -> OverrideSection:
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
+        return self
+
+
+class EscalationStepSection(Section):
+    targets: list[str] = Field(min_length=1)  # contact names or "rotation:<name>"
+    escalate_after_s: Seconds = 300.0
+    channels: list[Name] = []  # fallback order for this step; default paging.channels
+
+
+class EscalationPolicySection(Section):
+    steps: list[EscalationStepSection] = Field(min_length=1)
+    repeat: int = Field(default=1, ge=0, le=10)
+
+
+class NightSection(Section):
+    start: Annotated[str, _match(re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$"), "a time such as 22:00")]
+    end: Annotated[str, _match(re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$"), "a time such as 07:00")]
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _known_zone(self) -> NightSection:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {self.timezone!r} is not a known zone, e.g. Asia/Shanghai") from None
+        return self
+
+
+class PagingSection(Section):
+    """Who is paged, when, and through which channels (see appliance/paging/)."""
+
+    enabled: bool = True
+    channels: list[Name] = []  # fallback order; default: every configured channel, in file order
+    default_policy: Name = "default"
+    severity_policies: dict[Literal["info", "warning", "error", "critical"], Name] = {}
+    policies: dict[Name, EscalationPolicySection] = {}
+    rotations: dict[Name, RotationSection] = {}
+    overrides: list[OverrideSection] = []
+    night: NightSection | None = None
+    rate_limit_per_hour: int = Field(default=20, ge=1, le=1000)  # trigger pages per contact
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    retry_backoff_s: Seconds = 30.0
+    alertmanager_listen: ListenAddress | None = None
+    alertmanager_token_file: Path | None = None
+
+
+AgentAddress = Annotated[str, _address(7450)]
+
+
 class StreamSection(Section):
+    """One replicated stream. ``source`` is the stream's name (or path) in the source agent's config."""
+
     kind: Literal["sqlite", "files"]
     source: str = Field(min_length=1)
     replica: Path
     rpo_budget_s: Seconds = 5.0
+    post_change_command: list[str] = []  # files: run (argv, no shell) after a change was applied
+    snapshot_interval_s: float = Field(default=3600.0, ge=0, le=86400)  # sqlite: 0 = no snapshots
 
 
 class ReplicationSection(Section):
-    source_agent: str | None = None
+    """Where the source agent is, how to reach it (mutual TLS), and what it streams."""
+
+    source_agent: AgentAddress | None = None
+    server_name: str | None = None  # name in the agent's certificate; default: the host of source_agent
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    compression: Literal["none", "zlib", "zstd"] = "zlib"
+    bandwidth_limit_bytes_s: int = Field(default=0, ge=0)  # 0 = unlimited
+    keep_versions: int = Field(default=5, ge=0, le=1000)  # old file versions and database snapshots kept
     streams: dict[Name, StreamSection] = {}
+
+    @model_validator(mode="after")
+    def _tls_when_streaming(self) -> ReplicationSection:
+        if self.streams:
+            missing = [
+                k
+                for k in ("source_agent", "tls_cert_file", "tls_key_file", "tls_ca_file")
+                if getattr(self, k) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"streams are configured but {', '.join(missing)} missing (mutual TLS is required)"
+                )
+        return self
 
 
 class Config(Section):
@@ -362,6 +491,7 @@ class Config(Section):
     kamailio: KamailioSection = KamailioSection()
     contacts: list[ContactSection] = []
     channels: dict[Name, Channel] = {}
+    paging: PagingSection = PagingSection()
     replication: ReplicationSection = ReplicationSection()
 
     @model_validator(mode="after")
@@ -460,9 +590,11 @@ def parse(text: str, source: str = "<config>") -> Config:
     except ValidationError as exc:
         problems = [_describe(err) for err in exc.errors(include_url=False)]
         raise ConfigError(f"{source}: {len(problems)} problem(s) in the configuration", problems) from None
-    from failover import plans  # the plan's rules live with the plans
+    # Cross-references the schema cannot see; each feature keeps its own rules.
+    from appliance.paging import settings as paging_settings
+    from failover import plans
 
-    problems = plans.problems(config)
+    problems = plans.problems(config) + paging_settings.problems(config)
     if problems:
         raise ConfigError(f"{source}: {len(problems)} problem(s) in the configuration", problems)
     return config
@@ -472,7 +604,7 @@ def check_environment(config: Config) -> list[str]:
     """Problems a schema cannot see: files named by the config that are missing or unreadable."""
     problems = []
     for name, channel in config.channels.items():
-        for key in ("device", "pin_file", "password_file", "secret_file"):
+        for key in ("device", "pin_file", "password_file", "secret_file", "ca_file"):
             path = getattr(channel, key, None)
             if path is None:
                 continue

@@ -9,6 +9,9 @@ migration: append a new one.
 
 from __future__ import annotations
 
+from appliance.paging.schema import MIGRATIONS as PAGING
+from appliance.replication.schema import MIGRATIONS as REPLICATION
+
 CORE: list[str] = [
     # 1: audit log and keyed state.
     """
@@ -38,4 +41,6 @@ CORE: list[str] = [
 # component name -> its migrations. Register a new component with one line here.
 COMPONENTS: dict[str, list[str]] = {
     "core": CORE,
+    "paging": PAGING,
+    "replication": REPLICATION,
 }

@@ -84,7 +84,7 @@ def problems(text: str) -> list[str]:
         ),
         (
             '[channels.sms]\ntype = "gsm"\ndevise = "/dev/x"\n',
-            "channels.sms.devise: unknown key (known keys here: baud, device, pin_file, smsc, type)",
+            "channels.sms.devise: unknown key (known keys here: baud, device, health_s, pin_file, poll_s, prompt_timeout_s, retries, send_timeout_s, smsc, status_reports, type)",
         ),
         (
             '[channels.x]\ntype = "pigeon"\n',

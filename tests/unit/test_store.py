@@ -116,24 +116,24 @@ def test_sigkill_mid_write_leaves_a_consistent_database(tmp_path: Path, kill_aft
 
 
 def test_components_migrate_independently_and_only_once(tmp_path: Path) -> None:
-    components = {"core": CORE, "paging": ["CREATE TABLE outbox (id INTEGER PRIMARY KEY);"]}
+    components = {"core": CORE, "testcomp": ["CREATE TABLE outbox (id INTEGER PRIMARY KEY);"]}
     s = Store.open(tmp_path, components=components)
-    assert s.schema_version("paging") == 1
+    assert s.schema_version("testcomp") == 1
     with s.transaction() as conn:
         conn.execute("INSERT INTO outbox (id) VALUES (7)")
     s.close()
-    grown = {**components, "paging": [*components["paging"], "ALTER TABLE outbox ADD COLUMN body TEXT;"]}
+    grown = {**components, "testcomp": [*components["testcomp"], "ALTER TABLE outbox ADD COLUMN body TEXT;"]}
     s = Store.open(tmp_path, components=grown)
-    assert s.schema_version("paging") == 2 and s.schema_version("core") == len(CORE)
+    assert s.schema_version("testcomp") == 2 and s.schema_version("core") == len(CORE)
     assert [tuple(r) for r in s.query("SELECT id, body FROM outbox")] == [(7, None)]
     s.close()
 
 
 def test_a_failed_migration_leaves_the_previous_version(tmp_path: Path) -> None:
-    broken = {"core": CORE, "paging": ["CREATE TABLE a (x); CREATE TABLE a (x);"]}
+    broken = {"core": CORE, "testcomp": ["CREATE TABLE a (x); CREATE TABLE a (x);"]}
     with pytest.raises(StateError, match="table a already exists"):
         Store.open(tmp_path, components=broken)
     s = Store.open(tmp_path)
-    assert s.schema_version("paging") == 0
+    assert s.schema_version("testcomp") == 0
     assert not s.query("SELECT name FROM sqlite_master WHERE name = 'a'")
     s.close()

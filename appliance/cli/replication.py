@@ -1,0 +1,262 @@
+"""``hotsite source`` (the agent at the primary) and ``hotsite replication …`` (at the backup).
+
+``source`` runs without a daemon (it *is* the daemon at the primary). The
+``replication`` commands are thin clients of the appliance daemon's API,
+except ``restore``, which copies a kept snapshot without one.
+Exit status: 0 ok, 1 failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance import logs
+from appliance.errors import ConfigError, HotsiteError
+
+
+def _fail(exc: HotsiteError) -> None:
+    click.echo(f"hotsite: error: {exc.message}", err=True)
+    if isinstance(exc, ConfigError):
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.command("source")
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("/etc/hotsite/source.toml"),
+    show_default=True,
+    help="The source agent's config.",
+)
+@click.option("--check", is_flag=True, help="Validate the config and the served paths, then exit.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def source(config_path: Path, check: bool, log_level: str) -> None:
+    """Run the source agent at the primary: serve its database and config files over mutual TLS.
+
+    \b
+    Example /etc/hotsite/source.toml:
+      [source]
+      listen = "0.0.0.0:7450"
+      tls_cert_file = "/etc/hotsite/tls/source.pem"
+      tls_key_file = "/etc/hotsite/tls/source.key"
+      tls_ca_file = "/etc/hotsite/tls/ca.pem"
+      allowed_clients = ["backup-appliance"]
+      [streams.customers]
+      kind = "sqlite"
+      path = "/srv/callcentre/customers.db"
+      [streams.dialplans]
+      kind = "files"
+      path = "/etc/asterisk"
+    """
+    from appliance.config import host_port
+    from appliance.replication.settings import load_source_config
+    from appliance.replication.source import ServedStream, SourceAgent
+    from appliance.replication.tls import server_context
+
+    try:
+        cfg = load_source_config(config_path)
+        s = cfg.source
+        ctx = server_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file)
+        problems = [
+            f"streams.{n}.path: {st.path} does not exist"
+            for n, st in cfg.streams.items()
+            if not st.path.exists()
+        ]
+        if problems:
+            raise ConfigError(f"{config_path}: {len(problems)} problem(s)", problems)
+    except HotsiteError as exc:
+        _fail(exc)
+        return
+    if check:
+        click.echo(f"{config_path}: ok ({len(cfg.streams)} streams)")
+        return
+    logs.setup(log_level)
+    host, port = host_port(s.listen)
+    agent = SourceAgent(
+        [ServedStream(n, st.kind, st.path, tuple(st.exclude)) for n, st in cfg.streams.items()],
+        ssl_context=ctx,
+        host=host,
+        port=port,
+        allowed_clients=s.allowed_clients,
+        poll_interval_s=s.poll_interval_s,
+        heartbeat_s=s.heartbeat_s,
+        rescan_s=s.rescan_s,
+        bandwidth_limit_bytes_s=s.bandwidth_limit_bytes_s,
+    )
+    try:
+        asyncio.run(agent.serve_forever())
+    except OSError as exc:
+        _fail(HotsiteError(f"cannot listen on {s.listen}: {exc.strerror}"))
+    except KeyboardInterrupt:
+        pass
+
+
+@click.group("replication")
+def replication() -> None:
+    """Replication of the primary's database and config files to this backup site.
+
+    \b
+    Examples:
+      hotsite replication status            position, lag, last checksum match per stream
+      hotsite replication verify customers  checksum at both ends, same position
+      hotsite replication restore customers --at 2026-05-01T08:00 --output /tmp/customers.db
+    """
+
+
+def _ctx() -> Any:
+    from appliance.cli.context import Context
+
+    return click.get_current_context().find_object(Context)
+
+
+def _call(method: str, **params: Any) -> Any:
+    ctx = _ctx()
+    if ctx is None:  # used outside the hotsite group (tests): default runtime dir
+        from appliance import api
+        from appliance.cli.context import DEFAULT_RUNTIME_DIR
+
+        try:
+            return api.call(DEFAULT_RUNTIME_DIR, method, params)
+        except HotsiteError as exc:
+            _fail(exc)
+    return ctx.call(method, **params)
+
+
+def _age(ts: float | None) -> str:
+    return "-" if ts is None else f"{max(0.0, time.time() - ts):.1f}s ago"
+
+
+@replication.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status_cmd(as_json: bool) -> None:
+    """Per stream: position, lag (seconds, bytes), last checksum match, link state."""
+    result = _call("replication.status")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for s in result["streams"]:
+        lag = "-" if s.get("lag_s") is None else f"{s['lag_s']:.3f}s"
+        line = (
+            f"{s['name']:<14} {s['kind']:<6} {'up' if s.get('connected') else 'DOWN':<5} lag {lag:>9}"
+            f" {s.get('lag_bytes', 0):>9}B  pos {s.get('position') or '-'}"
+        )
+        if s.get("over_budget"):
+            line += f"  OVER BUDGET ({s['rpo_budget_s']}s)"
+        click.echo(line)
+        verify = s.get("last_verify") or {}
+        if verify:
+            click.echo(
+                f"{'':<14} last verify: {'match' if verify.get('ok') else 'MISMATCH'}"
+                f" {_age(verify.get('at'))}"
+            )
+        if s.get("promoted"):
+            click.echo(f"{'':<14} PROMOTED: {json.dumps(s['promoted'])}")
+        if s.get("seed_progress") and s["seed_progress"][1] and s["seed_progress"][0] < s["seed_progress"][1]:
+            done, total = s["seed_progress"]
+            width = 30
+            filled = int(width * done / total)
+            click.echo(f"{'':<14} initial sync [{'#' * filled}{'.' * (width - filled)}] {done}/{total} pages")
+        if s.get("last_error"):
+            click.echo(f"{'':<14} last error: {s['last_error']}")
+    if not result["streams"]:
+        click.echo("no replication streams configured")
+
+
+@replication.command("verify")
+@click.argument("stream")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def verify_cmd(stream: str, as_json: bool) -> None:
+    """Compute the checksum at both ends at the same position and print both (exit 1 on mismatch)."""
+    result = _call("replication.verify", stream=stream)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    elif "source_checksum" in result:
+        click.echo(f"position {result['position']}")
+        click.echo(f"  source  {result['source_checksum']}")
+        click.echo(f"  replica {result['replica_checksum']}")
+        click.echo("  match" if result["ok"] else "  MISMATCH")
+    else:
+        click.echo(result.get("error", "verify failed"))
+    if not result.get("ok"):
+        sys.exit(1)
+
+
+@replication.command("restore")
+@click.argument("stream")
+@click.option(
+    "--at", "at", required=True, help="Unix time or ISO time (local): newest snapshot at or before it."
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option(
+    "--snapshots",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Snapshot directory [default: from the daemon, or <replica>.hotsite/snapshots].",
+)
+def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> None:
+    """Point-in-time restore: copy the newest kept snapshot taken at or before --at to --output."""
+    from appliance.replication.snapshots import SnapshotStore, parse_time
+
+    try:
+        when = parse_time(at)
+    except ValueError as exc:
+        click.echo(f"hotsite: error: --at {at!r}: {exc}", err=True)
+        sys.exit(2)
+    if snapshots is None:
+        result = _call("replication.snapshots", stream=stream)
+        snapshots = Path(result["directory"])
+    try:
+        snap = SnapshotStore(snapshots).restore(when, output)
+    except HotsiteError as exc:
+        _fail(exc)
+        return
+    click.echo(f"restored {output} from snapshot of {time.ctime(snap.taken_at)} (position {snap.position})")
+
+
+@replication.command("promote")
+@click.argument("stream")
+@click.option("--reason", default="operator", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def promote_cmd(stream: str, reason: str, as_json: bool) -> None:
+    """Stop applying, record the final position and the data-loss window; the replica becomes writable."""
+    result = _call("replication.promote", stream=stream, reason=reason)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    window = result.get("data_loss_window_s")
+    click.echo(f"{stream}: promoted; writable copy {result['path']}")
+    click.echo(
+        f"  final position {result.get('position')}, data-loss window "
+        f"{'unknown' if window is None else f'{window:.3f}s'}"
+    )
+
+
+@replication.command("demote")
+@click.argument("stream")
+@click.option("--discard-local-writes", is_flag=True, help="Drop writes made at the backup since promotion.")
+def demote_cmd(stream: str, discard_local_writes: bool) -> None:
+    """Resume replication into a promoted replica (refused if the backup wrote to it, unless told)."""
+    _call("replication.demote", stream=stream, discard_local_writes=discard_local_writes)
+    click.echo(f"{stream}: replication resumed")
+
+
+@click.group()
+def _standalone() -> None:
+    """For running these commands without the hotsite group (tests, debugging)."""
+
+
+_standalone.add_command(source)
+_standalone.add_command(replication)
+
+if __name__ == "__main__":
+    _standalone()

@@ -1,0 +1,387 @@
+"""Configuration-file streams: directories of dial plans, IVR and routing tables, prompts.
+
+Source side: the tree is scanned (cheap ``stat`` comparison every
+``poll`` second, full re-hash every ``rescan_s``: change notification can
+overflow, a rescan cannot miss), files are content-hashed (SHA-256), and
+a file that changed while it was read (size, mtime or inode moved) is read
+again next time rather than shipped half-old. Only contents the replica
+does not have are sent; a rename costs no transfer. A change set ends with
+the whole manifest, which commits it.
+
+Replica side: contents are staged (write, fsync), then each file is put in
+place by rename (atomic), with its mode; files gone at the source are
+deleted; the replaced or deleted versions are kept (newest ``keep`` per
+file) under ``<replica>.hotsite-versions``; an optional command runs after
+each applied change set (argv, no shell), like csync2's action hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import logging
+import os
+import ssl
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.logs import kv
+from appliance.replication import protocol
+from appliance.replication.protocol import Msg, ProtocolError, Sender
+
+if TYPE_CHECKING:
+    from appliance.replication.source import ServedStream, SourceAgent
+
+log = logging.getLogger(__name__)
+
+STAGING = ".hotsite-staging"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    sha256: str
+    mode: int
+    size: int
+
+
+class TreeScanner:
+    """Manifest of a directory tree, re-hashing only files whose stat changed (or all, on rescan)."""
+
+    def __init__(self, root: Path, exclude: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.exclude = exclude
+        self._cache: dict[str, tuple[tuple[int, int, int], Entry]] = {}
+
+    def scan(self, full: bool = False) -> dict[str, Entry]:
+        manifest: dict[str, Entry] = {}
+        seen: dict[str, tuple[tuple[int, int, int], Entry]] = {}
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".hotsite"))
+            for name in sorted(filenames):
+                full_path = Path(dirpath) / name
+                rel = str(full_path.relative_to(self.root))
+                if any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat) for pat in self.exclude):
+                    continue
+                try:
+                    st = full_path.lstat()
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                key = (st.st_size, st.st_mtime_ns, st.st_ino)
+                cached = self._cache.get(rel)
+                if cached is not None and cached[0] == key and not full:
+                    entry = cached[1]
+                else:
+                    read = read_stable(full_path)
+                    if read is None:
+                        continue  # changed while being read: next scan
+                    data, key = read
+                    entry = Entry(hashlib.sha256(data).hexdigest(), stat.S_IMODE(st.st_mode), len(data))
+                manifest[rel] = entry
+                seen[rel] = (key, entry)
+        self._cache = seen
+        return manifest
+
+    def read(self, rel: str, sha256: str) -> bytes | None:
+        got = read_stable(self.root / rel)
+        if got is None or hashlib.sha256(got[0]).hexdigest() != sha256:
+            return None
+        return got[0]
+
+
+def read_stable(path: Path) -> tuple[bytes, tuple[int, int, int]] | None:
+    """The file's bytes, only if its size, mtime and inode did not change while reading it."""
+    try:
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+            data = f.read()
+        after = os.stat(path)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return None
+    key = (before.st_size, before.st_mtime_ns, before.st_ino)
+    if (after.st_size, after.st_mtime_ns, after.st_ino) != key or len(data) != before.st_size:
+        return None
+    return data, key
+
+
+async def serve_files(
+    agent: SourceAgent,
+    stream: ServedStream,
+    hello: protocol.Message,
+    reader: asyncio.StreamReader,
+    sender: Sender,
+) -> None:
+    if not stream.path.is_dir():
+        await sender.send(Msg.ERROR, {"error": f"{stream.path} is not a directory"})
+        return
+    scanner = TreeScanner(stream.path, stream.exclude)
+    have: set[str] = set(hello.header.get("have", []))
+    await sender.send(Msg.WELCOME, {"mode": "files", "source_time": agent._clock()})
+    sent_manifest: dict[str, Entry] | None = None
+    last_full = time.monotonic()
+    last_sent = time.monotonic()
+    closed = asyncio.create_task(_wait_closed(reader))
+    try:
+        while not closed.done():
+            full = time.monotonic() - last_full >= agent.rescan_s
+            manifest = await asyncio.to_thread(scanner.scan, full)
+            if full:
+                last_full = time.monotonic()
+            if manifest != sent_manifest:
+                complete = True
+                for rel, entry in manifest.items():
+                    if entry.sha256 in have:
+                        continue
+                    data = await asyncio.to_thread(scanner.read, rel, entry.sha256)
+                    if data is None:
+                        complete = False  # changed under us: the next scan ships the new content
+                        break
+                    await sender.send(Msg.FILE_DATA, {"sha256": entry.sha256}, data)
+                    have.add(entry.sha256)
+                if complete:
+                    await sender.send(
+                        Msg.FILES_MANIFEST,
+                        {
+                            "files": {r: [e.sha256, e.mode, e.size] for r, e in manifest.items()},
+                            "observed_at": agent._clock(),
+                        },
+                    )
+                    sent_manifest = manifest
+                    last_sent = time.monotonic()
+            elif time.monotonic() - last_sent >= agent.heartbeat_s:
+                await sender.send(Msg.HEARTBEAT, {"observed_at": agent._clock()})
+                last_sent = time.monotonic()
+            await asyncio.sleep(max(agent.poll_interval_s, 0.2))
+    finally:
+        closed.cancel()
+
+
+async def _wait_closed(reader: asyncio.StreamReader) -> None:
+    with contextlib.suppress(Exception):
+        while await protocol.read_message(reader):
+            pass
+
+
+class FilesReplica:
+    """The backup's copy of a file tree; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        keep: int = 5,
+        post_change_command: list[str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = root
+        self.versions = Path(str(root) + ".hotsite-versions")
+        self.staging = root / STAGING
+        self.keep = keep
+        self.command = post_change_command or []
+        self._clock = clock
+        self.applied_at: float | None = None
+        self.observed_at: float | None = None
+        self.last_command: dict[str, Any] = {}
+
+    def open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(exist_ok=True, mode=0o700)
+
+    def manifest(self) -> dict[str, str]:
+        return {rel: e.sha256 for rel, e in TreeScanner(self.root).scan(full=True).items()}
+
+    def have(self) -> set[str]:
+        hashes = set(self.manifest().values())
+        hashes.update(p.name for p in self.staging.iterdir()) if self.staging.exists() else None
+        return hashes
+
+    def stage(self, sha256: str, data: bytes) -> None:
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ProtocolError(f"file content does not match its hash {sha256[:12]}", "checksum")
+        path = self.staging / sha256
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def apply(self, files: dict[str, tuple[str, int, int]]) -> dict[str, int]:
+        """Make the tree equal ``files`` (path -> sha256, mode, size); return counts of changes."""
+        current = {rel: e for rel, e in TreeScanner(self.root).scan(full=True).items()}
+        by_hash = {e.sha256: rel for rel, e in current.items()}
+        counts = {"written": 0, "deleted": 0, "mode": 0}
+        for rel, (sha, mode, _size) in files.items():
+            _safe(rel)
+            dest = self.root / rel
+            old = current.get(rel)
+            if old is not None and old.sha256 == sha:
+                if old.mode != mode:
+                    os.chmod(dest, mode)
+                    counts["mode"] += 1
+                continue
+            staged = self.staging / sha
+            if not staged.exists() and sha in by_hash:  # a rename or copy: content already here
+                data = (self.root / by_hash[sha]).read_bytes()
+            elif staged.exists():
+                data = staged.read_bytes()
+            else:
+                raise ProtocolError(f"content {sha[:12]} for {rel} never arrived", "malformed")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if old is not None:
+                self._keep_version(rel)
+            tmp = dest.with_name(f".{dest.name}.hotsite-tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fchmod(f.fileno(), mode)
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+            counts["written"] += 1
+        for rel in current:
+            if rel not in files:
+                self._keep_version(rel)
+                (self.root / rel).unlink(missing_ok=True)
+                counts["deleted"] += 1
+        dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+        for p in self.staging.iterdir():
+            p.unlink(missing_ok=True)
+        self.applied_at = self._clock()
+        if any(counts.values()) and self.command:
+            self._run_command()
+        return counts
+
+    def _keep_version(self, rel: str) -> None:
+        if self.keep <= 0:
+            return
+        src = self.root / rel
+        dest = self.versions / f"{rel}.{self._clock():.6f}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.link(src, dest)
+        old = sorted(dest.parent.glob(f"{Path(rel).name}.*"))
+        for stale in old[: -self.keep]:
+            stale.unlink(missing_ok=True)
+
+    def _run_command(self) -> None:
+        started = time.monotonic()
+        try:
+            done = subprocess.run(self.command, cwd=self.root, capture_output=True, timeout=60, check=False)
+            self.last_command = {"rc": done.returncode, "stderr": done.stderr.decode(errors="replace")[-500:]}
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.last_command = {"rc": None, "error": str(exc)}
+        self.last_command["seconds"] = round(time.monotonic() - started, 3)
+        level = logging.INFO if self.last_command.get("rc") == 0 else logging.WARNING
+        log.log(level, "post-change command ran", extra=kv(root=self.root, **self.last_command))
+
+
+def _safe(rel: str) -> None:
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].startswith(".hotsite")):
+        raise ProtocolError(f"refusing unsafe path {rel!r} from the source", "malformed")
+
+
+class FilesStreamClient:
+    """Connects, receives change sets, applies them; same reconnect rules as the SQLite client."""
+
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        replica: FilesReplica,
+        *,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        server_name: str | None = None,
+        compression: str = "zlib",
+        rate_bytes_s: int = 0,
+        on_applied: Callable[[dict[str, int]], None] | None = None,
+    ) -> None:
+        from appliance.replication.client import StreamStats
+
+        self.name, self.source, self.replica = name, source, replica
+        self.host, self.port = host, port
+        self._ssl = ssl_context
+        self._server_name = server_name or host
+        self.compression, self.rate = compression, rate_bytes_s
+        self._on_applied = on_applied
+        self.stats = StreamStats()
+        self.change_sets = 0
+
+    async def run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self._session()
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except ProtocolError as exc:
+                self.stats.corrupt_messages += exc.reason == "crc"
+                self.stats.last_error = exc.message
+            except (OSError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.stats.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _session(self) -> None:
+        await asyncio.to_thread(self.replica.open)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                self.host, self.port, ssl=self._ssl, server_hostname=self._server_name if self._ssl else None
+            ),
+            10,
+        )
+        try:
+            have = await asyncio.to_thread(self.replica.have)
+            writer.write(
+                protocol.encode(
+                    Msg.HELLO,
+                    {
+                        "stream": self.source,
+                        "kind": "files",
+                        "have": sorted(have),
+                        "compression": self.compression,
+                        "rate_bytes_s": self.rate,
+                    },
+                )
+            )
+            await writer.drain()
+            welcome = await asyncio.wait_for(protocol.read_message(reader), 30)
+            if welcome.kind != Msg.WELCOME:
+                raise OSError(f"source agent refused: {welcome.header.get('error')}")
+            self.stats.connected = True
+            self.stats.sessions += 1
+            while True:
+                msg = await protocol.read_message(reader)
+                self.stats.bytes_received += msg.wire_bytes
+                if msg.kind == Msg.FILE_DATA:
+                    await asyncio.to_thread(self.replica.stage, msg.header["sha256"], msg.body)
+                elif msg.kind == Msg.FILES_MANIFEST:
+                    files = {k: (v[0], int(v[1]), int(v[2])) for k, v in msg.header["files"].items()}
+                    counts = await asyncio.to_thread(self.replica.apply, files)
+                    self.change_sets += 1
+                    self.stats.current_at = self.replica.observed_at = float(msg.header["observed_at"])
+                    if self._on_applied is not None:
+                        self._on_applied(counts)
+                elif msg.kind == Msg.HEARTBEAT:
+                    self.stats.current_at = float(msg.header["observed_at"])
+                elif msg.kind == Msg.ERROR:
+                    raise OSError(f"source agent: {msg.header.get('error')}")
+        finally:
+            writer.close()

@@ -1,0 +1,388 @@
+"""The source side of a SQLite stream: follow the WAL of a database we do not own.
+
+Contract (Litestream's design, made exact):
+
+- Two read-only connections take turns holding a read transaction, so
+  there is always one open. A reader pins the WAL: a checkpoint cannot copy
+  frames past its snapshot into the database file, and the WAL cannot be
+  restarted (overwritten from the start) while it holds a non-zero read
+  mark. To let the application's checkpoints progress, the hold is renewed
+  after every poll — the new transaction is begun *before* the old one ends,
+  and only once every committed frame seen so far has been shipped. A new
+  reader that gets read mark 0 (WAL fully checkpointed) blocks all
+  backfill, so a restart can then only drop frames we already shipped.
+  Hence, while a follower runs, a WAL restart never loses a frame; between
+  sessions it may, and ``resume`` then answers "resnapshot".
+- Only frames up to the wal-index's ``mxFrame`` (the last commit) are
+  read; each must carry the generation's salts.
+- A snapshot is the database file overlaid with the newest WAL version of
+  each page up to the shipped position, read under the held transaction:
+  backfill cannot pass that position, so the result is exactly the
+  committed state at that frame (the online backup API gives a consistent
+  copy but cannot tell at which WAL frame, which streaming needs).
+- Never writes to the database, its WAL or its index (``mode=ro``).
+
+All methods block (file I/O): call them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import struct
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from appliance.errors import HotsiteError
+from appliance.logs import kv
+from appliance.replication.checksum import PageHashes
+from appliance.replication.position import Batch, Position
+from appliance.replication.wal import Generation, WalFile, WalFormatError, WalHeader
+
+log = logging.getLogger(__name__)
+
+MAX_FRAMES_PER_POLL = 4096
+
+
+class SourceError(HotsiteError):
+    """The source database cannot be followed (missing, not in WAL mode, unreadable)."""
+
+
+class ResnapshotNeeded(Exception):
+    """The follower lost continuity with what it shipped; a new snapshot is required."""
+
+
+class SqliteFollower:
+    def __init__(
+        self, db_path: Path, clock: Callable[[], float] = time.time, checkpoint_frames: int = 1000
+    ) -> None:
+        self.db_path = db_path
+        self.checkpoint_frames = checkpoint_frames
+        self._rw: sqlite3.Connection | None = None
+        self.checkpoints = 0
+        self._clock = clock
+        self._wal = WalFile(db_path)
+        self._conns: list[sqlite3.Connection] = []
+        self._holder = 0
+        self._db_fd: int | None = None
+        self._hold_at: tuple[Generation, int] | None = None
+        self.page_size = 0
+        self.hashes = PageHashes()
+        self.position: Position | None = (
+            None  # where reading continues (may be a new, still empty generation)
+        )
+        self.announced: Position | None = None  # the last position shipped: what the replica will be at
+        self.frames_shipped = 0
+        self.pending_frames = 0
+        self.last_current_at = 0.0  # source time at which everything committed had been read
+
+    # -- the read hold -----------------------------------------------------
+
+    def open(self) -> None:
+        if not self.db_path.is_file():
+            raise SourceError(f"source database {self.db_path} does not exist")
+        try:
+            for _ in range(2):
+                conn = sqlite3.connect(
+                    f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+                )
+                conn.execute("PRAGMA busy_timeout = 5000")
+                self._conns.append(conn)
+            mode = self._conns[0].execute("PRAGMA journal_mode").fetchone()[0]
+        except sqlite3.Error as exc:
+            self.close()
+            raise SourceError(f"source database {self.db_path} cannot be opened: {exc}") from None
+        if str(mode).lower() != "wal":
+            self.close()
+            raise SourceError(
+                f"source database {self.db_path} is in journal_mode={mode}, not WAL: the application"
+                " must open it with PRAGMA journal_mode=WAL for it to be replicated"
+            )
+        self._db_fd = os.open(self.db_path, os.O_RDONLY)
+        self._begin(self._conns[0])
+        self._note_hold()
+
+    def close(self) -> None:
+        if self._rw is not None:
+            self._rw.close()
+            self._rw = None
+        for conn in self._conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._conns = []
+        self._wal.close()
+        if self._db_fd is not None:
+            os.close(self._db_fd)
+            self._db_fd = None
+
+    @staticmethod
+    def _begin(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN")
+        conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+
+    def renew(self) -> None:
+        """Move the hold to a new read transaction; the old one ends only after the new one began.
+
+        Records the newest commit right after the new transaction began: its
+        read mark cannot be beyond it, so once everything up to there is
+        shipped the hold may move on even if the writer never pauses (else
+        the WAL could not be checkpointed under a steady write load).
+        """
+        other = 1 - self._holder
+        self._begin(self._conns[other])
+        self._conns[self._holder].execute("COMMIT")
+        self._holder = other
+        self._note_hold()
+
+    def _note_hold(self) -> None:
+        try:
+            _header, mx, generation = self._wal.state()
+            self._hold_at = (generation, mx)
+        except WalFormatError:
+            self._hold_at = None  # unknown: move only once fully caught up
+
+    def _let_wal_restart(self, shipped: Position) -> None:
+        """Under a steady write load the WAL would never restart (our hold always has a non-zero
+        read mark), so it would grow without bound. When everything is shipped, run a PASSIVE
+        checkpoint (it copies committed pages into the database file; it changes no data and never
+        waits) and, if nothing was committed meanwhile, renew the hold: the new reader then takes
+        read mark 0 and the application's next write restarts the WAL from the start. Set
+        ``checkpoint_frames = 0`` for an agent that never opens the database for writing.
+        """
+        if self._hold_at != (shipped.generation, shipped.frame):
+            return
+        try:
+            if self._rw is None:
+                self._rw = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+                self._rw.execute("PRAGMA busy_timeout = 0")
+            self._rw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self.checkpoints += 1
+        except sqlite3.Error as exc:
+            log.debug("passive checkpoint skipped", extra=kv(error=str(exc)))
+            return
+        try:
+            _header, mx, generation = self._wal.state()
+        except WalFormatError:
+            return
+        if (generation, mx) == (shipped.generation, shipped.frame):
+            self.renew()
+
+    def _may_renew(self, shipped: Position, caught_up: bool) -> bool:
+        hold = self._hold_at
+        if caught_up:
+            return True
+        return hold is not None and (hold[0] != shipped.generation or shipped.frame >= hold[1])
+
+    # -- state reading -----------------------------------------------------
+
+    def _current(self) -> tuple[WalHeader | None, int, Generation]:
+        return self._wal.state()
+
+    def _db_header(self) -> tuple[int, int]:
+        """(page size, pages) of the database file itself."""
+        assert self._db_fd is not None
+        raw = os.pread(self._db_fd, 100, 0)
+        if len(raw) < 100 or not raw.startswith(b"SQLite format 3\x00"):
+            raise SourceError(f"{self.db_path} is not a SQLite database (or is empty)")
+        size = struct.unpack(">H", raw[16:18])[0]
+        page_size = 65536 if size == 1 else size
+        change, in_header, valid_for = (struct.unpack(">I", raw[o : o + 4])[0] for o in (24, 28, 92))
+        pages = in_header if in_header and change == valid_for else os.fstat(self._db_fd).st_size // page_size
+        return page_size, pages
+
+    def _stable_current(self) -> tuple[WalHeader | None, int, Generation]:
+        for _ in range(100):
+            try:
+                return self._current()
+            except WalFormatError:
+                time.sleep(0.005)
+        raise SourceError(f"the WAL of {self.db_path} stayed unreadable")
+
+    def _overlay(self) -> tuple[Position, int, int, PageHashes, Iterator[tuple[int, bytes]]]:
+        """The newest committed state: (position, page size, pages, hashes filled while iterating, pages).
+
+        Backfill cannot pass the held reader's mark, which is at most the
+        newest commit read here, so the database file overlaid with the WAL
+        frames up to it is exactly that committed state. The iterator must be
+        consumed before the next :meth:`renew`.
+        """
+        header, mx, generation = self._stable_current()
+        latest: dict[int, int] = {}
+        if header is None or mx == 0:
+            page_size, db_pages = self._db_header()
+        else:
+            page_size = header.page_size
+            db_pages = 0
+            for start in range(1, mx + 1, MAX_FRAMES_PER_POLL):
+                for frame in self._wal.frames(header, start, min(mx, start + MAX_FRAMES_PER_POLL - 1)):
+                    latest[frame.pgno] = frame.index
+                    if frame.commit_size:
+                        db_pages = frame.commit_size
+        hashes = PageHashes()
+        hashes.db_pages = db_pages
+
+        def pages() -> Iterator[tuple[int, bytes]]:
+            assert self._db_fd is not None
+            for pgno in range(1, db_pages + 1):
+                index = latest.get(pgno)
+                if index is not None and header is not None:
+                    data = self._wal.frames(header, index, index)[0].data
+                else:
+                    data = os.pread(self._db_fd, page_size, (pgno - 1) * page_size)
+                    if len(data) < page_size:
+                        data = data + bytes(page_size - len(data))
+                hashes.set(pgno, data)
+                yield pgno, data
+
+        return Position(generation, mx), page_size, db_pages, hashes, pages()
+
+    def read_state(self) -> tuple[Position, int, int, Iterator[tuple[int, bytes]]]:
+        """Start following at the newest committed state; iterate its pages (hashes kept as they go)."""
+        position, page_size, db_pages, hashes, pages = self._overlay()
+        self.page_size = page_size
+        self.position = self.announced = position
+        self.hashes = hashes
+        self.last_current_at = self._clock()
+        return position, page_size, db_pages, pages
+
+    def full_checksum(self) -> tuple[Position, int]:
+        """Recompute the newest committed state's checksum from the files, independently of
+        the rolling value; the follower's own position is untouched (see ``poll(stop_at=...)``)."""
+        position, _size, _pages, hashes, pages = self._overlay()
+        for _ in pages:
+            pass
+        return position, hashes.checksum
+
+    # -- resume --------------------------------------------------------------
+
+    def resumable(self, position: Position) -> str | None:
+        """None if the WAL still holds everything after ``position``; else why not."""
+        header, mx, generation = self._stable_current()
+        if generation != position.generation:
+            return (
+                f"WAL generation changed ({position.generation.salt1:08x}{position.generation.salt2:08x}"
+                f" -> {generation.salt1:08x}{generation.salt2:08x}): restarted while nobody followed it"
+            )
+        if position.frame > mx:
+            return f"WAL has {mx} committed frames, fewer than the replica's {position.frame}"
+        if position.frame and header is not None:
+            info = self._wal.frame_header(header, position.frame)
+            if info is None or info[1] == 0 or info[2] != header.raw_salts:
+                return f"frame {position.frame} is not a commit frame of this generation"
+        return None
+
+    def changed_pages(self, since: Position, until: int) -> tuple[set[int], int | None, int]:
+        """(pages written, smallest commit size, frames) by frames after ``since`` up to frame ``until``."""
+        header, _mx, _generation = self._stable_current()
+        changed: set[int] = set()
+        smallest: int | None = None
+        if header is None:
+            return changed, smallest, 0
+        for start in range(since.frame + 1, until + 1, MAX_FRAMES_PER_POLL):
+            for frame in self._wal.frames(header, start, min(until, start + MAX_FRAMES_PER_POLL - 1)):
+                changed.add(frame.pgno)
+                if frame.commit_size:
+                    smallest = frame.commit_size if smallest is None else min(smallest, frame.commit_size)
+        return changed, smallest, max(0, until - since.frame)
+
+    # -- streaming -----------------------------------------------------------
+
+    def poll(self, stop_at: Position | None = None) -> Batch | None:
+        """Committed transactions since the last position, merged into one batch (or None).
+
+        Renews the read hold when everything committed has been read.
+        ``stop_at`` ends the batch exactly at that frame (so a replica passes
+        through a position a verify was computed at). Raises
+        :class:`ResnapshotNeeded` when continuity is lost.
+        """
+        assert self.position is not None
+        started = self._clock()
+        self.pending_frames = 0
+        try:
+            header, mx, generation = self._current()
+        except WalFormatError:
+            return None  # caught a restart half-way; the next poll sees it whole
+        prev = self.position
+        announced = self.announced or prev
+        if generation != prev.generation:
+            if header is None or mx == 0:
+                # A restart (or truncation) that has not written a frame yet: same content, new generation.
+                self.position = Position(generation, 0)
+                self.renew()
+                return None
+            if header.page_size != self.page_size:
+                raise ResnapshotNeeded(f"page size changed from {self.page_size} to {header.page_size}")
+            start = 1
+        else:
+            start = prev.frame + 1
+            if mx < prev.frame:
+                raise ResnapshotNeeded(f"WAL has {mx} committed frames, fewer than the {prev.frame} shipped")
+        if header is None or mx < start:
+            self.last_current_at = started
+            self.renew()
+            return None
+        last = min(mx, start + MAX_FRAMES_PER_POLL - 1)
+        if stop_at is not None and stop_at.generation == header.generation and start <= stop_at.frame < last:
+            last = stop_at.frame
+        try:
+            frames = self._wal.frames(header, start, last)
+        except WalFormatError:
+            return None
+        while frames and not frames[-1].commit_size:
+            if last >= mx:
+                frames.pop()  # cannot happen (mx is a commit frame); be safe
+                continue
+            # A transaction larger than one chunk: read on to its commit frame.
+            more = self._wal.frames(header, last + 1, min(mx, last + MAX_FRAMES_PER_POLL))
+            last += len(more)
+            frames.extend(more)
+        if not frames:
+            return None
+        pages: dict[int, bytes] = {}
+        min_pages = self.hashes.db_pages
+        transactions = 0
+        for frame in frames:
+            pages[frame.pgno] = frame.data
+            self.hashes.set(frame.pgno, frame.data)
+            if frame.commit_size:
+                transactions += 1
+                self.hashes.truncate(frame.commit_size)
+                min_pages = min(min_pages, frame.commit_size)
+        db_pages = self.hashes.db_pages
+        end = frames[-1].index
+        self.position = self.announced = Position(header.generation, end)
+        self.frames_shipped += len(frames)
+        self.pending_frames = mx - end
+        if end == mx:
+            self.last_current_at = started
+        if self._may_renew(self.position, end == mx):
+            self.renew()
+            if end == mx and self.checkpoint_frames and mx >= self.checkpoint_frames:
+                self._let_wal_restart(self.position)
+        return Batch(
+            kind="tx",
+            prev=announced,
+            position=self.position,
+            page_size=self.page_size,
+            db_pages=db_pages,
+            min_pages=min_pages,
+            checksum=self.hashes.checksum,
+            observed_at=self.last_current_at,
+            transactions=transactions,
+            frames=len(frames),
+            pending_frames=mx - end,
+            pages={p: d for p, d in pages.items() if p <= db_pages},
+        )
+
+
+def describe_source(db_path: Path) -> dict[str, object]:
+    """A small, read-only description for status output."""
+    try:
+        st = os.stat(db_path)
+    except FileNotFoundError:
+        return {"path": str(db_path), "exists": False}
+    log.debug("described", extra=kv(path=db_path))
+    return {"path": str(db_path), "exists": True, "size_bytes": st.st_size}

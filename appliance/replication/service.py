@@ -1,0 +1,374 @@
+"""``ReplicationService``: the replication streams wired for the appliance daemon.
+
+``Appliance`` calls ``start()``/``stop()``, registers ``handlers()`` on the
+control API and ``ReplicationMetrics(registry)`` once; the failover engine
+calls :meth:`promote` / :meth:`failback_check` / :meth:`readiness`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from appliance.api import Caller, Handler, RequestError
+from appliance.clock import Clock, SystemClock
+from appliance.config import ReplicationSection, StreamSection, host_port
+from appliance.logs import kv
+from appliance.replication.client import SqliteStreamClient, StreamStats
+from appliance.replication.files import FilesReplica, FilesStreamClient
+from appliance.replication.metrics import ReplicationMetrics
+from appliance.replication.promotion import data_loss_window, over_budget
+from appliance.replication.replica import PromotedError, Replica
+from appliance.replication.snapshots import SnapshotStore
+from appliance.replication.tls import client_context
+from appliance.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class _Stream:
+    def __init__(self, name: str, section: StreamSection) -> None:
+        self.name = name
+        self.section = section
+        self.replica: Replica | None = None
+        self.files: FilesReplica | None = None
+        self.client: SqliteStreamClient | FilesStreamClient | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.snapshots: SnapshotStore | None = None
+        self.last_snapshot = 0.0
+        self.reported = StreamStats()  # what metrics already counted
+
+    @property
+    def stats(self) -> StreamStats:
+        return self.client.stats if self.client is not None else StreamStats()
+
+
+class ReplicationService:
+    def __init__(
+        self,
+        config: ReplicationSection,
+        *,
+        store: Store | None = None,
+        metrics: ReplicationMetrics | None = None,
+        clock: Clock | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock or SystemClock()
+        self._on_event = on_event
+        self.streams: dict[str, _Stream] = {n: _Stream(n, s) for n, s in config.streams.items()}
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        if not self.streams:
+            return
+        assert (
+            cfg.source_agent and cfg.tls_cert_file and cfg.tls_key_file and cfg.tls_ca_file
+        )  # config validated
+        host, port = host_port(cfg.source_agent)
+        ctx = client_context(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file)
+        common: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "ssl_context": ctx,
+            "server_name": cfg.server_name or host,
+            "compression": cfg.compression,
+            "rate_bytes_s": cfg.bandwidth_limit_bytes_s,
+        }
+        for s in self.streams.values():
+            sec = s.section
+            if sec.kind == "sqlite":
+                s.replica = Replica(sec.replica, clock=self.clock.time)
+                await asyncio.to_thread(s.replica.open)
+                s.snapshots = SnapshotStore(s.replica.dir / "snapshots", keep=cfg.keep_versions)
+                s.client = SqliteStreamClient(
+                    s.name, sec.source, s.replica, clock=self.clock.time, on_event=self._event, **common
+                )
+            else:
+                s.files = FilesReplica(
+                    sec.replica,
+                    keep=cfg.keep_versions,
+                    post_change_command=sec.post_change_command,
+                    clock=self.clock.time,
+                )
+                s.client = FilesStreamClient(s.name, sec.source, s.files, **common)
+            s.task = asyncio.create_task(s.client.run(), name=f"replication:{s.name}")
+        self._ticker = asyncio.create_task(self._tick_forever(), name="replication:tick")
+        log.info("replication started", extra=kv(streams=len(self.streams), source=cfg.source_agent))
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._ticker, *(s.task for s in self.streams.values())] if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        for s in self.streams.values():
+            if s.replica is not None:
+                self._record_position(s)
+                s.replica.close()
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("replication housekeeping failed")
+
+    async def tick(self) -> None:
+        """Once a second: metrics, the durable position record, snapshots for point-in-time restore."""
+        now = self.clock.time()
+        for s in self.streams.values():
+            self._update_metrics(s, now)
+            if s.replica is not None and s.replica.position is not None:
+                self._record_position(s)
+                interval = s.section.snapshot_interval_s
+                if (
+                    s.snapshots is not None
+                    and interval
+                    and now - s.last_snapshot >= interval
+                    and s.replica.promotion is None
+                ):
+                    snap = await asyncio.to_thread(s.snapshots.take, s.replica, now)
+                    s.last_snapshot = now
+                    if snap is not None and self.store is not None:
+                        with self.store.transaction() as conn:
+                            conn.execute(
+                                "INSERT INTO replication_snapshots (stream, path, position, taken_at)"
+                                " VALUES (?, ?, ?, ?)",
+                                (s.name, str(snap.path), snap.position, snap.taken_at),
+                            )
+
+    def _record_position(self, s: _Stream) -> None:
+        if self.store is None or s.replica is None:
+            return
+        r = s.replica
+        with self.store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO replication_positions"
+                " (stream, position, checksum, observed_at, applied_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (stream) DO UPDATE SET position = excluded.position,"
+                " checksum = excluded.checksum, observed_at = excluded.observed_at,"
+                " applied_at = excluded.applied_at, updated_at = excluded.updated_at",
+                (
+                    s.name,
+                    None if r.position is None else str(r.position),
+                    f"{r.checksum:016x}",
+                    s.stats.current_at or r.observed_at,
+                    r.applied_at,
+                    self.clock.time(),
+                ),
+            )
+
+    def _update_metrics(self, s: _Stream, now: float) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        st, seen = s.stats, s.reported
+        lag = st.lag_s(now)
+        if lag is not None:
+            m.lag_seconds.labels(stream=s.name).set(lag)
+        m.lag_bytes.labels(stream=s.name).set(st.lag_bytes())
+        m.connected.labels(stream=s.name).set(1 if st.connected else 0)
+        m.over_budget.labels(stream=s.name).set(1 if over_budget(lag, s.section.rpo_budget_s) else 0)
+        for attr, counter in (
+            ("bytes_received", m.received_bytes),
+            ("frames", m.frames),
+            ("transactions", m.transactions),
+            ("checksum_mismatches", m.checksum_mismatches),
+            ("corrupt_messages", m.corrupt_messages),
+            ("resnapshots", m.resnapshots),
+        ):
+            delta = getattr(st, attr) - getattr(seen, attr)
+            if delta > 0:
+                counter.labels(stream=s.name).inc(delta)
+                setattr(seen, attr, getattr(st, attr))
+
+    def _event(self, kind: str, data: dict[str, Any]) -> None:
+        if self._on_event is not None:
+            self._on_event(kind, data)
+        elif self.store is not None:
+            self.store.record(kind, subject=str(data.get("stream", "")), data=data)
+
+    # -- for the failover engine ------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        now = self.clock.time()
+        out = []
+        for s in self.streams.values():
+            st = s.stats
+            lag = st.lag_s(now)
+            item: dict[str, Any] = {
+                "name": s.name,
+                "kind": s.section.kind,
+                "source": s.section.source,
+                "replica": str(s.section.replica),
+                "connected": st.connected,
+                "mode": st.mode,
+                "lag_s": None if lag is None else round(lag, 3),
+                "lag_bytes": st.lag_bytes(),
+                "rpo_budget_s": s.section.rpo_budget_s,
+                "over_budget": over_budget(lag, s.section.rpo_budget_s),
+                "transactions": st.transactions,
+                "bytes_received": st.bytes_received,
+                "checksum_mismatches": st.checksum_mismatches,
+                "resnapshots": st.resnapshots,
+                "last_verify": st.last_verify,
+                "last_error": st.last_error,
+                "seed_progress": list(st.seed_progress),
+            }
+            if s.replica is not None:
+                item.update(
+                    {k: v for k, v in s.replica.status().items() if k in ("position", "checksum", "promoted")}
+                )
+            out.append(item)
+        return out
+
+    def readiness(self) -> list[str]:
+        """Problems that make the backup not ready to take over (for ``hotsite drill``); empty = ready."""
+        return [
+            f"replication stream {x['name']}: lag {x['lag_s']}s over budget {x['rpo_budget_s']}s"
+            for x in self.status()
+            if x["over_budget"]
+        ]
+
+    async def promote(self, stream: str | None = None, reason: str = "failover") -> dict[str, dict[str, Any]]:
+        """Stop apply on SQLite streams (all, or one), record the final position, report the loss window.
+
+        Returns per stream: ``path`` (the writable copy), ``position``, ``checksum``,
+        ``data_loss_window_s`` (None if it never knew it was current).
+        """
+        results: dict[str, dict[str, Any]] = {}
+        for s in self._pick(stream):
+            if s.replica is None:
+                continue
+            if isinstance(s.client, SqliteStreamClient):
+                s.client.pause()
+            if s.task is not None:
+                s.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await s.task
+                s.task = None
+            st = s.stats
+            window = data_loss_window(st.current_at, self.clock.time(), st.clock_offset_s)
+            promotion = await asyncio.to_thread(s.replica.promote, window, reason)
+            self._event("replication.promoted", {"stream": s.name, **promotion.to_json()})
+            results[s.name] = {
+                "path": str(s.replica.path),
+                **promotion.to_json(),
+                "position": None if promotion.position is None else str(promotion.position),
+            }
+        return results
+
+    def sqlite_streams(self) -> list[str]:
+        return [s.name for s in self.streams.values() if s.replica is not None]
+
+    def is_promoted(self, stream: str) -> bool:
+        s = self._pick(stream)[0]
+        return s.replica is not None and s.replica.promotion is not None
+
+    def local_changes(self, stream: str) -> str | None:
+        """What the backup wrote to its promoted copy (None: nothing)."""
+        s = self._pick(stream)[0]
+        if s.replica is None or s.replica.promotion is None:
+            return None
+        return s.replica.local_changes()
+
+    def failback_check(self, stream: str) -> str | None:
+        """None if replication may resume into the stream; otherwise what must be done first."""
+        s = self._pick(stream)[0]
+        if s.replica is None or s.replica.promotion is None:
+            return None
+        return (
+            s.replica.local_changes() or "promoted without local writes: 'hotsite replication demote' resumes"
+        )
+
+    async def demote(self, stream: str, discard_local_writes: bool = False) -> None:
+        s = self._pick(stream)[0]
+        if s.replica is None or s.client is None:
+            raise RequestError(f"stream {stream!r} is not a SQLite stream")
+        await asyncio.to_thread(s.replica.demote, discard_local_writes)
+        assert isinstance(s.client, SqliteStreamClient)
+        s.client.resume()
+        if s.task is None:
+            s.task = asyncio.create_task(s.client.run(), name=f"replication:{s.name}")
+
+    def _pick(self, stream: str | None) -> list[_Stream]:
+        if stream is None:
+            return list(self.streams.values())
+        if stream not in self.streams:
+            raise RequestError(
+                f"unknown stream {stream!r} (known: {', '.join(sorted(self.streams)) or 'none'})"
+            )
+        return [self.streams[stream]]
+
+    # -- control API -------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "replication.status": self._api_status,
+            "replication.verify": self._api_verify,
+            "replication.promote": self._api_promote,
+            "replication.demote": self._api_demote,
+            "replication.snapshots": self._api_snapshots,
+        }
+
+    async def _api_status(self, caller: Caller, params: dict[str, Any]) -> Any:
+        return {"streams": self.status(), "source_agent": self.config.source_agent, "at": time.time()}
+
+    async def _api_verify(self, caller: Caller, params: dict[str, Any]) -> Any:
+        s = self._pick(_stream_param(params))[0]
+        if not isinstance(s.client, SqliteStreamClient):
+            raise RequestError("verify applies to SQLite streams")
+        try:
+            return await s.client.verify()
+        except (ConnectionError, TimeoutError) as exc:
+            return {"ok": False, "error": f"cannot verify now: {exc or 'timed out'}"}
+
+    async def _api_promote(self, caller: Caller, params: dict[str, Any]) -> Any:
+        name = _stream_param(params)
+        reason = f"{params.get('reason', 'operator')} by {caller.actor}"
+        return (await self.promote(name, reason=reason))[name]
+
+    async def _api_demote(self, caller: Caller, params: dict[str, Any]) -> Any:
+        name = _stream_param(params)
+        try:
+            await self.demote(name, bool(params.get("discard_local_writes")))
+        except PromotedError as exc:
+            raise RequestError(exc.message) from None
+        self._event("replication.demoted", {"stream": name, "actor": caller.actor})
+        return {"stream": name, "replicating": True}
+
+    async def _api_snapshots(self, caller: Caller, params: dict[str, Any]) -> Any:
+        s = self._pick(_stream_param(params))[0]
+        if s.snapshots is None:
+            raise RequestError("snapshots apply to SQLite streams")
+        return {
+            "directory": str(s.snapshots.directory),
+            "snapshots": [
+                {"path": str(x.path), "taken_at": x.taken_at, "position": x.position}
+                for x in s.snapshots.list()
+            ],
+        }
+
+
+def _stream_param(params: dict[str, Any]) -> str:
+    name = params.get("stream")
+    if not isinstance(name, str) or not name:
+        raise RequestError("stream must be a stream name")
+    return name
+
+
+def replica_paths(config: ReplicationSection) -> dict[str, Path]:
+    return {n: s.replica for n, s in config.streams.items()}

@@ -1,0 +1,243 @@
+"""The escalation core: dedupe, grouping, steps on time, ack stops it, resolve notices, night rules."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.clock import SimulatedClock
+from appliance.paging.incidents import (
+    Ack,
+    Clear,
+    Note,
+    Page,
+    PagerState,
+    Raise,
+    Resolve,
+    Tick,
+    step,
+)
+from appliance.paging.oncall import (
+    WEEK_S,
+    Contact,
+    Night,
+    Override,
+    Policy,
+    Roster,
+    Rotation,
+    Step,
+    on_call,
+    schedule,
+)
+
+T0 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC).timestamp()  # a Monday 09:00 UTC
+
+
+def roster(night: Night | None = None, repeat: int = 1) -> Roster:
+    contacts = {
+        "Zhang Wei": Contact("Zhang Wei", phone="+8613800138000", email="zw@example.com"),
+        "Li Na": Contact("Li Na", phone="+8613900139000"),
+        "Wang Fang": Contact("Wang Fang", phone="+8613700137000", wake_for="warning"),
+        "Vendor Mgr": Contact("Vendor Mgr", email="vm@example.com"),
+        "Site Mgr": Contact("Site Mgr", phone="+8613600136000"),
+    }
+    return Roster(
+        contacts=contacts,
+        rotations={"primary": Rotation("primary", ("Zhang Wei", "Li Na"), start=T0)},
+        overrides=(),
+        policies={
+            "default": Policy(
+                "default",
+                (
+                    Step(("rotation:primary",), 300),
+                    Step(("Wang Fang",), 600),
+                    Step(("Vendor Mgr", "Site Mgr"), 900),
+                ),
+                repeat=repeat,
+            )
+        },
+        night=night,
+        site="dr1",
+    )
+
+
+def pages(actions: list, kind: str | None = None) -> list[Page]:
+    return [a for a in actions if isinstance(a, Page) and (kind is None or a.kind == kind)]
+
+
+def notes(actions: list, kind: str) -> list[Note]:
+    return [a for a in actions if isinstance(a, Note) and a.kind == kind]
+
+
+def test_rotation_is_weekly_and_an_override_wins() -> None:
+    r = roster()
+    assert on_call(r, "primary", T0) == "Zhang Wei"
+    assert on_call(r, "primary", T0 + WEEK_S - 1) == "Zhang Wei"
+    assert on_call(r, "primary", T0 + WEEK_S) == "Li Na"
+    assert on_call(r, "primary", T0 + 2 * WEEK_S) == "Zhang Wei"
+    assert on_call(r, "primary", T0 - 1) == "Li Na"  # before the first turn the cycle runs backwards
+    o = Roster(**{**r.__dict__, "overrides": (Override("primary", "Wang Fang", T0 + 3600, T0 + 7200),)})
+    assert on_call(o, "primary", T0 + 3599) == "Zhang Wei"
+    assert on_call(o, "primary", T0 + 3600) == "Wang Fang"
+    assert on_call(o, "primary", T0 + 7200) == "Zhang Wei"
+    assert on_call(o, "nope", T0) is None
+    view = schedule(o, T0 + 10)
+    assert view[0]["on_call"] == "Zhang Wei" and view[0]["next"][0]["contact"] == "Li Na"  # type: ignore[index]
+    assert view[0]["overrides"] == [{"contact": "Wang Fang", "start": T0 + 3600, "end": T0 + 7200}]
+
+
+def test_escalation_runs_steps_on_time_and_repeats_then_stops() -> None:
+    r, clock = roster(repeat=1), SimulatedClock(start=T0, wall_offset=0)
+    state, actions = step(PagerState(), Raise("trunk:a", "trunk a down", "critical"), clock.time(), r)
+    assert [(p.contact, p.kind) for p in pages(actions)] == [("Zhang Wei", "trigger")]
+    assert "on call in rotation primary" in pages(actions)[0].reason
+    assert "Reply ACK 1 or" in pages(actions)[0].text
+    timeline = []
+    for _ in range(60 * 60):  # one tick a second for an hour
+        clock.advance(1)
+        state, actions = step(state, Tick(), clock.time(), r)
+        timeline += [(clock.time() - T0, p.contact) for p in pages(actions)]
+        if notes(actions, "exhausted"):
+            timeline.append((clock.time() - T0, "exhausted"))
+    assert timeline == [
+        (300, "Wang Fang"),
+        (900, "Vendor Mgr"),
+        (900, "Site Mgr"),
+        (1800, "Zhang Wei"),  # round 2
+        (2100, "Wang Fang"),
+        (2700, "Vendor Mgr"),
+        (2700, "Site Mgr"),
+        (2700, "exhausted"),
+    ]
+
+
+def test_dedupe_group_ack_and_resolve_notices() -> None:
+    r = roster()
+    state, actions = step(
+        PagerState(), Raise("trunk:a", "trunk a down", "error", group="site:primary"), T0, r
+    )
+    state, actions = step(
+        state, Raise("trunk:a", "trunk a down", "critical", group="site:primary"), T0 + 1, r
+    )
+    assert pages(actions) == [] and notes(actions, "duplicate")
+    state, actions = step(state, Raise("trunk:b", "trunk b down", group="site:primary"), T0 + 2, r)
+    assert pages(actions) == [] and notes(actions, "grouped")
+    (incident,) = state.incidents.values()
+    assert incident.keys == ("trunk:a", "trunk:b") and incident.hits == 3 and incident.severity == "critical"
+    state, actions = step(state, Tick(), T0 + 300, r)
+    assert [p.contact for p in pages(actions)] == ["Wang Fang"]
+    state, actions = step(state, Ack(incident.short_code, "Wang Fang", "sms"), T0 + 320, r)
+    assert notes(actions, "acked")[0].data["after_s"] == 320
+    state, actions = step(state, Ack("1", "Li Na", "sms"), T0 + 321, r)
+    assert notes(actions, "ack_duplicate")
+    state, actions = step(state, Tick(), T0 + 5000, r)
+    assert pages(actions) == []
+    state, actions = step(state, Clear("trunk:a"), T0 + 5001, r)
+    assert pages(actions) == [] and state.incidents
+    state, actions = step(state, Clear("trunk:b"), T0 + 5002, r)
+    assert state.incidents == {}
+    resolved = pages(actions, "resolve")
+    assert sorted(p.contact for p in resolved) == ["Wang Fang", "Zhang Wei"]
+    assert resolved[0].text == "[dr1] RESOLVED #1: trunk a down"
+    state, actions = step(state, Raise("trunk:a", "trunk a down again"), T0 + 6000, r)
+    assert state.incidents[2].id == 2 and pages(actions)[0].contact == "Zhang Wei"
+
+
+def test_unknown_ack_is_rejected_and_changes_nothing() -> None:
+    r = roster()
+    state, _ = step(PagerState(), Raise("disk", "disk full"), T0, r)
+    after, actions = step(state, Ack("99", "Li Na", "sms"), T0 + 1, r)
+    assert after == state and notes(actions, "ack_rejected")
+    after, actions = step(state, Resolve("99", "root"), T0 + 1, r)
+    assert after == state and notes(actions, "resolve_rejected")
+
+
+def test_night_holds_lesser_pages_until_morning_but_wakes_for_critical() -> None:
+    night = Night(22 * 60, 7 * 60, "Asia/Shanghai")  # 22:00-07:00 UTC+8 = 14:00-23:00 UTC
+    r = roster(night=night)
+    at = dt.datetime(2026, 3, 2, 15, 0, tzinfo=dt.UTC).timestamp()  # 23:00 in Shanghai
+    assert night.is_night(at)
+    state, actions = step(PagerState(), Raise("lag", "replication lag", "warning"), at, r)
+    assert pages(actions) == [] and notes(actions, "deferred")
+    state, actions = step(state, Tick(), at + 300, r)  # step 2: Wang Fang wakes for warnings
+    assert [p.contact for p in pages(actions)] == ["Wang Fang"]
+    morning = dt.datetime(2026, 3, 2, 23, 0, tzinfo=dt.UTC).timestamp()  # 07:00 in Shanghai
+    state, actions = step(state, Tick(), morning - 1, r)
+    assert "Zhang Wei" not in [p.contact for p in pages(actions)]
+    state, actions = step(state, Tick(), morning, r)
+    assert "Zhang Wei" in [p.contact for p in pages(actions)]
+    assert all("held overnight" in p.reason for p in pages(actions) if p.contact == "Zhang Wei")
+    state2, actions = step(PagerState(), Raise("primary", "primary site down", "critical"), at, r)
+    assert [p.contact for p in pages(actions)] == ["Zhang Wei"]
+
+
+def test_state_round_trips_through_json() -> None:
+    r = roster()
+    state, _ = step(PagerState(), Raise("a", "x", group="g"), T0, r)
+    state, _ = step(state, Raise("b", "y", group="g"), T0 + 1, r)
+    state, _ = step(state, Tick(), T0 + 400, r)
+    assert PagerState.from_json(state.to_json()) == state
+
+
+# ---------------------------------------------------------------------------
+# Properties over random event sequences
+
+events = st.one_of(
+    st.builds(
+        Raise,
+        key=st.sampled_from(["a", "b", "c", "d"]),
+        summary=st.just("s"),
+        severity=st.sampled_from(["info", "warning", "error", "critical"]),
+        group=st.sampled_from(["", "g1", "g2"]),
+    ),
+    st.builds(Clear, key=st.sampled_from(["a", "b", "c", "d"])),
+    st.builds(Ack, incident=st.sampled_from(["1", "2", "3", "4", "5"]), actor=st.just("Li Na")),
+    st.builds(Resolve, incident=st.sampled_from(["1", "2", "3"]), actor=st.just("root")),
+    st.just(Tick()),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    script=st.lists(st.tuples(events, st.floats(min_value=0, max_value=2000)), max_size=40),
+    with_night=st.booleans(),
+)
+def test_properties(script: list, with_night: bool) -> None:
+    r = roster(night=Night(22 * 60, 7 * 60, "Asia/Shanghai") if with_night else None, repeat=2)
+    clock = SimulatedClock(start=T0, wall_offset=0)
+    state = PagerState()
+    closed: set[int] = set()  # acked or resolved
+    triggered: dict[int, set[str]] = {}
+    resolve_notices: dict[int, list[str]] = {}
+    dedups: set[str] = set()
+    for event, gap in script:
+        clock.advance(gap)
+        before = dict(state.incidents)
+        state, actions = step(state, event, clock.time(), r)
+        for action in actions:
+            if isinstance(action, Page):
+                assert action.reason, "every page has a reason"
+                assert action.contact in r.contacts
+                assert action.dedup not in dedups, "a page is decided once"
+                dedups.add(action.dedup)
+                if action.kind == "trigger":
+                    assert action.incident not in closed, "never a trigger page after ack or resolve"
+                    after = state.incidents.get(action.incident)
+                    assert after is not None and after.status == "open", "trigger pages only for open incidents"
+                    triggered.setdefault(action.incident, set()).add(action.contact)
+                else:
+                    resolve_notices.setdefault(action.incident, []).append(action.contact)
+        for incident_id in before:
+            if incident_id not in state.incidents or state.incidents[incident_id].status == "acked":
+                closed.add(incident_id)
+        for incident in state.incidents.values():
+            if incident.status == "acked":
+                assert incident.next_at is None and incident.deferred == ()
+            keys = [k for i in state.incidents.values() for k in i.keys]
+            assert len(keys) == len(set(keys)), "a key belongs to at most one active incident"
+    for incident_id, contacts in resolve_notices.items():
+        assert sorted(contacts) == sorted(triggered.get(incident_id, set())), (
+            "resolve notices go exactly to those paged, once each"
+        )
