@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
@@ -22,8 +22,17 @@ from appliance.daemon import Daemon
 from appliance.errors import ConfigError
 from appliance.kamailio import KamailioRpc
 from appliance.logs import kv
+from appliance.paging.service import PagingService
+from appliance.replication.metrics import ReplicationMetrics
+from appliance.replication.service import ReplicationService
 from appliance.store import Store
 from appliance.systemd import Notifier
+from failover.actuators.factory import build_actuators
+from failover.actuators.replication import ReplicationActuator
+from failover.engine import Command, Page, Resolve
+from failover.plans import backup_site
+from failover.service import FailoverService
+from failover.witness import voter_from_config
 from monitoring import metrics as metrics_mod
 from monitoring.monitor import Monitor
 from monitoring.probes.host import HostCollector
@@ -32,8 +41,26 @@ from monitoring.usage import UsageMonitor
 
 log = logging.getLogger(__name__)
 
+REPLICATION_METHODS = (
+    "replication.status",
+    "replication.verify",
+    "replication.promote",
+    "replication.demote",
+    "replication.snapshots",
+)
 # Settings that only take effect at start; a reload that changes them says so.
-RESTART_ONLY = ("appliance.state_dir", "appliance.runtime_dir", "metrics.listen", "metrics.enabled")
+RESTART_ONLY = (
+    "appliance.state_dir",
+    "appliance.runtime_dir",
+    "metrics.listen",
+    "metrics.enabled",
+    "replication",
+    "actuators",
+    "failover.witness",
+    "paging",
+    "channels",
+    "contacts",
+)
 
 
 class Appliance(Daemon):
@@ -55,6 +82,9 @@ class Appliance(Daemon):
         self.api: ApiServer | None = None
         self._metrics_server: Any = None
         self.monitor: Monitor | None = None
+        self.failover: FailoverService | None = None
+        self.replication: ReplicationService | None = None
+        self.paging: PagingService | None = None
         self.kamailio: KamailioRpc | None = None
         self.usage: UsageMonitor | None = None
         self._started_at = 0.0
@@ -87,12 +117,100 @@ class Appliance(Daemon):
             data={"pid": os.getpid(), "config": str(self.config_path), "targets": len(targets)},
         )
         self.monitor = Monitor(cfg, self.metrics, self.clock, self._record)
+        self.replication = ReplicationService(
+            cfg.replication,
+            store=self.store,
+            metrics=ReplicationMetrics(self.metrics.registry),
+            clock=self.clock,
+        )
+        await self.replication.start()
+        self.paging = PagingService(
+            cfg, self.store, self.metrics.registry, clock=self.clock, status_text=self.sms_status
+        )
+        await self.paging.start()
+        self.monitor.on_target_state = self._target_incident
+        self._start_failover(cfg)
         self.supervisor.start("probes", self.monitor.run)
         self._start_usage(cfg)
         self._started = True
         log.info(
             "hotsite started",
             extra=kv(version=__version__, config=self.config_path, targets=len(targets)),
+        )
+
+    def _start_failover(self, cfg: Config) -> None:
+        """The engine, its actuators in runbook order (routing first, the data last), the witness."""
+        assert self.store is not None and self.monitor is not None and self.replication is not None
+        actuators = build_actuators(cfg)
+        if self.replication.sqlite_streams():
+            actuators.append(ReplicationActuator(self.replication))
+        self.failover = FailoverService(
+            cfg,
+            self.store,
+            self.clock,
+            actuators,
+            voter_from_config(cfg, clock=self.clock),
+            pager=self._page,
+            on_change=lambda state: self.metrics.set_failover_state(state.state, state.routing, state.epoch),
+        )
+        self.monitor.on_verdict = self.failover.on_site_verdict
+        for name, job in (
+            ("failover", self.failover.run),
+            ("failover ticks", self.failover.ticks),
+            ("witness", self.failover.poll_witness),
+            ("reconcile", self.failover.reconcile),
+        ):
+            self.supervisor.start(name, job)
+        state = self.failover.state
+        self.metrics.set_failover_state(state.state, state.routing, state.epoch)
+
+    async def _page(self, action: Page | Resolve) -> None:
+        """The engine's pages become incidents (deduplicated by key, resolved when cleared)."""
+        assert self.paging is not None
+        if isinstance(action, Page):
+            await self.paging.raise_incident(
+                f"failover:{action.key}",
+                action.summary,
+                severity=action.severity,
+                group="failover",
+                source="engine",
+            )
+        else:
+            await self.paging.clear(f"failover:{action.key}")
+
+    def _target_incident(self, target: str, kind: str, state: str, why: str) -> None:
+        """A trunk, an SBC or the appliance itself going down is an incident; up again clears it."""
+        if self.paging is None or kind == "link" and state == "unknown":
+            return
+        key = f"target:{target}"
+        if state == "down":
+            severity: Literal["error", "critical"] = (
+                "critical" if target.startswith(("site:", "host:disk")) else "error"
+            )
+            job = self.paging.raise_incident(
+                key,
+                f"{target} is down: {why}",
+                severity=severity,
+                group=target.split(":")[0],
+                source="health",
+            )
+        elif state == "up":
+            job = self.paging.clear(key)
+        else:
+            return
+        self.supervisor.spawn(f"incident {key}", job)
+
+    def sms_status(self) -> str:
+        """The short answer to a contractor's STATUS text: works when nothing else does."""
+        if self.monitor is None or self.failover is None:
+            return f"hotsite {self.config.appliance.name}: starting"
+        sites = " ".join(f"{n}={v.verdict}" for n, v in self.monitor.sites.items())
+        trunks = [h for n, h in self.monitor.health.items() if n.startswith("trunk:")]
+        up = sum(1 for h in trunks if h.state == "up")
+        f = self.failover.state
+        return (
+            f"hotsite {self.config.appliance.name}: {sites}; trunks up {up}/{len(trunks)};"
+            f" failover {f.state} (routing {f.routing})"
         )
 
     def _start_usage(self, cfg: Config) -> None:
@@ -124,6 +242,8 @@ class Appliance(Daemon):
         assert self.monitor is not None
         await self.supervisor.stop("probes")
         self.monitor.configure(new)
+        if self.failover is not None:
+            self.failover.config = new
         self.supervisor.start("probes", self.monitor.run)
         await self._stop_usage()
         self._start_usage(new)
@@ -134,6 +254,12 @@ class Appliance(Daemon):
     async def stop(self) -> None:
         if self.monitor is not None:
             await self.monitor.close()
+        if self.failover is not None:
+            await self.failover.close()
+        if self.replication is not None:
+            await self.replication.stop()
+        if self.paging is not None:
+            await self.paging.stop()
         await self._stop_usage()
         if self.api is not None:
             await self.api.close()
@@ -158,15 +284,49 @@ class Appliance(Daemon):
     # -- control API -----------------------------------------------------------
 
     def _handlers(self) -> dict[str, Any]:
-        return {
-            "ping": self._api_ping,
-            "status": self._api_status,
-            "events": self._api_events,
-            "probes": self._api_probes,
-            "trunks": self._api_trunks,
-            "note": self._api_note,
-            "reload": self._api_reload,
-        }
+        return (
+            self._replication_handlers()
+            | self._paging_handlers()
+            | {
+                "ping": self._api_ping,
+                "status": self._api_status,
+                "events": self._api_events,
+                "probes": self._api_probes,
+                "trunks": self._api_trunks,
+                "note": self._api_note,
+                "failover": self._api_failover,
+                "failback": self._api_command("failback"),
+                "approve": self._api_command("approve"),
+                "cancel": self._api_command("cancel"),
+                "maintenance": self._api_maintenance,
+                "drill": self._api_command("drill"),
+                "reload": self._api_reload,
+            }
+        )
+
+    def _replication_handlers(self) -> dict[str, Any]:
+        """replication.* methods, delegated once the service exists (the socket opens first)."""
+
+        def delegate(name: str) -> Any:
+            async def handler(caller: Caller, params: dict[str, Any]) -> Any:
+                if self.replication is None:
+                    raise RequestError("replication is starting; try again")
+                return await self.replication.handlers()[name](caller, params)
+
+            return handler
+
+        return {name: delegate(name) for name in REPLICATION_METHODS}
+
+    def _paging_handlers(self) -> dict[str, Any]:
+        def delegate(name: str) -> Any:
+            async def handler(caller: Caller, params: dict[str, Any]) -> Any:
+                if self.paging is None:
+                    raise RequestError("paging is starting; try again")
+                return await self.paging.handlers()[name](caller, params)
+
+            return handler
+
+        return {name: delegate(name) for name in ("incidents", "ack", "oncall", "page_test")}
 
     async def _api_ping(self, caller: Caller, params: dict[str, Any]) -> Any:
         return {"pong": True, "version": __version__, "pid": os.getpid()}
@@ -193,6 +353,35 @@ class Appliance(Daemon):
             }
             for name, trunk in self.config.trunks.items()
         ]
+
+    async def _api_failover(self, caller: Caller, params: dict[str, Any]) -> Any:
+        to = params.get("to", "backup")
+        if to != backup_site(self.config):
+            raise RequestError(f"--to must name the backup site {backup_site(self.config)!r}, got {to!r}")
+        return await self._command(caller, "failover", params)
+
+    def _api_command(self, command: str) -> Any:
+        async def handler(caller: Caller, params: dict[str, Any]) -> Any:
+            return await self._command(caller, command, params)
+
+        return handler
+
+    async def _api_maintenance(self, caller: Caller, params: dict[str, Any]) -> Any:
+        on = params.get("on")
+        if not isinstance(on, bool):
+            raise RequestError("on must be true or false")
+        return await self._command(caller, "maintenance_on" if on else "maintenance_off", params)
+
+    async def _command(self, caller: Caller, command: str, params: dict[str, Any]) -> Any:
+        assert self.failover is not None
+        reason = params.get("reason") or ""
+        force = params.get("force", False)
+        if not isinstance(reason, str) or len(reason) > 500 or not isinstance(force, bool):
+            raise RequestError("reason must be text (at most 500 characters) and force true or false")
+        outcome = await self.failover.ask(Command(command, caller.actor, reason, force))  # type: ignore[arg-type]
+        if outcome.refused:
+            raise RequestError(outcome.decision)
+        return {"decision": outcome.decision, "failover": self.failover.view()}
 
     async def _api_events(self, caller: Caller, params: dict[str, Any]) -> Any:
         assert self.store is not None
@@ -246,11 +435,7 @@ class Appliance(Daemon):
             },
             "sites": sites,
             "trunks": trunks,
-            "failover": {
-                "state": "monitoring",
-                "policy": cfg.failover.policy,
-                "detail": "watching only: the failover engine is not part of this release",
-            },
+            "failover": self.failover.view() if self.failover else {"state": "starting"},
             "events": [e.to_json() for e in self.store.events(limit=events)] if events else [],
         }
 

@@ -32,6 +32,7 @@ class Supervisor:
 
     def __init__(self, *, min_backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._jobs: set[asyncio.Task[None]] = set()
         self._min_backoff = min_backoff_s
         self._max_backoff = max_backoff_s
         self.restarts: dict[str, int] = {}
@@ -51,6 +52,24 @@ class Supervisor:
     async def stop_all(self) -> None:
         for name in list(self._tasks):
             await self.stop(name)
+        for job in list(self._jobs):
+            job.cancel()
+
+    def spawn(self, name: str, job: Coroutine[Any, Any, object]) -> None:
+        """A short job (send a page, clear an incident) that must not block the caller.
+
+        Its failure is logged, never raised; the daemon keeps a reference until it ends.
+        """
+
+        async def guarded() -> None:
+            try:
+                await job
+            except Exception:
+                log.exception("job failed", extra=kv(job=name))
+
+        task = asyncio.create_task(guarded(), name=name)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
 
     def running(self) -> list[str]:
         return sorted(name for name, task in self._tasks.items() if not task.done())

@@ -34,6 +34,7 @@ from appliance.migrations import COMPONENTS
 DB_NAME = "hotsite.db"
 LOCK_NAME = "hotsite.lock"
 
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One audit record."""

@@ -35,6 +35,7 @@ Safety rules, each tested as a property:
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -51,6 +52,7 @@ EngineStateName = Literal[
     "drill",
     "held",
 ]
+ENGINE_STATES: tuple[str, ...] = typing.get_args(EngineStateName)
 RUNNING = ("failing_over", "failing_back")
 HOUR = 3600.0
 
@@ -123,7 +125,9 @@ class WitnessVote:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    command: Literal["failover", "failback", "approve", "cancel", "maintenance_on", "maintenance_off", "drill"]
+    command: Literal[
+        "failover", "failback", "approve", "cancel", "maintenance_on", "maintenance_off", "drill"
+    ]
     actor: str
     reason: str = ""
     force: bool = False
@@ -294,8 +298,9 @@ def _auto_blocked(state: EngineState, policy: Policy, now: float) -> str | None:
     recent = [t for t in state.auto_moves if now - t < HOUR]
     if len(recent) >= policy.max_auto_per_hour:
         return f"{len(recent)} automatic failover(s) in the last hour (limit {policy.max_auto_per_hour})"
-    if state.routing_changed_at and now - state.routing_changed_at < policy.min_dwell_s:
-        return f"routing changed {now - state.routing_changed_at:.0f}s ago (minimum dwell {policy.min_dwell_s:g}s)"
+    since_change = now - state.routing_changed_at
+    if state.routing_changed_at and since_change < policy.min_dwell_s:
+        return f"routing changed {since_change:.0f}s ago (minimum dwell {policy.min_dwell_s:g}s)"
     return None
 
 
@@ -310,12 +315,17 @@ def _failover_pending(state: EngineState, policy: Policy, now: float) -> Outcome
         resolve = Resolve(PRIMARY_DOWN, "Primary site recovered; no failover was needed")
         return Outcome(_to(state, "primary_active", now, waiting_for=""), (resolve,), decision)
     timeout = policy.confirm_timeout_s
-    if policy.effective_mode == "confirm" and timeout and now - state.since >= timeout and state.witness is not True:
+    if (
+        policy.effective_mode == "confirm"
+        and timeout
+        and now - state.since >= timeout
+        and state.witness is not True
+    ):
         reason = f"no answer within confirm_timeout_s={timeout:g}s"
         return _start(state, "failover", now, reason, "daemon", automatic=True)
-    if policy.mode == "auto" and policy.has_witness and state.witness is False:
-        if _auto_blocked(state, policy, now) is None:
-            return _start(state, "failover", now, "the witness now agrees the primary is down", "daemon", True)
+    witness_agrees = policy.mode == "auto" and policy.has_witness and state.witness is False
+    if witness_agrees and _auto_blocked(state, policy, now) is None:
+        return _start(state, "failover", now, "the witness now agrees the primary is down", "daemon", True)
     return _stay(state)
 
 
@@ -334,7 +344,9 @@ def _backup_active(state: EngineState, policy: Policy, now: float) -> Outcome:
 def _failback_pending(state: EngineState, policy: Policy, now: float) -> Outcome:
     if state.primary != "up":
         decision = f"primary is {state.primary} again: failback no longer pending"
-        return Outcome(_to(state, "backup_active", now, waiting_for=""), (Resolve("failback", decision),), decision)
+        return Outcome(
+            _to(state, "backup_active", now, waiting_for=""), (Resolve("failback", decision),), decision
+        )
     stable = now - state.primary_since
     if policy.failback == "auto" and stable >= policy.failback_stable_s:
         return _start(state, "failback", now, f"primary up and stable for {stable:.0f}s", "daemon", False)
@@ -351,7 +363,12 @@ _EVALUATE: dict[str, Callable[[EngineState, Policy, float], Outcome]] = {
 
 
 def _start(
-    state: EngineState, kind: Literal["failover", "failback"], now: float, reason: str, actor: str, automatic: bool
+    state: EngineState,
+    kind: Literal["failover", "failback"],
+    now: float,
+    reason: str,
+    actor: str,
+    automatic: bool,
 ) -> Outcome:
     epoch = state.epoch + 1
     target: Literal["normal", "failover"] = "failover" if kind == "failover" else "normal"
@@ -405,9 +422,13 @@ def _cmd_failback(state: EngineState, cmd: Command, policy: Policy, now: float) 
 
 def _cmd_approve(state: EngineState, cmd: Command, policy: Policy, now: float) -> Outcome:
     if state.state == "failover_pending":
-        return _start(state, "failover", now, f"approved: {cmd.reason or 'operator approval'}", cmd.actor, False)
+        return _start(
+            state, "failover", now, f"approved: {cmd.reason or 'operator approval'}", cmd.actor, False
+        )
     if state.state == "failback_pending":
-        return _start(state, "failback", now, f"approved: {cmd.reason or 'operator approval'}", cmd.actor, False)
+        return _start(
+            state, "failback", now, f"approved: {cmd.reason or 'operator approval'}", cmd.actor, False
+        )
     return _refuse(state, f"nothing is waiting for approval (state {state.state})")
 
 
@@ -468,7 +489,9 @@ def _runbook_done(state: EngineState, done: RunbookDone, now: float) -> Outcome:
     if done.ok:
         if done.kind == "failover":
             new = _to(state, "backup_active", now, routing="failover", waiting_for="")
-            page = Page(FAILOVER, "critical", f"Failover completed: calls now go to the backup site ({done.detail})")
+            page = Page(
+                FAILOVER, "critical", f"Failover completed: calls now go to the backup site ({done.detail})"
+            )
             return Outcome(new, (page,), f"failover completed (epoch {done.epoch}): {done.detail}")
         new = _to(state, "primary_active", now, routing="normal", waiting_for="")
         resolves = (Resolve(FAILOVER, "Failback completed"), Resolve(PRIMARY_DOWN, "Primary serving again"))
@@ -488,7 +511,9 @@ def _drill_done(state: EngineState, done: DrillDone, now: float) -> Outcome:
         return _stay(state, "ignored a drill result outside a drill")
     verdict = "passed" if done.ok else "FAILED"
     new = _to(state, "primary_active", now, waiting_for="")
-    actions: tuple[Action, ...] = () if done.ok else (Page("drill", "warning", f"DR drill failed: {done.detail}"),)
+    actions: tuple[Action, ...] = (
+        () if done.ok else (Page("drill", "warning", f"DR drill failed: {done.detail}"),)
+    )
     return Outcome(new, actions, f"drill {verdict}: {done.detail}")
 
 

@@ -75,7 +75,10 @@ def assign(config: Config, lost: str) -> tuple[list[Assignment], list[str]]:
             if dest is None or candidate == lost:
                 continue
             if dest.unlimited:
-                chosen, why = dest, f"{candidate} (self-service, unlimited)" if dest.kind != "site" else candidate
+                chosen, why = (
+                    dest,
+                    f"{candidate} (self-service, unlimited)" if dest.kind != "site" else candidate,
+                )
                 break
             if left[candidate] >= line.agents:
                 left[candidate] -= line.agents

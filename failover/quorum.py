@@ -41,7 +41,7 @@ class Voter(abc.ABC):
     @abc.abstractmethod
     async def vote(self) -> Vote: ...
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 -- optional hook: most edges hold nothing to release
         """Release connections; called once at shutdown."""
 
 

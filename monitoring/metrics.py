@@ -103,6 +103,21 @@ class Metrics:
             ["trunk"],
             registry=registry,
         )
+        self.failover_state = Gauge(
+            "hotsite_failover_state",
+            "The failover engine's state (one series per state, 1 for the current one).",
+            ["state"],
+            registry=registry,
+        )
+        self.failover_routing = Gauge(
+            "hotsite_failover_routing",
+            "Which routing is applied (1 for the current one): normal, failover or unknown.",
+            ["routing"],
+            registry=registry,
+        )
+        self.failover_epoch = Gauge(
+            "hotsite_failover_epoch", "Fencing token of the newest routing decision.", registry=registry
+        )
         self.api_bad_requests = Counter(
             "hotsite_api_bad_requests_total",
             "Control API requests rejected before reaching a handler.",
@@ -125,6 +140,15 @@ class Metrics:
         self.site_up.labels(site=site).set(1 if verdict == "up" else 0)
         for candidate in SITE_VERDICTS:
             self.site_verdict.labels(site=site, verdict=candidate).set(1 if candidate == verdict else 0)
+
+    def set_failover_state(self, state: str, routing: str, epoch: int) -> None:
+        from failover.engine import ENGINE_STATES
+
+        for candidate in ENGINE_STATES:
+            self.failover_state.labels(state=candidate).set(1 if candidate == state else 0)
+        for candidate in ("normal", "failover", "unknown"):
+            self.failover_routing.labels(routing=candidate).set(1 if candidate == routing else 0)
+        self.failover_epoch.set(epoch)
 
     def forget_target(self, target: str, kind: str) -> None:
         """Drop a target's series after a reload removed it from the config."""

@@ -31,12 +31,17 @@ Recorder = Callable[..., Any]  # Store.record-like: record(kind, subject=…, me
 
 class Monitor:
     def __init__(self, config: Config, metrics: Metrics, clock: Clock, record: Recorder) -> None:
+        # Told of every change of a site's verdict (the failover service listens here).
+        self.on_verdict: Callable[[str, str, str], None] = lambda site, verdict, why: None
+        # Told of every published change of a target's state: (target, kind, state, why).
+        self.on_target_state: Callable[[str, str, str, str], None] = lambda target, kind, state, why: None
         self._metrics = metrics
         self._clock = clock
         self._record = record
         self.prober = Prober(
             clock=clock.monotonic,
             on_unmatched=lambda reason: metrics.unmatched_replies.labels(reason=reason).inc(),
+            tls_ca_file=config.probes.tls_ca_file,
             host=HostProbe(
                 config.appliance.state_dir,
                 disk_min_free_pct=config.host.disk_min_free_pct,
@@ -127,6 +132,7 @@ class Monitor:
         if after.state == before.state:
             return
         m.set_target_state(target.name, target.kind, after.state)
+        self.on_target_state(target.name, target.kind, after.state, after.why)
         log.info(
             f"{target.name} is {after.state}",
             extra=kv(target=target.name, state=after.state, was=before.state, why=after.why),
@@ -151,6 +157,7 @@ class Monitor:
                 f"site {site} is {after.verdict}",
                 extra=kv(site=site, verdict=after.verdict, was=before.verdict, why="; ".join(after.why)),
             )
+            self.on_verdict(site, after.verdict, "; ".join(after.why))
             self._record(
                 "site.verdict",
                 subject=site,

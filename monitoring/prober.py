@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from monitoring.probes.base import ProbeResult
 from monitoring.probes.host import HostProbe
@@ -32,9 +34,11 @@ class Prober:
         clock: Callable[[], float] = time.monotonic,
         on_unmatched: Callable[[str], None] | None = None,
         host: HostProbe | None = None,
+        tls_ca_file: Path | None = None,
     ) -> None:
         self._clock = clock
         self._host = host
+        self._tls = ssl.create_default_context(cafile=str(tls_ca_file) if tls_ca_file else None)
         self._on_unmatched = on_unmatched
         self._sip: SipOptionsProbe | None = None
         self._http: HttpProbe | None = None
@@ -46,7 +50,7 @@ class Prober:
         if target.kind == "sip":
             return await self._probe_sip(target, timeout)
         if target.kind == "http":
-            self._http = self._http or HttpProbe(clock=self._clock)
+            self._http = self._http or HttpProbe(clock=self._clock, verify=self._tls)
             return await self._http.probe(
                 target.name, target.url, timeout=timeout, body_pattern=self._pattern(target.expect_body)
             )
@@ -66,7 +70,7 @@ class Prober:
         # The probe reports every final reply; which codes count as alive is
         # the target's business (default any 2xx; 408 never, the probe enforces that).
         self._sip = self._sip or SipOptionsProbe(
-            accept=_any_final, clock=self._clock, on_unmatched=self._on_unmatched
+            accept=_any_final, clock=self._clock, on_unmatched=self._on_unmatched, ssl_context=self._tls
         )
         if target.transport and target.transport != "udp":
             result = await self._sip.probe(

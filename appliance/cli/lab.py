@@ -104,7 +104,7 @@ def down(workdir: Path) -> None:
 
 
 # What `lab up` and the demo add to the lab's workdir beside the lab's own files.
-DAEMON_FILES = ("hotsite.toml", "hotsite-daemon.log", "state", "run")
+DAEMON_FILES = ("hotsite.toml", "hotsite-daemon.log", "state", "run", "dispatcher.list.token")
 
 
 def _down(workdir: Path) -> list[str]:

@@ -13,58 +13,19 @@ import asyncio
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from appliance import __version__, api, logs
+from appliance import __version__, logs
 from appliance import config as config_mod
 from appliance.cli import render
+from appliance.cli.context import Context, fail, pass_ctx
 from appliance.errors import ConfigError, HotsiteError
 from monitoring.targets import parse_url as parse_target
 
-DEFAULT_RUNTIME_DIR = Path("/run/hotsite")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def fail(exc: HotsiteError) -> NoReturn:
-    click.echo(f"hotsite: error: {exc.message}", err=True)
-    if isinstance(exc, ConfigError):
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
-    sys.exit(exc.exit_code)
-
-
-class Context:
-    def __init__(self, config: str | None, runtime_dir: str | None) -> None:
-        self.config_path = config_mod.resolve_path(config)
-        self._runtime_dir = Path(runtime_dir) if runtime_dir else None
-
-    @property
-    def runtime_dir(self) -> Path:
-        """Where the socket is: --runtime-dir, else the config's setting, else the default.
-
-        Reads only that one key, so a broken config does not stop a technician
-        from asking the running daemon what it is doing.
-        """
-        if self._runtime_dir:
-            return self._runtime_dir
-        try:
-            data = tomllib.loads(self.config_path.read_text())
-            return Path(data["appliance"]["runtime_dir"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return DEFAULT_RUNTIME_DIR
-
-    def call(self, method: str, **params: Any) -> Any:
-        try:
-            return api.call(self.runtime_dir, method, params)
-        except HotsiteError as exc:
-            fail(exc)
-
-
-pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.group(context_settings=CONTEXT)
@@ -276,9 +237,17 @@ def config_check(ctx: Context, file: Path | None, as_json: bool) -> None:
 
 
 def _register_subgroups() -> None:
+    from appliance.cli import failover, paging
     from appliance.cli.lab import lab
+    from appliance.cli.replication import replication, source
+    from appliance.cli.witness import witness
 
     cli.add_command(lab)
+    cli.add_command(witness)
+    cli.add_command(source)
+    cli.add_command(replication)
+    for command in (*failover.COMMANDS, *paging.COMMANDS):
+        cli.add_command(command)
 
 
 _register_subgroups()

@@ -53,7 +53,7 @@ class Actuator(abc.ABC):
     async def rollback(self, previous: Routing, token: int) -> None:
         await self.apply(previous, token)
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 -- optional hook: most edges hold nothing to release
         """Release connections; called once at shutdown."""
 
 

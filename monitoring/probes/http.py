@@ -8,6 +8,7 @@ failure the appliance exists to see, hence the optional body match.
 from __future__ import annotations
 
 import re
+import ssl
 import time
 from collections.abc import Callable
 
@@ -23,12 +24,12 @@ class HttpProbe:
         self,
         *,
         clock: Callable[[], float] = time.monotonic,
-        verify_tls: bool = True,
+        verify: bool | ssl.SSLContext = True,
         user_agent: str = "hotsite",
     ) -> None:
         self._clock = clock
         self._client = httpx.AsyncClient(
-            verify=verify_tls,
+            verify=verify,
             follow_redirects=False,
             headers={"User-Agent": user_agent},
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),

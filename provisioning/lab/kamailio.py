@@ -48,10 +48,17 @@ def missing_modules(module_dir: str) -> list[str]:
 
 
 def render_dispatcher_list(primary_addr: str, backup_addr: str) -> str:
-    """Set 1 = primary SBC, set 2 = backup SBC; flags 0 = active (probed by mode 1)."""
+    """Set 1 = the primary SBC first, the backup SBC second; set 2 = the backup SBC alone.
+
+    Set 1 keeps Kamailio's own first line of defence: a call the primary does
+    not answer is retried at the backup (algorithm 8, ds_next_dst), losing no
+    call on a hard failure. hotsite's failover moves hotlines to set 2 and
+    fences set 1. Flags 0 = active (probed by mode 1); higher priority first.
+    """
     return (
         "# hotsite lab dispatcher list: setid uri flags priority attrs\n"
-        f"{topo.SET_PRIMARY} sip:{primary_addr}:{topo.SIP_PORT} 0 0 name=primary\n"
+        f"{topo.SET_PRIMARY} sip:{primary_addr}:{topo.SIP_PORT} 0 10 name=primary\n"
+        f"{topo.SET_PRIMARY} sip:{backup_addr}:{topo.SIP_PORT} 0 0 name=backup-fallback\n"
         f"{topo.SET_BACKUP} sip:{backup_addr}:{topo.SIP_PORT} 0 0 name=backup\n"
     )
 

@@ -41,6 +41,7 @@ GENERATED = (
     "dispatcher.list",
     "kamailio.pid",
     "kamailio-rpc.sock",
+    "witness.toml",
 )
 GENERATED_GLOBS = ("*.log",)
 GENERATED_DIRS = ("kamailio-run",)
@@ -251,7 +252,7 @@ class Lab:
     def _start_all(self, info: dict[str, Any], kam: str, sipp: str) -> None:
         wd = self.workdir
         # Peers first, Kamailio last, so its first keepalives find them up.
-        order = {"healthd": 0, "sipp": 1, "kamailio": 2}
+        order = {"healthd": 0, "sipp": 1, "kamailio": 2, "witness": 3}
         jobs = sorted(((order[s], h, s) for h in topo.HOSTS for s in h.services), key=lambda j: j[0])
         by_name = {h["name"]: h for h in info["hosts"]}
         for _, h, svc in jobs:
@@ -270,6 +271,17 @@ class Lab:
                     "--workdir",
                     str(wd),
                 ]
+            elif svc == "witness":
+                # The real `hotsite witness`, watching the primary from its own namespace.
+                primary = by_name["primary"]["address"]
+                settings = wd / "witness.toml"
+                settings.write_text(
+                    'name = "lab-witness"\n'
+                    f'listen = "{addr}:{topo.HTTP_PORT}"\n'
+                    f'primary = ["sip:{primary}:{topo.SIP_PORT}", "http://{primary}:{topo.HTTP_PORT}/health"]\n'
+                    "interval_s = 0.5\ntimeout_s = 0.4\nrise = 2\nfall = 3\n"
+                )
+                cmd = [sys.executable, "-m", "appliance.cli.witness", "--config", str(settings)]
             elif svc == "sipp":
                 cmd = [
                     sipp,
@@ -372,6 +384,13 @@ class Lab:
                     problems.append(
                         f"{h['name']} SIP OPTIONS {addr}:{ports['sip']}: {exc.strerror or 'no answer'}"
                     )
+            if "http" in ports and "witness" in names:
+                try:
+                    code, body = checks.http_get(addr, ports["http"], "/vote", timeout=0.5)
+                    if code != 200 or b'"primary_alive": true' not in body.replace(b'":true', b'": true'):
+                        problems.append(f"{h['name']} witness: HTTP {code}, not yet seeing the primary")
+                except OSError as exc:
+                    problems.append(f"{h['name']} witness {addr}:{ports['http']}: {exc}")
             if "http" in ports and "healthd" in names:
                 try:
                     code, _ = checks.http_get(addr, ports["http"], "/health", timeout=0.5)

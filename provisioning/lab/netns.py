@@ -263,12 +263,16 @@ def nft_loss(namespace: str, loss_pct: float) -> None:
     )
     subprocess.run(
         ["ip", "netns", "exec", namespace, "nft", "-f", "-"],
-        input=script, text=True, check=True, capture_output=True,
+        input=script,
+        text=True,
+        check=True,
+        capture_output=True,
     )
 
 
 def nft_clear(namespace: str) -> None:
     subprocess.run(
         ["ip", "netns", "exec", namespace, "nft", "delete", "table", "inet", NFT_TABLE],
-        check=False, capture_output=True,
+        check=False,
+        capture_output=True,
     )

@@ -40,7 +40,7 @@ class Host:
     role: str
     netns_addr: str
     loopback_addr: str
-    # What runs there: "kamailio", "sipp" (the UAS scenario), "healthd".
+    # What runs there: "kamailio", "sipp" (the UAS scenario), "healthd", "witness" (hotsite witness).
     services: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -59,7 +59,7 @@ class Host:
             ports["rpc"] = RPC_PORT
         if "sipp" in self.services:
             ports["sip"] = SIP_PORT
-        if "healthd" in self.services:
+        if "healthd" in self.services or "witness" in self.services:
             ports["http"] = HTTP_PORT
         return ports
 
@@ -73,7 +73,7 @@ HOSTS: tuple[Host, ...] = (
     Host("trunk-b", "trunk", "10.77.0.12", "127.77.0.12", ("sipp",)),
     Host("primary", "primary-sbc", "10.77.0.20", "127.77.0.20", ("sipp", "healthd")),
     Host("backup", "backup-sbc", "10.77.0.30", "127.77.0.30", ("sipp",)),
-    Host("witness", "witness", "10.77.0.40", "127.77.0.40", ("healthd",)),
+    Host("witness", "witness", "10.77.0.40", "127.77.0.40", ("witness",)),
 )
 
 HOSTS_BY_NAME: dict[str, Host] = {h.name: h for h in HOSTS}

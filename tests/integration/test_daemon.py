@@ -39,7 +39,8 @@ def test_status_metrics_reload_and_clean_stop(cfg: Path, tmp_path: Path) -> None
         assert [s["name"] for s in status["sites"]] == ["primary", "backup"]
         assert status["appliance"]["pid"] == daemon.proc.pid
         assert "probes" in status["appliance"]["tasks"]
-        assert "daemon.start" in [e["kind"] for e in status["events"]]
+        started = json.loads(hotsite("events", "--json", "--kind", "daemon", config=cfg).stdout)
+        assert started[0]["kind"] == "daemon.start" and started[0]["data"]["pid"] == daemon.proc.pid
         # Nothing answers on the SBC port: the targets are judged down.
         wait_for(lambda: all(s["state"] == "down" for s in daemon.status()["sites"]), what="sites down")
         text = metrics(_listen(cfg))

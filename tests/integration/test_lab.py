@@ -195,18 +195,22 @@ def test_every_sipp_answers_options(lab: Lab) -> None:
             assert options(h["address"], h["ports"]["sip"]).startswith("SIP/2.0 200"), h["name"]
 
 
-def test_healthd_answers(lab: Lab) -> None:
-    for addr, site in (("10.77.0.20", "primary"), ("10.77.0.40", "witness")):
-        r = httpx.get(f"http://{addr}:8080/health", timeout=2, trust_env=False)
-        assert r.status_code == 200
-        assert r.json() == {"status": "ok", "site": site}
+def test_healthd_and_the_witness_answer(lab: Lab) -> None:
+    r = httpx.get("http://10.77.0.20:8080/health", timeout=2, trust_env=False)
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "site": "primary"}
+    vote = httpx.get("http://10.77.0.40:8080/vote", timeout=2, trust_env=False).json()
+    assert vote["primary_alive"] is True and len(vote["evidence"]) == 2
 
 
 def test_kamailio_rpc_lists_both_sets_probed(lab: Lab) -> None:
     info = lab.status()
     assert info is not None
     got = flags(rpc(info["kamailio"]["rpc_url"], "dispatcher.list"))
-    assert got == {1: {"sip:10.77.0.20:5060": "AP"}, 2: {"sip:10.77.0.30:5060": "AP"}}
+    assert got == {
+        1: {"sip:10.77.0.20:5060": "AP", "sip:10.77.0.30:5060": "AP"},
+        2: {"sip:10.77.0.30:5060": "AP"},
+    }
     dump = rpc(info["kamailio"]["rpc_url"], "htable.dump", ["routing"])
     assert {"name": "active_set", "value": 1, "type": "int"} in dump[0]["slot"]
 
@@ -392,7 +396,10 @@ def test_loopback_mode(tmp_path: Path) -> None:
             if "sip" in h["ports"]:
                 assert options(h["address"]).startswith("SIP/2.0 200"), h["name"]
         got = flags(rpc(info["kamailio"]["rpc_url"], "dispatcher.list"))
-        assert got == {1: {"sip:127.77.0.20:5060": "AP"}, 2: {"sip:127.77.0.30:5060": "AP"}}
+        assert got == {
+            1: {"sip:127.77.0.20:5060": "AP", "sip:127.77.0.30:5060": "AP"},
+            2: {"sip:127.77.0.30:5060": "AP"},
+        }
         assert lab.impair("trunk-b", loss_pct=5).startswith("skipped:")
         lab.impair("trunk-b", cut=True)
         with pytest.raises(TimeoutError):

@@ -10,10 +10,12 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from provisioning.lab import config as lab_config
@@ -132,25 +134,69 @@ def test_free_port_helper_gives_distinct_ports() -> None:
     assert free_port() != 0 and free_port(socket.SOCK_DGRAM) != 0
 
 
-def test_a_dead_primary_is_judged_down_by_two_kinds_of_evidence(
+def _sipp_call(number: str, port: int, *, calls: int = 1, hold_ms: int = 0) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", "hs-lab-trunk-b", "sipp", "-sn", "uac", "10.77.0.10:5060", "-s", number,
+         "-m", str(calls), "-l", str(calls), "-r", str(calls), "-d", str(hold_ms), "-i", "10.77.0.12",
+         "-p", str(port), "-nostdin", "-timeout", "15s"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def _rpc(method: str, *params: Any) -> Any:
+    reply = httpx.post("http://10.77.0.10:5071/RPC", json={"jsonrpc": "2.0", "method": method,
+                       "params": list(params), "id": 1}, timeout=3, trust_env=False)
+    return reply.json()["result"]
+
+
+def test_a_dead_primary_fails_over_by_plan_and_back_under_control(
     lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
 ) -> None:
+    """The whole path: cut -> verdict (two kinds agree) -> witness agrees -> auto failover -> calls
+    land at the backup by plan -> primary back -> failback only when an operator says so."""
     the_lab, _ = lab
-    primary = lambda: next(s for s in daemon.status()["sites"] if s["name"] == "primary")  # noqa: E731
-    wait_for(lambda: primary()["verdict"] == "up", what="primary up")
+    site = lambda name: next(s for s in daemon.status()["sites"] if s["name"] == name)  # noqa: E731
+    failover = lambda: daemon.status()["failover"]  # noqa: E731
+    wait_for(lambda: site("primary")["verdict"] == "up" and failover()["state"] == "primary_active",
+             what="primary up, normal routing")
     assert hotsite("lab", "impair", "--workdir", str(the_lab.workdir), "primary", "--cut").returncode == 0
     try:
-        site = wait_for(lambda: (p := primary())["verdict"] == "down" and p, what="primary down")
-        assert site["why"][-1] == "2 independent kinds of evidence agree (http, sip)"
-        assert 'hotsite_site_verdict{site="primary",verdict="down"} 1.0' in metrics(daemon.listen)  # type: ignore[attr-defined]
-        backup = next(s for s in daemon.status()["sites"] if s["name"] == "backup")
-        assert backup["verdict"] == "up"
+        down = wait_for(lambda: (p := site("primary"))["verdict"] == "down" and p, what="primary down")
+        assert down["why"][-1] == "2 independent kinds of evidence agree (http, sip)"
+        state = wait_for(lambda: (f := failover())["state"] == "backup_active" and f, timeout=30,
+                         what="automatic failover")
+        assert state["routing"] == "failover" and state["epoch"] >= 1
+        assert state["witness"]["primary_alive"] is False
+        assert _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 2
+        assert all(flags.startswith("D") for flags in _dispatcher_flags()[1].values())
+        text = metrics(daemon.listen)  # type: ignore[attr-defined]
+        assert 'hotsite_failover_state{state="backup_active"} 1.0' in text
+        assert 'hotsite_site_verdict{site="primary",verdict="down"} 1.0' in text
+        call = _sipp_call("95588", 5090, hold_ms=2000)
+        wait_for(lambda: daemon.status()["sites"][1]["calls_in_progress"] == 1, what="the call at the backup")
+        assert call.wait(timeout=20) == 0
+        decisions = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)
+        assert any("the witness" in d["message"] and "starting failover" in d["message"] for d in decisions)
     finally:
         assert hotsite("lab", "heal", "--workdir", str(the_lab.workdir), "primary").returncode == 0
-    wait_for(lambda: primary()["verdict"] == "up", what="primary up again")
-    events = json.loads(hotsite("events", "--json", "--kind", "site", config=daemon.config).stdout)
-    verdicts = [e["data"]["verdict"] for e in events]
-    assert verdicts[0] == "up" and "down" in verdicts[:5]  # newest first; degraded may sit between
+    # Back, but failback is manual: nothing moves until an operator says so.
+    wait_for(lambda: failover()["state"] == "failback_pending", timeout=30, what="failback pending")
+    assert failover()["routing"] == "failover"
+    back = hotsite("failback", "--yes", "--reason", "primary repaired", config=daemon.config)
+    assert back.returncode == 0, back.stderr
+    wait_for(lambda: failover()["state"] == "primary_active", timeout=20, what="failback done")
+    assert _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 1
+    assert all(not flags.startswith("D") for flags in _dispatcher_flags()[1].values())
+    refused = hotsite("failback", "--yes", config=daemon.config)
+    assert refused.returncode == 1 and "routing is already normal" in refused.stderr
+
+
+def _dispatcher_flags() -> dict[int, dict[str, str]]:
+    result = _rpc("dispatcher.list")
+    return {
+        rec["SET"]["ID"]: {t["DEST"]["URI"]: t["DEST"]["FLAGS"] for t in rec["SET"]["TARGETS"]}
+        for rec in result["RECORDS"]
+    }
 
 
 def test_the_appliance_link_is_watched_by_netlink(daemon: RunningDaemon) -> None:
@@ -161,8 +207,6 @@ def test_the_appliance_link_is_watched_by_netlink(daemon: RunningDaemon) -> None
 
 def test_calls_in_progress_are_read_from_kamailio(daemon: RunningDaemon) -> None:
     """Three 3-second calls from trunk-a through Kamailio: counted per trunk and per site, then gone."""
-    import subprocess
-
     call = subprocess.Popen(
         ["ip", "netns", "exec", "hs-lab-trunk-a", "sipp", "-sn", "uac", "10.77.0.10:5060", "-s", "1000",
          "-m", "3", "-l", "3", "-r", "3", "-d", "3000", "-i", "10.77.0.11", "-p", "5071", "-nostdin"],

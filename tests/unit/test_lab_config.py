@@ -27,15 +27,16 @@ def test_topology_is_consistent() -> None:
         topo.host("nope")
 
 
-def test_dispatcher_list_has_primary_and_backup_sets() -> None:
+def test_dispatcher_list_keeps_per_call_failover_in_set_1() -> None:
     lines = [
         line.split()
         for line in kamailio.render_dispatcher_list("10.77.0.20", "10.77.0.30").splitlines()
         if not line.startswith("#")
     ]
-    assert [(x[0], x[1], x[2]) for x in lines] == [
-        ("1", "sip:10.77.0.20:5060", "0"),
-        ("2", "sip:10.77.0.30:5060", "0"),
+    assert [(x[0], x[1], x[2], x[3]) for x in lines] == [
+        ("1", "sip:10.77.0.20:5060", "0", "10"),  # the primary first...
+        ("1", "sip:10.77.0.30:5060", "0", "0"),  # ...the backup when it does not answer
+        ("2", "sip:10.77.0.30:5060", "0", "0"),
     ]
 
 

@@ -1,0 +1,334 @@
+"""The failover service: runs the pure engine against the real world.
+
+One task consumes events (verdicts, witness votes, operator commands, timer
+ticks, runbook results) from a queue, so the engine sees one event at a
+time. After each step the new state is persisted *before* its actions are
+carried out: a crash at any point resumes from a state that already knows
+what it was doing, and re-runs the interrupted runbook from the top with a
+newer fencing token (every actuator step is idempotent).
+
+Side jobs, each its own task under the daemon's supervisor:
+
+* ticks, so timers (hold-down, confirm timeout, stable period) fire;
+* the witness poll;
+* the reconcile loop, which compares the routing the engine wants with what
+  the actuators read back and repairs drift (someone edited Kamailio by
+  hand, Kamailio restarted and lost its htables), with an audit event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from appliance.clock import Clock
+from appliance.config import Config
+from appliance.logs import kv
+from appliance.store import Store
+from failover import plans, runbook
+from failover.actuators.base import Actuator, ActuatorError
+from failover.engine import (
+    Action,
+    Command,
+    DrillDone,
+    EngineState,
+    Event,
+    Outcome,
+    Page,
+    Policy,
+    PrimaryVerdict,
+    Resolve,
+    Resumed,
+    RunbookDone,
+    RunDrill,
+    RunRunbook,
+    Tick,
+    WitnessVote,
+    step,
+)
+from failover.quorum import Voter
+from failover.routing import Routing
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "failover.engine"
+Pager = Callable[[Page | Resolve], Awaitable[None]]
+DrillCheck = Callable[[], Awaitable[tuple[bool, str, dict[str, Any]]]]
+
+
+def policy_from(config: Config) -> Policy:
+    f = config.failover
+    return Policy(
+        mode=f.policy,
+        has_witness=f.witness is not None,
+        hold_down_s=f.hold_down_s,
+        min_dwell_s=f.min_dwell_s,
+        max_auto_per_hour=f.max_auto_per_hour,
+        confirm_timeout_s=f.confirm_timeout_s,
+        failback=f.failback,
+        failback_stable_s=f.failback_stable_s,
+    )
+
+
+class FailoverService:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: Clock,
+        actuators: Sequence[Actuator],
+        voter: Voter,
+        *,
+        pager: Pager | None = None,
+        drill: DrillCheck | None = None,
+        on_change: Callable[[EngineState], None] = lambda state: None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.actuators = list(actuators)
+        self.voter = voter
+        self._pager = pager
+        self._drill = drill
+        self._on_change = on_change
+        saved = store.get_state(STATE_KEY)
+        self.state = EngineState.from_json(saved) if saved else EngineState(since=clock.time())
+        self._queue: asyncio.Queue[tuple[Event, asyncio.Future[Outcome] | None]] = asyncio.Queue()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self.last_runbook: runbook.RunbookResult | None = None
+        self.last_drill: dict[str, Any] | None = None
+
+    @property
+    def policy(self) -> Policy:
+        return policy_from(self.config)
+
+    def routing_for(self, name: str) -> Routing:
+        return (
+            plans.failover_routing(self.config) if name == "failover" else plans.normal_routing(self.config)
+        )
+
+    # -- the event loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume events until cancelled (owned by the daemon's supervisor)."""
+        await self._handle(Resumed(), None)
+        try:
+            while True:
+                event, reply = await self._queue.get()
+                await self._handle(event, reply)
+        finally:
+            for job in list(self._jobs):
+                job.cancel()
+
+    def submit(self, event: Event) -> None:
+        self._queue.put_nowait((event, None))
+
+    async def ask(self, event: Event) -> Outcome:
+        """Submit an event and wait for the engine's outcome (operator commands)."""
+        reply: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((event, reply))
+        return await reply
+
+    async def _handle(self, event: Event, reply: asyncio.Future[Outcome] | None) -> None:
+        before = self.state
+        outcome = step(before, event, self.policy, self.clock.time())
+        self.state = outcome.state
+        self.store.put_state(STATE_KEY, self.state.to_json())  # persisted before anything is done
+        if outcome.decision and (
+            outcome.changed or outcome.refused or outcome.decision != before.last_decision
+        ):
+            log.info(
+                outcome.decision,
+                extra=kv(state=self.state.state, routing=self.state.routing, epoch=self.state.epoch),
+            )
+            actor = event.actor if isinstance(event, Command) else "daemon"
+            self.store.record(
+                "failover.decision",
+                actor=actor,
+                subject=self.state.state,
+                message=outcome.decision,
+                data={
+                    "from": before.state,
+                    "to": self.state.state,
+                    "routing": self.state.routing,
+                    "epoch": self.state.epoch,
+                    "event": type(event).__name__,
+                },
+            )
+        if outcome.changed:
+            self._on_change(self.state)
+        if reply is not None and not reply.done():
+            reply.set_result(outcome)
+        for action in outcome.actions:
+            self._act(action)
+
+    def _act(self, action: Action) -> None:
+        if isinstance(action, RunRunbook):
+            self._spawn(self._run_runbook(action), f"runbook {action.kind} {action.epoch}")
+        elif isinstance(action, RunDrill):
+            self._spawn(self._run_drill(action), "drill")
+        elif isinstance(action, Page | Resolve):
+            self._spawn(self._page(action), f"page {action.key}")
+
+    def _spawn(self, job: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(job)
+        task.set_name(name)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    # -- actions ------------------------------------------------------------------------------
+
+    async def _run_runbook(self, action: RunRunbook) -> None:
+        target_name = "failover" if action.kind == "failover" else "normal"
+        previous_name = "normal" if action.kind == "failover" else "failover"
+        target, previous = self.routing_for(target_name), self.routing_for(previous_name)
+        self.store.record(
+            f"failover.runbook.{action.kind}",
+            actor=action.actor,
+            subject=f"epoch {action.epoch}",
+            message=f"{action.kind} runbook started: {action.reason}",
+            data={"target": target.to_json(), "actuators": [a.name for a in self.actuators]},
+        )
+        result = await runbook.run(
+            target,
+            previous,
+            self.actuators,
+            action.epoch,
+            step_timeout_s=self.config.failover.step_timeout_s,
+            clock=time.monotonic,
+        )
+        self.last_runbook = result
+        self.store.record(
+            f"failover.runbook.{action.kind}.{'done' if result.ok else 'failed'}",
+            actor=action.actor,
+            subject=f"epoch {action.epoch}",
+            message=result.detail,
+            data=result.to_json(),
+        )
+        left = result.routing if result.routing in ("normal", "failover") else "unknown"
+        self.submit(RunbookDone(action.kind, action.epoch, result.ok, left, result.detail))  # type: ignore[arg-type]
+
+    async def _run_drill(self, action: RunDrill) -> None:
+        if self._drill is None:
+            self.submit(DrillDone(False, "no drill checks are configured"))
+            return
+        ok, detail, report = await self._drill()
+        self.last_drill = report
+        self.store.record("failover.drill", actor=action.actor, message=detail, data=report)
+        self.submit(DrillDone(ok, detail))
+
+    async def _page(self, action: Page | Resolve) -> None:
+        kind = "page" if isinstance(action, Page) else "resolve"
+        self.store.record(f"failover.{kind}", subject=action.key, message=action.summary)
+        if self._pager is None:
+            log.warning(f"{kind} (no pager wired): {action.summary}", extra=kv(key=action.key))
+            return
+        try:
+            await self._pager(action)
+        except Exception:  # paging trouble must never stop a failover
+            log.exception("pager failed", extra=kv(key=action.key))
+
+    # -- side jobs ------------------------------------------------------------------------------
+
+    async def ticks(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.submit(Tick())
+
+    async def poll_witness(self, interval_s: float = 2.0) -> None:
+        last: tuple[bool | None, str] | None = None
+        while True:
+            vote = await self.voter.vote()
+            if (vote.primary_alive, vote.detail) != last:
+                last = (vote.primary_alive, vote.detail)
+                self.submit(WitnessVote(vote.primary_alive, vote.detail))
+            await asyncio.sleep(interval_s)
+
+    def on_site_verdict(self, site: str, verdict: str, why: str) -> None:
+        """Called by the monitor whenever a site's verdict changes."""
+        if site == self.config.primary[0]:
+            self.submit(PrimaryVerdict(verdict, why))
+
+    async def reconcile(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.failover.reconcile_interval_s)
+            await self.reconcile_once()
+
+    async def reconcile_once(self) -> list[str]:
+        """Compare desired and actual routing; repair drift. Returns what was repaired."""
+        state = self.state
+        if (
+            state.state in ("failing_over", "failing_back", "held", "maintenance")
+            or state.routing == "unknown"
+        ):
+            return []
+        desired = self.routing_for(state.routing)
+        repaired = []
+        for actuator in self.actuators:
+            try:
+                differences = await asyncio.wait_for(
+                    actuator.verify(desired), self.config.failover.step_timeout_s
+                )
+            except (ActuatorError, TimeoutError) as exc:
+                log.warning(
+                    "reconcile: cannot read actual routing", extra=kv(actuator=actuator.name, error=str(exc))
+                )
+                continue
+            if not differences or self.state.epoch != state.epoch:
+                continue
+            self.store.record(
+                "failover.drift",
+                subject=actuator.name,
+                message=f"{actuator.name} drifted from {desired.name} routing: {'; '.join(differences)}",
+                data={"differences": differences},
+            )
+            try:
+                await asyncio.wait_for(
+                    actuator.apply(desired, state.epoch), self.config.failover.step_timeout_s
+                )
+                left = await actuator.verify(desired)
+            except (ActuatorError, TimeoutError) as exc:
+                self.store.record("failover.drift.unrepaired", subject=actuator.name, message=str(exc))
+                continue
+            message = f"{actuator.name} repaired to {desired.name} routing" + (
+                f" (still: {left})" if left else ""
+            )
+            self.store.record("failover.drift.repaired", subject=actuator.name, message=message)
+            log.warning(message, extra=kv(actuator=actuator.name))
+            repaired.append(actuator.name)
+        return repaired
+
+    async def close(self) -> None:
+        for job in list(self._jobs):
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+        for actuator in self.actuators:
+            with contextlib.suppress(Exception):
+                await actuator.close()
+        await self.voter.close()
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        s = self.state
+        now = self.clock.time()
+        return {
+            "state": s.state,
+            "since_s": round(now - s.since, 1),
+            "routing": s.routing,
+            "epoch": s.epoch,
+            "policy": self.config.failover.policy,
+            "effective_policy": self.policy.effective_mode,
+            "waiting_for": s.waiting_for,
+            "primary": s.primary,
+            "witness": {"primary_alive": s.witness, "detail": s.witness_detail},
+            "last_decision": s.last_decision,
+            "last_runbook": self.last_runbook.to_json() if self.last_runbook else None,
+            "plan": plans.failover_routing(self.config).to_json(),
+            "actuators": [a.name for a in self.actuators],
+        }

@@ -1,0 +1,106 @@
+"""The failover service with a real store, the Null actuator and a simulated clock."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from appliance import config
+from appliance.clock import SimulatedClock
+from appliance.store import Store
+from failover.actuators.base import NullActuator
+from failover.engine import Command, PrimaryVerdict, Tick
+from failover.quorum import NullVoter
+from failover.service import STATE_KEY, FailoverService
+
+CONFIG = """
+[sites.primary]
+role = "primary"
+sbc = "10.0.0.1"
+kamailio_set = 1
+seats = 100
+[sites.backup]
+role = "backup"
+sbc = "10.0.1.1"
+kamailio_set = 2
+seats = 50
+[destinations.ivr]
+kind = "ivr"
+kamailio_set = 3
+[hotlines.vip]
+number = "95588"
+agents = 40
+failover = ["backup", "ivr"]
+[failover]
+policy = "confirm"
+hold_down_s = 10
+"""
+
+
+async def settle(service: FailoverService) -> None:
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if service._queue.empty() and not service._jobs:
+            return
+
+
+def test_confirm_approve_runbook_and_resume_after_restart(tmp_path: Path) -> None:
+    cfg = config.parse(CONFIG)
+    clock = SimulatedClock()
+    store = Store.open(tmp_path, clock=clock.time)
+    actuator = NullActuator()
+
+    async def scenario() -> None:
+        service = FailoverService(cfg, store, clock, [actuator], NullVoter())
+        task = asyncio.create_task(service.run())
+        service.submit(PrimaryVerdict("down", "sbc and http down"))
+        await settle(service)
+        assert service.state.state == "primary_degraded"
+        clock.advance(11)
+        service.submit(Tick())
+        await settle(service)
+        assert service.state.state == "failover_pending"
+        outcome = await service.ask(Command("approve", "uid=1000(tech)", "site manager agreed"))
+        assert outcome.decision == "starting failover (epoch 1) by uid=1000(tech): approved: site manager agreed"
+        await settle(service)
+        assert service.state.state == "backup_active" and service.state.routing == "failover"
+        routing, token = actuator.applied[-1]
+        assert (routing.hotlines, routing.fenced_sets, token) == ({"95588": 2}, {1}, 1)
+        refused = await service.ask(Command("failback", "uid=1000(tech)"))
+        assert refused.refused and refused.decision.startswith("refused: the primary is judged down")
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert store.get_state(STATE_KEY)["state"] == "backup_active"
+    kinds = [e.kind for e in store.events(limit=100)]
+    assert "failover.runbook.failover.done" in kinds and kinds.count("failover.decision") >= 4
+    approve = next(e for e in store.events(kind="failover.decision") if "approved" in e.message)
+    assert approve.actor == "uid=1000(tech)"
+
+    async def restarted() -> None:
+        service = FailoverService(cfg, store, clock, [actuator], NullVoter())
+        task = asyncio.create_task(service.run())
+        await settle(service)
+        assert service.state.state == "backup_active" and service.state.epoch == 1
+        assert service.view()["plan"]["hotlines"] == {"95588": 2}
+        task.cancel()
+
+    asyncio.run(restarted())
+    store.close()
+
+
+def test_reconcile_repairs_drift(tmp_path: Path) -> None:
+    cfg = config.parse(CONFIG)
+    clock = SimulatedClock()
+    store = Store.open(tmp_path, clock=clock.time)
+    actuator = NullActuator()
+
+    async def scenario() -> None:
+        service = FailoverService(cfg, store, clock, [actuator], NullVoter())
+        assert await service.reconcile_once() == ["null"]  # nothing applied yet: drift from normal
+        assert actuator.applied[-1][0].name == "normal"
+        assert await service.reconcile_once() == []
+
+    asyncio.run(scenario())
+    assert [e.kind for e in store.events(kind="failover.drift")][:2] == ["failover.drift.repaired", "failover.drift"]
+    store.close()
