@@ -29,6 +29,7 @@ from appliance.store import Store
 from appliance.systemd import Notifier
 from failover.actuators.factory import build_actuators
 from failover.actuators.replication import ReplicationActuator
+from failover.drill import Drill
 from failover.engine import Command, Page, Resolve
 from failover.plans import backup_site
 from failover.service import FailoverService
@@ -129,9 +130,9 @@ class Appliance(Daemon):
         )
         await self.paging.start()
         self.monitor.on_target_state = self._target_incident
+        self._start_usage(cfg)
         self._start_failover(cfg)
         self.supervisor.start("probes", self.monitor.run)
-        self._start_usage(cfg)
         self._started = True
         log.info(
             "hotsite started",
@@ -142,6 +143,7 @@ class Appliance(Daemon):
         """The engine, its actuators in runbook order (routing first, the data last), the witness."""
         assert self.store is not None and self.monitor is not None and self.replication is not None
         actuators = build_actuators(cfg)
+        voter = voter_from_config(cfg, clock=self.clock)
         if self.replication.sqlite_streams():
             actuators.append(ReplicationActuator(self.replication))
         self.failover = FailoverService(
@@ -149,8 +151,16 @@ class Appliance(Daemon):
             self.store,
             self.clock,
             actuators,
-            voter_from_config(cfg, clock=self.clock),
+            voter,
             pager=self._page,
+            drill=Drill(
+                cfg,
+                site_verdict=lambda site: self.monitor.sites[site].verdict if self.monitor else "unknown",
+                replication_lagging=self.replication.readiness,
+                actuators=actuators,
+                voter=voter,
+                kamailio=lambda: self.kamailio,
+            ),
             on_change=lambda state: self.metrics.set_failover_state(state.state, state.routing, state.epoch),
         )
         self.monitor.on_verdict = self.failover.on_site_verdict

@@ -312,6 +312,7 @@ ActuatorConfig = Annotated[KamailioActuator | NetlinkActuator | HookActuator, Fi
 
 
 class KamailioSection(Section):
+    sip: SipAddress | None = None  # where the carrier edge takes SIP: the drill's test call goes there
     rpc_url: HttpUrl | None = None
     rpc_socket: Path | None = None
     rpc_timeout_s: ProbeSeconds = 2.0

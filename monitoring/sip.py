@@ -180,6 +180,7 @@ def build_options(
     call_id: str | None = None,
     from_tag: str | None = None,
     user_agent: str = USER_AGENT,
+    user: str | None = None,
 ) -> OptionsRequest:
     """Build the OPTIONS keep-alive a dispatcher would send (ids random unless given).
 
@@ -189,6 +190,8 @@ def build_options(
     if not 0 < cseq <= MAX_CSEQ:
         raise ValueError(f"cseq must be in 1..{MAX_CSEQ}, got {cseq}")
     remote = f"{_host_for_uri(host)}:{port}"
+    if user is not None:  # e.g. a test number, so a proxy routes the OPTIONS like a call to it
+        remote = f"{user}@{remote}"
     local = f"{_host_for_uri(local_host)}:{local_port}"
     # One read of the kernel's random pool for all three ids (this is the probe's hot path).
     rand = secrets.token_hex(36)

@@ -28,13 +28,16 @@ All methods block (file I/O): call them from a worker thread.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 from appliance.errors import HotsiteError
 from appliance.logs import kv
@@ -53,6 +56,18 @@ class SourceError(HotsiteError):
 
 class ResnapshotNeeded(Exception):
     """The follower lost continuity with what it shipped; a new snapshot is required."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    @functools.wraps(method)
+    def wrapper(self: SqliteFollower, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return cast(F, wrapper)
 
 
 class SqliteFollower:
@@ -78,9 +93,14 @@ class SqliteFollower:
         self.frames_shipped = 0
         self.pending_frames = 0
         self.last_current_at = 0.0  # source time at which everything committed had been read
+        # The agent calls us from worker threads (asyncio.to_thread), and a cancelled
+        # task's thread runs on: one lock, so close() can never free a connection that
+        # another thread is still stepping (that crashed the interpreter once).
+        self._lock = threading.RLock()
 
     # -- the read hold -----------------------------------------------------
 
+    @_locked
     def open(self) -> None:
         if not self.db_path.is_file():
             raise SourceError(f"source database {self.db_path} does not exist")
@@ -105,6 +125,7 @@ class SqliteFollower:
         self._begin(self._conns[0])
         self._note_hold()
 
+    @_locked
     def close(self) -> None:
         if self._rw is not None:
             self._rw.close()
@@ -123,6 +144,7 @@ class SqliteFollower:
         conn.execute("BEGIN")
         conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
 
+    @_locked
     def renew(self) -> None:
         """Move the hold to a new read transaction; the old one ends only after the new one began.
 
@@ -225,20 +247,29 @@ class SqliteFollower:
         hashes.db_pages = db_pages
 
         def pages() -> Iterator[tuple[int, bytes]]:
-            assert self._db_fd is not None
             for pgno in range(1, db_pages + 1):
-                index = latest.get(pgno)
-                if index is not None and header is not None:
-                    data = self._wal.frames(header, index, index)[0].data
-                else:
-                    data = os.pread(self._db_fd, page_size, (pgno - 1) * page_size)
-                    if len(data) < page_size:
-                        data = data + bytes(page_size - len(data))
-                hashes.set(pgno, data)
-                yield pgno, data
+                with self._lock:
+                    if self._db_fd is None:
+                        raise SourceError("the follower was closed while pages were being read")
+                    yield pgno, self._page(pgno, latest, header, page_size, hashes)
 
         return Position(generation, mx), page_size, db_pages, hashes, pages()
 
+    def _page(
+        self, pgno: int, latest: dict[int, int], header: Any, page_size: int, hashes: PageHashes
+    ) -> bytes:
+        assert self._db_fd is not None
+        index = latest.get(pgno)
+        if index is not None and header is not None:
+            data = self._wal.frames(header, index, index)[0].data
+        else:
+            data = os.pread(self._db_fd, page_size, (pgno - 1) * page_size)
+            if len(data) < page_size:
+                data = data + bytes(page_size - len(data))
+        hashes.set(pgno, data)
+        return data
+
+    @_locked
     def read_state(self) -> tuple[Position, int, int, Iterator[tuple[int, bytes]]]:
         """Start following at the newest committed state; iterate its pages (hashes kept as they go)."""
         position, page_size, db_pages, hashes, pages = self._overlay()
@@ -248,6 +279,7 @@ class SqliteFollower:
         self.last_current_at = self._clock()
         return position, page_size, db_pages, pages
 
+    @_locked
     def full_checksum(self) -> tuple[Position, int]:
         """Recompute the newest committed state's checksum from the files, independently of
         the rolling value; the follower's own position is untouched (see ``poll(stop_at=...)``)."""
@@ -258,6 +290,7 @@ class SqliteFollower:
 
     # -- resume --------------------------------------------------------------
 
+    @_locked
     def resumable(self, position: Position) -> str | None:
         """None if the WAL still holds everything after ``position``; else why not."""
         header, mx, generation = self._stable_current()
@@ -274,6 +307,7 @@ class SqliteFollower:
                 return f"frame {position.frame} is not a commit frame of this generation"
         return None
 
+    @_locked
     def changed_pages(self, since: Position, until: int) -> tuple[set[int], int | None, int]:
         """(pages written, smallest commit size, frames) by frames after ``since`` up to frame ``until``."""
         header, _mx, _generation = self._stable_current()
@@ -290,6 +324,7 @@ class SqliteFollower:
 
     # -- streaming -----------------------------------------------------------
 
+    @_locked
     def poll(self, stop_at: Position | None = None) -> Batch | None:
         """Committed transactions since the last position, merged into one batch (or None).
 

@@ -226,3 +226,23 @@ def test_calls_in_progress_are_read_from_kamailio(daemon: RunningDaemon) -> None
     finally:
         call.kill()
     wait_for(lambda: daemon.status()["sites"][0]["calls_in_progress"] == 0, timeout=10, what="calls ended")
+
+
+def test_a_drill_checks_the_backup_path_without_moving_production(daemon: RunningDaemon) -> None:
+    wait_for(lambda: daemon.status()["failover"]["state"] == "primary_active", what="normal operation")
+    wait_for(lambda: all(s["verdict"] == "up" for s in daemon.status()["sites"]), what="both sites up")
+    before = _rpc("htable.dump", "hotlines")
+    started = hotsite("drill", "--json", config=daemon.config)
+    assert started.returncode == 0, started.stderr
+    wait_for(lambda: daemon.status()["failover"]["state"] == "primary_active", what="drill finished")
+    drills = json.loads(hotsite("events", "--json", "--kind", "failover.drill", config=daemon.config).stdout)
+    report = drills[0]["data"]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert all(c["ok"] for c in checks.values()), checks
+    assert "answered 200 by the backup SBC" in checks["test call through the backup path"]["detail"]
+    assert "10.77.0.30" in checks["test call through the backup path"]["detail"]
+    rto = report["expected_rto"]
+    assert rto["total_s"] == round(rto["detection_s"] + rto["hold_down_s"] + rto["runbook_s"], 3)
+    assert _rpc("htable.dump", "hotlines") == before  # the test number is gone again, hotlines untouched
+    decision = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)[0]
+    assert decision["message"].startswith("drill passed: 5/5 checks passed, expected RTO")

@@ -1,0 +1,212 @@
+"""The DR drill: is the backup ready to take the calls, without moving any production call?
+
+Checks, each timed and explained:
+
+* the backup site is judged up and its SBC answers;
+* the replicas are within their data-loss budget;
+* the witness answers (when there is one);
+* every actuator can read the real routing back (the runbook could act);
+* a real SIP request to the drill's test number goes through the carrier
+  edge's Kamailio along the *backup* path and is answered by the backup SBC.
+  Only the test number is re-routed, for the seconds the check lasts.
+
+The report ends with the expected RTO: detection (fall x interval +
+timeout), the hold-down, and the runbook's own time estimated from the
+actuators' measured read-back latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.config import Config, host_port
+from appliance.kamailio import KamailioRpc, KamailioRpcError
+from failover import plans
+from failover.actuators.base import Actuator, ActuatorError
+from failover.quorum import Voter
+from monitoring.sip import SipParseError, build_options, parse_response
+
+Check = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    duration_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "detail": self.detail,
+            "duration_s": round(self.duration_s, 4),
+        }
+
+
+def expected_rto(config: Config, runbook_estimate_s: float) -> dict[str, float]:
+    """Pure: the seconds from the primary's death to every hotline routed by plan."""
+    p = config.probes
+    detection = p.fall * p.interval_s + p.timeout_s
+    parts = {
+        "detection_s": round(detection, 3),
+        "hold_down_s": config.failover.hold_down_s,
+        "runbook_s": round(runbook_estimate_s, 3),
+    }
+    parts["total_s"] = round(sum(parts.values()), 3)
+    return parts
+
+
+class Drill:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        site_verdict: Callable[[str], str],
+        replication_lagging: Callable[[], list[str]],
+        actuators: list[Actuator],
+        voter: Voter,
+        kamailio: Callable[[], KamailioRpc | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._verdict = site_verdict
+        self._lagging = replication_lagging
+        self._actuators = actuators
+        self._voter = voter
+        self._kamailio = kamailio  # a getter: a reload replaces the daemon's client
+        self._clock = clock
+        self._read_latency_s = 0.0
+
+    async def __call__(self) -> tuple[bool, str, dict[str, Any]]:
+        started = time.time()
+        checks: list[tuple[str, Check]] = [
+            ("backup site up", self._backup_up),
+            ("replicas within budget", self._replicas),
+            ("witness answers", self._witness),
+            ("actuators read routing back", self._actuators_readable),
+            ("test call through the backup path", self._test_call),
+        ]
+        results = [await self._run(name, check) for name, check in checks]
+        passed = sum(r.ok for r in results)
+        rto = expected_rto(self.config, runbook_estimate_s=2 * self._read_latency_s)
+        ok = passed == len(results)
+        failed = [r.name for r in results if not r.ok]
+        detail = f"{passed}/{len(results)} checks passed, expected RTO {rto['total_s']:g}s" + (
+            f"; failed: {', '.join(failed)}" if failed else ""
+        )
+        report = {
+            "started_at": started,
+            "finished_at": time.time(),
+            "ok": ok,
+            "checks": [r.to_json() for r in results],
+            "expected_rto": rto,
+            "production_routing_touched": False,
+        }
+        return ok, detail, report
+
+    async def _run(self, name: str, check: Check) -> CheckResult:
+        started = self._clock()
+        try:
+            ok, detail = await asyncio.wait_for(check(), 15.0)
+        except TimeoutError:
+            ok, detail = False, "no answer within 15 s"
+        return CheckResult(name, ok, detail, self._clock() - started)
+
+    async def _backup_up(self) -> tuple[bool, str]:
+        site = plans.backup_site(self.config)
+        verdict = self._verdict(site)
+        return verdict == "up", f"{site} is {verdict}"
+
+    async def _replicas(self) -> tuple[bool, str]:
+        lagging = self._lagging()
+        if lagging:
+            return False, "over budget: " + ", ".join(lagging)
+        streams = len(self.config.replication.streams)
+        return True, f"{streams} stream(s) within budget" if streams else "no replication configured"
+
+    async def _witness(self) -> tuple[bool, str]:
+        if self.config.failover.witness is None:
+            return True, "no witness configured (automatic failover acts as confirm)"
+        vote = await self._voter.vote()
+        if vote.primary_alive is None:
+            return False, f"no usable vote: {vote.detail}"
+        return True, f"witness answers; sees the primary: {vote.primary_alive}"
+
+    async def _actuators_readable(self) -> tuple[bool, str]:
+        normal = plans.normal_routing(self.config)
+        problems, started = [], self._clock()
+        for actuator in self._actuators:
+            try:
+                differences = await actuator.verify(normal)
+            except ActuatorError as exc:
+                problems.append(f"{actuator.name}: {exc.message}")
+                continue
+            if differences:
+                problems.append(f"{actuator.name} differs from normal routing: {'; '.join(differences)}")
+        self._read_latency_s = self._clock() - started
+        names = ", ".join(a.name for a in self._actuators) or "none"
+        return not problems, "; ".join(
+            problems
+        ) or f"read back in {self._read_latency_s * 1000:.0f} ms ({names})"
+
+    async def _test_call(self) -> tuple[bool, str]:
+        number = self.config.failover.test_number
+        if number is None:
+            return False, "failover.test_number is not set: no end-to-end check of the backup path"
+        rpc = self._kamailio()
+        if rpc is None or self.config.kamailio.sip is None:
+            return False, "kamailio.rpc_url and kamailio.sip are needed for the test call"
+        backup = self.config.sites[plans.backup_site(self.config)]
+        try:
+            await rpc.call("htable.seti", "hotlines", number, backup.kamailio_set)
+            try:
+                code, contact = await _options_via(self.config.kamailio.sip, number)
+            finally:
+                await rpc.call("htable.delete", "hotlines", number)
+        except KamailioRpcError as exc:
+            return False, exc.message
+        backup_host = host_port(backup.sbc)[0]
+        if code is None:
+            return False, f"no answer to the test number {number} through the backup path"
+        if not 200 <= code < 300:
+            return False, f"test number {number} answered {code}"
+        if backup_host not in contact:
+            return False, f"answered by {contact or 'an unknown contact'}, not the backup SBC {backup_host}"
+        return True, f"test number {number} answered {code} by the backup SBC ({contact})"
+
+
+async def _options_via(proxy: str, number: str, timeout: float = 3.0) -> tuple[int | None, str]:
+    """One OPTIONS to ``number`` through the proxy; the final code and the answerer's Contact."""
+    host, port = host_port(proxy)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    try:
+        sock.connect((host, port))
+        local_host, local_port = sock.getsockname()[:2]
+        request = build_options(host, port, local_host=local_host, local_port=local_port, user=number)
+        await loop.sock_sendall(sock, request.data)
+        deadline = loop.time() + timeout
+        while (left := deadline - loop.time()) > 0:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 65535), left)
+            except TimeoutError:
+                break
+            try:
+                reply = parse_response(data)
+            except SipParseError:
+                continue
+            if request.matches(reply) and reply.code is not None and reply.code >= 200:
+                return reply.code, reply.header("contact") or ""
+    except OSError:
+        return None, ""
+    finally:
+        sock.close()
+    return None, ""
