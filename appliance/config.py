@@ -158,6 +158,8 @@ class CheckSection(Section):
     interval_s: ProbeSeconds | None = None
     timeout_s: ProbeSeconds | None = None
     expect_body: str | None = None
+    # The site itself saying it cannot serve (this check answers, but "no"): a grey failure.
+    critical: bool = False
 
     @model_validator(mode="after")
     def _body_match_is_a_regex(self) -> CheckSection:
@@ -177,6 +179,7 @@ class SiteSection(Section):
     sbc: SipAddress
     sbc_transport: Literal["udp", "tcp", "tls"] = "udp"
     health_url: HttpUrl | None = None
+    health_critical: bool = True  # a health URL answering "unhealthy" means the site cannot serve
     checks: dict[Name, CheckSection] = {}
     kamailio_set: int = Field(ge=1, le=65535)
     seats: int = Field(default=0, ge=0)

@@ -87,6 +87,7 @@ class EngineState:
     epoch: int = 0  # fencing token of the newest routing decision
     primary: str = "unknown"  # the primary site's latest verdict
     primary_since: float = 0.0
+    primary_grey: bool = False  # down because it says it cannot serve (reachable): no partition doubt
     witness: bool | None = None  # does the witness see the primary?
     witness_detail: str = "no vote yet"
     routing_changed_at: float = 0.0
@@ -115,6 +116,7 @@ class EngineState:
 class PrimaryVerdict:
     verdict: str  # up | degraded | down | unknown
     why: str = ""
+    grey: bool = False  # the primary answered and said it cannot serve
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,8 +230,12 @@ def step(state: EngineState, event: Event, policy: Policy, now: float) -> Outcom
 
 def _observe(state: EngineState, event: Event, now: float) -> EngineState:
     """Remember what the world says, whatever the state."""
-    if isinstance(event, PrimaryVerdict) and event.verdict != state.primary:
-        return dataclasses.replace(state, primary=event.verdict, primary_since=now)
+    if isinstance(event, PrimaryVerdict):
+        if event.verdict != state.primary:
+            return dataclasses.replace(
+                state, primary=event.verdict, primary_since=now, primary_grey=event.grey
+            )
+        return dataclasses.replace(state, primary_grey=event.grey)
     if isinstance(event, WitnessVote):
         return dataclasses.replace(state, witness=event.primary_alive, witness_detail=event.detail)
     return state
@@ -279,6 +285,14 @@ def _primary_degraded(state: EngineState, policy: Policy, now: float) -> Outcome
 
 def _decide_failover(state: EngineState, policy: Policy, now: float) -> Outcome:
     mode = policy.effective_mode
+    if state.primary_grey and policy.mode == "auto":
+        # We reached the primary and it says it cannot serve: no partition to rule out,
+        # so the witness's vote is not needed (it sees the SBC answering, as we do).
+        blocked = _auto_blocked(state, policy, now)
+        if blocked is None:
+            reason = f"primary reports it cannot serve (grey failure) for {_for(state, now)}"
+            return _start(state, "failover", now, reason, "daemon", automatic=True)
+        return _pending(state, now, f"automatic failover withheld: {blocked}; waiting for an operator")
     if state.witness is True and mode != "manual":
         decision = "primary unreachable from here but the witness sees it: a partition, not failing over"
         return _stay(dataclasses.replace(state, waiting_for="witness to lose the primary"), decision)
@@ -323,9 +337,11 @@ def _failover_pending(state: EngineState, policy: Policy, now: float) -> Outcome
     ):
         reason = f"no answer within confirm_timeout_s={timeout:g}s"
         return _start(state, "failover", now, reason, "daemon", automatic=True)
-    witness_agrees = policy.mode == "auto" and policy.has_witness and state.witness is False
+    evidence = state.witness is False and policy.has_witness or state.primary_grey
+    witness_agrees = policy.mode == "auto" and evidence
     if witness_agrees and _auto_blocked(state, policy, now) is None:
-        return _start(state, "failover", now, "the witness now agrees the primary is down", "daemon", True)
+        why = "the primary reports it cannot serve" if state.primary_grey else "the witness now agrees"
+        return _start(state, "failover", now, f"{why}; the primary is down", "daemon", True)
     return _stay(state)
 
 

@@ -52,6 +52,7 @@ from failover.engine import (
 )
 from failover.quorum import Voter
 from failover.routing import Routing
+from monitoring.health import SiteVerdict
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +249,10 @@ class FailoverService:
                 self.submit(WitnessVote(vote.primary_alive, vote.detail))
             await asyncio.sleep(interval_s)
 
-    def on_site_verdict(self, site: str, verdict: str, why: str) -> None:
+    def on_site_verdict(self, verdict: SiteVerdict) -> None:
         """Called by the monitor whenever a site's verdict changes."""
-        if site == self.config.primary[0]:
-            self.submit(PrimaryVerdict(verdict, why))
+        if verdict.site == self.config.primary[0]:
+            self.submit(PrimaryVerdict(verdict.verdict, "; ".join(verdict.why), grey=verdict.grey))
 
     async def reconcile(self) -> None:
         while True:
@@ -326,6 +327,7 @@ class FailoverService:
             "effective_policy": self.policy.effective_mode,
             "waiting_for": s.waiting_for,
             "primary": s.primary,
+            "primary_grey": s.primary_grey,
             "witness": {"primary_alive": s.witness, "detail": s.witness_detail},
             "last_decision": s.last_decision,
             "last_runbook": self.last_runbook.to_json() if self.last_runbook else None,

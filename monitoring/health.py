@@ -139,12 +139,35 @@ class SiteVerdict:
     down: tuple[str, ...] = ()  # targets judged down
     up: tuple[str, ...] = ()  # targets judged up
     kinds_down: tuple[str, ...] = ()  # distinct probe kinds among the down targets
+    grey: bool = False  # down because the site says it cannot serve, not because it is unreachable
+
+
+# Results that mean "it answered, and the answer was no": the site is reachable and says so.
+ANSWERED_NO = ("bad_code", "bad_body")
 
 
 def judge_site(
-    previous: SiteVerdict, healths: Iterable[TargetHealth], policy: Thresholds, now: float
+    previous: SiteVerdict,
+    healths: Iterable[TargetHealth],
+    policy: Thresholds,
+    now: float,
+    critical: frozenset[str] = frozenset(),
 ) -> SiteVerdict:
-    """Combine a site's targets into one verdict that says why."""
+    """Combine a site's targets into one verdict that says why.
+
+    A *critical* target (the site's own health endpoint, an ACD check) that
+    is down because it answered "unhealthy" makes the site down on its own:
+    a grey failure, where the SBC still answers but nobody can take calls.
+    Unreachable, it is only one more piece of evidence.
+    """
+    healths = list(healths)
+    grey = [
+        h
+        for h in healths
+        if h.target in critical and h.state == "down" and h.last is not None and h.last.reason in ANSWERED_NO
+    ]
+    if grey:
+        return _grey(previous, grey, now)
     known = [h for h in healths if h.state != "unknown"]
     down = sorted(h.target for h in known if h.state == "down")
     up = sorted(h.target for h in known if h.state == "up")
@@ -169,7 +192,8 @@ def judge_site(
             f"only {len(kinds_down)} kind of evidence ({', '.join(kinds_down)}); "
             f"{policy.min_evidence} must agree to judge the site down"
         )
-    since = previous.since if verdict == previous.verdict and previous.since is not None else now
+    same = verdict == previous.verdict and not previous.grey
+    since = previous.since if same and previous.since is not None else now
     return SiteVerdict(
         site=previous.site,
         verdict=verdict,
@@ -178,4 +202,21 @@ def judge_site(
         down=tuple(down),
         up=tuple(up),
         kinds_down=tuple(kinds_down),
+    )
+
+
+def _grey(previous: SiteVerdict, grey: list[TargetHealth], now: float) -> SiteVerdict:
+    why = [
+        f"{h.target} says the site cannot serve ({h.last.detail if h.last else 'unhealthy'}): grey failure"
+        for h in grey
+    ]
+    since = previous.since if previous.verdict == "down" and previous.grey and previous.since else now
+    return SiteVerdict(
+        site=previous.site,
+        verdict="down",
+        since=since,
+        why=tuple(why),
+        down=tuple(sorted(h.target for h in grey)),
+        kinds_down=tuple(sorted({h.kind for h in grey})),
+        grey=True,
     )

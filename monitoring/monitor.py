@@ -32,7 +32,7 @@ Recorder = Callable[..., Any]  # Store.record-like: record(kind, subject=…, me
 class Monitor:
     def __init__(self, config: Config, metrics: Metrics, clock: Clock, record: Recorder) -> None:
         # Told of every change of a site's verdict (the failover service listens here).
-        self.on_verdict: Callable[[str, str, str], None] = lambda site, verdict, why: None
+        self.on_verdict: Callable[[SiteVerdict], None] = lambda verdict: None
         # Told of every published change of a target's state: (target, kind, state, why).
         self.on_target_state: Callable[[str, str, str, str], None] = lambda target, kind, state, why: None
         self._metrics = metrics
@@ -149,20 +149,26 @@ class Monitor:
     def _judge(self, site: str) -> None:
         before = self.sites[site]
         members = [h for name, h in self.health.items() if self.targets[name].site == site]
-        after = judge_site(before, members, self.thresholds, self._clock.monotonic())
+        critical = frozenset(n for n, t in self.targets.items() if t.site == site and t.critical)
+        after = judge_site(before, members, self.thresholds, self._clock.monotonic(), critical)
         self.sites[site] = after
         self._metrics.set_site_verdict(site, after.verdict)
-        if after.verdict != before.verdict:
+        if (after.verdict, after.grey) != (before.verdict, before.grey):
             log.info(
                 f"site {site} is {after.verdict}",
                 extra=kv(site=site, verdict=after.verdict, was=before.verdict, why="; ".join(after.why)),
             )
-            self.on_verdict(site, after.verdict, "; ".join(after.why))
+            self.on_verdict(after)
             self._record(
                 "site.verdict",
                 subject=site,
                 message=f"site {site} {before.verdict} -> {after.verdict}: {'; '.join(after.why)}",
-                data={"verdict": after.verdict, "was": before.verdict, "down": list(after.down)},
+                data={
+                    "verdict": after.verdict,
+                    "was": before.verdict,
+                    "down": list(after.down),
+                    "grey": after.grey,
+                },
             )
 
     # -- views -----------------------------------------------------------------------

@@ -46,6 +46,7 @@ class Target:
     timeout_s: float | None = None
     accept_codes: frozenset[int] | None = None  # sip: None means any 2xx
     expect_body: str | None = None  # http: a regular expression the body must match
+    critical: bool = False  # answering "unhealthy" means its site cannot serve (grey failure)
     labels: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -130,7 +131,8 @@ def from_config(config: Config) -> list[Target]:
         host, port = host_port(site.sbc)
         targets.append(Target(f"site:{site_name}:sbc", "sip", host, port, site.sbc_transport, site=site_name))
         if site.health_url:
-            targets.append(_with(parse_url(site.health_url, f"site:{site_name}:http"), site=site_name))
+            health = parse_url(site.health_url, f"site:{site_name}:http")
+            targets.append(_with(health, site=site_name, critical=site.health_critical))
         for check_name, check in site.checks.items():
             target = parse_url(check.url, f"site:{site_name}:{check_name}")
             targets.append(
@@ -140,6 +142,7 @@ def from_config(config: Config) -> list[Target]:
                     interval_s=check.interval_s,
                     timeout_s=check.timeout_s,
                     expect_body=check.expect_body,
+                    critical=check.critical,
                 )
             )
     for resource in ("disk", "memory", "temperature"):

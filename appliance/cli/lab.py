@@ -169,8 +169,32 @@ def impair(workdir: Path, host: str, loss_pct: float | None, delay_ms: float | N
 @lab.command()
 @workdir_option
 @click.argument("host")
+@click.option("--reason", default="ACD down: no agents can take calls", show_default=True)
+def degrade(workdir: Path, host: str, reason: str) -> None:
+    """A grey failure: HOST's health endpoint says it cannot serve; its SBC still answers."""
+    try:
+        click.echo(_lab(workdir).degrade(host, reason))
+    except _lab_errors() as exc:
+        _die(str(exc))
+
+
+@lab.command()
+@workdir_option
+@click.argument("host")
+@click.option("--from", "peer", default="appliance", show_default=True, help="The one peer cut off.")
+def partition(workdir: Path, host: str, peer: str) -> None:
+    """Cut only the path between HOST and one peer; everyone else still reaches HOST."""
+    try:
+        click.echo(_lab(workdir).partition(host, peer))
+    except _lab_errors() as exc:
+        _die(str(exc))
+
+
+@lab.command()
+@workdir_option
+@click.argument("host")
 def heal(workdir: Path, host: str) -> None:
-    """Remove every impairment from HOST's link."""
+    """Remove every impairment from HOST: link, loss, partition, grey failure."""
     try:
         click.echo(_lab(workdir).heal(host))
     except _lab_errors() as exc:

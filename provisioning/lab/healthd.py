@@ -3,8 +3,11 @@
 Real sites expose a health URL that hotsite's HTTP probe polls; this stands in
 for it: ``GET /health`` -> 200 ``{"status": "ok", "site": NAME}``, anything
 else -> 404.  Stdlib only, so it runs with the venv's python inside a network
-namespace (``ip netns exec NS python healthd.py ...``).  ``--workdir`` is only
-there so the lab's cleanup can find this process by its command line.
+namespace (``ip netns exec NS python healthd.py ...``).  ``--workdir`` lets the
+lab's cleanup find this process by its command line, and holds the switch for
+a grey failure: while ``<workdir>/<site>.unhealthy`` exists, ``/health``
+answers 503 with the file's text as the reason (the site's SBC keeps
+answering SIP: only the site's own health says it cannot serve).
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import argparse
 import contextlib
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
-def make_handler(site: str) -> type[BaseHTTPRequestHandler]:
-    body = json.dumps({"status": "ok", "site": site}).encode()
+def make_handler(site: str, workdir: str = "") -> type[BaseHTTPRequestHandler]:
+    healthy = json.dumps({"status": "ok", "site": site}).encode()
+    switch = Path(workdir) / f"{site}.unhealthy" if workdir else None
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "hotsite-lab-healthd/1"
@@ -25,7 +30,11 @@ def make_handler(site: str) -> type[BaseHTTPRequestHandler]:
             if self.path.split("?", 1)[0] != "/health":
                 self.send_error(404, "try /health")
                 return
-            self.send_response(200)
+            code, body = 200, healthy
+            if switch is not None and switch.exists():
+                reason = switch.read_text().strip() or "unhealthy"
+                code, body = 503, json.dumps({"status": "down", "site": site, "reason": reason}).encode()
+            self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -44,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--site", required=True)
     ap.add_argument("--workdir", default="")
     args = ap.parse_args(argv)
-    server = ThreadingHTTPServer((args.bind, args.port), make_handler(args.site))
+    server = ThreadingHTTPServer((args.bind, args.port), make_handler(args.site, args.workdir))
     server.daemon_threads = True
     print(f"healthd {args.site} listening on {args.bind}:{args.port}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):

@@ -43,7 +43,7 @@ GENERATED = (
     "kamailio-rpc.sock",
     "witness.toml",
 )
-GENERATED_GLOBS = ("*.log",)
+GENERATED_GLOBS = ("*.log", "*.unhealthy")
 GENERATED_DIRS = ("kamailio-run",)
 
 
@@ -463,9 +463,36 @@ class Lab:
         self._save(info)
         return desc
 
+    def degrade(self, host: str, reason: str = "ACD down: no agents can take calls") -> str:
+        """A grey failure: the host's health endpoint says it cannot serve; its SIP keeps answering."""
+        info = self._require()
+        entry, _ = self._host(info, host)
+        if "http" not in entry["ports"]:
+            raise LabError(f"{host} has no health endpoint to degrade")
+        (self.workdir / f"{host}.unhealthy").write_text(reason + "\n")
+        entry["impairment"] = desc = f"{host} degraded (health says: {reason}); SIP still answers"
+        self._save(info)
+        return desc
+
+    def partition(self, host: str, peer: str) -> str:
+        """Cut only the path between ``host`` and ``peer`` (e.g. the appliance); others still reach it."""
+        info = self._require()
+        _, h = self._host(info, host)
+        if info["mode"] != "netns" or not info.get("capabilities", {}).get("nft_loss"):
+            raise LabError("a partition needs the namespace lab and nftables")
+        peer_addr = (
+            info["appliance"]["address"] if peer == "appliance" else self._host(info, peer)[0]["address"]
+        )
+        ns.nft_partition(h.namespace, peer_addr)
+        entry = self._host(info, host)[0]
+        entry["impairment"] = desc = f"{host} cut off from {peer} ({peer_addr}) only"
+        self._save(info)
+        return desc
+
     def heal(self, host: str) -> str:
         info = self._require()
         entry, h = self._host(info, host)
+        (self.workdir / f"{host}.unhealthy").unlink(missing_ok=True)
         if info["mode"] == "netns":
             self._netlink(lambda: ns.heal(h, netem=info.get("capabilities", {}).get("netem", False)))
             if info.get("capabilities", {}).get("nft_loss"):

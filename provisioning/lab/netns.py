@@ -276,3 +276,22 @@ def nft_clear(namespace: str) -> None:
         check=False,
         capture_output=True,
     )
+
+
+def nft_partition(namespace: str, peer_address: str) -> None:
+    """Drop everything between this namespace and one peer address, both ways."""
+    nft_clear(namespace)
+    script = (
+        f"add table inet {NFT_TABLE}\n"
+        f"add chain inet {NFT_TABLE} in {{ type filter hook input priority 0; }}\n"
+        f"add chain inet {NFT_TABLE} out {{ type filter hook output priority 0; }}\n"
+        f"add rule inet {NFT_TABLE} in ip saddr {peer_address} drop\n"
+        f"add rule inet {NFT_TABLE} out ip daddr {peer_address} drop\n"
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", namespace, "nft", "-f", "-"],
+        input=script,
+        text=True,
+        check=True,
+        capture_output=True,
+    )

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,89 @@ def test_a_drill_checks_the_backup_path_without_moving_production(daemon: Runnin
     assert _rpc("htable.dump", "hotlines") == before  # the test number is gone again, hotlines untouched
     decision = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)[0]
     assert decision["message"].startswith("drill passed: 5/5 checks passed, expected RTO")
+
+
+def _failover_state(daemon: RunningDaemon) -> str:
+    return str(daemon.status()["failover"]["state"])
+
+
+def _steady(daemon: RunningDaemon) -> None:
+    wait_for(lambda: _failover_state(daemon) == "primary_active"
+             and all(s["verdict"] == "up" for s in daemon.status()["sites"]), timeout=30, what="steady state")
+
+
+def _no_failover_for(daemon: RunningDaemon, seconds: float) -> list[str]:
+    """Watch for ``seconds``: the engine may get worried, but never starts a runbook."""
+    seen, deadline = set(), time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = _failover_state(daemon)
+        seen.add(state)
+        assert state not in ("failing_over", "backup_active"), state
+        time.sleep(0.2)
+    return sorted(seen)
+
+
+def test_grey_failure_moves_the_hotlines_although_the_sbc_answers(
+    lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
+) -> None:
+    """The primary's SBC keeps answering OPTIONS and calls, but its health says nobody can take calls:
+    Kamailio's dispatcher and keepalived cannot see this; hotsite moves the hotlines by plan."""
+    the_lab, _ = lab
+    _steady(daemon)
+    assert hotsite("lab", "degrade", "--workdir", str(the_lab.workdir), "primary").returncode == 0
+    started = time.monotonic()
+    try:
+        site = wait_for(lambda: (p := next(s for s in daemon.status()["sites"] if s["name"] == "primary"))["verdict"]
+                        == "down" and p, what="grey verdict")
+        assert site["why"] == ["site:primary:http says the site cannot serve (HTTP 503): grey failure"]
+        assert next(t for t in site["targets"] if t["target"] == "site:primary:sbc")["state"] == "up"
+        wait_for(lambda: _failover_state(daemon) == "backup_active", timeout=20, what="grey failover")
+        moved_after = time.monotonic() - started
+        assert _rpc("htable.get", "hotlines", "95566")["item"]["value"] == 2
+        decision = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)
+        assert any("grey failure" in d["message"] for d in decision)
+        print(f"grey failure: health bad -> hotlines moved in {moved_after:.2f}s")
+    finally:
+        hotsite("lab", "heal", "--workdir", str(the_lab.workdir), "primary")
+    wait_for(lambda: _failover_state(daemon) == "failback_pending", timeout=20, what="primary healthy again")
+    assert hotsite("failback", "--yes", config=daemon.config).returncode == 0
+    _steady(daemon)
+
+
+def test_no_failover_when_only_the_link_to_the_primary_is_cut(
+    lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
+) -> None:
+    """Backup cut from the primary, the witness still sees it: a partition, never a failover."""
+    the_lab, _ = lab
+    _steady(daemon)
+    assert hotsite("lab", "partition", "--workdir", str(the_lab.workdir), "primary").returncode == 0
+    try:
+        wait_for(lambda: next(s for s in daemon.status()["sites"] if s["name"] == "primary")["verdict"] == "down",
+                 what="primary down from here")
+        seen = _no_failover_for(daemon, 8.0)  # hold-down is 3 s: well past it
+        assert "primary_degraded" in seen
+        assert daemon.status()["failover"]["witness"]["primary_alive"] is True
+        decisions = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)
+        assert any("a partition, not failing over" in d["message"] for d in decisions[:5])
+    finally:
+        hotsite("lab", "heal", "--workdir", str(the_lab.workdir), "primary")
+    _steady(daemon)
+
+
+def test_no_failover_on_a_blip_or_when_only_the_witness_dies(
+    lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
+) -> None:
+    the_lab, _ = lab
+    _steady(daemon)
+    workdir = str(the_lab.workdir)
+    assert hotsite("lab", "impair", "--workdir", workdir, "primary", "--cut").returncode == 0
+    time.sleep(1.0)  # a 1 s blip: shorter than detection + the 3 s hold-down
+    assert hotsite("lab", "heal", "--workdir", workdir, "primary").returncode == 0
+    _no_failover_for(daemon, 6.0)
+    assert hotsite("lab", "impair", "--workdir", workdir, "witness", "--cut").returncode == 0
+    try:
+        _no_failover_for(daemon, 5.0)
+        assert daemon.status()["failover"]["witness"]["primary_alive"] is None
+    finally:
+        hotsite("lab", "heal", "--workdir", workdir, "witness")
+    _steady(daemon)

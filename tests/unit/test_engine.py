@@ -96,7 +96,7 @@ def test_witness_unreachable_in_auto_waits_for_an_operator() -> None:
         "automatic failover withheld: the witness cannot say (witness unreachable); waiting for an operator"
     )
     out = run.at(11, WitnessVote(False))
-    assert out.decision == "starting failover (epoch 1) by daemon: the witness now agrees the primary is down"
+    assert out.decision == "starting failover (epoch 1) by daemon: the witness now agrees; the primary is down"
 
 
 def test_confirm_timeout_proceeds_unless_the_witness_sees_the_primary() -> None:
@@ -266,7 +266,7 @@ def test_safety_properties(script: list[tuple[float, Event, bool, str]], mode: s
 
 
 world = st.one_of(
-    st.builds(PrimaryVerdict, st.sampled_from(["down", "down", "down", "down", "up", "degraded"])),
+    st.builds(PrimaryVerdict, st.sampled_from(["down", "down", "down", "down", "up", "degraded"]), st.just(""), st.booleans()),
     st.builds(WitnessVote, st.sampled_from([True, False, None])),
     st.builds(Tick),
     st.builds(Tick),
@@ -305,12 +305,27 @@ def test_automatic_decisions_only_on_lasting_evidence(
             if action.kind == "failover":
                 assert mode != "manual"
                 assert down_since is not None and now - down_since >= policy.hold_down_s
-                assert run.state.witness is not True
-                if mode == "auto" and not (confirm_timeout and before.state == "failover_pending"):
-                    assert run.state.witness is False
+                if run.state.primary_grey:  # reachable and saying no: no partition doubt
+                    assert mode == "auto" or confirm_timeout
+                else:
+                    assert run.state.witness is not True
+                    if mode == "auto" and not (confirm_timeout and before.state == "failover_pending"):
+                        assert run.state.witness is False
                 if mode == "confirm":
                     assert confirm_timeout and now - before.since >= confirm_timeout
             else:
                 assert up_since is not None and now - up_since >= policy.failback_stable_s
             run.at(now, RunbookDone(action.kind, action.epoch, True, "failover" if action.kind == "failover" else "normal"))
         assert len([t for t in run.state.auto_moves if now - t < 3600]) <= policy.max_auto_per_hour
+
+
+def test_a_grey_failure_needs_no_witness_but_still_the_hold_down() -> None:
+    run = Run(AUTO)
+    run.at(0, WitnessVote(True, "sees the SBC answering"))
+    run.at(0, PrimaryVerdict("down", "site:primary:http says the site cannot serve", grey=True))
+    assert run.at(2, Tick()).actions == ()
+    out = run.at(10, Tick())
+    assert out.decision == "starting failover (epoch 1) by daemon: primary reports it cannot serve (grey failure) for 10s"
+    plain = Run(dataclasses.replace(AUTO, mode="confirm"))
+    plain.at(0, PrimaryVerdict("down", grey=True))
+    assert plain.at(10, Tick()).decision == "policy confirm: waiting for 'hotsite approve'"

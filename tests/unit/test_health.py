@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -189,3 +191,21 @@ def test_a_site_is_down_only_when_independent_evidence_agrees(
     if verdict.verdict == "up":
         assert known and all(h.state == "up" for h in known)
     assert verdict.why
+
+
+def test_a_critical_check_answering_no_is_a_grey_failure() -> None:
+    policy = Thresholds(min_evidence=2)
+    sbc = health("site:p:sbc", "sip", "up")
+    said_no = dataclasses.replace(
+        health("site:p:http", "http", "down"),
+        last=ProbeResult("site:p:http", False, 4.0, 0.01, 503, "bad_code", "HTTP 503"),
+    )
+    unreachable = dataclasses.replace(said_no, last=ProbeResult("site:p:http", False, 4.0, None, None, "timeout"))
+    critical = frozenset({"site:p:http"})
+    grey = judge_site(SiteVerdict("p"), [sbc, said_no], policy, 5.0, critical)
+    assert (grey.verdict, grey.grey, grey.down) == ("down", True, ("site:p:http",))
+    assert grey.why == ("site:p:http says the site cannot serve (HTTP 503): grey failure",)
+    # Unreachable is not the site saying anything: just one piece of evidence.
+    assert judge_site(SiteVerdict("p"), [sbc, unreachable], policy, 5.0, critical).verdict == "degraded"
+    # Not critical: degraded, as before.
+    assert judge_site(SiteVerdict("p"), [sbc, said_no], policy, 5.0).verdict == "degraded"
