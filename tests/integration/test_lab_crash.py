@@ -1,0 +1,100 @@
+"""The daemon killed with SIGKILL in the middle of a runbook: on restart, routing is consistent.
+
+The runbook's second step is a slow hook, so the kill lands after Kamailio
+was switched and before the hook was: the worst moment, with the world half
+moved. The restarted daemon must resume the failover from its persisted
+state (every step is idempotent, a newer fencing token) and finish it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from provisioning.lab import config as lab_config
+from tests.conftest import free_port
+from tests.integration.daemon_helpers import RunningDaemon, hotsite, wait_for
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+for ok, why in [
+    (os.geteuid() == 0, "the namespace lab needs root"),
+    (shutil.which("kamailio") is not None, "kamailio is not installed"),
+    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
+]:
+    if not ok:
+        pytestmark.append(pytest.mark.skip(reason=why))
+
+HOOK = """#!/bin/sh
+# A slow external step (a carrier's redirect API, say) that records what it was told.
+state="{state}"
+if [ "$1" = "--verify" ]; then
+    held="$(cat "$state" 2>/dev/null || echo none)"
+    [ "$held" = "$HOTSITE_ROUTING" ] && exit 0
+    echo "redirect holds $held"
+    exit 1
+fi
+sleep 4
+echo "$HOTSITE_ROUTING" > "$state"
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from provisioning.lab import Lab
+
+    the_lab = Lab(tmp_path_factory.mktemp("lab"))
+    try:
+        info = the_lab.up(mode="netns")
+        the_lab.wait_ready()
+        yield info
+    finally:
+        the_lab.down()
+
+
+def _rpc(method: str, *params: Any) -> Any:
+    body = {"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1}
+    return httpx.post("http://10.77.0.10:5071/RPC", json=body, timeout=3, trust_env=False).json()["result"]
+
+
+def test_sigkill_mid_runbook_resumes_and_completes(lab: dict[str, Any], tmp_path: Path) -> None:
+    state_file = tmp_path / "redirect.state"
+    script = tmp_path / "redirect.sh"
+    script.write_text(HOOK.format(state=state_file))
+    script.chmod(0o755)
+    config = Path(lab["workdir"]) / "hotsite.toml"
+    text = lab_config.render(lab, metrics_listen=f"127.0.0.1:{free_port()}")
+    text += f'\n[actuators.redirect]\ntype = "hook"\ncommand = ["{script}"]\ntimeout_s = 10\n'
+    config.write_text(text.replace('policy = "auto"', 'policy = "manual"'))
+
+    first = RunningDaemon(config, tmp_path / "first.log")
+    first.wait_ready()
+    wait_for(lambda: first.status()["failover"]["state"] == "primary_active", what="normal operation")
+    moved = hotsite("failover", "--force", "--yes", "--reason", "planned move", config=config)
+    assert moved.returncode == 0, moved.stderr
+    # Kamailio is switched first; the hook then sleeps: kill the daemon right there.
+    wait_for(lambda: _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 2, what="kamailio switched")
+    assert not state_file.exists()
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+
+    second = RunningDaemon(config, tmp_path / "second.log")
+    try:
+        second.wait_ready()
+        done = wait_for(lambda: (f := second.status()["failover"])["state"] == "backup_active" and f,
+                        timeout=30, what="resumed failover completed")
+        assert done["routing"] == "failover" and done["epoch"] == 2  # a newer token than the killed run's
+        assert state_file.read_text().strip() == "failover"
+        assert _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 2
+        decisions = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=config).stdout)
+        assert any(d["message"].startswith("resuming the interrupted failover from the top (epoch 2")
+                   for d in decisions)
+    finally:
+        assert second.stop() == 0
