@@ -510,7 +510,11 @@ def _runbook_done(state: EngineState, done: RunbookDone, now: float) -> Outcome:
             )
             return Outcome(new, (page,), f"failover completed (epoch {done.epoch}): {done.detail}")
         new = _to(state, "primary_active", now, routing="normal", waiting_for="")
-        resolves = (Resolve(FAILOVER, "Failback completed"), Resolve(PRIMARY_DOWN, "Primary serving again"))
+        resolves = (
+            Resolve(FAILOVER, "Failback completed"),
+            Resolve(PRIMARY_DOWN, "Primary serving again"),
+            Resolve("failback", "Failback completed"),
+        )
         return Outcome(new, resolves, f"failback completed (epoch {done.epoch}): {done.detail}")
     if done.routing == "unknown":
         new = _to(state, "held", now, routing="unknown", waiting_for="an operator: routing state unknown")
