@@ -6,6 +6,7 @@ This module only connects parts; decisions live in the pure modules
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -166,8 +167,8 @@ class Appliance(Daemon):
         self.monitor.on_verdict = self.failover.on_site_verdict
         for name, job in (
             ("failover", self.failover.run),
-            ("failover ticks", self.failover.ticks),
-            ("witness", self.failover.poll_witness),
+            ("failover ticks", functools.partial(self.failover.ticks, cfg.failover.tick_s)),
+            ("witness", functools.partial(self.failover.poll_witness, cfg.failover.witness_poll_s)),
             ("reconcile", self.failover.reconcile),
         ):
             self.supervisor.start(name, job)

@@ -149,6 +149,7 @@ def _accept_codes(codes: list[int]) -> list[int]:
 
 TargetUrl = Annotated[str, AfterValidator(_target_url)]
 ProbeSeconds = Annotated[float, Field(ge=0.1, le=3600)]
+ProbeTimeout = Annotated[float, Field(ge=0.01, le=3600)]
 
 
 class CheckSection(Section):
@@ -156,7 +157,7 @@ class CheckSection(Section):
 
     url: TargetUrl
     interval_s: ProbeSeconds | None = None
-    timeout_s: ProbeSeconds | None = None
+    timeout_s: ProbeTimeout | None = None
     expect_body: str | None = None
     # The site itself saying it cannot serve (this check answers, but "no"): a grey failure.
     critical: bool = False
@@ -190,13 +191,13 @@ class TrunkSection(Section):
     transport: Literal["udp", "tcp", "tls"] = "udp"
     carrier: str = ""
     interval_s: ProbeSeconds | None = None
-    timeout_s: ProbeSeconds | None = None
+    timeout_s: ProbeTimeout | None = None
     accept_codes: Annotated[list[int], AfterValidator(_accept_codes)] = []
 
 
 class ProbesSection(Section):
     interval_s: ProbeSeconds = 1.0
-    timeout_s: ProbeSeconds = 0.8
+    timeout_s: ProbeTimeout = 0.8
     rise: int = Field(default=2, ge=1, le=100)
     fall: int = Field(default=3, ge=1, le=100)
     damping_s: float = Field(default=0.0, ge=0, le=3600)
@@ -233,9 +234,10 @@ class FailoverSection(Section):
     witness_timeout_s: ProbeSeconds = 2.0
     witness_token_file: Path | None = None
     witness_ca_file: Path | None = None
-    witness_max_age_s: ProbeSeconds = (
-        10.0  # an older view is no vote: more than the witness's interval + timeout
-    )
+    # An older view is no vote: set it above the witness's interval + timeout.
+    witness_max_age_s: ProbeSeconds = 10.0
+    witness_poll_s: ProbeSeconds = 1.0  # how often the witness is asked
+    tick_s: ProbeSeconds = 0.5  # how often timers (hold-down, dwell, confirm) are evaluated
     hold_down_s: Seconds = 30.0  # the primary must stay judged down this long before acting
     min_dwell_s: Seconds = 300.0  # minimum time in a routing before moving again automatically
     max_auto_per_hour: int = Field(default=1, ge=0, le=60)
@@ -479,6 +481,40 @@ class ReplicationSection(Section):
         return self
 
 
+class CoordinationSection(Section):
+    """Who may act: the witness alone (one appliance), or a leader lease on an etcd cluster.
+
+    ``etcd``: appliances sharing ``domain`` elect one leader through a lease of
+    ``ttl_s`` (see ``failover/etcd.py``); ``endpoints`` are etcd client URLs
+    (the v3 JSON gateway). Automatic failover needs a cluster of three or more.
+    """
+
+    backend: Literal["witness", "etcd"] = "witness"
+    endpoints: list[HttpUrl] = Field(default=[], max_length=15)
+    domain: Name = "default"  # routing domain: appliances sharing it share one leader
+    ttl_s: int = Field(default=10, ge=2, le=300)  # etcd lease TTLs are whole seconds
+    request_timeout_s: ProbeSeconds = 1.0
+    retry_s: ProbeSeconds = 0.5  # how often a standby tries to take the lease
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    credentials_file: Path | None = None  # one line "user:password" (etcd authentication)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CoordinationSection:
+        if self.backend == "etcd" and not self.endpoints:
+            raise ValueError("backend 'etcd' needs endpoints (etcd client URLs)")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file (client certificate), or neither")
+        if len(set(self.endpoints)) != len(self.endpoints):
+            raise ValueError("endpoints: the same URL is listed twice")
+        if self.request_timeout_s * 3 > self.ttl_s:
+            raise ValueError(
+                f"request_timeout_s ({self.request_timeout_s:g}) must be at most a third of ttl_s ({self.ttl_s})"
+            )
+        return self
+
+
 class Config(Section):
     """The whole appliance configuration (the root of ``hotsite.toml``)."""
 
@@ -497,6 +533,7 @@ class Config(Section):
     channels: dict[Name, Channel] = {}
     paging: PagingSection = PagingSection()
     replication: ReplicationSection = ReplicationSection()
+    coordination: CoordinationSection = CoordinationSection()
 
     @model_validator(mode="after")
     def _one_primary_and_a_backup(self) -> Config:

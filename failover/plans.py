@@ -105,7 +105,9 @@ def failover_routing(config: Config) -> Routing:
         serving_site=backup_site(config),
         default_set=backup.kamailio_set,
         hotlines={a.number: a.kamailio_set for a in assignments},
-        fenced_sets=frozenset({primary.kamailio_set}),
+        # Fence the primary's SBC wherever it is listed, not whole sets: a set that also
+        # lists the backup keeps it, so a call already on its way is still retried there.
+        fenced_uris=frozenset({f"sip:{primary.sbc}"}),
     )
 
 
@@ -117,7 +119,7 @@ def normal_routing(config: Config) -> Routing:
         serving_site=primary_name,
         default_set=primary.kamailio_set,
         hotlines={line.number: primary.kamailio_set for line in config.hotlines.values()},
-        active_sets=frozenset({primary.kamailio_set}),
+        active_uris=frozenset({f"sip:{primary.sbc}"}),
     )
 
 

@@ -23,6 +23,10 @@ class Routing:
     hotlines: dict[str, int] = field(default_factory=dict)  # called number -> dispatcher set
     fenced_sets: frozenset[int] = frozenset()  # disabled: no call may be sent there
     active_sets: frozenset[int] = frozenset()  # explicitly re-enabled (e.g. at failback)
+    # Destinations (SIP URIs) disabled in every set that lists them: the fenced site's SBC.
+    # Finer than fencing a set: a set that also lists the backup keeps it as per-call fallback.
+    fenced_uris: frozenset[str] = frozenset()
+    active_uris: frozenset[str] = frozenset()  # re-enabled in every set that lists them
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -32,6 +36,8 @@ class Routing:
             "hotlines": dict(sorted(self.hotlines.items())),
             "fenced_sets": sorted(self.fenced_sets),
             "active_sets": sorted(self.active_sets),
+            "fenced_uris": sorted(self.fenced_uris),
+            "active_uris": sorted(self.active_uris),
         }
 
     @classmethod
@@ -43,4 +49,11 @@ class Routing:
             hotlines={str(k): int(v) for k, v in data.get("hotlines", {}).items()},
             fenced_sets=frozenset(int(s) for s in data.get("fenced_sets", [])),
             active_sets=frozenset(int(s) for s in data.get("active_sets", [])),
+            fenced_uris=frozenset(str(u) for u in data.get("fenced_uris", [])),
+            active_uris=frozenset(str(u) for u in data.get("active_uris", [])),
         )
+
+
+def same_destination(uri: str, other: str) -> bool:
+    """``sip:10.0.0.1:5060;transport=udp`` and ``sip:10.0.0.1:5060`` name the same SBC."""
+    return uri.split(";", 1)[0].lower() == other.split(";", 1)[0].lower()

@@ -54,7 +54,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from appliance.clock import Clock, SystemClock
-from appliance.config import ListenAddress, ProbeSeconds, Section, host_port
+from appliance.config import ListenAddress, ProbeSeconds, ProbeTimeout, Section, host_port
 from appliance.errors import ConfigError, StartupError
 from appliance.logs import kv
 from failover.quorum import NullVoter, Vote, Voter
@@ -113,7 +113,7 @@ class WitnessSettings(Section):
     listen: ListenAddress
     primary: list[TargetUrl] = Field(min_length=1, max_length=16)
     interval_s: ProbeSeconds = 1.0
-    timeout_s: ProbeSeconds = 0.8
+    timeout_s: ProbeTimeout = 0.8
     rise: int = Field(default=2, ge=1, le=100)
     fall: int = Field(default=3, ge=1, le=100)
     token_file: Path | None = None

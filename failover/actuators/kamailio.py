@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 from appliance.kamailio import KamailioRpc, KamailioRpcError
 from failover.actuators.base import Actuator, ActuatorError, StaleToken
-from failover.routing import Routing
+from failover.routing import Routing, same_destination
 
 ROUTING_TABLE = "routing"
 ACTIVE_KEY = "active_set"
@@ -77,11 +77,19 @@ def routing_problems(routing: Routing) -> list[str]:
     return found
 
 
-def wanted_flags(set_id: int, flags: int, routing: Routing) -> int:
+def _fenced(set_id: int, uri: str, routing: Routing) -> bool:
+    return set_id in routing.fenced_sets or any(same_destination(uri, u) for u in routing.fenced_uris)
+
+
+def _active(set_id: int, uri: str, routing: Routing) -> bool:
+    return set_id in routing.active_sets or any(same_destination(uri, u) for u in routing.active_uris)
+
+
+def wanted_flags(set_id: int, flags: int, routing: Routing, uri: str = "") -> int:
     """The list-file flags a destination of ``set_id`` should carry under ``routing``."""
-    if set_id in routing.fenced_sets:
+    if _fenced(set_id, uri, routing):
         return (flags & ~STATE_BITS) | FLAG_DISABLED
-    if set_id in routing.active_sets:
+    if _active(set_id, uri, routing):
         # Flag 8 would hold a destination back until it answers a probe: list active ones with 0.
         return flags & ~STATE_BITS
     return flags
@@ -118,7 +126,7 @@ def rewrite_list(text: str, routing: Routing) -> str:
             out.append(line)
             continue
         set_id, uri, flags, rest = parsed
-        new = wanted_flags(set_id, flags, routing)
+        new = wanted_flags(set_id, flags, routing, uri)
         out.append(line if new == flags else f"{set_id} {uri} {new}" + (f" {rest}" if rest else ""))
     return "\n".join(out) + "\n"
 
@@ -265,6 +273,14 @@ class KamailioActuator(Actuator):
             await self.rpc.call("dispatcher.set_state", "d", set_id, "all")
         for set_id in sorted(routing.active_sets):
             await self.rpc.call("dispatcher.set_state", "ap" if self.probing else "a", set_id, "all")
+        for set_id, destinations in sorted(sets.items()):
+            for uri in sorted(destinations):
+                if set_id in routing.fenced_sets or set_id in routing.active_sets:
+                    continue
+                if _fenced(set_id, uri, routing):
+                    await self.rpc.call("dispatcher.set_state", "d", set_id, uri)
+                elif _active(set_id, uri, routing):
+                    await self.rpc.call("dispatcher.set_state", "ap" if self.probing else "a", set_id, uri)
         current = await self.rpc.htable_dump(HOTLINES_TABLE)
         for number, set_id in sorted(routing.hotlines.items()):
             if _as_int(current.get(number)) != set_id:
@@ -287,15 +303,14 @@ class KamailioActuator(Actuator):
     async def _verify(self, routing: Routing) -> list[str]:
         diffs: list[str] = []
         sets = await self.rpc.dispatcher_flags()
-        for set_id in sorted(routing.fenced_sets | routing.active_sets):
-            if set_id not in sets:
-                diffs.append(f"dispatcher set {set_id} is not in Kamailio")
-                continue
-            for uri, flags in sorted(sets[set_id].items()):
+        for set_id in sorted((routing.fenced_sets | routing.active_sets) - set(sets)):
+            diffs.append(f"dispatcher set {set_id} is not in Kamailio")
+        for set_id, destinations in sorted(sets.items()):
+            for uri, flags in sorted(destinations.items()):
                 state = flags[:1]
-                if set_id in routing.fenced_sets and state != "D":
+                if _fenced(set_id, uri, routing) and state != "D":
                     diffs.append(f"dispatcher set {set_id} {uri} is {flags}, wanted disabled (D): not fenced")
-                elif set_id in routing.active_sets and state == "D":
+                elif _active(set_id, uri, routing) and state == "D":
                     diffs.append(f"dispatcher set {set_id} {uri} is disabled (D), wanted enabled")
         for set_id in sorted({routing.default_set, *routing.hotlines.values()} - set(sets)):
             diffs.append(f"dispatcher set {set_id} (routed to) is not in Kamailio")

@@ -169,7 +169,9 @@ def test_a_dead_primary_fails_over_by_plan_and_back_under_control(
         assert state["routing"] == "failover" and state["epoch"] >= 1
         assert state["witness"]["primary_alive"] is False
         assert _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 2
-        assert all(flags.startswith("D") for flags in _dispatcher_flags()[1].values())
+        # The primary's SBC is fenced; set 1 keeps the backup as its per-call fallback.
+        flags = _dispatcher_flags()
+        assert flags[1]["sip:10.77.0.20:5060"].startswith("D") and flags[1]["sip:10.77.0.30:5060"].startswith("A")
         text = metrics(daemon.listen)  # type: ignore[attr-defined]
         assert 'hotsite_failover_state{state="backup_active"} 1.0' in text
         assert 'hotsite_site_verdict{site="primary",verdict="down"} 1.0' in text
@@ -187,7 +189,7 @@ def test_a_dead_primary_fails_over_by_plan_and_back_under_control(
     assert back.returncode == 0, back.stderr
     wait_for(lambda: failover()["state"] == "primary_active", timeout=20, what="failback done")
     assert _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 1
-    assert all(not flags.startswith("D") for flags in _dispatcher_flags()[1].values())
+    assert all(not flags.startswith("D") for set_flags in _dispatcher_flags().values() for flags in set_flags.values())
     refused = hotsite("failback", "--yes", config=daemon.config)
     assert refused.returncode == 1 and "routing is already normal" in refused.stderr
 

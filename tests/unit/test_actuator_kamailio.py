@@ -108,3 +108,16 @@ def test_rewrite_is_idempotent_and_only_touches_fenced_or_active_sets(routing: R
             assert f2 & 0b1111 == 0
         else:
             assert f2 == f
+
+
+def test_fencing_a_destination_keeps_the_rest_of_its_set() -> None:
+    from failover.actuators.kamailio import rewrite_list
+    from failover.routing import Routing
+
+    text = "1 sip:10.0.0.1:5060 0 10 name=primary\n1 sip:10.0.0.2:5060 0 0 name=backup\n2 sip:10.0.0.2:5060 0 0\n"
+    fenced = Routing("failover", "backup", 2, fenced_uris=frozenset({"sip:10.0.0.1:5060;transport=udp"}))
+    assert rewrite_list(text, fenced) == (
+        "1 sip:10.0.0.1:5060 4 10 name=primary\n1 sip:10.0.0.2:5060 0 0 name=backup\n2 sip:10.0.0.2:5060 0 0\n"
+    )
+    back = Routing("normal", "primary", 1, active_uris=frozenset({"sip:10.0.0.1:5060"}))
+    assert rewrite_list(rewrite_list(text, fenced), back) == text

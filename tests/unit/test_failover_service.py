@@ -65,7 +65,7 @@ def test_confirm_approve_runbook_and_resume_after_restart(tmp_path: Path) -> Non
         await settle(service)
         assert service.state.state == "backup_active" and service.state.routing == "failover"
         routing, token = actuator.applied[-1]
-        assert (routing.hotlines, routing.fenced_sets, token) == ({"95588": 2}, {1}, 1)
+        assert (routing.hotlines, routing.fenced_uris, token) == ({"95588": 2}, {"sip:10.0.0.1:5060"}, 1)
         refused = await service.ask(Command("failback", "uid=1000(tech)"))
         assert refused.refused and refused.decision.startswith("refused: the primary is judged down")
         task.cancel()

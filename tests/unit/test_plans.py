@@ -59,13 +59,14 @@ def test_failover_serves_by_priority_within_capacity() -> None:
     ]
     routing = plans.failover_routing(cfg)
     assert routing.hotlines == {"95588": 2, "95566": 3, "95577": 2}
-    assert routing.default_set == 2 and routing.fenced_sets == {1} and routing.serving_site == "backup"
+    assert routing.default_set == 2 and routing.serving_site == "backup"
+    assert routing.fenced_uris == {"sip:10.0.0.1:5060"} and not routing.fenced_sets  # the SBC, not set 1
 
 
 def test_normal_routing_sends_every_hotline_to_the_primary_set() -> None:
     routing = plans.normal_routing(config.parse(SITES + HOTLINES))
     assert routing.hotlines == {"95588": 1, "95566": 1, "95577": 1}
-    assert routing.default_set == 1 and routing.active_sets == {1} and not routing.fenced_sets
+    assert routing.default_set == 1 and routing.active_uris == {"sip:10.0.0.1:5060"} and not routing.fenced_uris
 
 
 @pytest.mark.parametrize(
