@@ -510,7 +510,8 @@ class CoordinationSection(Section):
             raise ValueError("endpoints: the same URL is listed twice")
         if self.request_timeout_s * 3 > self.ttl_s:
             raise ValueError(
-                f"request_timeout_s ({self.request_timeout_s:g}) must be at most a third of ttl_s ({self.ttl_s})"
+                f"request_timeout_s ({self.request_timeout_s:g}) must be at most"
+                f" a third of ttl_s ({self.ttl_s})"
             )
         return self
 
