@@ -6,6 +6,7 @@ This module only connects parts; decisions live in the pure modules
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -134,6 +135,7 @@ class Appliance(Daemon):
         self._start_usage(cfg)
         self._start_failover(cfg)
         self.supervisor.start("probes", self.monitor.run)
+        self.supervisor.start("conditions", self._watch_conditions)
         self._started = True
         log.info(
             "hotsite started",
@@ -210,6 +212,29 @@ class Appliance(Daemon):
         else:
             return
         self.supervisor.spawn(f"incident {key}", job)
+
+    async def _watch_conditions(self, interval_s: float = 5.0) -> None:
+        """Conditions that are not probe targets become incidents too: replica lag, modem trouble."""
+        raised: set[str] = set()
+        while True:
+            await asyncio.sleep(interval_s)
+            assert self.paging is not None and self.replication is not None
+            now: dict[str, str] = {}
+            for problem in self.replication.readiness():
+                stream = problem.split(":", 1)[0].removeprefix("replication stream ")
+                now[f"replication:{stream}"] = problem
+            for channel in self.paging.channels.values():
+                health = channel.health()
+                if health.get("up") is False:
+                    name, why = health["name"], health.get("error") or "no detail"
+                    now[f"channel:{name}"] = f"paging channel {name} ({health['kind']}) is down: {why}"
+            for key in sorted(set(now) - raised):
+                await self.paging.raise_incident(
+                    key, now[key], severity="error", group=key.split(":")[0], source="appliance"
+                )
+            for key in sorted(raised - set(now)):
+                await self.paging.clear(key)
+            raised = set(now)
 
     def sms_status(self) -> str:
         """The short answer to a contractor's STATUS text: works when nothing else does."""

@@ -220,3 +220,26 @@ def test_one_shot_probe_needs_no_daemon() -> None:
     assert dead.returncode == 1 and "unreachable" in dead.stdout and "100.0% loss" in dead.stdout
     bad = hotsite("probe", "gopher://x")
     assert bad.returncode == 2 and "unknown target" in bad.stderr
+
+
+def test_a_broken_modem_is_an_incident(cfg: Path, tmp_path: Path) -> None:
+    from tests.support.modem import ModemEmulator
+
+    modem = ModemEmulator(sim="absent").start()
+    cfg.write_text(
+        cfg.read_text()
+        + '\n[[contacts]]\nname = "Li"\nphone = "+8613900139000"\n'
+        + f'\n[channels.sms]\ntype = "gsm"\ndevice = "{modem.path}"\nhealth_s = 1\nprompt_timeout_s = 1\n'
+    )
+    daemon = RunningDaemon(cfg, tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        incident = wait_for(
+            lambda: next((i for i in json.loads(hotsite("incidents", "--json", config=cfg).stdout)["active"]
+                          if "channel:sms" in i["keys"]), None),
+            timeout=20, what="modem incident",
+        )
+        assert "paging channel sms (gsm) is down" in incident["summary"]
+    finally:
+        daemon.stop()
+        modem.stop()
