@@ -27,6 +27,7 @@ witness restarted with a 100 ms interval).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import signal
 import statistics
@@ -43,6 +44,7 @@ import httpx
 from provisioning.lab import Lab
 from provisioning.lab import config as lab_config
 from tests.conftest import free_port
+from tests.integration.conftest import LOCK as LAB_LOCK
 from tests.integration.daemon_helpers import RunningDaemon, hotsite, wait_for
 
 FAST = {
@@ -275,6 +277,8 @@ def main() -> None:
     ap.add_argument("--grey-trials", type=int, default=5)
     ap.add_argument("--loss-minutes", type=float, default=10.0)
     args = ap.parse_args()
+    lock = LAB_LOCK.open("a")  # one lab per machine: wait for test runs using it
+    fcntl.flock(lock, fcntl.LOCK_EX)
     workdir = Path(tempfile.mkdtemp(prefix="hotsite-bench-failover-"))
     lab = Lab(workdir / "lab")
     daemon = None
