@@ -29,10 +29,12 @@ from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.service import ReplicationService
 from appliance.store import Store
 from appliance.systemd import Notifier
+from failover import plans
 from failover.actuators.factory import build_actuators
 from failover.actuators.replication import ReplicationActuator
 from failover.drill import Drill
 from failover.engine import Command, Page, Resolve
+from failover.etcd import EtcdCoordination, adopt_routing
 from failover.plans import backup_site
 from failover.service import FailoverService
 from failover.witness import voter_from_config
@@ -60,6 +62,7 @@ RESTART_ONLY = (
     "replication",
     "actuators",
     "failover.witness",
+    "coordination",
     "paging",
     "channels",
     "contacts",
@@ -88,6 +91,7 @@ class Appliance(Daemon):
         self.failover: FailoverService | None = None
         self.replication: ReplicationService | None = None
         self.paging: PagingService | None = None
+        self.coordination: EtcdCoordination | None = None
         self.kamailio: KamailioRpc | None = None
         self.usage: UsageMonitor | None = None
         self._started_at = 0.0
@@ -149,6 +153,24 @@ class Appliance(Daemon):
         voter = voter_from_config(cfg, clock=self.clock)
         if self.replication.sqlite_streams():
             actuators.append(ReplicationActuator(self.replication))
+        if cfg.coordination.backend == "etcd":
+            # Several appliances: only the holder of the etcd lease may act, and every
+            # actuator call carries the lease's fencing token (its create revision).
+            self.coordination = EtcdCoordination(
+                cfg.coordination,
+                appliance=cfg.appliance.name,
+                site=plans.backup_site(cfg),
+                registry=self.metrics.registry,
+            )
+            voter = self.coordination.voter(voter)
+            actuators = self.coordination.fence(
+                actuators,
+                lambda: {"normal": plans.normal_routing(cfg), "failover": plans.failover_routing(cfg)},
+                on_takeover=lambda observed, token: adopt_routing(self.failover, observed, token),
+                record=lambda kind, message, data: self._record(kind, message=message, data=data),
+            )
+            self.coordination.lease.on_change(self._coordination_changed)
+            self.supervisor.start("coordination", self.coordination.run)
         self.failover = FailoverService(
             cfg,
             self.store,
@@ -176,6 +198,17 @@ class Appliance(Daemon):
             self.supervisor.start(name, job)
         state = self.failover.state
         self.metrics.set_failover_state(state.state, state.routing, state.epoch)
+
+    def _coordination_changed(self, state: Any) -> None:
+        """Losing sight of etcd (or the lease) is worth a page: nobody acts until it is back."""
+        action: Page | Resolve
+        if getattr(state, "role", "") == "unknown":
+            action = Page(
+                "coordination", "critical", f"etcd coordination lost: {getattr(state, 'detail', '')}"
+            )
+        else:
+            action = Resolve("coordination", f"etcd coordination: {getattr(state, 'role', '?')}")
+        self.supervisor.spawn("coordination page", self._page(action))
 
     async def _page(self, action: Page | Resolve) -> None:
         """The engine's pages become incidents (deduplicated by key, resolved when cleared)."""
@@ -324,6 +357,7 @@ class Appliance(Daemon):
             self._replication_handlers()
             | self._paging_handlers()
             | {
+                "coordination.status": self._api_coordination,
                 "ping": self._api_ping,
                 "status": self._api_status,
                 "events": self._api_events,
@@ -363,6 +397,9 @@ class Appliance(Daemon):
             return handler
 
         return {name: delegate(name) for name in ("incidents", "ack", "oncall", "page_test")}
+
+    async def _api_coordination(self, caller: Caller, params: dict[str, Any]) -> Any:
+        return self.coordination.view() if self.coordination else {"backend": "witness"}
 
     async def _api_ping(self, caller: Caller, params: dict[str, Any]) -> Any:
         return {"pong": True, "version": __version__, "pid": os.getpid()}
@@ -472,6 +509,7 @@ class Appliance(Daemon):
             "sites": sites,
             "trunks": trunks,
             "failover": self.failover.view() if self.failover else {"state": "starting"},
+            "coordination": self.coordination.view() if self.coordination else {"backend": "witness"},
             "events": [e.to_json() for e in self.store.events(limit=events)] if events else [],
         }
 

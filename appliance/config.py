@@ -634,9 +634,9 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: {len(problems)} problem(s) in the configuration", problems) from None
     # Cross-references the schema cannot see; each feature keeps its own rules.
     from appliance.paging import settings as paging_settings
-    from failover import plans
+    from failover import etcd, plans
 
-    problems = plans.problems(config) + paging_settings.problems(config)
+    problems = plans.problems(config) + paging_settings.problems(config) + etcd.problems(config)
     if problems:
         raise ConfigError(f"{source}: {len(problems)} problem(s) in the configuration", problems)
     return config

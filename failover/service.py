@@ -65,7 +65,7 @@ def policy_from(config: Config) -> Policy:
     f = config.failover
     return Policy(
         mode=f.policy,
-        has_witness=f.witness is not None,
+        has_witness=f.witness is not None or config.coordination.backend == "etcd",
         hold_down_s=f.hold_down_s,
         min_dwell_s=f.min_dwell_s,
         max_auto_per_hour=f.max_auto_per_hour,
