@@ -38,8 +38,10 @@ rev_dns=no
 mpath="{module_dir}"
 loadmodule "pv.so"
 loadmodule "sl.so"
+loadmodule "cfgutils.so"
 request_route {{
     if ($rm == "OPTIONS") {{
+        {delay}
         sl_send_reply("200", "OK");
         exit;
     }}
@@ -184,14 +186,22 @@ def responder(
     tcp: bool = False,
     cpus: set[int] | None = None,
     netns: str | None = None,
+    delay_us: int = 0,
 ) -> Iterator[KamailioProcess]:
-    """A stateless OPTIONS responder listening on each address (UDP, and TCP if asked)."""
+    """A stateless OPTIONS responder listening on each address (UDP, and TCP if asked).
+
+    ``delay_us`` holds every answer that long (cfgutils ``usleep``, a nanosleep in the
+    worker): a known delay to measure RTT accuracy against where the kernel has no netem.
+    """
     module_dir = find_module_dir()
     if module_dir is None:
         raise SystemExit("kamailio modules not found")
     listens = [f"listen=udp:{a}:{port}" for a in addresses]
     listens += [f"listen=tcp:{a}:{port}" for a in addresses] if tcp else []
-    text = RESPONDER_CFG.format(children=children, listens="\n".join(listens), module_dir=module_dir)
+    delay = f'usleep("{delay_us}");' if delay_us else ""
+    text = RESPONDER_CFG.format(
+        children=children, listens="\n".join(listens), module_dir=module_dir, delay=delay
+    )
     with tempfile.TemporaryDirectory(prefix="hotsite-bench-kam-") as tmp:
         kam = _start(text, Path(tmp), cpus, [(a, port) for a in addresses], netns)
         try:

@@ -88,8 +88,11 @@ def test_sigkill_mid_runbook_resumes_and_completes(lab: dict[str, Any], tmp_path
     second = RunningDaemon(config, tmp_path / "second.log")
     try:
         second.wait_ready()
-        done = wait_for(lambda: (f := second.status()["failover"])["state"] == "backup_active" and f,
-                        timeout=30, what="resumed failover completed")
+        try:
+            done = wait_for(lambda: (f := second.status()["failover"])["state"] == "backup_active" and f,
+                            timeout=60, what="resumed failover completed")
+        except AssertionError as exc:  # say why: the restarted daemon's own account
+            raise AssertionError(f"{exc}\n--- restarted daemon's log ---\n{second.log.read_text()[-6000:]}") from None
         assert done["routing"] == "failover" and done["epoch"] == 2  # a newer token than the killed run's
         assert state_file.read_text().strip() == "failover"
         assert _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 2
