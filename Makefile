@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := kamailio sip-tester iproute2 nftables openssl etcd-server etcd-client procps python3-venv
+APT_PACKAGES := kamailio sip-tester iproute2 nftables openssl etcd-server etcd-client prometheus tmux procps python3-venv
 # Stamp files make the install steps run once, and again when their inputs change.
 APT_STAMP := $(VENV)/.apt-installed
 PIP_STAMP := $(VENV)/.pip-installed

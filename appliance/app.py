@@ -465,7 +465,10 @@ class Appliance(Daemon):
             raise RequestError("kind must be a string")
         if since is not None and not isinstance(since, int | float):
             raise RequestError("since must be a unix time in seconds")
-        return [e.to_json() for e in self.store.events(limit=limit, kind=kind, since=since)]
+        subject = params.get("subject")
+        if subject is not None and not isinstance(subject, str):
+            raise RequestError("subject must be a string")
+        return [e.to_json() for e in self.store.events(limit=limit, kind=kind, since=since, subject=subject)]
 
     async def _api_note(self, caller: Caller, params: dict[str, Any]) -> Any:
         text = params.get("text")

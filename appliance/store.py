@@ -194,8 +194,9 @@ class Store:
         limit: int = 20,
         kind: str | None = None,
         since: float | None = None,
+        subject: str | None = None,
     ) -> list[Event]:
-        """The newest events first, optionally filtered by kind prefix and time."""
+        """The newest events first, optionally filtered by kind prefix, time and subject."""
         clauses: list[str] = []
         args: list[str | float] = []
         if kind:
@@ -204,6 +205,9 @@ class Store:
         if since is not None:
             clauses.append("at >= ?")
             args.append(since)
+        if subject:
+            clauses.append("subject = ?")
+            args.append(subject)
         rows = self._db.table("events").rows_where(
             " AND ".join(clauses) or None, args, order_by="id DESC", limit=limit
         )

@@ -158,10 +158,33 @@ def probe(target: str, count: int, interval: float, timeout: float, as_json: boo
 @click.option("--limit", default=50, show_default=True, help="How many events, newest first.")
 @click.option("--kind", help="Only this kind or kind prefix, e.g. 'probe' or 'operator.note'.")
 @click.option("--since", type=float, metavar="SECONDS", help="Only events of the last SECONDS.")
+@click.option("--incident", type=int, metavar="ID", help="Only events about paging incident ID.")
+@click.option("--subject", help="Only events about this subject, e.g. 'trunk:carrier-a' or 'primary'.")
 @pass_ctx
-def events_cmd(ctx: Context, as_json: bool, limit: int, kind: str | None, since: float | None) -> None:
-    """Read the audit log: who did what, when."""
+def events_cmd(
+    ctx: Context,
+    as_json: bool,
+    limit: int,
+    kind: str | None,
+    since: float | None,
+    incident: int | None,
+    subject: str | None,
+) -> None:
+    """Read the audit log: who did what, when.
+
+    \b
+    Examples:
+      hotsite events --kind failover --since 3600
+      hotsite events --incident 42
+      hotsite events --subject trunk:carrier-a --json
+    """
     params: dict[str, Any] = {"limit": limit}
+    if incident is not None and subject:
+        raise click.UsageError("give --incident or --subject, not both")
+    if incident is not None:
+        params["subject"] = f"incident:{incident}"
+    elif subject:
+        params["subject"] = subject
     if kind:
         params["kind"] = kind
     if since is not None:
@@ -171,6 +194,25 @@ def events_cmd(ctx: Context, as_json: bool, limit: int, kind: str | None, since:
         click.echo(json.dumps(result, indent=2))
     else:
         render.print_events(result)
+
+
+@cli.command("logs")
+@click.option("--since", default="1 hour ago", show_default=True, help="Passed to journalctl.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines.")
+@click.option("--unit", default="hotsite", show_default=True, help="The systemd unit.")
+def logs_cmd(since: str, follow: bool, unit: str) -> None:
+    """The daemon's own log lines (journald), e.g. to see why a probe failed.
+
+    The audit log (who did what) is `hotsite events`; this is the daemon's diagnostic log.
+    """
+    import shutil
+    import subprocess
+
+    journalctl = shutil.which("journalctl")
+    if journalctl is None:
+        fail(HotsiteError("no journalctl here: the daemon logs to stderr; see its service manager's log"))
+    args = [journalctl, "-u", unit, "--since", since, "--no-pager", "-o", "cat"] + (["-f"] if follow else [])
+    sys.exit(subprocess.call(args))
 
 
 @cli.command()
@@ -240,12 +282,17 @@ def _register_subgroups() -> None:
     from appliance.cli import failover, paging
     from appliance.cli.lab import lab
     from appliance.cli.replication import replication, source
+    from appliance.cli.report import completion, report
+    from appliance.cli.top import top
     from appliance.cli.witness import witness
 
     cli.add_command(lab)
     cli.add_command(witness)
     cli.add_command(source)
     cli.add_command(replication)
+    cli.add_command(top)
+    cli.add_command(report)
+    cli.add_command(completion)
     for command in (*failover.COMMANDS, *paging.COMMANDS):
         cli.add_command(command)
 

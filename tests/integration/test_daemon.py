@@ -243,3 +243,18 @@ def test_a_broken_modem_is_an_incident(cfg: Path, tmp_path: Path) -> None:
     finally:
         daemon.stop()
         modem.stop()
+
+
+def test_events_filter_by_subject_and_incident(cfg: Path, tmp_path: Path) -> None:
+    daemon = RunningDaemon(cfg, tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        wait_for(lambda: all(s["state"] == "down" for s in daemon.status()["sites"]), what="sites down")
+        about = json.loads(hotsite("events", "--json", "--subject", "site:primary:sbc", config=cfg).stdout)
+        assert about and all(e["subject"] == "site:primary:sbc" for e in about)
+        none = json.loads(hotsite("events", "--json", "--incident", "999", config=cfg).stdout)
+        assert none == []
+        both = hotsite("events", "--incident", "1", "--subject", "x", config=cfg)
+        assert both.returncode == 2 and "not both" in both.stderr
+    finally:
+        daemon.stop()
