@@ -80,12 +80,17 @@ def up(workdir: Path, mode: str, metrics_listen: str) -> None:
 
 
 def _up(workdir: Path, mode: str, metrics_listen: str) -> dict[str, Any]:
+    from rich.console import Console
+
     from provisioning.lab import config as lab_config
 
     the_lab = _lab(workdir)
+    # A spinner on a terminal (bringing the lab up takes seconds); nothing in a log.
     try:
-        info = the_lab.up(mode=mode)
-        the_lab.wait_ready()
+        with Console(stderr=True).status("bringing the lab up: namespaces, Kamailio, SIPp, witness..."):
+            info = the_lab.up(mode=mode)
+        with Console(stderr=True).status("waiting for every host to answer..."):
+            the_lab.wait_ready()
     except _lab_errors() as exc:
         with contextlib.suppress(Exception):
             the_lab.down()
