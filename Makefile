@@ -5,12 +5,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := kamailio sip-tester iproute2 nftables openssl etcd-server etcd-client prometheus tmux procps python3-venv
+APT_PACKAGES := kamailio sip-tester iproute2 nftables openssl etcd-server etcd-client prometheus tmux openssh-server debootstrap vagrant procps python3-venv
 # Stamp files make the install steps run once, and again when their inputs change.
 APT_STAMP := $(VENV)/.apt-installed
 PIP_STAMP := $(VENV)/.pip-installed
 
-.PHONY: demo test unit lint typecheck deps venv clean lab-down
+.PHONY: demo test unit lint typecheck deps venv clean lab-down image
 
 demo: deps venv
 	$(BIN)/hotsite lab demo
@@ -23,6 +23,7 @@ unit: venv
 
 lint: venv
 	$(BIN)/ruff check appliance failover monitoring provisioning tests
+	cd provisioning/ansible && ../../$(BIN)/ansible-lint --offline -q site.yml roles
 
 typecheck: venv
 	$(BIN)/mypy
@@ -48,6 +49,11 @@ $(PIP_STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
+
+# build/image/rootfs: Debian 12 + the appliance role (root, debootstrap, network; minutes). images/README.md.
+image: deps venv
+	$(BIN)/pip wheel -q . -w build/wheels
+	images/build-rootfs.sh build/image build/wheels $${VARS:-provisioning/ansible/vagrant-vars.yml}
 
 lab-down: venv
 	$(BIN)/hotsite lab down

@@ -279,7 +279,7 @@ def config_check(ctx: Context, file: Path | None, as_json: bool) -> None:
 
 
 def _register_subgroups() -> None:
-    from appliance.cli import failover, paging
+    from appliance.cli import failover, paging, provision
     from appliance.cli.lab import lab
     from appliance.cli.replication import replication, source
     from appliance.cli.report import completion, report
@@ -293,7 +293,7 @@ def _register_subgroups() -> None:
     cli.add_command(top)
     cli.add_command(report)
     cli.add_command(completion)
-    for command in (*failover.COMMANDS, *paging.COMMANDS):
+    for command in (*failover.COMMANDS, *paging.COMMANDS, *provision.COMMANDS):
         cli.add_command(command)
 
 
