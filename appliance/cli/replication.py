@@ -92,7 +92,11 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         poll_interval_s=s.poll_interval_s,
         heartbeat_s=s.heartbeat_s,
         rescan_s=s.rescan_s,
+        watch=s.watch,
         bandwidth_limit_bytes_s=s.bandwidth_limit_bytes_s,
+        checkpoint_frames=s.checkpoint_frames,
+        restart_frames=s.restart_frames,
+        checkpoint_busy_ms=s.checkpoint_busy_ms,
     )
     try:
         asyncio.run(agent.serve_forever())
@@ -137,14 +141,88 @@ def _age(ts: float | None) -> str:
     return "-" if ts is None else f"{max(0.0, time.time() - ts):.1f}s ago"
 
 
+def _seeding(result: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Streams whose initial sync is under way: name -> (pages done, pages in all)."""
+    out = {}
+    for s in result.get("streams", []):
+        done, total = (list(s.get("seed_progress") or [0, 0]) + [0, 0])[:2]
+        if total and done < total:
+            out[str(s["name"])] = (int(done), int(total))
+    return out
+
+
+SHOW_BAR_AFTER_S = 2.0
+
+
+def follow_seed(
+    fetch: Any, first: dict[str, Any], *, terminal: bool, interval: float = 0.5, plain_every: float = 2.0
+) -> dict[str, Any]:
+    """Follow an initial sync until it ends; returns the last status.
+
+    On a terminal: nothing for the first ``SHOW_BAR_AFTER_S`` seconds (a
+    short sync needs no bar), then a rich progress bar per stream. Off a
+    terminal (a log, a pipe): one plain line per stream every
+    ``plain_every`` seconds, which a log keeps readably.
+    """
+    result = first
+    started = time.monotonic()
+    while _seeding(result) and time.monotonic() - started < SHOW_BAR_AFTER_S and terminal:
+        time.sleep(interval)
+        result = fetch()
+    if not _seeding(result):
+        return result
+    if not terminal:
+        while seeding := _seeding(result):
+            for name, (done, total) in seeding.items():
+                click.echo(f"{name}: initial sync {done}/{total} pages ({100 * done / total:.0f}%)")
+            time.sleep(plain_every)
+            result = fetch()
+        return result
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("pages"),
+        TimeRemainingColumn(),
+    ) as bar:
+        tasks: dict[str, Any] = {}
+        while seeding := _seeding(result):
+            for name, (done, total) in seeding.items():
+                if name not in tasks:
+                    tasks[name] = bar.add_task(f"{name} initial sync", total=total)
+                bar.update(tasks[name], completed=done, total=total)
+            for name, task in tasks.items():
+                if name not in seeding:
+                    bar.update(task, completed=bar.tasks[task].total)
+            time.sleep(interval)
+            result = fetch()
+        for task in tasks.values():
+            bar.update(task, completed=bar.tasks[task].total)
+    return result
+
+
 @replication.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def status_cmd(as_json: bool) -> None:
-    """Per stream: position, lag (seconds, bytes), last checksum match, link state."""
+@click.option(
+    "--follow/--no-follow",
+    default=None,
+    help="Follow an initial sync to its end [default: on a terminal, yes].",
+)
+def status_cmd(as_json: bool, follow: bool | None) -> None:
+    """Per stream: position, lag (seconds, bytes), last checksum match, link state.
+
+    During an initial sync, on a terminal, a progress bar (after 2 s) until it ends;
+    off a terminal with --follow, a plain progress line per stream every 2 s.
+    """
     result = _call("replication.status")
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    terminal = sys.stdout.isatty()
+    if (terminal if follow is None else follow) and _seeding(result):
+        result = follow_seed(lambda: _call("replication.status"), result, terminal=terminal)
     for s in result["streams"]:
         lag = "-" if s.get("lag_s") is None else f"{s['lag_s']:.3f}s"
         line = (

@@ -1,8 +1,13 @@
 """Configuration-file streams: directories of dial plans, IVR and routing tables, prompts.
 
-Source side: the tree is scanned (cheap ``stat`` comparison every
-``poll`` second, full re-hash every ``rescan_s``: change notification can
-overflow, a rescan cannot miss), files are content-hashed (SHA-256), and
+Source side: the tree is watched with inotify (:class:`InotifyWatcher`,
+through ``asyncinotify``); an event (after a 30 ms quiet period, so a file
+written in pieces is read once) triggers a cheap ``stat`` comparison of the
+tree, and every ``rescan_s`` a full re-hash runs anyway, because watches
+overflow (``IN_Q_OVERFLOW``) or cannot be added (``max_user_watches``):
+then the watcher says "changed" and, if it cannot watch at all, falls back
+to polling (:class:`PollingWatcher`, a ``stat`` comparison every 0.2 s,
+also used with ``watch = false``). Files are content-hashed (SHA-256), and
 a file that changed while it was read (size, mtime or inode moved) is read
 again next time rather than shipped half-old. Only contents the replica
 does not have are sent; a rename costs no transfer. A change set ends with
@@ -17,8 +22,10 @@ each applied change set (argv, no shell), like csync2's action hooks.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import logging
@@ -58,8 +65,12 @@ class TreeScanner:
         self.root = root
         self.exclude = exclude
         self._cache: dict[str, tuple[tuple[int, int, int], Entry]] = {}
+        self.scans = 0
+        self.full_scans = 0
 
     def scan(self, full: bool = False) -> dict[str, Entry]:
+        self.scans += 1
+        self.full_scans += full
         manifest: dict[str, Entry] = {}
         seen: dict[str, tuple[tuple[int, int, int], Entry]] = {}
         for dirpath, dirnames, filenames in os.walk(self.root):
@@ -112,6 +123,136 @@ def read_stable(path: Path) -> tuple[bytes, tuple[int, int, int]] | None:
     return data, key
 
 
+class ChangeWatcher(abc.ABC):
+    """Says when a tree may have changed, so it is scanned then rather than on a timer.
+
+    Contract: :meth:`wait` returns within ``timeout`` seconds (plus the
+    quiet period): True if something in the tree may have changed since the
+    last call (an event, an overflow, or a watcher that cannot know), False
+    if the time ran out with no sign of change. It never raises for files or
+    directories that vanish; a lost ability to watch turns into True
+    (the caller scans), never into silence. :meth:`close` releases the
+    kernel resources and may be called twice.
+    """
+
+    @abc.abstractmethod
+    async def wait(self, timeout: float) -> bool: ...
+
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        pass
+
+
+class PollingWatcher(ChangeWatcher):
+    """The Null watcher: no notification, a ``stat`` comparison every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+
+    async def wait(self, timeout: float) -> bool:
+        await asyncio.sleep(min(self.interval, max(timeout, 0.0)))
+        return True
+
+
+class InotifyWatcher(ChangeWatcher):
+    """inotify on every directory of the tree; new directories get watches as they appear.
+
+    Raises ``OSError`` from the constructor if inotify cannot be had at all
+    (the caller then polls). Past ``max_user_watches`` it watches what it
+    could and reports "changed" on every call (polling in effect) while
+    ``degraded`` says so.
+    """
+
+    QUIET_S = 0.03
+    MAX_DEBOUNCE_S = 0.3
+
+    def __init__(self, root: Path, skip: Callable[[str], bool] = lambda name: name.startswith(".hotsite")):
+        from asyncinotify import Inotify, Mask
+
+        self.root = root
+        self._skip = skip
+        self._mask = (
+            Mask.CLOSE_WRITE
+            | Mask.MODIFY
+            | Mask.ATTRIB
+            | Mask.CREATE
+            | Mask.DELETE
+            | Mask.MOVED_FROM
+            | Mask.MOVED_TO
+            | Mask.DELETE_SELF
+            | Mask.MOVE_SELF
+            | Mask.ONLYDIR
+        )
+        self._dir_flag = Mask.ISDIR
+        self._created = Mask.CREATE | Mask.MOVED_TO
+        self._inotify = Inotify()
+        self.degraded = False
+        self.overflows = 0
+        self.events = 0
+        self._add_tree(root)
+
+    def _add(self, path: Path) -> None:
+        try:
+            self._inotify.add_watch(path, self._mask)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                if not self.degraded:
+                    log.warning("inotify watch limit reached; polling this tree", extra=kv(root=self.root))
+                self.degraded = True
+            # ENOENT / ENOTDIR: gone already; the scan sees that
+
+    def _add_tree(self, top: Path) -> None:
+        self._add(top)
+        for dirpath, dirnames, _files in os.walk(top):
+            dirnames[:] = [d for d in dirnames if not self._skip(d)]
+            for d in dirnames:
+                self._add(Path(dirpath) / d)
+
+    def _note(self, event: Any) -> None:
+        from asyncinotify import Mask
+
+        self.events += 1
+        if event.mask & Mask.Q_OVERFLOW:
+            self.overflows += 1
+            log.info("inotify queue overflowed; the tree is scanned", extra=kv(root=self.root))
+            return
+        is_new_dir = event.mask & self._dir_flag and event.mask & self._created
+        if is_new_dir and event.path is not None and not self._skip(event.path.name):
+            self._add_tree(event.path)
+
+    async def wait(self, timeout: float) -> bool:
+        if self.degraded:
+            await asyncio.sleep(min(0.2, max(timeout, 0.0)))
+            return True
+        try:
+            event = await asyncio.wait_for(self._inotify.get(), max(timeout, 0.0))
+        except TimeoutError:
+            return False
+        self._note(event)
+        # Quiet period: a file written in pieces, or many files copied in, make one scan.
+        until = time.monotonic() + self.MAX_DEBOUNCE_S
+        while time.monotonic() < until:
+            try:
+                event = await asyncio.wait_for(self._inotify.get(), self.QUIET_S)
+            except TimeoutError:
+                break
+            self._note(event)
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._inotify.close()
+
+
+def make_watcher(root: Path, watch: bool, poll_s: float) -> ChangeWatcher:
+    """inotify when asked for and possible, else polling (said once in the log)."""
+    if watch:
+        try:
+            return InotifyWatcher(root)
+        except (OSError, ImportError) as exc:
+            log.warning("inotify unavailable; polling", extra=kv(root=root, error=str(exc)))
+    return PollingWatcher(max(poll_s, 0.2))
+
+
 async def serve_files(
     agent: SourceAgent,
     stream: ServedStream,
@@ -129,10 +270,12 @@ async def serve_files(
     last_full = time.monotonic()
     last_sent = time.monotonic()
     closed = asyncio.create_task(_wait_closed(reader))
+    watcher = make_watcher(stream.path, agent.watch, agent.poll_interval_s)
     try:
         while not closed.done():
             full = time.monotonic() - last_full >= agent.rescan_s
             manifest = await asyncio.to_thread(scanner.scan, full)
+            agent.file_scans += 1
             if full:
                 last_full = time.monotonic()
             if manifest != sent_manifest:
@@ -156,11 +299,24 @@ async def serve_files(
                     )
                     sent_manifest = manifest
                     last_sent = time.monotonic()
-            elif time.monotonic() - last_sent >= agent.heartbeat_s:
-                await sender.send(Msg.HEARTBEAT, {"observed_at": agent._clock()})
-                last_sent = time.monotonic()
-            await asyncio.sleep(max(agent.poll_interval_s, 0.2))
+                else:
+                    await asyncio.sleep(0.2)  # let the writer finish; then scan again
+                    continue
+            # Sleep until a change, the next heartbeat or the next full rescan, whichever comes first.
+            while not closed.done():
+                now = time.monotonic()
+                rescan_in = last_full + agent.rescan_s - now
+                heartbeat_in = last_sent + agent.heartbeat_s - now
+                if rescan_in <= 0:
+                    break
+                if heartbeat_in <= 0:
+                    await sender.send(Msg.HEARTBEAT, {"observed_at": agent._clock()})
+                    last_sent = time.monotonic()
+                    continue
+                if await watcher.wait(min(rescan_in, heartbeat_in)):
+                    break
     finally:
+        watcher.close()
         closed.cancel()
 
 

@@ -20,7 +20,28 @@ Contract (Litestream's design, made exact):
   backfill cannot pass that position, so the result is exactly the
   committed state at that frame (the online backup API gives a consistent
   copy but cannot tell at which WAL frame, which streaming needs).
-- Never writes to the database, its WAL or its index (``mode=ro``).
+- Never writes data. The only write is a checkpoint (PASSIVE, or a short
+  RESTART when the WAL is large), which copies committed pages from the WAL
+  into the database file and changes no data; ``checkpoint_frames = 0``
+  turns even that off.
+- WAL growth: under a steady write load the application's own PASSIVE
+  checkpoints rarely find the WAL fully copied and unread, so the WAL never
+  restarts and grows without bound (reported: at 5,000 tx/s and more it
+  kept growing, and flat out the application wrote 66% slower).
+  Like Litestream, once the WAL holds ``restart_frames`` frames or more and
+  the follower is (nearly) at its end, it briefly takes the write lock
+  (``BEGIN IMMEDIATE`` with a busy timeout of ``checkpoint_busy_ms``, so the
+  application's writers wait at most that long plus the copy of the last
+  few frames), reads the last frames, checkpoints (PASSIVE, now complete
+  since nobody can commit) and moves its hold to a new read transaction,
+  which then reads from the database file alone (read mark 0). It lets go
+  of the write lock: the application's next commit restarts the WAL from
+  its start (new salts: a new generation), and the follower goes on with
+  that generation without a resnapshot, since it shipped every frame of
+  the old one while writers were held off. Its mark-0 reader blocks any
+  further checkpoint, so no second restart can pass unseen; a generation
+  change that skips one anyway (salt-1 not incremented by one after a
+  generation that had frames) raises :class:`ResnapshotNeeded`.
 
 All methods block (file I/O): call them from a worker thread.
 """
@@ -33,17 +54,18 @@ import logging
 import os
 import sqlite3
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 from appliance.errors import HotsiteError
 from appliance.logs import kv
 from appliance.replication.checksum import PageHashes
 from appliance.replication.position import Batch, Position
-from appliance.replication.wal import Generation, WalFile, WalFormatError, WalHeader
+from appliance.replication.wal import Frame, Generation, WalFile, WalFormatError, WalHeader
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +94,25 @@ def _locked(method: F) -> F:
 
 class SqliteFollower:
     def __init__(
-        self, db_path: Path, clock: Callable[[], float] = time.time, checkpoint_frames: int = 1000
+        self,
+        db_path: Path,
+        clock: Callable[[], float] = time.time,
+        checkpoint_frames: int = 1000,
+        restart_frames: int = 4000,
+        checkpoint_busy_ms: int = 50,
     ) -> None:
         self.db_path = db_path
         self.checkpoint_frames = checkpoint_frames
+        self.restart_frames = restart_frames
+        self.checkpoint_busy_ms = checkpoint_busy_ms
         self._rw: sqlite3.Connection | None = None
         self.checkpoints = 0
+        self.restarts = 0  # WAL restarts prepared (everything shipped, backfilled, our hold on mark 0)
+        self.restart_attempts = 0
+        self.restart_hold_s = 0.0  # longest time one restart held the application's writers off
+        self._next_restart = 0.0  # monotonic time before which no restart is tried again (after a busy one)
+        self._header: WalHeader | None = None  # the header of self.position's generation, once seen
+        self._wlock: sqlite3.Connection | None = None  # takes the write lock for a restart
         self._clock = clock
         self._wal = WalFile(db_path)
         self._conns: list[sqlite3.Connection] = []
@@ -127,9 +162,10 @@ class SqliteFollower:
 
     @_locked
     def close(self) -> None:
-        if self._rw is not None:
-            self._rw.close()
-            self._rw = None
+        for rw in (self._rw, self._wlock):
+            if rw is not None:
+                rw.close()
+        self._rw = self._wlock = None
         for conn in self._conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -177,10 +213,9 @@ class SqliteFollower:
         if self._hold_at != (shipped.generation, shipped.frame):
             return
         try:
-            if self._rw is None:
-                self._rw = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
-                self._rw.execute("PRAGMA busy_timeout = 0")
-            self._rw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            rw = self._rw_conn()
+            rw.execute("PRAGMA busy_timeout = 0")
+            rw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             self.checkpoints += 1
         except sqlite3.Error as exc:
             log.debug("passive checkpoint skipped", extra=kv(error=str(exc)))
@@ -248,10 +283,13 @@ class SqliteFollower:
 
         def pages() -> Iterator[tuple[int, bytes]]:
             for pgno in range(1, db_pages + 1):
+                # Never yield while holding the lock: the next page may be asked for from another
+                # worker thread, and an RLock cannot be released by a thread that did not take it.
                 with self._lock:
                     if self._db_fd is None:
                         raise SourceError("the follower was closed while pages were being read")
-                    yield pgno, self._page(pgno, latest, header, page_size, hashes)
+                    data = self._page(pgno, latest, header, page_size, hashes)
+                yield pgno, data
 
         return Position(generation, mx), page_size, db_pages, hashes, pages()
 
@@ -342,7 +380,27 @@ class SqliteFollower:
             return None  # caught a restart half-way; the next poll sees it whole
         prev = self.position
         announced = self.announced or prev
+        if header is not None and header.generation == prev.generation:
+            self._header = header
+            if (
+                self.restart_frames
+                and self.checkpoint_frames
+                and mx >= self.restart_frames
+                and mx - prev.frame < MAX_FRAMES_PER_POLL
+                and (stop_at is None or stop_at.generation != generation or stop_at.frame <= prev.frame)
+                and time.monotonic() >= self._next_restart
+            ):
+                shipped = self._restart_wal(header, announced, started)
+                if shipped is not False:
+                    return shipped
         if generation != prev.generation:
+            skipped = generation.salt1 != (prev.generation.salt1 + 1) & 0xFFFFFFFF
+            if prev.frame and self._header is not None and skipped:
+                raise ResnapshotNeeded(
+                    f"the WAL went from generation {prev} to {generation.salt1:08x}{generation.salt2:08x}"
+                    " without passing through the one in between"
+                )
+            self._header = header if header is not None and header.generation == generation else None
             if header is None or mx == 0:
                 # A restart (or truncation) that has not written a frame yet: same content, new generation.
                 self.position = Position(generation, 0)
@@ -376,6 +434,21 @@ class SqliteFollower:
             frames.extend(more)
         if not frames:
             return None
+        return self._ship(frames, header.generation, announced, started, mx_after=mx)
+
+    def _ship(
+        self,
+        frames: list[Frame],
+        generation: Generation,
+        announced: Position,
+        started: float,
+        mx_after: int,
+        renew: bool = True,
+    ) -> Batch:
+        """Take ``frames`` (whole transactions of one generation) into our state; the batch to send.
+
+        ``mx_after`` is the newest committed frame of their generation.
+        """
         pages: dict[int, bytes] = {}
         min_pages = self.hashes.db_pages
         transactions = 0
@@ -388,14 +461,15 @@ class SqliteFollower:
                 min_pages = min(min_pages, frame.commit_size)
         db_pages = self.hashes.db_pages
         end = frames[-1].index
-        self.position = self.announced = Position(header.generation, end)
+        self.position = self.announced = Position(generation, end)
         self.frames_shipped += len(frames)
-        self.pending_frames = mx - end
-        if end == mx:
+        pending = mx_after - end
+        self.pending_frames = pending
+        if end == mx_after:
             self.last_current_at = started
-        if self._may_renew(self.position, end == mx):
+        if renew and self._may_renew(self.position, end == mx_after):
             self.renew()
-            if end == mx and self.checkpoint_frames and mx >= self.checkpoint_frames:
+            if end == mx_after and self.checkpoint_frames and mx_after >= self.checkpoint_frames:
                 self._let_wal_restart(self.position)
         return Batch(
             kind="tx",
@@ -408,9 +482,92 @@ class SqliteFollower:
             observed_at=self.last_current_at,
             transactions=transactions,
             frames=len(frames),
-            pending_frames=mx - end,
+            pending_frames=pending,
             pages={p: d for p, d in pages.items() if p <= db_pages},
         )
+
+    # -- bounding the WAL ------------------------------------------------------
+
+    def _rw_conn(self) -> sqlite3.Connection:
+        if self._rw is None:
+            self._rw = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        return self._rw
+
+    def _restart_wal(
+        self, header: WalHeader, announced: Position, started: float
+    ) -> Batch | None | Literal[False]:
+        """Prepare a WAL restart (see the module docstring); the batch of the last frames, or False.
+
+        False: the write lock was not had within ``checkpoint_busy_ms`` (or
+        SQLite refused), nothing changed, the caller polls as usual; the
+        next try waits a second. None: nothing was left to ship.
+        """
+        assert self.position is not None
+        self.restart_attempts += 1
+        if self._wlock is None:
+            self._wlock = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        wlock = self._wlock
+        try:
+            wlock.execute(f"PRAGMA busy_timeout = {int(self.checkpoint_busy_ms)}")
+            wlock.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            log.debug("no write lock for a WAL restart", extra=kv(error=str(exc)))
+            self._next_restart = time.monotonic() + 1.0
+            return False
+        t0 = time.monotonic()
+        batch: Batch | None = None
+        try:
+            # Nobody can commit now: read everything committed since our position.
+            try:
+                now_header, mx, generation = self._current()
+            except WalFormatError:
+                now_header, mx, generation = None, 0, header.generation
+            if (
+                now_header is None
+                or generation != header.generation
+                or mx - self.position.frame > MAX_FRAMES_PER_POLL
+            ):
+                self._next_restart = time.monotonic() + 1.0
+                return False
+            if mx > self.position.frame:
+                frames = self._wal.frames(now_header, self.position.frame + 1, mx)
+                batch = self._ship(frames, generation, announced, started, mx_after=mx, renew=False)
+            self.last_current_at = started
+            # Copy every frame into the database file (PASSIVE: it waits for nobody) ...
+            rw = self._rw_conn()
+            rw.execute("PRAGMA busy_timeout = 0")
+            self._conns[self._holder].execute("COMMIT")  # our hold must not stop the copy
+            try:
+                rw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.checkpoints += 1
+            finally:
+                # ... then hold again: if the copy was complete, this reader reads the file alone
+                # (mark 0), which blocks further copies, and the next commit restarts the WAL.
+                self._begin(self._conns[self._holder])
+                self._note_hold()
+            if self._backfilled() >= mx:
+                self.restarts += 1
+                self._next_restart = 0.0
+            else:  # an application reader kept the copy short: the WAL goes on; try later
+                self._next_restart = time.monotonic() + 1.0
+        except (sqlite3.Error, WalFormatError) as exc:
+            log.warning("WAL restart failed", extra=kv(error=str(exc)))
+            self._next_restart = time.monotonic() + 1.0
+            if batch is None:
+                return False
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                wlock.execute("ROLLBACK")
+            self.restart_hold_s = max(self.restart_hold_s, time.monotonic() - t0)
+        return batch
+
+    def _backfilled(self) -> int:
+        """nBackfill of the wal-index: frames already copied into the database file."""
+        fds = self._wal._fds()
+        if fds is None:
+            return 0
+        raw = os.pread(fds[1], 4, 96)
+        return int.from_bytes(raw, sys.byteorder) if len(raw) == 4 else 0
 
 
 def describe_source(db_path: Path) -> dict[str, object]:

@@ -3,6 +3,36 @@
 Separate from the appliance's ``hotsite.toml`` because it runs on another
 machine with other files; validated with the same rules (unknown keys are
 errors, secrets only as ``*_file`` paths).
+
+The agent is read-only towards the data it serves. Its only write is a
+checkpoint of a SQLite database, which copies committed pages from the WAL
+into the database file and changes no data (what any reader of that
+database sees stays the same); it keeps the WAL from growing without bound
+under a steady write load. Keys of ``[source]``:
+
+- ``listen``, ``tls_cert_file``, ``tls_key_file``, ``tls_ca_file``,
+  ``allowed_clients``: where and to whom it serves (mutual TLS).
+- ``poll_interval_s`` (0.01): how often a WAL is read for new commits.
+- ``heartbeat_s`` (0.5): the longest silence on an idle stream.
+- ``rescan_s`` (30): full re-hash of a file tree; between rescans changes are
+  seen through inotify (``watch = false``: stat comparison every
+  ``poll_interval_s``, at least 0.2 s).
+- ``watch`` (true): use inotify for file trees.
+- ``bandwidth_limit_bytes_s`` (0 = unlimited).
+- ``checkpoint_frames`` (1000): once everything is shipped and the WAL holds
+  this many frames, a PASSIVE checkpoint (never waits, never blocks the
+  application). 0: the agent never checkpoints (never opens the database
+  for writing); the WAL then restarts only when the application manages it.
+- ``restart_frames`` (4000, ~16 MB at 4 KiB pages): once everything is
+  shipped and the WAL holds this many frames, a RESTART checkpoint, like
+  Litestream's ``max-checkpoint-page-count``: the WAL restarts from its
+  start (a new generation, which the replica follows without a
+  resnapshot) and stops growing. 0: never. Needs ``checkpoint_frames``.
+- ``checkpoint_busy_ms`` (50): the RESTART checkpoint's busy timeout, which
+  bounds how long the application's writers can wait for it (plus the copy
+  of the few frames committed since the PASSIVE one). The application needs
+  a busy timeout of its own larger than this (SQLite's Python default is
+  5 s), as it does for its own checkpoints.
 """
 
 from __future__ import annotations
@@ -32,7 +62,11 @@ class SourceAgentSection(Section):
     poll_interval_s: float = Field(default=0.01, gt=0, le=5)
     heartbeat_s: float = Field(default=0.5, gt=0, le=60)
     rescan_s: float = Field(default=30.0, gt=0, le=86400)
+    watch: bool = True
     bandwidth_limit_bytes_s: int = Field(default=0, ge=0)
+    checkpoint_frames: int = Field(default=1000, ge=0, le=10_000_000)
+    restart_frames: int = Field(default=4000, ge=0, le=10_000_000)
+    checkpoint_busy_ms: int = Field(default=50, ge=1, le=5000)
 
 
 class SourceConfig(Section):

@@ -60,7 +60,11 @@ class SourceAgent:
         poll_interval_s: float = 0.01,
         heartbeat_s: float = 0.5,
         rescan_s: float = 30.0,
+        watch: bool = True,
         bandwidth_limit_bytes_s: int = 0,
+        checkpoint_frames: int = 1000,
+        restart_frames: int = 4000,
+        checkpoint_busy_ms: int = 50,
         clock: Callable[[], float] = time.time,
         corrupt: Callable[[bytes], bytes] | None = None,
     ) -> None:
@@ -72,7 +76,13 @@ class SourceAgent:
         self.poll_interval_s = poll_interval_s
         self.heartbeat_s = heartbeat_s
         self.rescan_s = rescan_s
+        self.watch = watch  # inotify for file trees (else a stat comparison every 0.2 s)
+        self.file_scans = 0  # scans of file trees, all sessions (tests: no scan without a change)
         self.bandwidth_limit = bandwidth_limit_bytes_s
+        self.checkpoint_frames = checkpoint_frames
+        self.restart_frames = restart_frames
+        self.checkpoint_busy_ms = checkpoint_busy_ms
+        self.followers: set[SqliteFollower] = set()  # live sessions' followers (tests, status)
         self._clock = clock
         self.corrupt = corrupt  # test hook: alters messages after their CRC was computed
         self._server: asyncio.AbstractServer | None = None
@@ -168,8 +178,15 @@ class SourceAgent:
     async def _serve_sqlite(
         self, stream: ServedStream, hello: protocol.Message, reader: asyncio.StreamReader, sender: Sender
     ) -> None:
-        follower = SqliteFollower(stream.path, clock=self._clock)
+        follower = SqliteFollower(
+            stream.path,
+            clock=self._clock,
+            checkpoint_frames=self.checkpoint_frames,
+            restart_frames=self.restart_frames,
+            checkpoint_busy_ms=self.checkpoint_busy_ms,
+        )
         await asyncio.to_thread(follower.open)
+        self.followers.add(follower)
         inbox: asyncio.Queue[protocol.Message] = asyncio.Queue()
         reader_task = asyncio.create_task(_pump(reader, inbox))
         try:
@@ -179,6 +196,7 @@ class SourceAgent:
             reader_task.cancel()
             with contextlib.suppress(BaseException):
                 await reader_task
+            self.followers.discard(follower)
             await asyncio.to_thread(follower.close)
 
     async def _handshake(

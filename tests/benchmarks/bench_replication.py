@@ -11,8 +11,15 @@ Prints figures side by side with the named peers. Not part of `make test`.
 - Catch-up apply rate: N transactions committed while the replica is
   disconnected, then the time to apply them, next to a plain local SQLite
   insert of the same rows (one transaction each) in the same run.
-- Source overhead: the writer's maximum throughput with and without an agent
-  following its WAL and a replica applying.
+- Source overhead and WAL size: the writer at 1,000 and 5,000 tx/s and flat
+  out, alone, with an agent following its WAL and a replica applying, and
+  alone again (the peer is the same writer without replication, same run);
+  the WAL's largest size during each run. Target: < 10% slower.
+- Initial seeding: a database of --seed-mb MB (1024 by default; pass 256 on
+  a slow machine) seeded over the 20 ms link (TLS, zlib), side by side with
+  the sqlite3 CLI's ``.backup`` plus a copy of the result through the same
+  delayed link (plain TCP) and a local ``cp``; with the growth of this
+  process's resident memory during the seed (must stay bounded).
 """
 
 from __future__ import annotations
@@ -21,16 +28,18 @@ import argparse
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
-from appliance.replication.replica import Replica
+from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
 from appliance.replication.tls import client_context, server_context
 
@@ -235,8 +244,8 @@ async def catch_up(bench: Bench, n: int) -> dict[str, float]:
             "plain_normal": peers["NORMAL"]}
 
 
-async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple[float, float, float, float]]:
-    results = {}
+async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple[float, ...]]:
+    results: dict[str, tuple[float, ...]] = {}
     for mode in ("alone", "replicated", "alone2"):
         d = bench.work / f"ovh-{mode}-{int(rate)}"
         d.mkdir()
@@ -255,8 +264,16 @@ async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple
         q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
         p = mp.Process(target=_writer, args=(str(db), rate, seconds, q))
         p.start()
-        await asyncio.to_thread(p.join)
-        results[mode] = q.get()
+        wal = Path(str(db) + "-wal")
+        biggest = 0
+        while p.is_alive():
+            with contextlib.suppress(FileNotFoundError):
+                biggest = max(biggest, wal.stat().st_size)
+            await asyncio.sleep(0.02)
+        p.join()
+        restarts = sum(f.restarts for f in agent.followers) if agent is not None else 0
+        hold = max((f.restart_hold_s for f in agent.followers), default=0.0) if agent is not None else 0.0
+        results[mode] = (*q.get(), biggest / 1e6, restarts, hold)
         if task is not None:
             task.cancel()
             with contextlib.suppress(BaseException):
@@ -265,19 +282,133 @@ async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple
             await agent.stop()
         if replica is not None:
             replica.close()
+        shutil.rmtree(d, ignore_errors=True)
     return results
+
+
+def _make_db(path: Path, mb: int) -> None:
+    """Customer-like rows (text that compresses about 3:1, like real records) up to ``mb`` MB."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT, notes TEXT)")
+    row = 2000
+    batch = 2000
+    target = mb * 1_000_000
+    n = 0
+    while n * row < target:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO customers (name, notes) VALUES (?, ?)",
+            ((f"customer {n + i}", os.urandom(row // 3).hex()[: row // 3] + "account history " * 80)
+             for i in range(batch)),
+        )
+        conn.execute("COMMIT")
+        n += batch
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _send_through(path: Path) -> float:
+    """Copy ``path`` through the delayed link (plain TCP) to a file; seconds until it is all written."""
+    done = asyncio.get_running_loop().create_future()
+    dest = path.with_name(path.name + ".copy")
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with open(dest, "wb") as out:
+            while data := await r.read(1 << 20):
+                out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        w.close()
+        done.set_result(None)
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    proxy = await _delay_proxy(server.sockets[0].getsockname()[1])
+    t0 = time.perf_counter()
+    _r, w = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            w.write(chunk)
+            await w.drain()
+    w.close()
+    await done
+    seconds = time.perf_counter() - t0
+    proxy.close()
+    server.close()
+    dest.unlink()
+    return seconds
+
+
+async def seeding(bench: Bench, mb: int) -> dict[str, float]:
+    d = bench.work / "seed"
+    d.mkdir()
+    db = d / "src.db"
+    t0 = time.perf_counter()
+    _make_db(db, mb)
+    made_s = time.perf_counter() - t0
+    size = db.stat().st_size
+    agent = bench.agent(db)
+    await agent.start()
+    proxy = await _delay_proxy(agent.port)
+    replica = Replica(d / "rep.db")
+    replica.open()
+    base_rss = _rss_mb()
+    peak = base_rss
+    client = bench.client(replica, proxy.sockets[0].getsockname()[1])
+    t1 = time.perf_counter()
+    task = asyncio.create_task(client.run())
+    while replica.position is None:
+        peak = max(peak, _rss_mb())
+        await asyncio.sleep(0.05)
+    seed_s = time.perf_counter() - t1
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    await agent.stop()
+    proxy.close()
+    ok = replica.full_checksum() == logical_checksum(db)
+    replica.close()
+    (d / "rep.db").unlink()
+    shutil.rmtree(d / "rep.db.hotsite", ignore_errors=True)
+    # The peer: sqlite3 .backup (online backup API) then the copy.
+    backup = d / "backup.db"
+    t2 = time.perf_counter()
+    subprocess.run(["sqlite3", str(db), f".backup '{backup}'"], check=True)
+    backup_s = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    shutil.copyfile(backup, d / "copy.db")
+    with open(d / "copy.db", "rb+") as f:
+        os.fsync(f.fileno())
+    cp_s = time.perf_counter() - t3
+    (d / "copy.db").unlink()
+    link_s = await _send_through(backup)
+    shutil.rmtree(d, ignore_errors=True)
+    return {"mb": size / 1e6, "made_s": made_s, "seed_s": seed_s, "ok": float(ok), "rss_growth": peak - base_rss,
+            "wire_mb": client.stats.bytes_received / 1e6, "backup_s": backup_s, "cp_s": cp_s, "link_s": link_s}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--catchup-rows", type=int, default=20000)
+    parser.add_argument("--seed-mb", type=int, default=1024, help="0 skips the seeding benchmark")
+    parser.add_argument("--skip-rpo", action="store_true")
+    parser.add_argument("--skip-overhead", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-replication-"))
     try:
         bench = Bench(work)
         print(f"RPO over a link delayed {DELAY_S * 1000:.0f} ms each way (TLS, zlib), writer in its own process")
-        for rate in (1000, 5000):
+        for rate in (() if args.skip_rpo else (1000, 5000)):
             r = asyncio.run(rpo(bench, rate, args.seconds))
             print(f"  target {rate:>5} tx/s (achieved {r['rate']:7.0f}): rows {r['rows']:6d}  RPO p50 {r['p50'] * 1000:7.1f} ms"
                   f"  p99 {r['p99'] * 1000:7.1f} ms  max {r['max'] * 1000:7.1f} ms"
@@ -289,17 +420,31 @@ def main() -> None:
         print(f"  replica catch-up after outage {c['catchup_tx_s']:9.0f} tx/s ({c['catchup_s'] * 1000:.0f} ms)")
         print(f"  plain local SQLite insert     {c['plain_full']:9.0f} tx/s synchronous=FULL,"
               f" {c['plain_normal']:.0f} tx/s NORMAL   [target: replica >= half]")
-        print("Source overhead (writer in its own process; alone, replicated, alone again):")
-        for rate in (1000, 0):
-            o = asyncio.run(overhead(bench, args.seconds / 2, rate))
-            alone = (o["alone"][0] + o["alone2"][0]) / 2
-            label = f"at {rate} tx/s" if rate else "flat out"
-            print(f"  {label:>12}: throughput {o['alone'][0]:.0f} / {o['replicated'][0]:.0f} / {o['alone2'][0]:.0f} tx/s"
-                  f" ({100 * (1 - o['replicated'][0] / alone):+.1f}% slower); commit p50"
-                  f" {o['alone'][1] * 1e6:.0f} / {o['replicated'][1] * 1e6:.0f} / {o['alone2'][1] * 1e6:.0f} us,"
-                  f" p99 {o['alone'][2] * 1e6:.0f} / {o['replicated'][2] * 1e6:.0f} / {o['alone2'][2] * 1e6:.0f} us;"
-                  f" WAL at end {o['alone'][3]:.1f} / {o['replicated'][3]:.1f} MB   [target < 10%]")
-        print("Initial seeding of 1 GB vs sqlite3 .backup + copy: not run (not implemented in this benchmark)")
+        if not args.skip_overhead:
+            print("Source overhead and WAL size (writer in its own process; alone / replicated / alone again):")
+            for rate in (1000, 5000, 0):
+                o = asyncio.run(overhead(bench, args.seconds / 2, rate))
+                alone = (o["alone"][0] + o["alone2"][0]) / 2
+                label = f"at {rate} tx/s" if rate else "flat out"
+                print(f"  {label:>12}: throughput {o['alone'][0]:.0f} / {o['replicated'][0]:.0f} / {o['alone2'][0]:.0f} tx/s"
+                      f" ({100 * (1 - o['replicated'][0] / alone):+.1f}% slower); commit p50"
+                      f" {o['alone'][1] * 1e6:.0f} / {o['replicated'][1] * 1e6:.0f} / {o['alone2'][1] * 1e6:.0f} us,"
+                      f" p99 {o['alone'][2] * 1e6:.0f} / {o['replicated'][2] * 1e6:.0f} / {o['alone2'][2] * 1e6:.0f} us;"
+                      f" WAL largest {o['alone'][4]:.1f} / {o['replicated'][4]:.1f} / {o['alone2'][4]:.1f} MB,"
+                      f" WAL restarts by the agent {o['replicated'][5]:.0f}, writers held off at most"
+                      f" {o['replicated'][6] * 1000:.1f} ms   [target < 10%]")
+        if args.seed_mb:
+            s = asyncio.run(seeding(bench, args.seed_mb))
+            print(f"Initial seeding of a {s['mb']:.0f} MB database (made in {s['made_s']:.1f} s), link delayed"
+                  f" {DELAY_S * 1000:.0f} ms each way:")
+            print(f"  hotsite seed (TLS, zlib, checksummed)   {s['seed_s']:7.1f} s  {s['mb'] / s['seed_s']:6.1f} MB/s"
+                  f"  ({s['wire_mb']:.0f} MB on the wire; replica checksum {'equal' if s['ok'] else 'DIFFERENT'};"
+                  f" resident memory grew {s['rss_growth']:.0f} MB)")
+            print(f"  sqlite3 .backup + copy over the link   {s['backup_s'] + s['link_s']:7.1f} s"
+                  f"  {s['mb'] / (s['backup_s'] + s['link_s']):6.1f} MB/s  (.backup {s['backup_s']:.1f} s,"
+                  f" plain TCP copy {s['link_s']:.1f} s)")
+            print(f"  sqlite3 .backup + local cp             {s['backup_s'] + s['cp_s']:7.1f} s"
+                  f"  {s['mb'] / (s['backup_s'] + s['cp_s']):6.1f} MB/s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
