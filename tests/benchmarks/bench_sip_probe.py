@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from monitoring.probes.base import ProbeResult
 from monitoring.probes.sip import SipOptionsProbe
-from monitoring.scheduler import HARD_TIMEOUT_GRACE_S, ProbeScheduler
+from monitoring.scheduler import ProbeScheduler
 from monitoring.targets import Target
 from tests.benchmarks.kamailio import KamailioProcess, dispatcher_pinger, have_kamailio, responder
 
@@ -72,24 +72,6 @@ async def closed_loop(probe: SipOptionsProbe, concurrency: int, seconds: float) 
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return count, ok
-
-
-class TimeoutScheduler(ProbeScheduler):
-    """ProbeScheduler with ``asyncio.timeout`` instead of ``asyncio.wait_for`` (the change proposed).
-
-    On Python 3.11 ``wait_for`` wraps every probe in a new Task, and it swallows
-    a cancellation that arrives as the probe completes (CPython gh-86296), so
-    cancelling ``run()`` with thousands of targets can hang forever.
-    """
-
-    async def _run_one(self, target: Target, timeout: float) -> ProbeResult:
-        async with self._slots:
-            started = self._clock.monotonic()
-            try:
-                async with asyncio.timeout(timeout + HARD_TIMEOUT_GRACE_S):
-                    return await self._probe(target, timeout)
-            except TimeoutError:
-                return ProbeResult(target.name, False, started, None, None, "timeout", "hard timeout")
 
 
 async def stop(task: asyncio.Task[None]) -> int:
@@ -186,8 +168,6 @@ def section_a2(kam: KamailioProcess) -> None:
     runs = [
         ("SipOptionsProbe, ProbeScheduler", run_real, ProbeScheduler),
         ("null probe, ProbeScheduler", run_null, ProbeScheduler),
-        ("SipOptionsProbe, asyncio.timeout", run_real, TimeoutScheduler),
-        ("null probe, asyncio.timeout", run_null, TimeoutScheduler),
     ]
     for label, runner, kind in runs:
         tally, (wall, cpu, kcpus) = asyncio.run(runner(kind))
@@ -198,9 +178,7 @@ def section_a2(kam: KamailioProcess) -> None:
             f"{kam_text}; cancels needed to stop: {1 + tally.extra_cancels}"
         )
     print("   target: < 0.5 core for 5,000 targets at 1 s")
-    print(
-        "   (rows 3-4: the scheduler's wait_for replaced by asyncio.timeout, as proposed to the scheduler owner)"
-    )
+    print("   (measured before the heap scheduler, per-target tasks: 0.71 core, 141 us/probe)")
 
 
 def section_b(kam: KamailioProcess) -> None:
