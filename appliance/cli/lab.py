@@ -222,8 +222,10 @@ def demo(workdir: Path, mode: str, metrics_listen: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     hint = (
         f"Lab up ({info['mode']}). Daemon log: {log_path}. Metrics: http://{metrics_listen}/metrics\n"
-        f"Try in another terminal:  hotsite lab impair trunk-a --cut   |   "
-        f"hotsite --runtime-dir {runtime_dir} status\nCtrl-C tears everything down."
+        f"Try in another terminal:  hotsite lab impair primary --cut  (it fails over by plan)   |   "
+        f"hotsite lab heal primary; hotsite --runtime-dir {runtime_dir} failback --yes\n"
+        f"Also: hotsite lab degrade primary (grey failure), hotsite lab partition primary (no failover), "
+        f"hotsite lab impair trunk-a --cut.   Ctrl-C tears everything down."
     )
     try:
         if sys.stdout.isatty():
