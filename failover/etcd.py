@@ -192,6 +192,7 @@ class Gateway:
             async with asyncio.timeout(self.timeout_s):
                 return await self._call(path, body)
         except TimeoutError:
+            _cancelled_meanwhile()
             raise EtcdUnavailable(f"no etcd answer to {path} within {self.timeout_s:g}s") from None
         finally:
             self._observe(op, time.monotonic() - started)
@@ -396,8 +397,14 @@ class EtcdLease:
 
     # -- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
+        task = asyncio.current_task()
         while True:
             await self.cycle()
+            # cycle() turns every failure into "unreachable", and a cancellation that
+            # lands while httpx is mid-request can come back as an error instead: never
+            # let that keep a cancelled loop alive (a stop would wait for it forever).
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             leader = self.state.role == "leader"
             await asyncio.sleep(self.ttl_s / 3 if leader else self.retry_s)
 
@@ -598,6 +605,7 @@ class FencedActuator(Actuator):
             async with asyncio.timeout(left):
                 await self.inner.apply(routing, fencing_token)
         except TimeoutError:
+            _cancelled_meanwhile()
             raise ActuatorError(
                 f"{self.name}: stopped: the lease view expired during the call (token {fencing_token})"
             ) from None
@@ -612,6 +620,17 @@ class FencedActuator(Actuator):
 
 # ---------------------------------------------------------------------------------------
 # The daemon's wiring object
+
+
+def _cancelled_meanwhile() -> None:
+    """A timeout and a cancellation can land together; the cancellation must win.
+
+    Otherwise it comes back as an ordinary error, a retry loop swallows it, and
+    whoever cancelled (a stop, a shutdown) waits forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class CoordinationMetrics:

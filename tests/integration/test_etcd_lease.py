@@ -95,7 +95,8 @@ class Appliance:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def act_forever(self, routing: Routing) -> None:
-        while True:
+        task = asyncio.current_task()
+        while not (task is not None and task.cancelling()):  # a stop must never be swallowed
             with contextlib.suppress(NotLeader, StaleToken):
                 await self.actuator.apply(routing, 0)
             await asyncio.sleep(0.02)
