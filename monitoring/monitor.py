@@ -54,7 +54,7 @@ class Monitor:
         self.health: dict[str, TargetHealth] = {}
         self.sites: dict[str, SiteVerdict] = {}
         self.config = config
-        self.scheduler = self._scheduler(config)
+        self.scheduler: ProbeScheduler  # built by configure(), once per configuration
         self.configure(config)
 
     # -- configuration -----------------------------------------------------------
@@ -62,6 +62,7 @@ class Monitor:
     def configure(self, config: Config) -> None:
         """Adopt a (new) config: keep the health of unchanged targets, forget removed ones."""
         self.config = config
+        self._set_thresholds(config)
         new = {t.name: t for t in from_config(config)}
         for name, target in self.targets.items():
             if new.get(name) != target:
@@ -89,15 +90,17 @@ class Monitor:
             on_skipped=lambda t, n: self._metrics.probes_skipped.labels(target=t.name).inc(n),
         )
 
-    @property
-    def thresholds(self) -> Thresholds:
-        p = self.config.probes
-        return Thresholds(rise=p.rise, fall=p.fall, damping_s=p.damping_s, min_evidence=p.min_evidence)
+    def _set_thresholds(self, config: Config) -> None:
+        """Built once per configuration: on_result runs for every probe, thousands a second."""
+        p = config.probes
+        self.thresholds = Thresholds(
+            rise=p.rise, fall=p.fall, damping_s=p.damping_s, min_evidence=p.min_evidence
+        )
+        # The kernel's word on a carrier is definitive, not a sample.
+        self._link_thresholds = Thresholds(rise=1, fall=1, damping_s=p.damping_s)
 
     def thresholds_for(self, target: Target) -> Thresholds:
-        if target.kind == "link":  # the kernel's word on a carrier is definitive, not a sample
-            return Thresholds(rise=1, fall=1, damping_s=self.config.probes.damping_s)
-        return self.thresholds
+        return self._link_thresholds if target.kind == "link" else self.thresholds
 
     async def run(self) -> None:
         """Probe until cancelled (the supervisor owns this task)."""
