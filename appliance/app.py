@@ -35,6 +35,7 @@ from failover.actuators.replication import ReplicationActuator
 from failover.drill import Drill
 from failover.engine import Command, Page, Resolve
 from failover.etcd import EtcdCoordination, adopt_routing
+from failover.peers import PeerVoter
 from failover.plans import backup_site
 from failover.service import FailoverService
 from failover.witness import voter_from_config
@@ -159,13 +160,18 @@ class Appliance(Daemon):
             self.coordination = EtcdCoordination(
                 cfg.coordination,
                 appliance=cfg.appliance.name,
-                site=plans.backup_site(cfg),
+                site=cfg.my_site,
                 registry=self.metrics.registry,
             )
+            if cfg.failover.witness is None:
+                # Several sites: the appliances at the other sites are the witness.
+                peers = self.coordination.peer_views(lambda: self._site_verdicts())
+                voter = PeerVoter(peers, cfg.primary[0])
+                self.supervisor.start("peer views", peers.run)
             voter = self.coordination.voter(voter)
             actuators = self.coordination.fence(
                 actuators,
-                lambda: {"normal": plans.normal_routing(cfg), "failover": plans.failover_routing(cfg)},
+                lambda: plans.known_routings(cfg),
                 on_takeover=lambda observed, token: adopt_routing(self.failover, observed, token),
                 record=lambda kind, message, data: self._record(kind, message=message, data=data),
             )
@@ -198,6 +204,9 @@ class Appliance(Daemon):
             self.supervisor.start(name, job)
         state = self.failover.state
         self.metrics.set_failover_state(state.state, state.routing, state.epoch)
+
+    def _site_verdicts(self) -> dict[str, str]:
+        return {name: site.verdict for name, site in self.monitor.sites.items()} if self.monitor else {}
 
     def _coordination_changed(self, state: Any) -> None:
         """Losing sight of etcd (or the lease) is worth a page: nobody acts until it is back."""
@@ -429,8 +438,11 @@ class Appliance(Daemon):
 
     async def _api_failover(self, caller: Caller, params: dict[str, Any]) -> Any:
         to = params.get("to", "backup")
-        if to != backup_site(self.config):
-            raise RequestError(f"--to must name the backup site {backup_site(self.config)!r}, got {to!r}")
+        if to not in ("backup", backup_site(self.config)):
+            raise RequestError(
+                f"--to must be 'backup' or the backup site {backup_site(self.config)!r}, got {to!r}"
+                " (with several backup sites, hotlines go where the plan sends them)"
+            )
         return await self._command(caller, "failover", params)
 
     def _api_command(self, command: str) -> Any:

@@ -116,6 +116,7 @@ class Section(BaseModel):
 
 class ApplianceSection(Section):
     name: str = Field(default_factory=socket.gethostname)
+    site: Name | None = None  # where this appliance stands (a key of [sites]); default: the first backup
     state_dir: Path = Path("/var/lib/hotsite")
     runtime_dir: Path = Path("/run/hotsite")
     socket_group: str | None = None
@@ -495,6 +496,9 @@ class CoordinationSection(Section):
     ttl_s: int = Field(default=10, ge=2, le=300)  # etcd lease TTLs are whole seconds
     request_timeout_s: ProbeSeconds = 1.0
     retry_s: ProbeSeconds = 0.5  # how often a standby tries to take the lease
+    # Each appliance publishes its site verdicts; with no failover.witness the leader takes
+    # the other appliances' views as its witness (failover/peers.py).
+    views_interval_s: ProbeSeconds = 1.0
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -551,7 +555,17 @@ class Config(Section):
                     f" sites.{sets[site.kamailio_set]}: each site needs its own dispatcher set"
                 )
             sets[site.kamailio_set] = name
+        if self.appliance.site is not None and self.appliance.site not in self.sites:
+            raise ValueError(
+                f"appliance.site {self.appliance.site!r} is not a site"
+                f" (known: {', '.join(sorted(self.sites))})"
+            )
         return self
+
+    @property
+    def my_site(self) -> str:
+        """The site this appliance stands at (``appliance.site``, else the first backup site)."""
+        return self.appliance.site or next(n for n, s in self.sites.items() if s.role == "backup")
 
     @property
     def primary(self) -> tuple[str, SiteSection]:
@@ -559,8 +573,11 @@ class Config(Section):
 
     def warnings(self) -> list[str]:
         """Settings that are valid but will not do what they seem to say."""
+        from failover import plans
+
         notes = []
-        if self.failover.policy == "auto" and self.failover.witness is None:
+        witnessed = self.failover.witness is not None or self.coordination.backend == "etcd"
+        if self.failover.policy == "auto" and not witnessed:
             notes.append(
                 "failover.policy: 'auto' without failover.witness degrades to 'confirm':"
                 " two sites alone cannot tell a dead primary from a cut link"
@@ -575,7 +592,7 @@ class Config(Section):
                     f" probes.min_evidence is {self.probes.min_evidence}: this site can be judged degraded,"
                     " never down; add checks of other kinds (http, tcp, icmp)"
                 )
-        return notes
+        return notes + plans.warnings(self)
 
     def evidence_kinds(self, site: str) -> set[str]:
         """The independent kinds of probe watching ``site`` (sip, http, tcp, icmp)."""

@@ -20,6 +20,13 @@ The states, and what moves them::
     test that moves nothing.  held: a runbook failed *and* its rollback failed;
     routing is unknown and only an operator may move it again.
 
+With several backup sites the failover routing also names the backup sites
+that are *lost* (``EngineState.lost``): hotlines go to the surviving sites
+by plan. A backup site lost while it serves (down for ``hold_down_s``) is
+re-planned around, and one back for ``failback_stable_s`` is planned in
+again: a new failover runbook with a new epoch, automatic under ``auto``,
+an operator's ``hotsite failover --force`` otherwise.
+
 Safety rules, each tested as a property:
 
 * Routing is always exactly one of "normal" and "failover": never both sites.
@@ -30,6 +37,7 @@ Safety rules, each tested as a property:
   ``min_dwell_s`` of the last routing change.
 * Every decision that moves routing increments ``epoch``, the fencing token
   the actuators check.
+* A site the engine judges lost never receives calls by the failover plan.
 """
 
 from __future__ import annotations
@@ -95,10 +103,18 @@ class EngineState:
     waiting_for: str = ""  # what a pending state waits for, in words
     before_maintenance: EngineStateName | None = None
     last_decision: str = "started"
+    # The backup sites' latest verdicts: (site, verdict, since), sorted by site.
+    sites: tuple[tuple[str, str, float], ...] = ()
+    lost: tuple[str, ...] = ()  # backup sites the failover routing avoids (sorted)
+    # What a running runbook rolls back to: None = normal routing, else failover without these.
+    previous_lost: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["auto_moves"] = list(self.auto_moves)
+        data["sites"] = [list(entry) for entry in self.sites]
+        data["lost"] = list(self.lost)
+        data["previous_lost"] = None if self.previous_lost is None else list(self.previous_lost)
         return data
 
     @classmethod
@@ -106,7 +122,15 @@ class EngineState:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["auto_moves"] = tuple(values.get("auto_moves", ()))
+        values["sites"] = tuple((str(a), str(b), float(c)) for a, b, c in values.get("sites", ()))
+        values["lost"] = tuple(values.get("lost", ()))
+        if values.get("previous_lost") is not None:
+            values["previous_lost"] = tuple(values["previous_lost"])
         return cls(**values)
+
+    def site_verdict(self, site: str) -> tuple[str, float]:
+        """A backup site's latest verdict and since when ("unknown", 0.0 if never heard of)."""
+        return next(((v, since) for name, v, since in self.sites if name == site), ("unknown", 0.0))
 
 
 # -- events --------------------------------------------------------------------------
@@ -117,6 +141,15 @@ class PrimaryVerdict:
     verdict: str  # up | degraded | down | unknown
     why: str = ""
     grey: bool = False  # the primary answered and said it cannot serve
+
+
+@dataclass(frozen=True, slots=True)
+class BackupVerdict:
+    """A backup site's verdict changed (where the failover plan may send hotlines)."""
+
+    site: str
+    verdict: str  # up | degraded | down | unknown
+    why: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +180,7 @@ class RunbookDone:
     ok: bool
     routing: Literal["normal", "failover", "unknown"]  # what the runbook left in place
     detail: str = ""
+    lost: tuple[str, ...] = ()  # with routing "failover": the backup sites it avoids
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +194,7 @@ class Resumed:
     """The daemon restarted with this persisted state."""
 
 
-Event = PrimaryVerdict | WitnessVote | Command | Tick | RunbookDone | DrillDone | Resumed
+Event = PrimaryVerdict | BackupVerdict | WitnessVote | Command | Tick | RunbookDone | DrillDone | Resumed
 
 
 # -- actions -------------------------------------------------------------------------
@@ -172,6 +206,8 @@ class RunRunbook:
     epoch: int
     reason: str
     actor: str
+    lost: tuple[str, ...] = ()  # failover: the backup sites the plan avoids
+    previous_lost: tuple[str, ...] | None = None  # what to roll back to: None = normal routing
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +274,34 @@ def _observe(state: EngineState, event: Event, now: float) -> EngineState:
         return dataclasses.replace(state, primary_grey=event.grey)
     if isinstance(event, WitnessVote):
         return dataclasses.replace(state, witness=event.primary_alive, witness_detail=event.detail)
+    if isinstance(event, BackupVerdict):
+        verdict, since = state.site_verdict(event.site)
+        if verdict == event.verdict:
+            return state
+        others = [entry for entry in state.sites if entry[0] != event.site]
+        return dataclasses.replace(state, sites=tuple(sorted([*others, (event.site, event.verdict, now)])))
     return state
+
+
+def _down_sites(state: EngineState, now: float, held_s: float = 0.0) -> set[str]:
+    return {site for site, verdict, since in state.sites if verdict == "down" and now - since >= held_s}
+
+
+def _wanted_lost(state: EngineState, policy: Policy, now: float, *, at_once: bool = False) -> tuple[str, ...]:
+    """The backup sites a failover routing should avoid now.
+
+    A site is planned around once down for the hold-down, and planned in
+    again once up for ``failback_stable_s`` (``at_once``: an operator's
+    command, or the first failover, takes the verdicts as they are).
+    """
+    if at_once:
+        return tuple(sorted(_down_sites(state, now)))
+    lost = set(state.lost) | _down_sites(state, now, policy.hold_down_s)
+    for site in state.lost:
+        verdict, since = state.site_verdict(site)
+        if verdict == "up" and now - since >= policy.failback_stable_s:
+            lost.discard(site)
+    return tuple(sorted(lost))
 
 
 def _to(state: EngineState, name: EngineStateName, now: float, **changes: Any) -> EngineState:
@@ -345,7 +408,33 @@ def _failover_pending(state: EngineState, policy: Policy, now: float) -> Outcome
     return _stay(state)
 
 
+def _replan(state: EngineState, policy: Policy, now: float) -> Outcome | None:
+    """Serving from backup sites and one of them was lost (or came back): plan hotlines anew."""
+    wanted = _wanted_lost(state, policy, now)
+    if wanted == state.lost:
+        return None
+    gone, back = set(wanted) - set(state.lost), set(state.lost) - set(wanted)
+    why = "; ".join(
+        part
+        for part in (
+            f"backup site {', '.join(sorted(gone))} lost while serving" if gone else "",
+            f"backup site {', '.join(sorted(back))} back and stable" if back else "",
+        )
+        if part
+    )
+    if policy.mode != "auto":
+        waiting = f"{why}: 'hotsite failover --to backup --force' re-plans the hotlines"
+        if state.waiting_for == waiting:
+            return _stay(state)
+        page = Page(FAILOVER, "critical", f"{why}; hotlines still routed by the old plan")
+        return Outcome(dataclasses.replace(state, waiting_for=waiting), (page,), waiting)
+    return _start(state, "failover", now, f"{why}: re-planning hotlines", "daemon", False, lost=wanted)
+
+
 def _backup_active(state: EngineState, policy: Policy, now: float) -> Outcome:
+    replan = _replan(state, policy, now)
+    if replan is not None:
+        return replan
     if state.primary != "up":
         return _stay(state)
     waiting = (
@@ -358,6 +447,9 @@ def _backup_active(state: EngineState, policy: Policy, now: float) -> Outcome:
 
 
 def _failback_pending(state: EngineState, policy: Policy, now: float) -> Outcome:
+    replan = _replan(state, policy, now)
+    if replan is not None:
+        return replan
     if state.primary != "up":
         decision = f"primary is {state.primary} again: failback no longer pending"
         return Outcome(
@@ -385,10 +477,18 @@ def _start(
     reason: str,
     actor: str,
     automatic: bool,
+    *,
+    lost: tuple[str, ...] | None = None,
 ) -> Outcome:
+    """Start a runbook. A failover plans around ``lost`` (default: the backup sites down now)."""
     epoch = state.epoch + 1
     target: Literal["normal", "failover"] = "failover" if kind == "failover" else "normal"
     moves = (*[t for t in state.auto_moves if now - t < HOUR], now) if automatic else state.auto_moves
+    previous = state.lost if state.routing == "failover" else None
+    if kind == "failover":
+        lost = tuple(sorted(_down_sites(state, now))) if lost is None else lost
+    else:
+        lost = state.lost  # kept until the failback completes: a rollback returns to it
     new = _to(
         state,
         "failing_over" if kind == "failover" else "failing_back",
@@ -398,10 +498,14 @@ def _start(
         auto_moves=moves,
         routing_changed_at=now,
         waiting_for=f"{kind} runbook (epoch {epoch})",
+        lost=lost,
+        previous_lost=previous,
     )
-    page = Page(FAILOVER, "critical", f"{kind.capitalize()} started by {actor}: {reason}")
-    decision = f"starting {kind} (epoch {epoch}) by {actor}: {reason}"
-    return Outcome(new, (RunRunbook(kind, epoch, reason, actor), page), decision)
+    without = f" without backup site {', '.join(lost)}" if kind == "failover" and lost else ""
+    page = Page(FAILOVER, "critical", f"{kind.capitalize()}{without} started by {actor}: {reason}")
+    decision = f"starting {kind}{without} (epoch {epoch}) by {actor}: {reason}"
+    run = RunRunbook(kind, epoch, reason, actor, lost if kind == "failover" else (), previous)
+    return Outcome(new, (run, page), decision)
 
 
 # -- operator commands ---------------------------------------------------------------------
@@ -422,6 +526,15 @@ def _command(state: EngineState, cmd: Command, policy: Policy, now: float) -> Ou
 
 def _cmd_failover(state: EngineState, cmd: Command, policy: Policy, now: float) -> Outcome:
     if state.routing == "failover" and state.state != "held":
+        wanted = _wanted_lost(state, policy, now, at_once=True)
+        if wanted != state.lost and cmd.force:
+            without = ", ".join(wanted) or "no lost backup site"
+            reason = f"re-plan without {without}: {cmd.reason or 'operator'}"
+            return _start(state, "failover", now, reason, cmd.actor, automatic=False, lost=wanted)
+        if wanted != state.lost:
+            return _refuse(
+                state, "routing is already on the backup; add --force to re-plan around lost sites"
+            )
         return _refuse(state, "routing is already on the backup")
     if state.primary == "up" and not cmd.force:
         return _refuse(state, "the primary is judged up; add --force to move routing anyway")
@@ -509,7 +622,7 @@ def _runbook_done(state: EngineState, done: RunbookDone, now: float) -> Outcome:
                 FAILOVER, "critical", f"Failover completed: calls now go to the backup site ({done.detail})"
             )
             return Outcome(new, (page,), f"failover completed (epoch {done.epoch}): {done.detail}")
-        new = _to(state, "primary_active", now, routing="normal", waiting_for="")
+        new = _to(state, "primary_active", now, routing="normal", waiting_for="", lost=())
         resolves = (
             Resolve(FAILOVER, "Failback completed"),
             Resolve(PRIMARY_DOWN, "Primary serving again"),
@@ -521,7 +634,8 @@ def _runbook_done(state: EngineState, done: RunbookDone, now: float) -> Outcome:
         page = Page(FAILOVER, "critical", f"{done.kind} failed and could not be rolled back: {done.detail}")
         return Outcome(new, (page,), f"{done.kind} failed, rollback failed too: holding ({done.detail})")
     back: EngineStateName = "backup_active" if done.routing == "failover" else "primary_degraded"
-    new = _to(state, back, now, routing=done.routing, waiting_for="")
+    lost = done.lost if done.routing == "failover" else ()
+    new = _to(state, back, now, routing=done.routing, waiting_for="", lost=lost)
     page = Page(FAILOVER, "critical", f"{done.kind} failed and was rolled back: {done.detail}")
     return Outcome(new, (page,), f"{done.kind} failed, rolled back to {done.routing} routing: {done.detail}")
 
@@ -543,7 +657,9 @@ def _resumed(state: EngineState, now: float) -> Outcome:
         epoch = state.epoch + 1
         new = dataclasses.replace(state, epoch=epoch, waiting_for=f"{kind} runbook (epoch {epoch}, resumed)")
         decision = f"resuming the interrupted {kind} from the top (epoch {epoch}; every step is idempotent)"
-        return Outcome(new, (RunRunbook(kind, epoch, "resumed after a restart", "daemon"),), decision)
+        lost = state.lost if kind == "failover" else ()
+        run = RunRunbook(kind, epoch, "resumed after a restart", "daemon", lost, state.previous_lost)
+        return Outcome(new, (run,), decision)
     if state.state == "drill":
         return Outcome(_to(state, "primary_active", now), (), "an interrupted drill was abandoned at restart")
     return _stay(state, f"resumed in {state.state} with {state.routing} routing")

@@ -50,6 +50,7 @@ from appliance.errors import ConfigError, HotsiteError
 from appliance.logs import kv
 from failover import lease as core
 from failover.actuators.base import Actuator, ActuatorError
+from failover.peers import PeerViews
 from failover.quorum import NullVoter, Vote, Voter
 from failover.routing import Routing
 
@@ -60,7 +61,7 @@ log = logging.getLogger("hotsite.etcd")
 
 MAX_ANSWER_BYTES = 1024 * 1024
 MIN_MEMBERS_FOR_AUTO = 3
-OPS = ("grant", "keepalive", "txn", "range", "revoke", "members", "auth")
+OPS = ("grant", "keepalive", "txn", "range", "put", "revoke", "members", "auth")
 
 
 def boottime() -> float:
@@ -296,6 +297,24 @@ class Gateway:
         doc = await self.call("range", "/v3/kv/range", {"key": _b64(key)})
         kvs = doc.get("kvs") or []
         return _kv(kvs[0]) if kvs else {}
+
+    async def put(self, key: str, value: str, lease_id: int) -> int:
+        """Write ``key`` attached to ``lease_id`` (it vanishes with the lease); returns the revision."""
+        doc = await self.call(
+            "put", "/v3/kv/put", {"key": _b64(key), "value": _b64(value), "lease": str(lease_id)}
+        )
+        return _int(doc.get("header", {}).get("revision"))
+
+    async def get_prefix(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every key under ``prefix`` with its kv (at most 1,000: one per appliance is plenty)."""
+        raw = prefix.encode()
+        end = raw[:-1] + bytes([raw[-1] + 1])
+        doc = await self.call(
+            "range",
+            "/v3/kv/range",
+            {"key": _b64(prefix), "range_end": base64.b64encode(end).decode("ascii"), "limit": 1000},
+        )
+        return [(_unb64(item.get("key", "")), _kv(item)) for item in doc.get("kvs") or []]
 
     async def members(self) -> list[str]:
         doc = await self.call("members", "/v3/cluster/member/list", {})
@@ -699,6 +718,7 @@ class EtcdCoordination:
         )
         self.lease.on_change(self.metrics.update)
         self.members: list[str] | None = None
+        self.peers: PeerViews | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def members_problem(self) -> str | None:
@@ -709,6 +729,20 @@ class EtcdCoordination:
                 f"the etcd cluster has {len(self.members)} member(s): no automatic failover with fewer than 3"
             )
         return None
+
+    def peer_views(self, verdicts: Callable[[], dict[str, str]]) -> PeerViews:
+        """This appliance's published site verdicts and the other appliances' (run it as a task)."""
+        self.peers = PeerViews(
+            self.gateway,
+            self.lease,
+            domain=self.section.domain,
+            appliance=self.lease.state.me,
+            site=self.lease.site,
+            verdicts=verdicts,
+            interval_s=self.section.views_interval_s,
+            clock=self.lease.now,
+        )
+        return self.peers
 
     def voter(self, inner: Voter | None = None) -> EtcdVoter:
         return EtcdVoter(self.lease, inner, members_ok=self.members_problem)
@@ -772,6 +806,7 @@ class EtcdCoordination:
         data["members"] = self.members
         data["ttl_s"] = self.lease.ttl_s
         data["observed_routing"] = getattr(getattr(self, "_fence", None), "observed", None)
+        data["peers"] = self.peers.view() if self.peers else None
         return data
 
     def handlers(self) -> dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]]:
@@ -792,11 +827,14 @@ def adopt_routing(service: Any, observed: str, token: int) -> None:
     import dataclasses
 
     from failover.engine import RUNNING
+    from failover.plans import lost_from_name
     from failover.service import STATE_KEY
 
     state = service.state
-    routing = observed if observed in ("normal", "failover") else "unknown"
-    if state.state in RUNNING or (routing == state.routing and state.state != "held"):
+    lost = lost_from_name(observed)
+    routing = "normal" if observed == "normal" else "failover" if lost is not None else "unknown"
+    lost = lost or ()
+    if state.state in RUNNING or (routing == state.routing and lost == state.lost and state.state != "held"):
         return
     name = {"normal": "primary_active", "failover": "backup_active"}.get(routing, "held")
     decision = f"took over the lease (token {token}): the real routing is {observed}; engine follows it"
@@ -804,6 +842,8 @@ def adopt_routing(service: Any, observed: str, token: int) -> None:
         state,
         state=name,
         routing=routing,
+        lost=lost,
+        previous_lost=None,
         since=service.clock.time(),
         waiting_for="an operator: routing state unknown" if name == "held" else "",
         last_decision=decision,

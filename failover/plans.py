@@ -7,6 +7,11 @@ the first destination in its preference list that still has the agents it
 needs (a site's seats, a remote-agent pool), and the rest fall through to
 self-service (an IVR or an announcement, capacity 0 = unlimited).
 
+With more than two sites (a primary and several backup sites, each with
+its own seats), a failover spreads the hotlines over the sites that are
+still serving, and a backup site lost while it serves is planned around:
+every function here takes the set of *lost* sites besides the primary.
+
 Pure: :func:`failover_routing` and :func:`normal_routing` compute a
 :class:`~failover.routing.Routing` from the configuration; :func:`problems`
 lists what makes a plan unusable (the config check reports them).
@@ -14,7 +19,9 @@ lists what makes a plan unusable (the config check reports them).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import combinations
 from typing import TYPE_CHECKING
 
 from failover.routing import Routing
@@ -54,16 +61,28 @@ def destinations(config: Config) -> dict[str, Destination]:
     return found
 
 
+def backup_sites(config: Config) -> list[str]:
+    """Every backup site, in the configuration's order (the first is the default destination)."""
+    return [name for name, site in config.sites.items() if site.role == "backup"]
+
+
 def backup_site(config: Config) -> str:
-    return next(name for name, site in config.sites.items() if site.role == "backup")
+    return backup_sites(config)[0]
 
 
-def assign(config: Config, lost: str) -> tuple[list[Assignment], list[str]]:
-    """Serve hotlines by priority from what is left when site ``lost`` is gone.
+def serving_site(config: Config, lost: Iterable[str] = ()) -> str | None:
+    """The first backup site not lost: where calls to numbers that are not hotlines go."""
+    gone = set(lost)
+    return next((name for name in backup_sites(config) if name not in gone), None)
+
+
+def assign(config: Config, lost: str | Iterable[str]) -> tuple[list[Assignment], list[str]]:
+    """Serve hotlines by priority from what is left when the ``lost`` site(s) are gone.
 
     Returns the assignments and, for hotlines nothing could take, one
     problem line each.
     """
+    gone = {lost} if isinstance(lost, str) else set(lost)
     places = destinations(config)
     left = {name: d.capacity for name, d in places.items()}
     assignments, unserved = [], []
@@ -72,7 +91,7 @@ def assign(config: Config, lost: str) -> tuple[list[Assignment], list[str]]:
         chosen, why = None, ""
         for candidate in line.failover:
             dest = places.get(candidate)
-            if dest is None or candidate == lost:
+            if dest is None or candidate in gone:
                 continue
             if dest.unlimited:
                 chosen, why = (
@@ -87,7 +106,8 @@ def assign(config: Config, lost: str) -> tuple[list[Assignment], list[str]]:
                 break
         if chosen is None:
             unserved.append(
-                f"hotlines.{name}: no destination in {line.failover} can take it when {lost} is lost"
+                f"hotlines.{name}: no destination in {line.failover} can take it when"
+                f" {' and '.join(sorted(gone))} {'is' if len(gone) == 1 else 'are'} lost"
                 f" (needs {line.agents} agents); end its list with an ivr or announcement"
             )
             continue
@@ -95,32 +115,86 @@ def assign(config: Config, lost: str) -> tuple[list[Assignment], list[str]]:
     return assignments, unserved
 
 
-def failover_routing(config: Config) -> Routing:
-    """Routing with the primary fenced and every hotline served by plan."""
-    primary_name, primary = config.primary
-    backup = config.sites[backup_site(config)]
-    assignments, _ = assign(config, primary_name)
+def _uri(config: Config, site: str) -> str:
+    return f"sip:{config.sites[site].sbc}"
+
+
+def failover_routing(config: Config, lost: Iterable[str] = ()) -> Routing:
+    """Routing with the primary fenced and every hotline served by plan.
+
+    ``lost``: backup sites that are down as well; their hotlines go to the
+    next destination in each plan and their SBCs are fenced with the
+    primary's. Sites still serving are (re-)enabled: one lost earlier and
+    back now takes calls again.
+    """
+    primary_name = config.primary[0]
+    gone = {primary_name, *lost} & set(config.sites)
+    assignments, _ = assign(config, gone)
+    default = serving_site(config, gone)
+    if default is not None:
+        default_set = config.sites[default].kamailio_set
+    else:  # every backup site lost: numbers that are not hotlines go to self-service, if any
+        selfservice = [d for d in destinations(config).values() if d.kind != "site" and d.unlimited]
+        default_set = (
+            selfservice[0].kamailio_set if selfservice else config.sites[backup_site(config)].kamailio_set
+        )
     return Routing(
-        name="failover",
-        serving_site=backup_site(config),
-        default_set=backup.kamailio_set,
+        name=routing_name(lost),
+        serving_site=default or "none",
+        default_set=default_set,
         hotlines={a.number: a.kamailio_set for a in assignments},
-        # Fence the primary's SBC wherever it is listed, not whole sets: a set that also
+        # Fence the lost sites' SBCs wherever they are listed, not whole sets: a set that also
         # lists the backup keeps it, so a call already on its way is still retried there.
-        fenced_uris=frozenset({f"sip:{primary.sbc}"}),
+        fenced_uris=frozenset(_uri(config, site) for site in gone),
+        active_uris=frozenset(_uri(config, site) for site in config.sites if site not in gone),
     )
 
 
 def normal_routing(config: Config) -> Routing:
-    """Every hotline to the primary's set (which keeps Kamailio's per-call failover)."""
+    """Every hotline to the primary's set (which keeps Kamailio's per-call failover).
+
+    Every site's SBC is enabled again: a backup fenced while it was lost is
+    the primary's per-call fallback once more (Kamailio's own probing still
+    keeps a dead one out of the way).
+    """
     primary_name, primary = config.primary
     return Routing(
         name="normal",
         serving_site=primary_name,
         default_set=primary.kamailio_set,
         hotlines={line.number: primary.kamailio_set for line in config.hotlines.values()},
-        active_uris=frozenset({f"sip:{primary.sbc}"}),
+        active_uris=frozenset(_uri(config, site) for site in config.sites),
     )
+
+
+def routing_name(lost: Iterable[str] = ()) -> str:
+    """``failover``, or ``failover-without:b,c`` when backup sites are lost too."""
+    gone = sorted(set(lost))
+    return "failover" if not gone else "failover-without:" + ",".join(gone)
+
+
+def lost_from_name(name: str) -> tuple[str, ...] | None:
+    """The inverse of :func:`routing_name`; None for a name that is not a failover routing."""
+    if name == "failover":
+        return ()
+    if name.startswith("failover-without:"):
+        return tuple(sorted(name.split(":", 1)[1].split(",")))
+    return None
+
+
+def known_routings(config: Config) -> dict[str, Routing]:
+    """Every routing the engine can ask for: normal, and failover with each set of lost backups.
+
+    A new leader reads the real routing back against these (``failover/etcd.py``):
+    with three sites that is four routings, with five, sixteen.
+    """
+    backups = backup_sites(config)
+    found = {"normal": normal_routing(config)}
+    for n in range(len(backups)):
+        for lost in combinations(backups, n):
+            routing = failover_routing(config, lost)
+            found[routing.name] = routing
+    return found
 
 
 def problems(config: Config) -> list[str]:
@@ -148,3 +222,16 @@ def problems(config: Config) -> list[str]:
     if not found:
         found += assign(config, config.primary[0])[1]
     return found
+
+
+def warnings(config: Config) -> list[str]:
+    """Hotlines left unserved when a backup site is lost with the primary (valid, but worth knowing)."""
+    notes: list[str] = []
+    primary = config.primary[0]
+    backups = backup_sites(config)
+    if len(backups) < 2:
+        return notes
+    for site in backups:
+        for line in assign(config, {primary, site})[1]:
+            notes.append(line.replace("; end its list", " too; end its list"))
+    return notes

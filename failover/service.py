@@ -33,6 +33,7 @@ from failover import plans, runbook
 from failover.actuators.base import Actuator, ActuatorError
 from failover.engine import (
     Action,
+    BackupVerdict,
     Command,
     DrillDone,
     EngineState,
@@ -107,10 +108,11 @@ class FailoverService:
     def policy(self) -> Policy:
         return policy_from(self.config)
 
-    def routing_for(self, name: str) -> Routing:
-        return (
-            plans.failover_routing(self.config) if name == "failover" else plans.normal_routing(self.config)
-        )
+    def routing_for(self, name: str, lost: tuple[str, ...] = ()) -> Routing:
+        """The routing the engine's ``normal``/``failover`` means (failover: without ``lost`` sites)."""
+        if name == "failover":
+            return plans.failover_routing(self.config, lost)
+        return plans.normal_routing(self.config)
 
     # -- the event loop ------------------------------------------------------------------
 
@@ -184,9 +186,15 @@ class FailoverService:
     # -- actions ------------------------------------------------------------------------------
 
     async def _run_runbook(self, action: RunRunbook) -> None:
-        target_name = "failover" if action.kind == "failover" else "normal"
-        previous_name = "normal" if action.kind == "failover" else "failover"
-        target, previous = self.routing_for(target_name), self.routing_for(previous_name)
+        if action.kind == "failover":
+            target = self.routing_for("failover", action.lost)
+            previous = (
+                self.routing_for("normal")
+                if action.previous_lost is None
+                else self.routing_for("failover", action.previous_lost)
+            )
+        else:
+            target, previous = self.routing_for("normal"), self.routing_for("failover", self.state.lost)
         self.store.record(
             f"failover.runbook.{action.kind}",
             actor=action.actor,
@@ -210,8 +218,9 @@ class FailoverService:
             message=result.detail,
             data=result.to_json(),
         )
-        left = result.routing if result.routing in ("normal", "failover") else "unknown"
-        self.submit(RunbookDone(action.kind, action.epoch, result.ok, left, result.detail))  # type: ignore[arg-type]
+        lost = plans.lost_from_name(result.routing)
+        left = "normal" if result.routing == "normal" else "failover" if lost is not None else "unknown"
+        self.submit(RunbookDone(action.kind, action.epoch, result.ok, left, result.detail, lost or ()))  # type: ignore[arg-type]
 
     async def _run_drill(self, action: RunDrill) -> None:
         if self._drill is None:
@@ -251,8 +260,13 @@ class FailoverService:
 
     def on_site_verdict(self, verdict: SiteVerdict) -> None:
         """Called by the monitor whenever a site's verdict changes."""
-        if verdict.site == self.config.primary[0]:
+        site = self.config.sites.get(verdict.site)
+        if site is None:
+            return
+        if site.role == "primary":
             self.submit(PrimaryVerdict(verdict.verdict, "; ".join(verdict.why), grey=verdict.grey))
+        else:
+            self.submit(BackupVerdict(verdict.site, verdict.verdict, "; ".join(verdict.why)))
 
     async def reconcile(self) -> None:
         while True:
@@ -267,7 +281,7 @@ class FailoverService:
             or state.routing == "unknown"
         ):
             return []
-        desired = self.routing_for(state.routing)
+        desired = self.routing_for(state.routing, state.lost)
         repaired = []
         for actuator in self.actuators:
             try:
@@ -331,6 +345,8 @@ class FailoverService:
             "witness": {"primary_alive": s.witness, "detail": s.witness_detail},
             "last_decision": s.last_decision,
             "last_runbook": self.last_runbook.to_json() if self.last_runbook else None,
-            "plan": plans.failover_routing(self.config).to_json(),
+            "lost_sites": list(s.lost),
+            "backup_sites": {site: verdict for site, verdict, _ in s.sites},
+            "plan": plans.failover_routing(self.config, s.lost).to_json(),
             "actuators": [a.name for a in self.actuators],
         }

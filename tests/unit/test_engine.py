@@ -8,6 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from failover.engine import (
+    BackupVerdict,
     Command,
     DrillDone,
     EngineState,
@@ -329,3 +330,136 @@ def test_a_grey_failure_needs_no_witness_but_still_the_hold_down() -> None:
     plain = Run(dataclasses.replace(AUTO, mode="confirm"))
     plain.at(0, PrimaryVerdict("down", grey=True))
     assert plain.at(10, Tick()).decision == "policy confirm: waiting for 'hotsite approve'"
+
+
+# -- several backup sites: planning around a lost one ------------------------------------------
+
+
+def failed_over(policy: Policy) -> Run:
+    """Three sites, the primary lost and failed over to the two backup sites."""
+    run = Run(policy)
+    run.at(0, BackupVerdict("east", "up"))
+    run.at(0, BackupVerdict("west", "up"))
+    run.at(0, WitnessVote(False))
+    run.at(0, PrimaryVerdict("down"))
+    out = run.at(10, Tick())
+    if policy.mode != "auto":
+        out = run.at(10, Command("approve", "uid=0(root)"))
+    assert [a.lost for a in run.runbooks()] == [()], out.decision
+    run.at(11, RunbookDone("failover", 1, True, "failover"))
+    assert run.state.state == "backup_active"
+    return run
+
+
+def test_a_backup_site_lost_while_serving_is_planned_around_after_the_hold_down() -> None:
+    run = failed_over(AUTO)
+    run.at(100, BackupVerdict("west", "down", "sbc unreachable"))
+    assert run.at(105, Tick()).actions == ()  # a blip of a backup site moves nothing either
+    out = run.at(110, Tick())
+    assert out.decision == (
+        "starting failover without backup site west (epoch 2) by daemon:"
+        " backup site west lost while serving: re-planning hotlines"
+    )
+    replan = run.runbooks()[-1]
+    assert (replan.lost, replan.previous_lost) == (("west",), ())
+    run.at(111, RunbookDone("failover", 2, True, "failover", lost=("west",)))
+    assert (run.state.state, run.state.lost) == ("backup_active", ("west",))
+    # West comes back: planned in again only after the stable period (failback_stable_s, 600 s).
+    run.at(200, BackupVerdict("west", "up"))
+    assert run.at(700, Tick()).actions == ()
+    out = run.at(800, Tick())
+    assert "backup site west back and stable: re-planning hotlines" in out.decision
+    assert run.runbooks()[-1].lost == () and run.runbooks()[-1].previous_lost == ("west",)
+
+
+def test_a_failed_replan_rolls_back_to_the_old_plan_not_to_the_primary() -> None:
+    run = failed_over(AUTO)
+    run.at(100, BackupVerdict("east", "down"))
+    run.at(110, Tick())
+    out = run.at(111, RunbookDone("failover", 2, False, "failover", "kamailio refused", lost=()))
+    assert (run.state.state, run.state.routing, run.state.lost) == ("backup_active", "failover", ())
+    assert out.decision == "failover failed, rolled back to failover routing: kamailio refused"
+
+
+def test_without_auto_a_lost_backup_site_pages_and_waits_for_an_operator() -> None:
+    run = failed_over(CONFIRM)
+    run.at(100, BackupVerdict("west", "down"))
+    out = run.at(110, Tick())
+    assert out.decision == "backup site west lost while serving: 'hotsite failover --to backup --force' re-plans the hotlines"
+    assert any(isinstance(a, Page) for a in out.actions) and not run.runbooks()[1:]
+    assert run.at(120, Tick()).actions == ()  # paged once, not at every tick
+    assert run.at(121, Command("failover", "uid=0(root)")).refused
+    out = run.at(122, Command("failover", "uid=0(root)", "west is dark", force=True))
+    assert out.decision == "starting failover without backup site west (epoch 2) by uid=0(root): re-plan without west: west is dark"
+
+
+def test_a_restart_mid_replan_resumes_it_with_its_rollback_target() -> None:
+    run = failed_over(AUTO)
+    run.at(100, BackupVerdict("west", "down"))
+    run.at(110, Tick())
+    restarted = Run(AUTO, EngineState.from_json(run.state.to_json()))
+    out = restarted.at(130, Resumed())
+    assert restarted.runbooks() == [RunRunbook("failover", 3, "resumed after a restart", "daemon", ("west",), ())]
+    assert "resuming the interrupted failover" in out.decision
+
+
+sites = st.sampled_from(["east", "west"])
+multi_world = st.one_of(
+    st.builds(PrimaryVerdict, st.sampled_from(["down", "down", "up"])),
+    st.builds(BackupVerdict, sites, st.sampled_from(["down", "up", "up", "degraded"])),
+    st.builds(WitnessVote, st.sampled_from([False, None])),
+    st.builds(Tick),
+    st.builds(Tick),
+)
+
+
+@settings(max_examples=400)
+@given(
+    script=st.lists(st.tuples(st.floats(0, 30), multi_world, st.booleans()), max_size=70),
+    mode=st.sampled_from(["auto", "confirm"]),
+)
+def test_a_lost_backup_site_is_planned_around_only_on_lasting_evidence(
+    script: list[tuple[float, Event, bool]], mode: str
+) -> None:
+    policy = Policy(
+        mode=mode, has_witness=True, hold_down_s=15, min_dwell_s=0, max_auto_per_hour=50,  # type: ignore[arg-type]
+        failback="auto", failback_stable_s=40,
+    )
+    run = Run(policy)
+    now = 0.0
+    since: dict[str, tuple[str, float]] = {}
+    epochs = []
+    for gap, event, ok in script:
+        now += gap
+        before = run.state
+        out = run.at(now, event)
+        if isinstance(event, BackupVerdict) and since.get(event.site, ("", 0.0))[0] != event.verdict:
+            since[event.site] = (event.verdict, now)
+        for action in out.actions:
+            if not isinstance(action, RunRunbook):
+                continue
+            epochs.append(action.epoch)
+            if action.kind != "failover" or before.routing != "failover":
+                continue
+            # A re-plan: automatic only under auto; every newly lost site down for the hold-down,
+            # every site planned in again up for the stable period.
+            assert mode == "auto"
+            for site in set(action.lost) - set(before.lost):
+                verdict, at = since[site]
+                assert verdict == "down" and now - at >= policy.hold_down_s
+            for site in set(before.lost) - set(action.lost):
+                verdict, at = since[site]
+                assert verdict == "up" and now - at >= policy.failback_stable_s
+            assert action.previous_lost == before.lost
+        if run.state.state in ("failing_over", "failing_back"):
+            action = run.runbooks()[-1]
+            lost = action.lost if ok else (action.previous_lost or ())
+            left = "failover" if (action.kind == "failover") == ok or action.previous_lost is not None else "normal"
+            if action.kind == "failback":
+                left, lost = ("normal", ()) if ok else ("failover", run.state.lost)
+            run.at(now, RunbookDone(action.kind, action.epoch, ok, left, lost=lost))  # type: ignore[arg-type]
+        assert set(run.state.lost) <= {"east", "west"}
+        if run.state.routing != "failover":
+            assert run.state.lost == ()
+        assert EngineState.from_json(run.state.to_json()) == run.state
+    assert epochs == sorted(epochs) and len(set(epochs)) == len(epochs)

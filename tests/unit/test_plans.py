@@ -66,7 +66,9 @@ def test_failover_serves_by_priority_within_capacity() -> None:
 def test_normal_routing_sends_every_hotline_to_the_primary_set() -> None:
     routing = plans.normal_routing(config.parse(SITES + HOTLINES))
     assert routing.hotlines == {"95588": 1, "95566": 1, "95577": 1}
-    assert routing.default_set == 1 and routing.active_uris == {"sip:10.0.0.1:5060"} and not routing.fenced_uris
+    assert routing.default_set == 1 and not routing.fenced_uris
+    # every SBC enabled again: the backup is the primary's per-call fallback
+    assert routing.active_uris == {"sip:10.0.0.1:5060", "sip:10.0.1.1:5060"}
 
 
 @pytest.mark.parametrize(
@@ -117,3 +119,117 @@ def test_capacities_are_never_exceeded_and_every_line_is_served(lines: list[tupl
             taken += a.agents
         elif prefs[0] == "backup" and a.destination == "ivr":
             assert taken + a.agents > 100
+
+
+# -- three sites: a primary and two backup sites with seats of their own ----------------
+
+THREE_SITES = """
+[sites.primary]
+role = "primary"
+sbc = "10.0.0.1"
+kamailio_set = 1
+seats = 400
+[sites.east]
+role = "backup"
+sbc = "10.0.1.1"
+kamailio_set = 2
+seats = 100
+[sites.west]
+role = "backup"
+sbc = "10.0.2.1"
+kamailio_set = 5
+seats = 80
+[destinations.ivr]
+kind = "ivr"
+kamailio_set = 3
+"""
+
+THREE_SITE_HOTLINES = """
+[hotlines.vip]
+number = "95588"
+priority = 1
+agents = 60
+failover = ["east", "west", "ivr"]
+[hotlines.cards]
+number = "95566"
+priority = 2
+agents = 60
+failover = ["east", "west", "ivr"]
+[hotlines.loans]
+number = "95577"
+priority = 3
+agents = 40
+failover = ["west", "east", "ivr"]
+"""
+
+
+def test_three_sites_spread_hotlines_over_the_surviving_sites() -> None:
+    cfg = config.parse(THREE_SITES + THREE_SITE_HOTLINES)
+    routing = plans.failover_routing(cfg)
+    # vip fills 60 of east's 100; cards no longer fits there and goes west; loans wants west
+    # but only 20 seats are left there, so east takes it (its 40 remaining seats).
+    assert routing.hotlines == {"95588": 2, "95566": 5, "95577": 2}
+    assert routing.name == "failover" and routing.serving_site == "east" and routing.default_set == 2
+    assert routing.fenced_uris == {"sip:10.0.0.1:5060"}
+    assert routing.active_uris == {"sip:10.0.1.1:5060", "sip:10.0.2.1:5060"}
+
+
+def test_a_lost_backup_site_is_planned_around_and_fenced() -> None:
+    cfg = config.parse(THREE_SITES + THREE_SITE_HOTLINES)
+    routing = plans.failover_routing(cfg, ["east"])
+    assert routing.name == "failover-without:east" and plans.lost_from_name(routing.name) == ("east",)
+    assert routing.hotlines == {"95588": 5, "95566": 3, "95577": 3}  # west's 80 seats: vip; the rest IVR
+    assert routing.serving_site == "west" and routing.default_set == 5
+    assert routing.fenced_uris == {"sip:10.0.0.1:5060", "sip:10.0.1.1:5060"}
+    everything_lost = plans.failover_routing(cfg, ["east", "west"])
+    assert everything_lost.default_set == 3 and set(everything_lost.hotlines.values()) == {3}
+
+
+def test_known_routings_name_every_combination_of_lost_backup_sites() -> None:
+    cfg = config.parse(THREE_SITES + THREE_SITE_HOTLINES)
+    assert sorted(plans.known_routings(cfg)) == [
+        "failover",
+        "failover-without:east",
+        "failover-without:west",
+        "normal",
+    ]
+    assert plans.lost_from_name("normal") is None and plans.lost_from_name("failover") == ()
+
+
+def test_hotlines_unserved_when_a_backup_is_lost_too_are_warned_about() -> None:
+    text = THREE_SITES + '[hotlines.vip]\nnumber = "95588"\nagents = 90\nfailover = ["east", "west"]\n'
+    cfg = config.parse(text)  # valid: with the primary alone lost, east takes it
+    assert cfg.warnings() and any(
+        "hotlines.vip: no destination in ['east', 'west'] can take it when east and primary are lost" in w
+        for w in cfg.warnings()
+    )
+
+
+@given(
+    lines=st.lists(
+        st.tuples(st.integers(0, 120), st.permutations(["east", "west"]), st.booleans()),
+        min_size=1,
+        max_size=10,
+    ),
+    lost=st.sets(st.sampled_from(["east", "west"])),
+)
+def test_no_hotline_is_ever_routed_to_a_lost_site_or_over_capacity(
+    lines: list[tuple[int, list[str], bool]], lost: set[str]
+) -> None:
+    text = THREE_SITES + "".join(
+        f'[hotlines.h{i}]\nnumber = "{2000 + i}"\nagents = {agents}\nfailover = {[*order, "ivr"] if ivr else order}\n'.replace("'", '"')
+        for i, (agents, order, ivr) in enumerate(lines)
+    )
+    try:
+        cfg = config.parse(text)
+    except config.ConfigError:
+        return  # a plan unusable with the primary alone lost is refused: covered above
+    routing = plans.failover_routing(cfg, lost)
+    gone_sets = {1} | {cfg.sites[s].kamailio_set for s in lost}
+    assert not set(routing.hotlines.values()) & gone_sets
+    assert routing.default_set not in gone_sets
+    assert routing.fenced_uris.isdisjoint(routing.active_uris)
+    seats = {2: 100, 5: 80}
+    for set_id, limit in seats.items():
+        used = sum(cfg.hotlines[f"h{i}"].agents for i in range(len(lines)) if routing.hotlines.get(f"{2000 + i}") == set_id)
+        assert used <= limit
