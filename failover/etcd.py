@@ -199,17 +199,33 @@ class Gateway:
             self._observe(op, time.monotonic() - started)
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The last endpoint that answered gets half the budget, the others share the rest.
+
+        A member cut off by a partition does not refuse connections, it black-holes
+        them: given the whole budget, it would starve the members that could answer.
+        """
         errors = []
-        for i in range(len(self.endpoints)):
-            index = (self._current + i) % len(self.endpoints)
+        n = len(self.endpoints)
+        start = self._current
+        deadline = time.monotonic() + self.timeout_s
+        for i in range(n):
+            index = (start + i) % n
             endpoint = self.endpoints[index]
+            left = deadline - time.monotonic()
+            share = left / 2 if i == 0 and n > 1 else left / (n - i)
             try:
-                answer = await self._post(endpoint, path, body)
+                async with asyncio.timeout(share):
+                    answer = await self._post(endpoint, path, body)
+            except TimeoutError:
+                _cancelled_meanwhile()
+                errors.append(f"{endpoint}: no answer within {share:.2g}s")
+                continue
             except EtcdUnavailable as exc:
                 errors.append(f"{endpoint}: {exc}")
                 continue
             self._current = index
             return answer
+        self._current = (start + 1) % len(self.endpoints)  # next time, begin elsewhere
         raise EtcdUnavailable("; ".join(errors))
 
     async def _post(self, endpoint: str, path: str, body: dict[str, Any], retry_auth: bool = True) -> Any:

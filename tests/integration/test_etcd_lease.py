@@ -378,3 +378,25 @@ def test_clock_is_system() -> None:  # the lease uses CLOCK_BOOTTIME, which must
     m0, b0 = SystemClock().monotonic(), boottime()
     time.sleep(0.05)
     assert abs((SystemClock().monotonic() - m0) - (boottime() - b0)) < 0.01
+
+
+@run_async
+async def test_a_black_holed_member_does_not_starve_the_others(cluster: EtcdCluster) -> None:
+    """A partitioned member accepts nothing and refuses nothing: the budget must reach the others."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)  # connections queue in the kernel and are never answered
+    first = f"http://127.0.0.1:{hole.getsockname()[1]}"
+    gateway = Gateway([first, *cluster.endpoints], timeout_s=0.6)
+    try:
+        started = time.monotonic()
+        assert await gateway.members()  # answered by a live member within the one budget
+        assert time.monotonic() - started < 0.6
+        started = time.monotonic()
+        await gateway.members()  # and the next call starts where the answer came from
+        assert time.monotonic() - started < 0.2
+    finally:
+        await gateway.close()
+        hole.close()

@@ -1,0 +1,153 @@
+"""Three sites, three appliances, one etcd cluster spread over them: real daemons, real partitions.
+
+Each site is a network namespace with an etcd member, its SBC (SIPp), its
+health endpoint and a ``hotsite run`` daemon (``tests/support/multisite.py``).
+They drive one shared routing world through the hook actuator, which keeps
+the newest fencing token it obeyed and logs every request.
+
+* The primary's appliance holds the lease; the primary site is cut off the
+  network (etcd member, appliance, SBC, all at once): the leader is now in a
+  minority partition. It must stop acting, a surviving appliance must take
+  the lease and, with the other survivor's view agreeing the primary is
+  down, fail over with the hotlines spread over east and west by plan.
+* West then reports it cannot serve (grey failure): its hotlines are
+  re-planned onto east and the IVR, with a new token.
+* The primary comes back: its appliance stays passive.
+* The leader is killed with SIGKILL: the standby takes over within the TTL
+  plus a cycle, re-reads the real routing and keeps it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.multisite import Sites, wait_until
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(
+        not (shutil.which("etcd") and shutil.which("sipp")), reason="needs etcd-server and sip-tester"
+    ),
+]
+
+TTL_S = 2
+
+
+@pytest.fixture(scope="module")
+def sites() -> Iterator[Sites]:
+    world = Sites()
+    try:
+        world.up()
+        yield world
+    finally:
+        world.down()
+
+
+def coordination(sites: Sites, site: str) -> dict[str, Any]:
+    status = sites.status(site)
+    return status.get("coordination", {}) if status else {}
+
+
+def failover(sites: Sites, site: str) -> dict[str, Any]:
+    status = sites.status(site)
+    return status.get("failover", {}) if status else {}
+
+
+def applied(sites: Sites) -> list[dict[str, Any]]:
+    return [e for e in sites.world_log() if e["verdict"] == "applied"]
+
+
+def test_three_sites_fail_over_by_plan_and_fence_a_partitioned_leader(sites: Sites) -> None:
+    # The primary's appliance first, so that it is the leader when its site is cut.
+    sites.start_appliance("primary")
+    wait_until(lambda: coordination(sites, "primary").get("role") == "leader", 20, "primary's appliance leads",
+               lambda: sites.logs())  # fmt: skip
+    for site in ("east", "west"):
+        sites.start_appliance(site)
+    wait_until(
+        lambda: all(coordination(sites, s).get("role") == "follower" for s in ("east", "west")),
+        20, "east and west follow", sites.logs,
+    )  # fmt: skip
+    # The leader read the real routing (normal) on taking the lease, and everyone sees everyone.
+    wait_until(lambda: coordination(sites, "primary").get("observed_routing") == "normal", 15,
+               "the leader observed normal routing", sites.logs)  # fmt: skip
+    wait_until(
+        lambda: all(
+            len([p for p in coordination(sites, s).get("peers") or [] if p["fresh"]]) == 3 for s in sites.configs
+        ),
+        15, "every appliance sees three fresh views", sites.logs,
+    )  # fmt: skip
+    old_token = sites.world()["token"]  # type: ignore[index]
+
+    sites.cut("primary")
+    cut = sites.cut_at["primary"]
+    # The isolated leader loses its lease view and stops: it says so in its status.
+    wait_until(lambda: coordination(sites, "primary").get("role") == "unknown", TTL_S + 3,
+               "the partitioned leader demotes itself", sites.logs)  # fmt: skip
+    demoted_at = time.time()
+    # A survivor takes the lease and fails over by plan.
+    world = wait_until(
+        lambda: (w := sites.world()) and w["routing"]["name"] == "failover" and w,
+        TTL_S + 15, "failover applied by a surviving appliance", sites.logs,
+    )  # fmt: skip
+    assert world["by"] in ("east", "west") and world["token"] > old_token
+    assert world["routing"]["hotlines"] == {"95588": 2, "95566": 3, "95577": 2}  # vip, loans east; cards west
+    assert world["routing"]["fenced_uris"] == ["sip:10.78.0.10:5060"]
+    leader = world["by"]
+    decision = failover(sites, leader)["last_decision"]
+    assert "failover completed" in decision, decision
+    # Fencing: nothing the cut appliance did reached the world after the cut; the new
+    # leader's first action came after the old one had stopped.
+    log = applied(sites)
+    assert not [e for e in log if e["by"] == "primary" and e["at"] > cut], log
+    first_new = min(e["at"] for e in log if e["by"] == leader)
+    assert first_new > cut and demoted_at - cut <= TTL_S + 3
+    tokens = [e["token"] for e in log]
+    assert tokens == sorted(tokens), log
+    assert not [e for e in sites.world_log() if e["verdict"] == "refused"], "a stale token reached the world"
+
+    # West says it cannot serve: its hotlines are planned around it, with a newer token.
+    sites.degrade("west")
+    world = wait_until(
+        lambda: (w := sites.world()) and w["routing"]["name"] == "failover-without:west" and w,
+        15, "re-plan without west", sites.logs,
+    )  # fmt: skip
+    assert world["routing"]["hotlines"] == {"95588": 2, "95566": 9, "95577": 2}  # cards to the IVR
+    assert world["routing"]["fenced_uris"] == ["sip:10.78.0.10:5060", "sip:10.78.0.30:5060"]
+    assert world["token"] >= max(e["token"] for e in log)
+
+    # The primary comes back: its appliance follows, never acts with its old token.
+    sites.heal("primary")
+    wait_until(lambda: coordination(sites, "primary").get("role") == "follower", 15,
+               "the returning appliance stays passive", sites.logs)  # fmt: skip
+    time.sleep(2)
+    assert not [e for e in applied(sites) if e["by"] == "primary" and e["at"] > cut]
+    assert sites.world()["routing"]["name"] == "failover-without:west"  # type: ignore[index]
+
+
+def test_the_standby_takes_over_a_killed_leader_and_keeps_the_real_routing(sites: Sites) -> None:
+    before = sites.world()
+    assert before is not None
+    leader = next(s for s in ("east", "west") if coordination(sites, s).get("role") == "leader")
+    standby = "west" if leader == "east" else "east"
+    sites.kill_appliance(leader)
+    killed = time.time()
+    wait_until(lambda: coordination(sites, standby).get("role") == "leader", TTL_S + 5,
+               "the standby takes the lease", sites.logs)  # fmt: skip
+    took_over = time.time() - killed
+    assert took_over <= TTL_S + 2, took_over
+    # It re-read the real routing before acting and follows it: no move back, no re-apply needed.
+    view = wait_until(lambda: (c := coordination(sites, standby)).get("observed_routing") and c, 10,
+                      "takeover re-read", sites.logs)  # fmt: skip
+    assert view["observed_routing"] == before["routing"]["name"]
+    state = failover(sites, standby)
+    assert state["routing"] == "failover" and state["lost_sites"] == ["west"], state
+    time.sleep(1.5)
+    assert sites.world()["routing"] == before["routing"]  # type: ignore[index]
