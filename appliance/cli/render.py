@@ -75,10 +75,46 @@ def status_view(status: dict[str, Any]) -> Group:
             str(trunk["last_code"] or "-"),
             trunk["reason"],
         )
-    parts: list[Any] = [header, sites, trunks]
+    parts: list[Any] = [header]
+    coordination = coordination_line(status.get("coordination") or {}, failover)
+    if coordination is not None:
+        parts.append(coordination)
+    parts += [sites, trunks]
+    peers = (status.get("coordination") or {}).get("peers")
+    if peers:
+        parts.append(peers_table(peers))
     if status.get("events"):
         parts.append(events_table(status["events"], title="Recent events"))
     return Group(*parts)
+
+
+def coordination_line(coordination: dict[str, Any], failover: dict[str, Any]) -> Text | None:
+    """Who may act (etcd leadership) and which backup sites the plan avoids; None for a lone appliance."""
+    if coordination.get("backend") != "etcd":
+        return None
+    role = coordination.get("role", "unknown")
+    if role == "leader":
+        who = Text(f"leader (token {coordination.get('token')})", style="green")
+    elif role == "follower":
+        who = Text(f"standby; leader is {coordination.get('holder') or 'nobody yet'}")
+    else:
+        who = Text(f"NOT ACTING: {coordination.get('detail', 'etcd unreachable')}", style="bold red")
+    line = Text.assemble(("coordination: ", "bold"), who, f"  domain {coordination.get('domain', '?')}")
+    if failover.get("lost_sites"):
+        line.append(f"  lost backup sites: {', '.join(failover['lost_sites'])}", style="yellow")
+    return line
+
+
+def peers_table(peers: list[dict[str, Any]]) -> Table:
+    """The other appliances' views of the sites, as this appliance last read them from etcd."""
+    table = Table(title="Appliances (etcd views)", title_justify="left", expand=False)
+    for column in ("appliance", "at site", "sees", "age"):
+        table.add_column(column, overflow="fold")
+    for peer in peers:
+        sees = ", ".join(f"{site} {verdict}" for site, verdict in sorted(peer["verdicts"].items()))
+        age = f"{peer['age_s']:.1f}s" + ("" if peer["fresh"] else " (stale)")
+        table.add_row(peer["appliance"], peer["site"], sees, age)
+    return table
 
 
 def events_table(events: list[dict[str, Any]], title: str = "Events") -> Table:

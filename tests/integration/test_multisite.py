@@ -14,7 +14,8 @@ the newest fencing token it obeyed and logs every request.
   re-planned onto east and the IVR, with a new token.
 * The primary comes back: its appliance stays passive.
 * The leader is killed with SIGKILL: the standby takes over within the TTL
-  plus a cycle, re-reads the real routing and keeps it.
+  plus a cycle, re-reads the real routing and keeps it; the killed one,
+  restarted, follows and never acts.
 """
 
 from __future__ import annotations
@@ -135,19 +136,34 @@ def test_three_sites_fail_over_by_plan_and_fence_a_partitioned_leader(sites: Sit
 def test_the_standby_takes_over_a_killed_leader_and_keeps_the_real_routing(sites: Sites) -> None:
     before = sites.world()
     assert before is not None
-    leader = next(s for s in ("east", "west") if coordination(sites, s).get("role") == "leader")
-    standby = "west" if leader == "east" else "east"
+    leader = wait_until(
+        lambda: next((s for s in sites.configs if coordination(sites, s).get("role") == "leader"), None),
+        10, "a leader after the primary's return", sites.logs,
+    )  # fmt: skip
+    standbys = [s for s in sites.configs if s != leader]
     sites.kill_appliance(leader)
     killed = time.time()
-    wait_until(lambda: coordination(sites, standby).get("role") == "leader", TTL_S + 5,
-               "the standby takes the lease", sites.logs)  # fmt: skip
-    took_over = time.time() - killed
-    assert took_over <= TTL_S + 2, took_over
+    # Any standby may win the lease (the primary's appliance, back now, is one of them).
+    new = wait_until(
+        lambda: next((s for s in standbys if coordination(sites, s).get("role") == "leader"), None),
+        TTL_S + 5, "a standby takes the lease", sites.logs,
+    )  # fmt: skip
+    # When it became leader, by its own account (polling three daemons' CLI is slower than that).
+    role = coordination(sites, new)
+    took_over = time.time() - role["since_s"] - killed
+    assert took_over <= TTL_S + 1.5, (took_over, role)
     # It re-read the real routing before acting and follows it: no move back, no re-apply needed.
-    view = wait_until(lambda: (c := coordination(sites, standby)).get("observed_routing") and c, 10,
+    view = wait_until(lambda: (c := coordination(sites, new)).get("observed_routing") and c, 10,
                       "takeover re-read", sites.logs)  # fmt: skip
     assert view["observed_routing"] == before["routing"]["name"]
-    state = failover(sites, standby)
+    state = failover(sites, new)
     assert state["routing"] == "failover" and state["lost_sites"] == ["west"], state
     time.sleep(1.5)
     assert sites.world()["routing"] == before["routing"]  # type: ignore[index]
+    # The killed appliance restarts (as after a power loss): passive before anything else.
+    sites.start_appliance(leader)
+    wait_until(lambda: coordination(sites, leader).get("role") == "follower", 20,
+               "the restarted appliance follows", sites.logs)  # fmt: skip
+    time.sleep(1.5)
+    assert not [e for e in applied(sites) if e["by"] == leader and e["at"] > killed]
+    assert coordination(sites, new).get("role") == "leader"
