@@ -277,6 +277,13 @@ def _ipv4_interface(value: str) -> str:
     return str(iface) if "/" in value else f"{iface.ip}/32"
 
 
+def _route(value: str) -> str:
+    from failover.actuators.netlink import parse_route
+
+    parse_route(value)  # ValueError names the route and what is expected
+    return " ".join(value.split())
+
+
 class KamailioActuator(Section):
     """Dispatcher states and hotline htables in Kamailio (``[kamailio]`` says how to reach it)."""
 
@@ -295,6 +302,8 @@ class NetlinkActuator(Section):
     serve_on: Literal["failover", "normal"] = "failover"  # which routing puts the address here
     garp_count: int = Field(default=5, ge=0, le=100)
     garp_interval_s: ProbeSeconds = 1.0
+    # Routes moved with the address: "10.9.0.0/16" or "10.9.0.0/16 via 192.0.2.1".
+    routes: list[Annotated[str, AfterValidator(_route)]] = []
 
 
 class HookActuator(Section):

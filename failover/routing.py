@@ -28,6 +28,15 @@ class Routing:
     fenced_uris: frozenset[str] = frozenset()
     active_uris: frozenset[str] = frozenset()  # re-enabled in every set that lists them
 
+    @property
+    def kind(self) -> str:
+        """``normal`` or ``failover``, whichever backup sites a failover routing avoids.
+
+        Actuators that only care which side serves (a service address, the
+        replica's promotion) compare this, not the name.
+        """
+        return "failover" if self.name == "failover" or self.name.startswith("failover-") else self.name
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,

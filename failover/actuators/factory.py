@@ -57,6 +57,7 @@ def _netlink(name: str, section: Any, config: cfg.Config, rpc: KamailioRpc | Non
         serve_on=section.serve_on,
         garp_count=section.garp_count,
         garp_interval_s=section.garp_interval_s,
+        routes=section.routes,
         name=name,
     )
 

@@ -21,8 +21,15 @@ Needs CAP_NET_ADMIN (addresses) and CAP_NET_RAW (the packet socket).
 
 Tokens: the address lives on this host, so the highest token obeyed is kept
 in memory; a restarted daemon starts from the engine's persisted state.
+Routes (``routes = ["10.9.0.0/16 via 192.0.2.1", "198.51.100.0/24"]``) follow
+the address: added through ``interface`` after the address when this side
+serves, removed before it when it does not, and read back by ``verify``
+(destination, gateway and interface). A route with a gateway needs the
+gateway on a network the interface reaches (the service address's own
+prefix will do); otherwise the kernel's refusal is the step's error.
+
 IPv4 only (the config refuses IPv6: unsolicited neighbour advertisements
-are not written yet). Routes are not moved yet.
+are not written yet).
 """
 
 from __future__ import annotations
@@ -51,6 +58,22 @@ ETH_P_IP = 0x0800
 BROADCAST = b"\xff" * 6
 
 
+def parse_route(text: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None]:
+    """``"10.9.0.0/16"`` or ``"10.9.0.0/16 via 192.0.2.1"``; ValueError says what is expected
+    (the config loader prefixes the key and the value)."""
+    parts = text.split()
+    if len(parts) not in (1, 3) or (len(parts) == 3 and parts[1] != "via"):
+        raise ValueError(
+            "expected 'PREFIX' or 'PREFIX via GATEWAY', e.g. '10.9.0.0/16 via 192.0.2.1'"
+        )
+    try:
+        dst = ipaddress.IPv4Network(parts[0], strict=True)
+        gateway = ipaddress.IPv4Address(parts[2]) if len(parts) == 3 else None
+    except ValueError as exc:
+        raise ValueError(f"{exc} (IPv4 only)") from None
+    return dst, gateway
+
+
 def garp_frame(mac: bytes, ip: ipaddress.IPv4Address) -> bytes:
     """A gratuitous ARP request: "who has <ip>? tell <ip>", from ``mac`` to everyone.
 
@@ -75,11 +98,13 @@ class NetlinkActuator(Actuator):
         serve_on: str = "failover",
         garp_count: int = 5,
         garp_interval_s: float = 1.0,
+        routes: tuple[str, ...] | list[str] = (),
         netns: str | None = None,
         timeout_s: float = 5.0,
         name: str = "netlink",
     ) -> None:
         self.address = ipaddress.IPv4Interface(address if "/" in address else f"{address}/32")
+        self.routes = [parse_route(r) for r in routes]
         self.interface = interface
         self.serve_on = serve_on
         self.garp_count = garp_count
@@ -102,10 +127,14 @@ class NetlinkActuator(Actuator):
             raise StaleToken(f"{self.name}: token {token} is older than {self.highest_token}, already obeyed")
         async with self._lock:
             self.highest_token = token
-            wanted = routing.name == self.serve_on
+            wanted = routing.kind == self.serve_on
             try:
                 async with asyncio.timeout(self.timeout_s):
+                    if not wanted:
+                        await asyncio.to_thread(self._set_routes, False)
                     changed, mac = await asyncio.to_thread(self._set_address, wanted)
+                    if wanted:
+                        await asyncio.to_thread(self._set_routes, True)
                     if not wanted:
                         self._stop_garp()
                         self._announced_for = None
@@ -129,22 +158,32 @@ class NetlinkActuator(Actuator):
             )
 
     async def verify(self, routing: Routing) -> list[str]:
-        wanted = routing.name == self.serve_on
+        wanted = routing.kind == self.serve_on
         try:
             async with asyncio.timeout(self.timeout_s):
                 present = await asyncio.to_thread(self._present)
+                routes = await asyncio.to_thread(self._routes_held)
         except TimeoutError:
             raise ActuatorError(f"{self.name}: verify took longer than {self.timeout_s:g}s") from None
         except (OSError, NetlinkError) as exc:
             raise ActuatorError(f"{self.name}: {self.address} on {self._where()}: {_why(exc)}") from None
+        diffs = []
         if wanted and not present:
-            return [f"service address {self.address} missing from {self._where()} (routing {routing.name!r})"]
+            diffs.append(
+                f"service address {self.address} missing from {self._where()} (routing {routing.name!r})"
+            )
         if present and not wanted:
-            return [
+            diffs.append(
                 f"service address {self.address} is on {self._where()} but routing {routing.name!r}"
                 f" serves it elsewhere (held here only in {self.serve_on!r})"
-            ]
-        return []
+            )
+        for (dst, gateway), held in zip(self.routes, routes, strict=True):
+            text = f"route {dst}" + (f" via {gateway}" if gateway else "")
+            if wanted and not held:
+                diffs.append(f"{text} missing from {self._where()} (routing {routing.name!r})")
+            elif held and not wanted:
+                diffs.append(f"{text} is on {self._where()} but routing {routing.name!r} serves it elsewhere")
+        return diffs
 
     async def close(self) -> None:
         self._stop_garp()
@@ -189,6 +228,44 @@ class NetlinkActuator(Actuator):
                 if exc.code not in (errno.EEXIST, errno.EADDRNOTAVAIL):
                     raise
             return False, mac
+
+    def _route_held(self, ipr: IPRoute, index: int, dst: ipaddress.IPv4Network, gateway: Any) -> bool:
+        # A dump of the main table, filtered here: asking the kernel for ``dst`` would be a
+        # route *lookup* (like ``ip route get``), which fails when no route exists.
+        for msg in ipr.get_routes(family=socket.AF_INET, table=254):
+            if msg["dst_len"] != dst.prefixlen or msg.get_attr("RTA_DST") != str(dst.network_address):
+                continue
+            if msg.get_attr("RTA_OIF") != index:
+                continue
+            if gateway is None or msg.get_attr("RTA_GATEWAY") == str(gateway):
+                return True
+        return False
+
+    def _routes_held(self) -> list[bool]:
+        if not self.routes:
+            return []
+        with self._iproute() as ipr:
+            index = self._index(ipr)
+            return [self._route_held(ipr, index, dst, gateway) for dst, gateway in self.routes]
+
+    def _set_routes(self, wanted: bool) -> None:
+        """Add (replace) or remove every route through ``interface``; already so is fine."""
+        if not self.routes:
+            return
+        with self._iproute() as ipr:
+            index = self._index(ipr)
+            for dst, gateway in self.routes:
+                spec: dict[str, Any] = {"dst": str(dst), "oif": index}
+                if gateway is not None:
+                    spec["gateway"] = str(gateway)
+                if wanted:
+                    ipr.route("replace", **spec)
+                elif self._route_held(ipr, index, dst, gateway):
+                    try:
+                        ipr.route("del", **spec)
+                    except NetlinkError as exc:
+                        if exc.code != errno.ESRCH:  # gone meanwhile: that is what we want
+                            raise
 
     def _send_garp(self, mac: bytes, count: int) -> None:
         frame = garp_frame(mac, self.address.ip)

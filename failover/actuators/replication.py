@@ -30,7 +30,7 @@ class ReplicationActuator(Actuator):
         self.last_promotion: dict[str, dict[str, Any]] = {}
 
     async def apply(self, routing: Routing, token: int) -> None:
-        if routing.name == "failover":
+        if routing.kind == "failover":
             await self._promote()
         else:
             await self._resume()
@@ -59,7 +59,7 @@ class ReplicationActuator(Actuator):
             await self._service.demote(stream)
 
     async def verify(self, routing: Routing) -> list[str]:
-        want = routing.name == "failover"
+        want = routing.kind == "failover"
         return [
             f"stream {stream} is {'not ' if want else ''}promoted"
             for stream in self._service.sqlite_streams()

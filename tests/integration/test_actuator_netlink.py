@@ -158,3 +158,38 @@ def test_missing_interface_is_an_actuator_error(segment: Segment) -> None:
             await act.verify(FAILOVER)
 
     asyncio.run(go())
+
+
+def test_routes_follow_the_address_and_hand_removal_is_drift(segment: Segment) -> None:
+    routes = ["198.51.100.0/24 via 192.0.2.2", "203.0.113.0/25"]
+    act = NetlinkActuator(SERVICE, segment.if_a, netns=segment.ns_a, garp_count=0, routes=routes)
+
+    def table() -> str:
+        return ip("-n", segment.ns_a, "route", "show")
+
+    async def go() -> None:
+        await act.apply(FAILOVER, 1)
+        assert await act.verify(FAILOVER) == []
+        assert f"198.51.100.0/24 via 192.0.2.2 dev {segment.if_a}" in table()
+        assert f"203.0.113.0/25 dev {segment.if_a}" in table()
+        # Someone deletes a route by hand: verify names it, a re-apply restores it.
+        ip("-n", segment.ns_a, "route", "del", "198.51.100.0/24")
+        assert await act.verify(FAILOVER) == [
+            f"route 198.51.100.0/24 via 192.0.2.2 missing from {segment.if_a} (netns {segment.ns_a})"
+            " (routing 'failover')"
+        ]
+        await act.apply(FAILOVER, 2)
+        assert await act.verify(FAILOVER) == []
+        await act.apply(NORMAL, 3)
+        assert await act.verify(NORMAL) == []
+        await act.close()
+
+    asyncio.run(go())
+    assert "198.51.100.0" not in table() and "203.0.113.0" not in table()
+    assert "192.0.2.10" not in ip("-n", segment.ns_a, "-br", "addr", "show", segment.if_a)
+
+
+def test_a_route_through_an_unreachable_gateway_fails_the_step_with_the_kernels_reason(segment: Segment) -> None:
+    act = NetlinkActuator(SERVICE, segment.if_a, netns=segment.ns_a, garp_count=0, routes=["198.51.100.0/24 via 10.99.0.1"])
+    with pytest.raises(ActuatorError, match="netlink error"):
+        asyncio.run(act.apply(FAILOVER, 1))

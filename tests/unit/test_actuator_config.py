@@ -44,6 +44,8 @@ def problems(text: str) -> list[str]:
         ('[actuators.n]\ntype = "netlink"\naddress = "10.0.0.300"\ninterface = "eth0"\n', "actuators.n.address: '10.0.0.300': expected an IPv4 address with optional /prefix"),
         ('[actuators.n]\ntype = "netlink"\naddress = "10.0.0.3"\ninterface = "eth0"\nserve_on = "backup"\n', "actuators.n.serve_on: 'backup': expected 'failover' or 'normal'"),
         ('[actuators.n]\ntype = "netlink"\naddress = "10.0.0.3"\ninterface = "eth0"\ngarp_count = 1000\n', "actuators.n.garp_count: 1000: expected less than or equal to 100"),
+        ('[actuators.n]\ntype = "netlink"\naddress = "10.0.0.3"\ninterface = "eth0"\nroutes = ["10.9.0.0/16 through 10.0.0.1"]\n', "actuators.n.routes[0]: '10.9.0.0/16 through 10.0.0.1': expected 'PREFIX' or 'PREFIX via GATEWAY'"),
+        ('[actuators.n]\ntype = "netlink"\naddress = "10.0.0.3"\ninterface = "eth0"\nroutes = ["10.9.0.1/16"]\n', "actuators.n.routes[0]: '10.9.0.1/16': 10.9.0.1/16 has host bits set (IPv4 only)"),
         ('[actuators.h]\ntype = "hook"\n', "actuators.h: give exactly one of command (argv list) or url"),
         ('[actuators.h]\ntype = "hook"\ncommand = ["x"]\nurl = "http://a/"\n', "actuators.h: give exactly one of command (argv list) or url"),
         ('[actuators.h]\ntype = "hook"\nurl = "ftp://a/"\n', "actuators.h.url: 'ftp://a/': expected an http:// or https:// URL"),

@@ -233,3 +233,15 @@ def test_no_hotline_is_ever_routed_to_a_lost_site_or_over_capacity(
     for set_id, limit in seats.items():
         used = sum(cfg.hotlines[f"h{i}"].agents for i in range(len(lines)) if routing.hotlines.get(f"{2000 + i}") == set_id)
         assert used <= limit
+
+
+def test_every_failover_routing_is_of_kind_failover_whatever_it_avoids() -> None:
+    """Actuators that only care which side serves (service address, promotion) read ``kind``."""
+    cfg = config.parse(THREE_SITES + THREE_SITE_HOTLINES)
+    kinds = {name: routing.kind for name, routing in plans.known_routings(cfg).items()}
+    assert kinds == {
+        "normal": "normal",
+        "failover": "failover",
+        "failover-without:east": "failover",
+        "failover-without:west": "failover",
+    }
