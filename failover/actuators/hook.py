@@ -9,7 +9,8 @@ run without a shell, in a process group of their own:
 * **apply**: argv as configured. stdin is one JSON object
   ``{"action": "apply", "token": 7, "routing": {name, serving_site,
   default_set, hotlines, fenced_sets, active_sets}}``; the environment adds
-  ``HOTSITE_ACTION=apply``, ``HOTSITE_ROUTING=<routing name>``,
+  ``HOTSITE_ACTION=apply``, ``HOTSITE_ROUTING=<routing name>`` (``normal``,
+  ``failover``, or ``failover-without:west`` when backup sites are lost too),
   ``HOTSITE_TOKEN=<token>``. Exit 0: applied. Any other exit: not applied;
   the last non-empty stderr line is the reason shown to the operator.
   Applying the same routing twice must be harmless (runbooks are re-run).
