@@ -61,7 +61,7 @@ def teardown() -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def config_text(site: str, workdir: Path, *, ttl_s: int = 2) -> str:
+def config_text(site: str, workdir: Path, *, ttl_s: int = 2, retry_s: float = 0.2) -> str:
     """One appliance's configuration: three sites, hotlines spread by plan, etcd, the world hook."""
     sites = "".join(
         f'[sites.{name}]\nrole = "{"primary" if name == "primary" else "backup"}"\n'
@@ -134,13 +134,14 @@ endpoints = [{endpoints}]
 domain = "multisite"
 ttl_s = {ttl_s}
 request_timeout_s = 0.5
-retry_s = 0.2
+retry_s = {retry_s}
 views_interval_s = 0.2
 """
 
 
 class Sites:
-    def __init__(self) -> None:
+    def __init__(self, *, ttl_s: int = 2, retry_s: float = 0.2) -> None:
+        self.ttl_s, self.retry_s = ttl_s, retry_s
         self.dir = Path(tempfile.mkdtemp(prefix="hotsite-multisite-"))
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
@@ -210,7 +211,7 @@ class Sites:
             "--workdir", str(self.dir),
         ])  # fmt: skip
         self.configs[site] = self.dir / f"{site}.toml"
-        self.configs[site].write_text(config_text(site, self.dir))
+        self.configs[site].write_text(config_text(site, self.dir, ttl_s=self.ttl_s, retry_s=self.retry_s))
 
     def _wait_etcd(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -225,6 +226,18 @@ class Sites:
                 return
             time.sleep(0.2)
         raise RuntimeError("etcd cluster of the three sites not healthy in time:\n" + self.logs("etcd"))
+
+    def reconfigure(self, *, ttl_s: int, retry_s: float) -> None:
+        """New coordination timings for appliances started from now on."""
+        self.ttl_s, self.retry_s = ttl_s, retry_s
+        for site in SITES:
+            self.configs[site].write_text(config_text(site, self.dir, ttl_s=ttl_s, retry_s=retry_s))
+
+    def stop_appliance(self, site: str) -> None:
+        proc = self.daemons.pop(site)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
 
     def start_appliance(self, site: str) -> None:
         self.daemons[site] = self._spawn(site, "hotsite", [*HOTSITE, "--config", str(self.configs[site]), "run"])
