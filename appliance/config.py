@@ -556,14 +556,6 @@ class Config(Section):
             raise ValueError(f"expected exactly one site with role 'primary', found {roles.count('primary')}")
         if "backup" not in roles:
             raise ValueError("expected at least one site with role 'backup'")
-        sets: dict[int, str] = {}
-        for name, site in self.sites.items():
-            if site.kamailio_set in sets:
-                raise ValueError(
-                    f"sites.{name}.kamailio_set {site.kamailio_set} is already used by"
-                    f" sites.{sets[site.kamailio_set]}: each site needs its own dispatcher set"
-                )
-            sets[site.kamailio_set] = name
         if self.appliance.site is not None and self.appliance.site not in self.sites:
             raise ValueError(
                 f"appliance.site {self.appliance.site!r} is not a site"

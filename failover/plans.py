@@ -212,13 +212,15 @@ def problems(config: Config) -> list[str]:
                     f"hotlines.{name}.failover: unknown destination {candidate!r}"
                     f" (known: {', '.join(sorted(places))})"
                 )
-    sets: dict[int, str] = {}
+    sets: dict[int, str] = {}  # the one check that every site and destination has its own set
     for name, dest in places.items():
+        key = f"{'sites' if dest.kind == 'site' else 'destinations'}.{name}"
         if dest.kamailio_set in sets:
             found.append(
-                f"{name}: kamailio_set {dest.kamailio_set} is already used by {sets[dest.kamailio_set]}"
+                f"{key}.kamailio_set {dest.kamailio_set} is already used by {sets[dest.kamailio_set]}:"
+                " each site and destination needs its own dispatcher set"
             )
-        sets[dest.kamailio_set] = name
+        sets[dest.kamailio_set] = key
     if not found:
         found += assign(config, config.primary[0])[1]
     return found

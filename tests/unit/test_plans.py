@@ -81,7 +81,7 @@ def test_normal_routing_sends_every_hotline_to_the_primary_set() -> None:
         ('[hotlines.x]\nnumber = "95588"\nfailover = ["ivr"]\n', "hotlines.x.number '95588' is already hotlines.vip"),
         ('[hotlines.x]\nnumber = "1"\nfailover = ["ivr"]\n', "hotlines.x.number: '1': expected a dialled number"),
         ('[hotlines.x]\nnumber = "123"\nfailover = ["moon"]\n', "hotlines.x.failover: unknown destination 'moon' (known: backup, ivr, primary, remote)"),
-        ('[destinations.dup]\nkind = "ivr"\nkamailio_set = 2\n', "dup: kamailio_set 2 is already used by backup"),
+        ('[destinations.dup]\nkind = "ivr"\nkamailio_set = 2\n', "destinations.dup.kamailio_set 2 is already used by sites.backup: each site and destination needs its own dispatcher set"),
         ('[hotlines.x]\nnumber = "123"\nfailover = []\n', "hotlines.x.failover: a list: List should have at least 1 item"),
     ],
 )
