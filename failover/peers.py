@@ -192,6 +192,9 @@ class PeerViews:
     def current(self) -> list[tuple[PeerView, float]]:
         return list(self._views)
 
+    def now(self) -> float:
+        return self._clock()
+
     def view(self) -> list[dict[str, Any]]:
         """For ``hotsite status``: each peer, where it stands, what it sees, how fresh."""
         now = self._clock()
@@ -215,7 +218,7 @@ class PeerVoter(Voter):
         self.primary = primary
 
     async def vote(self) -> Vote:
-        now = self.views._clock()
+        now = self.views.now()
         alive, detail = judge(
             self.views.current(),
             me=self.views.appliance,
