@@ -400,3 +400,41 @@ async def test_a_black_holed_member_does_not_starve_the_others(cluster: EtcdClus
     finally:
         await gateway.close()
         hole.close()
+
+
+@run_async
+async def test_peer_views_are_shared_through_etcd_and_garbage_is_counted(cluster: EtcdCluster, domain: str) -> None:
+    """Two appliances publish under their own session leases; a third's garbage is ignored and counted."""
+    from failover.peers import PeerViews, PeerVoter
+
+    gateways = [Gateway(cluster.endpoints, timeout_s=0.6) for _ in range(2)]
+    leases = [EtcdLease(g, domain=domain, appliance=f"a{i}", ttl_s=TTL, retry_s=RETRY) for i, g in enumerate(gateways)]
+    seen = {"a0": {"primary": "down", "east": "up"}, "a1": {"primary": "up", "west": "up"}}
+    views = [
+        PeerViews(g, lease, domain=domain, appliance=f"a{i}", site=("east", "west")[i],
+                  verdicts=lambda i=i: seen[f"a{i}"], interval_s=0.2, clock=time.monotonic)
+        for i, (g, lease) in enumerate(zip(gateways, leases, strict=True))
+    ]  # fmt: skip
+    try:
+        for lease in leases:
+            await lease.cycle()
+        lease_id = leases[1].state.lease_id
+        assert lease_id is not None
+        await gateways[1].put(f"/hotsite/{domain}/views/intruder", "{not json", lease_id)
+        for v in views:
+            await v.publish()
+        await views[0].refresh()
+        assert sorted(v.appliance for v, _ in views[0].current()) == ["a0", "a1"]
+        assert views[0].malformed == 1
+        vote = await PeerVoter(views[0], "primary").vote()
+        assert (vote.primary_alive, vote.detail) == (True, "peers: a1@west (up) still sees primary")
+        # a1 goes away (its lease revoked, as after a clean stop): its view goes with it.
+        await leases[1].release()
+        await views[0].refresh()
+        assert [v.appliance for v, _ in views[0].current()] == ["a0"]
+        vote = await PeerVoter(views[0], "primary").vote()
+        assert (vote.primary_alive, vote.detail) == (None, "peers: no other appliance's view is fresh")
+    finally:
+        await leases[0].release()
+        for g in gateways:
+            await g.close()
