@@ -24,8 +24,9 @@ With several backup sites the failover routing also names the backup sites
 that are *lost* (``EngineState.lost``): hotlines go to the surviving sites
 by plan. A backup site lost while it serves (down for ``hold_down_s``) is
 re-planned around, and one back for ``failback_stable_s`` is planned in
-again: a new failover runbook with a new epoch, automatic under ``auto``,
-an operator's ``hotsite failover --force`` otherwise.
+again: a new failover runbook with a new epoch, automatic under ``auto``
+while the witness (or, on etcd, the leadership) is heard, an operator's
+``hotsite failover --force`` otherwise.
 
 Safety rules, each tested as a property:
 
@@ -422,7 +423,14 @@ def _replan(state: EngineState, policy: Policy, now: float) -> Outcome | None:
         )
         if part
     )
-    if policy.mode != "auto":
+    if policy.effective_mode == "auto" and policy.has_witness and state.witness is None:
+        # Cut off from the witness (or not the etcd leader): "west is lost" may be our own
+        # isolation. Whoever can hear the witness decides; an operator still can.
+        waiting = f"{why}, but the witness cannot say ({state.witness_detail}): not re-planning"
+        if state.waiting_for == waiting:
+            return None
+        return _stay(dataclasses.replace(state, waiting_for=waiting), waiting)
+    if policy.effective_mode != "auto":
         waiting = f"{why}: 'hotsite failover --to backup --force' re-plans the hotlines"
         if state.waiting_for == waiting:
             return _stay(state)

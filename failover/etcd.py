@@ -541,7 +541,10 @@ class EtcdVoter(Voter):
 # Fencing at the actuators
 
 
-Takeover = Callable[[str, int], Awaitable[None] | None]
+# Called with (observed routing, token) once a new leader has re-read the real routing.
+# It may return the engine's epoch after adopting what it found: decisions taken at an
+# older epoch (before the takeover) are then never carried out by this appliance.
+Takeover = Callable[[str, int], Awaitable[None] | int | None]
 
 
 class Fence:
@@ -570,6 +573,7 @@ class Fence:
         self.actuators: list[Actuator] = []
         self.verified_token: int | None = None
         self.observed: str | None = None
+        self.min_epoch = 0  # engine decisions older than the last takeover are refused
         self._lock = asyncio.Lock()
 
     async def admit(self) -> tuple[int, float]:
@@ -608,7 +612,9 @@ class Fence:
         log.warning("takeover: re-read the real routing", extra=kv(token=token, observed=observed))
         if self.on_takeover is not None:
             result = self.on_takeover(observed, token)
-            if result is not None:
+            if isinstance(result, int):
+                self.min_epoch = max(self.min_epoch, result)
+            elif result is not None:
                 await result
         self.verified_token = token
         return observed
@@ -623,8 +629,9 @@ class FencedActuator(Actuator):
 
     ``apply``/``rollback``: the engine's epoch is replaced by the etcd token
     (a later leader always has a larger one); the call is cancelled when the
-    lease view would expire (:class:`ActuatorError`). ``verify`` only reads
-    and is passed through for anyone.
+    lease view would expire (:class:`ActuatorError`); a call decided at an
+    engine epoch older than this appliance's last takeover is refused
+    (:class:`NotLeader`). ``verify`` only reads and is passed through for anyone.
     """
 
     def __init__(self, inner: Actuator, fence: Fence) -> None:
@@ -636,6 +643,13 @@ class FencedActuator(Actuator):
 
     async def apply(self, routing: Routing, token: int) -> None:
         fencing_token, left = await self.fence.admit()
+        if token < self.fence.min_epoch:
+            # Decided before this appliance took over and re-read the real routing (a reconcile
+            # or runbook that was already under way): the engine decides again from what is.
+            raise NotLeader(
+                f"{self.name}: not carried out: decided at epoch {token}, before this appliance took"
+                f" over and re-read the routing (epoch {self.fence.min_epoch})"
+            )
         try:
             async with asyncio.timeout(left):
                 await self.inner.apply(routing, fencing_token)
@@ -832,38 +846,38 @@ class EtcdCoordination:
         return {"coordination.status": status}
 
 
-def adopt_routing(service: Any, observed: str, token: int) -> None:
+def adopt_routing(service: Any, observed: str, token: int) -> int:
     """``on_takeover`` for the daemon: make a new leader's engine start from the real routing.
 
     A standby's engine may believe "normal" while the former leader had failed
     over; without this its reconcile loop would "repair" the real routing back.
     Mixed or unreadable routing puts the engine in ``held`` (an operator decides).
-    A runbook already running is left alone (its apply carries the new token).
+    The engine's epoch moves on and is returned: whatever this appliance had
+    decided before (a reconcile under way, a runbook started while it stood by)
+    is refused by the fence and its result ignored as stale.
     """
     import dataclasses
 
-    from failover.engine import RUNNING
     from failover.plans import lost_from_name
     from failover.service import STATE_KEY
 
     state = service.state
     lost = lost_from_name(observed)
     routing = "normal" if observed == "normal" else "failover" if lost is not None else "unknown"
-    lost = lost or ()
-    if state.state in RUNNING or (routing == state.routing and lost == state.lost and state.state != "held"):
-        return
     name = {"normal": "primary_active", "failover": "backup_active"}.get(routing, "held")
     decision = f"took over the lease (token {token}): the real routing is {observed}; engine follows it"
     service.state = dataclasses.replace(
         state,
         state=name,
         routing=routing,
-        lost=lost,
+        lost=lost or (),
         previous_lost=None,
+        epoch=state.epoch + 1,
         since=service.clock.time(),
         waiting_for="an operator: routing state unknown" if name == "held" else "",
         last_decision=decision,
     )
     service.store.put_state(STATE_KEY, service.state.to_json())
     service.store.record("failover.decision", actor="daemon", subject=name, message=decision)
-    log.warning(decision, extra=kv(token=token, observed=observed))
+    log.warning(decision, extra=kv(token=token, observed=observed, epoch=service.state.epoch))
+    return int(service.state.epoch)

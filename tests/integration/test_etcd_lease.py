@@ -438,3 +438,24 @@ async def test_peer_views_are_shared_through_etcd_and_garbage_is_counted(cluster
         await leases[0].release()
         for g in gateways:
             await g.close()
+
+
+@run_async
+async def test_a_decision_taken_before_the_takeover_is_never_carried_out(cluster: EtcdCluster, domain: str) -> None:
+    """A reconcile or runbook under way when this appliance takes over carries a pre-takeover epoch."""
+    gateway = Gateway(cluster.endpoints, timeout_s=0.6)
+    lease = EtcdLease(gateway, domain=domain, appliance="a", ttl_s=TTL, retry_s=RETRY)
+    world = NullActuator()
+    fence = Fence(lease, lambda: ROUTINGS, on_takeover=lambda observed, token: 7)  # the engine adopted: epoch 7
+    [actuator] = fence.wrap([world])
+    try:
+        await lease.cycle()
+        assert lease.may_act()
+        with pytest.raises(NotLeader, match="decided at epoch 6, before this appliance took over"):
+            await actuator.apply(FAILOVER, 6)  # the takeover re-read happens inside this very call
+        assert world.applied == [] and fence.observed == "mixed"  # nothing applied yet: not a known routing
+        await actuator.apply(FAILOVER, 7)  # decided after adopting: carried out with the etcd token
+        assert [(r.name, t) for r, t in world.applied] == [("failover", lease.leadership().token)]
+    finally:
+        await lease.release()
+        await gateway.close()

@@ -61,8 +61,14 @@ def teardown() -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def config_text(site: str, workdir: Path, *, ttl_s: int = 2, retry_s: float = 0.2) -> str:
-    """One appliance's configuration: three sites, hotlines spread by plan, etcd, the world hook."""
+def config_text(
+    site: str, workdir: Path, *, ttl_s: int = 2, retry_s: float = 0.2, name: str | None = None
+) -> str:
+    """One appliance's configuration: three sites, hotlines spread by plan, etcd, the world hook.
+
+    ``name`` tells apart two appliances at one site (an HA pair); default: the site's name.
+    """
+    name = name or site
     sites = "".join(
         f'[sites.{name}]\nrole = "{"primary" if name == "primary" else "backup"}"\n'
         f'sbc = "{addr}:5060"\nhealth_url = "http://{addr}:8080/health"\n'
@@ -70,11 +76,11 @@ def config_text(site: str, workdir: Path, *, ttl_s: int = 2, retry_s: float = 0.
         for index, ((name, addr), seats) in enumerate(zip(SITES.items(), (400, 100, 80), strict=True))
     )
     endpoints = ", ".join(f'"http://{addr}:2379"' for addr in SITES.values())
-    hook = json.dumps([sys.executable, str(WORLD_HOOK), "--world", str(workdir / "world.json"), "--name", site])
-    state = workdir / f"appliance-{site}"
+    hook = json.dumps([sys.executable, str(WORLD_HOOK), "--world", str(workdir / "world.json"), "--name", name])
+    state = workdir / f"appliance-{name}"
     return f"""
 [appliance]
-name = "appliance-{site}"
+name = "appliance-{name}"
 site = "{site}"
 state_dir = "{state}/state"
 runtime_dir = "{state}/run"
@@ -154,19 +160,29 @@ class Sites:
         ip("link", "add", BRIDGE, "type", "bridge", ns=CORE)
         ip("link", "set", BRIDGE, "up", ns=CORE)
         for site, addr in SITES.items():
-            ns, port = namespace(site), f"ms-{site}"
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns, ns=CORE)
-            ip("link", "set", port, "master", BRIDGE, "up", ns=CORE)
-            ip("addr", "add", f"{addr}/24", "dev", "eth0", ns=ns)
-            ip("link", "set", "eth0", "up", ns=ns)
-            ip("link", "set", "lo", "up", ns=ns)
+            self._add_host(site, addr)
         for site in SITES:
             self._start_site(site)
         # Before hotsite, the world routes normally (calls to the primary), obeyed no token yet.
         normal = plans.normal_routing(config.parse(self.configs["east"].read_text()))
         (self.dir / "world.json").write_text(json.dumps({"token": 0, "routing": normal.to_json(), "by": "install"}))
         self._wait_etcd()
+
+    def _add_host(self, host: str, addr: str) -> None:
+        ns, port = namespace(host), f"ms-{host}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        ip("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns, ns=CORE)
+        ip("link", "set", port, "master", BRIDGE, "up", ns=CORE)
+        ip("addr", "add", f"{addr}/24", "dev", "eth0", ns=ns)
+        ip("link", "set", "eth0", "up", ns=ns)
+        ip("link", "set", "lo", "up", ns=ns)
+
+    def add_pair_member(self, host: str, site: str, addr: str) -> None:
+        """A second appliance at ``site`` on a machine of its own (an HA pair), not yet started."""
+        self._add_host(host, addr)
+        self.configs[host] = self.dir / f"{host}.toml"
+        text = config_text(site, self.dir, ttl_s=self.ttl_s, retry_s=self.retry_s, name=host)
+        self.configs[host].write_text(text)
 
     def cut(self, site: str) -> None:
         ip("link", "set", f"ms-{site}", "down", ns=CORE)
@@ -199,7 +215,7 @@ class Sites:
             f"--listen-client-urls=http://{addr}:2379", f"--advertise-client-urls=http://{addr}:2379",
             f"--listen-peer-urls=http://{addr}:2380", f"--initial-advertise-peer-urls=http://{addr}:2380",
             f"--initial-cluster={cluster}", "--initial-cluster-token=hotsite-multisite",
-            "--initial-cluster-state=new", "--heartbeat-interval=50", "--election-timeout=500",
+            "--initial-cluster-state=new", "--heartbeat-interval=100", "--election-timeout=1000",
             "--log-level=error",
         ])  # fmt: skip
         self._spawn(site, "sipp", [
@@ -280,7 +296,10 @@ class Sites:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         teardown()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if os.environ.get("HOTSITE_KEEP_MULTISITE"):  # debugging: keep the logs and the world
+            print(f"multi-site files kept in {self.dir}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def wait_until(predicate: Any, timeout_s: float, what: str, on_fail: Any = lambda: "") -> Any:

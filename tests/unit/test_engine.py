@@ -372,6 +372,21 @@ def test_a_backup_site_lost_while_serving_is_planned_around_after_the_hold_down(
     assert run.runbooks()[-1].lost == () and run.runbooks()[-1].previous_lost == ("west",)
 
 
+def test_no_automatic_replan_when_the_witness_cannot_be_heard() -> None:
+    """Isolated (or an etcd standby): 'west is lost' may be our own cut; whoever hears the witness decides."""
+    run = failed_over(AUTO)
+    run.at(50, WitnessVote(None, "etcd: appliance-east leads; standing by"))
+    run.at(100, BackupVerdict("west", "down"))
+    out = run.at(110, Tick())
+    assert out.decision == (
+        "backup site west lost while serving, but the witness cannot say"
+        " (etcd: appliance-east leads; standing by): not re-planning"
+    )
+    assert run.runbooks()[1:] == [] and run.at(120, Tick()).actions == ()
+    out = run.at(121, WitnessVote(False, "peers agree"))
+    assert out.decision.startswith("starting failover without backup site west (epoch 2)")
+
+
 def test_a_failed_replan_rolls_back_to_the_old_plan_not_to_the_primary() -> None:
     run = failed_over(AUTO)
     run.at(100, BackupVerdict("east", "down"))
@@ -441,9 +456,9 @@ def test_a_lost_backup_site_is_planned_around_only_on_lasting_evidence(
             epochs.append(action.epoch)
             if action.kind != "failover" or before.routing != "failover":
                 continue
-            # A re-plan: automatic only under auto; every newly lost site down for the hold-down,
-            # every site planned in again up for the stable period.
-            assert mode == "auto"
+            # A re-plan: automatic only under auto with the witness heard; every newly lost site
+            # down for the hold-down, every site planned in again up for the stable period.
+            assert mode == "auto" and run.state.witness is not None
             for site in set(action.lost) - set(before.lost):
                 verdict, at = since[site]
                 assert verdict == "down" and now - at >= policy.hold_down_s
