@@ -18,6 +18,16 @@ place by rename (atomic), with its mode; files gone at the source are
 deleted; the replaced or deleted versions are kept (newest ``keep`` per
 file) under ``<replica>.hotsite-versions``; an optional command runs after
 each applied change set (argv, no shell), like csync2's action hooks.
+
+Deltas: a file of ``DELTA_MIN`` bytes or more that the replica already has
+an older version of (at the same path) is sent as the ``BLOCK``-sized blocks
+whose hashes differ from that version's (the replica lists its large files'
+block hashes when it connects; the agent remembers what it sent since), if
+that is less than half the file; the replica rebuilds the new content from
+its copy plus those blocks and checks its SHA-256 before staging it. Fixed
+blocks, not rsync's rolling hash: in-place edits and appends (a routing
+table, a log-like prompt index) travel as deltas; an insertion near the
+start shifts every block and the file goes whole.
 """
 
 from __future__ import annotations
@@ -49,6 +59,36 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGING = ".hotsite-staging"
+DELTA_MIN = 1024 * 1024  # smaller files always go whole
+BLOCK = 64 * 1024
+
+
+def block_digests(data: bytes, block: int = BLOCK) -> list[str]:
+    """Hashes of ``data``'s fixed-size blocks (the last one may be short)."""
+    view = memoryview(data)
+    return [
+        hashlib.blake2b(view[i : i + block], digest_size=16).hexdigest() for i in range(0, len(data), block)
+    ]
+
+
+def changed_blocks(new: list[str], old: list[str]) -> list[int]:
+    """Indices of the new version's blocks that the old version does not have at the same place."""
+    return [i for i, d in enumerate(new) if i >= len(old) or old[i] != d]
+
+
+def apply_delta(base: bytes, size: int, block: int, indices: list[int], body: bytes) -> bytes:
+    """The new content: ``base`` cut or padded to ``size``, with the sent blocks written in."""
+    out = bytearray(base[:size].ljust(size, b"\0"))
+    offset = 0
+    for i in indices:
+        length = min(block, size - i * block)
+        if length <= 0 or offset + length > len(body):
+            raise ProtocolError(f"delta block {i} does not fit a file of {size} bytes", "malformed")
+        out[i * block : i * block + length] = body[offset : offset + length]
+        offset += length
+    if offset != len(body):
+        raise ProtocolError(f"delta carries {len(body) - offset} bytes beyond its blocks", "malformed")
+    return bytes(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +305,11 @@ async def serve_files(
         return
     scanner = TreeScanner(stream.path, stream.exclude)
     have: set[str] = set(hello.header.get("have", []))
+    # rel -> (sha256, block hashes) of the replica's version of each large file it has.
+    known: dict[str, tuple[str, list[str]]] = {
+        str(rel): (str(v[0]), [str(d) for d in v[1]])
+        for rel, v in dict(hello.header.get("blocks") or {}).items()
+    }
     await sender.send(Msg.WELCOME, {"mode": "files", "source_time": agent._clock()})
     sent_manifest: dict[str, Entry] | None = None
     last_full = time.monotonic()
@@ -287,7 +332,7 @@ async def serve_files(
                     if data is None:
                         complete = False  # changed under us: the next scan ships the new content
                         break
-                    await sender.send(Msg.FILE_DATA, {"sha256": entry.sha256}, data)
+                    await _send_content(sender, rel, entry, data, known)
                     have.add(entry.sha256)
                 if complete:
                     await sender.send(
@@ -318,6 +363,26 @@ async def serve_files(
     finally:
         watcher.close()
         closed.cancel()
+
+
+async def _send_content(
+    sender: Sender, rel: str, entry: Entry, data: bytes, known: dict[str, tuple[str, list[str]]]
+) -> None:
+    """FILE_DELTA against the replica's version of ``rel`` when that is much smaller, else FILE_DATA."""
+    if entry.size < DELTA_MIN:
+        await sender.send(Msg.FILE_DATA, {"sha256": entry.sha256}, data)
+        return
+    digests = await asyncio.to_thread(block_digests, data)
+    base = known.get(rel)
+    known[rel] = (entry.sha256, digests)  # what the replica will have once this change set commits
+    indices = changed_blocks(digests, base[1]) if base is not None else []
+    if base is None or len(indices) * BLOCK * 2 > len(data):
+        await sender.send(Msg.FILE_DATA, {"sha256": entry.sha256}, data)
+        return
+    view = memoryview(data)
+    body = b"".join(view[i * BLOCK : (i + 1) * BLOCK] for i in indices)
+    header = {"sha256": entry.sha256, "path": rel, "base": base[0], "size": len(data), "block": BLOCK}
+    await sender.send(Msg.FILE_DELTA, {**header, "blocks": indices}, body)
 
 
 async def _wait_closed(reader: asyncio.StreamReader) -> None:
@@ -358,6 +423,29 @@ class FilesReplica:
         hashes = set(self.manifest().values())
         hashes.update(p.name for p in self.staging.iterdir()) if self.staging.exists() else None
         return hashes
+
+    def block_map(self) -> dict[str, list[Any]]:
+        """rel -> [sha256, block hashes] of each large file, for the agent to send deltas against."""
+        out: dict[str, list[Any]] = {}
+        for rel, entry in TreeScanner(self.root).scan(full=True).items():
+            if entry.size >= DELTA_MIN:
+                got = read_stable(self.root / rel)
+                if got is not None:
+                    out[rel] = [hashlib.sha256(got[0]).hexdigest(), block_digests(got[0])]
+        return out
+
+    def stage_delta(self, header: dict[str, Any], body: bytes) -> None:
+        """Rebuild a file from our version of it plus the blocks sent; staged only if its hash matches."""
+        rel, base = str(header["path"]), str(header["base"])
+        _safe(rel)
+        if len(base) != 64 or not all(c in "0123456789abcdef" for c in base):
+            raise ProtocolError(f"delta base {base[:80]!r} is not a SHA-256", "malformed")
+        staged = self.staging / base  # the base may itself be staged, not yet applied
+        got = read_stable(staged) if staged.is_file() else read_stable(self.root / rel)
+        if got is None or hashlib.sha256(got[0]).hexdigest() != base:
+            raise ProtocolError(f"delta for {rel} is against a version we no longer have", "malformed")
+        data = apply_delta(got[0], int(header["size"]), int(header["block"]), list(header["blocks"]), body)
+        self.stage(str(header["sha256"]), data)
 
     def stage(self, sha256: str, data: bytes) -> None:
         if hashlib.sha256(data).hexdigest() != sha256:
@@ -465,8 +553,13 @@ class FilesStreamClient:
         compression: str = "zlib",
         rate_bytes_s: int = 0,
         on_applied: Callable[[dict[str, int]], None] | None = None,
+        idle_timeout_s: float = 15.0,
     ) -> None:
         from appliance.replication.client import StreamStats
+
+        # The agent sends a heartbeat every heartbeat_s when nothing changes: silence this long
+        # means the path is dead (a partition closes nothing), so reconnect.
+        self.idle_timeout_s = idle_timeout_s
 
         self.name, self.source, self.replica = name, source, replica
         self.host, self.port = host, port
@@ -476,6 +569,7 @@ class FilesStreamClient:
         self._on_applied = on_applied
         self.stats = StreamStats()
         self.change_sets = 0
+        self.deltas = 0  # files received as deltas
 
     async def run(self) -> None:
         backoff = 0.2
@@ -505,6 +599,7 @@ class FilesStreamClient:
         )
         try:
             have = await asyncio.to_thread(self.replica.have)
+            blocks = await asyncio.to_thread(self.replica.block_map)
             writer.write(
                 protocol.encode(
                     Msg.HELLO,
@@ -512,6 +607,7 @@ class FilesStreamClient:
                         "stream": self.source,
                         "kind": "files",
                         "have": sorted(have),
+                        "blocks": blocks,
                         "compression": self.compression,
                         "rate_bytes_s": self.rate,
                     },
@@ -524,10 +620,13 @@ class FilesStreamClient:
             self.stats.connected = True
             self.stats.sessions += 1
             while True:
-                msg = await protocol.read_message(reader)
+                msg = await asyncio.wait_for(protocol.read_message(reader), self.idle_timeout_s)
                 self.stats.bytes_received += msg.wire_bytes
                 if msg.kind == Msg.FILE_DATA:
                     await asyncio.to_thread(self.replica.stage, msg.header["sha256"], msg.body)
+                elif msg.kind == Msg.FILE_DELTA:
+                    await asyncio.to_thread(self.replica.stage_delta, msg.header, msg.body)
+                    self.deltas += 1
                 elif msg.kind == Msg.FILES_MANIFEST:
                     files = {k: (v[0], int(v[1]), int(v[2])) for k, v in msg.header["files"].items()}
                     counts = await asyncio.to_thread(self.replica.apply, files)
