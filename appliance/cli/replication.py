@@ -96,6 +96,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         bandwidth_limit_bytes_s=s.bandwidth_limit_bytes_s,
         checkpoint_frames=s.checkpoint_frames,
         restart_frames=s.restart_frames,
+        peer_timeout_s=s.peer_timeout_s,
         checkpoint_busy_ms=s.checkpoint_busy_ms,
     )
     try:

@@ -6,7 +6,12 @@ re-request). Everything received is verified before it is applied:
 message CRC (protocol), continuity and whole-database checksum (replica).
 A session that sees anything wrong ends, and the next one starts from
 the replica's durable position. Blocking file work runs in threads; while
-one batch is applied the next ones are received and merged.
+one batch is applied the next ones are received and merged, up to
+``max_buffered_bytes`` held at once (then reading waits). A batch sent in
+chunks is staged on disk by the replica and committed whole at its end; a
+session that ends half-way leaves the replica untouched. Silence from the
+source for ``idle_timeout_s`` (it sends heartbeats when idle) ends the
+session: a partition drops packets and closes nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +34,13 @@ from appliance.replication.replica import BatchRejected, PromotedError, Replica
 
 log = logging.getLogger(__name__)
 
+
+class SourceSilent(TimeoutError):
+    """Nothing arrived from the source agent for the idle timeout: the path is presumed dead."""
+
+
 MAX_MERGE_BYTES = 32 * 1024 * 1024
+MAX_BUFFERED_BYTES = MAX_MERGE_BYTES
 
 
 @dataclass(slots=True)
@@ -55,6 +66,9 @@ class StreamStats:
     last_error: str = ""
     last_verify: dict[str, Any] = field(default_factory=dict)
     seed_progress: tuple[int, int] = (0, 0)
+    chunked_batches: int = 0  # batches received in chunks (staged on disk, committed whole)
+    buffered_peak_bytes: int = 0  # the most message bytes ever held between receiving and applying
+    idle_timeouts: int = 0  # sessions ended because the source went silent (a partition)
 
     def lag_s(self, local_now: float) -> float | None:
         if self.current_at is None:
@@ -81,6 +95,10 @@ class SqliteStreamClient:
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, dict[str, Any]], None] = lambda kind, data: None,
         on_applied: Callable[[Batch], None] | None = None,
+        max_message: int = protocol.MAX_MESSAGE,
+        max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+        keepalive_s: float = 1.0,
+        idle_timeout_s: float = 15.0,
     ) -> None:
         self.name = name
         self.source = source
@@ -99,6 +117,18 @@ class SqliteStreamClient:
         self._pending_verify: dict[str, Any] | None = None
         self._paused = asyncio.Event()
         self._paused.set()
+        self.max_message = max_message
+        # Received but not yet applied, in bytes: the reader waits above the bound, so memory
+        # stays bounded whatever the source sends (a seed, a resnapshot, a huge transaction).
+        self.max_buffered_bytes = max_buffered_bytes
+        self._buffered = 0
+        self._drained = asyncio.Event()
+        # Liveness both ways: we send a keepalive every keepalive_s (the agent ends a session
+        # it has not heard from, releasing its hold on the WAL); the agent sends heartbeats
+        # when idle, so idle_timeout_s of silence means the path is dead (a partition drops
+        # packets and closes nothing): end the session and reconnect.
+        self.keepalive_s = keepalive_s
+        self.idle_timeout_s = idle_timeout_s
 
     # -- public -----------------------------------------------------------
 
@@ -139,11 +169,13 @@ class SqliteStreamClient:
                 log.warning("batch refused", extra=kv(stream=self.name, reason=exc.reason, error=exc.message))
                 retry_now = True
             except (OSError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
+                self.stats.idle_timeouts += isinstance(exc, SourceSilent)
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.info("link to source down", extra=kv(stream=self.name, error=self.stats.last_error))
             finally:
                 self.stats.connected = False
                 self._writer = None
+                await asyncio.to_thread(self.replica.stage_abort)  # a half-received batch is dropped
             fast_retries = fast_retries + 1 if retry_now else 0
             if not retry_now or fast_retries > 3:  # never a hot loop, even if every session fails at once
                 await asyncio.sleep(backoff)
@@ -190,11 +222,12 @@ class SqliteStreamClient:
                 "compression": self.compression,
                 "rate_bytes_s": self.rate,
                 "resync": replica.needs_resync,
+                "keepalive_s": self.keepalive_s,
             }
             body = replica.hashes.packed() if replica.position is not None else b""
             writer.write(protocol.encode(Msg.HELLO, hello, body, self.compression))
             await writer.drain()
-            welcome = await asyncio.wait_for(protocol.read_message(reader), 30)
+            welcome = await asyncio.wait_for(protocol.read_message(reader, self.max_message), 30)
             t1 = self._clock()
             if welcome.kind == Msg.ERROR:
                 raise OSError(f"source agent refused: {welcome.header.get('error')}")
@@ -216,89 +249,144 @@ class SqliteStreamClient:
                 extra=kv(stream=self.name, mode=mode, reason=welcome.header.get("reason") or ""),
             )
             queue: asyncio.Queue[protocol.Message | BaseException] = asyncio.Queue(maxsize=256)
+            self._buffered = 0
             pump = asyncio.create_task(self._pump(reader, queue))
+            keepalive = asyncio.create_task(self._keepalive(writer))
             try:
                 await self._consume(queue)
             finally:
-                pump.cancel()
-                with contextlib.suppress(BaseException):
-                    await pump
+                for task in (pump, keepalive):
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
         finally:
             writer.close()
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(writer.wait_closed(), 1)
+            except Exception:  # a black-holed path never acknowledges: drop it without a goodbye
+                writer.transport.abort()
+
+    async def _keepalive(self, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while True:
+                await asyncio.sleep(self.keepalive_s)
+                writer.write(protocol.encode(Msg.KEEPALIVE, {}))
 
     async def _pump(
         self, reader: asyncio.StreamReader, queue: asyncio.Queue[protocol.Message | BaseException]
     ) -> None:
         try:
             while True:
-                msg = await protocol.read_message(reader)
+                while self._buffered > 0 and self._buffered >= self.max_buffered_bytes:
+                    self._drained.clear()
+                    await self._drained.wait()
+                try:
+                    msg = await asyncio.wait_for(
+                        protocol.read_message(reader, self.max_message), self.idle_timeout_s
+                    )
+                except TimeoutError:
+                    raise SourceSilent(
+                        f"nothing from the source agent for {self.idle_timeout_s:g} s: the path is presumed"
+                        " dead (partition?); reconnecting"
+                    ) from None
                 self.stats.bytes_received += msg.wire_bytes
+                self._buffered += _held(msg)
+                self.stats.buffered_peak_bytes = max(self.stats.buffered_peak_bytes, self._buffered)
                 await queue.put(msg)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # handed to the consumer, which raises it in order
             await queue.put(exc)
 
+    def _release(self, *msgs: protocol.Message) -> None:
+        self._buffered -= sum(_held(m) for m in msgs)
+        self._drained.set()
+
     async def _consume(self, queue: asyncio.Queue[protocol.Message | BaseException]) -> None:
-        replica = self.replica
         while True:
             item = await queue.get()
             if isinstance(item, BaseException):
                 raise item
-            msg = item
-            h = msg.header
-            if msg.kind == Msg.BATCH:
-                batches = [self._batch(msg)]
-                size = len(msg.body)
-                # Merge what already arrived: one journal write and fsync for many transactions.
-                while not queue.empty() and size < MAX_MERGE_BYTES and batches[-1].kind == "tx":
-                    nxt = queue.get_nowait()
-                    if (
-                        isinstance(nxt, protocol.Message)
-                        and nxt.kind == Msg.BATCH
-                        and nxt.header.get("kind") == "tx"
-                    ):
-                        batches.append(self._batch(nxt))
-                        size += len(nxt.body)
-                        continue
-                    await self._put_back(queue, nxt)
-                    break
-                batch = merge(batches) if len(batches) > 1 and batches[0].kind == "tx" else batches[0]
-                await asyncio.to_thread(replica.apply, batch)
-                self._applied(batch)
-            elif msg.kind == Msg.HEARTBEAT:
-                if replica.position is not None and Position.from_json(h["position"]) == replica.position:
-                    self.stats.current_at = float(h["observed_at"])
-                    self.stats.pending_frames = 0
-            elif msg.kind == Msg.SEED_BEGIN:
-                self.stats.seeds += 1
-                self.stats.seed_progress = (0, int(h["db_pages"]))
-                await asyncio.to_thread(replica.seed_begin, int(h["page_size"]), int(h["db_pages"]))
-                self.stats.page_size = int(h["page_size"])
-            elif msg.kind == Msg.SEED_PAGES:
-                pages = protocol.parse_pages(msg.body, self.stats.page_size)
-                await asyncio.to_thread(replica.seed_pages, sorted(pages.items()))
-                done, total = self.stats.seed_progress
-                self.stats.seed_progress = (done + len(pages), total)
-            elif msg.kind == Msg.SEED_END:
-                await asyncio.to_thread(
-                    replica.seed_end,
-                    Position.from_json(h["position"]),
-                    int(h["checksum"], 16),
-                    float(h["observed_at"]),
-                )
+            taken = [item]
+            try:
+                await self._handle(item, queue, taken)
+            finally:
+                self._release(*taken)
+
+    async def _handle(
+        self,
+        msg: protocol.Message,
+        queue: asyncio.Queue[protocol.Message | BaseException],
+        taken: list[protocol.Message],
+    ) -> None:
+        """Act on one message (``taken``: the messages consumed, for the buffer accounting)."""
+        replica = self.replica
+        h = msg.header
+        if msg.kind == Msg.BATCH:
+            batches = [self._batch(msg)]
+            size = len(msg.body)
+            # Merge what already arrived: one journal write and fsync for many transactions.
+            while (
+                not queue.empty()
+                and size < MAX_MERGE_BYTES
+                and batches[-1].kind == "tx"
+                and not self._verify_target(batches[-1].position)
+            ):
+                nxt = queue.get_nowait()
+                if (
+                    isinstance(nxt, protocol.Message)
+                    and nxt.kind == Msg.BATCH
+                    and nxt.header.get("kind") == "tx"
+                ):
+                    taken.append(nxt)
+                    batches.append(self._batch(nxt))
+                    size += len(nxt.body)
+                    continue
+                await self._put_back(queue, nxt)
+                break
+            batch = merge(batches) if len(batches) > 1 and batches[0].kind == "tx" else batches[0]
+            await asyncio.to_thread(replica.apply, batch)
+            self._applied(batch)
+        elif msg.kind == Msg.BATCH_BEGIN:
+            await asyncio.to_thread(replica.stage_begin, h)
+            self.stats.chunked_batches += 1
+        elif msg.kind == Msg.BATCH_PAGES:
+            chunk = sorted(protocol.parse_pages(msg.body, replica.staged_page_size).items())
+            await asyncio.to_thread(replica.stage_pages, chunk)
+        elif msg.kind == Msg.BATCH_END:
+            batch = await asyncio.to_thread(
+                replica.stage_commit, int(h["checksum"], 16), float(h["observed_at"])
+            )
+            self._applied(batch)
+        elif msg.kind == Msg.HEARTBEAT:
+            if replica.position is not None and Position.from_json(h["position"]) == replica.position:
                 self.stats.current_at = float(h["observed_at"])
-                self._on_event(
-                    "replication.seeded", {"stream": self.name, "pages": self.stats.seed_progress[1]}
-                )
-                self._check_verify()
-            elif msg.kind == Msg.VERIFY_RESULT:
-                self._pending_verify = h
-                self._check_verify()
-            elif msg.kind == Msg.ERROR:
-                raise OSError(f"source agent: {h.get('error')}")
+                self.stats.pending_frames = 0
+        elif msg.kind == Msg.SEED_BEGIN:
+            self.stats.seeds += 1
+            self.stats.seed_progress = (0, int(h["db_pages"]))
+            await asyncio.to_thread(replica.seed_begin, int(h["page_size"]), int(h["db_pages"]))
+            self.stats.page_size = int(h["page_size"])
+        elif msg.kind == Msg.SEED_PAGES:
+            pages = protocol.parse_pages(msg.body, self.stats.page_size)
+            await asyncio.to_thread(replica.seed_pages, sorted(pages.items()))
+            done, total = self.stats.seed_progress
+            self.stats.seed_progress = (done + len(pages), total)
+        elif msg.kind == Msg.SEED_END:
+            await asyncio.to_thread(
+                replica.seed_end,
+                Position.from_json(h["position"]),
+                int(h["checksum"], 16),
+                float(h["observed_at"]),
+            )
+            self.stats.current_at = float(h["observed_at"])
+            self._on_event("replication.seeded", {"stream": self.name, "pages": self.stats.seed_progress[1]})
+            self._check_verify()
+        elif msg.kind == Msg.VERIFY_RESULT:
+            self._pending_verify = h
+            self._check_verify()
+        elif msg.kind == Msg.ERROR:
+            raise OSError(f"source agent: {h.get('error')}")
 
     @staticmethod
     async def _put_back(queue: asyncio.Queue[protocol.Message | BaseException], item: Any) -> None:
@@ -318,7 +406,7 @@ class SqliteStreamClient:
         s.batches += 1
         s.transactions += batch.transactions
         s.frames += batch.frames
-        s.pages += len(batch.pages)
+        s.pages += batch.pages_total
         s.page_size = batch.page_size
         s.pending_frames = batch.pending_frames
         if batch.pending_frames == 0:
@@ -326,6 +414,12 @@ class SqliteStreamClient:
         if self._on_applied is not None:
             self._on_applied(batch)
         self._check_verify()
+
+    def _verify_target(self, position: Position) -> bool:
+        """True at the position a pending verify compares at: never merge past it (a merge that
+        crossed it into the next WAL generation would never stop there, and the verify would hang)."""
+        h = self._pending_verify
+        return h is not None and Position.from_json(h["position"]) == position
 
     def _check_verify(self) -> None:
         h = self._pending_verify
@@ -358,3 +452,8 @@ class SqliteStreamClient:
             if not fut.done():
                 fut.set_result(result)
         self._verify_waiters.clear()
+
+
+def _held(msg: protocol.Message) -> int:
+    """Bytes a received message holds until it is applied."""
+    return len(msg.body) + 256

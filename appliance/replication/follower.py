@@ -7,8 +7,12 @@ Contract (Litestream's design, made exact):
   frames past its snapshot into the database file, and the WAL cannot be
   restarted (overwritten from the start) while it holds a non-zero read
   mark. To let the application's checkpoints progress, the hold is renewed
-  after every poll — the new transaction is begun *before* the old one ends,
-  and only once every committed frame seen so far has been shipped. A new
+  every ``renew_interval_s`` (0.2 s; at once when it sits on read mark 0 or
+  on an older generation) — the new transaction is begun *before* the old
+  one ends, and only once every committed frame seen so far has been
+  shipped. Not after every poll: a mark moving in small steps hands the
+  application's auto-checkpoint a few frames to copy (and two fsyncs) after
+  nearly every one of its commits (see :meth:`SqliteFollower._renew_due`). A new
   reader that gets read mark 0 (WAL fully checkpointed) blocks all
   backfill, so a restart can then only drop frames we already shipped.
   Hence, while a follower runs, a WAL restart never loses a frame; between
@@ -42,6 +46,16 @@ Contract (Litestream's design, made exact):
   further checkpoint, so no second restart can pass unseen; a generation
   change that skips one anyway (salt-1 not incremented by one after a
   generation that had frames) raises :class:`ResnapshotNeeded`.
+  ``restart_frames`` defaults to 1000, SQLite's default auto-checkpoint
+  threshold: measured flat out, a WAL above it makes the application run a
+  checkpoint attempt after every commit (one that cannot finish while we
+  read), which cost it about half its throughput; many short restarts cost
+  far less. Before taking the write lock the follower moves its hold up and
+  copies what it can without holding anyone off, so the lock covers only the
+  frames committed since.
+- A transaction larger than ``MAX_FRAMES_PER_POLL`` frames is never held
+  whole: it is shipped as a lazy batch (frame numbers only, pages re-read
+  from the WAL while being sent in chunks).
 
 All methods block (file I/O): call them from a worker thread.
 """
@@ -70,6 +84,11 @@ from appliance.replication.wal import Frame, Generation, WalFile, WalFormatError
 log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_POLL = 4096
+# After a restart attempt that did not get the write lock (or was cut short): try again this
+# much later. It was 1 s; flat out, three misses in four seconds then let the WAL grow past
+# 100 MB, and the application's auto-checkpoint, which runs after every commit once the WAL
+# holds 1,000 frames and cannot finish while we read, cost it half its throughput.
+RESTART_RETRY_S = 0.05
 
 
 class SourceError(HotsiteError):
@@ -98,10 +117,15 @@ class SqliteFollower:
         db_path: Path,
         clock: Callable[[], float] = time.time,
         checkpoint_frames: int = 1000,
-        restart_frames: int = 4000,
+        restart_frames: int = 1000,
         checkpoint_busy_ms: int = 50,
+        renew_interval_s: float = 0.2,
     ) -> None:
         self.db_path = db_path
+        self.renew_interval_s = renew_interval_s
+        self._renewed_at = 0.0  # monotonic time of the last renewal of the hold
+        self._hold_mark0 = True  # the hold (probably) has read mark 0: it blocks every WAL copy
+        self.renewals = 0
         self.checkpoint_frames = checkpoint_frames
         self.restart_frames = restart_frames
         self.checkpoint_busy_ms = checkpoint_busy_ms
@@ -110,6 +134,7 @@ class SqliteFollower:
         self.restarts = 0  # WAL restarts prepared (everything shipped, backfilled, our hold on mark 0)
         self.restart_attempts = 0
         self.restart_hold_s = 0.0  # longest time one restart held the application's writers off
+        self.restart_hold_total_s = 0.0  # all restarts together
         self._next_restart = 0.0  # monotonic time before which no restart is tried again (after a busy one)
         self._header: WalHeader | None = None  # the header of self.position's generation, once seen
         self._wlock: sqlite3.Connection | None = None  # takes the write lock for a restart
@@ -194,13 +219,42 @@ class SqliteFollower:
         self._conns[self._holder].execute("COMMIT")
         self._holder = other
         self._note_hold()
+        self._renewed_at = time.monotonic()
+        self.renewals += 1
+
+    def _renew_due(self) -> bool:
+        """Renew the hold at most every ``renew_interval_s``.
+
+        Measured flat out: renewing after every poll (hundreds of times a
+        second) moved our read mark in small steps, and the application's
+        own auto-checkpoint, which runs after each of its commits once the
+        WAL is past 1,000 frames, then found a few frames to copy almost
+        every time, with two fsyncs each, in the application's commit path.
+        A mark that stays put between renewals leaves it nothing to copy.
+        Fewer renewals are always safe: the hold only ever gets older.
+
+        Except a hold on read mark 0 (taken when the WAL was empty or fully
+        copied, e.g. right after a restart): it blocks every copy, and each
+        of the application's commits then sorts the whole WAL for a
+        checkpoint that cannot proceed (seen flat out: most of the writer's
+        time). Such a hold moves on as soon as the WAL has frames again.
+        """
+        hold = self._hold_at
+        if hold is None or self._hold_mark0:
+            return True
+        if self.position is not None and hold[0] != self.position.generation:
+            return True
+        return time.monotonic() - self._renewed_at >= self.renew_interval_s
 
     def _note_hold(self) -> None:
         try:
             _header, mx, generation = self._wal.state()
             self._hold_at = (generation, mx)
+            # Fully copied when the hold began: it most likely took read mark 0 (see _renew_due).
+            self._hold_mark0 = mx == 0 or self._backfilled() >= mx
         except WalFormatError:
             self._hold_at = None  # unknown: move only once fully caught up
+            self._hold_mark0 = True
 
     def _let_wal_restart(self, shipped: Position) -> None:
         """Under a steady write load the WAL would never restart (our hold always has a non-zero
@@ -326,6 +380,20 @@ class SqliteFollower:
             pass
         return position, hashes.checksum
 
+    @_locked
+    def verify_point(self) -> tuple[Position, int]:
+        """Where a verify compares, and the checksum there (see :meth:`full_checksum`).
+
+        A WAL restarted or truncated with no frame yet is "generation G', frame
+        0", a position no batch ever ends at; if the follower already moved
+        there, every frame of the previous generation was shipped, so the same
+        state is the last position shipped, which the replica does reach.
+        """
+        position, checksum = self.full_checksum()
+        if position.frame == 0 and position == self.position and self.announced is not None:
+            return self.announced, checksum
+        return position, checksum
+
     # -- resume --------------------------------------------------------------
 
     @_locked
@@ -415,7 +483,8 @@ class SqliteFollower:
                 raise ResnapshotNeeded(f"WAL has {mx} committed frames, fewer than the {prev.frame} shipped")
         if header is None or mx < start:
             self.last_current_at = started
-            self.renew()
+            if self._renew_due():
+                self.renew()
             return None
         last = min(mx, start + MAX_FRAMES_PER_POLL - 1)
         if stop_at is not None and stop_at.generation == header.generation and start <= stop_at.frame < last:
@@ -424,17 +493,72 @@ class SqliteFollower:
             frames = self._wal.frames(header, start, last)
         except WalFormatError:
             return None
+        if frames and not frames[-1].commit_size and last < mx:
+            # A transaction larger than one chunk: never held whole (see _ship_large).
+            return self._ship_large(header, start, mx, announced, started)
         while frames and not frames[-1].commit_size:
-            if last >= mx:
-                frames.pop()  # cannot happen (mx is a commit frame); be safe
-                continue
-            # A transaction larger than one chunk: read on to its commit frame.
-            more = self._wal.frames(header, last + 1, min(mx, last + MAX_FRAMES_PER_POLL))
-            last += len(more)
-            frames.extend(more)
+            frames.pop()  # cannot happen (mx is a commit frame); be safe
         if not frames:
             return None
         return self._ship(frames, header.generation, announced, started, mx_after=mx)
+
+    def _ship_large(
+        self, header: WalHeader, start: int, mx: int, announced: Position, started: float
+    ) -> Batch:
+        """The transaction starting at frame ``start`` and larger than one chunk, as a lazy batch.
+
+        Reads its frames a chunk at a time to hash them and note the newest
+        frame of each page, keeping only frame numbers; the pages are read
+        again from the WAL when sent. The hold is not renewed here: it keeps
+        those frames in place until the next poll, which comes only after
+        the batch was sent.
+        """
+        latest: dict[int, int] = {}
+        min_pages = self.hashes.db_pages
+        end = 0
+        index = start
+        while not end:
+            chunk = self._wal.frames(header, index, min(mx, index + MAX_FRAMES_PER_POLL - 1))
+            if not chunk:
+                raise ResnapshotNeeded(f"the WAL ended at frame {index - 1} inside a committed transaction")
+            for frame in chunk:
+                latest[frame.pgno] = frame.index
+                self.hashes.set(frame.pgno, frame.data)
+                if frame.commit_size:
+                    self.hashes.truncate(frame.commit_size)
+                    min_pages = min(min_pages, frame.commit_size)
+                    end = frame.index
+                    break
+            index += len(chunk)
+        db_pages = self.hashes.db_pages
+        refs = sorted((pgno, i) for pgno, i in latest.items() if pgno <= db_pages)
+        self.position = self.announced = Position(header.generation, end)
+        self.frames_shipped += end - start + 1
+        self.pending_frames = mx - end
+        if end == mx:
+            self.last_current_at = started
+
+        def read() -> Iterator[tuple[int, bytes]]:
+            for pgno, i in refs:
+                with self._lock:  # never across a yield (see _overlay)
+                    data = self._wal.frames(header, i, i)[0].data
+                yield pgno, data
+
+        return Batch(
+            kind="tx",
+            prev=announced,
+            position=self.position,
+            page_size=self.page_size,
+            db_pages=db_pages,
+            min_pages=min_pages,
+            checksum=self.hashes.checksum,
+            observed_at=self.last_current_at,
+            transactions=1,
+            frames=end - start + 1,
+            pending_frames=self.pending_frames,
+            page_reader=read,
+            page_count=len(refs),
+        )
 
     def _ship(
         self,
@@ -452,13 +576,25 @@ class SqliteFollower:
         pages: dict[int, bytes] = {}
         min_pages = self.hashes.db_pages
         transactions = 0
+        # Hash only the last version of each page (flat out, most frames rewrite the same few
+        # pages): ``unhashed`` holds versions not hashed yet; a shrinking commit drops those past
+        # its end, as hashing each frame in order would have.
+        unhashed: dict[int, bytes] = {}
+        unhashed_max = 0
         for frame in frames:
             pages[frame.pgno] = frame.data
-            self.hashes.set(frame.pgno, frame.data)
+            unhashed[frame.pgno] = frame.data
+            unhashed_max = max(unhashed_max, frame.pgno)
             if frame.commit_size:
                 transactions += 1
-                self.hashes.truncate(frame.commit_size)
-                min_pages = min(min_pages, frame.commit_size)
+                size = frame.commit_size
+                if unhashed_max > size:
+                    unhashed = {p: d for p, d in unhashed.items() if p <= size}
+                    unhashed_max = max(unhashed, default=0)
+                self.hashes.truncate(size)
+                min_pages = min(min_pages, size)
+        for pgno, data in unhashed.items():
+            self.hashes.set(pgno, data)
         db_pages = self.hashes.db_pages
         end = frames[-1].index
         self.position = self.announced = Position(generation, end)
@@ -467,7 +603,10 @@ class SqliteFollower:
         self.pending_frames = pending
         if end == mx_after:
             self.last_current_at = started
-        if renew and self._may_renew(self.position, end == mx_after):
+        # When the WAL is due for a restart, move the hold up and copy into the database file
+        # now, without holding anyone off, so the restart itself has only a few frames left.
+        restart_soon = end == mx_after and self.restart_frames and mx_after >= self.restart_frames
+        if renew and (restart_soon or self._renew_due()) and self._may_renew(self.position, end == mx_after):
             self.renew()
             if end == mx_after and self.checkpoint_frames and mx_after >= self.checkpoint_frames:
                 self._let_wal_restart(self.position)
@@ -500,7 +639,7 @@ class SqliteFollower:
 
         False: the write lock was not had within ``checkpoint_busy_ms`` (or
         SQLite refused), nothing changed, the caller polls as usual; the
-        next try waits a second. None: nothing was left to ship.
+        next try waits ``RESTART_RETRY_S``. None: nothing was left to ship.
         """
         assert self.position is not None
         self.restart_attempts += 1
@@ -512,12 +651,14 @@ class SqliteFollower:
             wlock.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             log.debug("no write lock for a WAL restart", extra=kv(error=str(exc)))
-            self._next_restart = time.monotonic() + 1.0
+            self._next_restart = time.monotonic() + RESTART_RETRY_S
             return False
         t0 = time.monotonic()
-        batch: Batch | None = None
+        frames: list[Frame] = []
+        mx, generation = 0, header.generation
         try:
-            # Nobody can commit now: read everything committed since our position.
+            # Nobody can commit now: read everything committed since our position (only read:
+            # hashing and building the batch happen after the lock is let go).
             try:
                 now_header, mx, generation = self._current()
             except WalFormatError:
@@ -527,12 +668,10 @@ class SqliteFollower:
                 or generation != header.generation
                 or mx - self.position.frame > MAX_FRAMES_PER_POLL
             ):
-                self._next_restart = time.monotonic() + 1.0
+                self._next_restart = time.monotonic() + RESTART_RETRY_S
                 return False
             if mx > self.position.frame:
                 frames = self._wal.frames(now_header, self.position.frame + 1, mx)
-                batch = self._ship(frames, generation, announced, started, mx_after=mx, renew=False)
-            self.last_current_at = started
             # Copy every frame into the database file (PASSIVE: it waits for nobody) ...
             rw = self._rw_conn()
             rw.execute("PRAGMA busy_timeout = 0")
@@ -549,17 +688,24 @@ class SqliteFollower:
                 self.restarts += 1
                 self._next_restart = 0.0
             else:  # an application reader kept the copy short: the WAL goes on; try later
-                self._next_restart = time.monotonic() + 1.0
+                self._next_restart = time.monotonic() + RESTART_RETRY_S
         except (sqlite3.Error, WalFormatError) as exc:
             log.warning("WAL restart failed", extra=kv(error=str(exc)))
-            self._next_restart = time.monotonic() + 1.0
-            if batch is None:
+            self._next_restart = time.monotonic() + RESTART_RETRY_S
+            if not frames:
                 return False
         finally:
             with contextlib.suppress(sqlite3.Error):
                 wlock.execute("ROLLBACK")
-            self.restart_hold_s = max(self.restart_hold_s, time.monotonic() - t0)
-        return batch
+            held = time.monotonic() - t0
+            self.restart_hold_s = max(self.restart_hold_s, held)
+            self.restart_hold_total_s += held
+        # Everything committed up to mx was read while nobody could commit; frames past our
+        # position stay in memory, so the restart the next commit makes cannot take them.
+        self.last_current_at = started
+        if not frames:
+            return None
+        return self._ship(frames, generation, announced, started, mx_after=mx, renew=False)
 
     def _backfilled(self) -> int:
         """nBackfill of the wal-index: frames already copied into the database file."""

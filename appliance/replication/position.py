@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,22 @@ class Batch:
     frames: int = 0
     pending_frames: int = 0
     pages: dict[int, bytes] = field(default_factory=dict)
+    # A batch too large to hold (a resume, a resnapshot, a huge transaction): ``pages`` stays
+    # empty and this yields them in ascending page order, read from the source's files while
+    # its read hold keeps them; ``page_count`` says how many it will yield.
+    page_reader: Callable[[], Iterator[tuple[int, bytes]]] | None = None
+    page_count: int = 0
+
+    @property
+    def pages_total(self) -> int:
+        """Pages it carries (for a lazy resnapshot batch: at most this many)."""
+        return max(self.page_count, len(self.pages))
+
+    def iter_pages(self) -> Iterator[tuple[int, bytes]]:
+        """The batch's pages in ascending page order, held or read lazily."""
+        if self.page_reader is not None:
+            return self.page_reader()
+        return iter(sorted(self.pages.items()))
 
     def header(self) -> dict[str, Any]:
         return {

@@ -3,6 +3,11 @@
 Every message: ``>IBI`` (payload length, type and flags, CRC-32 of the
 payload as sent), then the payload: ``>I`` JSON length, the JSON header,
 and an optional binary body (pages: ``>I`` page number + page bytes each).
+No message may exceed the receiver's limit (``MAX_MESSAGE``, lowered in
+tests), before or after decompression: anything larger than one chunk
+(a resume, a resnapshot, a transaction larger than ``chunk_pages``) goes
+as BATCH_BEGIN, BATCH_PAGES..., BATCH_END, which the replica stages on
+disk and commits whole at the end, so neither end holds a whole batch.
 TLS already authenticates and protects the bytes on the wire; the CRC is a
 second line against what TLS cannot see (a bug or memory error on either
 side, or a future plain transport). A message whose CRC does not match is
@@ -52,6 +57,21 @@ class Msg:
     FILE_DATA = 12
     FILES_WANT = 13
     NAK = 14
+    BATCH_BEGIN = 15  # header of a batch too large for one message (no pages)
+    BATCH_PAGES = 16  # pages of it, ascending page numbers, each message within the limit
+    BATCH_END = 17  # its checksum: the replica commits the staged batch only if it matches
+    KEEPALIVE = 18  # replica to agent while connected: proves the path still carries bytes
+    FILE_DELTA = 19  # a large file as the blocks that differ from the replica's version of it
+
+
+CHUNK_BYTES = 1024 * 1024  # page data per BATCH_PAGES / SEED_PAGES message, at most (as seeds always were)
+HEADER_ROOM = 64 * 1024  # room for the framing and JSON header of a message
+
+
+def chunk_pages(page_size: int, max_message: int = MAX_MESSAGE) -> int:
+    """Pages per chunk message: within ``CHUNK_BYTES`` and the receiver's ``max_message``."""
+    room = min(CHUNK_BYTES, max_message - HEADER_ROOM)
+    return max(1, room // (4 + page_size))
 
 
 def compressions() -> list[str]:
@@ -108,12 +128,12 @@ class Message:
         self.wire_bytes = wire_bytes
 
 
-async def read_message(reader: asyncio.StreamReader) -> Message:
-    """One message; raises ProtocolError for a corrupt one, IncompleteReadError at EOF."""
+async def read_message(reader: asyncio.StreamReader, max_message: int = MAX_MESSAGE) -> Message:
+    """One message; raises ProtocolError for a corrupt or oversized one, IncompleteReadError at EOF."""
     raw = await reader.readexactly(_FRAME.size)
     length, kind, crc = _FRAME.unpack(raw)
-    if length > MAX_MESSAGE:
-        raise ProtocolError(f"message of {length} bytes exceeds the {MAX_MESSAGE} limit", "too_long")
+    if length > max_message:
+        raise ProtocolError(f"message of {length} bytes exceeds the {max_message} limit", "too_long")
     payload = await reader.readexactly(length)
     if zlib.crc32(payload) != crc:
         raise ProtocolError("message CRC mismatch: corrupted in transit", "crc")
@@ -121,9 +141,12 @@ async def read_message(reader: asyncio.StreamReader) -> Message:
         if kind & FLAG_ZSTD:
             if zstandard is None:
                 raise ProtocolError("peer sent zstd but zstandard is not installed", "malformed")
-            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_MESSAGE)
+            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=max_message)
         elif kind & FLAG_ZLIB:
-            payload = zlib.decompress(payload)
+            inflater = zlib.decompressobj()
+            payload = inflater.decompress(payload, max_message)
+            if inflater.unconsumed_tail:
+                raise ProtocolError(f"message inflates beyond the {max_message} limit", "too_long")
         (hlen,) = _JSON.unpack_from(payload)
         header = json.loads(payload[4 : 4 + hlen])
     except (zlib.error, ValueError, struct.error) as exc:
@@ -163,14 +186,24 @@ class Sender:
         compression: str = "none",
         rate_bytes_s: float = 0,
         corrupt: Callable[[bytes], bytes] | None = None,
+        max_message: int = MAX_MESSAGE,
     ) -> None:
         self.writer = writer
         self.compression = compression
+        self.max_message = max_message
+        self.largest_body = 0  # the most page bytes one message carried (tests: bounded memory)
         self.limiter = RateLimiter(rate_bytes_s)
         self.bytes_sent = 0
         self._corrupt = corrupt  # fault injection for tests: alters a message after its CRC was computed
 
     async def send(self, kind: int, header: dict[str, Any], body: bytes = b"") -> int:
+        if len(body) + HEADER_ROOM > self.max_message:
+            raise ProtocolError(
+                f"refusing to send a message of {len(body)} body bytes: over the {self.max_message}"
+                " limit (a bug: large batches must go in chunks)",
+                "too_long",
+            )
+        self.largest_body = max(self.largest_body, len(body))
         data = encode(kind, header, body, self.compression)
         if self._corrupt is not None:
             data = self._corrupt(data)

@@ -110,6 +110,8 @@ class Replica:
         self._seed_fd: int | None = None
         self._seed_hashes: PageHashes | None = None
         self._seed_meta: dict[str, Any] = {}
+        self._stage: _Stage | None = None  # a batch too large for one message, being received
+        self.staged_batches = 0
         self._mutex = threading.Lock()
         self.hashes = PageHashes()
         self.position: Position | None = None
@@ -139,6 +141,7 @@ class Replica:
         self._recover()
 
     def close(self) -> None:
+        self.stage_abort()
         for name in ("_seed_fd", "_db_fd", "_lock_fd"):
             fd = getattr(self, name)
             if fd is not None:
@@ -148,28 +151,18 @@ class Replica:
     def _journal_path(self, seq: int) -> Path:
         return self.dir / f"journal-{seq % 2}"
 
-    def _read_journal(self, path: Path) -> tuple[int, dict[str, Any], list[tuple[int, bytes]]] | None:
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+    def _read_journal(self, path: Path) -> tuple[int, dict[str, Any], Iterator[tuple[int, bytes]]] | None:
+        """(sequence, header, its pages read lazily) of a complete journal; None if absent or torn.
+
+        The CRC is checked by reading the file in bounded pieces, and the
+        pages are read back the same way: a journal as large as the database
+        (a resnapshot) is never held in memory.
+        """
+        scanned = _scan_journal(path)
+        if scanned is None:
             return None
-        if len(raw) < _HEAD.size + 8 or raw[-4:] != TRAILER:
-            return None
-        body, crc = raw[:-8], struct.unpack(">I", raw[-8:-4])[0]
-        if zlib.crc32(body) != crc:
-            return None
-        magic, seq, hlen = _HEAD.unpack_from(body)
-        if magic != MAGIC:
-            return None
-        header = json.loads(body[_HEAD.size : _HEAD.size + hlen])
-        pages = []
-        offset = _HEAD.size + hlen
-        size = int(header.get("page_size") or 0)
-        while offset < len(body):
-            (pgno,) = _PAGE.unpack_from(body, offset)
-            pages.append((pgno, body[offset + 4 : offset + 4 + size]))
-            offset += 4 + size
-        return seq, header, pages
+        seq, header, start, end = scanned
+        return seq, header, _journal_pages(path, start, end, int(header.get("page_size") or 0))
 
     def _recover(self) -> None:
         found = [j for j in (self._read_journal(self.dir / f"journal-{i}") for i in (0, 1)) if j is not None]
@@ -235,20 +228,12 @@ class Replica:
 
     def _write_journal(self, header: dict[str, Any], pages: Iterable[tuple[int, bytes]]) -> int:
         seq = self.seq + 1
-        head = json.dumps(header, sort_keys=True).encode()
-        parts = [_HEAD.pack(MAGIC, seq, len(head)), head]
-        for pgno, data in pages:
-            parts.append(_PAGE.pack(pgno))
-            parts.append(data)
-        body = b"".join(parts)
-        path = self._journal_path(seq)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        journal = _JournalWriter(self._journal_path(seq), seq, header, self._durable)
         try:
-            os.write(fd, body + struct.pack(">I", zlib.crc32(body)) + TRAILER)
-            if self._durable:
-                os.fsync(fd)
+            journal.add(pages)
+            journal.finish()
         finally:
-            os.close(fd)
+            journal.close()
         self.seq = seq
         return seq
 
@@ -300,30 +285,152 @@ class Replica:
             }
             pages = sorted(batch.pages.items())
             self._write_journal(header, pages)
-            self._write_pages(header, pages)
-            self.page_size = batch.page_size
-            if self.hashes.db_pages > batch.min_pages:
-                self.hashes.truncate(batch.min_pages)
+            self._apply_pages(batch, header, iter(pages), now)
+
+    def _apply_pages(
+        self, batch: Batch, header: dict[str, Any], pages: Iterator[tuple[int, bytes]], now: float
+    ) -> None:
+        """Write a journaled batch's pages into the database file and take on its state."""
+        if self.hashes.db_pages > batch.min_pages:
+            self.hashes.truncate(batch.min_pages)
+        hashes = self.hashes
+
+        def hashed() -> Iterator[tuple[int, bytes]]:
             for pgno, data in pages:
                 if pgno <= batch.db_pages:
-                    self.hashes.set(pgno, data)
-            self.hashes.truncate(batch.db_pages)
-            self.hashes.db_pages = batch.db_pages
-            self.position = batch.position
-            self.observed_at = batch.observed_at
-            self.applied_at = now
-            self.batches_applied += 1
+                    hashes.set(pgno, data)
+                yield pgno, data
+
+        self._write_pages(header, hashed())
+        self.page_size = batch.page_size
+        self.hashes.truncate(batch.db_pages)
+        self.hashes.db_pages = batch.db_pages
+        self.position = batch.position
+        self.observed_at = batch.observed_at
+        self.applied_at = now
+        self.batches_applied += 1
 
     def _preview(self, batch: Batch) -> int:
         checksum = self.hashes.checksum
         written = {p for p in batch.pages if p <= batch.db_pages}
-        for pgno, value in self.hashes.hashes.items():
-            if (pgno > batch.min_pages or pgno > batch.db_pages) and pgno not in written:
-                checksum ^= value
+        cut = min(batch.min_pages, batch.db_pages)
+        if cut < self.hashes.db_pages or len(self.hashes.hashes) > cut:  # a shrink: rarely
+            for pgno, value in self.hashes.hashes.items():
+                if pgno > cut and pgno not in written:
+                    checksum ^= value
         for pgno in written:
             old = self.hashes.hashes.get(pgno, 0)
             checksum ^= old ^ page_hash(pgno, batch.pages[pgno])
         return checksum
+
+    # -- a batch in chunks (staged into the next journal, committed whole) ---
+
+    def stage_begin(self, header: dict[str, Any]) -> None:
+        """Start receiving a batch too large for one message (``header`` as in ``Batch.header``).
+
+        Its pages go straight into the next journal slot, which recovery
+        ignores until :meth:`stage_commit` completes it: the database file is
+        not touched before then, so a crash or a cut link mid-transfer leaves
+        the replica at its previous state, and the next session starts again.
+        The checksum the database would have is accumulated page by page.
+        """
+        with self._mutex:
+            self._check_writable()
+            self._abort_stage()
+            batch = Batch.from_header({**header, "checksum": "0"}, {})
+            if batch.kind == "tx" and batch.prev != self.position:
+                raise BatchRejected(
+                    f"batch starts at {batch.prev}, replica is at {self.position}", "position"
+                )
+            if batch.kind not in ("tx", "resync"):
+                raise BatchRejected(f"a staged batch cannot be of kind {batch.kind!r}", "malformed")
+            if self.page_size and batch.page_size != self.page_size and self.hashes.db_pages:
+                raise BatchRejected(f"page size {batch.page_size} != replica's {self.page_size}", "page_size")
+            cut = min(batch.min_pages, batch.db_pages)
+            checksum = self.hashes.checksum
+            for pgno, value in self.hashes.hashes.items():
+                if pgno > cut:
+                    checksum ^= value  # truncated away unless the batch writes it again
+            seq = self.seq + 1
+            record = {**batch.header(), "checksum": None, "applied_at": self._clock(), "promoted": None}
+            self._stage = _Stage(
+                batch, cut, checksum, seq, _JournalWriter(self._journal_path(seq), seq, record, self._durable)
+            )
+
+    @property
+    def staged_page_size(self) -> int:
+        """Page size of the batch being staged (0: none), to parse its chunks."""
+        stage = self._stage
+        return stage.batch.page_size if stage is not None else 0
+
+    def stage_pages(self, pages: list[tuple[int, bytes]]) -> int:
+        """Add one chunk of pages (ascending page numbers) to the staged batch; returns how many."""
+        with self._mutex:
+            stage = self._stage
+            if stage is None:
+                raise BatchRejected("pages arrived for no staged batch", "malformed")
+            b, n = stage.batch, 0
+            for pgno, data in pages:
+                if pgno <= stage.last_pgno or len(data) != b.page_size:
+                    self._abort_stage()
+                    raise BatchRejected(
+                        f"staged page {pgno} ({len(data)} bytes) after page {stage.last_pgno}:"
+                        f" expected ascending pages of {b.page_size} bytes",
+                        "malformed",
+                    )
+                stage.last_pgno = pgno
+                if pgno <= b.db_pages:
+                    before = 0 if pgno > stage.cut else self.hashes.hashes.get(pgno, 0)
+                    stage.checksum ^= before ^ page_hash(pgno, data)
+                n += 1
+            stage.pages += n
+            stage.journal.add(pages)
+            return n
+
+    def stage_commit(self, checksum: int, observed_at: float | None = None) -> Batch:
+        """Commit the staged batch if the database would then have ``checksum``; else refuse it.
+
+        Returns the batch's description (no pages) for the caller's counters.
+        """
+        with self._mutex:
+            stage = self._stage
+            if stage is None:
+                raise BatchRejected("end of a staged batch that was never begun", "malformed")
+            self._stage = None
+            if stage.checksum != checksum:
+                stage.journal.close()  # torn: recovery ignores it
+                raise BatchRejected(
+                    f"checksum after staged batch would be {show(stage.checksum)},"
+                    f" source says {show(checksum)}",
+                    reason="checksum",
+                )
+            try:
+                stage.journal.finish()
+            finally:
+                stage.journal.close()
+            self.seq = stage.seq
+            batch = stage.batch
+            batch.checksum = checksum
+            if observed_at is not None:
+                batch.observed_at = observed_at
+            batch.page_count = stage.pages
+            journal = self._read_journal(self._journal_path(stage.seq))
+            if journal is None:
+                raise ReplicaError(
+                    f"journal {self._journal_path(stage.seq)} unreadable right after writing it"
+                )
+            self._apply_pages(batch, journal[1], journal[2], self._clock())
+            self.staged_batches += 1
+            return batch
+
+    def stage_abort(self) -> None:
+        with self._mutex:
+            self._abort_stage()
+
+    def _abort_stage(self) -> None:
+        if self._stage is not None:
+            self._stage.journal.close()  # left torn: never redone
+            self._stage = None
 
     # -- seed (a whole new database, replacing the file) -------------------
 
@@ -438,6 +545,7 @@ class Replica:
         with self._mutex:
             if self.promotion is not None:
                 return self.promotion
+            self._abort_stage()
             promotion = Promotion(
                 at=self._clock(),
                 position=self.position,
@@ -512,3 +620,110 @@ def logical_checksum(path: Path) -> int:
     finally:
         conn.close()
     return image_checksum(image, page_size)
+
+
+class _JournalWriter:
+    """One journal written as it comes: header first, pages appended, CRC and trailer last.
+
+    Until :meth:`finish` the file has no valid trailer, so recovery treats
+    it as torn and redoes the previous journal instead (idempotent).
+    """
+
+    def __init__(self, path: Path, seq: int, header: dict[str, Any], durable: bool) -> None:
+        self.path = path
+        self._durable = durable
+        self._crc = 0
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        head = json.dumps(header, sort_keys=True).encode()
+        self._write(_HEAD.pack(MAGIC, seq, len(head)) + head)
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None, "journal already closed"
+        self._crc = zlib.crc32(data, self._crc)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def add(self, pages: Iterable[tuple[int, bytes]]) -> None:
+        parts: list[bytes] = []
+        for pgno, data in pages:
+            parts.append(_PAGE.pack(pgno))
+            parts.append(data)
+        if parts:
+            self._write(b"".join(parts))
+
+    def finish(self) -> None:
+        assert self._fd is not None, "journal already closed"
+        tail = struct.pack(">I", self._crc) + TRAILER
+        os.write(self._fd, tail)
+        if self._durable:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass(slots=True)
+class _Stage:
+    batch: Batch
+    cut: int  # pages past this are truncated away unless the batch writes them
+    checksum: int  # what the database will be, accumulated as pages arrive
+    seq: int
+    journal: _JournalWriter
+    last_pgno: int = 0
+    pages: int = 0
+
+
+_READ_CHUNK = 1 << 20
+
+
+def _scan_journal(path: Path) -> tuple[int, dict[str, Any], int, int] | None:
+    """(sequence, header, first page offset, end of pages) of a complete journal, CRC checked."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < _HEAD.size + 8:
+            return None
+        tail = os.pread(fd, 8, size - 8)
+        if tail[4:] != TRAILER:
+            return None
+        crc, offset = 0, 0
+        while offset < size - 8:
+            piece = os.pread(fd, min(_READ_CHUNK, size - 8 - offset), offset)
+            if not piece:
+                return None
+            crc = zlib.crc32(piece, crc)
+            offset += len(piece)
+        if crc != struct.unpack(">I", tail[:4])[0]:
+            return None
+        magic, seq, hlen = _HEAD.unpack(os.pread(fd, _HEAD.size, 0))
+        if magic != MAGIC:
+            return None
+        header = json.loads(os.pread(fd, hlen, _HEAD.size))
+        return seq, header, _HEAD.size + hlen, size - 8
+    finally:
+        os.close(fd)
+
+
+def _journal_pages(path: Path, start: int, end: int, page_size: int) -> Iterator[tuple[int, bytes]]:
+    """The pages of a journal between ``start`` and ``end``, read a bounded piece at a time."""
+    step = 4 + page_size
+    if page_size <= 0 or start >= end:
+        return
+    per_read = max(1, _READ_CHUNK // step)
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset = start
+        while offset < end:
+            raw = f.read(min(per_read * step, end - offset))
+            if not raw:
+                return
+            for base in range(0, len(raw) - step + 1, step):
+                (pgno,) = _PAGE.unpack_from(raw, base)
+                yield pgno, raw[base + 4 : base + step]
+            offset += len(raw)

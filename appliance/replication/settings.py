@@ -23,11 +23,20 @@ under a steady write load. Keys of ``[source]``:
   this many frames, a PASSIVE checkpoint (never waits, never blocks the
   application). 0: the agent never checkpoints (never opens the database
   for writing); the WAL then restarts only when the application manages it.
-- ``restart_frames`` (4000, ~16 MB at 4 KiB pages): once everything is
-  shipped and the WAL holds this many frames, a RESTART checkpoint, like
-  Litestream's ``max-checkpoint-page-count``: the WAL restarts from its
-  start (a new generation, which the replica follows without a
-  resnapshot) and stops growing. 0: never. Needs ``checkpoint_frames``.
+- ``restart_frames`` (1000, ~4 MB at 4 KiB pages): once everything is
+  shipped and the WAL holds this many frames, the agent restarts it (writers
+  held off for the copy of the last few frames; a new generation, which the
+  replica follows without a resnapshot). Like Litestream's
+  ``max-checkpoint-page-count``, but kept at SQLite's default
+  ``wal_autocheckpoint`` (1000): past that size the application's own
+  auto-checkpoint runs after every one of its commits and cannot finish
+  while the agent reads, which measured flat out cost the writer far more
+  than the agent's short restarts. An application configured with a larger
+  ``wal_autocheckpoint`` (or 0) can use a larger value. 0: never. Needs
+  ``checkpoint_frames``.
+- ``peer_timeout_s`` (15): a replica that sends keepalives and is not heard
+  from for this long is presumed cut off (a partition drops packets and
+  closes nothing); its session ends and releases the read hold on the WAL.
 - ``checkpoint_busy_ms`` (50): the RESTART checkpoint's busy timeout, which
   bounds how long the application's writers can wait for it (plus the copy
   of the few frames committed since the PASSIVE one). The application needs
@@ -65,8 +74,9 @@ class SourceAgentSection(Section):
     watch: bool = True
     bandwidth_limit_bytes_s: int = Field(default=0, ge=0)
     checkpoint_frames: int = Field(default=1000, ge=0, le=10_000_000)
-    restart_frames: int = Field(default=4000, ge=0, le=10_000_000)
+    restart_frames: int = Field(default=1000, ge=0, le=10_000_000)
     checkpoint_busy_ms: int = Field(default=50, ge=1, le=5000)
+    peer_timeout_s: float = Field(default=15.0, gt=0, le=3600)
 
 
 class SourceConfig(Section):

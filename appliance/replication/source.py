@@ -8,6 +8,14 @@ position is gone, e.g. the WAL was restarted while nobody followed it:
 only pages whose hash differs). Then it streams whole committed
 transactions as they appear, with heartbeats while idle.
 
+Memory is bounded whatever the size of the database: a seed, a resume, a
+resnapshot or a transaction larger than one message is read from the
+source's files while being sent, one chunk at a time (BATCH_BEGIN,
+BATCH_PAGES..., BATCH_END), never built whole. A replica that announces
+keepalives and falls silent for ``peer_timeout_s`` is presumed cut off (a
+partition closes nothing): its session ends, releasing the read hold that
+would otherwise pin the application's WAL.
+
 The agent is read-only towards what it serves. It keeps no state of its
 own: the replica's position is the only position.
 """
@@ -19,14 +27,14 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.logs import kv
 from appliance.replication import protocol
-from appliance.replication.checksum import show, unpack_hashes
+from appliance.replication.checksum import show
 from appliance.replication.follower import ResnapshotNeeded, SourceError, SqliteFollower
 from appliance.replication.position import Batch, Position
 from appliance.replication.protocol import Msg, ProtocolError, Sender
@@ -34,7 +42,6 @@ from appliance.replication.tls import peer_names
 
 log = logging.getLogger(__name__)
 
-SEED_CHUNK_PAGES = 256
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -63,10 +70,12 @@ class SourceAgent:
         watch: bool = True,
         bandwidth_limit_bytes_s: int = 0,
         checkpoint_frames: int = 1000,
-        restart_frames: int = 4000,
+        restart_frames: int = 1000,
         checkpoint_busy_ms: int = 50,
         clock: Callable[[], float] = time.time,
         corrupt: Callable[[bytes], bytes] | None = None,
+        max_message: int = protocol.MAX_MESSAGE,
+        peer_timeout_s: float = 15.0,
     ) -> None:
         self.streams = {s.name: s for s in streams}
         self._ssl = ssl_context
@@ -88,6 +97,10 @@ class SourceAgent:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.sessions = 0
+        self.max_message = max_message  # the largest message either end accepts (tests lower it)
+        self.peer_timeout_s = peer_timeout_s  # silence from a replica that sends keepalives: dead path
+        self.chunked_batches = 0  # batches sent in chunks, all sessions (tests)
+        self.largest_body = 0  # the most page bytes one message carried, all sessions (tests)
 
     def find(self, requested: str) -> ServedStream | None:
         if requested in self.streams:
@@ -126,12 +139,15 @@ class SourceAgent:
         assert task is not None
         self._tasks.add(task)
         peer = writer.get_extra_info("peername")
+        sender: Sender | None = None
         try:
             names = peer_names(writer.get_extra_info("peercert"))
             if self._allowed and not names & self._allowed:
                 log.warning("client certificate not allowed", extra=kv(peer=peer, names=sorted(names)))
                 return
-            hello = await asyncio.wait_for(protocol.read_message(reader), HANDSHAKE_TIMEOUT_S)
+            hello = await asyncio.wait_for(
+                protocol.read_message(reader, self.max_message), HANDSHAKE_TIMEOUT_S
+            )
             if hello.kind != Msg.HELLO:
                 raise ProtocolError("expected HELLO", "malformed")
             stream = self.find(str(hello.header.get("stream", "")))
@@ -141,7 +157,7 @@ class SourceAgent:
             rate = int(hello.header.get("rate_bytes_s") or 0)
             if self.bandwidth_limit:
                 rate = min(rate, self.bandwidth_limit) if rate else self.bandwidth_limit
-            sender = Sender(writer, compression, rate, self.corrupt)
+            sender = Sender(writer, compression, rate, self.corrupt, self.max_message)
             if stream is None:
                 await sender.send(
                     Msg.ERROR,
@@ -171,9 +187,13 @@ class SourceAgent:
                 await writer.drain()
         finally:
             self._tasks.discard(task)
+            if sender is not None:
+                self.largest_body = max(self.largest_body, sender.largest_body)
             writer.close()
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(writer.wait_closed(), 1)
+            except Exception:  # a black-holed path never acknowledges: drop it without a goodbye
+                writer.transport.abort()
 
     async def _serve_sqlite(
         self, stream: ServedStream, hello: protocol.Message, reader: asyncio.StreamReader, sender: Sender
@@ -188,16 +208,46 @@ class SourceAgent:
         await asyncio.to_thread(follower.open)
         self.followers.add(follower)
         inbox: asyncio.Queue[protocol.Message] = asyncio.Queue()
-        reader_task = asyncio.create_task(_pump(reader, inbox))
+        # A replica that announces keepalives is presumed gone after peer_timeout_s of silence
+        # (a partition that drops packets closes nothing): the session ends and lets go of its
+        # read hold, which would otherwise pin the application's WAL until TCP gave up.
+        silent_after = self.peer_timeout_s if hello.header.get("keepalive_s") else None
+        reader_task = asyncio.create_task(_pump(reader, inbox, silent_after, self.max_message))
+        work = asyncio.create_task(
+            self._serve_sqlite_work(follower, stream, hello, sender, inbox, reader_task)
+        )
         try:
-            await self._handshake(follower, stream, hello, sender)
-            await self._stream(follower, stream, sender, inbox, reader_task)
+            await asyncio.wait({reader_task, work}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                # The replica hung up or went silent while we were sending (maybe blocked on a full
+                # socket buffer): stop sending. The rest of what it sent is of no use now.
+                work.cancel()
+                if reader_task.result() == "silent":
+                    log.warning(
+                        "replica silent; ending its session",
+                        extra=kv(stream=stream.name, seconds=silent_after),
+                    )
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
         finally:
-            reader_task.cancel()
-            with contextlib.suppress(BaseException):
-                await reader_task
+            for t in (work, reader_task):
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
             self.followers.discard(follower)
             await asyncio.to_thread(follower.close)
+
+    async def _serve_sqlite_work(
+        self,
+        follower: SqliteFollower,
+        stream: ServedStream,
+        hello: protocol.Message,
+        sender: Sender,
+        inbox: asyncio.Queue[protocol.Message],
+        reader_task: asyncio.Task[str],
+    ) -> None:
+        await self._handshake(follower, stream, hello, sender)
+        await self._stream(follower, stream, sender, inbox, reader_task)
 
     async def _handshake(
         self, follower: SqliteFollower, stream: ServedStream, hello: protocol.Message, sender: Sender
@@ -214,7 +264,9 @@ class SourceAgent:
                 Msg.SEED_BEGIN, {"page_size": page_size, "db_pages": db_pages, "position": pos.to_json()}
             )
             while True:
-                chunk = await asyncio.to_thread(_take, pages, SEED_CHUNK_PAGES)
+                chunk = await asyncio.to_thread(
+                    _take, pages, protocol.chunk_pages(page_size, self.max_message)
+                )
                 if not chunk:
                     break
                 await sender.send(Msg.SEED_PAGES, {"n": len(chunk)}, protocol.pages_body(chunk))
@@ -236,19 +288,19 @@ class SourceAgent:
         await sender.send(
             Msg.WELCOME, {"mode": mode, "reason": why, "source_time": now, "compression": sender.compression}
         )
-        replica_hashes = unpack_hashes(hello.body)
+        replica_hashes = hello.body
         replica_pages = int(h.get("db_pages") or 0)
         batch = await asyncio.to_thread(
             self._catch_up, follower, position, mode, replica_hashes, replica_pages
         )
-        await sender.send(Msg.BATCH, batch.header(), protocol.pages_body(sorted(batch.pages.items())))
+        await self._send_batch(sender, batch)
         log.info(
             f"replica {mode}",
             extra=kv(
                 stream=stream.name,
                 since=str(position),
                 to=str(batch.position),
-                pages=len(batch.pages),
+                pages=batch.pages_total,
                 reason=why or "",
             ),
         )
@@ -258,43 +310,77 @@ class SourceAgent:
         follower: SqliteFollower,
         since: Position,
         mode: str,
-        replica_hashes: dict[int, int],
+        replica_hashes: bytes,
         replica_pages: int,
     ) -> Batch:
-        """One batch from the replica's state to the newest commit (both read under the same hold)."""
+        """One lazy batch from the replica's state to the newest commit (both read under the same hold).
+
+        Only page numbers are kept: the pages are read, hashed and filtered
+        while being sent (the follower's hash of every page, which streaming
+        needs next, is complete once they all went by), so the checksum
+        travels in BATCH_END.
+        """
         pos, page_size, db_pages, pages = follower.read_state()
         if mode == "resume":
             changed, smallest, frames = follower.changed_pages(since, pos.frame)
-            kept = {p: d for p, d in pages if p in changed}
             min_pages = min(x for x in (smallest, replica_pages, db_pages) if x is not None)
-            return Batch(
-                "tx",
-                since,
-                pos,
-                page_size,
-                db_pages,
-                min_pages,
-                follower.hashes.checksum,
-                follower.last_current_at,
-                transactions=0,
-                frames=frames,
-                pages=kept,
-            )
-        kept = {}
-        for pgno, data in pages:
-            if replica_hashes.get(pgno) != follower.hashes.hashes[pgno]:
-                kept[pgno] = data
-        return Batch(
-            "resync",
-            None,
+
+            def keep(pgno: int, _data: bytes) -> bool:
+                return pgno in changed
+
+            kind, prev, count = "tx", since, sum(1 for p in changed if p <= db_pages)
+        else:
+            frames, min_pages, kind, prev = 0, db_pages, "resync", None
+
+            def keep(pgno: int, _data: bytes) -> bool:
+                theirs = replica_hashes[(pgno - 1) * 8 : pgno * 8]
+                return theirs != follower.hashes.hashes[pgno].to_bytes(8, "big")
+
+            count = db_pages  # at most; the exact number is known at the end
+
+        def read() -> Iterator[tuple[int, bytes]]:
+            for pgno, data in pages:
+                if keep(pgno, data):
+                    yield pgno, data
+            batch.checksum = follower.hashes.checksum  # every page was hashed on the way
+
+        batch = Batch(
+            kind,
+            prev,
             pos,
             page_size,
             db_pages,
-            db_pages,
-            follower.hashes.checksum,
+            min_pages,
+            0,  # known once every page was read: sent in BATCH_END
             follower.last_current_at,
             transactions=0,
-            pages=kept,
+            frames=frames,
+            page_count=count,
+        )
+        batch.page_reader = read
+        return batch
+
+    async def _send_batch(self, sender: Sender, batch: Batch) -> None:
+        """One BATCH message if it fits a chunk, else BATCH_BEGIN, BATCH_PAGES..., BATCH_END.
+
+        The chunked form never holds more than one chunk of pages: they are
+        read from the source's files (in a worker thread) as they are sent.
+        """
+        per_chunk = protocol.chunk_pages(batch.page_size, sender.max_message)
+        if batch.page_reader is None and len(batch.pages) <= per_chunk:
+            await sender.send(Msg.BATCH, batch.header(), protocol.pages_body(batch.iter_pages()))
+            return
+        header = batch.header()
+        await sender.send(Msg.BATCH_BEGIN, {**header, "checksum": None})
+        pages = batch.iter_pages()
+        sent = 0
+        while chunk := await asyncio.to_thread(_take, pages, per_chunk):
+            await sender.send(Msg.BATCH_PAGES, {"n": len(chunk)}, protocol.pages_body(chunk))
+            sent += len(chunk)
+        self.chunked_batches += 1
+        # Sent last: a resume's or resnapshot's checksum is known once every page was read.
+        await sender.send(
+            Msg.BATCH_END, {"checksum": show(batch.checksum), "pages": sent, "observed_at": batch.observed_at}
         )
 
     async def _stream(
@@ -303,7 +389,7 @@ class SourceAgent:
         stream: ServedStream,
         sender: Sender,
         inbox: asyncio.Queue[protocol.Message],
-        reader_task: asyncio.Task[None],
+        reader_task: asyncio.Task[str],
     ) -> None:
         last_sent = time.monotonic()
         verify_at: Position | None = None
@@ -311,7 +397,7 @@ class SourceAgent:
             while not inbox.empty():
                 msg = inbox.get_nowait()
                 if msg.kind == Msg.VERIFY:
-                    pos, checksum = await asyncio.to_thread(follower.full_checksum)
+                    pos, checksum = await asyncio.to_thread(follower.verify_point)
                     verify_at = pos
                     await sender.send(
                         Msg.VERIFY_RESULT,
@@ -338,7 +424,7 @@ class SourceAgent:
             ):
                 verify_at = None
             if batch is not None:
-                await sender.send(Msg.BATCH, batch.header(), protocol.pages_body(sorted(batch.pages.items())))
+                await self._send_batch(sender, batch)
                 last_sent = time.monotonic()
                 continue
             if time.monotonic() - last_sent >= self.heartbeat_s:
@@ -355,11 +441,25 @@ class SourceAgent:
             await asyncio.sleep(self.poll_interval_s)
 
 
-async def _pump(reader: asyncio.StreamReader, inbox: asyncio.Queue[protocol.Message]) -> None:
-    """Read the replica's messages (verify requests, NAKs) until it hangs up."""
+async def _pump(
+    reader: asyncio.StreamReader,
+    inbox: asyncio.Queue[protocol.Message],
+    silent_after: float | None = None,
+    max_message: int = protocol.MAX_MESSAGE,
+) -> str:
+    """Read the replica's messages (verify requests, NAKs, keepalives) until it hangs up.
+
+    Returns "closed", or "silent" when nothing came for ``silent_after`` seconds.
+    """
     with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ProtocolError, ssl.SSLError):
         while True:
-            await inbox.put(await protocol.read_message(reader))
+            try:
+                msg = await asyncio.wait_for(protocol.read_message(reader, max_message), silent_after)
+            except TimeoutError:
+                return "silent"
+            if msg.kind != Msg.KEEPALIVE:
+                await inbox.put(msg)
+    return "closed"
 
 
 def _take(pages: Any, n: int) -> list[tuple[int, bytes]]:

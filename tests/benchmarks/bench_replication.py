@@ -71,7 +71,13 @@ def _writer(db: str, rate: float, seconds: float, result: mp.Queue) -> None:  # 
     conn.close()
 
 
-async def _delay_proxy(target_port: int) -> asyncio.AbstractServer:
+async def _delay_proxy(target_port: int, host: str = "127.0.0.1", delay_s: float = DELAY_S) -> asyncio.AbstractServer:
+    """A TCP proxy on 127.0.0.1 that delays every byte by ``delay_s`` each way (no netem here).
+
+    It closes a side only when the other closes: a path that drops packets stalls it, it
+    does not end it, as a real partition would not.
+    """
+
     async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         q: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -88,13 +94,17 @@ async def _delay_proxy(target_port: int) -> asyncio.AbstractServer:
         task = asyncio.create_task(out())
         with contextlib.suppress(Exception):
             while data := await r.read(65536):
-                q.put_nowait((time.monotonic() + DELAY_S, data))
+                q.put_nowait((time.monotonic() + delay_s, data))
         q.put_nowait((0, b""))
         with contextlib.suppress(Exception):
             await task
 
     async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        sr, sw = await asyncio.open_connection("127.0.0.1", target_port)
+        try:
+            sr, sw = await asyncio.open_connection(host, target_port)
+        except OSError:
+            cw.close()
+            return
         await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
 
     return await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -244,26 +254,67 @@ async def catch_up(bench: Bench, n: int) -> dict[str, float]:
             "plain_normal": peers["NORMAL"]}
 
 
+def _replica_process(rep: str, port: int, certs: str, cpus: set[int] | None, stop: mp.Event) -> None:  # type: ignore[type-arg]
+    """The appliance side in its own process (as it is in production: another machine)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+    async def run() -> None:
+        c = Path(certs)
+        replica = Replica(Path(rep))
+        replica.open()
+        client = SqliteStreamClient("db", "db", replica, host="127.0.0.1", port=port, server_name="source",
+                                    ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"))
+        task = asyncio.create_task(client.run())
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        replica.close()
+
+    asyncio.run(run())
+
+
+OVERHEAD_MODES = {
+    # mode: (replicated, writer CPUs, agent + replica CPUs)
+    "alone": (False, None, None),
+    "replicated": (True, None, None),
+    "alone-pinned": (False, {0}, None),
+    "replicated-pinned": (True, {0}, {1}),
+    "alone2": (False, None, None),
+}
+
+
 async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple[float, ...]]:
+    """The writer alone and replicated, side by side in the same run.
+
+    The agent runs in this process and the replica in its own (as in production, where the
+    replica is on another machine). "pinned": the writer alone on CPU 0, the agent and the
+    replica sharing CPU 1 (the machine has two cores), so they cannot take the writer's core.
+    """
     results: dict[str, tuple[float, ...]] = {}
-    for mode in ("alone", "replicated", "alone2"):
+    everything = os.sched_getaffinity(0)
+    for mode, (replicated, writer_cpus, others) in OVERHEAD_MODES.items():
         d = bench.work / f"ovh-{mode}-{int(rate)}"
         d.mkdir()
         db = d / "src.db"
         init = sqlite3.connect(db, isolation_level=None)
         init.execute("PRAGMA journal_mode=WAL")
         init.close()
-        agent = replica = task = None
-        if mode == "replicated":
+        os.sched_setaffinity(0, others or everything)  # threads started from now on inherit it
+        agent = rep = None
+        stop = mp.Event()
+        if replicated:
             agent = bench.agent(db)
             await agent.start()
-            replica = Replica(d / "rep.db")
-            replica.open()
-            task = asyncio.create_task(bench.client(replica, agent.port).run())
-            await asyncio.sleep(0.5)
+            rep = mp.Process(target=_replica_process, args=(str(d / "rep.db"), agent.port, str(bench.certs), others, stop))
+            rep.start()
+            await asyncio.sleep(1.0)
         q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
         p = mp.Process(target=_writer, args=(str(db), rate, seconds, q))
         p.start()
+        os.sched_setaffinity(p.pid, writer_cpus or everything)
         wal = Path(str(db) + "-wal")
         biggest = 0
         while p.is_alive():
@@ -273,15 +324,14 @@ async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple
         p.join()
         restarts = sum(f.restarts for f in agent.followers) if agent is not None else 0
         hold = max((f.restart_hold_s for f in agent.followers), default=0.0) if agent is not None else 0.0
-        results[mode] = (*q.get(), biggest / 1e6, restarts, hold)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        held = sum(getattr(f, "restart_hold_total_s", 0.0) for f in agent.followers) if agent is not None else 0.0
+        results[mode] = (*q.get(), biggest / 1e6, restarts, hold, held)
+        stop.set()
+        if rep is not None:
+            await asyncio.to_thread(rep.join, 10)
         if agent is not None:
             await agent.stop()
-        if replica is not None:
-            replica.close()
+        os.sched_setaffinity(0, everything)
         shutil.rmtree(d, ignore_errors=True)
     return results
 
@@ -370,12 +420,36 @@ async def seeding(bench: Bench, mb: int) -> dict[str, float]:
         peak = max(peak, _rss_mb())
         await asyncio.sleep(0.05)
     seed_s = time.perf_counter() - t1
+    seed_rss = peak - base_rss
+    seed_wire = client.stats.bytes_received
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # the WAL keeps the outage's frames (for the resume)
+    conn.execute("UPDATE customers SET name = 'first ' || name WHERE id = 1")  # the replica enters a WAL generation
+    while replica.checksum != logical_checksum(db):
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    ok = replica.full_checksum() == logical_checksum(db)
+    # Resume after an outage during which every page changed: one batch as large as the database,
+    # sent in chunks and staged on disk (it used to be built whole, and over 256 MB it could not be sent).
+    conn.execute("UPDATE customers SET name = name || '!'")  # kept open: closing the last connection
+    want = logical_checksum(db)
+    base_rss = peak = _rss_mb()
+    client = bench.client(replica, proxy.sockets[0].getsockname()[1])
+    t4 = time.perf_counter()
+    task = asyncio.create_task(client.run())
+    while replica.checksum != want or client.stats.batches == 0:
+        peak = max(peak, _rss_mb())
+        await asyncio.sleep(0.05)
+    resume_s = time.perf_counter() - t4
     task.cancel()
     with contextlib.suppress(BaseException):
         await task
     await agent.stop()
     proxy.close()
-    ok = replica.full_checksum() == logical_checksum(db)
+    conn.close()  # would checkpoint and delete the WAL, and the resume above would be a resnapshot
+    resumed_ok = replica.full_checksum() == want and client.stats.mode == "resume"
     replica.close()
     (d / "rep.db").unlink()
     shutil.rmtree(d / "rep.db.hotsite", ignore_errors=True)
@@ -392,8 +466,15 @@ async def seeding(bench: Bench, mb: int) -> dict[str, float]:
     (d / "copy.db").unlink()
     link_s = await _send_through(backup)
     shutil.rmtree(d, ignore_errors=True)
-    return {"mb": size / 1e6, "made_s": made_s, "seed_s": seed_s, "ok": float(ok), "rss_growth": peak - base_rss,
-            "wire_mb": client.stats.bytes_received / 1e6, "backup_s": backup_s, "cp_s": cp_s, "link_s": link_s}
+    return {"mb": size / 1e6, "made_s": made_s, "seed_s": seed_s, "ok": float(ok), "rss_growth": seed_rss,
+            "wire_mb": seed_wire / 1e6, "backup_s": backup_s, "cp_s": cp_s, "link_s": link_s,
+            "resume_s": resume_s, "resume_ok": float(resumed_ok), "resume_rss": peak - base_rss,
+            "resume_pages": client.stats.pages, "resume_wire_mb": client.stats.bytes_received / 1e6,
+            "resume_buffered_mb": getattr(client.stats, "buffered_peak_bytes", float("nan")) / 1e6}
+
+
+def again(o: dict[str, tuple[float, ...]], base: str) -> str:
+    return f" / {o['alone2'][0]:.0f} alone again" if base == "alone" else ""
 
 
 def main() -> None:
@@ -403,36 +484,43 @@ def main() -> None:
     parser.add_argument("--seed-mb", type=int, default=1024, help="0 skips the seeding benchmark")
     parser.add_argument("--skip-rpo", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--only-overhead", action="store_true", help="just the source overhead figures")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-replication-"))
     try:
         bench = Bench(work)
         print(f"RPO over a link delayed {DELAY_S * 1000:.0f} ms each way (TLS, zlib), writer in its own process")
+        if args.only_overhead:
+            args.skip_rpo, args.catchup_rows, args.seed_mb = True, 0, 0
         for rate in (() if args.skip_rpo else (1000, 5000)):
             r = asyncio.run(rpo(bench, rate, args.seconds))
             print(f"  target {rate:>5} tx/s (achieved {r['rate']:7.0f}): rows {r['rows']:6d}  RPO p50 {r['p50'] * 1000:7.1f} ms"
                   f"  p99 {r['p99'] * 1000:7.1f} ms  max {r['max'] * 1000:7.1f} ms"
                   f"  WAL at end {r['wal_mb']:.1f} MB   [target p99 < 1000 ms]")
-        c = asyncio.run(catch_up(bench, args.catchup_rows))
-        print(f"Apply rate, {c['n']} single-row transactions (same rows, same run):")
-        print(f"  source committed at           {c['source_tx_s']:9.0f} tx/s")
-        print(f"  replica streaming apply       {c['stream_tx_s']:9.0f} tx/s (source commit start -> all visible)")
-        print(f"  replica catch-up after outage {c['catchup_tx_s']:9.0f} tx/s ({c['catchup_s'] * 1000:.0f} ms)")
-        print(f"  plain local SQLite insert     {c['plain_full']:9.0f} tx/s synchronous=FULL,"
-              f" {c['plain_normal']:.0f} tx/s NORMAL   [target: replica >= half]")
+        c = asyncio.run(catch_up(bench, args.catchup_rows)) if args.catchup_rows else None
+        if c is not None:
+            print(f"Apply rate, {c['n']} single-row transactions (same rows, same run):")
+            print(f"  source committed at           {c['source_tx_s']:9.0f} tx/s")
+            print(f"  replica streaming apply       {c['stream_tx_s']:9.0f} tx/s (source commit start -> all visible)")
+            print(f"  replica catch-up after outage {c['catchup_tx_s']:9.0f} tx/s ({c['catchup_s'] * 1000:.0f} ms)")
+            print(f"  plain local SQLite insert     {c['plain_full']:9.0f} tx/s synchronous=FULL,"
+                  f" {c['plain_normal']:.0f} tx/s NORMAL   [target: replica >= half]")
         if not args.skip_overhead:
-            print("Source overhead and WAL size (writer in its own process; alone / replicated / alone again):")
+            print("Source overhead and WAL size (writer, agent, replica each in its own process; same run):")
             for rate in (1000, 5000, 0):
                 o = asyncio.run(overhead(bench, args.seconds / 2, rate))
-                alone = (o["alone"][0] + o["alone2"][0]) / 2
                 label = f"at {rate} tx/s" if rate else "flat out"
-                print(f"  {label:>12}: throughput {o['alone'][0]:.0f} / {o['replicated'][0]:.0f} / {o['alone2'][0]:.0f} tx/s"
-                      f" ({100 * (1 - o['replicated'][0] / alone):+.1f}% slower); commit p50"
-                      f" {o['alone'][1] * 1e6:.0f} / {o['replicated'][1] * 1e6:.0f} / {o['alone2'][1] * 1e6:.0f} us,"
-                      f" p99 {o['alone'][2] * 1e6:.0f} / {o['replicated'][2] * 1e6:.0f} / {o['alone2'][2] * 1e6:.0f} us;"
-                      f" WAL largest {o['alone'][4]:.1f} / {o['replicated'][4]:.1f} / {o['alone2'][4]:.1f} MB,"
-                      f" WAL restarts by the agent {o['replicated'][5]:.0f}, writers held off at most"
-                      f" {o['replicated'][6] * 1000:.1f} ms   [target < 10%]")
+                for base, other in (("alone", "replicated"), ("alone-pinned", "replicated-pinned")):
+                    alone = (o[base][0] + o["alone2"][0]) / 2 if base == "alone" else o[base][0]
+                    print(f"  {label:>12} {other:>17}: throughput {o[base][0]:.0f} alone / {o[other][0]:.0f} replicated"
+                          f"{again(o, base)} tx/s"
+                          f" ({100 * (1 - o[other][0] / alone):+.1f}% slower); commit p50"
+                          f" {o[base][1] * 1e6:.0f} / {o[other][1] * 1e6:.0f} us,"
+                          f" p99 {o[base][2] * 1e6:.0f} / {o[other][2] * 1e6:.0f} us;"
+                          f" WAL largest {o[base][4]:.1f} / {o[other][4]:.1f} MB,"
+                          f" WAL restarts by the agent {o[other][5]:.0f}, writers held off at most"
+                          f" {o[other][6] * 1000:.1f} ms, {o[other][7] * 1000:.0f} ms in all   [target < 10%]")
+            print("  (pinned: the writer alone on CPU 0, agent and replica sharing CPU 1)")
         if args.seed_mb:
             s = asyncio.run(seeding(bench, args.seed_mb))
             print(f"Initial seeding of a {s['mb']:.0f} MB database (made in {s['made_s']:.1f} s), link delayed"
@@ -445,6 +533,11 @@ def main() -> None:
                   f" plain TCP copy {s['link_s']:.1f} s)")
             print(f"  sqlite3 .backup + local cp             {s['backup_s'] + s['cp_s']:7.1f} s"
                   f"  {s['mb'] / (s['backup_s'] + s['cp_s']):6.1f} MB/s")
+            print(f"Resume after every page changed during an outage (one batch of {s['resume_pages']:.0f} pages,"
+                  f" sent in chunks, staged on disk): {s['resume_s']:.1f} s, {s['resume_wire_mb']:.0f} MB on the wire,"
+                  f" replica {'equal' if s['resume_ok'] else 'DIFFERENT or not a resume'}; resident memory grew"
+                  f" {s['resume_rss']:.0f} MB, at most {s['resume_buffered_mb']:.1f} MB held between receiving and"
+                  " applying")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -300,6 +300,7 @@ def test_sigkill_agent_and_appliance_mid_stream(tmp_path: Path, certs: Path) -> 
         time.sleep(0.5)
         agent = spawn(*agent_args)
         time.sleep(1.5)
+        _wait_seeded(rep_path)  # on a loaded machine the restarts take a while: kill mid-stream, not before
         kill(replica)  # SIGKILL the appliance mid-apply
         observed.append(_recovered_checksum(rep_path))
         replica = spawn(*replica_args)
@@ -318,6 +319,15 @@ def test_sigkill_agent_and_appliance_mid_stream(tmp_path: Path, certs: Path) -> 
         "after a SIGKILL the recovered replica must be a committed state"
     )
     assert file_checksum(rep_path, 4096) == logical_checksum(db)
+
+
+def _wait_seeded(rep_path: Path, timeout: float = 20.0) -> None:
+    """Until the replica has a journal (it was seeded), so that a kill lands mid-stream."""
+    deadline = time.monotonic() + timeout
+    journals = Path(str(rep_path) + ".hotsite")
+    while not any(journals.glob("journal-*")):
+        assert time.monotonic() < deadline, "the replica was never seeded"
+        time.sleep(0.05)
 
 
 def _recovered_checksum(rep_path: Path) -> int:

@@ -190,7 +190,10 @@ def test_wal_stays_bounded_under_load_and_the_replica_follows(tmp_path: Path) ->
         # the writer (12-35 MB seen on a loaded 2-core CI machine; the file keeps its high-water
         # size after a restart): that figure is measured by tests/benchmarks/bench_replication.py.
         print(f"largest WAL file {biggest / 1e6:.1f} MB for {written} writes")
-        assert followers[0].restart_hold_s < 0.5
+        # A sanity bound (a hold as long as a whole catch-up would be a bug), not a figure: the
+        # hold is two fsyncs, and on this 2-core machine under other jobs' I/O one took 0.7 s.
+        # The benchmark reports the real holds (max and total).
+        assert followers[0].restart_hold_s < 2.0
         replica.close()
 
     asyncio.run(scenario())

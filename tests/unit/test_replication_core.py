@@ -229,3 +229,27 @@ def test_snapshots_keep_n_and_restore_at_time(tmp_path: Path) -> None:
         store.restore(300.0, tmp_path / "restored.db")
     assert parse_time("2026-05-01T08:00:00+00:00") == 1777622400.0
     r.close()
+
+
+@pytest.mark.parametrize("compression", ["none", "zlib"])
+def test_receiver_refuses_messages_over_its_limit_before_and_after_inflating(compression: str) -> None:
+    limit = 100_000
+    body = bytes(200_000)  # zeros: 200 kB that deflate to a few hundred bytes
+
+    async def read(raw: bytes) -> protocol.Message:
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return await protocol.read_message(reader, limit)
+
+    with pytest.raises(protocol.ProtocolError) as info:
+        asyncio.run(read(protocol.encode(protocol.Msg.BATCH, {}, body, compression)))
+    assert info.value.reason == "too_long"
+    small = asyncio.run(read(protocol.encode(protocol.Msg.BATCH, {}, body[:1000], compression)))
+    assert small.body == body[:1000]
+
+
+def test_chunks_fit_the_receivers_limit() -> None:
+    for limit in (128 * 1024, 1024 * 1024, protocol.MAX_MESSAGE):
+        n = protocol.chunk_pages(4096, limit)
+        assert n >= 1 and n * (4 + 4096) + protocol.HEADER_ROOM <= limit
