@@ -291,6 +291,9 @@ class KamailioActuator(Section):
     probing: bool = True  # re-enabled sets get state "ap": Kamailio keeps probing them itself
     token_file: Path | None = None  # default: beside kamailio.dispatcher_list, "<list>.token"
     timeout_s: ProbeSeconds = 5.0  # the whole apply or verify
+    # The htable where fenced SBCs are listed for the generated config's ringing-call rescue;
+    # "" for a hand-written Kamailio config that has no such table.
+    fenced_table: str = "fenced"
 
 
 class NetlinkActuator(Section):

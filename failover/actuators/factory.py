@@ -42,6 +42,7 @@ def _kamailio(name: str, section: Any, config: cfg.Config, rpc: KamailioRpc | No
     return KamailioActuator(
         rpc,
         dispatcher_list=config.kamailio.dispatcher_list,
+        fenced_table=section.fenced_table or None,
         token_file=section.token_file,
         probing=section.probing,
         timeout_s=section.timeout_s,

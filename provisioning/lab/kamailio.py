@@ -4,8 +4,41 @@ The carrier-edge Kamailio is the proxy hotsite switches over: the dispatcher
 set used for new calls comes from the htable ``routing`` (key ``active_set``,
 1 = primary SBC, 2 = backup SBC), optionally overridden per dialled number in
 htable ``hotlines``.  Kamailio's own first line of defence stays in: priority
-selection (algorithm 8) with ``ds_next_dst()`` on failure, tm ``fr_timer``
-1000 ms, OPTIONS keepalives every second.  Facts: /work/shared/REFERENCE.md.
+selection (algorithm 8) with ``ds_next_dst()`` on failure, a short tm
+``fr_timer`` (see :class:`Timers`), OPTIONS keepalives every second.
+
+**Ringing branches on a dead or fenced SBC.** tm arms ``fr_inv_timer`` (60 s)
+on a branch at its first provisional reply (t_reply.c ``reply_received``) and
+stops retransmitting the INVITE, so a call that got 100/180 from an SBC that
+then dies waits a minute and is never retried by ``failure_route``. Kamailio
+5.6 offers no call to end such a branch early: tmx ``t_cancel_callid`` and the
+``tm.cancel`` RPC send a CANCEL but leave the branch on its fr_inv timer
+("just wait for timeout", t_cancel.c), and nothing answers from a dead SBC;
+``t_set_fr()`` moves ``fr_expire`` of running branches (timer.h ``change_fr``)
+but a branch with retransmissions stopped sleeps until the old expiry (timer.c
+``retr_buf_handler``), so it does not wake earlier. What does end a branch is
+a final reply on it. So every INVITE branch sent to an SBC is remembered as it
+leaves (``onsend_route``: htable ``ringing``, Call-ID -> set, SBC URI, CSeq;
+htable ``ringmsg``: a 503 carrying the branch's own Via, whose branch
+parameter is what tm matches replies by), and an rtimer route (every
+``ringing_check_ms``) ends the pending branch of every call whose SBC is
+fenced (htable ``fenced``, written by hotsite's Kamailio actuator) or has been
+inactive in the dispatcher (OPTIONS keepalives failing) for
+``ringing_dead_limit_ms`` while another SBC of its set is up: (1)
+``t_cancel_callid()`` sends the SBC a CANCEL, so one that is fenced but alive
+stops ringing and the call is never answered at both sites, and does *not*
+mark the transaction canceled (only an end-to-end CANCEL sets T_CANCELED), so
+new branches may still be added; (2) corex ``send_data`` sends Kamailio, from
+its own socket, that 503. tm takes it as the branch's final answer and
+``failure_route`` retries the call at the next destination (the backup), as
+for any 5xx; a late 487 from the SBC is absorbed (the branch is final
+already). Calls at healthy SBCs are untouched. The bookkeeping is done as the
+INVITE leaves, not on its replies: Kamailio sends a relayed provisional after
+releasing the reply lock (t_reply.c ``relay_reply``), so under CPU load a 180
+that came back-to-back with its 200 can leave after it (seen, rarely, with and
+without this code; SIPp's uac counts such a call as failed, a phone ignores
+the stray 180), and work added to provisional replies widens that window.
+Facts: /work/shared/REFERENCE.md, Kamailio 5.6 tm/tmx/dispatcher sources.
 """
 
 from __future__ import annotations
@@ -13,6 +46,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from provisioning.lab import topology as topo
@@ -24,7 +58,79 @@ MODULE_GLOBS = (
     "/usr/lib64/kamailio/modules",
     "/usr/local/lib*/kamailio/modules",
 )
-REQUIRED_MODULES = ("dispatcher", "jsonrpcs", "xhttp", "htable", "tm", "sl", "rr", "dialog")
+REQUIRED_MODULES = (
+    "dispatcher",
+    "jsonrpcs",
+    "xhttp",
+    "htable",
+    "tm",
+    "tmx",
+    "sl",
+    "rr",
+    "dialog",
+    "rtimer",
+    "corex",
+)
+
+# htable the Kamailio actuator writes: fenced=><dispatcher URI> (any value) for every fenced SBC.
+FENCED_TABLE = "fenced"
+# The final reply Kamailio sends itself to end a ringing branch at a fenced or dead SBC.
+ABANDON_STATUS = 503
+ABANDON_FLAG = 10  # message flag t_cancel_callid sets on a given-up call (seen in failure_route)
+TICKS_MS = 1000 // 16  # tm's timer resolution: 16 ticks a second (TIMER_TICKS_HZ)
+
+
+@dataclass(frozen=True)
+class Timers:
+    """tm and rescue timers of the generated config, in milliseconds.
+
+    * ``fr_timer_ms`` 400: how long a branch may stay without *any* reply
+      before ``failure_route`` tries the next SBC.  It is the post-dial delay
+      added to calls sent to an SBC that just died (target <= 500 ms, and the
+      backup must still answer inside it), and the timeout of the dispatcher's
+      OPTIONS keepalives (Kamailio 5.6 has no separate ping timer).  400 ms is
+      some 10x a continental RTT; a live SBC answers 100 Trying within one RTT.
+    * ``t1_timer_ms`` 200: first UDP retransmission (RFC 3261 T1, default
+      500).  With fr 400 an INVITE or keepalive is sent twice before the branch
+      is given up, so one lost packet never moves a call or marks an SBC down
+      (two in a row at 5% loss: 0.25%).
+    * ``fr_inv_timer_ms`` 60000: how long a branch that rings may wait for an
+      answer (queues at a call centre ring long; unchanged).
+    * ``ringing_check_ms`` 100: how often the rescue route looks at ringing
+      branches; a fence is acted on within it.
+    * ``ringing_dead_limit_ms`` 2000: a pending branch whose SBC the dispatcher
+      marks inactive (keepalives failing, no hotsite decision) is given up once
+      the SBC has been inactive this long: two missed keepalive rounds, so a
+      single lost OPTIONS (the SBC is inactive for one second, until the next
+      one) never moves a ringing call.
+    """
+
+    fr_timer_ms: int = 400
+    t1_timer_ms: int = 200
+    fr_inv_timer_ms: int = 60000
+    ringing_check_ms: int = 100
+    ringing_dead_limit_ms: int = 2000
+
+
+def timer_problems(t: Timers) -> list[str]:
+    """Why a set of timers would not work as documented in :class:`Timers` ([] when fine)."""
+    found = []
+    for name in ("fr_timer_ms", "t1_timer_ms", "fr_inv_timer_ms", "ringing_check_ms"):
+        if getattr(t, name) < TICKS_MS:
+            found.append(f"{name} is {getattr(t, name)} ms, below tm's timer resolution of {TICKS_MS} ms")
+    if t.fr_timer_ms < 2 * t.t1_timer_ms:
+        found.append(
+            f"fr_timer_ms {t.fr_timer_ms} < 2 x t1_timer_ms {t.t1_timer_ms}: a request would be given up"
+            " before it is retransmitted once"
+        )
+    if t.fr_inv_timer_ms <= t.fr_timer_ms:
+        found.append(f"fr_inv_timer_ms {t.fr_inv_timer_ms} must exceed fr_timer_ms {t.fr_timer_ms}")
+    if t.ringing_dead_limit_ms < 1000 + t.fr_timer_ms:
+        found.append(
+            f"ringing_dead_limit_ms {t.ringing_dead_limit_ms} < one keepalive round (1000 ms + fr_timer_ms):"
+            " one lost keepalive would move ringing calls"
+        )
+    return found
 
 
 def find_binary() -> str | None:
@@ -63,8 +169,17 @@ def render_dispatcher_list(primary_addr: str, backup_addr: str) -> str:
     )
 
 
-def render_cfg(*, address: str, module_dir: str, dispatcher_list: Path, rpc_socket: Path) -> str:
+def render_cfg(
+    *, address: str, module_dir: str, dispatcher_list: Path, rpc_socket: Path, timers: Timers | None = None
+) -> str:
+    """The carrier edge's kamailio.cfg; ``timers`` defaults to :class:`Timers` ()."""
+    t = timers or Timers()
+    bad = timer_problems(t)
+    if bad:
+        raise ValueError("Kamailio timers: " + "; ".join(bad))
     sip, rpc = topo.SIP_PORT, topo.RPC_PORT
+    dead_ticks = -(-t.ringing_dead_limit_ms // t.ringing_check_ms)  # ceil
+    keep_s = t.fr_inv_timer_ms // 1000 + 10
     return f"""#!KAMAILIO
 # Generated by hotsite's lab (provisioning/lab/kamailio.py); rewritten on every `lab up`.
 
@@ -103,11 +218,15 @@ loadmodule "dispatcher.so"
 loadmodule "xhttp.so"
 loadmodule "jsonrpcs.so"
 loadmodule "dialog.so"
+loadmodule "rtimer.so"
 
-# A dead SBC must be noticed in a second, not in tm's default 30 s
+# A dead SBC costs a call at most fr_timer of post-dial delay (then the next
+# SBC), and is noticed by the keepalives within a second plus fr_timer
 # (Kamailio 5.6 has no ds_ping_fr_timer: keepalives use fr_timer too).
-modparam("tm", "fr_timer", 1000)
-modparam("tm", "fr_inv_timer", 60000)
+# retr_timer1 (T1) = fr_timer / 2: every request is retransmitted once first.
+modparam("tm", "fr_timer", {t.fr_timer_ms})
+modparam("tm", "retr_timer1", {t.t1_timer_ms})
+modparam("tm", "fr_inv_timer", {t.fr_inv_timer_ms})
 
 modparam("rr", "enable_full_lr", 1)
 
@@ -118,6 +237,20 @@ modparam("htable", "htable", "hotlines=>size=8;autoexpire=0;")
 # calls=><Call-ID>: the site that answered, for in-dialog requests that come
 # back without Route headers (SIPp's built-in uac sends its BYE that way).
 modparam("htable", "htable", "calls=>size=10;autoexpire=7200;")
+# Ringing branches (see the module docstring of hotsite's generator):
+# ringing=><Call-ID> = "<set>|<SBC URI>|<CSeq>" of its pending INVITE branch,
+# ringmsg=><Call-ID> = the 503 that ends that branch, to send ourselves,
+# ringdone=><Call-ID>: already given up; dsdown=><URI> = tick first seen inactive,
+# dsseen=><URI> = tick last looked at; {FENCED_TABLE}=><URI>: fenced by hotsite.
+modparam("htable", "htable", "ringing=>size=10;autoexpire={keep_s};")
+modparam("htable", "htable", "ringmsg=>size=10;autoexpire={keep_s};")
+modparam("htable", "htable", "ringdone=>size=8;autoexpire=10;")
+modparam("htable", "htable", "dsdown=>size=4;autoexpire=600;")
+modparam("htable", "htable", "dsseen=>size=4;autoexpire=600;")
+modparam("htable", "htable", "{FENCED_TABLE}=>size=4;autoexpire=0;")
+modparam("pv", "shvset", "ringtick=i:0")
+modparam("rtimer", "timer", "name=ringing;interval={t.ringing_check_ms * 1000}u;mode=1;")
+modparam("rtimer", "exec", "timer=ringing;route=RINGING_CHECK")
 
 # Calls in progress ("line resources"), counted per dispatcher set and per
 # carrier trunk (the source address), read by hotsite with dlg.profile_get_size.
@@ -168,6 +301,12 @@ request_route {{
         exit;
     }}
 
+    # Retransmissions first (in-dialog ones too): a BYE retransmitted while
+    # its first copy is still pending must not be routed again.
+    if (!is_method("ACK|CANCEL") && t_check_trans()) {{
+        exit;
+    }}
+
     if (has_totag()) {{
         dlg_manage();  # in-dialog: lets the dialog module see the BYE that ends a call
         if (loose_route()) {{
@@ -196,10 +335,6 @@ request_route {{
         if (t_check_trans()) {{
             t_relay();
         }}
-        exit;
-    }}
-
-    if (t_check_trans()) {{
         exit;
     }}
 
@@ -235,6 +370,7 @@ route[SITE] {{
     if (is_method("INVITE")) {{
         set_dlg_profile("calls_by_set", "$var(set)");
     }}
+    $avp(ds_set) = $var(set);
     t_on_failure("SITE_FAILOVER");
     t_on_reply("SITE_REPLY");
     if (!t_relay()) {{
@@ -244,18 +380,107 @@ route[SITE] {{
 }}
 
 onreply_route[SITE_REPLY] {{
-    if (is_method("INVITE") && status =~ "^2[0-9][0-9]$") {{
+    if (!is_method("INVITE") || status =~ "^1[0-9][0-9]$") {{
+        return;  # provisional replies: nothing to do (kept light, see onsend_route)
+    }}
+    if ($hdr(X-Hotsite-Abandon) != $null && ($si != "{address}" || $sp != {sip})) {{
+        xlog("L_WARN", "X-Hotsite-Abandon for $ci from $si:$sp, not from this proxy\\n");
+    }}
+    $sht(ringing=>$ci) = $null;
+    $sht(ringmsg=>$ci) = $null;
+    if (status =~ "^2[0-9][0-9]$") {{
         $sht(calls=>$ci) = $_s(sip:$si:$sp);
     }}
 }}
 
+# Every INVITE branch sent to an SBC is remembered as it leaves, in the
+# request's worker, so that replies (100, 180, 200 come back-to-back) are not
+# slowed down: the more work on a provisional, the likelier a worker relays a
+# 180 after its 200 (SIPp, unlike phones, counts that as a failed call).
+onsend_route {{
+    if (is_method("INVITE") && $tt == $null && $avp(ds_set) != $null) {{
+        # Remember the branch and the 503 that ends it (our own Via from the buffer
+        # being sent: tm matches replies by its branch parameter). The SBC is named
+        # by the dispatcher's own URI: what ds_is_active and {FENCED_TABLE} use.
+        $var(dst) = $_s(sip:$sndto(ip):$sndto(port));
+        if ($xavp(_dsdst_=>uri) != $null) {{
+            $var(dst) = $xavp(_dsdst_=>uri);
+        }}
+        $sht(ringing=>$ci) = $_s($avp(ds_set)|$var(dst)|$cs);
+        $sht(ringmsg=>$ci) = "SIP/2.0 {ABANDON_STATUS} SBC Fenced Or Down\\r\\n" + $(snd(buf){{line.sw,Via:}})
+            + "\\r\\nFrom: " + $hdr(From) + "\\r\\nTo: " + $hdr(To) + ";tag=hotsite-abandon"
+            + "\\r\\nCall-ID: " + $ci
+            + "\\r\\nCSeq: " + $hdr(CSeq) + "\\r\\nX-Hotsite-Abandon: " + $var(dst)
+            + "\\r\\nContent-Length: 0\\r\\n\\r\\n";
+    }}
+}}
+
+# Every ringing_check_ms: end pending INVITE branches at fenced or long-dead SBCs.
+route[RINGING_CHECK] {{
+    $shv(ringtick) = $shv(ringtick) + 1;
+    $var(tick) = $shv(ringtick);
+    sht_iterator_start("rg", "ringing");
+    while (sht_iterator_next("rg")) {{
+        $var(ci) = $shtitkey(rg);
+        $var(v) = $shtitval(rg);
+        $var(set) = $(var(v){{s.select,0,|}}{{s.int}});
+        $var(dst) = $(var(v){{s.select,1,|}});
+        $var(cseq) = $(var(v){{s.select,2,|}});
+        route(RINGING_DST_DOWN);
+        if ($var(down) == 1 && $sht(ringdone=>$var(ci)) == $null) {{
+            $sht(ringdone=>$var(ci)) = 1;
+            xlog("L_NOTICE", "ending the INVITE branch of $var(ci) at $var(dst): $var(why)\\n");
+            # CANCEL it at the SBC, then end it here with a 503 of our own.
+            if (t_cancel_callid("$var(ci)", "$var(cseq)", "{ABANDON_FLAG}")) {{
+                send_data("sip:{address}:{sip}", "$sht(ringmsg=>$var(ci))");
+            }}
+        }}
+    }}
+    sht_iterator_end("rg");
+}}
+
+# $var(down) = 1 if $var(dst) is fenced, or inactive in the dispatcher for
+# ringing_dead_limit_ms (its keepalives failing all that time) while another
+# SBC of its set is up.
+route[RINGING_DST_DOWN] {{
+    $var(down) = 0;
+    if ($sht({FENCED_TABLE}=>$var(dst)) != $null) {{
+        $var(down) = 1;
+        $var(why) = "fenced by hotsite";
+        return;
+    }}
+    if (ds_is_active("$var(set)", "$var(dst)")) {{
+        $sht(dsdown=>$var(dst)) = $null;
+        return;
+    }}
+    $var(seen) = $sht(dsseen=>$var(dst));
+    $sht(dsseen=>$var(dst)) = $var(tick);
+    if ($sht(dsdown=>$var(dst)) == $null || $var(seen) < $var(tick) - 1) {{
+        $sht(dsdown=>$var(dst)) = $var(tick);  # first seen down now (or not watched lately)
+    }}
+    # ...and only if the set has another SBC up to retry at: ending the last
+    # hope of a call during a long blip would help no one.
+    if ($var(tick) - $sht(dsdown=>$var(dst)) >= {dead_ticks} && ds_is_active("$var(set)")) {{
+        $var(down) = 1;
+        $var(why) = "inactive in the dispatcher for {t.ringing_dead_limit_ms} ms";
+    }}
+}}
+
 failure_route[SITE_FAILOVER] {{
+    $sht(ringing=>$ci) = $null;
+    $sht(ringmsg=>$ci) = $null;
     if (t_is_canceled()) {{
         exit;
     }}
     if (t_branch_timeout() || t_check_status("5[0-9][0-9]")) {{
-        # Mark this destination inactive + probing; try the next one.
-        ds_mark_dst("ip");
+        # Mark this destination inactive + probing, unless it is down or fenced
+        # already: marking would lift a fence ("D" becomes "IP").
+        if (ds_is_active("$avp(ds_set)", "$xavp(_dsdst_=>uri)")) {{
+            ds_mark_dst("ip");
+        }}
+        if (isflagset({ABANDON_FLAG})) {{
+            xlog("L_NOTICE", "retrying $ci, ended while pending at a fenced or dead SBC\\n");
+        }}
         if (ds_next_dst()) {{
             t_on_failure("SITE_FAILOVER");
             t_on_reply("SITE_REPLY");

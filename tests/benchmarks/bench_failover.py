@@ -15,8 +15,9 @@ Prints figures; asserts nothing.
 * **Grey failure.** The primary's health says it cannot serve while its SBC
   keeps answering; calls placed meanwhile are counted by who answered them
   (Kamailio's ``calls`` htable remembers it). Kamailio alone never notices.
-* **False failovers.** The primary with 5% random loss (nftables; this
-  kernel has no netem, so no jitter) for ``--loss-minutes``, then a
+* **False failovers.** The primary with 5% random loss (nftables) and its
+  SBC's SIP answers held uniform 0..60 ms (30 ms jitter, made in user space
+  by SIPp: this kernel has no netem) for ``--loss-minutes``, then a
   partition of the backup from the primary alone: failovers counted.
 
 The daemon runs with fast settings for the benchmark: probes every 100 ms,
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import re
 import signal
 import statistics
 import subprocess
@@ -43,6 +45,7 @@ import httpx
 
 from provisioning.lab import Lab
 from provisioning.lab import config as lab_config
+from provisioning.lab.lab import SCENARIO
 from tests.conftest import free_port
 from tests.integration.conftest import LOCK as LAB_LOCK
 from tests.integration.daemon_helpers import RunningDaemon, hotsite, wait_for
@@ -74,7 +77,8 @@ class Caller:
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", "hs-lab-trunk-a", "sipp", "-sn", "uac", "10.77.0.10:5060", "-s", number,
              "-r", str(CALL_RATE), "-d", str(hold_ms), "-i", "10.77.0.11", "-p", str(port), "-nostdin",
-             "-trace_stat", "-fd", "1", "-trace_rtt", "-rtt_freq", "1", "-timeout_error", "-max_recv_loops", "1000"],
+             "-trace_stat", "-fd", "1", "-trace_rtt", "-rtt_freq", "1", "-timeout_error", "-max_recv_loops", "1000",
+             "-trace_err"],
             cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 
@@ -87,11 +91,54 @@ class Caller:
             self.proc.wait()
         stats = _last_row(next(self.dir.glob("uac_*_.csv"), None))
         rtts = _rtts(next(self.dir.glob("uac_*_rtt.csv"), None))
+        ok = float(stats.get("SuccessfulCall(C)", 0))
+        # Still unanswered 15 s after the last call was placed: waiting on tm's fr_inv_timer (60 s)
+        # at a dead SBC. SIPp counts them neither answered nor failed; they are failed set-ups.
+        stuck = max(0.0, float(stats.get("TotalCallCreated", 0)) - ok - float(stats.get("FailedCall(C)", 0)))
+        failed = float(stats.get("FailedCall(C)", 0)) + stuck
+        late = _failures(next(self.dir.glob("uac_*_errors.log"), None))
         return {
-            "ok": float(stats.get("SuccessfulCall(C)", 0)),
-            "failed": float(stats.get("FailedCall(C)", 0)),
+            "ok": ok,
+            "failed": failed,
+            "failed_setup": max(0.0, failed - len(late["late_1xx"]) - len(late["bye_lost"])),
+            "stuck": stuck,
+            "failed_late_1xx": float(len(late["late_1xx"])),
+            "failed_bye_lost": float(len(late["bye_lost"])),
             "max_pdd_ms": max(rtts) if rtts else float("nan"),
+            "pdd_over_500": float(sum(1 for r in rtts if r > 500)),
         }
+
+
+# SIPp's built-in uac scenario: 0 INVITE, 1-3 provisional, 4 the 200 (answer), 5 ACK, 6 pause, 7 BYE, 8 its 200.
+ANSWERED_INDEX = 5
+ABORT = re.compile(
+    r"Aborting call on unexpected message for Call-Id '([^']+)': while [^(]*\(index (\d+)\), received 'SIP/2.0 (\d+)"
+)
+
+
+def _failures(path: Path | None) -> dict[str, set[str]]:
+    """Calls SIPp aborted, by when: ``late_1xx`` (a provisional after the answer) or ``bye_lost``.
+
+    * ``bye_lost``: answered, then the BYE failed. The cut is phase-locked to
+      SIPp's call clock (both start together, the cut comes 1.0 s later), so it
+      lands in the few milliseconds of one call's INVITE..BYE nearly every
+      time; a call answered by the primary whose BYE then meets the dead link
+      lived at the failed site: no router can save it.
+    * ``late_1xx``: answered, then a 180 arrived after the 200. Kamailio's UDP
+      workers send a relayed provisional after releasing the reply lock
+      (t_reply.c ``relay_reply``), so under CPU load a 180 sent back-to-back
+      with its 200 can leave after it. SIPp's uac aborts such a call; a phone
+      ignores the stray 180 (RFC 3261 17.1.1.2) and the call goes on.
+    Set-up failures (the ones routing must save) are the rest of FailedCall.
+    """
+    found: dict[str, set[str]] = {"late_1xx": set(), "bye_lost": set()}
+    if path is None:
+        return found
+    for m in ABORT.finditer(path.read_text(errors="replace")):
+        index, status = int(m.group(2)), int(m.group(3))
+        if index >= ANSWERED_INDEX:
+            found["late_1xx" if status < 200 else "bye_lost"].add(m.group(1))
+    return found
 
 
 def _last_row(path: Path | None) -> dict[str, str]:
@@ -156,7 +203,11 @@ def back_to_normal(lab: Lab, daemon: RunningDaemon | None, host: str = "primary"
 
 
 def hard_loss(lab: Lab, daemon: RunningDaemon | None, trials: int, workdir: Path) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"failed": [], "max_pdd_ms": [], "routed_s": [], "calls": []}
+    out: dict[str, list[float]] = {
+        "failed": [], "failed_setup": [], "failed_late_1xx": [], "failed_bye_lost": [], "max_pdd_ms": [],
+        "pdd_over_500": [], "stuck": [],
+        "routed_s": [], "calls": [],
+    }
     for trial in range(trials):
         caller = Caller(workdir, "95588", 5100 + trial % 50)
         time.sleep(1.0)
@@ -168,7 +219,8 @@ def hard_loss(lab: Lab, daemon: RunningDaemon | None, trials: int, workdir: Path
             out["routed_s"].append((done - cut_at) if done else float("nan"))
         time.sleep(2.0)
         stats = caller.stop()
-        out["failed"].append(stats["failed"])
+        for key in ("failed", "failed_setup", "failed_late_1xx", "failed_bye_lost", "pdd_over_500", "stuck"):
+            out[key].append(stats[key])
         out["max_pdd_ms"].append(stats["max_pdd_ms"])
         out["calls"].append(stats["ok"] + stats["failed"])
         back_to_normal(lab, daemon)
@@ -231,8 +283,12 @@ class DialogSampler(threading.Thread):
         self.join()
 
     def _sample(self) -> dict[str, str]:
-        found = {}
-        for dialog in rpc("dlg.list") or []:
+        found: dict[str, str] = {}
+        try:
+            dialogs = rpc("dlg.list") or []
+        except httpx.HTTPError:  # a loaded machine may cut a long answer short: skip this sample
+            return found
+        for dialog in dialogs:
             call_id = str(dialog.get("call-id", ""))
             if self._mark in call_id:
                 contact = str(dialog.get("callee", {}).get("contact", ""))
@@ -246,12 +302,48 @@ class DialogSampler(threading.Thread):
         return counts
 
 
-def false_failovers(lab: Lab, daemon: RunningDaemon, minutes: float) -> dict[str, int]:
+JITTER_MAX_MS = 60  # uniform 0..60 ms: 30 ms mean delay, +-30 ms jitter
+
+
+def jittery_primary(lab: Lab, workdir: Path) -> subprocess.Popen[bytes]:
+    """Replace the primary SBC's SIPp with one that holds every answer uniform 0..60 ms.
+
+    This kernel has no netem, so the jitter is made in user space: the lab's
+    own UAS scenario with a SIPp ``<pause distribution="uniform">`` before its
+    answers to OPTIONS and INVITE (SIPp pauses each call on its own, so
+    answers overtake each other, like real jitter). Only SIP is delayed, not
+    the health endpoint's HTTP.
+    """
+    info = lab.status()
+    assert info is not None
+    entry = next(h for h in info["hosts"] if h["name"] == "primary")
+    pause = f'\n  <pause distribution="uniform" min="0" max="{JITTER_MAX_MS}"/>'
+    text = SCENARIO.read_text()
+    for anchor in ('<recv request="INVITE" crlf="true"/>', '<label id="options"/>'):
+        if anchor not in text:
+            raise SystemExit(f"{SCENARIO} changed: no {anchor!r} to put the jitter after")
+        text = text.replace(anchor, anchor + pause, 1)
+    scenario = workdir / "uas-jitter.xml"
+    scenario.write_text(text)
+    for p in entry["processes"]:
+        if p["name"] == "sipp":
+            subprocess.run(["kill", str(p["pid"])], check=False)
+    time.sleep(0.2)
+    return subprocess.Popen(
+        ["ip", "netns", "exec", entry["namespace"], "sipp", "-sf", str(scenario), "-i", entry["address"],
+         "-p", "5060", "-bind_local", "-nostdin"],
+        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def false_failovers(lab: Lab, daemon: RunningDaemon, minutes: float, workdir: Path) -> dict[str, int]:
     def starts() -> int:
         events = json.loads(hotsite("events", "--json", "--kind", "failover.decision", "--limit", "1000",
                                     config=daemon.config).stdout)
         return sum(1 for e in events if "starting failover" in e["message"])
 
+    jittery_primary(lab, workdir)  # Lab.down() stops it with everything in the namespaces
+    back_to_normal(lab, daemon)  # the swap takes ~0.2 s: a failover it may cause is not counted
     base = starts()
     lab.impair("primary", loss_pct=5)
     time.sleep(minutes * 60)
@@ -303,7 +395,7 @@ def main() -> None:
         print(f"hotsite, {args.grey_trials} grey failures ...", flush=True)
         ours_grey = grey(lab, daemon, args.grey_trials, workdir)
         print(f"hotsite, {args.loss_minutes:g} min of 5% loss, then a partition ...", flush=True)
-        false = false_failovers(lab, daemon, args.loss_minutes)
+        false = false_failovers(lab, daemon, args.loss_minutes, workdir)
     finally:
         if daemon is not None:
             daemon.stop()
@@ -317,6 +409,16 @@ def main() -> None:
     print(f"{'hotsite + Kamailio':24}{summary(ours['failed']):>22}{summary(ours['max_pdd_ms']):>34}{summary(ours['routed_s']):>46}")
     print(f"{'keepalived (REFERENCE)':24}{'calls fail meanwhile':>22}{'':>34}{'3.07 s to move an address':>46}")
     print(f"calls placed per trial: Kamailio alone {summary(alone['calls'])}; hotsite {summary(ours['calls'])}")
+    print("failed calls split (totals over the trials): set-up failed (routing's job); answered, then a stray 180"
+          " after the 200 (SIPp aborts, a phone would not); answered at the primary before the cut, BYE lost:")
+    for name, res in (("Kamailio alone", alone), ("hotsite + Kamailio", ours)):
+        print(f"  {name:22} set-up {sum(res['failed_setup']):g} (of which never answered, stuck ringing at the"
+              f" dead primary: {sum(res['stuck']):g}), stray 180 {sum(res['failed_late_1xx']):g},"
+              f" BYE lost {sum(res['failed_bye_lost']):g}; failed per trial: {' '.join(f'{v:g}' for v in res['failed'])}")
+    print("calls answered after more than 500 ms (INVITE to 200), per trial:")
+    for name, res in (("Kamailio alone", alone), ("hotsite + Kamailio", ours)):
+        print(f"  {name:22} {summary(res['pdd_over_500'])}   PDD max per trial (ms): "
+              f"{' '.join(f'{v:.0f}' for v in res['max_pdd_ms'])}")
     print("\nGREY FAILURE (the primary's health says it cannot serve; its SBC still answers)")
     print(f"  hotsite: health bad -> hotlines moved (s): {summary(ours_grey['moved_s'])}; "
           f"calls dead-ended at the primary meanwhile: {summary(ours_grey['dead_ended'])} "
@@ -324,7 +426,8 @@ def main() -> None:
     print(f"  Kamailio alone: not detected within the 5 s window; calls dead-ended at the primary: "
           f"{summary(alone_grey['dead_ended'])} of {summary(alone_grey['calls'])} (all of them)")
     print("\nFALSE FAILOVERS")
-    print(f"  {args.loss_minutes:g} min with 5% loss on the primary: {false['loss']}")
+    print(f"  {args.loss_minutes:g} min with 5% loss and 0..{JITTER_MAX_MS} ms jitter (SIP) on the primary: "
+          f"{false['loss']}")
     print(f"  10 s partition of the backup from the primary (witness sees it): {false['partition']}")
 
 

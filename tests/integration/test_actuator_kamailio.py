@@ -256,11 +256,15 @@ def test_failover_moves_a_real_call_to_the_backup_and_failback_returns_it(world:
         assert await asyncio.to_thread(world.landed, CARDS) == "backup"
         assert await asyncio.to_thread(world.landed, "12345") == "backup"  # not a hotline: the default set
         assert await act.rpc.htable_dump("hotlines") == {VIP: 2, CARDS: 2}
+        # The primary's SBC is listed for the config's ringing-call rescue; the backup, still
+        # set 2's destination, is not (though set 1, which also lists it, is fenced).
+        assert set(await act.rpc.htable_dump("fenced")) == {f"sip:{world.sbc['primary']}:{topo.SIP_PORT}"}
 
         assert await move(NORMAL) == []
         assert primary_flags() == [0, 0]
         assert await asyncio.to_thread(world.landed, VIP) == "primary"
         assert CARDS not in await act.rpc.htable_dump("hotlines")  # no longer in the routing: deleted
+        assert await act.rpc.htable_dump("fenced") == {}
         await act.close()
 
     asyncio.run(go())
@@ -292,6 +296,8 @@ def test_hand_edits_are_reported_as_drift_and_reapply_repairs_them(world: World)
         assert any(VIP in line and "wanted 2" in line for line in drift), drift
         assert any("99999" in line and "not in the routing" in line for line in drift), drift
         assert any("not fenced" in line for line in drift), drift
+        await raw(world, "htable.delete", "fenced", f"sip:{world.sbc['primary']}:{topo.SIP_PORT}")
+        assert any("missing from htable fenced" in line for line in await act.verify(FAILOVER))
         await act.apply(FAILOVER, token)
         assert await act.verify(FAILOVER) == []
         assert await asyncio.to_thread(world.landed, VIP) == "backup"

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from failover.actuators.kamailio import (
     FLAG_DISABLED,
     FLAG_PROBING,
+    fenced_destinations,
     list_entries,
     rewrite_list,
     routing_problems,
@@ -121,3 +122,20 @@ def test_fencing_a_destination_keeps_the_rest_of_its_set() -> None:
     )
     back = Routing("normal", "primary", 1, active_uris=frozenset({"sip:10.0.0.1:5060"}))
     assert rewrite_list(rewrite_list(text, fenced), back) == text
+
+
+LAB_SETS = {
+    1: {"sip:10.77.0.20:5060": "AP", "sip:10.77.0.30:5060": "AP"},
+    2: {"sip:10.77.0.30:5060": "AP"},
+}
+
+
+def test_the_fenced_table_lists_an_sbc_fenced_everywhere_and_never_a_fallback_still_used() -> None:
+    by_uri = Routing("failover", "backup", 2, {"95588": 2}, fenced_uris=frozenset({"sip:10.77.0.20:5060"}))
+    assert fenced_destinations(by_uri, LAB_SETS) == {"sip:10.77.0.20:5060"}
+    # Fencing set 1 disables the backup there too, but set 2 still uses it: its ringing calls stay.
+    assert fenced_destinations(FAILOVER, LAB_SETS) == {"sip:10.77.0.20:5060"}
+    assert fenced_destinations(NORMAL, LAB_SETS) == set()
+    # Same SBC written with a transport parameter in the routing: still the same destination.
+    with_params = Routing("f", "backup", 2, fenced_uris=frozenset({"sip:10.77.0.20:5060;transport=udp"}))
+    assert fenced_destinations(with_params, LAB_SETS) == {"sip:10.77.0.20:5060"}
