@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := kamailio sip-tester iproute2 nftables openssl etcd-server etcd-client prometheus tmux openssh-server debootstrap vagrant procps python3-venv
+APT_PACKAGES := kamailio sip-tester iproute2 nftables openssl etcd-server etcd-client prometheus tmux openssh-server debootstrap vagrant procps python3-venv fdisk mtools dosfstools
 # Stamp files make the install steps run once, and again when their inputs change.
 APT_STAMP := $(VENV)/.apt-installed
 PIP_STAMP := $(VENV)/.pip-installed
@@ -50,10 +50,14 @@ $(PIP_STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 
-# build/image/rootfs: Debian 12 + the appliance role (root, debootstrap, network; minutes). images/README.md.
+# build/image/hotsite.img: a bootable disk (UEFI, GPT) of Debian 12 + the appliance role
+# (root, debootstrap, network; minutes). See images/README.md. VARS=my-site-vars.yml.
 image: deps venv
-	$(BIN)/pip wheel -q . -w build/wheels
+	@command -v sfdisk >/dev/null && command -v mcopy >/dev/null && command -v mkfs.vfat >/dev/null || \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fdisk mtools dosfstools
+	rm -rf build/wheels && $(BIN)/pip wheel -q . -w build/wheels
 	images/build-rootfs.sh build/image build/wheels $${VARS:-provisioning/ansible/vagrant-vars.yml}
+	images/build-disk.sh build/image/rootfs build/image/hotsite.img
 
 lab-down: venv
 	$(BIN)/hotsite lab down

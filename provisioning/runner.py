@@ -182,7 +182,7 @@ class Result:
 
 
 def ansible_env() -> dict[str, str]:
-    """What ansible-playbook needs to find hotsite's roles and filters from any working directory."""
+    """What ansible-playbook needs to find hotsite's roles and plugins from any working directory."""
     bindir = str(Path(sys.executable).parent)
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {
@@ -190,6 +190,7 @@ def ansible_env() -> dict[str, str]:
         "PYTHONPATH": pythonpath,
         "ANSIBLE_ROLES_PATH": str(PLAYBOOK_DIR / "roles"),
         "ANSIBLE_FILTER_PLUGINS": str(PLAYBOOK_DIR / "filter_plugins"),
+        "ANSIBLE_CONNECTION_PLUGINS": str(PLAYBOOK_DIR / "connection_plugins"),
         "ANSIBLE_PIPELINING": "True",
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
         "ANSIBLE_NOCOLOR": "True",

@@ -1,12 +1,18 @@
-"""The hotsite_appliance role applied for real, over SSH, to a host in a network namespace.
+"""hotsite's Ansible roles applied for real, over SSH, to a host in a network namespace.
 
 The host is sshd in namespace hs-prov-<random> over a copy-on-write view of
 this machine's root (tests/support/sshd_host.py): the role really creates the
 user, the virtualenv from wheels built here (`pip wheel .`, installed with
 --no-index), the checked config, the unit and the udev rule, and none of it
 touches this machine. Then: the installed unit passes `systemd-analyze
-verify`, a second run changes nothing, and a config the daemon would refuse
-never replaces the one in place.
+verify`, and a config the daemon would refuse never replaces the one in
+place. The same host then takes all four roles through site.yml in one run
+(adding the primary's source agent, the carrier edge's Kamailio, the
+witness): their configs pass the programs' own checks, the witness answers
+votes as the service user, and site.yml run again (through `hotsite
+provision`) changes nothing on any of the four. No run leaves its packed
+wheels on the controller; a witness config the witness would refuse is
+never put in place either.
 """
 
 from __future__ import annotations
@@ -15,14 +21,18 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from appliance.cli.provision import provision
-from provisioning.runner import run_playbook
+from appliance.replication.certs import issue, make_ca
+from provisioning.lab.kamailio import render_dispatcher_list
+from provisioning.runner import Line, run_playbook
 from tests.conftest import REPO
 from tests.support import sshd_host
 
@@ -64,7 +74,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def host() -> sshd_host.SshHost:
+def host() -> Iterator[sshd_host.SshHost]:
     h = sshd_host.SshHost()
     h.up()
     try:
@@ -73,42 +83,50 @@ def host() -> sshd_host.SshHost:
         h.down()
 
 
+def connection_vars(h: sshd_host.SshHost) -> dict[str, object]:
+    return {
+        "ansible_host": h.address,
+        "ansible_user": "root",
+        "ansible_ssh_private_key_file": str(h.key),
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+    }
+
+
+def appliance_vars(
+    h: sshd_host.SshHost, wheels: Path, config: dict, controller_tmp: Path
+) -> dict[str, object]:
+    controller_tmp.mkdir(exist_ok=True)
+    return {
+        **connection_vars(h),
+        # udev is not installed on build machines; the image and real servers have it.
+        "hotsite_apt_packages": ["python3-venv", "python3-apt", "python3-packaging"],
+        "hotsite_service_start": False,
+        "hotsite_wheel_dir": str(wheels),
+        "hotsite_controller_tmp": str(controller_tmp),
+        "hotsite_config": config,
+        "hotsite_secrets": {"smtp-password": "s3cret-smtp\n"},
+    }
+
+
 def inventory(path: Path, h: sshd_host.SshHost, wheels: Path, config: dict) -> Path:
+    host_vars = appliance_vars(h, wheels, config, path.parent / "controller-tmp")
     path.write_text(
-        yaml.safe_dump(
-            {
-                "all": {
-                    "children": {
-                        "appliances": {
-                            "hosts": {
-                                "appliance": {
-                                    "ansible_host": h.address,
-                                    "ansible_user": "root",
-                                    "ansible_ssh_private_key_file": str(h.key),
-                                    "ansible_python_interpreter": "/usr/bin/python3",
-                                    "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
-                                    # udev is not installed on build machines; the image and real servers have it.
-                                    "hotsite_apt_packages": ["python3-venv", "python3-apt"],
-                                    "hotsite_service_start": False,
-                                    "hotsite_wheel_dir": str(wheels),
-                                    "hotsite_config": config,
-                                    "hotsite_secrets": {"smtp-password": "s3cret-smtp\n"},
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        )
+        yaml.safe_dump({"all": {"children": {"appliances": {"hosts": {"appliance": host_vars}}}}})
     )
     return path
 
 
-def test_role_installs_a_verified_appliance_and_a_second_run_changes_nothing(
+def test_role_checked_then_installs_a_verified_appliance(
     host: sshd_host.SshHost, wheels: Path, tmp_path: Path
 ) -> None:
     inv = inventory(tmp_path / "inventory.yml", host, wheels, CONFIG)
-    lines = []
+    # `hotsite provision --check` on the bare host: it predicts the changes and makes none.
+    dry = run_playbook(inv, playbook="appliance.yml", check=True)
+    assert dry.ok, (dry.progress.hosts["appliance"].errors, dry.output_tail)
+    assert dry.progress.hosts["appliance"].changed > 10
+    assert not host.path("/opt/hotsite").exists() and not host.path("/etc/hotsite").exists()
+    lines: list[Line] = []
     started = time.monotonic()
     first = run_playbook(inv, playbook="appliance.yml", on_line=lines.append)
     print(f"first run: {time.monotonic() - started:.1f}s")
@@ -149,14 +167,9 @@ def test_role_installs_a_verified_appliance_and_a_second_run_changes_nothing(
     freeze = host.ssh("/opt/hotsite/bin/python -m pip freeze").stdout
     assert "hotsite==0.1.0" in freeze or "hotsite @" in freeze
 
-    # The second run, through the CLI: nothing changes.
-    started = time.monotonic()
-    result = CliRunner().invoke(provision, ["--inventory", str(inv), "--playbook", "appliance.yml", "--json"])
-    print(f"second run: {time.monotonic() - started:.1f}s")
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["changed_hosts"] == [], summary
-    assert summary["hosts"]["appliance"]["changed"] == 0 and summary["hosts"]["appliance"]["ok"] > 10
+    # The wheels were packed on the controller for the run; nothing of it is left.
+    assert list((tmp_path / "controller-tmp").iterdir()) == []
+    # A second run changes nothing: site.yml's second run, below, with this role among the others.
 
 
 def test_a_config_the_daemon_would_refuse_is_never_put_in_place(
@@ -171,6 +184,160 @@ def test_a_config_the_daemon_would_refuse_is_never_put_in_place(
     errors = result.progress.hosts["appliance"].errors
     assert len(errors) == 1 and "hotsite.toml" in errors[0], errors
     assert host.ssh("sha256sum /etc/hotsite/hotsite.toml").stdout == before
+
+
+SBCS = ("203.0.113.10", "198.51.100.10")
+
+
+def site_inventory(path: Path, h: sshd_host.SshHost, wheels: Path, witness: dict[str, object]) -> Path:
+    """The host in every group of site.yml: appliance, primary source agent, carrier edge, witness."""
+    tls = path.parent / "tls"
+    make_ca(tls)
+    issue(tls, "source", hosts=[h.address], server=True)
+    host_vars = {
+        **appliance_vars(h, wheels, CONFIG, path.parent / "controller-tmp"),
+        "hotsite_source_start": False,
+        "hotsite_witness_start": False,
+        "kamailio_edge_start": False,
+        "hotsite_source_config": {
+            "source": {
+                "listen": f"{h.address}:7450",
+                "tls_cert_file": "/etc/hotsite/tls/source.pem",
+                "tls_key_file": "/etc/hotsite/secrets/source.key",
+                "tls_ca_file": "/etc/hotsite/tls/ca.pem",
+                "allowed_clients": ["backup-appliance"],
+            },
+            "streams": {
+                "customers": {"kind": "sqlite", "path": "/srv/callcentre/customers.db"},
+                "dialplans": {"kind": "files", "path": "/srv/callcentre/dialplans"},
+            },
+        },
+        "hotsite_source_files": {
+            "/etc/hotsite/tls/source.pem": (tls / "source.pem").read_text(),
+            "/etc/hotsite/tls/ca.pem": (tls / "ca.pem").read_text(),
+        },
+        "hotsite_source_secrets": {"source.key": (tls / "source.key").read_text()},
+        "hotsite_source_rw_paths": ["/srv/callcentre"],
+        "hotsite_witness_config": witness,
+        "hotsite_witness_secrets": {"witness-token": "t0ken-of-the-witness\n"},
+        "kamailio_edge_address": h.address,
+        "kamailio_edge_primary_sbc": SBCS[0],
+        "kamailio_edge_backup_sbc": SBCS[1],
+    }
+    groups = ("appliances", "primary_sources", "carrier_edges", "witnesses")
+    path.write_text(
+        yaml.safe_dump({"all": {"children": {g: {"hosts": {"appliance": host_vars}} for g in groups}}})
+    )
+    return path
+
+
+def primary_data(h: sshd_host.SshHost) -> None:
+    """What the primary's source agent serves: the call centre's SQLite database and a file tree."""
+    made = h.ssh(
+        "mkdir -p /srv/callcentre/dialplans && echo '[hotline]' > /srv/callcentre/dialplans/extensions.conf && "
+        "python3 -c \"import sqlite3; db = sqlite3.connect('/srv/callcentre/customers.db'); "
+        "db.execute('PRAGMA journal_mode=WAL'); "
+        "db.execute('CREATE TABLE IF NOT EXISTS customers (id INTEGER PRIMARY KEY, name TEXT)'); db.commit()\""
+    )
+    assert made.returncode == 0, made.stderr
+
+
+def witness_settings(h: sshd_host.SshHost) -> dict[str, object]:
+    return {
+        "name": "witness-1",
+        "listen": f"{h.address}:8080",
+        "primary": [f"tcp://{SBCS[0]}:5060"],
+        "token_file": "/etc/hotsite/secrets/witness-token",
+    }
+
+
+def test_source_edge_and_witness_roles_through_site_yml_then_a_second_run_changes_nothing(
+    host: sshd_host.SshHost, wheels: Path, tmp_path: Path
+) -> None:
+    primary_data(host)
+    inv = site_inventory(tmp_path / "inventory.yml", host, wheels, witness_settings(host))
+    started = time.monotonic()
+    first = run_playbook(inv, playbook="site.yml")
+    print(
+        f"site.yml first run: {time.monotonic() - started:.1f}s, {first.progress.hosts['appliance'].changed} changed"
+    )
+    assert first.ok, (first.progress.hosts["appliance"].errors, first.output_tail)
+    changed = first.progress.hosts["appliance"].changed_tasks
+    for what in (
+        "source.toml",
+        "hotsite-source unit",
+        "witness.toml",
+        "hotsite-witness unit",
+        "kamailio.cfg",
+    ):
+        assert any(what in task for task in changed), (what, changed)
+
+    units = host.ssh(
+        "systemd-analyze verify /etc/systemd/system/hotsite-source.service /etc/systemd/system/hotsite-witness.service"
+    )
+    assert units.returncode == 0, units.stderr
+    assert host.path("/etc/systemd/system/multi-user.target.wants/hotsite-source.service").is_symlink()
+    assert host.path("/etc/systemd/system/multi-user.target.wants/hotsite-witness.service").is_symlink()
+    # The agent's own check, as the service user: config, TLS files and served paths readable by it.
+    source = host.ssh(
+        "runuser -u hotsite -- /opt/hotsite/bin/hotsite source --check --config /etc/hotsite/source.toml"
+    )
+    assert source.returncode == 0 and "ok (2 streams)" in source.stdout, source.stdout + source.stderr
+    unit = host.path("/etc/systemd/system/hotsite-source.service").read_text()
+    assert "ReadWritePaths=/srv/callcentre" in unit and "User=hotsite" in unit
+    kamailio = host.ssh("kamailio -c -f /etc/kamailio/kamailio.cfg")
+    assert kamailio.returncode == 0, kamailio.stderr[-2000:]
+    assert host.path("/etc/kamailio/dispatcher.list").read_text() == render_dispatcher_list(*SBCS)
+    assert_witness_serves_votes(host)
+
+    started = time.monotonic()
+    result = CliRunner().invoke(provision, ["--inventory", str(inv), "--json"])  # site.yml
+    print(f"site.yml second run: {time.monotonic() - started:.1f}s")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    # All four roles' tasks ran (ok) and none changed anything.
+    assert summary["changed_hosts"] == [], summary["hosts"]["appliance"]["changed_tasks"]
+    assert summary["hosts"]["appliance"]["changed"] == 0 and summary["hosts"]["appliance"]["ok"] > 40, summary
+    assert list((tmp_path / "controller-tmp").iterdir()) == []
+
+
+def assert_witness_serves_votes(h: sshd_host.SshHost) -> None:
+    """The unit's command as the service user, with the installed config: it answers with a token only."""
+    command = (
+        "echo $$ > /run/witness.pid && exec setpriv --reuid=hotsite --regid=hotsite --init-groups "
+        "/opt/hotsite/bin/hotsite witness --config /etc/hotsite/witness.toml"
+    )
+    witness = subprocess.Popen([*h.ssh_args(), command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://{h.address}:8080/vote"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                vote = httpx.get(url, headers={"Authorization": "Bearer t0ken-of-the-witness"}, timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and witness.poll() is None, "the witness did not start"
+                time.sleep(0.2)
+        assert vote.status_code == 200 and vote.json()["witness"] == "witness-1", vote.text
+        assert httpx.get(url, timeout=2).status_code == 401
+    finally:
+        h.ssh("kill $(cat /run/witness.pid)")
+        output, _ = witness.communicate(timeout=30)
+    assert witness.returncode == 0, output.decode(errors="replace")[-2000:]  # SIGTERM: a clean stop
+
+
+def test_a_witness_config_the_witness_would_refuse_is_never_put_in_place(
+    host: sshd_host.SshHost, wheels: Path, tmp_path: Path
+) -> None:
+    before = host.ssh("sha256sum /etc/hotsite/witness.toml").stdout
+    assert before, "the site.yml test installs the witness config"
+    bad = {**witness_settings(host), "timeout_s": 5.0}  # longer than interval_s
+    inv = site_inventory(tmp_path / "inventory.yml", host, wheels, bad)
+    result = run_playbook(inv, playbook="witness.yml", tags="hotsite_witness_config")
+    assert not result.ok
+    errors = result.progress.hosts["appliance"].errors
+    assert len(errors) == 1 and "witness.toml" in errors[0], errors
+    assert host.ssh("sha256sum /etc/hotsite/witness.toml").stdout == before
 
 
 def test_a_missing_inventory_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
