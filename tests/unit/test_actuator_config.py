@@ -37,7 +37,7 @@ def problems(text: str) -> list[str]:
     ("extra", "expected"),
     [
         ('[actuators.x]\ntype = "bgp"\n', "actuators.x.type: 'bgp': Input tag 'bgp' found using 'type' does not match any of the expected tags: 'kamailio', 'netlink', 'hook'"),
-        ('[actuators.k]\ntype = "kamailio"\ntoken = 1\n', "actuators.k.token: unknown key (known keys here: probing, timeout_s, token_file, type)"),
+        ('[actuators.k]\ntype = "kamailio"\ntoken = 1\n', "actuators.k.token: unknown key (known keys here: fenced_table, probing, timeout_s, token_file, type)"),
         ('[actuators.k]\ntype = "kamailio"\ntimeout_s = 0\n', "actuators.k.timeout_s: 0: expected greater than or equal to 0.1"),
         ('[actuators.k]\ntype = "kamailio"\nprobing = "maybe"\n', "actuators.k.probing: 'maybe': expected a valid boolean"),
         ('[actuators.n]\ntype = "netlink"\naddress = "2001:db8::1"\ninterface = "eth0"\n', "actuators.n.address: '2001:db8::1': only IPv4 service addresses are supported"),
