@@ -379,12 +379,19 @@ route[SITE] {{
     exit;
 }}
 
+# Every reply, before tm sees it: the reply that ends a ringing branch is only
+# honoured from this proxy itself. One from anywhere else (someone who learnt a
+# branch value) would end a branch whose SBC still rings: dropped, and logged.
+reply_route {{
+    if ($hdr(X-Hotsite-Abandon) != $null && ($si != "{address}" || $sp != {sip})) {{
+        xlog("L_WARN", "X-Hotsite-Abandon for $ci from $si:$sp, not from this proxy: dropped\\n");
+        drop;
+    }}
+}}
+
 onreply_route[SITE_REPLY] {{
     if (!is_method("INVITE") || status =~ "^1[0-9][0-9]$") {{
         return;  # provisional replies: nothing to do (kept light, see onsend_route)
-    }}
-    if ($hdr(X-Hotsite-Abandon) != $null && ($si != "{address}" || $sp != {sip})) {{
-        xlog("L_WARN", "X-Hotsite-Abandon for $ci from $si:$sp, not from this proxy\\n");
     }}
     $sht(ringing=>$ci) = $null;
     $sht(ringmsg=>$ci) = $null;
