@@ -569,7 +569,9 @@ class Config(Section):
     @property
     def my_site(self) -> str:
         """The site this appliance stands at (``appliance.site``, else the first backup site)."""
-        return self.appliance.site or next(n for n, s in self.sites.items() if s.role == "backup")
+        from failover import plans
+
+        return self.appliance.site or plans.backup_site(self)
 
     @property
     def primary(self) -> tuple[str, SiteSection]:

@@ -432,14 +432,12 @@ class EtcdLease:
 
     # -- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
-        task = asyncio.current_task()
         while True:
             await self.cycle()
             # cycle() turns every failure into "unreachable", and a cancellation that
             # lands while httpx is mid-request can come back as an error instead: never
             # let that keep a cancelled loop alive (a stop would wait for it forever).
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            _cancelled_meanwhile()
             leader = self.state.role == "leader"
             await asyncio.sleep(self.ttl_s / 3 if leader else self.retry_s)
 

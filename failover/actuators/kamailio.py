@@ -310,11 +310,14 @@ class KamailioActuator(Actuator):
                 await self.rpc.call("htable.seti", HOTLINES_TABLE, number, set_id)
         await self.rpc.call("htable.seti", ROUTING_TABLE, ACTIVE_KEY, routing.default_set)
         for number in sorted(set(current) - set(routing.hotlines)):
-            try:
-                await self.rpc.call("htable.delete", HOTLINES_TABLE, number)
-            except KamailioRpcError as exc:
-                if "not found" not in exc.message.lower():  # gone already: that is what we want
-                    raise
+            await self._delete(HOTLINES_TABLE, number)
+
+    async def _delete(self, table: str, key: str) -> None:
+        try:
+            await self.rpc.call("htable.delete", table, key)
+        except KamailioRpcError as exc:
+            if "not found" not in exc.message.lower():  # gone already: that is what we want
+                raise
 
     async def _fenced_dump(self) -> dict[str, Any]:
         assert self.fenced_table is not None
@@ -339,11 +342,7 @@ class KamailioActuator(Actuator):
             if _as_int(current.get(uri)) != token:
                 await self.rpc.call("htable.seti", self.fenced_table, uri, token)
         for uri in sorted(set(current) - wanted):
-            try:
-                await self.rpc.call("htable.delete", self.fenced_table, uri)
-            except KamailioRpcError as exc:
-                if "not found" not in exc.message.lower():
-                    raise
+            await self._delete(self.fenced_table, uri)
 
     async def _verify_fenced(self, routing: Routing, sets: dict[int, dict[str, str]]) -> list[str]:
         if self.fenced_table is None:

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.integration.daemon_helpers import hotsite
-from tests.support.multisite import SITES, Sites, wait_until
+from tests.integration.daemon_helpers import hotsite, wait_for
+from tests.support.multisite import SITES, Sites
 
 BENCH_LOCK = Path("/tmp/hotsite-bench.lock")  # one benchmark at a time: figures not distorted
 
@@ -52,7 +52,9 @@ def leader_of(sites: Sites, among: list[str]) -> str | None:
 
 def takeover_event(sites: Sites, site: str, *, after: float) -> dict[str, Any] | None:
     """The new leader's audit record of re-reading the real routing (its own timestamp)."""
-    proc = hotsite("events", "--kind", "coordination.takeover", "--json", "--limit", "5", config=sites.configs[site])
+    proc = hotsite(
+        "events", "--kind", "coordination.takeover", "--json", "--limit", "5", config=sites.configs[site]
+    )
     if proc.returncode != 0:
         return None
     return next((e for e in json.loads(proc.stdout) if e["at"] > after), None)
@@ -60,20 +62,49 @@ def takeover_event(sites: Sites, site: str, *, after: float) -> dict[str, Any] |
 
 def trial(sites: Sites) -> tuple[float, float]:
     ttl = sites.ttl_s
-    leader = wait_until(lambda: leader_of(sites, list(SITES)), 3 * ttl + 30, "a leader", sites.logs)
+    leader = wait_for(
+        lambda: leader_of(sites, list(SITES)),
+        timeout=3 * ttl + 30,
+        what="a leader",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     # Wait until the others are followers and the leader has settled (a random phase of its renewal).
-    wait_until(lambda: all(coordination(sites, s).get("role") == "follower" for s in SITES if s != leader),
-               3 * ttl + 30, "standbys", sites.logs)  # fmt: skip
+    wait_for(
+        lambda: all(coordination(sites, s).get("role") == "follower" for s in SITES if s != leader),
+        timeout=3 * ttl + 30,
+        what="standbys",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     standbys = [s for s in SITES if s != leader]
     sites.kill_appliance(leader)
     killed = time.time()
-    new = wait_until(lambda: leader_of(sites, standbys), 3 * ttl + 30, "takeover", sites.logs)
+    new = wait_for(
+        lambda: leader_of(sites, standbys),
+        timeout=3 * ttl + 30,
+        what="takeover",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     role = coordination(sites, new)
     became = time.time() - role["since_s"] - killed
-    event = wait_until(lambda: takeover_event(sites, new, after=killed), 30, "re-read", sites.logs)
+    event = wait_for(
+        lambda: takeover_event(sites, new, after=killed),
+        timeout=30,
+        what="re-read",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     reread = event["at"] - killed
     sites.start_appliance(leader)
-    wait_until(lambda: coordination(sites, leader).get("role") == "follower", 60, "restarted follows", sites.logs)
+    wait_for(
+        lambda: coordination(sites, leader).get("role") == "follower",
+        timeout=60,
+        what="restarted follows",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     return became, reread
 
 
@@ -82,7 +113,10 @@ def run(sites: Sites, trials: int, label: str) -> list[tuple[float, float]]:
     for i in range(trials):
         became, reread = trial(sites)
         results.append((became, reread))
-        print(f"  {label} trial {i + 1}: leader after {became:.2f} s, routing re-read by {reread:.2f} s", flush=True)
+        print(
+            f"  {label} trial {i + 1}: leader after {became:.2f} s, routing re-read by {reread:.2f} s",
+            flush=True,
+        )
     return results
 
 
@@ -117,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sites.down()
     print()
-    print("| profile | trials | leader after kill (its role's since, ±0.1 s): median | p95 | max | target (TTL + 1 s) | routing re-read (audit time): median |")
+    print(
+        "| profile | trials | leader after kill (its role's since, ±0.1 s): median | p95 | max | target (TTL + 1 s) | routing re-read (audit time): median |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, ttl, results in table:
         if not results:

@@ -72,7 +72,14 @@ def metrics(listen: str) -> str:
     return httpx.get(f"http://{listen}/metrics", timeout=5).text
 
 
-def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.2, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Any,
+    timeout: float = 15.0,
+    interval: float = 0.2,
+    what: str = "condition",
+    on_fail: Any = lambda: "",
+) -> Any:
+    """The predicate's first truthy value; on timeout, an AssertionError with ``on_fail()`` (logs)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -80,4 +87,4 @@ def wait_for(predicate: Any, timeout: float = 15.0, interval: float = 0.2, what:
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}\n{on_fail()}")

@@ -31,7 +31,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.multisite import Sites, wait_until
+from tests.integration.daemon_helpers import wait_for
+from tests.support.multisite import Sites
 
 pytestmark = [
     pytest.mark.lab,
@@ -71,36 +72,61 @@ def applied(sites: Sites) -> list[dict[str, Any]]:
 def test_three_sites_fail_over_by_plan_and_fence_a_partitioned_leader(sites: Sites) -> None:
     # The primary's appliance first, so that it is the leader when its site is cut.
     sites.start_appliance("primary")
-    wait_until(lambda: coordination(sites, "primary").get("role") == "leader", 20, "primary's appliance leads",
-               lambda: sites.logs())  # fmt: skip
+    wait_for(
+        lambda: coordination(sites, "primary").get("role") == "leader",
+        timeout=20,
+        what="primary's appliance leads",
+        on_fail=lambda: sites.logs(),
+        interval=0.1,
+    )
     for site in ("east", "west"):
         sites.start_appliance(site)
-    wait_until(
+    wait_for(
         lambda: all(coordination(sites, s).get("role") == "follower" for s in ("east", "west")),
-        20, "east and west follow", sites.logs,
-    )  # fmt: skip
+        timeout=20,
+        what="east and west follow",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     # The leader read the real routing (normal) on taking the lease, and everyone sees everyone.
-    wait_until(lambda: coordination(sites, "primary").get("observed_routing") == "normal", 15,
-               "the leader observed normal routing", sites.logs)  # fmt: skip
-    wait_until(
+    wait_for(
+        lambda: coordination(sites, "primary").get("observed_routing") == "normal",
+        timeout=15,
+        what="the leader observed normal routing",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
+    wait_for(
         lambda: all(
-            len([p for p in coordination(sites, s).get("peers") or [] if p["fresh"]]) == 3 for s in sites.configs
+            len([p for p in coordination(sites, s).get("peers") or [] if p["fresh"]]) == 3
+            for s in sites.configs
         ),
-        15, "every appliance sees three fresh views", sites.logs,
-    )  # fmt: skip
+        timeout=15,
+        what="every appliance sees three fresh views",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     old_token = sites.world()["token"]  # type: ignore[index]
 
     sites.cut("primary")
     cut = sites.cut_at["primary"]
     # The isolated leader loses its lease view and stops: it says so in its status.
-    old = wait_until(lambda: (c := coordination(sites, "primary")).get("role") == "unknown" and c, TTL_S + 3,
-                     "the partitioned leader demotes itself", sites.logs)  # fmt: skip
+    old = wait_for(
+        lambda: (c := coordination(sites, "primary")).get("role") == "unknown" and c,
+        timeout=TTL_S + 3,
+        what="the partitioned leader demotes itself",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     demoted_at = time.time() - old["since_s"]  # by its own account
     # A survivor takes the lease and fails over by plan.
-    world = wait_until(
+    world = wait_for(
         lambda: (w := sites.world()) and w["routing"]["name"] == "failover" and w,
-        TTL_S + 15, "failover applied by a surviving appliance", sites.logs,
-    )  # fmt: skip
+        timeout=TTL_S + 15,
+        what="failover applied by a surviving appliance",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     assert world["by"] in ("east", "west") and world["token"] > old_token
     assert world["routing"]["hotlines"] == {"95588": 2, "95566": 3, "95577": 2}  # vip, loans east; cards west
     assert world["routing"]["fenced_uris"] == ["sip:10.78.0.10:5060"]
@@ -120,18 +146,26 @@ def test_three_sites_fail_over_by_plan_and_fence_a_partitioned_leader(sites: Sit
 
     # West says it cannot serve: its hotlines are planned around it, with a newer token.
     sites.degrade("west")
-    world = wait_until(
+    world = wait_for(
         lambda: (w := sites.world()) and w["routing"]["name"] == "failover-without:west" and w,
-        15, "re-plan without west", sites.logs,
-    )  # fmt: skip
+        timeout=15,
+        what="re-plan without west",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     assert world["routing"]["hotlines"] == {"95588": 2, "95566": 9, "95577": 2}  # cards to the IVR
     assert world["routing"]["fenced_uris"] == ["sip:10.78.0.10:5060", "sip:10.78.0.30:5060"]
     assert world["token"] >= max(e["token"] for e in log)
 
     # The primary comes back: its appliance follows, never acts with its old token.
     sites.heal("primary")
-    wait_until(lambda: coordination(sites, "primary").get("role") == "follower", 15,
-               "the returning appliance stays passive", sites.logs)  # fmt: skip
+    wait_for(
+        lambda: coordination(sites, "primary").get("role") == "follower",
+        timeout=15,
+        what="the returning appliance stays passive",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     time.sleep(2)
     assert not [e for e in applied(sites) if e["by"] == "primary" and e["at"] > cut]
     assert sites.world()["routing"]["name"] == "failover-without:west"  # type: ignore[index]
@@ -140,25 +174,36 @@ def test_three_sites_fail_over_by_plan_and_fence_a_partitioned_leader(sites: Sit
 def test_the_standby_takes_over_a_killed_leader_and_keeps_the_real_routing(sites: Sites) -> None:
     before = sites.world()
     assert before is not None
-    leader = wait_until(
+    leader = wait_for(
         lambda: next((s for s in sites.configs if coordination(sites, s).get("role") == "leader"), None),
-        10, "a leader after the primary's return", sites.logs,
-    )  # fmt: skip
+        timeout=10,
+        what="a leader after the primary's return",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     standbys = [s for s in sites.configs if s != leader]
     sites.kill_appliance(leader)
     killed = time.time()
     # Any standby may win the lease (the primary's appliance, back now, is one of them).
-    new = wait_until(
+    new = wait_for(
         lambda: next((s for s in standbys if coordination(sites, s).get("role") == "leader"), None),
-        TTL_S + 5, "a standby takes the lease", sites.logs,
-    )  # fmt: skip
+        timeout=TTL_S + 5,
+        what="a standby takes the lease",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     # When it became leader, by its own account (polling three daemons' CLI is slower than that).
     role = coordination(sites, new)
     took_over = time.time() - role["since_s"] - killed
     assert took_over <= TTL_S + 1.5, (took_over, role)
     # It re-read the real routing before acting and follows it: no move back, no re-apply needed.
-    view = wait_until(lambda: (c := coordination(sites, new)).get("observed_routing") and c, 10,
-                      "takeover re-read", sites.logs)  # fmt: skip
+    view = wait_for(
+        lambda: (c := coordination(sites, new)).get("observed_routing") and c,
+        timeout=10,
+        what="takeover re-read",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     assert view["observed_routing"] == before["routing"]["name"]
     state = failover(sites, new)
     assert state["routing"] == "failover" and state["lost_sites"] == ["west"], state
@@ -166,8 +211,13 @@ def test_the_standby_takes_over_a_killed_leader_and_keeps_the_real_routing(sites
     assert sites.world()["routing"] == before["routing"]  # type: ignore[index]
     # The killed appliance restarts (as after a power loss): passive before anything else.
     sites.start_appliance(leader)
-    wait_until(lambda: coordination(sites, leader).get("role") == "follower", 20,
-               "the restarted appliance follows", sites.logs)  # fmt: skip
+    wait_for(
+        lambda: coordination(sites, leader).get("role") == "follower",
+        timeout=20,
+        what="the restarted appliance follows",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     time.sleep(1.5)
     assert not [e for e in applied(sites) if e["by"] == leader and e["at"] > killed]
     assert coordination(sites, new).get("role") == "leader"
@@ -180,23 +230,44 @@ def test_an_ha_pair_at_a_backup_site_hands_over_when_the_active_ones_network_is_
     for name in others:  # clean stops revoke their leases: east-b, started alone, takes the lease
         sites.stop_appliance(name)
     sites.start_appliance("east-b")
-    wait_until(lambda: coordination(sites, "east-b").get("role") == "leader", 20, "east-b leads", sites.logs)
+    wait_for(
+        lambda: coordination(sites, "east-b").get("role") == "leader",
+        timeout=20,
+        what="east-b leads",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     for name in others:
         sites.start_appliance(name)
-    wait_until(lambda: all(coordination(sites, s).get("role") == "follower" for s in others), 20,
-               "the others stand by", sites.logs)  # fmt: skip
+    wait_for(
+        lambda: all(coordination(sites, s).get("role") == "follower" for s in others),
+        timeout=20,
+        what="the others stand by",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     before = sites.world()
-    assert before is not None and coordination(sites, "east-b")["observed_routing"] == before["routing"]["name"]
+    assert (
+        before is not None and coordination(sites, "east-b")["observed_routing"] == before["routing"]["name"]
+    )
 
     sites.cut("east-b")
     cut = sites.cut_at["east-b"]
-    old = wait_until(lambda: (c := coordination(sites, "east-b")).get("role") == "unknown" and c, TTL_S + 3,
-                     "the cut active appliance stops", sites.logs)  # fmt: skip
+    old = wait_for(
+        lambda: (c := coordination(sites, "east-b")).get("role") == "unknown" and c,
+        timeout=TTL_S + 3,
+        what="the cut active appliance stops",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     stopped = time.time() - old["since_s"]  # by its own account
-    new = wait_until(
+    new = wait_for(
         lambda: next((s for s in others if coordination(sites, s).get("role") == "leader"), None),
-        TTL_S + 5, "a standby takes over", sites.logs,
-    )  # fmt: skip
+        timeout=TTL_S + 5,
+        what="a standby takes over",
+        on_fail=sites.logs,
+        interval=0.1,
+    )
     role = coordination(sites, new)  # read first: the call itself takes a while
     took_over = time.time() - role["since_s"]
     assert cut < stopped < took_over, ("the new leader overlapped the old one", cut, stopped, took_over)
@@ -205,5 +276,10 @@ def test_an_ha_pair_at_a_backup_site_hands_over_when_the_active_ones_network_is_
     assert sites.world() == before  # re-verified and kept: nothing moved, nothing re-applied
     assert not [e for e in sites.world_log() if e["by"] == "east-b" and e["at"] > cut]
     sites.heal("east-b")
-    wait_until(lambda: coordination(sites, "east-b").get("role") == "follower", 15,
-               "the returning member of the pair follows", sites.logs)  # fmt: skip
+    wait_for(
+        lambda: coordination(sites, "east-b").get("role") == "follower",
+        timeout=15,
+        what="the returning member of the pair follows",
+        on_fail=sites.logs,
+        interval=0.1,
+    )

@@ -300,14 +300,3 @@ class Sites:
             print(f"multi-site files kept in {self.dir}")
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def wait_until(predicate: Any, timeout_s: float, what: str, on_fail: Any = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout_s:g}s\n{on_fail()}")
-
