@@ -341,6 +341,26 @@ def test_a_ringing_call_at_a_healthy_primary_rings_on_and_is_answered_there(norm
     assert normal.ringing() == {}  # forgotten once answered
 
 
+def test_a_forged_abandon_reply_from_elsewhere_is_dropped_and_the_call_rings_on(normal: Lab) -> None:
+    """The branch-ending 503 counts only from Kamailio itself: a forged copy must not move a call."""
+    call = normal.place_call()
+    call.wait_ringing(normal)
+    ringmsg = asyncio.run(_dump("ringmsg"))
+    assert len(ringmsg) == 1, ringmsg
+    forged = str(next(iter(ringmsg.values())))  # the exact reply, right Via branch and all
+    sender = (
+        "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
+        f" s.sendto(sys.stdin.buffer.read(), ('{topo.host('carrier').netns_addr}', {topo.SIP_PORT}))"
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", "hs-lab-trunk-b", "python3", "-c", sender], input=forged.encode(), check=True
+    )
+    where, _took = call.answered_by(timeout=RING_MS / 1000 + 10)
+    assert where == PRIMARY, "a forged abandon reply ended the branch at the ringing primary"
+    log = (normal.lab.workdir / "kamailio.log").read_text(errors="replace")
+    assert "not from this proxy: dropped" in log
+
+
 def test_a_call_ringing_at_the_primary_when_it_dies_is_answered_at_the_backup_once_fenced(
     normal: Lab,
 ) -> None:
@@ -393,26 +413,6 @@ def test_a_new_call_to_a_dead_primary_is_answered_at_the_backup_within_half_a_se
     timers = lab_kamailio.Timers()
     # fr_timer, rounded up to tm's 62.5 ms tick, plus the backup's answer; 1000+ ms before this change.
     assert call.post_dial_delay_ms() <= timers.fr_timer_ms + 2 * lab_kamailio.TICKS_MS + 50
-
-
-def test_a_forged_abandon_reply_from_elsewhere_is_dropped_and_the_call_rings_on(normal: Lab) -> None:
-    """The branch-ending 503 counts only from Kamailio itself: a forged copy must not move a call."""
-    call = normal.place_call()
-    call.wait_ringing(normal)
-    ringmsg = asyncio.run(_dump("ringmsg"))
-    assert len(ringmsg) == 1, ringmsg
-    forged = str(next(iter(ringmsg.values())))  # the exact reply, right Via branch and all
-    sender = (
-        "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM);"
-        f" s.sendto(sys.stdin.buffer.read(), ('{topo.host('carrier').netns_addr}', {topo.SIP_PORT}))"
-    )
-    subprocess.run(
-        ["ip", "netns", "exec", "hs-lab-trunk-b", "python3", "-c", sender], input=forged.encode(), check=True
-    )
-    where, _took = call.answered_by(timeout=RING_MS / 1000 + 10)
-    assert where == PRIMARY, "a forged abandon reply ended the branch at the ringing primary"
-    log = (normal.lab.workdir / "kamailio.log").read_text(errors="replace")
-    assert "not from this proxy: dropped" in log
 
 
 async def _dump(table: str) -> dict[str, Any]:
