@@ -1,61 +1,57 @@
 """The source side of a SQLite stream: follow the WAL of a database we do not own.
 
-Contract (Litestream's design, made exact):
+Contract (Litestream's design, made exact, and cheaper for the writer):
 
-- Two read-only connections take turns holding a read transaction, so
-  there is always one open. A reader pins the WAL: a checkpoint cannot copy
-  frames past its snapshot into the database file, and the WAL cannot be
-  restarted (overwritten from the start) while it holds a non-zero read
-  mark. To let the application's checkpoints progress, the hold is renewed
-  every ``renew_interval_s`` (0.2 s; at once when it sits on read mark 0 or
-  on an older generation) — the new transaction is begun *before* the old
-  one ends, and only once every committed frame seen so far has been
-  shipped. Not after every poll: a mark moving in small steps hands the
-  application's auto-checkpoint a few frames to copy (and two fsyncs) after
-  nearly every one of its commits (see :meth:`SqliteFollower._renew_due`). A new
-  reader that gets read mark 0 (WAL fully checkpointed) blocks all
-  backfill, so a restart can then only drop frames we already shipped.
-  Hence, while a follower runs, a WAL restart never loses a frame; between
-  sessions it may, and ``resume`` then answers "resnapshot".
-- Only frames up to the wal-index's ``mxFrame`` (the last commit) are
-  read; each must carry the generation's salts.
+- The WAL is held in place by a read-mark guard (:mod:`walguard`), not by a
+  read transaction: a slot of the wal-index held at mark 0, so the
+  application's checkpoints copy nothing and the WAL cannot be restarted
+  (overwritten from its first frame) while we follow it. Only frames up to
+  the wal-index's ``mxFrame`` (the last commit) are read, and each must
+  carry the generation's salts. One idle connection stays open: its shared
+  lock on the database file keeps the application's last ``close()`` from
+  checkpointing past the guard and deleting the WAL.
+- Letting the WAL restart, the cheap way ("windows"): once the WAL holds
+  ``restart_frames`` frames (the application's own auto-checkpoint
+  threshold, 1000 by default) and everything committed has been read, the
+  guard is let go for at most ``window_s``. The application then does what
+  it does alone: its next commit checkpoints everything and the commit after
+  that restarts the WAL. Meanwhile the follower watches the wal-index and
+  reads every commit as it appears; when the generation changes, the end of
+  the old one is read from the file (SQLite's own recovery rule: its salts
+  and an unbroken checksum chain, up to the last commit frame), and the
+  guard is taken in the new generation at once. Only where that end is
+  certain: a window opens only while the file extends ``WINDOW_SLACK``
+  frames past the newest commit (so the old generation's end is followed by
+  older frames, not by the end of the file, which a ``journal_size_limit``
+  truncation could have moved); an end that cannot be told (end of file,
+  frames of the new generation, two restarts) raises
+  :class:`ResnapshotNeeded`, never a silent gap. Measured flat out, this
+  costs the writer a few percent; holding the WAL and restarting it under
+  the write lock (below) cost it about 40%, because the application's
+  busy handler sleeps 1, 2, 5 ms while the checkpoint's two fsyncs hold it.
+- Restarting it ourselves (when windows do not manage: the application
+  checkpoints rarely, writes slowly, or the file is still short): once the
+  WAL holds ``checkpoint_frames`` frames and the follower is at its end, it
+  takes the write lock (``BEGIN IMMEDIATE``, busy timeout
+  ``checkpoint_busy_ms``), reads the last frames, lets go of the guard,
+  checkpoints (PASSIVE: complete, since nobody can commit) and holds
+  read-mark 0 instead, which blocks further copies but not a restart. It
+  lets go of the write lock: the application's next commit restarts the WAL,
+  and the follower goes on with the new generation, having read every frame
+  of the old one while writers were held off. This also makes the file long
+  enough for windows (a restart at ``checkpoint_frames`` leaves it that long).
 - A snapshot is the database file overlaid with the newest WAL version of
-  each page up to the shipped position, read under the held transaction:
-  backfill cannot pass that position, so the result is exactly the
-  committed state at that frame (the online backup API gives a consistent
-  copy but cannot tell at which WAL frame, which streaming needs).
-- Never writes data. The only write is a checkpoint (PASSIVE, or a short
-  RESTART when the WAL is large), which copies committed pages from the WAL
-  into the database file and changes no data; ``checkpoint_frames = 0``
-  turns even that off.
-- WAL growth: under a steady write load the application's own PASSIVE
-  checkpoints rarely find the WAL fully copied and unread, so the WAL never
-  restarts and grows without bound (reported: at 5,000 tx/s and more it
-  kept growing, and flat out the application wrote 66% slower).
-  Like Litestream, once the WAL holds ``restart_frames`` frames or more and
-  the follower is (nearly) at its end, it briefly takes the write lock
-  (``BEGIN IMMEDIATE`` with a busy timeout of ``checkpoint_busy_ms``, so the
-  application's writers wait at most that long plus the copy of the last
-  few frames), reads the last frames, checkpoints (PASSIVE, now complete
-  since nobody can commit) and moves its hold to a new read transaction,
-  which then reads from the database file alone (read mark 0). It lets go
-  of the write lock: the application's next commit restarts the WAL from
-  its start (new salts: a new generation), and the follower goes on with
-  that generation without a resnapshot, since it shipped every frame of
-  the old one while writers were held off. Its mark-0 reader blocks any
-  further checkpoint, so no second restart can pass unseen; a generation
-  change that skips one anyway (salt-1 not incremented by one after a
-  generation that had frames) raises :class:`ResnapshotNeeded`.
-  ``restart_frames`` defaults to 1000, SQLite's default auto-checkpoint
-  threshold: measured flat out, a WAL above it makes the application run a
-  checkpoint attempt after every commit (one that cannot finish while we
-  read), which cost it about half its throughput; many short restarts cost
-  far less. Before taking the write lock the follower moves its hold up and
-  copies what it can without holding anyone off, so the lock covers only the
-  frames committed since.
+  each page up to the shipped position, read under the guard: nothing is
+  copied meanwhile, so the result is exactly the committed state at that
+  frame (the online backup API gives a consistent copy but cannot tell at
+  which WAL frame, which streaming needs).
+- Never writes data. The only writes are the guard's read mark in the
+  wal-index (as any reader's) and the checkpoint above, which copies
+  committed pages into the database file and changes no data;
+  ``checkpoint_frames = 0`` turns it off.
 - A transaction larger than ``MAX_FRAMES_PER_POLL`` frames is never held
   whole: it is shipped as a lazy batch (frame numbers only, pages re-read
-  from the WAL while being sent in chunks).
+  from the WAL while being sent in chunks, the guard keeping them in place).
 
 All methods block (file I/O): call them from a worker thread.
 """
@@ -80,10 +76,19 @@ from appliance.logs import kv
 from appliance.replication.checksum import PageHashes
 from appliance.replication.position import Batch, Position
 from appliance.replication.wal import Frame, Generation, WalFile, WalFormatError, WalHeader
+from appliance.replication.walguard import GuardError, ReadMarkGuard
 
 log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_POLL = 4096
+WINDOW_S = 0.05  # the longest the WAL is left unguarded for the application to restart it
+WINDOW_POLL_S = 0.0001  # how often the wal-index is read meanwhile
+WINDOW_BACKOFF_S = 0.5  # after a window in which the application did not restart the WAL
+# A window opens only while the file extends this many frames past the newest commit: the
+# old generation's end is then followed by older frames, never by the end of the file.
+WINDOW_SLACK = 64
+# The write lock held this long while nothing is committed: a checkpoint is waiting for us.
+YIELD_AFTER_S = 0.005
 # After a restart attempt that did not get the write lock (or was cut short): try again this
 # much later. It was 1 s; flat out, three misses in four seconds then let the WAL grow past
 # 100 MB, and the application's auto-checkpoint, which runs after every commit once the WAL
@@ -116,34 +121,38 @@ class SqliteFollower:
         self,
         db_path: Path,
         clock: Callable[[], float] = time.time,
-        checkpoint_frames: int = 1000,
+        checkpoint_frames: int = 2000,
         restart_frames: int = 1000,
         checkpoint_busy_ms: int = 50,
-        renew_interval_s: float = 0.2,
+        window_s: float = WINDOW_S,
     ) -> None:
         self.db_path = db_path
-        self.renew_interval_s = renew_interval_s
-        self._renewed_at = 0.0  # monotonic time of the last renewal of the hold
-        self._hold_mark0 = True  # the hold (probably) has read mark 0: it blocks every WAL copy
-        self.renewals = 0
         self.checkpoint_frames = checkpoint_frames
         self.restart_frames = restart_frames
         self.checkpoint_busy_ms = checkpoint_busy_ms
+        self.window_s = window_s
+        self._keep: sqlite3.Connection | None = None  # idle; its shared lock keeps the WAL's file alive
         self._rw: sqlite3.Connection | None = None
+        self._wlock: sqlite3.Connection | None = None  # takes the write lock for our own restart
+        self._guard = ReadMarkGuard(Path(str(db_path) + "-shm"))
         self.checkpoints = 0
-        self.restarts = 0  # WAL restarts prepared (everything shipped, backfilled, our hold on mark 0)
+        self.restarts = 0  # WAL restarts we prepared under the write lock
         self.restart_attempts = 0
-        self.restart_hold_s = 0.0  # longest time one restart held the application's writers off
-        self.restart_hold_total_s = 0.0  # all restarts together
+        self.restart_hold_s = 0.0  # longest time one of our restarts held the application's writers off
+        self.restart_hold_total_s = 0.0  # all of them together
+        self.windows = 0  # times the guard was let go for the application to restart the WAL
+        self.window_restarts = 0  # ... and it did
+        self.tail_frames = 0  # frames of a restarted generation read from the file afterwards
+        self.yields = 0  # polls that made way for an application checkpoint waiting for readers
+        self._write_held_since: float | None = None  # monotonic time the write lock was first seen held
         self._next_restart = 0.0  # monotonic time before which no restart is tried again (after a busy one)
+        self._next_window = 0.0  # monotonic time before which no window opens again (after a fruitless one)
+        self._ended_at: Position | None = None  # a generation read to its end under the write lock
+        self._open_end: Generation | None = None  # a generation that may have ended unseen (in a window)
         self._header: WalHeader | None = None  # the header of self.position's generation, once seen
-        self._wlock: sqlite3.Connection | None = None  # takes the write lock for a restart
         self._clock = clock
         self._wal = WalFile(db_path)
-        self._conns: list[sqlite3.Connection] = []
-        self._holder = 0
         self._db_fd: int | None = None
-        self._hold_at: tuple[Generation, int] | None = None
         self.page_size = 0
         self.hashes = PageHashes()
         self.position: Position | None = (
@@ -158,20 +167,20 @@ class SqliteFollower:
         # another thread is still stepping (that crashed the interpreter once).
         self._lock = threading.RLock()
 
-    # -- the read hold -----------------------------------------------------
+    # -- holding the WAL -----------------------------------------------------
 
     @_locked
     def open(self) -> None:
         if not self.db_path.is_file():
             raise SourceError(f"source database {self.db_path} does not exist")
         try:
-            for _ in range(2):
-                conn = sqlite3.connect(
-                    f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-                )
-                conn.execute("PRAGMA busy_timeout = 5000")
-                self._conns.append(conn)
-            mode = self._conns[0].execute("PRAGMA journal_mode").fetchone()[0]
+            keep = sqlite3.connect(
+                f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+            self._keep = keep
+            keep.execute("PRAGMA busy_timeout = 5000")
+            mode = keep.execute("PRAGMA journal_mode").fetchone()[0]
+            keep.execute("SELECT count(*) FROM sqlite_schema").fetchone()  # takes the shared lock, kept
         except sqlite3.Error as exc:
             self.close()
             raise SourceError(f"source database {self.db_path} cannot be opened: {exc}") from None
@@ -182,110 +191,54 @@ class SqliteFollower:
                 " must open it with PRAGMA journal_mode=WAL for it to be replicated"
             )
         self._db_fd = os.open(self.db_path, os.O_RDONLY)
-        self._begin(self._conns[0])
-        self._note_hold()
+        try:
+            self._hold_restarts()
+        except SourceError:
+            self.close()
+            raise
 
     @_locked
     def close(self) -> None:
-        for rw in (self._rw, self._wlock):
-            if rw is not None:
-                rw.close()
-        self._rw = self._wlock = None
-        for conn in self._conns:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-        self._conns = []
+        self._guard.close()
+        for conn in (self._rw, self._wlock, self._keep):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        self._rw = self._wlock = self._keep = None
         self._wal.close()
         if self._db_fd is not None:
             os.close(self._db_fd)
             self._db_fd = None
 
-    @staticmethod
-    def _begin(conn: sqlite3.Connection) -> None:
-        conn.execute("BEGIN")
-        conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+    @property
+    def hold(self) -> str:
+        """What the guard blocks now: "restart" (and copies), "copy" only, or "none"."""
+        return self._guard.hold
 
-    @_locked
-    def renew(self) -> None:
-        """Move the hold to a new read transaction; the old one ends only after the new one began.
+    def _hold_restarts(self) -> None:
+        """Hold the WAL in place from now on (see :meth:`ReadMarkGuard.block_restart`).
 
-        Records the newest commit right after the new transaction began: its
-        read mark cannot be beyond it, so once everything up to there is
-        shipped the hold may move on even if the writer never pauses (else
-        the WAL could not be checkpointed under a steady write load).
+        Every slot contended for a whole second (four application readers
+        each taking and dropping slots without pause) is an error: following
+        on without the guard could lose frames.
         """
-        other = 1 - self._holder
-        self._begin(self._conns[other])
-        self._conns[self._holder].execute("COMMIT")
-        self._holder = other
-        self._note_hold()
-        self._renewed_at = time.monotonic()
-        self.renewals += 1
-
-    def _renew_due(self) -> bool:
-        """Renew the hold at most every ``renew_interval_s``.
-
-        Measured flat out: renewing after every poll (hundreds of times a
-        second) moved our read mark in small steps, and the application's
-        own auto-checkpoint, which runs after each of its commits once the
-        WAL is past 1,000 frames, then found a few frames to copy almost
-        every time, with two fsyncs each, in the application's commit path.
-        A mark that stays put between renewals leaves it nothing to copy.
-        Fewer renewals are always safe: the hold only ever gets older.
-
-        Except a hold on read mark 0 (taken when the WAL was empty or fully
-        copied, e.g. right after a restart): it blocks every copy, and each
-        of the application's commits then sorts the whole WAL for a
-        checkpoint that cannot proceed (seen flat out: most of the writer's
-        time). Such a hold moves on as soon as the WAL has frames again.
-        """
-        hold = self._hold_at
-        if hold is None or self._hold_mark0:
-            return True
-        if self.position is not None and hold[0] != self.position.generation:
-            return True
-        return time.monotonic() - self._renewed_at >= self.renew_interval_s
-
-    def _note_hold(self) -> None:
         try:
-            _header, mx, generation = self._wal.state()
-            self._hold_at = (generation, mx)
-            # Fully copied when the hold began: it most likely took read mark 0 (see _renew_due).
-            self._hold_mark0 = mx == 0 or self._backfilled() >= mx
-        except WalFormatError:
-            self._hold_at = None  # unknown: move only once fully caught up
-            self._hold_mark0 = True
+            for _ in range(200):
+                if self._guard.block_restart():
+                    return
+                time.sleep(0.005)
+        except GuardError as exc:
+            raise SourceError(str(exc)) from None
+        raise SourceError(f"every read-mark slot of {self.db_path}-shm stayed busy for a second")
 
-    def _let_wal_restart(self, shipped: Position) -> None:
-        """Under a steady write load the WAL would never restart (our hold always has a non-zero
-        read mark), so it would grow without bound. When everything is shipped, run a PASSIVE
-        checkpoint (it copies committed pages into the database file; it changes no data and never
-        waits) and, if nothing was committed meanwhile, renew the hold: the new reader then takes
-        read mark 0 and the application's next write restarts the WAL from the start. Set
-        ``checkpoint_frames = 0`` for an agent that never opens the database for writing.
-        """
-        if self._hold_at != (shipped.generation, shipped.frame):
-            return
-        try:
-            rw = self._rw_conn()
-            rw.execute("PRAGMA busy_timeout = 0")
-            rw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            self.checkpoints += 1
-        except sqlite3.Error as exc:
-            log.debug("passive checkpoint skipped", extra=kv(error=str(exc)))
-            return
-        try:
-            _header, mx, generation = self._wal.state()
-        except WalFormatError:
-            return
-        if (generation, mx) == (shipped.generation, shipped.frame):
-            self.renew()
-
-    def _may_renew(self, shipped: Position, caught_up: bool) -> bool:
-        hold = self._hold_at
-        if caught_up:
-            return True
-        return hold is not None and (hold[0] != shipped.generation or shipped.frame >= hold[1])
+    def _hold_restarts_in_place(self) -> None:
+        """Block restarts again for a snapshot or a verify; a generation that could not restart
+        before was not "ended" after all (see _ended_at)."""
+        self._hold_restarts()
+        if self._ended_at is not None:
+            with contextlib.suppress(WalFormatError):
+                if self._current()[2] == self._ended_at.generation:
+                    self._ended_at = None
 
     # -- state reading -----------------------------------------------------
 
@@ -364,6 +317,8 @@ class SqliteFollower:
     @_locked
     def read_state(self) -> tuple[Position, int, int, Iterator[tuple[int, bytes]]]:
         """Start following at the newest committed state; iterate its pages (hashes kept as they go)."""
+        self._hold_restarts_in_place()
+        self._ended_at = self._open_end = None
         position, page_size, db_pages, hashes, pages = self._overlay()
         self.page_size = page_size
         self.position = self.announced = position
@@ -375,6 +330,7 @@ class SqliteFollower:
     def full_checksum(self) -> tuple[Position, int]:
         """Recompute the newest committed state's checksum from the files, independently of
         the rolling value; the follower's own position is untouched (see ``poll(stop_at=...)``)."""
+        self._hold_restarts_in_place()
         position, _size, _pages, hashes, pages = self._overlay()
         for _ in pages:
             pass
@@ -434,7 +390,6 @@ class SqliteFollower:
     def poll(self, stop_at: Position | None = None) -> Batch | None:
         """Committed transactions since the last position, merged into one batch (or None).
 
-        Renews the read hold when everything committed has been read.
         ``stop_at`` ends the batch exactly at that frame (so a replica passes
         through a position a verify was computed at). Raises
         :class:`ResnapshotNeeded` when continuity is lost.
@@ -448,20 +403,13 @@ class SqliteFollower:
             return None  # caught a restart half-way; the next poll sees it whole
         prev = self.position
         announced = self.announced or prev
-        if header is not None and header.generation == prev.generation:
-            self._header = header
-            if (
-                self.restart_frames
-                and self.checkpoint_frames
-                and mx >= self.restart_frames
-                and mx - prev.frame < MAX_FRAMES_PER_POLL
-                and (stop_at is None or stop_at.generation != generation or stop_at.frame <= prev.frame)
-                and time.monotonic() >= self._next_restart
-            ):
-                shipped = self._restart_wal(header, announced, started)
-                if shipped is not False:
-                    return shipped
         if generation != prev.generation:
+            self._hold_restarts()  # before anything else: a second restart would leave a gap
+            tail = self._end_of_generation(prev)
+            if tail:  # shipped first; the next poll moves on to the new generation
+                batch = self._ship(tail, prev.generation, announced, started, mx_after=tail[-1].index)
+                self._ended_at = self.position
+                return batch
             skipped = generation.salt1 != (prev.generation.salt1 + 1) & 0xFFFFFFFF
             if prev.frame and self._header is not None and skipped:
                 raise ResnapshotNeeded(
@@ -472,19 +420,27 @@ class SqliteFollower:
             if header is None or mx == 0:
                 # A restart (or truncation) that has not written a frame yet: same content, new generation.
                 self.position = Position(generation, 0)
-                self.renew()
                 return None
             if header.page_size != self.page_size:
                 raise ResnapshotNeeded(f"page size changed from {self.page_size} to {header.page_size}")
             start = 1
         else:
+            if header is not None:
+                self._header = header
+            if self._ended_at is not None and mx > self._ended_at.frame:
+                self._ended_at = None  # an application reader kept it from restarting: it went on
+                self._hold_restarts()
             start = prev.frame + 1
             if mx < prev.frame:
                 raise ResnapshotNeeded(f"WAL has {mx} committed frames, fewer than the {prev.frame} shipped")
+            if header is not None and self._restart_due(mx, prev, stop_at):
+                shipped = self._restart_wal(header, announced, started)
+                if shipped is not False:
+                    return shipped
+            if mx == prev.frame and self._someone_waits():
+                self._make_way(prev)
         if header is None or mx < start:
             self.last_current_at = started
-            if self._renew_due():
-                self.renew()
             return None
         last = min(mx, start + MAX_FRAMES_PER_POLL - 1)
         if stop_at is not None and stop_at.generation == header.generation and start <= stop_at.frame < last:
@@ -500,7 +456,93 @@ class SqliteFollower:
             frames.pop()  # cannot happen (mx is a commit frame); be safe
         if not frames:
             return None
+        if frames[-1].index == mx and stop_at is None and self._window_due(header, mx):
+            frames += self._window(header, mx)
+            mx = max(mx, frames[-1].index)
         return self._ship(frames, header.generation, announced, started, mx_after=mx)
+
+    def _end_of_generation(self, prev: Position) -> list[Frame]:
+        """The generation of ``prev`` has been restarted: the frames it still had after ``prev``.
+
+        Known exactly when we restarted it ourselves (read under the write
+        lock) or when it had no frame; read from the file when it restarted in
+        a window (see the module docstring); anything else means the guard
+        did not hold, and what happened meanwhile cannot be known.
+        """
+        ended, self._ended_at = self._ended_at, None
+        window, self._open_end = self._open_end, None
+        if ended == prev or prev.frame == 0:
+            return []
+        header = self._header
+        if window == prev.generation and header is not None and header.generation == window:
+            frames, end = self._wal.tail(header, prev.frame)
+            if end in ("eof", "overwritten", "unknown"):
+                raise ResnapshotNeeded(
+                    f"the WAL restarted after frame {prev.frame} of generation {prev} and where that"
+                    f" generation ended cannot be told from the file ({end})"
+                )
+            self.tail_frames += len(frames)
+            return frames
+        raise ResnapshotNeeded(f"the WAL restarted after {prev} while the agent held it (hold: {self.hold})")
+
+    # -- letting the WAL restart -------------------------------------------------
+
+    def _window_due(self, header: WalHeader, mx: int) -> bool:
+        return bool(
+            self.restart_frames
+            and mx >= self.restart_frames
+            and self.hold == "restart"
+            and time.monotonic() >= self._next_window
+            and self._wal.file_frames(header.page_size) >= mx + WINDOW_SLACK
+        )
+
+    def _window(self, header: WalHeader, read_to: int) -> list[Frame]:
+        """Let go of the guard until the application restarts the WAL (at most ``window_s``).
+
+        Reads every commit that appears meanwhile (returned, to ship with the
+        frames up to ``read_to``). When the generation changes, the guard is
+        taken in the new one at once and the old one's end is left to
+        :meth:`_end_of_generation` (via ``_open_end``). Ends early, holding
+        again, if the commits come near the end of the file or exceed a batch.
+        """
+        generation = header.generation
+        extra: list[Frame] = []
+        self._guard.release()
+        self.windows += 1
+        deadline = time.monotonic() + self.window_s
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    _h, mx, now = self._current()
+                except WalFormatError:
+                    time.sleep(WINDOW_POLL_S)
+                    continue
+                if now != generation:
+                    self.window_restarts += 1
+                    self._open_end = generation
+                    return extra
+                if mx > read_to:
+                    if (
+                        mx - read_to + len(extra) > MAX_FRAMES_PER_POLL
+                        or self._wal.file_frames(header.page_size) < mx + WINDOW_SLACK
+                    ):
+                        break
+                    try:
+                        got = self._wal.frames(header, read_to + 1, mx)
+                    except WalFormatError:
+                        continue  # overwritten: the restart is there, the next look sees it
+                    extra += got
+                    read_to = mx
+                time.sleep(WINDOW_POLL_S)
+            self._next_window = time.monotonic() + WINDOW_BACKOFF_S
+            return extra
+        finally:
+            self._hold_restarts()
+            if self._open_end is None:
+                with contextlib.suppress(WalFormatError):
+                    if self._current()[2] != generation:  # restarted just before the guard came back
+                        self.window_restarts += 1
+                        self._open_end = generation
 
     def _ship_large(
         self, header: WalHeader, start: int, mx: int, announced: Position, started: float
@@ -567,7 +609,6 @@ class SqliteFollower:
         announced: Position,
         started: float,
         mx_after: int,
-        renew: bool = True,
     ) -> Batch:
         """Take ``frames`` (whole transactions of one generation) into our state; the batch to send.
 
@@ -603,13 +644,6 @@ class SqliteFollower:
         self.pending_frames = pending
         if end == mx_after:
             self.last_current_at = started
-        # When the WAL is due for a restart, move the hold up and copy into the database file
-        # now, without holding anyone off, so the restart itself has only a few frames left.
-        restart_soon = end == mx_after and self.restart_frames and mx_after >= self.restart_frames
-        if renew and (restart_soon or self._renew_due()) and self._may_renew(self.position, end == mx_after):
-            self.renew()
-            if end == mx_after and self.checkpoint_frames and mx_after >= self.checkpoint_frames:
-                self._let_wal_restart(self.position)
         return Batch(
             kind="tx",
             prev=announced,
@@ -625,7 +659,52 @@ class SqliteFollower:
             pages={p: d for p, d in pages.items() if p <= db_pages},
         )
 
-    # -- bounding the WAL ------------------------------------------------------
+    def _someone_waits(self) -> bool:
+        """The write lock held for ``YIELD_AFTER_S`` while nothing was committed: most likely the
+        application's FULL, RESTART or TRUNCATE checkpoint, which waits for readers (for as long
+        as its busy timeout) holding its writers off meanwhile."""
+        if self.hold != "restart":
+            self._write_held_since = None
+            return False
+        try:
+            held = self._guard.write_locked()
+        except GuardError:
+            return False
+        now = time.monotonic()
+        if not held:
+            self._write_held_since = None
+            return False
+        if self._write_held_since is None:
+            self._write_held_since = now
+        return now - self._write_held_since >= YIELD_AFTER_S
+
+    def _make_way(self, read: Position) -> None:
+        """Everything up to ``read`` is read and nothing more committed: let it be copied and, once
+        it all is, hold read-mark 0 so that a checkpoint may restart the WAL.
+
+        Safe whoever holds the write lock: with read-mark 0 held nothing more is
+        copied, so the WAL restarts only if the copy reached ``read`` and no
+        frame came after it; frames that do come are seen on the next poll (the
+        WAL cannot restart past them) and the guard is taken back (see ``poll``).
+        """
+        self.yields += 1
+        if not self._guard.block_restart(read.frame):
+            return
+        if self._backfilled() >= read.frame and self._guard.block_copy():
+            self._ended_at = read
+            self._write_held_since = None
+
+    # -- restarting the WAL ourselves ----------------------------------------------
+
+    def _restart_due(self, mx: int, prev: Position, stop_at: Position | None) -> bool:
+        return bool(
+            self.checkpoint_frames
+            and mx >= self.checkpoint_frames
+            and self.hold == "restart"
+            and mx - prev.frame < MAX_FRAMES_PER_POLL
+            and (stop_at is None or stop_at.generation != prev.generation or stop_at.frame <= prev.frame)
+            and time.monotonic() >= self._next_restart
+        )
 
     def _rw_conn(self) -> sqlite3.Connection:
         if self._rw is None:
@@ -643,16 +722,15 @@ class SqliteFollower:
         """
         assert self.position is not None
         self.restart_attempts += 1
-        if self._wlock is None:
-            self._wlock = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
-        wlock = self._wlock
-        try:
-            wlock.execute(f"PRAGMA busy_timeout = {int(self.checkpoint_busy_ms)}")
-            wlock.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            log.debug("no write lock for a WAL restart", extra=kv(error=str(exc)))
+        # First copy what we have read, without holding anyone off, so that under the write
+        # lock only the frames committed since are left to copy.
+        self._precopy(self.position.frame)
+        if not self._write_lock():
+            self._hold_restarts()
             self._next_restart = time.monotonic() + RESTART_RETRY_S
             return False
+        wlock = self._wlock
+        assert wlock is not None
         t0 = time.monotonic()
         frames: list[Frame] = []
         mx, generation = 0, header.generation
@@ -672,23 +750,19 @@ class SqliteFollower:
                 return False
             if mx > self.position.frame:
                 frames = self._wal.frames(now_header, self.position.frame + 1, mx)
-            # Copy every frame into the database file (PASSIVE: it waits for nobody) ...
-            rw = self._rw_conn()
-            rw.execute("PRAGMA busy_timeout = 0")
-            self._conns[self._holder].execute("COMMIT")  # our hold must not stop the copy
+            self._guard.release()  # our mark must not stop the copy
             try:
-                rw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                self.checkpoints += 1
+                self._checkpoint(mx)
             finally:
-                # ... then hold again: if the copy was complete, this reader reads the file alone
-                # (mark 0), which blocks further copies, and the next commit restarts the WAL.
-                self._begin(self._conns[self._holder])
-                self._note_hold()
-            if self._backfilled() >= mx:
-                self.restarts += 1
-                self._next_restart = 0.0
-            else:  # an application reader kept the copy short: the WAL goes on; try later
-                self._next_restart = time.monotonic() + RESTART_RETRY_S
+                # All copied: hold read-mark 0 (no more copies; the next commit restarts the WAL).
+                # Else (an application reader kept the copy short) hold it in place again.
+                if self._backfilled() >= mx and self._guard.block_copy():
+                    self._ended_at = Position(generation, mx)
+                    self.restarts += 1
+                    self._next_restart = 0.0
+                else:
+                    self._hold_restarts()
+                    self._next_restart = time.monotonic() + RESTART_RETRY_S
         except (sqlite3.Error, WalFormatError) as exc:
             log.warning("WAL restart failed", extra=kv(error=str(exc)))
             self._next_restart = time.monotonic() + RESTART_RETRY_S
@@ -705,7 +779,54 @@ class SqliteFollower:
         self.last_current_at = started
         if not frames:
             return None
-        return self._ship(frames, generation, announced, started, mx_after=mx, renew=False)
+        return self._ship(frames, generation, announced, started, mx_after=mx)
+
+    def _precopy(self, upto: int) -> None:
+        """Let the frames up to ``upto`` (all read) be copied into the database file now."""
+        if upto and self._guard.block_restart(upto):
+            self._checkpoint(upto)
+
+    def _checkpoint(self, upto: int) -> bool:
+        """PASSIVE checkpoints until frame ``upto`` is copied, for at most ``checkpoint_busy_ms``.
+
+        Busy means another checkpoint holds the lock: most often the
+        application's own attempt, copying the same frames (with its two
+        fsyncs); we wait for it rather than give up.
+        """
+        deadline = time.monotonic() + self.checkpoint_busy_ms / 1000
+        try:
+            rw = self._rw_conn()
+            rw.execute("PRAGMA busy_timeout = 0")
+            while True:
+                self.checkpoints += 1
+                rw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                if self._backfilled() >= upto or time.monotonic() >= deadline:
+                    return self._backfilled() >= upto
+                time.sleep(0.0002)
+        except sqlite3.Error as exc:
+            log.debug("checkpoint failed", extra=kv(error=str(exc)))
+            return False
+
+    def _write_lock(self) -> bool:
+        """``BEGIN IMMEDIATE`` within ``checkpoint_busy_ms``, tried every 50 µs.
+
+        Not SQLite's busy handler: it sleeps 1, 2, 5, 10 ms between tries, and
+        against a writer that commits every few microseconds it lost the race
+        nine times in ten (seen flat out), while the WAL grew by megabytes.
+        """
+        if self._wlock is None:
+            self._wlock = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+            self._wlock.execute("PRAGMA busy_timeout = 0")
+        deadline = time.monotonic() + self.checkpoint_busy_ms / 1000
+        while True:
+            try:
+                self._wlock.execute("BEGIN IMMEDIATE")
+                return True
+            except sqlite3.OperationalError as exc:
+                if time.monotonic() >= deadline:
+                    log.debug("no write lock for a WAL restart", extra=kv(error=str(exc)))
+                    return False
+            time.sleep(0.00005)
 
     def _backfilled(self) -> int:
         """nBackfill of the wal-index: frames already copied into the database file."""

@@ -19,21 +19,17 @@ under a steady write load. Keys of ``[source]``:
   ``poll_interval_s``, at least 0.2 s).
 - ``watch`` (true): use inotify for file trees.
 - ``bandwidth_limit_bytes_s`` (0 = unlimited).
-- ``checkpoint_frames`` (1000): once everything is shipped and the WAL holds
-  this many frames, a PASSIVE checkpoint (never waits, never blocks the
-  application). 0: the agent never checkpoints (never opens the database
-  for writing); the WAL then restarts only when the application manages it.
-- ``restart_frames`` (1000, ~4 MB at 4 KiB pages): once everything is
-  shipped and the WAL holds this many frames, the agent restarts it (writers
-  held off for the copy of the last few frames; a new generation, which the
-  replica follows without a resnapshot). Like Litestream's
-  ``max-checkpoint-page-count``, but kept at SQLite's default
-  ``wal_autocheckpoint`` (1000): past that size the application's own
-  auto-checkpoint runs after every one of its commits and cannot finish
-  while the agent reads, which measured flat out cost the writer far more
-  than the agent's short restarts. An application configured with a larger
-  ``wal_autocheckpoint`` (or 0) can use a larger value. 0: never. Needs
-  ``checkpoint_frames``.
+- ``restart_frames`` (1000): once the WAL holds this many frames and
+  everything in it has been read, the agent lets go of it for up to 50 ms so
+  the application's own auto-checkpoint restarts it, as it would without
+  replication (see ``appliance/replication/follower.py``). Set it to the
+  application's ``wal_autocheckpoint`` (SQLite's default is 1000). 0: never.
+- ``checkpoint_frames`` (2000): once the WAL holds this many frames anyway
+  (the application checkpoints rarely, writes slowly, or the WAL file is
+  still too short for the above), the agent restarts it itself: it copies
+  what it has read, then holds the application's writers off for the copy
+  of the frames committed since (about 1 ms measured flat out). 0: never
+  (the agent then never opens the database for writing).
 - ``peer_timeout_s`` (15): a replica that sends keepalives and is not heard
   from for this long is presumed cut off (a partition drops packets and
   closes nothing); its session ends and releases the read hold on the WAL.
@@ -73,7 +69,7 @@ class SourceAgentSection(Section):
     rescan_s: float = Field(default=30.0, gt=0, le=86400)
     watch: bool = True
     bandwidth_limit_bytes_s: int = Field(default=0, ge=0)
-    checkpoint_frames: int = Field(default=1000, ge=0, le=10_000_000)
+    checkpoint_frames: int = Field(default=2000, ge=0, le=10_000_000)
     restart_frames: int = Field(default=1000, ge=0, le=10_000_000)
     checkpoint_busy_ms: int = Field(default=50, ge=1, le=5000)
     peer_timeout_s: float = Field(default=15.0, gt=0, le=3600)

@@ -69,7 +69,7 @@ class SourceAgent:
         rescan_s: float = 30.0,
         watch: bool = True,
         bandwidth_limit_bytes_s: int = 0,
-        checkpoint_frames: int = 1000,
+        checkpoint_frames: int = 2000,
         restart_frames: int = 1000,
         checkpoint_busy_ms: int = 50,
         clock: Callable[[], float] = time.time,
@@ -100,6 +100,7 @@ class SourceAgent:
         self.max_message = max_message  # the largest message either end accepts (tests lower it)
         self.peer_timeout_s = peer_timeout_s  # silence from a replica that sends keepalives: dead path
         self.chunked_batches = 0  # batches sent in chunks, all sessions (tests)
+        self.continuity_lost = 0  # sessions ended because the WAL lost continuity (a resnapshot follows)
         self.largest_body = 0  # the most page bytes one message carried, all sessions (tests)
 
     def find(self, requested: str) -> ServedStream | None:
@@ -409,6 +410,7 @@ class SourceAgent:
             try:
                 batch = await asyncio.to_thread(follower.poll, verify_at)
             except ResnapshotNeeded as exc:
+                self.continuity_lost += 1
                 log.warning(
                     "continuity lost; the replica will resnapshot", extra=kv(stream=stream.name, why=str(exc))
                 )

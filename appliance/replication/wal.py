@@ -19,6 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 WAL_MAGIC = (0x377F0682, 0x377F0683)
 WAL_HEADER = struct.Struct(
@@ -67,6 +68,7 @@ class WalHeader:
     page_size: int
     generation: Generation
     raw_salts: bytes
+    big_endian_checksums: bool = False  # magic 0x377f0683: frame checksums over big-endian words
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,7 @@ def parse_header(raw: bytes) -> WalHeader | None:
         raise WalFormatError(f"unknown WAL format version {version}")
     if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
         raise WalFormatError(f"WAL header has an impossible page size {page_size}")
-    return WalHeader(page_size, Generation(salt1, salt2), bytes(raw[16:24]))
+    return WalHeader(page_size, Generation(salt1, salt2), bytes(raw[16:24]), bool(magic & 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +124,24 @@ def read_shm_header(fd: int, attempts: int = 50) -> ShmHeader | None:
         page_size = 65536 if sz == 1 else sz
         return ShmHeader(mx_frame, page_size, bytes(raw[SHM_SALT_OFFSET : SHM_SALT_OFFSET + 8]))
     raise WalFormatError("the wal-index header kept changing while being read")
+
+
+def wal_checksum(data: bytes, s0: int, s1: int, big_endian: bool) -> tuple[int, int]:
+    """SQLite's WAL checksum of ``data`` (a multiple of 8 bytes), continuing from (s0, s1).
+
+    Each frame's header stores the running value over the WAL header and
+    every frame before it (its first 8 header bytes, then its page): a frame
+    is valid only if the chain holds, which is how SQLite's own recovery
+    tells the frames of the last transactions from leftovers.
+    """
+    words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+TailEnd = Literal["stale", "eof", "overwritten", "unknown"]
 
 
 class WalFile:
@@ -219,3 +239,57 @@ class WalFile:
             return None
         pgno, commit, _s1, _s2 = FRAME_HEADER.unpack(raw)
         return pgno, commit, raw[8:16]
+
+    def file_frames(self, page_size: int) -> int:
+        """How many whole frames the WAL file has room for now (committed or not, any generation)."""
+        fds = self._fds()
+        if fds is None:
+            return 0
+        return max(0, (os.fstat(fds[0]).st_size - WAL_HEADER_SIZE) // (FRAME_HEADER_SIZE + page_size))
+
+    def tail(self, header: WalHeader, after: int) -> tuple[list[Frame], TailEnd]:
+        """The committed frames of ``header``'s generation after frame ``after``, read after a restart.
+
+        Once the WAL has restarted, the wal-index no longer says where the old
+        generation ended, but its last frames are still in the file until the
+        new generation grows over them. SQLite's recovery rule finds them:
+        frames carrying the generation's salts whose checksum chain (from
+        frame ``after``'s stored value) holds, up to the last commit frame.
+        How the scan ended says whether that is certain:
+
+        - "stale": the next frame is older or fails the chain: the generation
+          ended there, for sure;
+        - "eof": the file ends there: certain only if nothing truncated it
+          (``journal_size_limit``, a TRUNCATE checkpoint), which cannot be
+          told afterwards;
+        - "overwritten": the next frame belongs to the newer generation, which
+          may have written over the end of this one;
+        - "unknown": frame ``after`` itself is no longer this generation's.
+        """
+        fds = self._fds()
+        if fds is None or after < 1:
+            return [], "unknown"
+        size = FRAME_HEADER_SIZE + header.page_size
+        raw = os.pread(fds[0], size, frame_offset(after, header.page_size))
+        if len(raw) < size or raw[8:16] != header.raw_salts:
+            return [], "unknown"
+        s0, s1 = struct.unpack_from(">II", raw, 16)
+        committed: list[Frame] = []
+        pending: list[Frame] = []
+        index = after + 1
+        while True:
+            raw = os.pread(fds[0], size, frame_offset(index, header.page_size))
+            if len(raw) < size:
+                return committed, "eof"
+            pgno, commit, salt1, _salt2 = FRAME_HEADER.unpack_from(raw)
+            if raw[8:16] != header.raw_salts:
+                newer = (salt1 - header.generation.salt1) & 0xFFFFFFFF
+                return committed, "overwritten" if 0 < newer < 1 << 16 else "stale"
+            s0, s1 = wal_checksum(raw[:8] + raw[FRAME_HEADER_SIZE:], s0, s1, header.big_endian_checksums)
+            if (s0, s1) != struct.unpack_from(">II", raw, 16):
+                return committed, "stale"
+            pending.append(Frame(index, pgno, commit, bytes(raw[FRAME_HEADER_SIZE:])))
+            if commit:
+                committed += pending
+                pending = []
+            index += 1

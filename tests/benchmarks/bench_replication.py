@@ -325,7 +325,11 @@ async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple
         restarts = sum(f.restarts for f in agent.followers) if agent is not None else 0
         hold = max((f.restart_hold_s for f in agent.followers), default=0.0) if agent is not None else 0.0
         held = sum(getattr(f, "restart_hold_total_s", 0.0) for f in agent.followers) if agent is not None else 0.0
-        results[mode] = (*q.get(), biggest / 1e6, restarts, hold, held)
+        followers = agent.followers if agent is not None else set()
+        windows = sum(f.window_restarts for f in followers)
+        tails = sum(f.tail_frames for f in followers)
+        resnapshots = agent.continuity_lost if agent is not None else 0
+        results[mode] = (*q.get(), biggest / 1e6, restarts, hold, held, windows, tails, resnapshots)
         stop.set()
         if rep is not None:
             await asyncio.to_thread(rep.join, 10)
@@ -518,8 +522,10 @@ def main() -> None:
                           f" {o[base][1] * 1e6:.0f} / {o[other][1] * 1e6:.0f} us,"
                           f" p99 {o[base][2] * 1e6:.0f} / {o[other][2] * 1e6:.0f} us;"
                           f" WAL largest {o[base][4]:.1f} / {o[other][4]:.1f} MB,"
-                          f" WAL restarts by the agent {o[other][5]:.0f}, writers held off at most"
-                          f" {o[other][6] * 1000:.1f} ms, {o[other][7] * 1000:.0f} ms in all   [target < 10%]")
+                          f" WAL restarted by the application in a window {o[other][8]:.0f} times"
+                          f" ({o[other][9]:.0f} frames read after the restart), by the agent"
+                          f" {o[other][5]:.0f} times (writers held off at most {o[other][6] * 1000:.1f} ms,"
+                          f" {o[other][7] * 1000:.0f} ms in all); resnapshots {o[other][10]:.0f}   [target < 10%]")
             print("  (pinned: the writer alone on CPU 0, agent and replica sharing CPU 1)")
         if args.seed_mb:
             s = asyncio.run(seeding(bench, args.seed_mb))

@@ -1,11 +1,13 @@
-"""The WAL stays bounded under a steady write load: the follower restarts it and follows the new
-generation without a resnapshot; the replica stays equal to a committed state throughout."""
+"""The WAL stays bounded under a steady write load: the follower lets the application restart it
+(or restarts it itself) and follows the new generation without a resnapshot; where the end of a
+generation cannot be told it says so; the replica stays equal to a committed state throughout."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
 from appliance.replication.tls import client_context, server_context
 from appliance.replication.wal import WalFile
+from appliance.replication.walguard import ReadMarkGuard
 
 PAYLOAD = "customer record " * 8
 
@@ -51,33 +54,81 @@ def drain(follower: SqliteFollower, replica: Replica) -> int:
     return n
 
 
-def test_restart_crosses_into_the_new_generation_without_resnapshot(tmp_path: Path) -> None:
+def commit(app: sqlite3.Connection, rows: int = 1) -> None:
+    app.execute("BEGIN")
+    for _ in range(rows):
+        app.execute("INSERT INTO t (p) VALUES (?)", (PAYLOAD,))
+    app.execute("COMMIT")
+
+
+def long_wal_file(app: sqlite3.Connection, frames: int) -> None:
+    """Leave the WAL file ``frames`` frames long with a short new generation in it (as a busy
+    application's WAL is after its first restarts): what follows the newest frames is old."""
+    app.execute("PRAGMA wal_autocheckpoint = 0")
+    for _ in range(frames):
+        commit(app)
+    assert app.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0] == 0
+    commit(app)  # restarts the WAL: a new generation over the start of the long file
+
+
+def test_the_guard_blocks_restarts_and_copies_as_a_reader_would(tmp_path: Path) -> None:
     db = tmp_path / "src.db"
     app = make_db(db)
-    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=40, restart_frames=50)
+    app.execute("PRAGMA wal_autocheckpoint = 0")
+    app.execute("PRAGMA busy_timeout = 0")
+    for _ in range(20):
+        commit(app)
+    guard = ReadMarkGuard(Path(str(db) + "-shm"))
+    try:
+        assert guard.block_restart() and guard.hold == "restart" and guard.value == 0
+        busy, frames, copied = app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert (busy, copied) == (0, 0) and frames > 20  # nothing copied past mark 0
+        assert app.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0] == 1  # busy: no restart
+        assert guard.block_restart(10) and guard.value == 10  # another slot, then the old one let go
+        assert app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[2] == 10
+        generation = WalFile(db).state()[2]
+        assert guard.block_copy() and guard.hold == "copy"
+        # Read-mark 0: nothing more is copied, so the WAL cannot restart either.
+        assert app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[2] == 10
+        commit(app)
+        assert WalFile(db).state()[2] == generation
+        guard.release()
+        assert app.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0] == 0
+        commit(app)
+        assert WalFile(db).state()[2].salt1 == generation.salt1 + 1
+    finally:
+        guard.close()
+        app.close()
+
+
+def test_our_restart_crosses_into_the_new_generation_without_resnapshot(tmp_path: Path) -> None:
+    db = tmp_path / "src.db"
+    app = make_db(db)
+    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=50, restart_frames=0)
     try:
         for _ in range(30):
-            app.execute("INSERT INTO t (p) VALUES (?)", (PAYLOAD,))
+            commit(app)
         replica.apply(follower.poll())  # type: ignore[arg-type]
-        assert follower.restarts == 0  # under restart_frames: only the hold moves
+        assert follower.restarts == 0  # under checkpoint_frames: the WAL is only held
         before = follower.position
         assert before is not None
-        # Unread commits past restart_frames: the restart reads them under the write lock and ships them.
+        # Unread commits past checkpoint_frames: read under the write lock and shipped.
         for _ in range(30):
-            app.execute("INSERT INTO t (p) VALUES (?)", (PAYLOAD,))
+            commit(app)
         batch = follower.poll()
         assert batch is not None and batch.position.generation == before.generation
         assert batch.position.frame >= 50 and batch.pending_frames == 0
         replica.apply(batch)
-        assert follower.restarts == 1
+        assert follower.restarts == 1 and follower.hold == "copy"
         assert replica.checksum == logical_checksum(db)
         # The application's next commit restarts the WAL: a new generation, salt-1 plus one.
-        app.execute("INSERT INTO t (p) VALUES (?)", (PAYLOAD,))
+        commit(app)
         _header, mx, generation = WalFile(db).state()
         assert generation != before.generation and generation.salt1 == before.generation.salt1 + 1
         assert mx < 10
         drain(follower, replica)
         assert follower.position is not None and follower.position.generation == generation
+        assert follower.hold == "restart"
         assert replica.checksum == logical_checksum(db) == replica.full_checksum()
         assert app.execute("SELECT count(*) FROM t").fetchone()[0] == 61
     finally:
@@ -86,23 +137,145 @@ def test_restart_crosses_into_the_new_generation_without_resnapshot(tmp_path: Pa
         app.close()
 
 
-def test_a_skipped_generation_is_a_resnapshot_not_a_silent_gap(tmp_path: Path) -> None:
-    """If two restarts pass while nothing holds the WAL (here: the hold dropped by hand), the frames
-    of the generation in between are gone: the follower must say so, never continue."""
+def test_in_a_window_the_application_restarts_the_wal_itself(tmp_path: Path) -> None:
+    db = tmp_path / "src.db"
+    app = make_db(db)
+    long_wal_file(app, 300)
+    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=0, restart_frames=50)
+    try:
+        app.execute("PRAGMA wal_autocheckpoint = 50")  # its own checkpoints: held to mark 0, copy nothing
+        for _ in range(60):
+            commit(app)
+        generation = WalFile(db).state()[2]
+
+        def later() -> None:  # the application goes on writing while the follower looks
+            time.sleep(0.01)
+            for _ in range(3):
+                commit(app)
+
+        writer = threading.Thread(target=later)
+        writer.start()
+        batch = follower.poll()
+        writer.join()
+        assert batch is not None
+        replica.apply(batch)
+        drain(follower, replica)
+        assert follower.windows == 1 and follower.window_restarts == 1 and follower.restarts == 0
+        assert follower.position is not None and follower.position.generation.salt1 == generation.salt1 + 1
+        assert follower.hold == "restart"
+        assert replica.checksum == logical_checksum(db) == replica.full_checksum()
+    finally:
+        follower.close()
+        replica.close()
+        app.close()
+
+
+def restart_unseen(app: sqlite3.Connection, follower: SqliteFollower, rows: int) -> None:
+    """What a window can miss: the guard let go, a commit of ``rows`` rows, a complete checkpoint
+    and the next commit restarting the WAL, all before the follower looks again."""
+    assert follower.position is not None
+    follower._guard.release()
+    follower._open_end = follower.position.generation
+    commit(app, rows)
+    assert app.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
+    commit(app)
+
+
+def test_the_end_of_a_restarted_generation_is_read_from_the_file(tmp_path: Path) -> None:
+    db = tmp_path / "src.db"
+    app = make_db(db)
+    long_wal_file(app, 300)
+    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=0, restart_frames=0)
+    try:
+        for _ in range(20):
+            commit(app)
+        drain(follower, replica)
+        before = follower.position
+        assert before is not None
+        restart_unseen(app, follower, rows=40)
+        tail = follower.poll()
+        assert tail is not None and tail.position.generation == before.generation
+        assert tail.transactions == 1 and follower.tail_frames == tail.frames > 1
+        replica.apply(tail)
+        drain(follower, replica)
+        assert follower.position is not None and follower.position.generation.salt1 == before.generation.salt1 + 1
+        assert replica.checksum == logical_checksum(db) == replica.full_checksum()
+    finally:
+        follower.close()
+        replica.close()
+        app.close()
+
+
+def test_an_end_that_cannot_be_told_is_a_resnapshot_not_a_guess(tmp_path: Path) -> None:
+    """The old generation's last frames end the file: a journal_size_limit truncation could have
+    cut more off, and nothing in the file can say. Also two restarts passing unseen."""
     db = tmp_path / "src.db"
     app = make_db(db)
     app.execute("PRAGMA wal_autocheckpoint = 0")
     follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=0, restart_frames=0)
     try:
         for _ in range(20):
-            app.execute("INSERT INTO t (p) VALUES (?)", (PAYLOAD,))
+            commit(app)
         drain(follower, replica)
-        follower._conns[follower._holder].execute("COMMIT")  # the hold, gone
-        for _ in range(2):
-            assert app.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0] == 0
-            app.execute("INSERT INTO t (p) VALUES (?)", (PAYLOAD,))
-        with pytest.raises(ResnapshotNeeded, match="without passing through"):
+        restart_unseen(app, follower, rows=5)
+        with pytest.raises(ResnapshotNeeded, match=r"cannot be told from the file \(eof\)"):
             follower.poll()
+    finally:
+        follower.close()
+        replica.close()
+        app.close()
+
+
+def test_a_skipped_generation_is_a_resnapshot_not_a_silent_gap(tmp_path: Path) -> None:
+    """If two restarts pass while nothing holds the WAL, the frames of the generation in between
+    are gone: the follower must say so, never continue."""
+    db = tmp_path / "src.db"
+    app = make_db(db)
+    long_wal_file(app, 100)
+    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=0, restart_frames=0)
+    try:
+        for _ in range(20):
+            commit(app)
+        drain(follower, replica)
+        restart_unseen(app, follower, rows=1)
+        assert app.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0] == 0
+        commit(app)
+        with pytest.raises(ResnapshotNeeded, match="without passing through"):
+            drain(follower, replica)
+    finally:
+        follower.close()
+        replica.close()
+        app.close()
+
+
+def test_an_application_truncate_checkpoint_waits_for_a_poll_not_its_busy_timeout(tmp_path: Path) -> None:
+    db = tmp_path / "src.db"
+    app = make_db(db)
+    app.execute("PRAGMA wal_autocheckpoint = 0")
+    app.execute("PRAGMA busy_timeout = 5000")
+    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=0, restart_frames=0)
+    try:
+        for _ in range(50):
+            commit(app)
+        drain(follower, replica)
+        result: list[tuple[int, int, int]] = []
+
+        def truncate() -> None:
+            t0 = time.monotonic()
+            result.append(app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+            result.append((int((time.monotonic() - t0) * 1000), 0, 0))
+
+        checkpointer = threading.Thread(target=truncate)
+        checkpointer.start()
+        while checkpointer.is_alive():  # the agent's idle polling
+            assert follower.poll() is None
+            time.sleep(0.01)
+        assert result[0] == (0, 0, 0) and result[1][0] < 1000, result  # done, WAL empty, < 1 s
+        assert follower.yields >= 1 and Path(str(db) + "-wal").stat().st_size == 0
+        for _ in range(10):
+            commit(app)
+        drain(follower, replica)
+        assert replica.checksum == logical_checksum(db) == replica.full_checksum()
     finally:
         follower.close()
         replica.close()
@@ -181,7 +354,8 @@ def test_wal_stays_bounded_under_load_and_the_replica_follows(tmp_path: Path) ->
         await agent.stop()
         assert replica.checksum == want == replica.full_checksum()
         assert written > 6000
-        assert followers and followers[0].restarts >= 2, followers[0].restarts if followers else None
+        restarts = followers[0].restarts + followers[0].window_restarts if followers else 0
+        assert restarts >= 2, restarts
         assert len(generations) >= 3
         assert client.stats.resnapshots == 0 and client.stats.sessions == 1
         assert client.stats.checksum_mismatches == 0

@@ -30,7 +30,7 @@ def load(tmp_path: Path, extra: str) -> object:
 def test_defaults(tmp_path: Path) -> None:
     cfg = load(tmp_path, "")
     s = cfg.source  # type: ignore[attr-defined]
-    assert (s.checkpoint_frames, s.restart_frames, s.checkpoint_busy_ms, s.watch) == (1000, 1000, 50, True)
+    assert (s.checkpoint_frames, s.restart_frames, s.checkpoint_busy_ms, s.watch) == (2000, 1000, 50, True)
 
 
 @pytest.mark.parametrize(
