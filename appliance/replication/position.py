@@ -57,7 +57,7 @@ class Batch:
     pages: dict[int, bytes] = field(default_factory=dict)
     # A batch too large to hold (a resume, a resnapshot, a huge transaction): ``pages`` stays
     # empty and this yields them in ascending page order, read from the source's files while
-    # its read hold keeps them; ``page_count`` says how many it will yield.
+    # its guard on the WAL keeps them; ``page_count`` says how many it will yield.
     page_reader: Callable[[], Iterator[tuple[int, bytes]]] | None = None
     page_count: int = 0
 

@@ -32,7 +32,7 @@ under a steady write load. Keys of ``[source]``:
   (the agent then never opens the database for writing).
 - ``peer_timeout_s`` (15): a replica that sends keepalives and is not heard
   from for this long is presumed cut off (a partition drops packets and
-  closes nothing); its session ends and releases the read hold on the WAL.
+  closes nothing); its session ends and lets go of its guard on the WAL.
 - ``checkpoint_busy_ms`` (50): the RESTART checkpoint's busy timeout, which
   bounds how long the application's writers can wait for it (plus the copy
   of the few frames committed since the PASSIVE one). The application needs

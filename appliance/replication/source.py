@@ -13,8 +13,8 @@ resnapshot or a transaction larger than one message is read from the
 source's files while being sent, one chunk at a time (BATCH_BEGIN,
 BATCH_PAGES..., BATCH_END), never built whole. A replica that announces
 keepalives and falls silent for ``peer_timeout_s`` is presumed cut off (a
-partition closes nothing): its session ends, releasing the read hold that
-would otherwise pin the application's WAL.
+partition closes nothing): its session ends, letting go of its guard,
+which would otherwise pin the application's WAL.
 
 The agent is read-only towards what it serves. It keeps no state of its
 own: the replica's position is the only position.
@@ -211,7 +211,7 @@ class SourceAgent:
         inbox: asyncio.Queue[protocol.Message] = asyncio.Queue()
         # A replica that announces keepalives is presumed gone after peer_timeout_s of silence
         # (a partition that drops packets closes nothing): the session ends and lets go of its
-        # read hold, which would otherwise pin the application's WAL until TCP gave up.
+        # guard, which would otherwise pin the application's WAL until TCP gave up.
         silent_after = self.peer_timeout_s if hello.header.get("keepalive_s") else None
         reader_task = asyncio.create_task(_pump(reader, inbox, silent_after, self.max_message))
         work = asyncio.create_task(
