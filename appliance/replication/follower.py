@@ -83,7 +83,8 @@ log = logging.getLogger(__name__)
 MAX_FRAMES_PER_POLL = 4096
 WINDOW_S = 0.05  # the longest the WAL is left unguarded for the application to restart it
 WINDOW_POLL_S = 0.0001  # how often the wal-index is read meanwhile
-WINDOW_BACKOFF_S = 0.5  # after a window in which the application did not restart the WAL
+WINDOW_BACKOFF_S = 0.5  # after a window in which the application neither restarted the WAL nor wrote
+WINDOW_RETRY_S = 0.005  # ... in which it wrote but did not restart it
 # Windows open this fraction (1/10) before restart_frames: the application's auto-checkpoint
 # then finds the WAL unguarded when it first runs, rather than failing once per commit until
 # the follower catches up (cheap, but measured: a few percent of the writer's time flat out).
@@ -527,6 +528,7 @@ class SqliteFollower:
         self._guard.release()
         self.windows += 1
         deadline = time.monotonic() + self.window_s
+        quiet = True  # no commit during the whole window: a slow writer, try much later
         try:
             while time.monotonic() < deadline:
                 try:
@@ -539,6 +541,7 @@ class SqliteFollower:
                     self._open_end = generation
                     return extra
                 if mx > read_to:
+                    quiet = False
                     if (
                         mx - read_to + len(extra) > MAX_FRAMES_PER_POLL
                         or self._wal.file_frames(header.page_size) < mx + WINDOW_SLACK
@@ -551,7 +554,9 @@ class SqliteFollower:
                     extra += got
                     read_to = mx
                 time.sleep(WINDOW_POLL_S)
-            self._next_window = time.monotonic() + WINDOW_BACKOFF_S
+            # No restart: an application that kept committing is given another window soon (it
+            # was between checkpoints, or its reader held one off); a quiet one, much later.
+            self._next_window = time.monotonic() + (WINDOW_BACKOFF_S if quiet else WINDOW_RETRY_S)
             return extra
         finally:
             self._hold_restarts()
