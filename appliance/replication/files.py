@@ -27,7 +27,22 @@ that is less than half the file; the replica rebuilds the new content from
 its copy plus those blocks and checks its SHA-256 before staging it. Fixed
 blocks, not rsync's rolling hash: in-place edits and appends (a routing
 table, a log-like prompt index) travel as deltas; an insertion near the
-start shifts every block and the file goes whole.
+start shifts every block and the file goes whole. A delta whose blocks
+would not fit one message goes whole too.
+
+Large files: a file that does not fit one message (``protocol.file_chunk_bytes``
+of the receiver's limit, 1 MiB at most) travels as FILE_BEGIN {sha256, size},
+FILE_PART bodies of one chunk each, FILE_END. The agent reads it a chunk at a
+time, hashing as it goes, and sends FILE_ABORT instead of FILE_END if the
+bytes it read are not the scanned version (the hash differs, or size or mtime
+moved): the change set is then not committed and the next scan ships the new
+content. The replica writes the parts to ``<sha256>.part`` in its staging
+area, hashing as they come, and gives it its real name (which ``have``
+announces and ``apply`` uses) only once it is whole and its SHA-256 is the
+announced one; anything else is discarded (a cut session leaves a ``.part``
+that the next session's ``open`` removes). Hashing, deltas, staging and
+putting files in place all go a chunk at a time: neither end holds a whole
+large file in memory.
 """
 
 from __future__ import annotations
@@ -40,6 +55,7 @@ import fnmatch
 import hashlib
 import logging
 import os
+import shutil
 import ssl
 import stat
 import subprocess
@@ -61,6 +77,7 @@ log = logging.getLogger(__name__)
 STAGING = ".hotsite-staging"
 DELTA_MIN = 1024 * 1024  # smaller files always go whole
 BLOCK = 64 * 1024
+READ_CHUNK = 16 * BLOCK  # what one read takes from a file being hashed or copied
 
 
 def block_digests(data: bytes, block: int = BLOCK) -> list[str]:
@@ -76,19 +93,77 @@ def changed_blocks(new: list[str], old: list[str]) -> list[int]:
     return [i for i, d in enumerate(new) if i >= len(old) or old[i] != d]
 
 
-def apply_delta(base: bytes, size: int, block: int, indices: list[int], body: bytes) -> bytes:
-    """The new content: ``base`` cut or padded to ``size``, with the sent blocks written in."""
-    out = bytearray(base[:size].ljust(size, b"\0"))
+class BlockHasher:
+    """:func:`block_digests` fed a piece at a time, whatever the pieces' sizes."""
+
+    def __init__(self, block: int = BLOCK) -> None:
+        self.block = block
+        self.digests: list[str] = []
+        self._current = hashlib.blake2b(digest_size=16)
+        self._filled = 0
+
+    def update(self, data: bytes) -> None:
+        view, pos = memoryview(data), 0
+        while pos < len(view):
+            take = min(self.block - self._filled, len(view) - pos)
+            self._current.update(view[pos : pos + take])
+            self._filled += take
+            pos += take
+            if self._filled == self.block:
+                self._flush()
+
+    def _flush(self) -> None:
+        self.digests.append(self._current.hexdigest())
+        self._current = hashlib.blake2b(digest_size=16)
+        self._filled = 0
+
+    def result(self) -> list[str]:
+        if self._filled:
+            self._flush()
+        return self.digests
+
+
+def delta_layout(size: int, block: int, indices: list[int], body_len: int) -> dict[int, int]:
+    """Block index -> where its bytes start in a delta body; ProtocolError if they do not fit."""
+    if block <= 0 or size < 0:
+        raise ProtocolError(f"delta of {size} bytes in blocks of {block} is malformed", "malformed")
+    layout: dict[int, int] = {}
     offset = 0
     for i in indices:
         length = min(block, size - i * block)
-        if length <= 0 or offset + length > len(body):
+        if i < 0 or length <= 0 or offset + length > body_len:
             raise ProtocolError(f"delta block {i} does not fit a file of {size} bytes", "malformed")
-        out[i * block : i * block + length] = body[offset : offset + length]
+        layout[i] = offset
         offset += length
-    if offset != len(body):
-        raise ProtocolError(f"delta carries {len(body) - offset} bytes beyond its blocks", "malformed")
+    if offset != body_len:
+        raise ProtocolError(f"delta carries {body_len - offset} bytes beyond its blocks", "malformed")
+    return layout
+
+
+def apply_delta(base: bytes, size: int, block: int, indices: list[int], body: bytes) -> bytes:
+    """The new content: ``base`` cut or padded to ``size``, with the sent blocks written in."""
+    out = bytearray(base[:size].ljust(size, b"\0"))
+    for i, offset in delta_layout(size, block, indices, len(body)).items():
+        length = min(block, size - i * block)
+        out[i * block : i * block + length] = body[offset : offset + length]
     return bytes(out)
+
+
+def plan_send(
+    size: int, changed: list[int] | None, max_message: int, block: int = BLOCK, parts: bool = True
+) -> str:
+    """How a file travels: "delta", "data" (whole, one message) or "chunked" (FILE_BEGIN...FILE_END).
+
+    ``changed`` is the blocks that differ from the replica's version (None: it has none). A delta
+    pays when its blocks are at most half the file, and is possible only if they fit one message
+    (the block list rides in the JSON header: 16 bytes an index is generous). A replica that
+    did not say ``file_parts`` in its HELLO (an older version) gets every whole file as one message.
+    """
+    if changed is not None and size >= DELTA_MIN:
+        body = len(changed) * block
+        if body * 2 <= size and body + 16 * len(changed) + protocol.HEADER_ROOM <= max_message:
+            return "delta"
+    return "data" if size <= protocol.file_chunk_bytes(max_message) or not parts else "chunked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +171,38 @@ class Entry:
     sha256: str
     mode: int
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A file's SHA-256 (and block hashes, if asked), read a chunk at a time, and the stat key it had."""
+
+    sha256: str
+    size: int
+    key: tuple[int, int, int]
+    blocks: list[str] | None = None
+
+
+def digest_stable(path: Path, blocks: bool = False) -> Digest | None:
+    """The file's hashes, only if its size, mtime and inode did not change while reading it."""
+    hasher = hashlib.sha256()
+    block_hasher = BlockHasher() if blocks else None
+    size = 0
+    try:
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+            while chunk := f.read(READ_CHUNK):
+                hasher.update(chunk)
+                size += len(chunk)
+                if block_hasher is not None:
+                    block_hasher.update(chunk)
+        after = os.stat(path)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return None
+    key = (before.st_size, before.st_mtime_ns, before.st_ino)
+    if (after.st_size, after.st_mtime_ns, after.st_ino) != key or size != before.st_size:
+        return None
+    return Digest(hasher.hexdigest(), size, key, block_hasher.result() if block_hasher else None)
 
 
 class TreeScanner:
@@ -131,15 +238,20 @@ class TreeScanner:
                 if cached is not None and cached[0] == key and not full:
                     entry = cached[1]
                 else:
-                    read = read_stable(full_path)
-                    if read is None:
+                    digest = digest_stable(full_path)
+                    if digest is None:
                         continue  # changed while being read: next scan
-                    data, key = read
-                    entry = Entry(hashlib.sha256(data).hexdigest(), stat.S_IMODE(st.st_mode), len(data))
+                    key = digest.key
+                    entry = Entry(digest.sha256, stat.S_IMODE(st.st_mode), digest.size)
                 manifest[rel] = entry
                 seen[rel] = (key, entry)
         self._cache = seen
         return manifest
+
+    def forget(self, rel: str) -> None:
+        """Hash ``rel`` again next scan: its scanned hash proved not to be its content (a scan that
+        read it mid-write, within one mtime tick, keeps a stat key that would otherwise hide it)."""
+        self._cache.pop(rel, None)
 
     def read(self, rel: str, sha256: str) -> bytes | None:
         got = read_stable(self.root / rel)
@@ -161,6 +273,59 @@ def read_stable(path: Path) -> tuple[bytes, tuple[int, int, int]] | None:
     if (after.st_size, after.st_mtime_ns, after.st_ino) != key or len(data) != before.st_size:
         return None
     return data, key
+
+
+def read_blocks(path: Path, indices: list[int], key: tuple[int, int, int]) -> bytes | None:
+    """The given ``BLOCK``s of the file, only if it is still the version with stat ``key``."""
+    try:
+        with open(path, "rb") as f:
+            fd = f.fileno()
+            if _stat_key(os.fstat(fd)) != key:
+                return None
+            body = b"".join(os.pread(fd, BLOCK, i * BLOCK) for i in indices)
+            if _stat_key(os.fstat(fd)) != key:
+                return None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return None
+    return body
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+class ChunkedRead:
+    """One pass over a file sent in parts: hashes what it hands out, and says whether that is the
+    scanned version (by SHA-256, the final word; a size or mtime change ends it early)."""
+
+    def __init__(self, path: Path, blocks: bool) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 - a long read, closed by close()
+        self._before = os.fstat(self._file.fileno())
+        self._hasher = hashlib.sha256()
+        self._blocks = BlockHasher() if blocks else None
+        self.offset = 0
+
+    def read(self, n: int) -> bytes:
+        data = self._file.read(n)
+        self._hasher.update(data)
+        if self._blocks is not None:
+            self._blocks.update(data)
+        self.offset += len(data)
+        return data
+
+    def held(self) -> bool:
+        """False once the file's size or mtime moved since it was opened (a write under us)."""
+        now = os.fstat(self._file.fileno())
+        return (now.st_size, now.st_mtime_ns) == (self._before.st_size, self._before.st_mtime_ns)
+
+    def intact(self, sha256: str, size: int) -> bool:
+        return self.held() and self.offset == size and self._hasher.hexdigest() == sha256
+
+    def blocks(self) -> list[str]:
+        return self._blocks.result() if self._blocks is not None else []
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class ChangeWatcher(abc.ABC):
@@ -263,8 +428,11 @@ class InotifyWatcher(ChangeWatcher):
         if self.degraded:
             await asyncio.sleep(min(0.2, max(timeout, 0.0)))
             return True
+        # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that lands just as
+        # the awaited thing completes, and the session then outlives the agent's stop().
         try:
-            event = await asyncio.wait_for(self._inotify.get(), max(timeout, 0.0))
+            async with asyncio.timeout(max(timeout, 0.0)):
+                event = await self._inotify.get()
         except TimeoutError:
             return False
         self._note(event)
@@ -272,7 +440,8 @@ class InotifyWatcher(ChangeWatcher):
         until = time.monotonic() + self.MAX_DEBOUNCE_S
         while time.monotonic() < until:
             try:
-                event = await asyncio.wait_for(self._inotify.get(), self.QUIET_S)
+                async with asyncio.timeout(self.QUIET_S):
+                    event = await self._inotify.get()
             except TimeoutError:
                 break
             self._note(event)
@@ -310,6 +479,7 @@ async def serve_files(
         str(rel): (str(v[0]), [str(d) for d in v[1]])
         for rel, v in dict(hello.header.get("blocks") or {}).items()
     }
+    parts = bool(hello.header.get("file_parts"))  # the replica understands FILE_BEGIN...FILE_END
     await sender.send(Msg.WELCOME, {"mode": "files", "source_time": agent._clock()})
     sent_manifest: dict[str, Entry] | None = None
     last_full = time.monotonic()
@@ -328,11 +498,10 @@ async def serve_files(
                 for rel, entry in manifest.items():
                     if entry.sha256 in have:
                         continue
-                    data = await asyncio.to_thread(scanner.read, rel, entry.sha256)
-                    if data is None:
+                    if not await _send_content(sender, stream.path, rel, entry, known, parts):
                         complete = False  # changed under us: the next scan ships the new content
+                        scanner.forget(rel)
                         break
-                    await _send_content(sender, rel, entry, data, known)
                     have.add(entry.sha256)
                 if complete:
                     await sender.send(
@@ -366,29 +535,140 @@ async def serve_files(
 
 
 async def _send_content(
-    sender: Sender, rel: str, entry: Entry, data: bytes, known: dict[str, tuple[str, list[str]]]
-) -> None:
-    """FILE_DELTA against the replica's version of ``rel`` when that is much smaller, else FILE_DATA."""
-    if entry.size < DELTA_MIN:
-        await sender.send(Msg.FILE_DATA, {"sha256": entry.sha256}, data)
-        return
-    digests = await asyncio.to_thread(block_digests, data)
-    base = known.get(rel)
-    known[rel] = (entry.sha256, digests)  # what the replica will have once this change set commits
-    indices = changed_blocks(digests, base[1]) if base is not None else []
-    if base is None or len(indices) * BLOCK * 2 > len(data):
-        await sender.send(Msg.FILE_DATA, {"sha256": entry.sha256}, data)
-        return
-    view = memoryview(data)
-    body = b"".join(view[i * BLOCK : (i + 1) * BLOCK] for i in indices)
-    header = {"sha256": entry.sha256, "path": rel, "base": base[0], "size": len(data), "block": BLOCK}
-    await sender.send(Msg.FILE_DELTA, {**header, "blocks": indices}, body)
+    sender: Sender,
+    root: Path,
+    rel: str,
+    entry: Entry,
+    known: dict[str, tuple[str, list[str]]],
+    parts: bool = True,
+) -> bool:
+    """Send one file's content the cheapest bounded way (:func:`plan_send`).
+
+    False if the file is no longer the scanned version (nothing was staged at the replica: the
+    next scan ships the new content). ``known`` learns what the replica will have for ``rel``
+    once this change set commits, for the next delta.
+    """
+    path = root / rel
+    base = known.get(rel) if entry.size >= DELTA_MIN else None
+    digest: Digest | None = None
+    changed: list[int] | None = None
+    if base is not None:
+        digest = await asyncio.to_thread(digest_stable, path, True)
+        if digest is None or digest.sha256 != entry.sha256 or digest.blocks is None:
+            return False
+        changed = changed_blocks(digest.blocks, base[1])
+    how = plan_send(entry.size, changed, sender.max_message, parts=parts)
+    blocks: list[str] | None
+    if how == "delta" and base is not None and digest is not None and changed is not None:
+        blocks = await _send_delta(sender, path, rel, entry, base[0], digest, changed)
+    elif how == "data":
+        blocks = await _send_data(sender, path, entry)
+    else:
+        blocks = await _send_chunked(sender, path, entry)
+    if blocks is None:
+        return False
+    if entry.size >= DELTA_MIN:
+        known[rel] = (entry.sha256, blocks)
+    return True
+
+
+async def _send_data(sender: Sender, path: Path, entry: Entry) -> list[str] | None:
+    """FILE_DATA: the whole file in one message (it fits one chunk)."""
+    got = await asyncio.to_thread(read_stable, path)
+    if got is None or hashlib.sha256(got[0]).hexdigest() != entry.sha256:
+        return None
+    await sender.send(Msg.FILE_DATA, {"sha256": entry.sha256}, got[0])
+    return block_digests(got[0]) if entry.size >= DELTA_MIN else []
+
+
+async def _send_delta(
+    sender: Sender, path: Path, rel: str, entry: Entry, base: str, digest: Digest, changed: list[int]
+) -> list[str] | None:
+    """FILE_DELTA: the blocks that differ from the replica's version ``base``, in one message."""
+    body = await asyncio.to_thread(read_blocks, path, changed, digest.key)
+    if body is None:
+        return None
+    header = {"sha256": entry.sha256, "path": rel, "base": base, "size": entry.size, "block": BLOCK}
+    await sender.send(Msg.FILE_DELTA, {**header, "blocks": changed}, body)
+    return digest.blocks
+
+
+async def _send_chunked(sender: Sender, path: Path, entry: Entry) -> list[str] | None:
+    """FILE_BEGIN, FILE_PART..., FILE_END: one chunk in memory at a time; FILE_ABORT if it moved."""
+    try:
+        reading = await asyncio.to_thread(ChunkedRead, path, entry.size >= DELTA_MIN)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return None
+    chunk = protocol.file_chunk_bytes(sender.max_message)
+    try:
+        await sender.send(Msg.FILE_BEGIN, {"sha256": entry.sha256, "size": entry.size})
+        while reading.offset < entry.size:
+            offset = reading.offset
+            data = await asyncio.to_thread(reading.read, min(chunk, entry.size - offset))
+            if not data or not reading.held():
+                break
+            await sender.send(Msg.FILE_PART, {"offset": offset}, data)
+        if await asyncio.to_thread(reading.intact, entry.sha256, entry.size):
+            await sender.send(Msg.FILE_END, {"sha256": entry.sha256})
+            return reading.blocks()
+        await sender.send(Msg.FILE_ABORT, {"sha256": entry.sha256, "reason": "changed while being read"})
+        log.info("file changed while being sent; it goes again", extra=kv(path=path, sent=reading.offset))
+        return None
+    finally:
+        reading.close()
 
 
 async def _wait_closed(reader: asyncio.StreamReader) -> None:
     with contextlib.suppress(Exception):
         while await protocol.read_message(reader):
             pass
+
+
+class StagedFile:
+    """A file arriving in parts: written to ``<staging>/<sha256>.part``, hashed as it comes.
+
+    It takes its real name, the only one ``have`` announces and ``apply`` uses, once whole and
+    matching its SHA-256; until then nothing of it is visible in the tree.
+    """
+
+    def __init__(self, staging: Path, sha256: str, size: int) -> None:
+        self.sha256, self.size = sha256, size
+        self.path = staging / sha256
+        self.part = staging / f"{sha256}.part"
+        self._file = open(self.part, "wb")  # noqa: SIM115 - written part by part, closed by finish/discard
+        self._hasher = hashlib.sha256()
+        self.written = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset != self.written or self.written + len(data) > self.size:
+            raise ProtocolError(
+                f"part at byte {offset} (+{len(data)}) of {self.sha256[:12]} does not follow byte"
+                f" {self.written} of {self.size}",
+                "malformed",
+            )
+        self._file.write(data)
+        self._hasher.update(data)
+        self.written += len(data)
+
+    def finish(self) -> None:
+        """Keep it (fsync, rename to its hash) if whole and matching; else discard it and raise."""
+        got = self._hasher.hexdigest()
+        if self.written != self.size or got != self.sha256:
+            self.discard()
+            raise ProtocolError(
+                f"file {self.sha256[:12]} arrived as {self.written} of {self.size} bytes with SHA-256"
+                f" {got[:12]}: discarded",
+                "checksum",
+            )
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.part, self.path)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self.part.unlink(missing_ok=True)
 
 
 class FilesReplica:
@@ -413,15 +693,20 @@ class FilesReplica:
         self.last_command: dict[str, Any] = {}
 
     def open(self) -> None:
+        """Create the tree and staging area; drop what a cut session left half-written there."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(exist_ok=True, mode=0o700)
+        for p in self.staging.iterdir():
+            if not _is_sha256(p.name):
+                p.unlink(missing_ok=True)
 
     def manifest(self) -> dict[str, str]:
         return {rel: e.sha256 for rel, e in TreeScanner(self.root).scan(full=True).items()}
 
     def have(self) -> set[str]:
         hashes = set(self.manifest().values())
-        hashes.update(p.name for p in self.staging.iterdir()) if self.staging.exists() else None
+        if self.staging.exists():
+            hashes.update(p.name for p in self.staging.iterdir() if _is_sha256(p.name))
         return hashes
 
     def block_map(self) -> dict[str, list[Any]]:
@@ -429,25 +714,52 @@ class FilesReplica:
         out: dict[str, list[Any]] = {}
         for rel, entry in TreeScanner(self.root).scan(full=True).items():
             if entry.size >= DELTA_MIN:
-                got = read_stable(self.root / rel)
-                if got is not None:
-                    out[rel] = [hashlib.sha256(got[0]).hexdigest(), block_digests(got[0])]
+                got = digest_stable(self.root / rel, blocks=True)
+                if got is not None and got.blocks is not None:
+                    out[rel] = [got.sha256, got.blocks]
         return out
 
+    def begin(self, sha256: str, size: int) -> StagedFile:
+        """A staging file for content arriving in parts (FILE_BEGIN)."""
+        _check_sha256(sha256, "staged file")
+        if size < 0:
+            raise ProtocolError(f"file {sha256[:12]} announced with negative size {size}", "malformed")
+        self.staging.mkdir(exist_ok=True, mode=0o700)
+        return StagedFile(self.staging, sha256, size)
+
     def stage_delta(self, header: dict[str, Any], body: bytes) -> None:
-        """Rebuild a file from our version of it plus the blocks sent; staged only if its hash matches."""
-        rel, base = str(header["path"]), str(header["base"])
+        """Rebuild a file from our version of it plus the blocks sent, block by block into staging;
+        kept only if the result's SHA-256 is the announced one."""
+        rel, base, sha = str(header["path"]), str(header["base"]), str(header["sha256"])
         _safe(rel)
-        if len(base) != 64 or not all(c in "0123456789abcdef" for c in base):
-            raise ProtocolError(f"delta base {base[:80]!r} is not a SHA-256", "malformed")
+        _check_sha256(base, "delta base")
+        size, block = int(header["size"]), int(header["block"])
+        layout = delta_layout(size, block, [int(i) for i in header["blocks"]], len(body))
         staged = self.staging / base  # the base may itself be staged, not yet applied
-        got = read_stable(staged) if staged.is_file() else read_stable(self.root / rel)
-        if got is None or hashlib.sha256(got[0]).hexdigest() != base:
-            raise ProtocolError(f"delta for {rel} is against a version we no longer have", "malformed")
-        data = apply_delta(got[0], int(header["size"]), int(header["block"]), list(header["blocks"]), body)
-        self.stage(str(header["sha256"]), data)
+        out = self.begin(sha, size)
+        view = memoryview(body)
+        try:
+            with open(staged if staged.is_file() else self.root / rel, "rb") as f:
+                for start in range(0, size, block):
+                    length = min(block, size - start)
+                    at = layout.get(start // block)
+                    if at is not None:
+                        out.write(start, bytes(view[at : at + length]))
+                    else:
+                        out.write(start, os.pread(f.fileno(), length, start).ljust(length, b"\0"))
+            out.finish()
+        except (FileNotFoundError, ProtocolError):
+            out.discard()
+            raise ProtocolError(
+                f"delta for {rel} does not rebuild {sha[:12]}: we no longer have version {base[:12]}",
+                "malformed",
+            ) from None
+        except BaseException:
+            out.discard()
+            raise
 
     def stage(self, sha256: str, data: bytes) -> None:
+        _check_sha256(sha256, "staged file")
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ProtocolError(f"file content does not match its hash {sha256[:12]}", "checksum")
         path = self.staging / sha256
@@ -461,10 +773,11 @@ class FilesReplica:
     def apply(self, files: dict[str, tuple[str, int, int]]) -> dict[str, int]:
         """Make the tree equal ``files`` (path -> sha256, mode, size); return counts of changes."""
         current = {rel: e for rel, e in TreeScanner(self.root).scan(full=True).items()}
-        by_hash = {e.sha256: rel for rel, e in current.items()}
         counts = {"written": 0, "deleted": 0, "mode": 0}
-        for rel, (sha, mode, _size) in files.items():
+        for rel in files:
             _safe(rel)
+        self._stage_from_tree(files, current)
+        for rel, (sha, mode, _size) in files.items():
             dest = self.root / rel
             old = current.get(rel)
             if old is not None and old.sha256 == sha:
@@ -473,22 +786,12 @@ class FilesReplica:
                     counts["mode"] += 1
                 continue
             staged = self.staging / sha
-            if not staged.exists() and sha in by_hash:  # a rename or copy: content already here
-                data = (self.root / by_hash[sha]).read_bytes()
-            elif staged.exists():
-                data = staged.read_bytes()
-            else:
+            if not staged.exists():
                 raise ProtocolError(f"content {sha[:12]} for {rel} never arrived", "malformed")
             dest.parent.mkdir(parents=True, exist_ok=True)
             if old is not None:
                 self._keep_version(rel)
-            tmp = dest.with_name(f".{dest.name}.hotsite-tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fchmod(f.fileno(), mode)
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
+            _install(staged, dest, mode)
             counts["written"] += 1
         for rel in current:
             if rel not in files:
@@ -506,6 +809,21 @@ class FilesReplica:
         if any(counts.values()) and self.command:
             self._run_command()
         return counts
+
+    def _stage_from_tree(self, files: dict[str, tuple[str, int, int]], current: dict[str, Entry]) -> None:
+        """Content that is already in the tree (a rename, a copy, a swap) is staged before anything
+        is written: read from its old place while the change set is being applied, the second
+        half of a swap would copy a file this change set had already overwritten. A hard link
+        keeps the old content whatever is renamed over its path."""
+        by_hash = {e.sha256: rel for rel, e in current.items()}
+        for sha, _mode, _size in files.values():
+            staged = self.staging / sha
+            if staged.exists() or sha not in by_hash:
+                continue
+            try:
+                os.link(self.root / by_hash[sha], staged)
+            except OSError:
+                _install(self.root / by_hash[sha], staged, 0o600)
 
     def _keep_version(self, rel: str) -> None:
         if self.keep <= 0:
@@ -531,6 +849,27 @@ class FilesReplica:
         log.log(level, "post-change command ran", extra=kv(root=self.root, **self.last_command))
 
 
+def _install(src: Path, dest: Path, mode: int) -> None:
+    """Put a copy of ``src`` at ``dest`` atomically (copied a chunk at a time, fsynced, renamed)."""
+    tmp = dest.with_name(f".{dest.name}.hotsite-tmp")
+    with open(src, "rb") as fsrc, open(tmp, "wb") as fdst:
+        shutil.copyfileobj(fsrc, fdst, READ_CHUNK)
+        fdst.flush()
+        os.fchmod(fdst.fileno(), mode)
+        os.fsync(fdst.fileno())
+    os.replace(tmp, dest)
+
+
+def _is_sha256(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _check_sha256(value: str, what: str) -> None:
+    """Content hashes name files in the staging area: anything else could be a path."""
+    if not _is_sha256(value):
+        raise ProtocolError(f"{what} hash {value[:80]!r} is not a SHA-256 (64 hex digits)", "malformed")
+
+
 def _safe(rel: str) -> None:
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].startswith(".hotsite")):
@@ -554,6 +893,7 @@ class FilesStreamClient:
         rate_bytes_s: int = 0,
         on_applied: Callable[[dict[str, int]], None] | None = None,
         idle_timeout_s: float = 15.0,
+        max_message: int = protocol.MAX_MESSAGE,
     ) -> None:
         from appliance.replication.client import StreamStats
 
@@ -570,6 +910,11 @@ class FilesStreamClient:
         self.stats = StreamStats()
         self.change_sets = 0
         self.deltas = 0  # files received as deltas
+        self.max_message = max_message  # the largest message accepted (tests lower it)
+        self.chunked_files = 0  # files received in parts (FILE_BEGIN...FILE_END) and kept
+        self.aborted_files = 0  # files the agent gave up mid-way (changed while read): discarded
+        self.rejected_files = 0  # files received whole in parts whose SHA-256 did not match: discarded
+        self._incoming: StagedFile | None = None  # the file arriving in parts, if any
 
     async def run(self) -> None:
         backoff = 0.2
@@ -591,12 +936,12 @@ class FilesStreamClient:
 
     async def _session(self) -> None:
         await asyncio.to_thread(self.replica.open)
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
+        # asyncio.timeout throughout, not wait_for: 3.11's wait_for swallows a cancellation that lands
+        # just as a message completes, and the client then never stops (seen: 1 run in ~10).
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(
                 self.host, self.port, ssl=self._ssl, server_hostname=self._server_name if self._ssl else None
-            ),
-            10,
-        )
+            )
         try:
             have = await asyncio.to_thread(self.replica.have)
             blocks = await asyncio.to_thread(self.replica.block_map)
@@ -608,35 +953,88 @@ class FilesStreamClient:
                         "kind": "files",
                         "have": sorted(have),
                         "blocks": blocks,
+                        "file_parts": True,
                         "compression": self.compression,
                         "rate_bytes_s": self.rate,
                     },
                 )
             )
             await writer.drain()
-            welcome = await asyncio.wait_for(protocol.read_message(reader), 30)
+            async with asyncio.timeout(30):
+                welcome = await protocol.read_message(reader, self.max_message)
             if welcome.kind != Msg.WELCOME:
                 raise OSError(f"source agent refused: {welcome.header.get('error')}")
             self.stats.connected = True
             self.stats.sessions += 1
             while True:
-                msg = await asyncio.wait_for(protocol.read_message(reader), self.idle_timeout_s)
+                async with asyncio.timeout(self.idle_timeout_s):
+                    msg = await protocol.read_message(reader, self.max_message)
                 self.stats.bytes_received += msg.wire_bytes
-                if msg.kind == Msg.FILE_DATA:
-                    await asyncio.to_thread(self.replica.stage, msg.header["sha256"], msg.body)
-                elif msg.kind == Msg.FILE_DELTA:
-                    await asyncio.to_thread(self.replica.stage_delta, msg.header, msg.body)
-                    self.deltas += 1
-                elif msg.kind == Msg.FILES_MANIFEST:
-                    files = {k: (v[0], int(v[1]), int(v[2])) for k, v in msg.header["files"].items()}
-                    counts = await asyncio.to_thread(self.replica.apply, files)
-                    self.change_sets += 1
-                    self.stats.current_at = self.replica.observed_at = float(msg.header["observed_at"])
-                    if self._on_applied is not None:
-                        self._on_applied(counts)
-                elif msg.kind == Msg.HEARTBEAT:
-                    self.stats.current_at = float(msg.header["observed_at"])
-                elif msg.kind == Msg.ERROR:
-                    raise OSError(f"source agent: {msg.header.get('error')}")
+                if msg.kind in _PART_KINDS:
+                    await self._receive_part(msg)
+                else:
+                    await self._receive(msg)
         finally:
+            if self._incoming is not None:  # cut mid-file: nothing of it stays
+                self._incoming.discard()
+                self._incoming = None
             writer.close()
+
+    async def _receive(self, msg: protocol.Message) -> None:
+        if self._incoming is not None:
+            raise ProtocolError(
+                f"message kind {msg.kind} while file {self._incoming.sha256[:12]} is arriving", "malformed"
+            )
+        if msg.kind == Msg.FILE_DATA:
+            await asyncio.to_thread(self.replica.stage, str(msg.header["sha256"]), msg.body)
+        elif msg.kind == Msg.FILE_DELTA:
+            await asyncio.to_thread(self.replica.stage_delta, msg.header, msg.body)
+            self.deltas += 1
+        elif msg.kind == Msg.FILES_MANIFEST:
+            files = {k: (v[0], int(v[1]), int(v[2])) for k, v in msg.header["files"].items()}
+            counts = await asyncio.to_thread(self.replica.apply, files)
+            self.change_sets += 1
+            self.stats.current_at = self.replica.observed_at = float(msg.header["observed_at"])
+            if self._on_applied is not None:
+                self._on_applied(counts)
+        elif msg.kind == Msg.HEARTBEAT:
+            self.stats.current_at = float(msg.header["observed_at"])
+        elif msg.kind == Msg.ERROR:
+            raise OSError(f"source agent: {msg.header.get('error')}")
+
+    async def _receive_part(self, msg: protocol.Message) -> None:
+        """FILE_BEGIN, FILE_PART, FILE_END, FILE_ABORT: a large file staged a part at a time."""
+        if msg.kind == Msg.FILE_BEGIN:
+            if self._incoming is not None:
+                raise ProtocolError(f"FILE_BEGIN while {self._incoming.sha256[:12]} is arriving", "malformed")
+            sha, size = str(msg.header["sha256"]), int(msg.header["size"])
+            self._incoming = await asyncio.to_thread(self.replica.begin, sha, size)
+            return
+        incoming = self._incoming
+        if incoming is None:
+            raise ProtocolError(f"file part (message kind {msg.kind}) without FILE_BEGIN", "malformed")
+        if msg.kind == Msg.FILE_PART:
+            await asyncio.to_thread(incoming.write, int(msg.header["offset"]), msg.body)
+            return
+        self._incoming = None
+        if msg.kind == Msg.FILE_ABORT:
+            await asyncio.to_thread(incoming.discard)
+            self.aborted_files += 1
+            log.info(
+                "source gave up a file mid-way; discarded",
+                extra=kv(stream=self.name, sha256=incoming.sha256[:12], reason=msg.header.get("reason")),
+            )
+            return
+        try:
+            if msg.header.get("sha256") != incoming.sha256:
+                raise ProtocolError(f"FILE_END for another file than {incoming.sha256[:12]}", "malformed")
+            await asyncio.to_thread(incoming.finish)
+        except ProtocolError as exc:
+            incoming.discard()
+            self.rejected_files += 1
+            log.warning("received file rejected", extra=kv(stream=self.name, error=exc.message))
+            raise
+        self.chunked_files += 1
+
+
+_PART_KINDS = frozenset({Msg.FILE_BEGIN, Msg.FILE_PART, Msg.FILE_END, Msg.FILE_ABORT})

@@ -8,6 +8,8 @@ tests), before or after decompression: anything larger than one chunk
 (a resume, a resnapshot, a transaction larger than ``chunk_pages``) goes
 as BATCH_BEGIN, BATCH_PAGES..., BATCH_END, which the replica stages on
 disk and commits whole at the end, so neither end holds a whole batch.
+A config file larger than one chunk goes the same way: FILE_BEGIN,
+FILE_PART..., FILE_END (or FILE_ABORT if it changed while being read).
 TLS already authenticates and protects the bytes on the wire; the CRC is a
 second line against what TLS cannot see (a bug or memory error on either
 side, or a future plain transport). A message whose CRC does not match is
@@ -62,6 +64,10 @@ class Msg:
     BATCH_END = 17  # its checksum: the replica commits the staged batch only if it matches
     KEEPALIVE = 18  # replica to agent while connected: proves the path still carries bytes
     FILE_DELTA = 19  # a large file as the blocks that differ from the replica's version of it
+    FILE_BEGIN = 20  # a file too large for one message: {sha256, size}; its FILE_PART bodies follow
+    FILE_PART = 21  # its next bytes ({offset}), each body within file_chunk_bytes(the receiver's limit)
+    FILE_END = 22  # {sha256}: the replica keeps the staged file only if its SHA-256 is that
+    FILE_ABORT = 23  # {sha256, reason}: it changed while being read; the replica discards what it staged
 
 
 CHUNK_BYTES = 1024 * 1024  # page data per BATCH_PAGES / SEED_PAGES message, at most (as seeds always were)
@@ -72,6 +78,11 @@ def chunk_pages(page_size: int, max_message: int = MAX_MESSAGE) -> int:
     """Pages per chunk message: within ``CHUNK_BYTES`` and the receiver's ``max_message``."""
     room = min(CHUNK_BYTES, max_message - HEADER_ROOM)
     return max(1, room // (4 + page_size))
+
+
+def file_chunk_bytes(max_message: int = MAX_MESSAGE) -> int:
+    """File bytes per FILE_PART message, at most: within ``CHUNK_BYTES`` and the receiver's limit."""
+    return max(1, min(CHUNK_BYTES, max_message - HEADER_ROOM))
 
 
 def compressions() -> list[str]:
