@@ -816,9 +816,10 @@ class FilesReplica:
         half of a swap would copy a file this change set had already overwritten. A hard link
         keeps the old content whatever is renamed over its path."""
         by_hash = {e.sha256: rel for rel, e in current.items()}
-        for sha, _mode, _size in files.values():
+        for rel, (sha, _mode, _size) in files.items():
             staged = self.staging / sha
-            if staged.exists() or sha not in by_hash:
+            unchanged = rel in current and current[rel].sha256 == sha
+            if unchanged or staged.exists() or sha not in by_hash:
                 continue
             try:
                 os.link(self.root / by_hash[sha], staged)
