@@ -5,10 +5,12 @@ generation cannot be told it says so; the replica stays equal to a committed sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,20 @@ def seeded(
     replica.seed_pages(list(pages))
     replica.seed_end(position, follower.hashes.checksum, 0.0)
     return follower, replica
+
+
+@contextlib.contextmanager
+def following(
+    app: sqlite3.Connection, db: Path, tmp_path: Path, **settings: int
+) -> Iterator[tuple[SqliteFollower, Replica]]:
+    """A follower of ``db`` and a seeded replica; both closed afterwards, and the application too."""
+    follower, replica = seeded(db, tmp_path / "rep.db", **settings)
+    try:
+        yield follower, replica
+    finally:
+        follower.close()
+        replica.close()
+        app.close()
 
 
 def drain(follower: SqliteFollower, replica: Replica) -> int:
@@ -104,8 +120,7 @@ def test_the_guard_blocks_restarts_and_copies_as_a_reader_would(tmp_path: Path) 
 def test_our_restart_crosses_into_the_new_generation_without_resnapshot(tmp_path: Path) -> None:
     db = tmp_path / "src.db"
     app = make_db(db)
-    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=50, restart_frames=0)
-    try:
+    with following(app, db, tmp_path, checkpoint_frames=50, restart_frames=0) as (follower, replica):
         for _ in range(30):
             commit(app)
         replica.apply(follower.poll())  # type: ignore[arg-type]
@@ -131,18 +146,13 @@ def test_our_restart_crosses_into_the_new_generation_without_resnapshot(tmp_path
         assert follower.hold == "restart"
         assert replica.checksum == logical_checksum(db) == replica.full_checksum()
         assert app.execute("SELECT count(*) FROM t").fetchone()[0] == 61
-    finally:
-        follower.close()
-        replica.close()
-        app.close()
 
 
 def test_in_a_window_the_application_restarts_the_wal_itself(tmp_path: Path) -> None:
     db = tmp_path / "src.db"
     app = make_db(db)
     long_wal_file(app, 300)
-    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=0, restart_frames=50)
-    try:
+    with following(app, db, tmp_path, checkpoint_frames=0, restart_frames=50) as (follower, replica):
         app.execute("PRAGMA wal_autocheckpoint = 50")  # its own checkpoints: held to mark 0, copy nothing
         for _ in range(60):
             commit(app)
@@ -164,10 +174,6 @@ def test_in_a_window_the_application_restarts_the_wal_itself(tmp_path: Path) -> 
         assert follower.position is not None and follower.position.generation.salt1 == generation.salt1 + 1
         assert follower.hold == "restart"
         assert replica.checksum == logical_checksum(db) == replica.full_checksum()
-    finally:
-        follower.close()
-        replica.close()
-        app.close()
 
 
 def restart_unseen(app: sqlite3.Connection, follower: SqliteFollower, rows: int) -> None:
@@ -185,8 +191,7 @@ def test_the_end_of_a_restarted_generation_is_read_from_the_file(tmp_path: Path)
     db = tmp_path / "src.db"
     app = make_db(db)
     long_wal_file(app, 300)
-    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=0, restart_frames=0)
-    try:
+    with following(app, db, tmp_path, checkpoint_frames=0, restart_frames=0) as (follower, replica):
         for _ in range(20):
             commit(app)
         drain(follower, replica)
@@ -200,10 +205,6 @@ def test_the_end_of_a_restarted_generation_is_read_from_the_file(tmp_path: Path)
         drain(follower, replica)
         assert follower.position is not None and follower.position.generation.salt1 == before.generation.salt1 + 1
         assert replica.checksum == logical_checksum(db) == replica.full_checksum()
-    finally:
-        follower.close()
-        replica.close()
-        app.close()
 
 
 def test_an_end_that_cannot_be_told_is_a_resnapshot_not_a_guess(tmp_path: Path) -> None:
@@ -212,18 +213,13 @@ def test_an_end_that_cannot_be_told_is_a_resnapshot_not_a_guess(tmp_path: Path) 
     db = tmp_path / "src.db"
     app = make_db(db)
     app.execute("PRAGMA wal_autocheckpoint = 0")
-    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=0, restart_frames=0)
-    try:
+    with following(app, db, tmp_path, checkpoint_frames=0, restart_frames=0) as (follower, replica):
         for _ in range(20):
             commit(app)
         drain(follower, replica)
         restart_unseen(app, follower, rows=5)
         with pytest.raises(ResnapshotNeeded, match=r"cannot be told from the file \(eof;"):
             follower.poll()
-    finally:
-        follower.close()
-        replica.close()
-        app.close()
 
 
 def test_a_skipped_generation_is_a_resnapshot_not_a_silent_gap(tmp_path: Path) -> None:
@@ -232,8 +228,7 @@ def test_a_skipped_generation_is_a_resnapshot_not_a_silent_gap(tmp_path: Path) -
     db = tmp_path / "src.db"
     app = make_db(db)
     long_wal_file(app, 100)
-    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=0, restart_frames=0)
-    try:
+    with following(app, db, tmp_path, checkpoint_frames=0, restart_frames=0) as (follower, replica):
         for _ in range(20):
             commit(app)
         drain(follower, replica)
@@ -242,10 +237,6 @@ def test_a_skipped_generation_is_a_resnapshot_not_a_silent_gap(tmp_path: Path) -
         commit(app)
         with pytest.raises(ResnapshotNeeded, match="without passing through"):
             drain(follower, replica)
-    finally:
-        follower.close()
-        replica.close()
-        app.close()
 
 
 def test_an_application_truncate_checkpoint_waits_for_a_poll_not_its_busy_timeout(tmp_path: Path) -> None:
@@ -253,8 +244,7 @@ def test_an_application_truncate_checkpoint_waits_for_a_poll_not_its_busy_timeou
     app = make_db(db)
     app.execute("PRAGMA wal_autocheckpoint = 0")
     app.execute("PRAGMA busy_timeout = 5000")
-    follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=0, restart_frames=0)
-    try:
+    with following(app, db, tmp_path, checkpoint_frames=0, restart_frames=0) as (follower, replica):
         for _ in range(50):
             commit(app)
         drain(follower, replica)
@@ -276,10 +266,6 @@ def test_an_application_truncate_checkpoint_waits_for_a_poll_not_its_busy_timeou
             commit(app)
         drain(follower, replica)
         assert replica.checksum == logical_checksum(db) == replica.full_checksum()
-    finally:
-        follower.close()
-        replica.close()
-        app.close()
 
 
 def _writer(db: str, rate: float, seconds: float, result: mp.Queue) -> None:
