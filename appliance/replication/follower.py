@@ -281,10 +281,11 @@ class SqliteFollower:
     def _overlay(self) -> tuple[Position, int, int, PageHashes, Iterator[tuple[int, bytes]]]:
         """The newest committed state: (position, page size, pages, hashes filled while iterating, pages).
 
-        Backfill cannot pass the held reader's mark, which is at most the
-        newest commit read here, so the database file overlaid with the WAL
-        frames up to it is exactly that committed state. The iterator must be
-        consumed before the next :meth:`renew`.
+        Copies cannot pass the guard's mark, which is at most the newest
+        commit read here, and the WAL cannot restart, so the database file
+        overlaid with the WAL frames up to it is exactly that committed state.
+        The iterator must be consumed before the next :meth:`poll` (which may
+        let go of the guard).
         """
         header, mx, generation = self._stable_current()
         latest: dict[int, int] = {}
@@ -573,9 +574,9 @@ class SqliteFollower:
 
         Reads its frames a chunk at a time to hash them and note the newest
         frame of each page, keeping only frame numbers; the pages are read
-        again from the WAL when sent. The hold is not renewed here: it keeps
-        those frames in place until the next poll, which comes only after
-        the batch was sent.
+        again from the WAL when sent. The guard keeps those frames in place:
+        no window opens before the next poll, which comes only after the
+        batch was sent.
         """
         latest: dict[int, int] = {}
         min_pages = self.hashes.db_pages
