@@ -281,10 +281,9 @@ class SqliteStreamClient:
                     self._drained.clear()
                     await self._drained.wait()
                 try:
-                    # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation
-                    # that arrives as the read completes, and this loop would read on forever.
-                    async with asyncio.timeout(self.idle_timeout_s):
-                        msg = await protocol.read_message(reader, self.max_message)
+                    msg = await asyncio.wait_for(
+                        protocol.read_message(reader, self.max_message), self.idle_timeout_s
+                    )
                 except TimeoutError:
                     raise SourceSilent(
                         f"nothing from the source agent for {self.idle_timeout_s:g} s: the path is presumed"

@@ -456,8 +456,7 @@ async def _pump(
     with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ProtocolError, ssl.SSLError):
         while True:
             try:
-                async with asyncio.timeout(silent_after):  # not wait_for: see client.SqliteStreamClient
-                    msg = await protocol.read_message(reader, max_message)
+                msg = await asyncio.wait_for(protocol.read_message(reader, max_message), silent_after)
             except TimeoutError:
                 return "silent"
             if msg.kind != Msg.KEEPALIVE:
