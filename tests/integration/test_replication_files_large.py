@@ -287,3 +287,73 @@ def test_a_swap_of_two_files_in_one_change_set_keeps_both_contents(tmp_path: Pat
     assert (tmp_path / "tree" / "a.txt").read_bytes() == b"dial plan B\n"
     assert (tmp_path / "tree" / "b.txt").read_bytes() == b"dial plan A\n"
     assert not any(replica.staging.iterdir())
+
+
+class FreezableProxy:
+    """A TCP relay on loopback that can stop carrying bytes without closing anything, as a path
+    that drops every packet does (no netem here)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.open = asyncio.Event()
+        self.open.set()
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await r.read(65536):
+                await self.open.wait()
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        await self.open.wait()
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        await asyncio.gather(self._pipe(cr, sw), self._pipe(sr, cw))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def test_a_silent_path_is_noticed_and_the_next_session_catches_up(tmp_path: Path, certs: Path) -> None:
+    rig = FilesRig(tmp_path, certs)
+    (rig.src / "routes.conf").write_text("route 1\n")
+
+    async def scenario() -> None:
+        await rig.agent.start()
+        proxy = FreezableProxy(rig.agent.port)
+        port = await proxy.start()
+        c = rig.certs
+        client = FilesStreamClient(
+            "prompts",
+            "prompts",
+            FilesReplica(rig.dst),
+            host="127.0.0.1",
+            port=port,
+            server_name="source",
+            ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"),
+            idle_timeout_s=1.0,
+        )
+        task = asyncio.create_task(client.run())
+        try:
+            assert await rig.equal("routes.conf", 10)
+            proxy.open.clear()  # the path drops everything; the agent's heartbeats never arrive
+            assert await wait_for(lambda: not client.stats.connected, 5), "silence not noticed"
+            assert "TimeoutError" in (client.stats.last_error or "")
+            (rig.src / "routes.conf").write_text("route 2\n")
+            proxy.open.set()
+            assert await rig.equal("routes.conf", 15)
+            assert client.stats.sessions >= 2
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            proxy.close()
+            await rig.agent.stop()
+
+    asyncio.run(scenario())
