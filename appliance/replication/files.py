@@ -971,15 +971,26 @@ class FilesStreamClient:
                 async with asyncio.timeout(self.idle_timeout_s):
                     msg = await protocol.read_message(reader, self.max_message)
                 self.stats.bytes_received += msg.wire_bytes
-                if msg.kind in _PART_KINDS:
-                    await self._receive_part(msg)
-                else:
-                    await self._receive(msg)
+                await self._dispatch(msg)
         finally:
             if self._incoming is not None:  # cut mid-file: nothing of it stays
                 self._incoming.discard()
                 self._incoming = None
             writer.close()
+
+    async def _dispatch(self, msg: protocol.Message) -> None:
+        """Hand ``msg`` to its handler; a header field missing or of the wrong type is a malformed
+        message (counted, the session ends and the next one starts over), never a crash of the
+        client's task."""
+        try:
+            if msg.kind in _PART_KINDS:
+                await self._receive_part(msg)
+            else:
+                await self._receive(msg)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(
+                f"message kind {msg.kind} has a missing or invalid header field: {exc!r}", "malformed"
+            ) from None
 
     async def _receive(self, msg: protocol.Message) -> None:
         if self._incoming is not None:

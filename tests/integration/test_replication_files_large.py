@@ -357,3 +357,22 @@ def test_a_silent_path_is_noticed_and_the_next_session_catches_up(tmp_path: Path
             await rig.agent.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "kind, header",
+    [
+        (protocol.Msg.FILE_BEGIN, {"sha256": "0" * 64}),  # no size
+        (protocol.Msg.FILE_BEGIN, {"sha256": "0" * 64, "size": "lots"}),
+        (protocol.Msg.FILE_DATA, {}),  # no sha256
+    ],
+)
+def test_a_message_with_a_missing_or_bad_field_is_malformed_not_a_crash(
+    tmp_path: Path, kind: int, header: dict[str, object]
+) -> None:
+    replica = FilesReplica(tmp_path / "tree")
+    client = FilesStreamClient("prompts", "prompts", replica, host="127.0.0.1", port=1, ssl_context=None)
+    replica.open()
+    with pytest.raises(ProtocolError) as err:
+        asyncio.run(client._dispatch(protocol.Message(kind, header, b"", 0)))
+    assert err.value.reason == "malformed" and "header field" in err.value.message
