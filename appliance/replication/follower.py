@@ -226,9 +226,10 @@ class SqliteFollower:
 
         Every slot contended for a whole second (four application readers
         each taking and dropping slots without pause) is an error: following
-        on without the guard could lose frames. Measured: a sleep of 5 ms
-        between tries once let a new generation grow over the end of the old
-        one while a restart held every slot, and cost a resnapshot.
+        on without the guard could lose frames. Tries follow each other every
+        20 us: while the guard is down a new generation can grow over the end
+        of the old one (with 5 ms between tries, one flat-out run ended in such
+        a resnapshot; that this was the cause is likely, not proven).
         """
         start = time.monotonic()
         try:
@@ -609,20 +610,9 @@ class SqliteFollower:
                     data = self._wal.frames(header, i, i)[0].data
                 yield pgno, data
 
-        return Batch(
-            kind="tx",
-            prev=announced,
-            position=self.position,
-            page_size=self.page_size,
-            db_pages=db_pages,
-            min_pages=min_pages,
-            checksum=self.hashes.checksum,
-            observed_at=self.last_current_at,
-            transactions=1,
-            frames=end - start + 1,
-            pending_frames=self.pending_frames,
-            page_reader=read,
-            page_count=len(refs),
+        frames = end - start + 1
+        return self._tx_batch(
+            announced, min_pages, transactions=1, frames=frames, page_reader=read, page_count=len(refs)
         )
 
     def _ship(
@@ -663,23 +653,31 @@ class SqliteFollower:
         end = frames[-1].index
         self.position = self.announced = Position(generation, end)
         self.frames_shipped += len(frames)
-        pending = mx_after - end
-        self.pending_frames = pending
+        self.pending_frames = mx_after - end
         if end == mx_after:
             self.last_current_at = started
+        return self._tx_batch(
+            announced,
+            min_pages,
+            transactions=transactions,
+            frames=len(frames),
+            pages={p: d for p, d in pages.items() if p <= db_pages},
+        )
+
+    def _tx_batch(self, announced: Position, min_pages: int, **content: Any) -> Batch:
+        """The batch from ``announced`` to our position, with the state the hashes now describe."""
+        assert self.position is not None
         return Batch(
             kind="tx",
             prev=announced,
             position=self.position,
             page_size=self.page_size,
-            db_pages=db_pages,
+            db_pages=self.hashes.db_pages,
             min_pages=min_pages,
             checksum=self.hashes.checksum,
             observed_at=self.last_current_at,
-            transactions=transactions,
-            frames=len(frames),
-            pending_frames=pending,
-            pages={p: d for p, d in pages.items() if p <= db_pages},
+            pending_frames=self.pending_frames,
+            **content,
         )
 
     def _someone_waits(self) -> bool:
@@ -730,8 +728,10 @@ class SqliteFollower:
         )
 
     def _rw_conn(self) -> sqlite3.Connection:
+        """The connection our checkpoints run on: never waits (busy means someone else copies)."""
         if self._rw is None:
             self._rw = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+            self._rw.execute("PRAGMA busy_timeout = 0")
         return self._rw
 
     def _restart_wal(
@@ -819,7 +819,6 @@ class SqliteFollower:
         deadline = time.monotonic() + self.checkpoint_busy_ms / 1000
         try:
             rw = self._rw_conn()
-            rw.execute("PRAGMA busy_timeout = 0")
             while True:
                 self.checkpoints += 1
                 rw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()

@@ -4,11 +4,13 @@ Separate from the appliance's ``hotsite.toml`` because it runs on another
 machine with other files; validated with the same rules (unknown keys are
 errors, secrets only as ``*_file`` paths).
 
-The agent is read-only towards the data it serves. Its only write is a
-checkpoint of a SQLite database, which copies committed pages from the WAL
-into the database file and changes no data (what any reader of that
-database sees stays the same); it keeps the WAL from growing without bound
-under a steady write load. Keys of ``[source]``:
+The agent is read-only towards the data it serves. Its only writes to a
+SQLite database are its read mark in the wal-index (as any reader writes
+one) and, when the application does not restart the WAL itself, a
+checkpoint, which copies committed pages from the WAL into the database
+file and changes no data (what any reader of that database sees stays the
+same); it keeps the WAL from growing without bound under a steady write
+load. Keys of ``[source]``:
 
 - ``listen``, ``tls_cert_file``, ``tls_key_file``, ``tls_ca_file``,
   ``allowed_clients``: where and to whom it serves (mutual TLS).
