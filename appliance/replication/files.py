@@ -390,6 +390,11 @@ class InotifyWatcher(ChangeWatcher):
         self._dir_flag = Mask.ISDIR
         self._created = Mask.CREATE | Mask.MOVED_TO
         self._inotify = Inotify()
+        # Events are read by one task that is never cancelled mid-read and handed over through a
+        # queue, whose get() may be cancelled safely: an Inotify.get() cancelled by a timeout just
+        # after it read the kernel's events loses them (an edit then waited for the full rescan).
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
         self.degraded = False
         self.overflows = 0
         self.events = 0
@@ -428,11 +433,13 @@ class InotifyWatcher(ChangeWatcher):
         if self.degraded:
             await asyncio.sleep(min(0.2, max(timeout, 0.0)))
             return True
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read())
         # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that lands just as
         # the awaited thing completes, and the session then outlives the agent's stop().
         try:
             async with asyncio.timeout(max(timeout, 0.0)):
-                event = await self._inotify.get()
+                event = await self._queue.get()
         except TimeoutError:
             return False
         self._note(event)
@@ -441,13 +448,20 @@ class InotifyWatcher(ChangeWatcher):
         while time.monotonic() < until:
             try:
                 async with asyncio.timeout(self.QUIET_S):
-                    event = await self._inotify.get()
+                    event = await self._queue.get()
             except TimeoutError:
                 break
             self._note(event)
         return True
 
+    async def _read(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self._queue.put_nowait(await self._inotify.get())
+
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
         with contextlib.suppress(OSError):
             self._inotify.close()
 
