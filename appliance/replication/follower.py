@@ -99,6 +99,7 @@ RESTART_RETRY_S = 0.05
 # Holding nothing (when opening), how long every read-mark slot may stay busy before that is an
 # error. An application's TRUNCATE checkpoint holds them all while it truncates a large WAL.
 SLOT_WAIT_S = 10.0
+CATCH_UP_ROUNDS = 1000  # polls to reach the newest commit before a catch-up gives up
 
 
 class SourceError(HotsiteError):
@@ -168,6 +169,8 @@ class SqliteFollower:
         )
         self.announced: Position | None = None  # the last position shipped: what the replica will be at
         self.frames_shipped = 0
+        self.broken = False  # continuity was lost: the hashes no longer describe a state
+        self.pages_read = 0  # pages read whole from the files to hash or send a state (not frames)
         self.pending_frames = 0
         self.last_current_at = 0.0  # source time at which everything committed had been read
         # The agent calls us from worker threads (asyncio.to_thread), and a cancelled
@@ -338,6 +341,7 @@ class SqliteFollower:
             if len(data) < page_size:
                 data = data + bytes(page_size - len(data))
         hashes.set(pgno, data)
+        self.pages_read += 1
         return data
 
     @_locked
@@ -375,6 +379,69 @@ class SqliteFollower:
         if position.frame == 0 and position == self.position and self.announced is not None:
             return self.announced, checksum
         return position, checksum
+
+    # -- catching up from known hashes (no whole-database read) ----------------------
+
+    @_locked
+    def has_state(self) -> bool:
+        """Whether the page hashes describe a position (kept by following since a full read)."""
+        return self.position is not None and self.page_size > 0 and not self.broken
+
+    @_locked
+    def catch_up(self) -> tuple[Position, int, int]:
+        """Follow to the newest commit and stop there: (position, page size, pages).
+
+        Only WAL frames are read: the hashes move with them, as while
+        streaming. The guard is left holding restarts at mark 0, so the files
+        stay exactly that state until the next :meth:`poll` (new commits are
+        not copied). Whole-database reads happen only to seed a follower
+        without hashes (:meth:`read_state`).
+        """
+        for _ in range(CATCH_UP_ROUNDS):
+            while self.poll() is not None:
+                pass
+            self._hold_restarts_in_place()
+            if self.hold != "restart":
+                continue
+            _header, mx, generation = self._stable_current()
+            assert self.position is not None
+            if generation == self.position.generation and mx == self.position.frame:
+                self.announced = self.position
+                return self.position, self.page_size, self.hashes.db_pages
+        raise SourceError(f"the WAL of {self.db_path} kept moving faster than it could be read")
+
+    def pages_at(self, position: Position, pgnos: list[int]) -> Iterator[tuple[int, bytes]]:
+        """Pages ``pgnos`` (ascending) of the state at ``position``, as :meth:`catch_up` left it.
+
+        Each page read is checked against the hash kept for it: a kept hash
+        that does not match the files is a bug or a change behind SQLite's
+        back, and the batch must not be sent as if it described this state.
+        """
+        with self._lock:
+            latest = self._latest_frames(position)
+            header = self._header
+        scratch = PageHashes()
+        for pgno in pgnos:
+            with self._lock:  # never across a yield (see _overlay)
+                if self._db_fd is None or self.position != position:
+                    raise SourceError("the follower moved or closed while a catch-up was being sent")
+                data = self._page(pgno, latest, header, self.page_size, scratch)
+                if scratch.hashes[pgno] != self.hashes.hashes.get(pgno):
+                    raise ResnapshotNeeded(f"page {pgno} differs from the hash kept for it at {position}")
+            yield pgno, data
+
+    def _latest_frames(self, position: Position) -> dict[int, int]:
+        """The newest frame of each page in the WAL up to ``position`` (frame headers only)."""
+        header = self._header
+        latest: dict[int, int] = {}
+        if header is None or header.generation != position.generation:
+            return latest
+        for index in range(1, position.frame + 1):
+            info = self._wal.frame_header(header, index)
+            if info is None or info[2] != header.raw_salts:
+                raise SourceError(f"WAL frame {index} of {position} is gone while the guard held it")
+            latest[info[0]] = index
+        return latest
 
     # -- resume --------------------------------------------------------------
 
