@@ -464,6 +464,8 @@ class StreamSection(Section):
     rpo_budget_s: Seconds = 5.0
     post_change_command: list[str] = []  # files: run (argv, no shell) after a change was applied
     snapshot_interval_s: float = Field(default=3600.0, ge=0, le=86400)  # sqlite: 0 = no snapshots
+    # sqlite: the most disk one transaction's journal may take (0: up to the database's size)
+    journal_limit_mb: int = Field(default=0, ge=0, le=1 << 24)
 
 
 class ReplicationSection(Section):
@@ -678,6 +680,10 @@ def check_environment(config: Config) -> list[str]:
             elif not os.access(path, os.R_OK | (os.W_OK if key == "device" else 0)):
                 mode = "read and write" if key == "device" else "read"
                 problems.append(f"channels.{name}.{key}: {str(path)!r} exists but this user cannot {mode} it")
+    from appliance.replication.budget import space_problems
+
+    streams = config.replication.streams.items()
+    problems += space_problems({n: (s.replica, s.journal_limit_mb) for n, s in streams if s.kind == "sqlite"})
     return problems
 
 
