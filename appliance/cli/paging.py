@@ -60,7 +60,9 @@ def incidents(as_json: bool, limit: int) -> None:
             i["status"],
             _when(i["opened_at"]),
             i["summary"],
-            ", ".join(i["paged"]) or "-",
+            "; ".join(f"{p['contact']}: {p['line']}" for p in i.get("pages", []))
+            or ", ".join(i["paged"])
+            or "-",
             i["acked_by"] or "-",
         )
     console = Console(highlight=False)

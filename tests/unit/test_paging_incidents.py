@@ -225,8 +225,15 @@ def test_properties(script: list, with_night: bool) -> None:
                 if action.kind == "trigger":
                     assert action.incident not in closed, "never a trigger page after ack or resolve"
                     after = state.incidents.get(action.incident)
-                    assert after is not None and after.status == "open", "trigger pages only for open incidents"
+                    assert after is not None and after.status == "open", (
+                        "trigger pages only for open incidents"
+                    )
                     triggered.setdefault(action.incident, set()).add(action.contact)
+                elif action.kind == "ack":
+                    assert action.contact in triggered.get(action.incident, set()), (
+                        "ack notices go to the paged"
+                    )
+                    assert action.contact != "Li Na", "the one who acknowledged is not told about it"
                 else:
                     resolve_notices.setdefault(action.incident, []).append(action.contact)
         for incident_id in before:
