@@ -244,6 +244,34 @@ class PagingService:
                         severity=_severity(action.incident, before, after),
                     )
                     self.decided_at[action.dedup] = mono
+                elif isinstance(action, Note) and action.kind in ("acked", "resolved") and action.incident:
+                    self._tell_pagerduty(conn, action.incident, action.kind, action.message, now)
+
+    def _tell_pagerduty(self, conn: Any, incident_id: int, kind: str, why: str, now: float) -> None:
+        """PagerDuty gets ``acknowledge``/``resolve`` for an incident it was told about (a trigger
+        went out through it), so its own escalation stops too."""
+        from appliance.paging.webhook import WebhookChannel
+
+        told = conn.execute(
+            "SELECT DISTINCT channel, contact FROM paging_outbox WHERE incident_id = ? AND kind = 'trigger'"
+            " AND state IN ('sent', 'uncertain') AND channel IS NOT NULL",
+            (incident_id,),
+        ).fetchall()
+        for channel, contact in told:
+            target = self.channels.get(channel)
+            if not (isinstance(target, WebhookChannel) and target.format == "pagerduty"):
+                continue
+            self.outbox.enqueue(
+                conn,
+                dedup=f"{incident_id}:pagerduty:{kind}:{channel}",
+                incident_id=incident_id,
+                contact=contact,
+                kind="ack" if kind == "acked" else "resolve",
+                text=f"[{self.roster.site}] #{incident_id} {why}",
+                reason=f"PagerDuty was told about #{incident_id}: it is {kind}",
+                channels=[channel],
+                now=now,
+            )
 
     def _note(self, note: Note, actor: str) -> None:
         if note.kind == "acked":
