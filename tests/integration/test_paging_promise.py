@@ -292,3 +292,34 @@ def test_pagerduty_is_told_about_ack_and_resolve(tmp_path: Path) -> None:
 
     run(body)
     store.close()
+
+
+def test_a_live_uncertain_send_goes_out_on_the_next_channel_and_again_marked(
+    tmp_path: Path, emulator: ModemEmulator
+) -> None:
+    """The modem takes the PDU and says nothing (gammu #416): e-mail at once, and "(repeat)" by SMS."""
+    clock = SimulatedClock(start=0, wall_offset=T0)
+    svc, store = service(tmp_path, emulator.path, CollectorRegistry(), clock)
+    email = NullChannel("email")
+    svc.channels["email"] = email
+    svc.order.append("email")
+
+    async def body() -> None:
+        await svc.start()
+        try:
+            emulator.silent_after_pdu = True
+            await svc.raise_incident("site:primary", "primary site down", "critical", group="site")
+            await until(lambda: len(email.sent) == 1, timeout=15)
+            assert email.sent[0].contact.name == "Zhang Wei"
+            await until(lambda: len(texts_to(emulator, ZHANG)) == 2, timeout=15)
+            first, again = texts_to(emulator, ZHANG)
+            assert again == "(repeat) " + first
+            rows = {r["dedup"]: r["state"] for r in svc.outbox.rows()}
+            assert rows["1:trigger:r0:s0:Zhang Wei"] == "sent"  # e-mail took it
+            assert rows["1:trigger:r0:s0:Zhang Wei:repeat:sms"] == "sent"
+            assert store.events(kind="paging.page_uncertain")
+        finally:
+            await svc.stop()
+
+    run(body)
+    store.close()
