@@ -76,7 +76,10 @@ def incidents(as_json: bool, limit: int) -> None:
                 str(i["id"]), i["severity"], _when(i["opened_at"]), _when(i["resolved_at"]), i["summary"]
             )
         console.print(recent)
-    console.print(f"outbox: {result['outbox_depth']} page(s) waiting")
+    held = result.get("held", 0)
+    console.print(
+        f"outbox: {result['outbox_depth']} page(s) waiting" + (f", {held} held by a limit" if held else "")
+    )
 
 
 @click.command()

@@ -350,10 +350,15 @@ class Outbox:
         return float(rows[-1]["t"]) + 3600.0
 
     def depth(self) -> int:
+        """Pages queued or being sent (held ones are counted apart: they wait on purpose)."""
+        return self.count("queued", "sending")
+
+    def count(self, *states: str) -> int:
+        marks = ", ".join("?" for _ in states)
         return int(
-            self.store.query(
-                "SELECT COUNT(*) AS n FROM paging_outbox WHERE state IN ('queued', 'sending', 'held')"
-            )[0]["n"]
+            self.store.query(f"SELECT COUNT(*) AS n FROM paging_outbox WHERE state IN ({marks})", states)[0][
+                "n"
+            ]
         )
 
     def rows(self, *, incident_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:

@@ -683,6 +683,7 @@ class PagingService:
             "active": active,
             "recent": recent,
             "outbox_depth": self.outbox.depth(),
+            "held": self.outbox.count("held"),
             "channels": [c.health() for c in self.channels.values()],
         }
 

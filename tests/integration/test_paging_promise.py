@@ -187,7 +187,7 @@ def test_a_digest_instead_of_silence(tmp_path: Path) -> None:
             assert len(sms.sent) == 5
             digest = sms.sent[4].text
             assert "digest, 37 page(s) held" in digest and "and 32 more" in digest and "STATUS" in digest
-            assert svc.outbox.depth() == 0
+            assert svc.outbox.depth() == 0 and svc.outbox.count("held") == 0
         finally:
             await svc.stop()
 

@@ -281,7 +281,7 @@ def test_fallback_rate_limit_and_api(tmp_path: Path) -> None:
             # Fell back to e-mail; 3 per hour per contact, then ONE notice instead of silence.
             await until(lambda: len(email.sent) == 4)
             await asyncio.sleep(0.2)
-            assert len(email.sent) == 4 and svc.outbox.depth() == 2
+            assert len(email.sent) == 4 and svc.outbox.depth() == 0 and svc.outbox.count("held") == 2
             assert email.sent[3].kind == "notice"
             assert "page limit reached: 2 incident(s) waiting" in email.sent[3].text
             assert "Reply STATUS" in email.sent[3].text
@@ -304,7 +304,7 @@ def test_fallback_rate_limit_and_api(tmp_path: Path) -> None:
             assert len(email.sent) == 6 and email.sent[5].kind == "digest"
             assert "2 page(s) held" in email.sent[5].text
             assert "disk 3 full" in email.sent[5].text and "disk 4 full" in email.sent[5].text
-            assert svc.outbox.depth() == 0
+            assert svc.outbox.depth() == 0 and svc.outbox.count("held") == 0
             handlers = svc.handlers()
             assert (await handlers["ack"](ROOT, {"id": "2"}))["incident"] == 2
             with pytest.raises(RequestError, match="already acknowledged"):
