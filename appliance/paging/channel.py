@@ -83,6 +83,9 @@ class Channel(abc.ABC):
     # True when send() reports its own phases through Message.report (the SMS channel);
     # otherwise the caller records "handed" before calling send().
     reports_phases: bool = False
+    # True when the channel sends one message at a time (a modem on one serial port): the
+    # outbox then claims one row for it at a time, so rows never pile up claimed behind it.
+    exclusive: bool = False
 
     @abc.abstractmethod
     def can_reach(self, contact: Contact) -> bool: ...

@@ -504,6 +504,7 @@ class GsmChannel(Channel):
 
     kind = "gsm"
     reports_phases = True
+    exclusive = True
 
     def __init__(
         self,

@@ -259,7 +259,7 @@ class Outbox:
     def due(self, now: float, limit: int = 50) -> list[Row]:
         rows = self.store.query(
             "SELECT * FROM paging_outbox WHERE state IN ('queued', 'held') AND next_at <= ?"
-            " ORDER BY next_at, id LIMIT ?",
+            " ORDER BY severity = 'critical' DESC, next_at, id LIMIT ?",
             (now, limit),
         )
         return [Row.of(r) for r in rows]

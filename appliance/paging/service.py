@@ -453,21 +453,33 @@ class PagingService:
                     await self._wake.wait()
 
     async def drain(self) -> int:
-        """Send what is due now (a few at a time); returns how many rows were handled."""
+        """Send what is due now, critical first: at most one row per exclusive channel (the modem)
+        and ``SEND_CONCURRENCY`` in all, so a row is claimed only when its channel can take it
+        and a critical page raised meanwhile is next. Returns how many rows were handled."""
         self._digest_due()
         now = self.clock.time()
-        rows = self.outbox.due(now, limit=SEND_CONCURRENCY * 8)
-        if not rows:
+        picked: list[Row] = []
+        lanes: set[str] = set()
+        for row in self.outbox.due(now, limit=SEND_CONCURRENCY * 8):  # critical first
+            lane = self._lane(row)
+            if lane is not None and lane in lanes:
+                continue  # claimed only when its channel can take it: next round
+            if lane is not None:
+                lanes.add(lane)
+            picked.append(row)
+            if len(picked) == SEND_CONCURRENCY:
+                break
+        if not picked:
             return 0
-        semaphore = asyncio.Semaphore(SEND_CONCURRENCY)
-
-        async def one(row: Row) -> None:
-            async with semaphore:
-                await self._send_row(row)
-
-        await asyncio.gather(*(one(r) for r in rows))
+        await asyncio.gather(*(self._send_row(r) for r in picked))
         self._update_gauges()
-        return len(rows)
+        return len(picked)
+
+    def _lane(self, row: Row) -> str | None:
+        """The exclusive channel (the modem) this row will use first, if any."""
+        contact = self.roster.contacts.get(row.contact) or Contact(row.contact)
+        first = next((n for n in self._names(row) if self.channels[n].can_reach(contact)), None)
+        return first if first is not None and self.channels[first].exclusive else None
 
     async def _send_row(self, row: Row) -> None:
         paging = self.config.paging
