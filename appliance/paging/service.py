@@ -230,6 +230,8 @@ class PagingService:
                         conn, incident_id, "incident acknowledged before this page went out"
                     )
             for action in actions:
+                if isinstance(action, Page) and action.kind != "trigger" and not _was_told(conn, action):
+                    continue  # "acknowledged"/"resolved" only to someone who got the page itself
                 if isinstance(action, Page):
                     self.outbox.enqueue(
                         conn,
@@ -815,6 +817,19 @@ class PagingService:
             data={"results": results},
         )
         return {"contact": contact.name, "results": results}
+
+
+def _was_told(conn: Any, page: Page) -> bool:
+    """Did a trigger page of this incident reach (or may it have reached) this contact?
+    A page held by a limit and then cancelled by the ack did not."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM paging_outbox WHERE incident_id = ? AND contact = ? AND kind = 'trigger'"
+            " AND state IN ('sent', 'uncertain', 'merged', 'sending', 'queued') LIMIT 1",
+            (page.incident, page.contact),
+        ).fetchone()
+        is not None
+    )
 
 
 def _severity(incident_id: int, before: PagerState, after: PagerState) -> str:
