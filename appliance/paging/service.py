@@ -484,6 +484,7 @@ class PagingService:
         return first if first is not None and self.channels[first].exclusive else None
 
     async def _send_row(self, row: Row) -> None:
+        """One row: held by the limit (never when critical), or claimed, sent, recorded, reported."""
         paging = self.config.paging
         now = self.clock.time()
         incident = self.state.incidents.get(row.incident_id or -1)
@@ -496,8 +497,27 @@ class PagingService:
                 return
         if not self.outbox.claim(row.id, now):
             return
-        contact = self.roster.contacts.get(row.contact) or Contact(row.contact)
         names = self._names(row)
+        delivery, used, tried = await self._deliver(row, names, severity)
+        uncertain_on = [
+            name for name, _, rest in (t.partition(": ") for t in tried) if rest.startswith("uncertain")
+        ]
+        state = self.outbox.finish(
+            row,
+            delivery,
+            used,
+            tried,
+            self.clock.time(),
+            max_attempts=paging.max_attempts,
+            backoff_s=paging.retry_backoff_s,
+            uncertain_on=uncertain_on,
+            others=[n for n in names if n not in uncertain_on],
+        )
+        await self._report(row, state, used, "; ".join(tried) or delivery.detail, uncertain_on, tried)
+
+    async def _deliver(self, row: Row, names: list[str], severity: str) -> tuple[Delivery, str, list[str]]:
+        """Send through the fallback order, persisting each step's phase; count each channel tried."""
+        contact = self.roster.contacts.get(row.contact) or Contact(row.contact)
         text = self._notice_text(row) if row.kind == "notice" else row.text
         message = Message(
             contact,
@@ -520,27 +540,17 @@ class PagingService:
         for line in tried:
             name, _, rest = line.partition(": ")
             self.metrics.pages.labels(channel=name, result=rest.split(" ", 1)[0]).inc()
-        uncertain_on = [
-            line.partition(": ")[0] for line in tried if line.partition(": ")[2].startswith("uncertain")
-        ]
-        state = self.outbox.finish(
-            row,
-            delivery,
-            used,
-            tried,
-            self.clock.time(),
-            max_attempts=paging.max_attempts,
-            backoff_s=paging.retry_backoff_s,
-            uncertain_on=uncertain_on,
-            others=[n for n in names if n not in uncertain_on],
-        )
-        outcome = "; ".join(tried) or delivery.detail
+        return delivery, used, tried
+
+    async def _report(
+        self, row: Row, state: str, used: str, outcome: str, uncertain_on: list[str], tried: list[str]
+    ) -> None:
+        """Log every outcome (ERROR when no channel took it), audit the uncertain and the failed."""
+        level = logging.ERROR if state == "failed" else logging.WARNING if uncertain_on else logging.INFO
+        if state == "queued":
+            level = logging.WARNING
         log.log(
-            logging.INFO
-            if state == "sent" and not uncertain_on
-            else logging.WARNING
-            if state != "failed"
-            else logging.ERROR,
+            level,
             "page " + state + (" NOT DELIVERED on any channel" if state == "failed" else ""),
             extra=kv(page=row.id, contact=row.contact, kind=row.kind, channel=used, detail=outcome[:200]),
         )
@@ -552,10 +562,9 @@ class PagingService:
                 " on the next channel and marked (repeat)",
                 data={"page": row.id, "tried": tried},
             )
+            self._wake.set()
         if state == "failed":
             await self._undelivered(row, outcome)
-        if uncertain_on:
-            self._wake.set()
 
     def _held(self, row: Row, until: float, why: str) -> None:
         """A limit holds a page: loud (WARNING, audit, metric), shown, and the contact told once."""
