@@ -244,7 +244,7 @@ def test_sigkill_in_each_send_phase(
 
         wait_for(settled, timeout=60, what="every page settled", on_fail=lambda: json.dumps(_outbox(state)))
         rows = [r for r in _outbox(state) if marker in r["text"]]
-        originals = [r for r in rows if r["repeat_of"] is None]
+        originals = [r for r in rows if r.get("repeat_of") is None]
         assert sorted(r["contact"] for r in originals) == [f"c{n}" for n in range(pages)]
         sms = _sms_by_number(emu, marker)
         mail = [to for to, body in inbox.messages if marker in body]
