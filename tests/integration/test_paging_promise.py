@@ -323,3 +323,33 @@ def test_a_live_uncertain_send_goes_out_on_the_next_channel_and_again_marked(
 
     run(body)
     store.close()
+
+
+def test_a_page_held_for_the_night_is_shown_counted_and_critical_is_not_held(tmp_path: Path) -> None:
+    clock = SimulatedClock(start=0, wall_offset=T0)  # 10:00 in Shanghai
+    registry = CollectorRegistry()
+    sms = NullChannel("sms")
+    night = '\n[paging.night]\nstart = "09:00"\nend = "11:00"\ntimezone = "Asia/Shanghai"\n'
+    svc, store = service(tmp_path, "/dev/null", registry, clock, extra=night)
+    svc.channels, svc.order = {"sms": sms}, ["sms"]
+
+    async def body() -> None:
+        await svc.start()
+        try:
+            await svc.raise_incident("disk:a", "disk a full", "warning", group="disk")
+            await svc.raise_incident("site:primary", "primary site down", "critical", group="site")
+            await until(lambda: len(sms.sent) == 1)
+            assert "primary site down" in sms.sent[0].text
+            assert registry.get_sample_value("hotsite_paging_deferred_total", {"reason": "night"}) == 1
+            listing = await svc.handlers()["incidents"](ROOT, {})
+            (held,) = [i for i in listing["active"] if i["severity"] == "warning"]
+            from appliance.paging.service import _hhmm
+
+            assert held["pages"] == [
+                {"contact": "Zhang Wei", "state": "held", "line": f"held until {_hhmm(T0 + 3600)} (night)"}
+            ]
+        finally:
+            await svc.stop()
+
+    run(body)
+    store.close()
