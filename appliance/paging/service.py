@@ -660,7 +660,7 @@ class PagingService:
         """A page that failed on every channel: ERROR, audit, metric, shown, escalated at once."""
         self.metrics.undelivered.labels(kind=row.kind).inc()
         self.store.record(
-            "paging.undelivered",
+            "paging.page_failed",  # the incident report's timeline marks it failed
             subject=f"incident:{row.incident_id}",
             message=f"NOT DELIVERED to {row.contact}: {outcome}"[:1000],
             data={"page": row.id, "attempts": row.attempts + 1},

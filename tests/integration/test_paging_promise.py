@@ -124,7 +124,8 @@ def test_a_permanent_cms_error_falls_back_and_a_page_nobody_took_is_loud(
                 await until(lambda: any(m.contact.name == "Site Mgr" for m in email.sent), timeout=10)
             errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
             assert any("NOT DELIVERED" in r.getMessage() for r in errors)
-            assert store.events(kind="paging.undelivered")
+            (failed, *_) = store.events(kind="paging.page_failed")
+            assert failed.message.startswith("NOT DELIVERED to ")
             assert any(
                 "escalating to the next step now" in e.message
                 for e in store.events(kind="paging.undelivered")
