@@ -154,7 +154,9 @@ def random_kills(kills: int) -> dict[str, int]:
     emu = ModemEmulator().start()
     cfg, listen = chaos_config(base, tmp, emu.path, port, 2)
     totals = {"kills": 0, "pages": 0, "lost": 0, "uncertain": 0, "duplicates": 0, "unmarked_duplicates": 0}
-    rng = random.Random(14)
+    seed = int(os.environ.get("HOTSITE_BENCH_SEED", str(int(time.time()))))
+    rng = random.Random(seed)  # printed, so a run can be repeated
+    totals["seed"] = seed
     daemon = RunningDaemon(cfg, tmp / "life0.log")
     daemon.wait_ready(30)
     try:
@@ -240,7 +242,8 @@ def main() -> None:
     if kills:
         t = random_kills(kills)
         print(
-            f"random SIGKILLs of the real daemon: {t['kills']} kills, {t['pages']} pages: {t['lost']} lost,"
+            f"random SIGKILLs of the real daemon (seed {t['seed']}): {t['kills']} kills, {t['pages']} pages:"
+            f" {t['lost']} lost,"
             f" {t['uncertain']} uncertain, {t['duplicates']} duplicate SMS"
             f" ({t['unmarked_duplicates']} without the (repeat) mark) | target 0 lost, duplicates only marked:"
             f" {'met' if t['lost'] == 0 and t['unmarked_duplicates'] == 0 else 'MISSED'}"
