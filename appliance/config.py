@@ -446,6 +446,12 @@ class PagingSection(Section):
     overrides: list[OverrideSection] = []
     night: NightSection | None = None
     rate_limit_per_hour: int = Field(default=20, ge=1, le=1000)  # trigger pages per contact
+    # The country calling code used to read a national number a text arrives from
+    # ("13800138000" -> "+8613800138000" with "86"). "" (default): only international
+    # forms match the contacts' E.164 numbers.
+    country_code: Annotated[
+        str, _match(re.compile(r"^(\+?[1-9][0-9]{0,2})?$"), "a country calling code such as 86 or +44")
+    ] = ""
     max_attempts: int = Field(default=8, ge=1, le=100)
     retry_backoff_s: Seconds = 30.0
     alertmanager_listen: ListenAddress | None = None
