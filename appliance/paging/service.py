@@ -105,7 +105,14 @@ class PagingService:
         if paging.alertmanager_listen:
             host, port = config_mod.host_port(paging.alertmanager_listen)
             token = settings.read_secret(paging.alertmanager_token_file, "paging.alertmanager_token_file")
-            self._receiver = WebhookReceiver(host, port, self._inbound_events, token=token)
+            self._receiver = WebhookReceiver(
+                host,
+                port,
+                self._inbound_events,
+                token=token,
+                token_name=paging.alertmanager_token_name,
+                allow_unauthenticated=paging.alertmanager_allow_unauthenticated,
+            )
             await self._receiver.start()
         self._tasks = [
             asyncio.create_task(self._sender(), name="paging:sender"),
