@@ -248,6 +248,7 @@ def witness_settings(h: sshd_host.SshHost) -> dict[str, object]:
         "listen": f"{h.address}:8080",
         "primary": [f"tcp://{SBCS[0]}:5060"],
         "token_file": "/etc/hotsite/secrets/witness-token",
+        "allow_plain_http": True,
     }
 
 
