@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
-from appliance import __version__
+from appliance import __version__, roles
 from appliance import config as config_mod
 from appliance.api import ApiServer, Caller, RequestError
 from appliance.clock import Clock, SystemClock
@@ -101,6 +101,9 @@ class Appliance(Daemon):
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        # Everything the daemon creates (state, replicas, snapshots, logs) is its own: 0600/0700
+        # unless it says otherwise (the control socket is 0660 on purpose). SECURITY.md.
+        os.umask(0o077)
         cfg = self.config
         self._started_at = self.clock.time()
         self.store = Store.open(cfg.appliance.state_dir, clock=self.clock.time)
@@ -109,11 +112,13 @@ class Appliance(Daemon):
             self._handlers(),
             group=cfg.appliance.socket_group,
             on_bad_request=lambda reason: self.metrics.api_bad_requests.labels(reason=reason).inc(),
+            authorize=roles.policy_from(cfg.appliance).refusal,
         )
         await self.api.start()
         if cfg.metrics.enabled:
             host, port = config_mod.host_port(cfg.metrics.listen)
-            self._metrics_server = metrics_mod.serve(self.metrics.registry, host, port)
+            options = cfg.metrics.server_options()
+            self._metrics_server = metrics_mod.serve(self.metrics.registry, host, port, **options)
         self.metrics.start_time.set(self._started_at)
         self.metrics.registry.register(HostCollector(cfg.appliance.state_dir, cfg.host.interfaces))
         for problem in config_mod.check_environment(cfg):
@@ -305,14 +310,23 @@ class Appliance(Daemon):
         self.kamailio, self.usage = None, None
 
     async def reload(self) -> None:
+        """SIGHUP: apply the new config, or keep the old one on *any* failure; never stop the daemon."""
+        old = self.config
         try:
             new = config_mod.load(self.config_path)
-        except ConfigError as exc:
+            await self._apply(new)
+        except Exception as exc:
+            error = exc if isinstance(exc, ConfigError) else ConfigError(f"{type(exc).__name__}: {exc}")
             self.metrics.config_reloads.labels(result="rejected").inc()
-            for problem in exc.problems or [exc.message]:
+            for problem in error.problems or [error.message]:
                 log.error("new configuration rejected; keeping the old one", extra=kv(problem=problem))
-            self._record("config.reload_rejected", message=exc.message, data={"problems": exc.problems})
+            self._record("config.reload_rejected", message=error.message, data={"problems": error.problems})
+            if self.config is not old:
+                await self._apply(old)  # half-applied: back to what ran before
             return
+        self.metrics.config_reloads.labels(result="applied").inc()
+
+    async def _apply(self, new: Config) -> None:
         ignored = [key for key in RESTART_ONLY if _get(new, key) != _get(self.config, key)]
         for key in ignored:
             log.warning("setting changes only at restart", extra=kv(key=key))
@@ -325,7 +339,6 @@ class Appliance(Daemon):
         self.supervisor.start("probes", self.monitor.run)
         await self._stop_usage()
         self._start_usage(new)
-        self.metrics.config_reloads.labels(result="applied").inc()
         self._record("config.reload", message="configuration reloaded", data={"restart_needed_for": ignored})
         log.info("configuration reloaded", extra=kv(targets=len(self.monitor.targets)))
 

@@ -129,14 +129,43 @@ class ApplianceSection(Section):
     state_dir: DirPath = Path("/var/lib/hotsite")
     runtime_dir: DirPath = Path("/run/hotsite")
     socket_group: str | None = None
+    # Roles on the control socket (appliance/roles.py): root and the service user are operators.
+    operator_groups: list[str] = []
+    operator_uids: list[int] = []
+    read_only_groups: list[str] = []
+    read_only_uids: list[int] = []
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["kv", "json"] = "kv"
     watchdog: bool = True
 
 
+def _bcrypt_hash(value: str) -> str:
+    if not re.match(r"^\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}$", value):
+        raise ValueError("expected a bcrypt hash such as the one `htpasswd -nBC 10 USER` prints")
+    return value
+
+
 class MetricsSection(Section):
+    """``/metrics``; TLS and basic auth optional, the Prometheus exporter-toolkit way."""
+
     enabled: bool = True
     listen: ListenAddress = "127.0.0.1:9477"
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    basic_auth_users: dict[str, Annotated[str, AfterValidator(_bcrypt_hash)]] = {}
+
+    @model_validator(mode="after")
+    def _pair(self) -> MetricsSection:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("give both tls_cert_file and tls_key_file, or neither")
+        return self
+
+    def server_options(self) -> dict[str, Any]:
+        return {
+            "tls_cert_file": self.tls_cert_file,
+            "tls_key_file": self.tls_key_file,
+            "basic_auth_users": dict(self.basic_auth_users),
+        }
 
 
 def _target_url(value: str) -> str:

@@ -171,6 +171,9 @@ def file_problems(config: Config) -> list[str]:
             out += _one_file(where, Path(value), ids, who, want=6, device=True)
         elif name in ("command", "post_change_command") and isinstance(value, list) and value:
             out += _command(where, str(value[0]), ids, who)
+    from appliance import roles
+
+    out += roles.problems(config.appliance)
     for key in ("state_dir", "runtime_dir"):
         path: Path = getattr(config.appliance, key)
         if path.exists() and not path.is_dir():
@@ -247,7 +250,9 @@ def problems(config: Config) -> list[str]:
 
 def warnings(config: Config) -> list[str]:
     """Valid settings that expose something: an open receiver, credentials in clear."""
-    out = []
+    from appliance import roles
+
+    out = roles.warnings(config.appliance)
     paging = config.paging
     if paging.alertmanager_listen and paging.alertmanager_token_file is None:
         out.append(
