@@ -24,8 +24,13 @@ Three parts, each usable alone:
 * pure cores: :func:`fold_round` (probe results -> :class:`WitnessView`),
   :func:`render_vote` (view -> the JSON document), :func:`interpret`
   (HTTP status + body -> :class:`~failover.quorum.Vote`), :func:`parse_request`;
-* :class:`WitnessAgent`: the probe loop and a small HTTP/1.1 server on
-  ``asyncio.start_server`` (``/vote``, ``/metrics``), optional bearer token and TLS;
+* :class:`WitnessAgent`: the probe loop and ``/vote``, ``/metrics`` on the bounded
+  server of :mod:`appliance.httpd` (head bounded and authenticated before
+  anything else, idle connections evicted oldest first so they cannot starve
+  voters). A bearer token and TLS are required unless ``allow_unauthenticated``
+  / ``allow_plain_http`` say otherwise. ``GET /vote?nonce=N`` echoes ``N`` in
+  the document: the voter refuses an answer without its own nonce, so a
+  recorded vote cannot be replayed;
 * :class:`HttpWitnessVoter`: the appliance's client, a :class:`~failover.quorum.Voter`;
   :func:`voter_from_config` picks it or :class:`~failover.quorum.NullVoter`.
 """

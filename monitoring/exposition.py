@@ -94,8 +94,14 @@ class MetricsServer:
         return self._server.host, self._server.port
 
     def start(self) -> None:
-        self._loop.run_until_complete(self._server.start())
+        """Bind in the server's own thread (the caller may be inside a running loop); OSError if not."""
         self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._server.start(), self._loop).result(10)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            raise
 
     def _authenticate(self, request: httpd.Request) -> str | httpd.Response | None:
         if request.method not in ("GET", "HEAD"):
