@@ -242,3 +242,61 @@ def test_the_body_is_not_read_before_authentication_and_heads_are_bounded() -> N
         await server.stop()
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------
+# Credentials that would travel in clear
+
+
+SITES = """
+[sites.primary]
+role = "primary"
+sbc = "10.0.0.1:5060"
+kamailio_set = 1
+
+[sites.backup]
+role = "backup"
+sbc = "10.0.0.2"
+kamailio_set = 2
+"""
+
+
+def test_config_check_warns_about_every_credential_in_clear() -> None:
+    from appliance import config
+
+    cfg = config.parse(
+        '[metrics]\nlisten = "0.0.0.0:9477"\n'
+        '[failover]\nwitness = "http://10.0.0.9:8080/vote"\nwitness_token_file = "/t"\n'
+        '[coordination]\nbackend = "etcd"\nendpoints = ["http://10.0.0.7:2379", "http://10.0.0.8:2379",'
+        ' "http://10.0.0.6:2379"]\ncredentials_file = "/c"\n'
+        '[channels.mail]\ntype = "smtp"\nhost = "m"\nstarttls = false\nusername = "u"\npassword_file = "/p"\n'
+        'from_addr = "a@b.cd"\n'
+        '[channels.hook]\ntype = "webhook"\nurl = "http://u:pw@10.0.0.5/x?apikey=1"\nsecret_file = "/s"\n'
+        + SITES
+    )
+    found = "\n".join(cfg.warnings())
+    for expected in (
+        "channels.mail.starttls: false with a password_file",
+        "channels.hook.url: plain http:// with a secret_file",
+        "channels.hook.url: the URL holds a user name or password",
+        "failover.witness: plain http://: votes and its token travel in clear",
+        "coordination.endpoints: 'http://10.0.0.7:2379' is plain http:// and the etcd password",
+        "metrics.listen: 0.0.0.0:9477 is reachable from the network without TLS",
+    ):
+        assert expected in found, found
+
+
+def test_an_open_receiver_is_a_problem_unless_written_then_a_warning() -> None:
+    from appliance import config
+    from appliance.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config.parse('[paging]\nalertmanager_listen = "127.0.0.1:9478"\n' + SITES)
+    assert any(p.startswith("paging.alertmanager_token_file: required") for p in info.value.problems)
+    cfg = config.parse(
+        '[paging]\nalertmanager_listen = "127.0.0.1:9478"\nalertmanager_allow_unauthenticated = true\n'
+        + SITES
+    )
+    assert any("accepts alerts from anyone" in w for w in cfg.warnings())
+    with pytest.raises(ConfigError, match="problem"):
+        config.parse('[appliance]\nruntime_dir = ""\n' + SITES)
