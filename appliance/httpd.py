@@ -197,7 +197,7 @@ class BoundedHttpServer:
         self._on_outcome = on_outcome
         self._name = name
         self._server: asyncio.Server | None = None
-        self._pending: OrderedDict[asyncio.Task[None], str] = OrderedDict()
+        self._pending: OrderedDict[asyncio.Task[None], tuple[str, asyncio.StreamWriter]] = OrderedDict()
         self._active = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -237,20 +237,22 @@ class BoundedHttpServer:
         task = asyncio.create_task(self._serve(reader, writer, peer), name=f"{self._name}:{peer}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        self._pending[task] = peer
+        self._pending[task] = (peer, writer)
         task.add_done_callback(lambda t: self._pending.pop(t, None))
         self._admit(peer)
 
     def _admit(self, peer: str) -> None:
         """Evict the oldest pending connection (of this peer first) while over a cap."""
-        same = [t for t, p in self._pending.items() if p == peer]
+        same = [t for t, (p, _) in self._pending.items() if p == peer]
         while len(same) > self.limits.max_pending_per_peer:
             self._evict(same.pop(0))
         while len(self._pending) > self.limits.max_pending:
             self._evict(next(iter(self._pending)))
 
     def _evict(self, task: asyncio.Task[None]) -> None:
-        self._pending.pop(task, None)
+        entry = self._pending.pop(task, None)
+        if entry is not None:
+            entry[1].close()  # a task cancelled before it ran would never close its transport
         task.cancel()
         self._on_outcome("evicted")
 
