@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def test_basic_auth_and_tls_when_configured(tmp_path: Path) -> None:
     try:
         daemon.wait_ready()
         url = f"https://{listen}/metrics"
-        with httpx.Client(verify=str(cert)) as client:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as client:
             assert client.get(url).status_code == 401
             assert client.get(url, auth=("prometheus", "wrong")).status_code == 401
             ok = wait_for(lambda: client.get(url, auth=("prometheus", "scrape-pass")), what="a scrape")
