@@ -300,3 +300,44 @@ def test_an_open_receiver_is_a_problem_unless_written_then_a_warning() -> None:
     assert any("accepts alerts from anyone" in w for w in cfg.warnings())
     with pytest.raises(ConfigError, match="problem"):
         config.parse('[appliance]\nruntime_dir = ""\n' + SITES)
+
+
+def test_the_witness_wants_tls_and_a_token_unless_told_otherwise() -> None:
+    from appliance.errors import ConfigError
+    from failover import witness
+
+    with pytest.raises(ConfigError) as info:
+        witness.load_settings(None, {"listen": "127.0.0.1:8443", "primary": ["tcp://10.0.0.1:5060"]})
+    text = "\n".join(info.value.problems)
+    assert "tls_cert_file and tls_key_file are required" in text
+    loaded = witness.load_settings(
+        None,
+        {
+            "listen": "127.0.0.1:8443",
+            "primary": ["tcp://10.0.0.1:5060"],
+            "allow_plain_http": True,
+            "token_file": "/t",
+        },
+    )
+    assert loaded.allow_plain_http and not loaded.allow_unauthenticated
+    with pytest.raises(ConfigError, match="problem"):
+        witness.load_settings(
+            None, {"listen": "127.0.0.1:8443", "primary": ["tcp://10.0.0.1:5060"], "allow_plain_http": True}
+        )
+
+
+def test_a_vote_without_our_nonce_is_refused() -> None:
+    from failover import witness
+
+    doc = {"version": 1, "witness": "w", "primary_alive": False, "age_s": 0.1, "nonce": "old"}
+    kwargs: dict[str, Any] = {
+        "max_age_s": 5,
+        "rtt_s": 0,
+        "received_mono": 1,
+        "received_wall": 1,
+        "source": "w",
+    }
+    replayed = witness.interpret(200, json.dumps(doc).encode(), nonce="new", **kwargs)
+    assert replayed.primary_alive is None and "nonce" in replayed.detail
+    fresh = witness.interpret(200, json.dumps({**doc, "nonce": "new"}).encode(), nonce="new", **kwargs)
+    assert fresh.primary_alive is False
