@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import ssl
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -210,9 +211,14 @@ class BoundedHttpServer:
         return self._active
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accept, self.host, self.port, limit=self.limits.max_head, reuse_address=True
-        )
+        try:
+            self._server = await asyncio.start_server(
+                self._accept, self.host, self.port, limit=self.limits.max_head, reuse_address=True
+            )
+        except OSError as exc:  # asyncio rewords strerror; callers show the plain reason
+            if exc.errno is None:
+                raise
+            raise OSError(exc.errno, os.strerror(exc.errno)) from None
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = str(sockname[0]), int(sockname[1])
 
