@@ -91,9 +91,10 @@ def witness(config_file: Path | None, **options: object) -> None:
 
     \b
     Example:
-      hotsite witness --listen 0.0.0.0:8080 --primary sip:10.1.0.10:5060 \\
-          --primary http://10.1.0.10/health --token-file /etc/hotsite/witness.token
-      curl -H "Authorization: Bearer $(cat token)" http://edge:8080/vote
+      hotsite witness --listen 0.0.0.0:8443 --primary sip:10.1.0.10:5060 \\
+          --primary http://10.1.0.10/health --token-file /etc/hotsite/witness.token \\
+          --tls-cert /etc/hotsite/tls/witness.pem --tls-key /etc/hotsite/secrets/witness.key
+      curl --cacert ca.pem -H "Authorization: Bearer $(cat token)" https://edge:8443/vote
     """
     overrides = {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()}
     try:
