@@ -46,7 +46,7 @@ def toml_value(value: object) -> str:
     return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
 
 
-TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+TEXT = st.text(st.characters(codec="utf-8"), max_size=20)
 SCALARS = (
     st.booleans()
     | st.integers(-(2**70), 2**70)
