@@ -118,6 +118,8 @@ class Appliance(Daemon):
         if cfg.metrics.enabled:
             host, port = config_mod.host_port(cfg.metrics.listen)
             options = cfg.metrics.server_options()
+            requests = self.metrics.http_requests
+            options["on_outcome"] = lambda outcome: requests.labels("metrics", outcome).inc()
             self._metrics_server = metrics_mod.serve(self.metrics.registry, host, port, **options)
         self.metrics.start_time.set(self._started_at)
         self.metrics.registry.register(HostCollector(cfg.appliance.state_dir, cfg.host.interfaces))
@@ -140,6 +142,8 @@ class Appliance(Daemon):
         self.paging = PagingService(
             cfg, self.store, self.metrics.registry, clock=self.clock, status_text=self.sms_status
         )
+        counted = self.metrics.http_requests
+        self.paging.on_receiver_outcome = lambda outcome: counted.labels("alertmanager", outcome).inc()
         await self.paging.start()
         self.monitor.on_target_state = self._target_incident
         self._start_usage(cfg)

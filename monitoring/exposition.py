@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -80,12 +80,20 @@ class MetricsServer:
         *,
         tls: ssl.SSLContext | None = None,
         auth: BasicAuth | None = None,
+        on_outcome: Callable[[str], None] = lambda outcome: None,
     ) -> None:
         self.registry = registry
         self.auth = auth
         self._loop = asyncio.new_event_loop()
         self._server = httpd.BoundedHttpServer(
-            host, port, self._handle, authenticate=self._authenticate, limits=LIMITS, tls=tls, name="metrics"
+            host,
+            port,
+            self._handle,
+            authenticate=self._authenticate,
+            limits=LIMITS,
+            tls=tls,
+            on_outcome=on_outcome,
+            name="metrics",
         )
         self._thread = threading.Thread(target=self._loop.run_forever, name="metrics-http", daemon=True)
 
@@ -152,6 +160,7 @@ def serve(
     tls_cert_file: Path | None = None,
     tls_key_file: Path | None = None,
     basic_auth_users: Mapping[str, str] | None = None,
+    on_outcome: Callable[[str], None] = lambda outcome: None,
 ) -> MetricsServer:
     server = MetricsServer(
         registry,
@@ -159,6 +168,7 @@ def serve(
         port,
         tls=tls_context(tls_cert_file, tls_key_file),
         auth=BasicAuth(basic_auth_users) if basic_auth_users else None,
+        on_outcome=on_outcome,
     )
     try:
         server.start()

@@ -116,6 +116,12 @@ class Metrics:
         self.failover_epoch = Gauge(
             "hotsite_failover_epoch", "Fencing token of the newest routing decision.", registry=registry
         )
+        self.http_requests = Counter(
+            "hotsite_http_requests_total",
+            "Requests to the daemon's HTTP listeners (metrics, alertmanager) by outcome; refused ones too.",
+            ["listener", "outcome"],
+            registry=registry,
+        )
         self.api_bad_requests = Counter(
             "hotsite_api_bad_requests_total",
             "Control API requests rejected before reaching a handler.",

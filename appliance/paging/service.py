@@ -86,6 +86,7 @@ class PagingService:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._receiver: WebhookReceiver | None = None
+        self.on_receiver_outcome: Callable[[str], None] = lambda outcome: None  # counted by the daemon
         self.decided_at: dict[str, float] = {}  # page dedup -> monotonic time decided (for benchmarks)
 
     # -- life ----------------------------------------------------------------------
@@ -112,6 +113,7 @@ class PagingService:
                 token=token,
                 token_name=paging.alertmanager_token_name,
                 allow_unauthenticated=paging.alertmanager_allow_unauthenticated,
+                on_outcome=self.on_receiver_outcome,
             )
             await self._receiver.start()
         self._tasks = [

@@ -7,6 +7,7 @@ way someone on the management LAN could.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -102,6 +103,10 @@ def test_a_header_flood_before_authentication_does_not_grow_the_daemon(tmp_path:
             f"http://{listen}/alertmanager", json=ALERT, headers={"Authorization": "Bearer s3cret-token"}
         )
         assert ok.status_code == 200, ok.text
+        metrics_listen = re.search(r'\[metrics\]\nlisten = "([^"]+)"', cfg.read_text())
+        assert metrics_listen is not None
+        scraped = httpx.get(f"http://{metrics_listen[1]}/metrics").text
+        assert 'hotsite_http_requests_total{listener="alertmanager",outcome="too_large"} 1.0' in scraped
     finally:
         daemon.stop()
 
