@@ -101,9 +101,6 @@ class Appliance(Daemon):
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        # Everything the daemon creates (state, replicas, snapshots, logs) is its own: 0600/0700
-        # unless it says otherwise (the control socket is 0660 on purpose). SECURITY.md.
-        os.umask(0o077)
         cfg = self.config
         self._started_at = self.clock.time()
         self.store = Store.open(cfg.appliance.state_dir, clock=self.clock.time)
