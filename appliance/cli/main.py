@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,9 @@ def run(ctx: Context) -> None:
     except ConfigError as exc:
         fail(exc)
     logs.setup(config.appliance.log_level, config.appliance.log_format)
+    # Everything the daemon creates (state, replicas, snapshots) is its own: 0600/0700 unless
+    # it says otherwise (the control socket is 0660 on purpose). SECURITY.md.
+    os.umask(0o077)
     try:
         asyncio.run(Appliance(config, ctx.config_path).main())
     except HotsiteError as exc:

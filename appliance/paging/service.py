@@ -100,6 +100,7 @@ class PagingService:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._receiver: WebhookReceiver | None = None
+        self.on_receiver_outcome: Callable[[str], None] = lambda outcome: None  # counted by the daemon
         self.decided_at: dict[str, float] = {}  # page dedup -> monotonic time decided (for benchmarks)
 
     # -- life ----------------------------------------------------------------------
@@ -112,7 +113,15 @@ class PagingService:
         if paging.alertmanager_listen:
             host, port = config_mod.host_port(paging.alertmanager_listen)
             token = settings.read_secret(paging.alertmanager_token_file, "paging.alertmanager_token_file")
-            self._receiver = WebhookReceiver(host, port, self._inbound_events, token=token)
+            self._receiver = WebhookReceiver(
+                host,
+                port,
+                self._inbound_events,
+                token=token,
+                token_name=paging.alertmanager_token_name,
+                allow_unauthenticated=paging.alertmanager_allow_unauthenticated,
+                on_outcome=self.on_receiver_outcome,
+            )
             await self._receiver.start()
         self._tasks = [
             asyncio.create_task(self._sender(), name="paging:sender"),
