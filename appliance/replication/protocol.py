@@ -46,10 +46,8 @@ except ImportError:  # pragma: no cover - depends on the installation
 _FRAME = struct.Struct(">IBI")
 _JSON = struct.Struct(">I")
 _PGNO = struct.Struct(">I")
-MAX_MESSAGE = 256 * 1024 * 1024
-MAX_HELLO = (
-    64 * 1024 * 1024
-)  # a replica's HELLO: 8 bytes of page hash per page (64 MiB: 32 GiB of 4 KiB pages)
+MAX_MESSAGE = 64 * 1024 * 1024  # what a replica accepts from the agent (a manifest of ~500,000 files)
+MAX_HELLO = 16 * 1024 * 1024  # a replica's HELLO: 8 bytes of hash a page (8 GiB of 4 KiB pages)
 MAX_HELLO_HEADER = 16 * 1024 * 1024  # its JSON: the contents it has, its large files' block hashes
 MAX_CONTROL = 64 * 1024  # anything else a replica sends: keepalives, verify requests, NAKs
 MAX_JSON_DEPTH = 8  # the deepest header we send is 4 levels ({"blocks": {path: [sha, [digest...]]}})
@@ -219,13 +217,14 @@ async def read_message(
     else:
         first = await reader.readexactly(_JSON.size)
         (hlen,) = _JSON.unpack(first)
-        if hlen > length - _JSON.size:
-            raise ProtocolError(f"message header of {hlen} bytes runs past the payload", "malformed")
-        _check_header_length(hlen, limit_header)
-        head = await reader.readexactly(hlen)
-        body = await reader.readexactly(length - _JSON.size - hlen)
+        split = min(hlen, length - _JSON.size)  # nothing is believed before the CRC matched
+        head = await reader.readexactly(split)
+        body = await reader.readexactly(length - _JSON.size - split)
         if zlib.crc32(body, zlib.crc32(head, zlib.crc32(first))) != crc:
             raise ProtocolError("message CRC mismatch: corrupted in transit", "crc")
+        if hlen > split:
+            raise ProtocolError(f"message header of {hlen} bytes runs past the payload", "malformed")
+        _check_header_length(hlen, limit_header)
     header = decode_header(head, limit_header)
     return Message(kind & TYPE_MASK, header, body, _FRAME.size + length)
 
@@ -251,17 +250,33 @@ def _inflate(payload: bytes, kind: int, limit: int, limit_header: int) -> tuple[
         if _JSON.size + hlen > limit:
             raise ProtocolError(f"message inflates beyond the {limit} limit", "too_long")
         head = _inflate_exactly(inflater, inflater.unconsumed_tail, hlen)
-        room = limit - _JSON.size - hlen
-        body = inflater.decompress(inflater.unconsumed_tail, room) if room else b""
-        if inflater.unconsumed_tail or not inflater.eof:  # more input, or output pending beyond the limit
-            raise ProtocolError(f"message inflates beyond the {limit} limit (or is cut short)", "too_long")
-        return head, body
+        return head, _inflate_body(inflater, limit - _JSON.size - hlen, limit)
     except ProtocolError:
         raise
     except (zlib.error, ValueError, struct.error) as exc:
         raise ProtocolError(f"undecodable message: {exc}", "malformed") from None
     except Exception as exc:  # zstandard.ZstdError, whichever version's module it comes from
         raise ProtocolError(f"undecodable message: {exc}", "malformed") from None
+
+
+def _inflate_body(inflater: Any, room: int, limit: int) -> bytes:
+    """The rest of the payload, inflated a chunk at a time: a bomb is refused once it passes
+    ``room``, having cost at most that (one bytes object of ``room`` would be built in pieces
+    anyway, and joined: a message within its limit costs up to twice its inflated size)."""
+    pieces: list[bytes] = []
+    data, total = inflater.unconsumed_tail, 0
+    while not inflater.eof:
+        piece = inflater.decompress(data, CHUNK_BYTES)
+        data = inflater.unconsumed_tail
+        total += len(piece)
+        if total > room:
+            raise ProtocolError(f"message inflates beyond the {limit} limit", "too_long")
+        if not piece and not data:
+            raise ProtocolError("compressed message is cut short", "malformed")
+        pieces.append(piece)
+    if data or inflater.unused_data:
+        raise ProtocolError("compressed message has bytes after its end", "malformed")
+    return b"".join(pieces)
 
 
 def _inflate_exactly(inflater: Any, data: bytes, n: int) -> bytes:

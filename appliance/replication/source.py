@@ -76,6 +76,7 @@ class SourceAgent:
         corrupt: Callable[[bytes], bytes] | None = None,
         max_message: int = protocol.MAX_MESSAGE,
         peer_timeout_s: float = 15.0,
+        max_hello_bytes: int = protocol.MAX_HELLO,
     ) -> None:
         self.streams = {s.name: s for s in streams}
         self._ssl = ssl_context
@@ -102,7 +103,7 @@ class SourceAgent:
         self.chunked_batches = 0  # batches sent in chunks, all sessions (tests)
         self.continuity_lost = 0  # sessions ended because the WAL lost continuity (a resnapshot follows)
         self.largest_body = 0  # the most page bytes one message carried, all sessions (tests)
-        self.max_hello = protocol.MAX_HELLO  # the largest HELLO read from a replica, decompressed
+        self.max_hello = max_hello_bytes  # the largest HELLO read from a replica, decompressed
         self.bad_messages = 0  # sessions ended by a message that failed its limits or schema
         self.stalled_sessions = 0  # sessions ended because the replica took nothing for peer_timeout_s
 
