@@ -346,6 +346,27 @@ class Sender:
         self.bytes_sent = 0
         self._corrupt = corrupt  # fault injection for tests: alters a message after its CRC was computed
 
+    async def _drain(self) -> None:
+        """Wait until the peer has taken what we wrote; PeerStalled if it took nothing at all for
+        ``send_timeout_s`` (a slow link that keeps taking bytes is waited for, however slow)."""
+        if self.send_timeout_s is None:
+            await self.writer.drain()
+            return
+        transport = self.writer.transport
+        pending = transport.get_write_buffer_size()
+        while True:
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await self.writer.drain()
+                return
+            except TimeoutError:
+                now = transport.get_write_buffer_size()
+                if now >= pending:
+                    raise PeerStalled(
+                        f"the peer took nothing for {self.send_timeout_s:g} s: it is not reading"
+                    ) from None
+                pending = now
+
     async def send(self, kind: int, header: dict[str, Any], body: bytes = b"") -> int:
         if len(body) + HEADER_ROOM > self.max_message:
             raise ProtocolError(
@@ -361,12 +382,6 @@ class Sender:
         if wait > 0:
             await asyncio.sleep(wait)
         self.writer.write(data)
-        try:
-            async with asyncio.timeout(self.send_timeout_s):
-                await self.writer.drain()
-        except TimeoutError:
-            raise PeerStalled(
-                f"the peer took nothing for {self.send_timeout_s:g} s: it is not reading"
-            ) from None
+        await self._drain()
         self.bytes_sent += len(data)
         return len(data)
