@@ -13,11 +13,14 @@ again next time rather than shipped half-old. Only contents the replica
 does not have are sent; a rename costs no transfer. A change set ends with
 the whole manifest, which commits it.
 
-Replica side: contents are staged (write, fsync), then each file is put in
-place by rename (atomic), with its mode; files gone at the source are
-deleted; the replaced or deleted versions are kept (newest ``keep`` per
-file) under ``<replica>.hotsite-versions``; an optional command runs after
-each applied change set (argv, no shell), like csync2's action hooks.
+Replica side: every path and mode is checked first (``validate.py``,
+``safepath.py``: see REPLICATION.md, "What the replica trusts"); contents are
+staged (write, fsync); files gone at the source are deleted, then each file is
+put in place by rename (atomic), reached from a descriptor of the root without
+following symlinks, with its mode masked by ``file_mode_mask``; the
+replaced or deleted versions are kept (newest ``keep`` per file, matched
+exactly) under ``<replica>.hotsite-versions``; an optional command runs
+after each applied change set (argv, no shell), like csync2's action hooks.
 
 Deltas: a file of ``DELTA_MIN`` bytes or more that the replica already has
 an older version of (at the same path) is sent as the ``BLOCK``-sized blocks

@@ -16,6 +16,13 @@ keepalives and falls silent for ``peer_timeout_s`` is presumed cut off (a
 partition closes nothing): its session ends, letting go of its guard,
 which would otherwise pin the application's WAL.
 
+What a replica sends is bounded and checked before use: its HELLO within
+``max_hello_bytes`` once inflated, anything after it within
+``protocol.MAX_CONTROL``, every field by ``validate.py``; a replica that takes
+nothing we send for ``peer_timeout_s`` has its session ended too
+(``PeerStalled``), releasing its guard (REPLICATION.md, "What the replica
+trusts").
+
 The agent is read-only towards what it serves. It keeps no state of its
 own: the replica's position is the only position.
 """
