@@ -21,7 +21,6 @@ from appliance.replication.safepath import Beneath, parse_relpath
 from appliance.replication.source import ServedStream, SourceAgent
 from tests.security.replication_support import client_ctx, pki, server_ctx, until
 
-
 _TOKENS = st.sampled_from(["a", "b", "/", ".", "..", "\0", "é", ".hotsite", "-", " ", "\\", "~"])
 _PATHS = st.one_of(st.lists(_TOKENS, max_size=12).map("".join), st.text(max_size=40))
 
