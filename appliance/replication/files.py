@@ -826,6 +826,8 @@ class FilesReplica:
                 try:
                     counts[self._put(tree, paths[rel], sha, mode, current.get(rel))] += 1
                 except OSError as exc:
+                    if exc.errno not in _REFUSED_NAME:
+                        raise  # the disk, not this name (full, read-only, I/O error): the session retries
                     self.refused[rel] = exc.strerror or str(exc)
                     log.warning(
                         "file not applied", extra=kv(root=self.root, path=rel[:300], error=self.refused[rel])
@@ -915,6 +917,21 @@ def _check_sha256(value: str, what: str) -> None:
         raise ProtocolError(f"{what} hash {value[:80]!r} is not a SHA-256 (64 hex digits)", "malformed")
 
 
+# What the filesystem says about one name (or what is at it), not about the disk as a whole.
+_REFUSED_NAME = frozenset(
+    {
+        errno.ENAMETOOLONG,
+        errno.EILSEQ,
+        errno.EINVAL,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.EPERM,
+        errno.EACCES,
+        errno.ENOTEMPTY,
+        errno.EEXIST,
+    }
+)
 _VERSION_TIME = re.compile(r"\.\d+\.\d{6}")
 _NAME_MAX = 255
 
