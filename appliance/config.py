@@ -511,6 +511,9 @@ class StreamSection(Section):
     replica: Path
     rpo_budget_s: Seconds = 5.0
     post_change_command: list[str] = []  # files: run (argv, no shell) after a change was applied
+    # files: mode bits never applied at the replica, whatever the source sends (default: setuid,
+    # setgid, sticky, world-write); see appliance/replication/REPLICATION.md, "What the replica trusts"
+    file_mode_mask: int = Field(default=0o7002, ge=0, le=0o7777)
     snapshot_interval_s: float = Field(default=3600.0, ge=0, le=86400)  # sqlite: 0 = no snapshots
 
 

@@ -97,6 +97,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         checkpoint_frames=s.checkpoint_frames,
         restart_frames=s.restart_frames,
         peer_timeout_s=s.peer_timeout_s,
+        max_hello_bytes=s.max_hello_bytes,
         checkpoint_busy_ms=s.checkpoint_busy_ms,
     )
     try:

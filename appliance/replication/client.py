@@ -69,6 +69,15 @@ class StreamStats:
     chunked_batches: int = 0  # batches received in chunks (staged on disk, committed whole)
     buffered_peak_bytes: int = 0  # the most message bytes ever held between receiving and applying
     idle_timeouts: int = 0  # sessions ended because the source went silent (a partition)
+    malformed_messages: int = 0  # messages refused by their schema or limits (the session restarts)
+    session_failures: int = 0  # sessions ended by an unexpected error (a bug): logged, then retried
+    refused_files: int = 0  # files a change set named that the filesystem refused (the rest applied)
+    last_error_at: float | None = None  # wall-clock time of last_error
+
+    def note_error(self, message: str) -> None:
+        """The error status shows, with when it happened (so a stale one can be told apart)."""
+        self.last_error = message
+        self.last_error_at = time.time()
 
     def lag_s(self, local_now: float) -> float | None:
         if self.current_at is None:
@@ -144,20 +153,21 @@ class SqliteStreamClient:
             except asyncio.CancelledError:
                 raise
             except PromotedError as exc:
-                self.stats.last_error = exc.message
+                self.stats.note_error(exc.message)
                 log.warning("replica promoted; not replicating", extra=kv(stream=self.name))
                 self._paused.clear()
                 continue
             except ProtocolError as exc:
                 self.stats.corrupt_messages += exc.reason == "crc"
-                self.stats.last_error = exc.message
+                self.stats.malformed_messages += exc.reason != "crc"
+                self.stats.note_error(exc.message)
                 log.warning(
                     "corrupt message; re-requesting from our position",
-                    extra=kv(stream=self.name, reason=exc.reason),
+                    extra=kv(stream=self.name, reason=exc.reason, error=exc.message[:300]),
                 )
                 retry_now = True
             except BatchRejected as exc:
-                self.stats.last_error = exc.message
+                self.stats.note_error(exc.message)
                 self.replica.needs_resync = (
                     True  # next session: compare page hashes, do not trust our position
                 )
@@ -170,8 +180,12 @@ class SqliteStreamClient:
                 retry_now = True
             except (OSError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
                 self.stats.idle_timeouts += isinstance(exc, SourceSilent)
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self.stats.note_error(f"{type(exc).__name__}: {exc}")
                 log.info("link to source down", extra=kv(stream=self.name, error=self.stats.last_error))
+            except Exception as exc:  # a bug must not end replication silently: counted, logged, retried
+                self.stats.session_failures += 1
+                self.stats.note_error(f"{type(exc).__name__}: {exc}")
+                log.exception("replication session failed; starting a new one", extra=kv(stream=self.name))
             finally:
                 self.stats.connected = False
                 self._writer = None
@@ -310,6 +324,12 @@ class SqliteStreamClient:
             taken = [item]
             try:
                 await self._handle(item, queue, taken)
+            except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+                # A header field missing or of the wrong type (a mode of 2**40, a string for a
+                # number): the message is malformed, the session ends and the next one resumes.
+                raise ProtocolError(
+                    f"message kind {item.kind} has a missing or invalid header field: {exc!r}", "malformed"
+                ) from None
             finally:
                 self._release(*taken)
 

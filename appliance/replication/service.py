@@ -100,6 +100,7 @@ class ReplicationService:
                     keep=cfg.keep_versions,
                     post_change_command=sec.post_change_command,
                     clock=self.clock.time,
+                    file_mode_mask=sec.file_mode_mask,
                 )
                 s.client = FilesStreamClient(s.name, sec.source, s.files, **common)
             s.task = asyncio.create_task(s.client.run(), name=f"replication:{s.name}")
@@ -188,6 +189,7 @@ class ReplicationService:
             ("transactions", m.transactions),
             ("checksum_mismatches", m.checksum_mismatches),
             ("corrupt_messages", m.corrupt_messages),
+            ("malformed_messages", m.malformed_messages),
             ("resnapshots", m.resnapshots),
         ):
             delta = getattr(st, attr) - getattr(seen, attr)
@@ -226,6 +228,8 @@ class ReplicationService:
                 "resnapshots": st.resnapshots,
                 "last_verify": st.last_verify,
                 "last_error": st.last_error,
+                "last_error_at": st.last_error_at,
+                "malformed_messages": st.malformed_messages,
                 "seed_progress": list(st.seed_progress),
             }
             if s.replica is not None:
