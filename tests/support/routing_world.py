@@ -76,7 +76,9 @@ def _commit(args: argparse.Namespace, request: dict[str, Any], action: str) -> i
     lock = args.world.parent / (args.world.name + ".lock")
     with lock.open("a") as held_lock:
         fcntl.flock(held_lock, fcntl.LOCK_EX)
-        state = json.loads(args.world.read_text()) if args.world.exists() else {"token": 0, "routing": None}
+        state: dict[str, Any] = (
+            json.loads(args.world.read_text()) if args.world.exists() else {"token": 0, "routing": None}
+        )
         entry = {"by": args.name, "token": token, "routing": routing.get("name"), "at": time.time()}
         if action == "verify":
             diffs = differences(state["routing"], routing)
