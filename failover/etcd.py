@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import json
 import logging
 import ssl
@@ -49,7 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from appliance.errors import ConfigError, HotsiteError
 from appliance.logs import kv
 from failover import lease as core
-from failover.actuators.base import Actuator, ActuatorError
+from failover.actuators.base import Actuator, ActuatorError, StaleToken
 from failover.peers import PeerViews
 from failover.quorum import NullVoter, Vote, Voter
 from failover.routing import Routing
@@ -61,6 +62,7 @@ log = logging.getLogger("hotsite.etcd")
 
 MAX_ANSWER_BYTES = 1024 * 1024
 MIN_MEMBERS_FOR_AUTO = 3
+TAKEOVER_RETRY_S = 1.0  # a takeover that could not fence every actuator is retried this often
 OPS = ("grant", "keepalive", "txn", "range", "put", "revoke", "members", "auth")
 
 
@@ -539,20 +541,24 @@ class EtcdVoter(Voter):
 # Fencing at the actuators
 
 
-# Called with (observed routing, token) once a new leader has re-read the real routing.
-# It may return the engine's epoch after adopting what it found: decisions taken at an
-# older epoch (before the takeover) are then never carried out by this appliance.
-Takeover = Callable[[str, int], Awaitable[None] | int | None]
+# Called with (observed routing, token) once a new leader has fenced the actuators and
+# re-read the real routing. It may return (or resolve to) the engine's epoch after adopting
+# what it found: decisions taken at an older epoch are then never carried out by this appliance.
+Takeover = Callable[[str, int], Awaitable[int | None] | int | None]
 
 
 class Fence:
     """The gate every actuator call of this appliance passes.
 
     * refuses (:class:`NotLeader`) unless the lease is held and fresh;
-    * once per new token, before the first action, reads the real routing
-      back from the actuators (``verify`` against each known routing) and hands
-      the result to ``on_takeover(observed, token)``: a standby that takes over
-      acts on what is, not on what it believed while passive;
+    * once per new token, before the first action, **takes over**: presents the
+      token to every actuator (``fence``), so the world refuses anything older
+      from then on, *then* reads the real routing back (``verify`` against each
+      known routing) and hands the result to ``on_takeover(observed, token)``.
+      Fencing first means a former leader's write that a pause held in flight
+      cannot land after (or during) the re-read: the re-read sees a world that
+      no older leader can change any more. A takeover that cannot fence every
+      actuator is not complete: nothing is acted on, and it is tried again;
     * returns the token (the leader key's create revision) and the time left.
     """
 
@@ -570,7 +576,9 @@ class Fence:
         self.record = record
         self.actuators: list[Actuator] = []
         self.verified_token: int | None = None
+        self.fenced_token: int | None = None
         self.observed: str | None = None
+        self.fence_error: str | None = None  # why the last takeover could not fence, for the status
         self.min_epoch = 0  # engine decisions older than the last takeover are refused
         self._lock = asyncio.Lock()
 
@@ -581,11 +589,44 @@ class Fence:
         if state.token != self.verified_token:
             async with self._lock:
                 if state.token != self.verified_token:
-                    await self.reverify(state.token)
+                    await self.take_over(state.token)
         state = self.lease.leadership()
         if not self.lease.may_act() or state.token is None or state.token != self.verified_token:
             raise NotLeader(f"not acting: leadership changed while re-reading the routing ({state.detail})")
         return state.token, state.valid_until - self.lease.now()
+
+    async def take_over(self, token: int) -> str:
+        """Fence every actuator with ``token``, then re-read the routing; NotLeader if fencing fails."""
+        await self.fence_all(token)
+        return await self.reverify(token)
+
+    async def fence_all(self, token: int) -> None:
+        """Present ``token`` to every actuator: from now on the world refuses older ones."""
+        for actuator in self.actuators:
+            try:
+                await asyncio.wait_for(actuator.fence(token), actuator.timeout_s)
+            except (ActuatorError, TimeoutError) as exc:
+                _cancelled_meanwhile()
+                stale = isinstance(exc, StaleToken)
+                why = str(exc) or f"{actuator.name}: fence took longer than {actuator.timeout_s:g}s"
+                self.fence_error = why
+                log.warning(
+                    "takeover: cannot fence", extra=kv(token=token, actuator=actuator.name, error=why)
+                )
+                self.record(
+                    "coordination.fence_failed",
+                    f"leader with token {token} could not fence {actuator.name}: {why}",
+                    {"token": token, "actuator": actuator.name, "error": why, "stale": stale},
+                )
+                prefix = "a newer leader already fenced" if stale else "cannot fence"
+                raise NotLeader(f"not acting: {prefix} {actuator.name}: {why}") from None
+        self.fenced_token = token
+        self.fence_error = None
+        self.record(
+            "coordination.fenced",
+            f"leader with token {token} fenced {len(self.actuators)} actuator(s)",
+            {"token": token, "actuators": [a.name for a in self.actuators]},
+        )
 
     async def reverify(self, token: int) -> str:
         """Which known routing the real world holds: a name, "mixed" or "unreadable"."""
@@ -610,10 +651,16 @@ class Fence:
         log.warning("takeover: re-read the real routing", extra=kv(token=token, observed=observed))
         if self.on_takeover is not None:
             result = self.on_takeover(observed, token)
+            if inspect.isawaitable(result):
+                try:
+                    async with asyncio.timeout(self.lease.ttl_s):
+                        result = await result
+                except TimeoutError:
+                    _cancelled_meanwhile()
+                    why = f"the engine did not take the takeover within {self.lease.ttl_s}s"
+                    raise NotLeader(f"not acting: {why}") from None
             if isinstance(result, int):
                 self.min_epoch = max(self.min_epoch, result)
-            elif result is not None:
-                await result
         self.verified_token = token
         return observed
 
@@ -632,21 +679,21 @@ class FencedActuator(Actuator):
     (:class:`NotLeader`). ``verify`` only reads and is passed through for anyone.
     """
 
-    def __init__(self, inner: Actuator, fence: Fence) -> None:
+    def __init__(self, inner: Actuator, gate: Fence) -> None:
         self.inner = inner
-        self.fence = fence
+        self.gate = gate
         self.name = inner.name
         self.timeout_s = inner.timeout_s
         self.last_token: int | None = None
 
     async def apply(self, routing: Routing, token: int) -> None:
-        fencing_token, left = await self.fence.admit()
-        if token < self.fence.min_epoch:
+        fencing_token, left = await self.gate.admit()
+        if token < self.gate.min_epoch:
             # Decided before this appliance took over and re-read the real routing (a reconcile
             # or runbook that was already under way): the engine decides again from what is.
             raise NotLeader(
                 f"{self.name}: not carried out: decided at epoch {token}, before this appliance took"
-                f" over and re-read the routing (epoch {self.fence.min_epoch})"
+                f" over and re-read the routing (epoch {self.gate.min_epoch})"
             )
         try:
             async with asyncio.timeout(left):
@@ -660,6 +707,11 @@ class FencedActuator(Actuator):
 
     async def verify(self, routing: Routing) -> list[str]:
         return await self.inner.verify(routing)
+
+    async def fence(self, token: int) -> None:
+        """Fence the inner actuator with the lease's token (the engine's epoch is not a fencing token)."""
+        fencing_token, _ = await self.gate.admit()
+        await self.inner.fence(fencing_token)
 
     async def close(self) -> None:
         await self.inner.close()
@@ -810,9 +862,15 @@ class EtcdCoordination:
             await asyncio.sleep(60.0)
 
     async def _takeovers(self) -> None:
-        """Re-read the real routing as soon as we become leader, not at the first action."""
+        """Fence and re-read as soon as we become leader, not at the first action.
+
+        A takeover that could not fence (an actuator unreachable) is tried again
+        every second while this appliance leads: until it succeeds nothing is acted on.
+        """
         while True:
-            await self.lease.changed.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TAKEOVER_RETRY_S):
+                    await self.lease.changed.wait()
             self.lease.changed.clear()
             state = self.lease.leadership()
             if state.role == "leader" and state.token != self._fence.verified_token:
@@ -833,7 +891,10 @@ class EtcdCoordination:
         data["backend"] = "etcd"
         data["members"] = self.members
         data["ttl_s"] = self.lease.ttl_s
-        data["observed_routing"] = getattr(getattr(self, "_fence", None), "observed", None)
+        gate = getattr(self, "_fence", None)
+        data["observed_routing"] = getattr(gate, "observed", None)
+        data["fenced_token"] = getattr(gate, "fenced_token", None)
+        data["fence_error"] = getattr(gate, "fence_error", None)
         data["peers"] = self.peers.view() if self.peers else None
         return data
 
@@ -844,38 +905,21 @@ class EtcdCoordination:
         return {"coordination.status": status}
 
 
-def adopt_routing(service: Any, observed: str, token: int) -> int:
+async def adopt_routing(service: Any, observed: str, token: int) -> int:
     """``on_takeover`` for the daemon: make a new leader's engine start from the real routing.
 
-    A standby's engine may believe "normal" while the former leader had failed
-    over; without this its reconcile loop would "repair" the real routing back.
-    Mixed or unreadable routing puts the engine in ``held`` (an operator decides).
-    The engine's epoch moves on and is returned: whatever this appliance had
-    decided before (a reconcile under way, a runbook started while it stood by)
-    is refused by the fence and its result ignored as stale.
+    The engine decides (event :class:`~failover.engine.TookOver`; it stays the
+    only writer of its state): it follows "normal" or a failover routing, and
+    goes to ``held`` when the routing was mixed or unreadable. The engine's new
+    epoch is returned: whatever this appliance had decided before (a reconcile
+    under way, a runbook started while it stood by) is refused by the fence and
+    its result ignored as stale.
     """
-    import dataclasses
-
+    from failover.engine import TookOver
     from failover.plans import lost_from_name
-    from failover.service import STATE_KEY
 
-    state = service.state
     lost = lost_from_name(observed)
     routing = "normal" if observed == "normal" else "failover" if lost is not None else "unknown"
-    name = {"normal": "primary_active", "failover": "backup_active"}.get(routing, "held")
-    decision = f"took over the lease (token {token}): the real routing is {observed}; engine follows it"
-    service.state = dataclasses.replace(
-        state,
-        state=name,
-        routing=routing,
-        lost=lost or (),
-        previous_lost=None,
-        epoch=state.epoch + 1,
-        since=service.clock.time(),
-        waiting_for="an operator: routing state unknown" if name == "held" else "",
-        last_decision=decision,
-    )
-    service.store.put_state(STATE_KEY, service.state.to_json())
-    service.store.record("failover.decision", actor="daemon", subject=name, message=decision)
-    log.warning(decision, extra=kv(token=token, observed=observed, epoch=service.state.epoch))
-    return int(service.state.epoch)
+    outcome = await service.ask(TookOver(routing, token, observed, lost or ()))  # type: ignore[arg-type]
+    log.warning(outcome.decision, extra=kv(token=token, observed=observed, epoch=outcome.state.epoch))
+    return int(outcome.state.epoch)

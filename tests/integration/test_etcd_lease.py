@@ -84,6 +84,9 @@ class Tagged(Actuator):
     async def verify(self, routing: Routing) -> list[str]:
         return await self.recorder.inner.verify(routing)
 
+    async def fence(self, token: int) -> None:
+        await self.recorder.inner.fence(token)
+
 
 @dataclass
 class Appliance:

@@ -142,7 +142,17 @@ def test_a_new_leader_adopts_the_real_routing(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "state")
     service = FailoverService(cfg, store, SimulatedClock(), [], NullVoter())
     assert service.state.routing == "normal"
-    etcd.adopt_routing(service, "failover", 42)
-    assert (service.state.state, service.state.routing) == ("backup_active", "failover")
-    etcd.adopt_routing(service, "mixed", 43)
-    assert (service.state.state, service.state.routing) == ("held", "unknown")
+
+    async def scenario() -> None:
+        engine = asyncio.create_task(service.run())
+        epoch = await etcd.adopt_routing(service, "failover", 42)
+        assert (service.state.state, service.state.routing) == ("backup_active", "failover")
+        assert epoch == service.state.epoch
+        await etcd.adopt_routing(service, "mixed", 43)
+        assert (service.state.state, service.state.routing) == ("held", "unknown")
+        engine.cancel()
+        await asyncio.gather(engine, return_exceptions=True)
+
+    asyncio.run(scenario())
+    decisions = [e for e in store.events(kind="failover.decision") if "took over" in e.message]
+    assert len(decisions) == 2  # the engine decided, and the audit log says so
