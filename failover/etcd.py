@@ -123,6 +123,14 @@ def problems(config: Config) -> list[str]:
             f" automatic failover needs a cluster of at least {MIN_MEMBERS_FOR_AUTO} members"
             " (a majority that survives the loss of one site); list every member, or use policy 'confirm'"
         )
+    for name, actuator in config.actuators.items():
+        need = min(float(getattr(actuator, "timeout_s", 5.0)), config.failover.step_timeout_s)
+        problem = core.apply_bound_problem(section.ttl_s, need)
+        if problem:
+            found.append(
+                f"actuators.{name}.timeout_s: {problem} with coordination.ttl_s {section.ttl_s};"
+                f" lower timeout_s (or failover.step_timeout_s) or raise coordination.ttl_s"
+            )
     tls_files = section.ca_file or section.cert_file
     plain = [url for url in section.endpoints if url.lower().startswith("http://")]
     if tls_files and plain:
@@ -398,6 +406,8 @@ class EtcdLease:
         self.changed = asyncio.Event()  # set whenever the role or token changes
         self._listeners: list[Callable[[core.LeaseState], None]] = []
         self._last_renew = -1e18
+        self._cycle_lock = asyncio.Lock()
+        self.refreshes = 0  # renewals made because an apply needed more of the lease than was left
 
     # -- views ---------------------------------------------------------------------------
     def now(self) -> float:
@@ -443,8 +453,20 @@ class EtcdLease:
             leader = self.state.role == "leader"
             await asyncio.sleep(self.ttl_s / 3 if leader else self.retry_s)
 
+    async def refresh(self) -> None:
+        """Renew now (a leader: keep-alive, then read the key back), for an action the view is too short for.
+
+        Never raises (like :meth:`cycle`); the new view is in :meth:`leadership`.
+        """
+        self.refreshes += 1
+        await self.cycle()
+
     async def cycle(self) -> None:
         """One round: get or renew the session lease, then take or check the leader key."""
+        async with self._cycle_lock:  # the loop and a refresh never interleave their requests
+            await self._guarded_cycle()
+
+    async def _guarded_cycle(self) -> None:
         try:
             await self._cycle()
         except EtcdError as exc:
@@ -569,8 +591,10 @@ class Fence:
         *,
         on_takeover: Takeover | None = None,
         record: Callable[[str, str, dict[str, Any]], None] = lambda kind, message, data: None,
+        step_timeout_s: float | None = None,
     ) -> None:
         self.lease = lease
+        self.step_timeout_s = step_timeout_s
         self.routings = routings
         self.on_takeover = on_takeover
         self.record = record
@@ -582,7 +606,21 @@ class Fence:
         self.min_epoch = 0  # engine decisions older than the last takeover are refused
         self._lock = asyncio.Lock()
 
-    async def admit(self) -> tuple[int, float]:
+    def need_s(self, actuator: Actuator) -> float:
+        """How much of the lease an apply of ``actuator`` may use: its timeout (or the runbook step's)."""
+        if actuator.local_only:
+            return 0.0
+        if self.step_timeout_s is None:
+            return actuator.timeout_s
+        return min(actuator.timeout_s, self.step_timeout_s)
+
+    async def admit(self, need_s: float = 0.0) -> tuple[int, float]:
+        """The token and the time left, for an action that may take ``need_s``; else NotLeader.
+
+        An action starts only on a fresh lease: one whose view outlasts ``need_s``
+        (:func:`failover.lease.may_apply`). When less is left, the lease is renewed
+        first; if the renewal fails or still leaves too little, nothing is done.
+        """
         state = self.lease.leadership()
         if not self.lease.may_act() or state.token is None:
             raise NotLeader(f"not acting: {state.detail}")
@@ -590,10 +628,16 @@ class Fence:
             async with self._lock:
                 if state.token != self.verified_token:
                     await self.take_over(state.token)
+        if not core.may_apply(self.lease.leadership(), self.lease.now(), need_s):
+            await self.lease.refresh()
         state = self.lease.leadership()
         if not self.lease.may_act() or state.token is None or state.token != self.verified_token:
-            raise NotLeader(f"not acting: leadership changed while re-reading the routing ({state.detail})")
-        return state.token, state.valid_until - self.lease.now()
+            raise NotLeader(f"not acting: leadership changed while taking over or renewing ({state.detail})")
+        left = state.valid_until - self.lease.now()
+        if not core.may_apply(state, self.lease.now(), need_s):
+            why = f"the lease view has {left:.2f}s left after a renewal, an apply may take {need_s:g}s"
+            raise NotLeader(f"not acting: {why}")
+        return state.token, left
 
     async def take_over(self, token: int) -> str:
         """Fence every actuator with ``token``, then re-read the routing; NotLeader if fencing fails."""
@@ -687,7 +731,7 @@ class FencedActuator(Actuator):
         self.last_token: int | None = None
 
     async def apply(self, routing: Routing, token: int) -> None:
-        fencing_token, left = await self.gate.admit()
+        fencing_token, left = await self.gate.admit(self.gate.need_s(self.inner))
         if token < self.gate.min_epoch:
             # Decided before this appliance took over and re-read the real routing (a reconcile
             # or runbook that was already under way): the engine decides again from what is.
@@ -834,8 +878,11 @@ class EtcdCoordination:
         *,
         on_takeover: Takeover | None = None,
         record: Callable[[str, str, dict[str, Any]], None] = lambda kind, message, data: None,
+        step_timeout_s: float | None = None,
     ) -> list[Actuator]:
-        self._fence = Fence(self.lease, routings, on_takeover=on_takeover, record=record)
+        self._fence = Fence(
+            self.lease, routings, on_takeover=on_takeover, record=record, step_timeout_s=step_timeout_s
+        )
         return self._fence.wrap(actuators)
 
     async def start(self) -> None:

@@ -62,6 +62,9 @@ class StaleToken(ActuatorError):
 class Actuator(abc.ABC):
     name: str = "actuator"
     timeout_s: float = 5.0
+    # True when the world it moves is this appliance's alone (its own replicas): no other
+    # leader ever writes it, so an apply need not fit in what is left of the leader lease.
+    local_only: bool = False
 
     @abc.abstractmethod
     async def apply(self, routing: Routing, token: int) -> None: ...

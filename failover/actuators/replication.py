@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 class ReplicationActuator(Actuator):
     name = "replication"
     timeout_s = 30.0
+    local_only = True  # this appliance's own replicas: a promotion need not fit in the lease
 
     def __init__(self, service: ReplicationService) -> None:
         self._service = service

@@ -70,6 +70,8 @@ class Recorder:
 class Tagged(Actuator):
     """One appliance's path to the shared edge."""
 
+    timeout_s = 0.5  # in memory: instant; an apply starts only if the lease view outlasts this
+
     def __init__(self, recorder: Recorder, who: str) -> None:
         self.recorder, self.who, self.name = recorder, who, "null"
 

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -55,7 +56,11 @@ def sites() -> Iterator[Sites]:
 
 
 def status(sites: Sites, site: str) -> dict[str, Any]:
-    return sites.status(site) or {}
+    """The appliance's status, or {} while it does not answer (a loaded machine: asked again)."""
+    try:
+        return sites.status(site) or {}
+    except subprocess.TimeoutExpired:
+        return {}
 
 
 def leader_of(sites: Sites, among: list[str]) -> str | None:
@@ -97,7 +102,7 @@ def one_stall(sites: Sites, run: int) -> dict[str, Any]:
     inflight = sites.dir / "world.json.inflight"
     slow = sites.dir / "world.json.slow"
     slow.write_text(str(HOOK_SECONDS))
-    asked = hotsite(command, "--force", "--yes", "--json", config=sites.configs[leader], timeout=20)
+    asked = hotsite(command, "--force", "--yes", "--json", config=sites.configs[leader], timeout=60)
     assert asked.returncode == 0, asked.stdout + asked.stderr
     hook = wait_for(
         lambda: inflight.exists() and inflight.read_text() and json.loads(inflight.read_text()),

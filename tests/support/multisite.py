@@ -77,6 +77,8 @@ def config_text(
     )
     endpoints = ", ".join(f'"http://{addr}:2379"' for addr in SITES.values())
     hook = json.dumps([sys.executable, str(WORLD_HOOK), "--world", str(workdir / "world.json"), "--name", name])
+    # An apply starts only if the lease view outlasts its timeout (failover/lease.py may_apply).
+    hook_timeout_s = round(0.6 * ttl_s, 1)
     state = workdir / f"appliance-{name}"
     return f"""
 [appliance]
@@ -132,7 +134,7 @@ step_timeout_s = 5
 [actuators.world]
 type = "hook"
 command = {hook}
-timeout_s = 5
+timeout_s = {hook_timeout_s:g}
 
 [coordination]
 backend = "etcd"

@@ -156,3 +156,16 @@ def test_a_new_leader_adopts_the_real_routing(tmp_path: Path) -> None:
     asyncio.run(scenario())
     decisions = [e for e in store.events(kind="failover.decision") if "took over" in e.message]
     assert len(decisions) == 2  # the engine decided, and the audit log says so
+
+
+def test_an_actuator_whose_apply_could_never_fit_in_the_lease_is_refused() -> None:
+    hook = '\n[actuators.carrier]\ntype = "hook"\ncommand = ["/usr/local/bin/redirect"]\n'
+    etcd_section = '\n[coordination]\nbackend = "etcd"\n' + THREE
+    found = schema_problems(BASE + hook + etcd_section)  # the hook's default timeout (10 s) = the TTL
+    assert any(
+        p.startswith("actuators.carrier.timeout_s: an apply may take 10s but a renewed lease is trusted for at most 9.5s")
+        and "raise coordination.ttl_s" in p
+        for p in found
+    ), found
+    config.parse(BASE + hook + "timeout_s = 5\n" + etcd_section)  # fits: accepted
+    config.parse(BASE + hook + '\n[failover]\nstep_timeout_s = 5\n' + etcd_section)  # the step bounds it

@@ -13,7 +13,7 @@ import pytest
 
 from failover import lease as core
 from failover.actuators.base import ActuatorError, NullActuator
-from failover.etcd import EtcdLease, Fence, Gateway, NotLeader
+from failover.etcd import EtcdLease, EtcdUnavailable, Fence, Gateway, NotLeader
 from failover.routing import Routing
 
 NORMAL = Routing("normal", "primary", 1, {"95588": 1}, active_sets=frozenset({1}))
@@ -108,3 +108,74 @@ def test_no_fence_without_a_fresh_lease() -> None:
         asyncio.run(wrapped[0].fence(0))
     assert journal == []
 
+
+
+class Etcd:
+    """The two gateway calls a leader's renewal makes; ``down`` makes them fail as with no quorum."""
+
+    def __init__(self, token: int, lease_id: int = 7) -> None:
+        self.token, self.lease_id, self.down = token, lease_id, False
+        self.keepalives = 0
+
+    async def keepalive(self, lease_id: int) -> int:
+        self.keepalives += 1
+        if self.down:
+            raise EtcdUnavailable("no leader")
+        return TTL
+
+    async def create_if_absent(self, key: str, value: str, lease_id: int) -> tuple[bool, dict[str, object]]:
+        return False, {"create_revision": self.token, "lease": self.lease_id, "value": value}
+
+
+def lease_on(etcd: Etcd, now: list[float]) -> EtcdLease:
+    lease = EtcdLease(etcd, domain="d", appliance="a", ttl_s=TTL, clock=lambda: now[0])  # type: ignore[arg-type]
+    state = core.granted(lease.state, etcd.lease_id, TTL, sent_at=now[0], margin_s=lease.margin_s)
+    lease.state = core.acquired(state, etcd.token, now=now[0])
+    return lease
+
+
+def test_an_apply_the_lease_view_is_too_short_for_renews_first() -> None:
+    now, etcd = [100.0], Etcd(137)
+    lease = lease_on(etcd, now)
+    journal: list[tuple[str, str, object]] = []
+    edge = Edge("carrier", journal)
+    edge.timeout_s = 4.0
+    _, [wrapped] = gate(lease, [edge], [])
+    asyncio.run(wrapped.apply(NORMAL, 0))  # fresh: 9.5 s left, the apply may take 4 s
+    assert etcd.keepalives == 0 and lease.refreshes == 0
+    now[0] += 6.0  # 3.5 s left: too little for a 4 s apply
+    asyncio.run(wrapped.apply(FAILOVER, 0))
+    assert etcd.keepalives == 1 and lease.refreshes == 1
+    assert edge.applied[-1] == (FAILOVER, 137)
+
+
+def test_no_apply_after_a_failed_renewal_and_until_a_fresh_one() -> None:
+    now, etcd = [100.0], Etcd(137)
+    lease = lease_on(etcd, now)
+    edge = Edge("carrier", [])
+    edge.timeout_s = 4.0
+    _, [wrapped] = gate(lease, [edge], [])
+    asyncio.run(wrapped.apply(NORMAL, 0))
+    etcd.down = True  # quorum lost
+    now[0] += 6.0  # still inside the lease (3.5 s left) but too little for the apply: renew first
+    with pytest.raises(NotLeader):
+        asyncio.run(wrapped.apply(FAILOVER, 0))
+    now[0] += 0.1
+    with pytest.raises(NotLeader):  # inside the lease, but a renewal failed: nothing starts
+        asyncio.run(wrapped.apply(FAILOVER, 0))
+    assert edge.applied == [(NORMAL, 137)]
+    etcd.down = False
+    asyncio.run(lease.cycle())  # a fresh renewal, the key read back as ours
+    asyncio.run(wrapped.apply(FAILOVER, 0))
+    assert edge.applied == [(NORMAL, 137), (FAILOVER, 137)]
+
+
+def test_an_apply_longer_than_any_lease_view_never_starts() -> None:
+    now, etcd = [100.0], Etcd(137)
+    lease = lease_on(etcd, now)
+    edge = Edge("carrier", [])
+    edge.timeout_s = TTL
+    _, [wrapped] = gate(lease, [edge], [])
+    with pytest.raises(NotLeader, match="an apply may take 10s"):
+        asyncio.run(wrapped.apply(NORMAL, 0))
+    assert edge.applied == [] and etcd.keepalives == 1
