@@ -63,7 +63,9 @@ log = logging.getLogger("hotsite.etcd")
 MAX_ANSWER_BYTES = 1024 * 1024
 MIN_MEMBERS_FOR_AUTO = 3
 TAKEOVER_RETRY_S = 1.0  # a takeover that could not fence every actuator is retried this often
-OPS = ("grant", "keepalive", "txn", "range", "put", "revoke", "members", "auth")
+OPS = ("grant", "keepalive", "txn", "range", "put", "revoke", "members", "auth", "status")
+ETCD_EXPIRY_SWEEP_S = 0.5  # etcd's lessor revokes expired leases on this period
+HEALTH_INTERVAL_S = 10.0  # how often every member is asked for its own status
 
 
 def boottime() -> float:
@@ -136,6 +138,34 @@ def problems(config: Config) -> list[str]:
     if tls_files and plain:
         found.append(f"coordination.endpoints: TLS files are given but {plain[0]!r} is plain http://")
     return found
+
+
+def takeover_bound_s(section: CoordinationSection) -> float:
+    """The longest a standby waits for the lease when the lost site held the lease *and* etcd's raft leader.
+
+    The majority first notices the raft leader is gone and elects a new one
+    (one to two election timeouts, randomised, plus a vote round); the new raft
+    leader then extends every lease by one election timeout (etcd's lessor
+    ``Promote``), so the old leader's lease outlives the cut by up to
+    TTL + 3 election timeouts; etcd removes expired leases every 0.5 s, and the
+    standby takes the key at its next retry (one request).
+    """
+    election = section.etcd_election_ms / 1000
+    return section.ttl_s + 3 * election + ETCD_EXPIRY_SWEEP_S + section.retry_s + section.request_timeout_s
+
+
+def warnings(config: Config) -> list[str]:
+    """What ``hotsite config check`` says about ``[coordination]`` without refusing it."""
+    section = getattr(config, "coordination", None)
+    if section is None or section.backend != "etcd":
+        return []
+    bound = takeover_bound_s(section)
+    return [
+        f"coordination: a takeover can take up to {bound:.1f}s, not ttl_s ({section.ttl_s}s), when the lost"
+        " site held both the lease and etcd's raft leader: etcd elects a new raft leader (up to"
+        f" 2 x etcd_election_ms {section.etcd_election_ms}) and then extends every lease by one"
+        " election timeout (failover/MULTISITE.md, Timings)"
+    ]
 
 
 def read_credentials(path: Path) -> tuple[str, str]:
@@ -341,6 +371,29 @@ class Gateway:
             {"key": _b64(prefix), "range_end": base64.b64encode(end).decode("ascii"), "limit": 1000},
         )
         return [(_unb64(item.get("key", "")), _kv(item)) for item in doc.get("kvs") or []]
+
+    async def member_status(self, endpoint: str, timeout_s: float) -> dict[str, Any]:
+        """One member's own status (``/v3/maintenance/status``), asked of that member only.
+
+        Raises :class:`EtcdUnavailable` when it does not answer within ``timeout_s``.
+        """
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout_s):
+                doc = await self._post(endpoint.rstrip("/"), "/v3/maintenance/status", {})
+        except TimeoutError:
+            _cancelled_meanwhile()
+            raise EtcdUnavailable(f"{endpoint}: no answer within {timeout_s:g}s") from None
+        finally:
+            self._observe("status", time.monotonic() - started)
+        header = doc.get("header") or {}
+        return {
+            "member_id": str(header.get("member_id", "")),
+            "leader": str(doc.get("leader", "0")),
+            "raft_term": _int(doc.get("raftTerm")),
+            "db_size_bytes": _int(doc.get("dbSize")),
+            "errors": [str(e)[:200] for e in doc.get("errors") or []][:5],
+        }
 
     async def members(self) -> list[str]:
         doc = await self.call("members", "/v3/cluster/member/list", {})
@@ -791,6 +844,22 @@ class CoordinationMetrics:
         self.changes = Counter(
             "hotsite_coordination_role_changes_total", "Role changes", ["role"], registry=registry
         )
+        self.member_up = Gauge(
+            "hotsite_coordination_etcd_member_up",
+            "1 while this etcd member answers its status with a raft leader and no alarm",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.healthy = Gauge(
+            "hotsite_coordination_etcd_members_healthy",
+            "etcd members that answered healthy at the last check",
+            registry=registry,
+        )
+        self.has_leader = Gauge(
+            "hotsite_coordination_etcd_has_leader",
+            "1 while a healthy member names a raft leader",
+            registry=registry,
+        )
         self.latency = Histogram(
             "hotsite_coordination_request_seconds",
             "etcd gateway round trips",
@@ -842,6 +911,7 @@ class EtcdCoordination:
         )
         self.lease.on_change(self.metrics.update)
         self.members: list[str] | None = None
+        self.health: dict[str, Any] | None = None  # the last health check of every member
         self.peers: PeerViews | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -889,6 +959,7 @@ class EtcdCoordination:
         self._tasks = [
             asyncio.create_task(self.lease.run(), name="etcd-lease"),
             asyncio.create_task(self._watch_members(), name="etcd-members"),
+            asyncio.create_task(self._watch_health(), name="etcd-health"),
         ]
         if hasattr(self, "_fence"):
             self._tasks.append(asyncio.create_task(self._takeovers(), name="etcd-takeover"))
@@ -907,6 +978,40 @@ class EtcdCoordination:
                 self.members = await self.gateway.members()
                 self.metrics.members.set(len(self.members))
             await asyncio.sleep(60.0)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await self.check_health()
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def check_health(self) -> dict[str, Any]:
+        """Ask every member for its own status; the summary is in the status and the metrics.
+
+        A member is healthy when it answers, names a raft leader and reports no
+        alarm. Fewer healthy members than a majority: the cluster cannot elect
+        or renew (no automatic failover); one down: one more loss stops it.
+        """
+        endpoints = [str(e).rstrip("/") for e in self.section.endpoints]
+        answers = await asyncio.gather(
+            *(self.gateway.member_status(e, self.section.request_timeout_s) for e in endpoints),
+            return_exceptions=True,
+        )
+        members = []
+        for endpoint, answer in zip(endpoints, answers, strict=True):
+            if isinstance(answer, asyncio.CancelledError):
+                raise answer
+            if isinstance(answer, BaseException):
+                members.append({"endpoint": endpoint, "healthy": False, "error": str(answer)[:200]})
+                continue
+            ok = answer["leader"] not in ("", "0") and not answer["errors"]
+            is_leader = answer["leader"] == answer["member_id"]
+            members.append({"endpoint": endpoint, "healthy": ok, **answer, "is_leader": is_leader})
+        self.health = _health_summary(members, self.lease.now())
+        for member in members:
+            self.metrics.member_up.labels(endpoint=member["endpoint"]).set(1 if member["healthy"] else 0)
+        self.metrics.healthy.set(self.health["healthy"])
+        self.metrics.has_leader.set(1 if self.health["raft_leader"] else 0)
+        return self.health
 
     async def _takeovers(self) -> None:
         """Fence and re-read as soon as we become leader, not at the first action.
@@ -943,6 +1048,7 @@ class EtcdCoordination:
         data["fenced_token"] = getattr(gate, "fenced_token", None)
         data["fence_error"] = getattr(gate, "fence_error", None)
         data["peers"] = self.peers.view() if self.peers else None
+        data["etcd_health"] = self.health
         return data
 
     def handlers(self) -> dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]]:
@@ -950,6 +1056,27 @@ class EtcdCoordination:
             return self.view()
 
         return {"coordination.status": status}
+
+
+def _health_summary(members: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    healthy = [m for m in members if m["healthy"]]
+    leaders = {m["leader"] for m in healthy}
+    majority = len(members) // 2 + 1
+    problem = None
+    if len(healthy) < majority:
+        problem = f"{len(healthy)} of {len(members)} etcd members healthy: no majority, no leader election"
+    elif len(healthy) == majority and len(members) > 1:
+        problem = f"{len(healthy)} of {len(members)} etcd members healthy: one more loss stops coordination"
+    elif len(leaders) > 1:
+        problem = "etcd members name different raft leaders (an election under way)"
+    return {
+        "checked_at": round(now, 3),
+        "healthy": len(healthy),
+        "total": len(members),
+        "raft_leader": next((m["endpoint"] for m in healthy if m.get("is_leader")), None),
+        "problem": problem,
+        "members": members,
+    }
 
 
 async def adopt_routing(service: Any, observed: str, token: int) -> int:

@@ -169,3 +169,11 @@ def test_an_actuator_whose_apply_could_never_fit_in_the_lease_is_refused() -> No
     ), found
     config.parse(BASE + hook + "timeout_s = 5\n" + etcd_section)  # fits: accepted
     config.parse(BASE + hook + '\n[failover]\nstep_timeout_s = 5\n' + etcd_section)  # the step bounds it
+
+
+def test_config_check_states_the_takeover_bound_with_the_raft_leader_lost() -> None:
+    cfg = config.parse(BASE + '[coordination]\nbackend = "etcd"\n' + THREE + "etcd_election_ms = 2000\n")
+    found = [w for w in cfg.warnings() if w.startswith("coordination: a takeover")]
+    # ttl 10 + 3 x 2 s election + etcd's 0.5 s expiry sweep + retry 0.5 + request 1.0
+    assert found and "up to 18.0s, not ttl_s (10s)" in found[0], cfg.warnings()
+    assert not [w for w in config.parse(BASE).warnings() if w.startswith("coordination")]
