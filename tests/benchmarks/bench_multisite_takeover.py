@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("hotsite (ttl 10, retry 0.5)", 10, 0.5, args.trials),
                 ("patroni-like (ttl 30, loop_wait 10)", 30, 10.0, args.peer_trials),
             ):
+                if trials == 0:
+                    continue
                 if ttl != sites.ttl_s:
                     sites.reconfigure(ttl_s=ttl, retry_s=retry)
                     for site in SITES:
