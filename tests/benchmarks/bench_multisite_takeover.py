@@ -266,30 +266,31 @@ def main(argv: list[str] | None = None) -> int:
     flaps: dict[bool, tuple[float, int]] = {}
     with BENCH_LOCK.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        sites = Sites(ttl_s=10, retry_s=0.5)
-        try:
-            sites.up()
-            for site in SITES:
-                sites.start_appliance(site)
-            for i in range(args.raft_trials):
-                raft_cut.append(raft_leader_cut(sites))
-                print(f"  raft leader cut trial {i + 1}: leader after {raft_cut[-1]:.2f} s", flush=True)
-            for label, ttl, retry, trials in (
-                ("hotsite (ttl 10, retry 0.5)", 10, 0.5, args.trials),
-                ("patroni-like (ttl 30, loop_wait 10)", 30, 10.0, args.peer_trials),
-            ):
-                if trials == 0:
-                    continue
-                if ttl != sites.ttl_s:
-                    sites.reconfigure(ttl_s=ttl, retry_s=retry)
-                    for site in SITES:
-                        sites.stop_appliance(site)
-                    for site in SITES:
-                        sites.start_appliance(site)
-                results = run(sites, trials, label)
-                table.append((label, ttl, results))
-        finally:
-            sites.down()
+        if args.trials or args.peer_trials or args.raft_trials:
+            sites = Sites(ttl_s=10, retry_s=0.5)
+            try:
+                sites.up()
+                for site in SITES:
+                    sites.start_appliance(site)
+                for i in range(args.raft_trials):
+                    raft_cut.append(raft_leader_cut(sites))
+                    print(f"  raft leader cut trial {i + 1}: leader after {raft_cut[-1]:.2f} s", flush=True)
+                for label, ttl, retry, trials in (
+                    ("hotsite (ttl 10, retry 0.5)", 10, 0.5, args.trials),
+                    ("patroni-like (ttl 30, loop_wait 10)", 30, 10.0, args.peer_trials),
+                ):
+                    if trials == 0:
+                        continue
+                    if ttl != sites.ttl_s:
+                        sites.reconfigure(ttl_s=ttl, retry_s=retry)
+                        for site in SITES:
+                            sites.stop_appliance(site)
+                        for site in SITES:
+                            sites.start_appliance(site)
+                    results = run(sites, trials, label)
+                    table.append((label, ttl, results))
+            finally:
+                sites.down()
         if flap_s > 0:
             for pre_vote in (True, False):
                 flaps[pre_vote] = flap(pre_vote, flap_s)

@@ -492,7 +492,6 @@ async def test_with_quorum_lost_no_apply_starts_later_than_the_fresh_lease_bound
         bound = TTL - a.lease.margin_s - Tagged.timeout_s
         print(f"applies after quorum loss: {len(late)}, the last {max(late, default=0):.2f}s after (bound {bound:.2f}s)")
         assert max(late, default=0.0) <= bound + 0.05, (late, bound)
-        assert a.lease.refreshes >= 1  # it asked etcd before giving up, rather than acting on
     finally:
         for name in list(cluster.paused):
             cluster.resume(name)
