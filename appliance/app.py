@@ -180,6 +180,7 @@ class Appliance(Daemon):
                 lambda: plans.known_routings(cfg),
                 on_takeover=lambda observed, token: adopt_routing(self.failover, observed, token),
                 record=lambda kind, message, data: self._record(kind, message=message, data=data),
+                step_timeout_s=cfg.failover.step_timeout_s,
             )
             self.coordination.lease.on_change(self._coordination_changed)
             self.supervisor.start("coordination", self.coordination.run)

@@ -566,6 +566,8 @@ class CoordinationSection(Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     credentials_file: Path | None = None  # one line "user:password" (etcd authentication)
+    # The cluster's --election-timeout (the etcd role's etcd_election_ms): states the takeover bound.
+    etcd_election_ms: int = Field(default=1000, ge=10, le=50000)
 
     @model_validator(mode="after")
     def _consistent(self) -> CoordinationSection:
@@ -650,8 +652,9 @@ class Config(Section):
                     " never down; add checks of other kinds (http, tcp, icmp)"
                 )
         from appliance import configcheck
+        from failover import etcd
 
-        return notes + plans.warnings(self) + configcheck.warnings(self)
+        return notes + plans.warnings(self) + configcheck.warnings(self) + etcd.warnings(self)
 
     def evidence_kinds(self, site: str) -> set[str]:
         """The independent kinds of probe watching ``site`` (sip, http, tcp, icmp)."""
