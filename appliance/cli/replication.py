@@ -239,6 +239,8 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
                 f"{'':<14} last verify: {'match' if verify.get('ok') else 'MISMATCH'}"
                 f" {_age(verify.get('at'))}"
             )
+        if s.get("damaged") and not s.get("promoted"):
+            click.echo(f"{'':<14} DAMAGED at rest (not promotable without --force-damaged): {s['damaged']}")
         if s.get("promoted"):
             click.echo(f"{'':<14} PROMOTED: {json.dumps(s['promoted'])}")
         if s.get("seed_progress") and s["seed_progress"][1] and s["seed_progress"][0] < s["seed_progress"][1]:
@@ -246,8 +248,8 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
             width = 30
             filled = int(width * done / total)
             click.echo(f"{'':<14} initial sync [{'#' * filled}{'.' * (width - filled)}] {done}/{total} pages")
-        if s.get("last_error"):
-            click.echo(f"{'':<14} last error: {s['last_error']}")
+        if s.get("last_error") and not s.get("damaged"):
+            click.echo(f"{'':<14} error: {s['last_error']}")
     if not result["streams"]:
         click.echo("no replication streams configured")
 
@@ -305,10 +307,23 @@ def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> N
 @replication.command("promote")
 @click.argument("stream")
 @click.option("--reason", default="operator", show_default=True)
+@click.option(
+    "--force-damaged",
+    is_flag=True,
+    help="Promote even a replica that failed its check at rest (it is then not a committed state).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def promote_cmd(stream: str, reason: str, as_json: bool) -> None:
-    """Stop applying, record the final position and the data-loss window; the replica becomes writable."""
-    result = _call("replication.promote", stream=stream, reason=reason)
+def promote_cmd(stream: str, reason: str, force_damaged: bool, as_json: bool) -> None:
+    """Stop applying, record the final position and the data-loss window; the replica becomes writable.
+
+    Refused (exit 1) for a stream never seeded, and for a replica whose file
+    differs from the state recorded when it was last verified, unless
+    --force-damaged.
+    """
+    params: dict[str, Any] = {"stream": stream, "reason": reason}
+    if force_damaged:
+        params["force_damaged"] = True
+    result = _call("replication.promote", **params)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -318,14 +333,28 @@ def promote_cmd(stream: str, reason: str, as_json: bool) -> None:
         f"  final position {result.get('position')}, data-loss window "
         f"{'unknown' if window is None else f'{window:.3f}s'}"
     )
+    if result.get("damaged"):
+        click.echo(
+            f"  DAMAGED COPY handed out: {result['path']} is not a state the primary committed."
+            f" {result['damaged']}. Its checksum is {result.get('checksum')}; the last verified state"
+            f" (position {result.get('position')}) had {result.get('recorded_checksum') or 'no record'}."
+        )
 
 
 @replication.command("demote")
 @click.argument("stream")
 @click.option("--discard-local-writes", is_flag=True, help="Drop writes made at the backup since promotion.")
 def demote_cmd(stream: str, discard_local_writes: bool) -> None:
-    """Resume replication into a promoted replica (refused if the backup wrote to it, unless told)."""
-    _call("replication.demote", stream=stream, discard_local_writes=discard_local_writes)
+    """Resume replication into a promoted replica (refused if the backup wrote to it, unless told).
+
+    The replica must still have exactly the checksum recorded at promotion.
+    With --discard-local-writes the backup's copy is first saved as a named
+    restore point in the snapshot directory, then resynced from the source.
+    """
+    result = _call("replication.demote", stream=stream, discard_local_writes=discard_local_writes)
+    saved = (result or {}).get("saved_local_copy") if isinstance(result, dict) else None
+    if saved:
+        click.echo(f"{stream}: the backup's copy was saved to {saved}")
     click.echo(f"{stream}: replication resumed")
 
 

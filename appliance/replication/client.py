@@ -30,13 +30,18 @@ from appliance.replication import protocol
 from appliance.replication.checksum import show
 from appliance.replication.position import Batch, Position, merge
 from appliance.replication.protocol import Msg, ProtocolError
-from appliance.replication.replica import BatchRejected, PromotedError, Replica
+from appliance.replication.replica import BatchRejected, PromotedError, Replica, ReplicaStorageError
 
 log = logging.getLogger(__name__)
 
 
 class SourceSilent(TimeoutError):
     """Nothing arrived from the source agent for the idle timeout: the path is presumed dead."""
+
+
+class SourceRefused(OSError):
+    """The source agent answered with an error (a database not in WAL mode, an unknown stream):
+    not a link failure, and it will not go away by reconnecting, so it is logged at ERROR."""
 
 
 MAX_MERGE_BYTES = 32 * 1024 * 1024
@@ -69,6 +74,9 @@ class StreamStats:
     chunked_batches: int = 0  # batches received in chunks (staged on disk, committed whole)
     buffered_peak_bytes: int = 0  # the most message bytes ever held between receiving and applying
     idle_timeouts: int = 0  # sessions ended because the source went silent (a partition)
+    storage_error: str = ""  # the replica's own disk refusing writes (full, I/O error); "" when fine
+    disk_full: bool = False
+    storage_errors: int = 0
 
     def lag_s(self, local_now: float) -> float | None:
         if self.current_at is None:
@@ -145,9 +153,11 @@ class SqliteStreamClient:
                 raise
             except PromotedError as exc:
                 self.stats.last_error = exc.message
-                log.warning("replica promoted; not replicating", extra=kv(stream=self.name))
+                log.warning("replica promoted; not replicating", extra=kv(stream=self.name, why=exc.message))
                 self._paused.clear()
                 continue
+            except ReplicaStorageError as exc:
+                self._storage_failed(exc)
             except ProtocolError as exc:
                 self.stats.corrupt_messages += exc.reason == "crc"
                 self.stats.last_error = exc.message
@@ -168,6 +178,9 @@ class SqliteStreamClient:
                     )
                 log.warning("batch refused", extra=kv(stream=self.name, reason=exc.reason, error=exc.message))
                 retry_now = True
+            except SourceRefused as exc:
+                self.stats.last_error = str(exc)
+                log.error("source agent refused the stream", extra=kv(stream=self.name, error=str(exc)))
             except (OSError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
                 self.stats.idle_timeouts += isinstance(exc, SourceSilent)
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
@@ -180,6 +193,23 @@ class SqliteStreamClient:
             if not retry_now or fast_retries > 3:  # never a hot loop, even if every session fails at once
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _storage_failed(self, exc: ReplicaStorageError) -> None:
+        """The replica's disk refused: say so loudly, keep the stream alive, retry with backoff."""
+        first = not self.stats.storage_error
+        self.stats.storage_error = exc.message
+        self.stats.disk_full = exc.disk_full
+        self.stats.storage_errors += 1
+        self.stats.last_error = exc.message
+        log.error(
+            "replica storage failing; will retry",
+            extra=kv(stream=self.name, disk_full=exc.disk_full, error=exc.message),
+        )
+        if first:
+            try:
+                self._on_event("replication.storage_error", {"stream": self.name, "error": exc.message})
+            except Exception:  # the event store may be on the full disk too: the stream goes on
+                log.exception("storage error could not be recorded", extra=kv(stream=self.name))
 
     async def verify(self, timeout: float = 30.0) -> dict[str, Any]:
         """Ask the source for its checksum (from its files) at a position; compare when we reach it."""
@@ -203,6 +233,7 @@ class SqliteStreamClient:
 
     async def _session(self) -> None:
         replica = self.replica
+        await asyncio.to_thread(replica.ensure_recovered)  # after a failed write: redo, verify again
         if replica.promotion is not None:
             raise PromotedError(f"replica {replica.path} is promoted")
         reader, writer = await asyncio.wait_for(
@@ -230,7 +261,7 @@ class SqliteStreamClient:
             welcome = await asyncio.wait_for(protocol.read_message(reader, self.max_message), 30)
             t1 = self._clock()
             if welcome.kind == Msg.ERROR:
-                raise OSError(f"source agent refused: {welcome.header.get('error')}")
+                raise SourceRefused(f"source agent refused: {welcome.header.get('error')}")
             if welcome.kind != Msg.WELCOME:
                 raise ProtocolError("expected WELCOME", "malformed")
             self.stats.clock_offset_s = float(welcome.header["source_time"]) - (t0 + t1) / 2
@@ -238,6 +269,7 @@ class SqliteStreamClient:
             self.stats.mode = mode
             self.stats.connected = True
             self.stats.sessions += 1
+            self.stats.last_error = ""  # only the current error is shown
             replica.needs_resync = False
             if mode == "resnapshot":
                 self.stats.resnapshots += 1
@@ -380,13 +412,14 @@ class SqliteStreamClient:
                 float(h["observed_at"]),
             )
             self.stats.current_at = float(h["observed_at"])
+            self.stats.storage_error, self.stats.disk_full = "", False
             self._on_event("replication.seeded", {"stream": self.name, "pages": self.stats.seed_progress[1]})
             self._check_verify()
         elif msg.kind == Msg.VERIFY_RESULT:
             self._pending_verify = h
             self._check_verify()
         elif msg.kind == Msg.ERROR:
-            raise OSError(f"source agent: {h.get('error')}")
+            raise SourceRefused(f"source agent: {h.get('error')}")
 
     @staticmethod
     async def _put_back(queue: asyncio.Queue[protocol.Message | BaseException], item: Any) -> None:
@@ -403,6 +436,7 @@ class SqliteStreamClient:
 
     def _applied(self, batch: Batch) -> None:
         s = self.stats
+        s.storage_error, s.disk_full = "", False  # a batch was written: the disk takes writes again
         s.batches += 1
         s.transactions += batch.transactions
         s.frames += batch.frames
