@@ -60,7 +60,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
       path = "/etc/asterisk"
     """
     from appliance.config import host_port
-    from appliance.replication.settings import load_source_config
+    from appliance.replication.settings import load_source_config, served_path_problems
     from appliance.replication.source import ServedStream, SourceAgent
     from appliance.replication.tls import server_context
 
@@ -68,11 +68,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         cfg = load_source_config(config_path)
         s = cfg.source
         ctx = server_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file)
-        problems = [
-            f"streams.{n}.path: {st.path} does not exist"
-            for n, st in cfg.streams.items()
-            if not st.path.exists()
-        ]
+        problems = served_path_problems(cfg)
         if problems:
             raise ConfigError(f"{config_path}: {len(problems)} problem(s)", problems)
     except HotsiteError as exc:
@@ -257,9 +253,32 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
 @replication.command("verify")
 @click.argument("stream")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def verify_cmd(stream: str, as_json: bool) -> None:
-    """Compute the checksum at both ends at the same position and print both (exit 1 on mismatch)."""
-    result = _call("replication.verify", stream=stream)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 86400),
+    default=3600,
+    show_default=True,
+    help="Give up after this many seconds (hashing a large database takes as long as reading it).",
+)
+def verify_cmd(stream: str, as_json: bool, timeout: float) -> None:
+    """Compute the checksum at both ends at the same position and print both (exit 1 on mismatch).
+
+    Progress (what it waits for, pages hashed) is printed to stderr every few
+    seconds while it runs.
+    """
+    started = time.monotonic()
+    while True:
+        # Each call waits at most 5 s, well inside the control socket's own timeout.
+        result = _call("replication.verify", stream=stream, wait_s=min(5.0, timeout))
+        if not (isinstance(result, dict) and result.get("pending")):
+            break
+        progress = result.get("progress") or {}
+        done, total = (list(progress.get("hashed_pages") or []) + [0, 0])[:2]
+        pages = f" ({done}/{total} pages, {100 * done / total:.0f}%)" if total else ""
+        click.echo(f"{stream}: verify {progress.get('phase', 'running')}{pages}", err=True)
+        if time.monotonic() - started > timeout:
+            click.echo(f"hotsite: error: verify of {stream} did not finish within {timeout:g} s", err=True)
+            sys.exit(1)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif "source_checksum" in result:

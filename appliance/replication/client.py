@@ -137,6 +137,7 @@ class SqliteStreamClient:
         # packets and closes nothing): end the session and reconnect.
         self.keepalive_s = keepalive_s
         self.idle_timeout_s = idle_timeout_s
+        self.verify_progress: dict[str, Any] = {}  # what a running verify is doing (for the CLI)
 
     # -- public -----------------------------------------------------------
 
@@ -211,12 +212,18 @@ class SqliteStreamClient:
             except Exception:  # the event store may be on the full disk too: the stream goes on
                 log.exception("storage error could not be recorded", extra=kv(stream=self.name))
 
-    async def verify(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Ask the source for its checksum (from its files) at a position; compare when we reach it."""
+    async def verify(self, timeout: float | None = None) -> dict[str, Any]:
+        """Ask the source for its checksum (from its files) at a position; compare when we reach it.
+
+        No fixed limit by default: hashing a large database takes as long as
+        reading it; :attr:`verify_progress` says how far it is for a caller
+        that reports progress and bounds the wait itself.
+        """
         if self._writer is None:
             raise ConnectionError("not connected to the source agent")
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._verify_waiters.append(fut)
+        self.verify_progress = {"phase": "asking the source for its checksum", "started_at": self._clock()}
         self._writer.write(protocol.encode(Msg.VERIFY, {}))
         await self._writer.drain()
         return await asyncio.wait_for(fut, timeout)
@@ -379,6 +386,7 @@ class SqliteStreamClient:
             batch = merge(batches) if len(batches) > 1 and batches[0].kind == "tx" else batches[0]
             await asyncio.to_thread(replica.apply, batch)
             self._applied(batch)
+            await self._check_verify()
         elif msg.kind == Msg.BATCH_BEGIN:
             await asyncio.to_thread(replica.stage_begin, h)
             self.stats.chunked_batches += 1
@@ -390,6 +398,7 @@ class SqliteStreamClient:
                 replica.stage_commit, int(h["checksum"], 16), float(h["observed_at"])
             )
             self._applied(batch)
+            await self._check_verify()
         elif msg.kind == Msg.HEARTBEAT:
             if replica.position is not None and Position.from_json(h["position"]) == replica.position:
                 self.stats.current_at = float(h["observed_at"])
@@ -414,10 +423,12 @@ class SqliteStreamClient:
             self.stats.current_at = float(h["observed_at"])
             self.stats.storage_error, self.stats.disk_full = "", False
             self._on_event("replication.seeded", {"stream": self.name, "pages": self.stats.seed_progress[1]})
-            self._check_verify()
+            await self._check_verify()
         elif msg.kind == Msg.VERIFY_RESULT:
             self._pending_verify = h
-            self._check_verify()
+            target = Position.from_json(h["position"])
+            self.verify_progress.update(phase=f"waiting for the replica to reach {target}")
+            await self._check_verify()
         elif msg.kind == Msg.ERROR:
             raise SourceRefused(f"source agent: {h.get('error')}")
 
@@ -447,7 +458,6 @@ class SqliteStreamClient:
             s.current_at = batch.observed_at
         if self._on_applied is not None:
             self._on_applied(batch)
-        self._check_verify()
 
     def _verify_target(self, position: Position) -> bool:
         """True at the position a pending verify compares at: never merge past it (a merge that
@@ -455,7 +465,10 @@ class SqliteStreamClient:
         h = self._pending_verify
         return h is not None and Position.from_json(h["position"]) == position
 
-    def _check_verify(self) -> None:
+    def _hashed(self, done: int, total: int) -> None:
+        self.verify_progress["hashed_pages"] = [done, total]
+
+    async def _check_verify(self) -> None:
         h = self._pending_verify
         if h is None or self.replica.position is None:
             return
@@ -468,7 +481,9 @@ class SqliteStreamClient:
         elif self.replica.position != target:
             return
         else:
-            replica_full = self.replica.full_checksum()
+            self.verify_progress.update(phase=f"hashing the replica file at {target}", hashed_pages=[0, 0])
+            # In a thread: apply waits (this consumer awaits it), the event loop keeps answering.
+            replica_full = await asyncio.to_thread(self.replica.full_checksum, self._hashed)
             source = int(h["checksum"], 16)
             result = {
                 "ok": source == replica_full == self.replica.checksum,

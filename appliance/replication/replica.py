@@ -733,10 +733,26 @@ class Replica:
     def checksum(self) -> int:
         return self.hashes.checksum
 
-    def full_checksum(self) -> int:
-        """Recompute the checksum from the file (independent of the rolling value)."""
+    def full_checksum(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Recompute the checksum from the file (independent of the rolling value).
+
+        ``progress(pages done, pages in all)`` is called every 256 pages or so.
+        """
         with self._mutex:
-            return file_checksum(self.path, self.page_size) if self.page_size else 0
+            if not self.page_size:
+                return 0
+            total = os.stat(self.path).st_size // self.page_size
+            checksum = 0
+            with open(self.path, "rb") as f:
+                pgno = 0
+                while data := f.read(self.page_size):
+                    pgno += 1
+                    checksum ^= page_hash(pgno, data)
+                    if progress is not None and pgno % 256 == 0:
+                        progress(pgno, total)
+            if progress is not None:
+                progress(pgno, total)
+            return checksum
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[Path]:

@@ -59,6 +59,7 @@ class _Stream:
         self.reported_failures = 0
         self.task_error = ""  # why the task last failed (cleared once it runs a session again)
         self.snapshot_error = ""
+        self.verify_task: asyncio.Task[dict[str, Any]] | None = None
 
     @property
     def stats(self) -> StreamStats:
@@ -456,12 +457,29 @@ class ReplicationService:
         return {"streams": self.status(), "source_agent": self.config.source_agent, "at": time.time()}
 
     async def _api_verify(self, caller: Caller, params: dict[str, Any]) -> Any:
+        """Start (or join) a verify and wait up to ``wait_s`` (default 30) for its result.
+
+        Still running then: ``{"pending": true, "progress": …}``; call again
+        to keep waiting (the CLI does, printing the progress, with no fixed
+        limit of its own but ``--timeout``).
+        """
         s = self._pick(_stream_param(params))[0]
-        if not isinstance(s.client, SqliteStreamClient):
+        client = s.client
+        if not isinstance(client, SqliteStreamClient):
             raise RequestError("verify applies to SQLite streams")
+        wait = params.get("wait_s", 30.0)
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 300:
+            raise RequestError("wait_s must be a number of seconds from 0 to 300")
+        if s.verify_task is None:
+            s.verify_task = asyncio.create_task(client.verify(), name=f"replication verify:{s.name}")
+        task = s.verify_task
+        await asyncio.wait({task}, timeout=float(wait))
+        if not task.done():
+            return {"pending": True, "progress": dict(client.verify_progress)}
+        s.verify_task = None
         try:
-            return await s.client.verify()
-        except (ConnectionError, TimeoutError) as exc:
+            return task.result()
+        except (ConnectionError, TimeoutError, OSError) as exc:
             return {"ok": False, "error": f"cannot verify now: {exc or 'timed out'}"}
 
     async def _api_promote(self, caller: Caller, params: dict[str, Any]) -> Any:
