@@ -74,6 +74,35 @@ class ReplicationMetrics:
             ["stream"],
             registry=registry,
         )
+        self.damaged = Gauge(
+            "hotsite_replication_damaged",
+            "1 while the replica file differs from the state recorded when it was last verified.",
+            ["stream"],
+            registry=registry,
+        )
+        self.storage_error = Gauge(
+            "hotsite_replication_storage_error",
+            "1 while the replica's own disk refuses writes (full, read-only, I/O error).",
+            ["stream"],
+            registry=registry,
+        )
+        self.disk_full = Gauge(
+            "hotsite_replication_disk_full",
+            "1 while the replica's filesystem is full.",
+            ["stream"],
+            registry=registry,
+        )
+        self.task_failures = Counter(
+            "hotsite_replication_task_failures_total",
+            "Times a stream's task failed and was restarted by its supervisor.",
+            ["stream"],
+            registry=registry,
+        )
+        self.unrecorded_events = Counter(
+            "hotsite_replication_unrecorded_events_total",
+            "Replication events the state store could not record (its disk full): logged only.",
+            registry=registry,
+        )
         self.files = Counter(
             "hotsite_replication_files_applied_total",
             "Config files written or deleted at the replica.",

@@ -106,6 +106,45 @@ def load_source_config(path: Path) -> SourceConfig:
         raise ConfigError(f"{path}: {len(problems)} problem(s) in the configuration", problems) from None
 
 
+def served_path_problems(config: SourceConfig) -> list[str]:
+    """What ``hotsite source --check`` refuses in the served paths, one line each, naming the key.
+
+    A SQLite stream must be a SQLite database in WAL mode: the agent follows
+    the WAL, and a rollback-journal database would only fail later, at the
+    first session, far from whoever set it up.
+    """
+    problems = []
+    for name, stream in config.streams.items():
+        key = f"streams.{name}.path"
+        if not stream.path.exists():
+            problems.append(f"{key}: {stream.path} does not exist")
+        elif stream.kind == "sqlite":
+            problem = _sqlite_problem(stream.path)
+            if problem:
+                problems.append(f"{key}: {stream.path}: {problem}")
+        elif not stream.path.is_dir():
+            problems.append(f"{key}: {stream.path} is not a directory (a files stream serves a directory)")
+    return problems
+
+
+def _sqlite_problem(path: Path) -> str | None:
+    """None for a SQLite database in WAL mode; else what is wrong (read from its 100-byte header)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        return "is not a SQLite database (expected the header 'SQLite format 3')"
+    if header[18] != 2 or header[19] != 2:
+        mode = "delete/truncate/persist (a rollback journal)" if header[18] == 1 else f"version {header[18]}"
+        return (
+            f"is not in WAL mode (journal mode {mode}); the agent follows the WAL: run"
+            " 'PRAGMA journal_mode=WAL' on it once (the application keeps that mode)"
+        )
+    return None
+
+
 def _describe(err: Any) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
