@@ -24,18 +24,22 @@ outside the paths below needs a drop-in of its own.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import grp
 import os
+import pwd
 import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from appliance.config import Config, GsmChannel, KamailioActuator, NetlinkActuator
 from appliance.errors import ConfigError
 
+DIRECTORY_SETTINGS = ("StateDirectory=", "RuntimeDirectory=", "CacheDirectory=", "LogsDirectory=")
 BASE_FAMILIES = ("AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK")
 # Directories a udev-named modem (images/udev/99-hotsite-modem.rules.j2) can point to:
 # USB serial drivers (option, qcserial: ttyUSB) and CDC ACM (ttyACM).
@@ -216,14 +220,27 @@ def _allows(state: tuple[bool, set[str]] | None, item: str) -> bool:
 
 
 def check_file(path: Path, config: Config) -> list[str]:
-    """:func:`check` of the unit file ``path`` (and its drop-ins), each problem prefixed with it."""
+    """:func:`check` and :func:`check_host` of the unit file ``path`` (and its drop-ins), each
+    problem prefixed with it: what `hotsite config check --unit` prints, run on the target host."""
     try:
         unit = read_unit(path)
     except FileNotFoundError:
         raise ConfigError(f"unit file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"unit file {path} cannot be read: {exc}") from None
-    return [f"unit {unit.source}: {problem}" for problem in check(unit, config)]
+    problems = check(unit, config) + check_host(unit, config)
+    return [f"unit {unit.source}: {problem}" for problem in problems]
+
+
+def check_host(unit: Unit, config: Config) -> list[str]:
+    """What this host's file system makes of the unit: ``ReadWritePaths=`` that do not exist
+    (the unit would not start), written directories its User cannot write by owner and mode."""
+    problems = _missing_paths(unit)
+    for written in needs(config).writes:
+        what, setting = access(unit, written.path)
+        if what == "writable" and not setting.startswith(DIRECTORY_SETTINGS):  # those systemd chowns
+            problems += _owner_problems(unit, written)
+    return problems
 
 
 def check(unit: Unit, config: Config) -> list[str]:
@@ -337,6 +354,60 @@ def _check_writes(unit: Unit, wanted: Needs) -> list[str]:
             f"add ReadWritePaths={written.path} to the unit"
         )
     return problems
+
+
+def _missing_paths(unit: Unit) -> list[str]:
+    """A ``ReadWritePaths=`` entry (without ``-``) that does not exist stops the unit starting."""
+    return [
+        f"ReadWritePaths={word}: {word} does not exist here, so the unit would not start"
+        f" (status 226/NAMESPACE); create it, or write ReadWritePaths=-{word}"
+        for word in unit.values("ReadWritePaths")
+        if not word.startswith("-") and not os.path.exists(word.lstrip("+"))
+    ]
+
+
+def _user_groups(unit: Unit, user: pwd.struct_passwd) -> set[int]:
+    gids = {user.pw_gid}
+    for name in [unit.last("Group"), *unit.values("SupplementaryGroups")]:
+        with contextlib.suppress(KeyError):
+            gids.add(grp.getgrnam(name).gr_gid) if name else None
+    gids |= {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
+    return gids
+
+
+def _owner_problems(unit: Unit, written: WrittenPath) -> list[str]:
+    """The unit lets the daemon write ``written.path``; can its User, by the directory's owner and mode?"""
+    try:
+        user = pwd.getpwnam(unit.last("User", "root"))
+    except KeyError:
+        return []  # not this host's user (checked on a build machine): nothing to judge
+    if user.pw_uid == 0:
+        return []
+    path = Path(written.path)
+    while not path.exists() and path != path.parent:
+        path = path.parent  # the daemon makes the missing part: it needs the nearest existing one
+    st = path.stat()
+    if st.st_uid == user.pw_uid:
+        allowed = bool(st.st_mode & stat.S_IWUSR)
+    elif st.st_gid in _user_groups(unit, user):
+        allowed = bool(st.st_mode & stat.S_IWGRP)
+    else:
+        allowed = bool(st.st_mode & stat.S_IWOTH)
+    if allowed:
+        return []
+    owner = f"{_name(pwd.getpwuid, st.st_uid)}:{_name(grp.getgrgid, st.st_gid)}"
+    return [
+        f"{written.key}: {written.why}; {path} is {owner} mode {stat.S_IMODE(st.st_mode):04o}, which"
+        f" User={user.pw_name} cannot write (not a unit setting: give it to {user.pw_name}, or a group"
+        " of its with g+w)"
+    ]
+
+
+def _name(lookup: Any, number: int) -> str:
+    try:
+        return str(lookup(number)[0])
+    except KeyError:
+        return str(number)
 
 
 def _device_classes(path: PurePosixPath) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,7 @@ def test_a_dispatcher_list_outside_read_write_paths_is_refused_naming_the_direct
     ]
     # Naming the file alone would not do: the temporary file is made beside it.
     assert unit_problems(OLD_UNIT + "ReadWritePaths=/etc/kamailio/dispatcher.list\n", KAMAILIO) == found
-    assert unit_problems(OLD_UNIT + "ReadWritePaths=-/etc/kamailio\n", KAMAILIO) == []
+    assert unit_problems(OLD_UNIT + "ReadWritePaths=/etc/kamailio\n", KAMAILIO) == []
 
 
 def test_replicas_outside_the_state_directory_and_in_a_private_tmp() -> None:
@@ -174,9 +175,31 @@ def test_drop_ins_are_read_after_the_unit(tmp_path: Path) -> None:
     assert len(systemd_unit.check_file(unit, cfg)) == 2
     (tmp_path / "hotsite.service.d").mkdir()
     (tmp_path / "hotsite.service.d/10-failover.conf").write_text(
-        "[Service]\nRestrictAddressFamilies=AF_PACKET\nReadWritePaths=/etc/kamailio\n"
+        "[Service]\nRestrictAddressFamilies=AF_PACKET\nReadWritePaths=-/etc/kamailio\n"
     )
     assert systemd_unit.check_file(unit, cfg) == []
+
+
+def test_on_the_host_a_missing_read_write_path_or_a_directory_the_user_cannot_write(tmp_path: Path) -> None:
+    """check_host judges this host's directories: run where the unit runs (the role does)."""
+    lists = tmp_path / "kamailio"
+    cfg = config.parse(SITES + KAMAILIO.replace("/etc/kamailio", str(lists)))
+    unit = systemd_unit.parse_unit(
+        OLD_UNIT.replace("User=hotsite", "User=nobody") + f"ReadWritePaths={lists}\n"
+    )
+    found = systemd_unit.check_host(unit, cfg)
+    assert found[0] == (
+        f"ReadWritePaths={lists}: {lists} does not exist here, so the unit would not start"
+        f" (status 226/NAMESPACE); create it, or write ReadWritePaths=-{lists}"
+    )
+    # The daemon would have to make the directory: judged by the nearest one that exists.
+    assert f"{tmp_path} is root:root mode 0700, which User=nobody cannot write" in found[1], found
+    lists.mkdir(mode=0o755)
+    found = systemd_unit.check_host(unit, cfg)
+    assert len(found) == 1 and found[0].startswith("kamailio.dispatcher_list:"), found
+    assert f"{lists} is root:root mode 0755, which User=nobody cannot write" in found[0]
+    os.chown(lists, pwd.getpwnam("nobody").pw_uid, -1)
+    assert systemd_unit.check_host(unit, cfg) == []
 
 
 def test_the_rendered_unit_passes_its_own_check_and_grants_only_what_is_needed() -> None:
@@ -197,7 +220,7 @@ def test_the_rendered_unit_passes_its_own_check_and_grants_only_what_is_needed()
 def test_the_shipped_unit_is_the_render_of_the_example_config_and_passes() -> None:
     example = config.load(REPO / "appliance/examples/hotsite.example.toml")
     shipped = REPO / "images/systemd/hotsite.service"
-    assert systemd_unit.check_file(shipped, example) == []
+    assert systemd_unit.check(systemd_unit.read_unit(shipped), example) == []
     regenerate = "hotsite -c /etc/hotsite/hotsite.toml unit render (with the example config there)"
     assert shipped.read_text() == systemd_unit.render(example), regenerate
 
