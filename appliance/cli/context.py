@@ -21,10 +21,10 @@ DEFAULT_RUNTIME_DIR = Path("/run/hotsite")
 
 
 def fail(exc: HotsiteError) -> NoReturn:
-    click.echo(f"hotsite: error: {exc.message}", err=True)
-    if isinstance(exc, ConfigError):
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
+    """Report *exc* on stderr (as JSON under ``--json``) and exit with its status."""
+    from appliance.cli.options import echo_error
+
+    echo_error(exc.message, exc.exit_code, exc.problems if isinstance(exc, ConfigError) else ())
     sys.exit(exc.exit_code)
 
 

@@ -17,15 +17,13 @@ from typing import Any
 
 import click
 
-from appliance import logs
+from appliance import logs, timefmt
+from appliance.cli.options import echo_error, echo_json
 from appliance.errors import ConfigError, HotsiteError
 
 
 def _fail(exc: HotsiteError) -> None:
-    click.echo(f"hotsite: error: {exc.message}", err=True)
-    if isinstance(exc, ConfigError):
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
+    echo_error(exc.message, exc.exit_code, exc.problems if isinstance(exc, ConfigError) else ())
     sys.exit(exc.exit_code)
 
 
@@ -219,7 +217,7 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
     """
     result = _call("replication.status")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     terminal = sys.stdout.isatty()
     if (terminal if follow is None else follow) and _seeding(result):
@@ -274,7 +272,11 @@ def verify_cmd(stream: str, as_json: bool) -> None:
 @replication.command("restore")
 @click.argument("stream")
 @click.option(
-    "--at", "at", required=True, help="Unix time or ISO time (local): newest snapshot at or before it."
+    "--at",
+    "at",
+    required=True,
+    help="ISO 8601 (UTC unless it has a zone, or with --local), a Unix time, or an age (2h):"
+    " the newest snapshot at or before it.",
 )
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option(
@@ -284,10 +286,10 @@ def verify_cmd(stream: str, as_json: bool) -> None:
 )
 def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> None:
     """Point-in-time restore: copy the newest kept snapshot taken at or before --at to --output."""
-    from appliance.replication.snapshots import SnapshotStore, parse_time
+    from appliance.replication.snapshots import SnapshotStore
 
     try:
-        when = parse_time(at)
+        when = timefmt.parse_when(at, time.time(), allow_epoch=True)
     except ValueError as exc:
         click.echo(f"hotsite: error: --at {at!r}: {exc}", err=True)
         sys.exit(2)
@@ -299,7 +301,9 @@ def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> N
     except HotsiteError as exc:
         _fail(exc)
         return
-    click.echo(f"restored {output} from snapshot of {time.ctime(snap.taken_at)} (position {snap.position})")
+    click.echo(
+        f"restored {output} from snapshot of {timefmt.stamp(snap.taken_at)} (position {snap.position})"
+    )
 
 
 @replication.command("promote")
