@@ -66,14 +66,20 @@ def cli(
 
 
 @cli.command()
+@click.option(
+    "--config", "-c", "config_after", metavar="FILE", help="Configuration file (also accepted before 'run')."
+)
 @pass_ctx
-def run(ctx: Context) -> None:
+def run(ctx: Context, config_after: str | None) -> None:
     """Run the daemon in the foreground (systemd starts it this way).
 
     SIGTERM stops it cleanly; SIGHUP reloads the configuration, keeping the
     old one if the new one is invalid.
     """
     from appliance.app import Appliance
+
+    if config_after:
+        ctx.config_path = Path(config_after)
 
     try:
         config = config_mod.load(ctx.config_path)

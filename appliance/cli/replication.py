@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from appliance import logs, timefmt
+from appliance.cli.confirm import confirm, yes_option
 from appliance.cli.options import echo_error, echo_json
 from appliance.errors import ConfigError, HotsiteError
 
@@ -310,8 +311,14 @@ def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> N
 @click.argument("stream")
 @click.option("--reason", default="operator", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def promote_cmd(stream: str, reason: str, as_json: bool) -> None:
+@yes_option
+def promote_cmd(stream: str, reason: str, as_json: bool, yes: bool) -> None:
     """Stop applying, record the final position and the data-loss window; the replica becomes writable."""
+    confirm(
+        f"Promote {stream}? Replication stops and the backup's copy becomes writable;"
+        " what the primary wrote since the last applied change is lost.",
+        yes,
+    )
     result = _call("replication.promote", stream=stream, reason=reason)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -327,8 +334,11 @@ def promote_cmd(stream: str, reason: str, as_json: bool) -> None:
 @replication.command("demote")
 @click.argument("stream")
 @click.option("--discard-local-writes", is_flag=True, help="Drop writes made at the backup since promotion.")
-def demote_cmd(stream: str, discard_local_writes: bool) -> None:
+@yes_option
+def demote_cmd(stream: str, discard_local_writes: bool, yes: bool) -> None:
     """Resume replication into a promoted replica (refused if the backup wrote to it, unless told)."""
+    if discard_local_writes:
+        confirm(f"Demote {stream} and DISCARD every write made at the backup since its promotion?", yes)
     _call("replication.demote", stream=stream, discard_local_writes=discard_local_writes)
     click.echo(f"{stream}: replication resumed")
 
