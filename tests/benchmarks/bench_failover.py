@@ -186,7 +186,7 @@ def failover_state(daemon: RunningDaemon) -> str:
 def runbook_done_at(daemon: RunningDaemon, after: float) -> float | None:
     events = json.loads(hotsite("events", "--json", "--kind", "failover.runbook.failover.done",
                                 "--limit", "5", config=daemon.config).stdout)
-    times = [e["at"] for e in events if e["at"] >= after]
+    times = [e["at_epoch"] for e in events if e["at_epoch"] >= after]
     return min(times) if times else None
 
 
