@@ -23,7 +23,7 @@ Three parts, each usable alone:
 
 * pure cores: :func:`fold_round` (probe results -> :class:`WitnessView`),
   :func:`render_vote` (view -> the JSON document), :func:`interpret`
-  (HTTP status + body -> :class:`~failover.quorum.Vote`), :func:`parse_request`;
+  (HTTP status + body -> :class:`~failover.quorum.Vote`);
 * :class:`WitnessAgent`: the probe loop and ``/vote``, ``/metrics`` on the bounded
   server of :mod:`appliance.httpd` (head bounded and authenticated before
   anything else, idle connections evicted oldest first so they cannot starve
@@ -388,81 +388,6 @@ def interpret(
     # No age in the detail: it stays the same while the view does, so a poller can report changes only.
     detail = f"{source.removeprefix('witness:')} {verdict}" + (f": {evidence}" if evidence else "")
     return Vote(alive, _clean(detail), received_mono - age, source)
-
-
-# ---------------------------------------------------------------------------
-# The agent's HTTP side: a pure request parser and the responses
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
-
-
-class BadRequest(ValueError):
-    pass
-
-
-_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-def parse_request(head: bytes) -> Request:
-    """Parse an HTTP/1.x request head (up to the blank line); raise :class:`BadRequest`."""
-    text = head.decode("latin-1")
-    if not text.endswith("\r\n\r\n"):
-        raise BadRequest("request head does not end with a blank line")
-    lines = text[:-4].split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3:
-        raise BadRequest("request line is not 'METHOD TARGET HTTP/1.x'")
-    method, target, version = parts
-    if not method or not set(method) <= _TOKEN_CHARS:
-        raise BadRequest("bad method")
-    if version not in ("HTTP/1.0", "HTTP/1.1"):
-        raise BadRequest("unsupported HTTP version")
-    if not target.startswith("/") or any(not 0x21 <= ord(c) <= 0x7E for c in target):
-        raise BadRequest("bad request target")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or not set(name) <= _TOKEN_CHARS:
-            raise BadRequest("bad header line")
-        headers[name.lower()] = value.strip(" \t")
-    return Request(method, target.split("?", 1)[0], headers)
-
-
-_STATUS_TEXT = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
-def _response(
-    status: int,
-    body: bytes,
-    content_type: str = "text/plain; charset=utf-8",
-    extra: str = "",
-    head: bool = False,
-) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
-        "Connection: close",
-    ]
-    if extra:
-        lines.append(extra)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
 
 
 # ---------------------------------------------------------------------------

@@ -341,55 +341,6 @@ def test_any_json_gives_a_vote_and_only_a_fresh_well_formed_one_counts(
 
 
 # ---------------------------------------------------------------------------
-# The agent's request parser
-
-
-@pytest.mark.parametrize(
-    ("head", "expected"),
-    [
-        (b"GET /vote HTTP/1.1\r\nHost: x\r\n\r\n", ("GET", "/vote", {"host": "x"})),
-        (
-            b"GET /vote?x=1 HTTP/1.0\r\nAuthorization:  Bearer t \r\n\r\n",
-            ("GET", "/vote", {"authorization": "Bearer t"}),
-        ),
-        (b"HEAD /metrics HTTP/1.1\r\n\r\n", ("HEAD", "/metrics", {})),
-    ],
-)
-def test_parse_request(head: bytes, expected: tuple[str, str, dict[str, str]]) -> None:
-    request = w.parse_request(head)
-    assert (request.method, request.path, request.headers) == expected
-
-
-@pytest.mark.parametrize(
-    "head",
-    [
-        b"GET /vote\r\n\r\n",
-        b"GET /vote HTTP/2.0\r\n\r\n",
-        b"GET vote HTTP/1.1\r\n\r\n",
-        b"G(T /vote HTTP/1.1\r\n\r\n",
-        b"GET /vo\x00te HTTP/1.1\r\n\r\n",
-        b"GET /vote HTTP/1.1\r\nno colon\r\n\r\n",
-        b"GET /vote HTTP/1.1\r\n: empty name\r\n\r\n",
-        b"GET /vote HTTP/1.1\r\n",
-        b"\r\n\r\n",
-    ],
-)
-def test_parse_request_refuses_garbage(head: bytes) -> None:
-    with pytest.raises(w.BadRequest):
-        w.parse_request(head)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=300))
-def test_parse_request_is_total(data: bytes) -> None:
-    try:
-        request = w.parse_request(data + b"\r\n\r\n")
-    except w.BadRequest:
-        return
-    assert request.path.startswith("/")
-
-
-# ---------------------------------------------------------------------------
 # voter_from_config
 
 
