@@ -91,7 +91,7 @@ def test_zlib_bomb_does_not_blow_up_the_agent(tmp_path: Path) -> None:
     later_bomb = _bomb(Msg.KEEPALIVE, {}, 300 * MB)
     assert len(hello_bomb) < 400_000  # what the attacker sends
     agent = subprocess.Popen(
-        [str(HOTSITE), "source", "-c", str(config)],
+        [*HOTSITE, "source", "-c", str(config)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
