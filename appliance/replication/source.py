@@ -16,6 +16,13 @@ keepalives and falls silent for ``peer_timeout_s`` is presumed cut off (a
 partition closes nothing): its session ends, letting go of its guard,
 which would otherwise pin the application's WAL.
 
+What a replica sends is bounded and checked before use: its HELLO within
+``max_hello_bytes`` once inflated, anything after it within
+``protocol.MAX_CONTROL``, every field by ``validate.py``; a replica that takes
+nothing we send for ``peer_timeout_s`` has its session ended too
+(``PeerStalled``), releasing its guard (REPLICATION.md, "What the replica
+trusts").
+
 The agent is read-only towards what it serves. The replica's position is
 the only position; what the agent keeps, in memory, is a follower per
 database stream that goes on following the WAL between sessions (a
@@ -39,11 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from appliance.logs import kv
-from appliance.replication import protocol
+from appliance.replication import protocol, validate
 from appliance.replication.checksum import show
 from appliance.replication.follower import ResnapshotNeeded, SourceError, SqliteFollower
 from appliance.replication.position import Batch, Position
-from appliance.replication.protocol import Msg, ProtocolError, Sender
+from appliance.replication.protocol import Msg, PeerStalled, ProtocolError, Sender
 from appliance.replication.tls import peer_names
 
 log = logging.getLogger(__name__)
@@ -82,6 +89,7 @@ class SourceAgent:
         corrupt: Callable[[bytes], bytes] | None = None,
         max_message: int = protocol.MAX_MESSAGE,
         peer_timeout_s: float = 15.0,
+        max_hello_bytes: int = protocol.MAX_HELLO,
     ) -> None:
         self.streams = {s.name: s for s in streams}
         self._ssl = ssl_context
@@ -108,6 +116,9 @@ class SourceAgent:
         self.chunked_batches = 0  # batches sent in chunks, all sessions (tests)
         self.continuity_lost = 0  # sessions ended because the WAL lost continuity (a resnapshot follows)
         self.largest_body = 0  # the most page bytes one message carried, all sessions (tests)
+        self.max_hello = max_hello_bytes  # the largest HELLO read from a replica, decompressed
+        self.bad_messages = 0  # sessions ended by a message that failed its limits or schema
+        self.stalled_sessions = 0  # sessions ended because the replica took nothing for peer_timeout_s
         # A follower per sqlite stream kept between sessions (see the module docstring).
         self.standing: dict[str, SqliteFollower] = {}
         self._standing_tasks: dict[str, asyncio.Task[None]] = {}
@@ -162,18 +173,17 @@ class SourceAgent:
                 log.warning("client certificate not allowed", extra=kv(peer=peer, names=sorted(names)))
                 return
             hello = await asyncio.wait_for(
-                protocol.read_message(reader, self.max_message), HANDSHAKE_TIMEOUT_S
+                protocol.read_message(reader, self.max_hello, protocol.MAX_HELLO_HEADER), HANDSHAKE_TIMEOUT_S
             )
             if hello.kind != Msg.HELLO:
                 raise ProtocolError("expected HELLO", "malformed")
-            stream = self.find(str(hello.header.get("stream", "")))
-            compression = str(hello.header.get("compression", "none"))
+            name, compression, rate = validate.hello_common(hello.header)
+            stream = self.find(name)
             if compression not in protocol.compressions():
                 compression = "zlib" if compression == "zstd" else "none"
-            rate = int(hello.header.get("rate_bytes_s") or 0)
             if self.bandwidth_limit:
                 rate = min(rate, self.bandwidth_limit) if rate else self.bandwidth_limit
-            sender = Sender(writer, compression, rate, self.corrupt, self.max_message)
+            sender = Sender(writer, compression, rate, self.corrupt, self.max_message, self.peer_timeout_s)
             if stream is None:
                 await sender.send(
                     Msg.ERROR,
@@ -190,10 +200,21 @@ class SourceAgent:
                 from appliance.replication.files import serve_files
 
                 await serve_files(self, stream, hello, reader, sender)
+        except PeerStalled as exc:
+            self.stalled_sessions += 1
+            log.warning("replica not reading; its session ends", extra=kv(peer=peer, error=str(exc)))
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError) as exc:
             log.info("replica disconnected", extra=kv(peer=peer, reason=type(exc).__name__))
         except ProtocolError as exc:
-            log.warning("bad message from replica", extra=kv(peer=peer, reason=exc.reason))
+            self.bad_messages += 1
+            log.warning(
+                "bad message from replica", extra=kv(peer=peer, reason=exc.reason, error=exc.message[:300])
+            )
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            self.bad_messages += 1
+            log.warning(
+                "bad message from replica", extra=kv(peer=peer, reason="malformed", error=repr(exc)[:300])
+            )
         except asyncio.CancelledError:
             pass  # agent stopping: end this connection quietly
         except SourceError as exc:
@@ -231,7 +252,7 @@ class SourceAgent:
         # (a partition that drops packets closes nothing): the session ends and lets go of its
         # guard, which would otherwise pin the application's WAL until TCP gave up.
         silent_after = self.peer_timeout_s if hello.header.get("keepalive_s") else None
-        reader_task = asyncio.create_task(_pump(reader, inbox, silent_after, self.max_message))
+        reader_task = asyncio.create_task(_pump(reader, inbox, silent_after, protocol.MAX_CONTROL))
         work = asyncio.create_task(
             self._serve_sqlite_work(follower, stream, hello, sender, inbox, reader_task)
         )
