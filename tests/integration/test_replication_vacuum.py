@@ -69,10 +69,16 @@ def test_a_vacuum_sends_what_moved_and_the_journal_stays_within_its_bound(tmp_pa
         )
         task = asyncio.create_task(client.run())
 
+        def settled_at() -> int:
+            """Batches the replica applied (the client counts each once it is applied)."""
+            return replica.batches_applied
+
         async def vacuum(what: str) -> tuple[int, int]:
             """VACUUM at the source; (pages sent, pages in the database) once the replica has it."""
             current = logical_checksum(db)
             assert await until(lambda: replica.checksum == current, 60), f"{what}: not caught up before"
+            settled = await until(lambda: client.stats.batches == settled_at(), 10)  # counted after applying
+            assert settled, "the client's counters never settled"
             sent = client.stats.pages
             await asyncio.to_thread(app.execute, "VACUUM")
             want = logical_checksum(db)
@@ -124,4 +130,4 @@ def test_a_vacuum_sends_what_moved_and_the_journal_stays_within_its_bound(tmp_pa
             replica.close()
             app.close()
 
-    asyncio.run(scenario())
+    asyncio.run(asyncio.wait_for(scenario(), 300))  # a hang fails with where it waited
