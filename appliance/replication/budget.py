@@ -13,8 +13,9 @@ to a journal, for the chunk about to be written: ``limit_bytes``
 (``journal_limit_mb`` of the stream; 0: none but the database's size) caps
 one journal. A transaction past it is refused before the database is
 touched, named in ``last_error`` with the figure to configure; the replica
-stays at its previous committed state (its position is kept: no resync
-follows) and the stream retries with backoff. The half-written journal is
+stays at its previous committed state, position and hashes, and the stream
+retries with backoff (resuming from that position, or, if the source's WAL
+restarted meanwhile, a resync sending only the pages that differ). The half-written journal is
 emptied (recovery ignores it: no trailer). A disk that fills up before the
 bound is reached is the replica's storage error (see ``StorageError``).
 
