@@ -43,8 +43,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from failover.actuators.kamailio import ROUTING_TABLE, TOKEN_KEY
 from provisioning.lab import kamailio as lab_kamailio
 from provisioning.lab import topology as topo
+from provisioning.lab.checks import jsonrpc
 from provisioning.lab.lab import SCENARIO as LAB_UAS
 from tests.conftest import REPO, free_port
 from tests.integration.test_image_recipe import (
@@ -142,8 +144,9 @@ DENIED = re.compile(r"EPERM|EACCES|Operation not permitted|Permission denied")
 class Vm:
     """The booted appliance: SSH as root, each step timed."""
 
-    def __init__(self, ssh: list[str], started: float) -> None:
+    def __init__(self, ssh: list[str], started: float, out: Path) -> None:
         self.ssh = ssh
+        self.out = out  # the last journal read is kept here (journal.txt): failures show it whole
         self.started = started
         self.log: list[str] = []
 
@@ -173,7 +176,9 @@ class Vm:
         return cursor
 
     def journal_since(self, cursor: str) -> str:
-        return self.run(f"journalctl -u hotsite --after-cursor='{cursor}' --no-pager -o cat").stdout
+        journal = self.run(f"journalctl -u hotsite --after-cursor='{cursor}' --no-pager -o cat").stdout
+        (self.out / "journal.txt").write_text(journal)
+        return journal
 
     def wait_journal(self, cursor: str, text: str, timeout: float = 60) -> str:
         """The daemon's journal since ``cursor`` once it holds ``text`` (the runbook runs after the
@@ -370,7 +375,7 @@ def _boot(tmp_path: Path, disk: Path, modem: ModemEmulator) -> tuple[subprocess.
         "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
         "-o", "ConnectTimeout=20", "root@127.0.0.1",
     ]  # fmt: skip
-    vm = Vm(ssh, started)
+    vm = Vm(ssh, started, tmp_path)
     seen = _wait_for_login(tmp_path / "console.log", proc, time.monotonic() + BOOT_TIMEOUT_S)
     assert seen["firstboot"] and seen["login"], (seen, (tmp_path / "console.log").read_text()[-3000:])
     vm.step(f"booted ({accel}): login prompt")
@@ -426,6 +431,33 @@ def test_the_daemon_runs_every_feature_under_its_real_unit(
             proc.wait(10)
 
 
+def _fresh_routing(vm: Vm) -> None:
+    """Each failover below from a new appliance's routing state: no daemon state, the list as
+    installed, no service address, Kamailio's routing token back to 0.
+
+    A failover that fails under the pre-issue unit leaves Kamailio holding a later token than
+    the epoch the restarted daemon resumes with (found by this test, reported on issue 18):
+    every later failover would then be refused as stale, whatever the unit."""
+    listed = lab_kamailio.render_dispatcher_list(*SBCS)
+    vm.must(
+        "systemctl stop hotsite && rm -f /var/lib/hotsite/hotsite.db* /etc/kamailio/dispatcher.list.token"
+        f" && (ip addr del {SERVICE_ADDRESS}/24 dev eth1 2>/dev/null || true)"
+        f" && cat > /etc/kamailio/dispatcher.list <<'EOF'\n{listed}EOF"
+    )
+    jsonrpc("127.0.0.1", topo.RPC_PORT, "/RPC", "htable.seti", [ROUTING_TABLE, TOKEN_KEY, 0])
+
+
+EXPOSURE_TARGETS = {"hotsite.service": 3.0, "hotsite-firstboot.service": 5.0}  # issue 18
+
+
+def _exposure(vm: Vm, unit: str) -> float:
+    """systemd's overall exposure score for ``unit`` as loaded by the appliance's own systemd."""
+    out = vm.must(f"systemd-analyze security --no-pager {unit}")
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
+    assert found, out[-1000:]
+    return float(found.group(1))
+
+
 def _trunk_up(vm: Vm, timeout: float = 60) -> dict[str, object]:
     """The lab trunk as `hotsite status` shows it once its OPTIONS probe has been answered."""
     deadline = time.monotonic() + timeout
@@ -452,6 +484,7 @@ def _old_unit_refuses(vm: Vm) -> None:
     vm.step(
         "old unit: config check --unit exit 2, names RestrictAddressFamilies/AF_PACKET and ReadWritePaths"
     )
+    _fresh_routing(vm)
     cursor = vm.restart_hotsite()
     failed = vm.failover("old unit, issue 18")
     journal = vm.wait_journal(cursor, "Address family not supported")
@@ -461,6 +494,7 @@ def _old_unit_refuses(vm: Vm) -> None:
         "mkdir -p /etc/systemd/system/hotsite.service.d && printf '[Service]\\nRestrictAddressFamilies=AF_PACKET\\n'"
         " > /etc/systemd/system/hotsite.service.d/50-packet.conf"
     )
+    _fresh_routing(vm)
     cursor = vm.restart_hotsite()
     failed = vm.failover("old unit with AF_PACKET, issue 18")
     journal = vm.wait_journal(cursor, "Read-only file system")
@@ -478,7 +512,14 @@ def _rendered_unit_runs_everything(vm: Vm, tmp_path: Path, modem: ModemEmulator,
         " && systemd-analyze verify /etc/systemd/system/hotsite.service"
     )
     vm.step("rendered unit: config check --unit ok, systemd-analyze verify ok")
+    _fresh_routing(vm)
     cursor = vm.restart_hotsite()
+    scores = {unit: _exposure(vm, unit) for unit in EXPOSURE_TARGETS}
+    vm.step(
+        "systemd-analyze security on the appliance: "
+        + ", ".join(f"{unit} {score} (target {EXPOSURE_TARGETS[unit]})" for unit, score in scores.items())
+    )
+    assert all(scores[unit] <= EXPOSURE_TARGETS[unit] for unit in scores), scores
     trunk = _trunk_up(vm)
     vm.step(
         f"SIP probe: trunk lab {trunk['address']} up, OPTIONS {trunk['last_code']} in {trunk['rtt_ms']} ms"
