@@ -490,7 +490,7 @@ def _check_devices(unit: Unit, wanted: Needs) -> list[str]:
 
 HARDENING = """\
 NoNewPrivileges=yes
-UMask=0027
+UMask=0077
 
 ProtectSystem=strict
 ProtectHome=yes
@@ -527,7 +527,7 @@ def _directory_settings(config: Config) -> tuple[list[str], list[PurePosixPath]]
     ):
         posix = PurePosixPath(path)
         if posix.parent == PurePosixPath(base):
-            mode = "0750" if name == "StateDirectory" else "0755"
+            mode = "0700" if name == "StateDirectory" else "0755"
             lines += [f"{name}={posix.name}", f"{name}Mode={mode}"]
         else:
             extra.append(posix)
@@ -557,6 +557,19 @@ def _device_lines(wanted: Needs) -> list[str]:
     return [f"DeviceAllow={c} rw" for c in classes]
 
 
+def _supplementary_groups(config: Config, wanted: Needs) -> list[str]:
+    """dialout for the modem's tty (root:dialout unless the udev rule made it group hotsite);
+    the socket group, since handing the control socket to a group takes membership (chgrp)."""
+    groups, why = [], []
+    if wanted.devices:
+        groups.append("dialout")
+    if config.appliance.socket_group:
+        groups.append(config.appliance.socket_group)
+        group = config.appliance.socket_group
+        why.append(f"# {group}: to hand the control socket to the CLI group (SECURITY.md).")
+    return [*why, f"SupplementaryGroups={' '.join(groups)}"] if groups else []
+
+
 def render(config: Config, *, config_path: Path = DEFAULT_CONFIG, venv: Path = DEFAULT_VENV) -> str:
     """The unit that runs ``config``: its sandbox grants what :func:`needs` lists, nothing else."""
     wanted = needs(config)
@@ -564,8 +577,7 @@ def render(config: Config, *, config_path: Path = DEFAULT_CONFIG, venv: Path = D
     rw = _read_write_paths(config, wanted, extra)
     caps = sorted(wanted.capabilities)
     families = [f for f in (*BASE_FAMILIES, "AF_PACKET") if f in wanted.families]
-    # The modem's tty is root:dialout unless the udev rule has made it group hotsite.
-    groups = ["SupplementaryGroups=dialout"] if wanted.devices else []
+    groups = _supplementary_groups(config, wanted)
     lines = [
         "# hotsite appliance daemon. Rendered by `hotsite unit render` from the configuration it",
         "# runs: the paths, devices, address families and capabilities below are what that",
@@ -595,7 +607,8 @@ def render(config: Config, *, config_path: Path = DEFAULT_CONFIG, venv: Path = D
         f"CapabilityBoundingSet={' '.join(caps)}",
         *directories,
         "ConfigurationDirectory=hotsite",
-        "ConfigurationDirectoryMode=0750",
+        "# The config holds no secret (those are in secrets/, 0700): CLI users read it to find the socket.",
+        "ConfigurationDirectoryMode=0755",
         *(f"# {w.key}: {w.why}." for w in wanted.writes if w.path in rw),
         *(f"ReadWritePaths={p}" for p in rw),
         "",

@@ -50,7 +50,12 @@ from tests.support import sshd_host
 pytestmark = [pytest.mark.skipif(sshd_host.available() is not None, reason=str(sshd_host.available()))]
 
 CONFIG = {
-    "appliance": {"name": "prov-test", "socket_group": "hotsite"},
+    "appliance": {
+        "name": "prov-test",
+        "socket_group": "hotsite-cli",
+        "read_only_groups": ["hotsite-cli"],
+        "operator_groups": ["hotsite-operators"],
+    },
     "metrics": {"listen": "127.0.0.1:9477"},
     "sites": {
         "primary": {"role": "primary", "sbc": "203.0.113.10:5060", "kamailio_set": 1},
@@ -170,12 +175,12 @@ def test_role_checked_then_installs_a_verified_appliance(
         "/var/lib/hotsite /var/log/hotsite /etc/udev/rules.d/99-hotsite-modem.rules; id -nG hotsite"
     )
     assert stat.stdout.split("\n")[:6] == [
-        "/etc/hotsite/hotsite.toml root:hotsite 640",
-        "/etc/hotsite/secrets/smtp-password root:hotsite 640",
-        "/var/lib/hotsite hotsite:hotsite 750",
-        "/var/log/hotsite hotsite:hotsite 750",
+        "/etc/hotsite/hotsite.toml root:root 644",
+        "/etc/hotsite/secrets/smtp-password hotsite:hotsite 600",
+        "/var/lib/hotsite hotsite:hotsite 700",
+        "/var/log/hotsite hotsite:hotsite 700",
         "/etc/udev/rules.d/99-hotsite-modem.rules root:root 644",
-        "hotsite dialout",
+        "hotsite dialout hotsite-cli",
     ], stat.stdout
     assert (
         'SYMLINK+="hotsite-modem", GROUP="hotsite", MODE="0660"'
@@ -270,6 +275,7 @@ def witness_settings(h: sshd_host.SshHost) -> dict[str, object]:
         "listen": f"{h.address}:8080",
         "primary": [f"tcp://{SBCS[0]}:5060"],
         "token_file": "/etc/hotsite/secrets/witness-token",
+        "allow_plain_http": True,
     }
 
 
