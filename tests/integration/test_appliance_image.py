@@ -83,7 +83,9 @@ BOOT_TIMEOUT_S = 300
 FULL_CONFIG = f"""
 [appliance]
 name = "image"
-socket_group = "hotsite"
+socket_group = "hotsite-cli"
+read_only_groups = ["hotsite-cli"]
+operator_groups = ["hotsite-operators"]
 
 [metrics]
 listen = "127.0.0.1:9477"
@@ -552,11 +554,11 @@ def _rendered_unit_runs_everything(vm: Vm, tmp_path: Path, modem: ModemEmulator,
     vm.step(f"page: {len(texts)} SMS part(s) submitted to the modem on ttyUSB0")
 
     status = vm.must(
-        "id tech >/dev/null 2>&1 || useradd -m -G hotsite tech; "
+        "id tech >/dev/null 2>&1 || useradd -m -G hotsite-cli tech; "
         "runuser -u tech -- /opt/hotsite/bin/hotsite status --json"
     )
     assert json.loads(status)["failover"], status
-    vm.step("hotsite status as tech (group hotsite): ok")
+    vm.step("hotsite status as tech (group hotsite-cli, read-only): ok")
 
     pid = vm.must("systemctl show -p MainPID --value hotsite").strip()
     vm.must("systemctl reload hotsite && sleep 3")
