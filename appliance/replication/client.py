@@ -31,6 +31,7 @@ from appliance.replication.checksum import show
 from appliance.replication.position import Batch, Position, merge
 from appliance.replication.protocol import Msg, ProtocolError
 from appliance.replication.replica import BatchRejected, PromotedError, Replica, ReplicaStorageError
+from appliance.replication.tls import explain_handshake_error
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,16 @@ class SourceSilent(TimeoutError):
 class SourceRefused(OSError):
     """The source agent answered with an error (a database not in WAL mode, an unknown stream):
     not a link failure, and it will not go away by reconnecting, so it is logged at ERROR."""
+
+
+class ClosedAfterHandshake(ConnectionError):
+    """The source agent hung up after the TLS handshake, before answering HELLO.
+
+    With TLS 1.3 the client's handshake completes before the server checks
+    the client certificate, so this is how a refused certificate looks here.
+    """
+
+    reason = "CLOSED_AFTER_HANDSHAKE"
 
 
 MAX_MERGE_BYTES = 32 * 1024 * 1024
@@ -107,8 +118,10 @@ class SqliteStreamClient:
         max_buffered_bytes: int = MAX_BUFFERED_BYTES,
         keepalive_s: float = 1.0,
         idle_timeout_s: float = 15.0,
+        tls_identity: str = "",
     ) -> None:
         self.name = name
+        self._tls_identity = tls_identity or "this end's certificate and CA as configured"
         self.source = source
         self.replica = replica
         self.host, self.port = host, port
@@ -182,7 +195,9 @@ class SqliteStreamClient:
             except SourceRefused as exc:
                 self.stats.last_error = str(exc)
                 log.error("source agent refused the stream", extra=kv(stream=self.name, error=str(exc)))
-            except (OSError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
+            except (ssl.SSLError, ClosedAfterHandshake) as exc:
+                self._tls_failed(exc)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 self.stats.idle_timeouts += isinstance(exc, SourceSilent)
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.info("link to source down", extra=kv(stream=self.name, error=self.stats.last_error))
@@ -194,6 +209,18 @@ class SqliteStreamClient:
             if not retry_now or fast_retries > 3:  # never a hot loop, even if every session fails at once
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _tls_failed(self, exc: OSError) -> None:
+        """A handshake refused either way: which certificate, which CA, which name (ERROR once)."""
+        text = explain_handshake_error(
+            exc,
+            peer=f"the source agent at {self.host}:{self.port}",
+            identity=self._tls_identity,
+            expected_name=self._server_name,
+        )
+        level = logging.ERROR if text != self.stats.last_error else logging.INFO
+        self.stats.last_error = text
+        log.log(level, "TLS handshake with the source agent failed", extra=kv(stream=self.name, error=text))
 
     def _storage_failed(self, exc: ReplicaStorageError) -> None:
         """The replica's disk refused: say so loudly, keep the stream alive, retry with backoff."""
@@ -265,7 +292,12 @@ class SqliteStreamClient:
             body = replica.hashes.packed() if replica.position is not None else b""
             writer.write(protocol.encode(Msg.HELLO, hello, body, self.compression))
             await writer.drain()
-            welcome = await asyncio.wait_for(protocol.read_message(reader, self.max_message), 30)
+            try:
+                welcome = await asyncio.wait_for(protocol.read_message(reader, self.max_message), 30)
+            except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+                if self._ssl is None:
+                    raise
+                raise ClosedAfterHandshake(str(exc)) from exc
             t1 = self._clock()
             if welcome.kind == Msg.ERROR:
                 raise SourceRefused(f"source agent refused: {welcome.header.get('error')}")

@@ -35,7 +35,7 @@ from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.promotion import data_loss_window, over_budget
 from appliance.replication.replica import PromotedError, Replica, ReplicaError, ReplicaStorageError
 from appliance.replication.snapshots import SnapshotStore
-from appliance.replication.tls import client_context
+from appliance.replication.tls import client_context, describe_identity
 from appliance.store import Store
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,13 @@ class ReplicationService:
                 await self._open(s)
                 s.snapshots = SnapshotStore(s.replica.dir / "snapshots", keep=cfg.keep_versions)
                 s.client = SqliteStreamClient(
-                    s.name, sec.source, s.replica, clock=self.clock.time, on_event=self._event, **common
+                    s.name,
+                    sec.source,
+                    s.replica,
+                    clock=self.clock.time,
+                    on_event=self._event,
+                    tls_identity=describe_identity(cfg.tls_cert_file, cfg.tls_ca_file),
+                    **common,
                 )
             else:
                 s.files = FilesReplica(
