@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import ssl
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class ClosedAfterHandshake(ConnectionError):
 
 
 MAX_MERGE_BYTES = 32 * 1024 * 1024
+DISK_ROOM_BYTES = 4 * 1024 * 1024  # free space on the replica's disk that clears a "disk full"
 MAX_BUFFERED_BYTES = MAX_MERGE_BYTES
 
 
@@ -238,6 +240,23 @@ class SqliteStreamClient:
                 self._on_event("replication.storage_error", {"stream": self.name, "error": exc.message})
             except Exception:  # the event store may be on the full disk too: the stream goes on
                 log.exception("storage error could not be recorded", extra=kv(stream=self.name))
+
+    def _storage_recovered(self) -> None:
+        """A write succeeded: clear the storage error, but a full disk only once it has room again.
+
+        Pages rewritten in place need no new blocks, so one batch can succeed on a
+        full disk and the next fail: the alarm must not flap with them.
+        """
+        if not self.stats.storage_error:
+            return
+        if self.stats.disk_full:
+            try:
+                if shutil.disk_usage(self.replica.path.parent).free < DISK_ROOM_BYTES:
+                    return
+            except OSError:
+                return
+        self.stats.storage_error, self.stats.disk_full = "", False
+        log.warning("replica storage writable again", extra=kv(stream=self.name))
 
     async def verify(self, timeout: float | None = None) -> dict[str, Any]:
         """Ask the source for its checksum (from its files) at a position; compare when we reach it.
@@ -453,7 +472,7 @@ class SqliteStreamClient:
                 float(h["observed_at"]),
             )
             self.stats.current_at = float(h["observed_at"])
-            self.stats.storage_error, self.stats.disk_full = "", False
+            self._storage_recovered()
             self._on_event("replication.seeded", {"stream": self.name, "pages": self.stats.seed_progress[1]})
             await self._check_verify()
         elif msg.kind == Msg.VERIFY_RESULT:
@@ -479,7 +498,7 @@ class SqliteStreamClient:
 
     def _applied(self, batch: Batch) -> None:
         s = self.stats
-        s.storage_error, s.disk_full = "", False  # a batch was written: the disk takes writes again
+        self._storage_recovered()
         s.batches += 1
         s.transactions += batch.transactions
         s.frames += batch.frames

@@ -59,6 +59,7 @@ class _Stream:
         self.reported_failures = 0
         self.task_error = ""  # why the task last failed (cleared once it runs a session again)
         self.snapshot_error = ""
+        self.position_error = ""  # why the position could not be recorded in the state store
         self.verify_task: asyncio.Task[dict[str, Any]] | None = None
 
     @property
@@ -199,8 +200,11 @@ class ReplicationService:
             if s.replica is not None and s.replica.position is not None:
                 try:
                     self._record_position(s)
+                    s.position_error = ""
                 except Exception as exc:  # the state store's disk: shown, never fatal to a stream
-                    log.error("replica position not recorded", extra=kv(stream=s.name, error=str(exc)))
+                    level = logging.ERROR if str(exc) != s.position_error else logging.DEBUG  # once a second
+                    s.position_error = str(exc)
+                    log.log(level, "replica position not recorded", extra=kv(stream=s.name, error=str(exc)))
                 interval = s.section.snapshot_interval_s
                 if s.snapshots is not None and interval and now - s.last_snapshot >= interval:
                     await self._snapshot(s, now)
@@ -213,8 +217,9 @@ class ReplicationService:
         try:
             snap = await asyncio.to_thread(s.snapshots.take, s.replica, now)
         except (OSError, ReplicaError) as exc:
+            level = logging.ERROR if str(exc) != s.snapshot_error else logging.DEBUG  # not every interval
             s.snapshot_error = str(exc)
-            log.error("snapshot not taken", extra=kv(stream=s.name, error=s.snapshot_error))
+            log.log(level, "snapshot not taken", extra=kv(stream=s.name, error=s.snapshot_error))
             s.last_snapshot = now
             return
         s.last_snapshot, s.snapshot_error = now, ""
