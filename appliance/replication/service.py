@@ -58,6 +58,7 @@ class _Stream:
         self.task_failures = 0
         self.reported_failures = 0
         self.task_error = ""  # why the task last failed (cleared once it runs a session again)
+        self.sessions_at_failure = 0
         self.snapshot_error = ""
         self.position_error = ""  # why the position could not be recorded in the state store
         self.verify_task: asyncio.Task[dict[str, Any]] | None = None
@@ -162,6 +163,7 @@ class ReplicationService:
             except Exception as exc:
                 s.task_failures += 1
                 s.task_error = f"{type(exc).__name__}: {exc}"
+                s.sessions_at_failure = s.stats.sessions
                 log.error(
                     "replication stream failed; restarting",
                     exc_info=not isinstance(exc, ReplicaError),
@@ -305,6 +307,8 @@ class ReplicationService:
         out = []
         for s in self.streams.values():
             st = s.stats
+            if s.task_error and s.opened and st.sessions > s.sessions_at_failure:
+                s.task_error = ""  # it ran a session since: only the current error is shown
             lag = st.lag_s(now)
             item: dict[str, Any] = {
                 "name": s.name,
