@@ -103,7 +103,7 @@ class Appliance(Daemon):
     async def start(self) -> None:
         cfg = self.config
         self._started_at = self.clock.time()
-        self.store = Store.open(cfg.appliance.state_dir, clock=self.clock.time)
+        self.store = Store.open_or_in_memory(cfg.appliance.state_dir, clock=self.clock.time)
         self.api = ApiServer(
             cfg.appliance.runtime_dir,
             self._handlers(),
@@ -265,6 +265,11 @@ class Appliance(Daemon):
             for problem in self.replication.readiness():
                 stream = problem.split(":", 1)[0].removeprefix("replication stream ")
                 now[f"replication:{stream}"] = problem
+            if self.store is not None and self.store.in_memory:
+                now["state:disk"] = (
+                    f"state disk full ({self.config.appliance.state_dir}): running from memory,"
+                    " nothing recorded durably; free space and restart hotsite"
+                )
             for channel in self.paging.channels.values():
                 health = channel.health()
                 if health.get("up") is False:

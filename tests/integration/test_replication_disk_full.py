@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import sqlite3
 import subprocess
 import time
@@ -240,3 +241,38 @@ def test_a_full_disk_is_paged_from_memory(small_disk: Path) -> None:
 
     asyncio.run(scenario())
 
+
+def test_the_daemon_starts_degraded_on_a_full_state_disk(small_disk: Path, tmp_path: Path) -> None:
+    """A full state disk: the daemon starts (state in memory), answers, says so, stops cleanly."""
+    from tests.conftest import MINIMAL, free_port
+    from tests.integration.daemon_helpers import RunningDaemon, hotsite, wait_for
+
+    cfg = tmp_path / "hotsite.toml"
+    cfg.write_text(
+        MINIMAL.format(
+            state=small_disk / "state",
+            run=tmp_path / "run",
+            metrics_port=free_port(),
+            sbc_port=free_port(socket.SOCK_DGRAM),
+        )
+    )
+    first = RunningDaemon(cfg, tmp_path / "first.log")
+    first.wait_ready(timeout=60)
+    assert first.stop() == 0
+    filler = _fill(small_disk)
+    daemon = RunningDaemon(cfg, tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready(timeout=60)
+        assert daemon.status()["appliance"]["pid"] == daemon.proc.pid
+        events = hotsite("events", "--json", "--kind", "daemon", config=cfg)
+        assert events.returncode == 0 and events.stdout.count("daemon.start") == 2, events
+        log_text = (tmp_path / "daemon.log").read_text()
+        assert "state disk full" in log_text and "Traceback" not in log_text, log_text
+        wait_for(
+            lambda: "state disk full" in hotsite("incidents", "--json", config=cfg).stdout,
+            timeout=30,
+            what="an incident for the full state disk",
+        )
+    finally:
+        assert daemon.stop() == 0
+        filler.unlink()
