@@ -141,7 +141,7 @@ def test_disk_full_is_raised_survived_and_recovered_from(tmp_path: Path, small_d
             r = s.replica
             return r is not None and r.position is not None and r.checksum == logical_checksum(db)
 
-        await _until(synced, 30, "initial sync")
+        await _until(synced, 60, "initial sync")
         await service.tick()
         filler = _fill(small_disk)
         for i in range(40):  # ~1 MB more at the source: the replica cannot take it
@@ -155,7 +155,7 @@ def test_disk_full_is_raised_survived_and_recovered_from(tmp_path: Path, small_d
         def full() -> bool:
             return any("DISK FULL" in p for p in service.readiness())
 
-        await _until(full, 30, "the full disk shown")
+        await _until(full, 60, "the full disk shown")
         for _ in range(3):
             await service.tick()  # snapshots and position records fail on the full disk: not fatal
             await asyncio.sleep(0.3)
@@ -181,7 +181,7 @@ def test_disk_full_is_raised_survived_and_recovered_from(tmp_path: Path, small_d
         await service.start()
         _SHOW.append(service)
         s = service.streams["customers"]
-        await _until(full, 30, "the full disk shown after a restart")
+        await _until(full, 60, "the full disk shown after a restart")
         assert s.task is not None and not s.task.done()
         filler.unlink()
         await _until(synced, 30, "resumed after a restart on a full disk")
