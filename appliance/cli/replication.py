@@ -17,15 +17,14 @@ from typing import Any
 
 import click
 
-from appliance import logs
+from appliance import logs, timefmt
+from appliance.cli.confirm import confirm, yes_option
+from appliance.cli.options import echo_error, echo_json
 from appliance.errors import ConfigError, HotsiteError
 
 
 def _fail(exc: HotsiteError) -> None:
-    click.echo(f"hotsite: error: {exc.message}", err=True)
-    if isinstance(exc, ConfigError):
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
+    echo_error(exc.message, exc.exit_code, exc.problems if isinstance(exc, ConfigError) else ())
     sys.exit(exc.exit_code)
 
 
@@ -95,6 +94,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         checkpoint_frames=s.checkpoint_frames,
         restart_frames=s.restart_frames,
         peer_timeout_s=s.peer_timeout_s,
+        max_hello_bytes=s.max_hello_bytes,
         checkpoint_busy_ms=s.checkpoint_busy_ms,
     )
     agent.tls_identity = describe_identity(s.tls_cert_file, s.tls_ca_file)
@@ -218,7 +218,7 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
     """
     result = _call("replication.status")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     terminal = sys.stdout.isatty()
     if (terminal if follow is None else follow) and _seeding(result):
@@ -298,7 +298,11 @@ def verify_cmd(stream: str, as_json: bool, timeout: float) -> None:
 @replication.command("restore")
 @click.argument("stream")
 @click.option(
-    "--at", "at", required=True, help="Unix time or ISO time (local): newest snapshot at or before it."
+    "--at",
+    "at",
+    required=True,
+    help="ISO 8601 (UTC unless it has a zone, or with --local), a Unix time, or an age (2h):"
+    " the newest snapshot at or before it.",
 )
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option(
@@ -308,10 +312,10 @@ def verify_cmd(stream: str, as_json: bool, timeout: float) -> None:
 )
 def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> None:
     """Point-in-time restore: copy the newest kept snapshot taken at or before --at to --output."""
-    from appliance.replication.snapshots import SnapshotStore, parse_time
+    from appliance.replication.snapshots import SnapshotStore
 
     try:
-        when = parse_time(at)
+        when = timefmt.parse_when(at, time.time(), allow_epoch=True)
     except ValueError as exc:
         click.echo(f"hotsite: error: --at {at!r}: {exc}", err=True)
         sys.exit(2)
@@ -323,7 +327,9 @@ def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> N
     except HotsiteError as exc:
         _fail(exc)
         return
-    click.echo(f"restored {output} from snapshot of {time.ctime(snap.taken_at)} (position {snap.position})")
+    click.echo(
+        f"restored {output} from snapshot of {timefmt.stamp(snap.taken_at)} (position {snap.position})"
+    )
 
 
 @replication.command("promote")
@@ -335,13 +341,19 @@ def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> N
     help="Promote even a replica that failed its check at rest (it is then not a committed state).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def promote_cmd(stream: str, reason: str, force_damaged: bool, as_json: bool) -> None:
+@yes_option
+def promote_cmd(stream: str, reason: str, force_damaged: bool, as_json: bool, yes: bool) -> None:
     """Stop applying, record the final position and the data-loss window; the replica becomes writable.
 
     Refused (exit 1) for a stream never seeded, and for a replica whose file
     differs from the state recorded when it was last verified, unless
     --force-damaged.
     """
+    confirm(
+        f"Promote {stream}? Replication stops and the backup's copy becomes writable;"
+        " what the primary wrote since the last applied change is lost.",
+        yes,
+    )
     params: dict[str, Any] = {"stream": stream, "reason": reason}
     if force_damaged:
         params["force_damaged"] = True
@@ -366,13 +378,16 @@ def promote_cmd(stream: str, reason: str, force_damaged: bool, as_json: bool) ->
 @replication.command("demote")
 @click.argument("stream")
 @click.option("--discard-local-writes", is_flag=True, help="Drop writes made at the backup since promotion.")
-def demote_cmd(stream: str, discard_local_writes: bool) -> None:
+@yes_option
+def demote_cmd(stream: str, discard_local_writes: bool, yes: bool) -> None:
     """Resume replication into a promoted replica (refused if the backup wrote to it, unless told).
 
     The replica must still have exactly the checksum recorded at promotion.
     With --discard-local-writes the backup's copy is first saved as a named
     restore point in the snapshot directory, then resynced from the source.
     """
+    if discard_local_writes:
+        confirm(f"Demote {stream} and DISCARD every write made at the backup since its promotion?", yes)
     result = _call("replication.demote", stream=stream, discard_local_writes=discard_local_writes)
     saved = (result or {}).get("saved_local_copy") if isinstance(result, dict) else None
     if saved:

@@ -87,9 +87,18 @@ class StreamStats:
     chunked_batches: int = 0  # batches received in chunks (staged on disk, committed whole)
     buffered_peak_bytes: int = 0  # the most message bytes ever held between receiving and applying
     idle_timeouts: int = 0  # sessions ended because the source went silent (a partition)
+    malformed_messages: int = 0  # messages refused by their schema or limits (the session restarts)
+    session_failures: int = 0  # sessions ended by an unexpected error (a bug): logged, then retried
+    refused_files: int = 0  # files a change set named that the filesystem refused (the rest applied)
+    last_error_at: float | None = None  # wall-clock time of last_error
     storage_error: str = ""  # the replica's own disk refusing writes (full, I/O error); "" when fine
     disk_full: bool = False
     storage_errors: int = 0
+
+    def note_error(self, message: str) -> None:
+        """The error status shows, with when it happened (so a stale one can be told apart)."""
+        self.last_error = message
+        self.last_error_at = time.time()
 
     def lag_s(self, local_now: float) -> float | None:
         if self.current_at is None:
@@ -168,7 +177,7 @@ class SqliteStreamClient:
             except asyncio.CancelledError:
                 raise
             except PromotedError as exc:
-                self.stats.last_error = exc.message
+                self.stats.note_error(exc.message)
                 log.warning("replica promoted; not replicating", extra=kv(stream=self.name, why=exc.message))
                 self._paused.clear()
                 continue
@@ -176,14 +185,15 @@ class SqliteStreamClient:
                 self._storage_failed(exc)
             except ProtocolError as exc:
                 self.stats.corrupt_messages += exc.reason == "crc"
-                self.stats.last_error = exc.message
+                self.stats.malformed_messages += exc.reason != "crc"
+                self.stats.note_error(exc.message)
                 log.warning(
                     "corrupt message; re-requesting from our position",
-                    extra=kv(stream=self.name, reason=exc.reason),
+                    extra=kv(stream=self.name, reason=exc.reason, error=exc.message[:300]),
                 )
                 retry_now = True
             except BatchRejected as exc:
-                self.stats.last_error = exc.message
+                self.stats.note_error(exc.message)
                 self.replica.needs_resync = (
                     True  # next session: compare page hashes, do not trust our position
                 )
@@ -195,14 +205,18 @@ class SqliteStreamClient:
                 log.warning("batch refused", extra=kv(stream=self.name, reason=exc.reason, error=exc.message))
                 retry_now = True
             except SourceRefused as exc:
-                self.stats.last_error = str(exc)
+                self.stats.note_error(str(exc))
                 log.error("source agent refused the stream", extra=kv(stream=self.name, error=str(exc)))
             except (ssl.SSLError, ClosedAfterHandshake) as exc:
                 self._tls_failed(exc)
             except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 self.stats.idle_timeouts += isinstance(exc, SourceSilent)
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self.stats.note_error(f"{type(exc).__name__}: {exc}")
                 log.info("link to source down", extra=kv(stream=self.name, error=self.stats.last_error))
+            except Exception as exc:  # a bug must not end replication silently: counted, logged, retried
+                self.stats.session_failures += 1
+                self.stats.note_error(f"{type(exc).__name__}: {exc}")
+                log.exception("replication session failed; starting a new one", extra=kv(stream=self.name))
             finally:
                 self.stats.connected = False
                 self._writer = None
@@ -221,7 +235,7 @@ class SqliteStreamClient:
             expected_name=self._server_name,
         )
         level = logging.ERROR if text != self.stats.last_error else logging.INFO
-        self.stats.last_error = text
+        self.stats.note_error(text)
         log.log(level, "TLS handshake with the source agent failed", extra=kv(stream=self.name, error=text))
 
     def _storage_failed(self, exc: ReplicaStorageError) -> None:
@@ -230,7 +244,7 @@ class SqliteStreamClient:
         self.stats.storage_error = exc.message
         self.stats.disk_full = exc.disk_full
         self.stats.storage_errors += 1
-        self.stats.last_error = exc.message
+        self.stats.note_error(exc.message)
         log.error(
             "replica storage failing; will retry",
             extra=kv(stream=self.name, disk_full=exc.disk_full, error=exc.message),
@@ -328,6 +342,7 @@ class SqliteStreamClient:
             self.stats.connected = True
             self.stats.sessions += 1
             self.stats.last_error = ""  # only the current error is shown
+            self.stats.last_error_at = None
             replica.needs_resync = False
             if mode == "resnapshot":
                 self.stats.resnapshots += 1
@@ -400,6 +415,12 @@ class SqliteStreamClient:
             taken = [item]
             try:
                 await self._handle(item, queue, taken)
+            except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+                # A header field missing or of the wrong type (a mode of 2**40, a string for a
+                # number): the message is malformed, the session ends and the next one resumes.
+                raise ProtocolError(
+                    f"message kind {item.kind} has a missing or invalid header field: {exc!r}", "malformed"
+                ) from None
             finally:
                 self._release(*taken)
 

@@ -49,6 +49,13 @@ class ReplicationMetrics:
             ["stream"],
             registry=registry,
         )
+        self.malformed_messages = Counter(
+            "hotsite_replication_malformed_messages_total",
+            "Messages from the source refused by their limits or schema (unsafe path, mode, size,"
+            " JSON depth): the session is restarted.",
+            ["stream"],
+            registry=registry,
+        )
         self.resnapshots = Counter(
             "hotsite_replication_resnapshots_total",
             "Resyncs because the source no longer held the replica's position.",

@@ -127,6 +127,7 @@ class ReplicationService:
                     keep=cfg.keep_versions,
                     post_change_command=sec.post_change_command,
                     clock=self.clock.time,
+                    file_mode_mask=sec.file_mode_mask,
                 )
                 s.client = FilesStreamClient(s.name, sec.source, s.files, **common)
             s.task = asyncio.create_task(self._supervise(s), name=f"replication:{s.name}")
@@ -280,6 +281,7 @@ class ReplicationService:
             ("transactions", m.transactions),
             ("checksum_mismatches", m.checksum_mismatches),
             ("corrupt_messages", m.corrupt_messages),
+            ("malformed_messages", m.malformed_messages),
             ("resnapshots", m.resnapshots),
         ):
             delta = getattr(st, attr) - getattr(seen, attr)
@@ -327,6 +329,8 @@ class ReplicationService:
                 "resnapshots": st.resnapshots,
                 "last_verify": st.last_verify,
                 "last_error": st.last_error,
+                "last_error_at": st.last_error_at,
+                "malformed_messages": st.malformed_messages,
                 "seed_progress": list(st.seed_progress),
                 "storage_error": st.storage_error,
                 "disk_full": st.disk_full,

@@ -35,6 +35,15 @@ load. Keys of ``[source]``:
 - ``peer_timeout_s`` (15): a replica that sends keepalives and is not heard
   from for this long is presumed cut off (a partition drops packets and
   closes nothing); its session ends and lets go of its guard on the WAL.
+- ``max_hello_bytes`` (16 MiB): the largest HELLO a replica may send, once
+  inflated: 8 bytes of page hash per page of its copy (16 MiB: a database of
+  2 million pages, 8 GiB at 4 KiB pages) or its list of file contents. A
+  larger one is refused (logged) before it is inflated any further; raise it
+  for a larger database. It bounds what one session can make the agent
+  allocate (twice this, transiently).
+- ``peer_timeout_s`` also ends a session whose replica takes nothing we send
+  for that long (it keeps the socket open but does not read): its guard on the
+  WAL is let go, so a stuck backup cannot grow the primary's WAL.
 - ``checkpoint_busy_ms`` (50): the RESTART checkpoint's busy timeout, which
   bounds how long the application's writers can wait for it (plus the copy
   of the few frames committed since the PASSIVE one). The application needs
@@ -75,6 +84,7 @@ class SourceAgentSection(Section):
     restart_frames: int = Field(default=1000, ge=0, le=10_000_000)
     checkpoint_busy_ms: int = Field(default=50, ge=1, le=5000)
     peer_timeout_s: float = Field(default=15.0, gt=0, le=3600)
+    max_hello_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
 
 
 class SourceConfig(Section):

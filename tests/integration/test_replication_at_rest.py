@@ -171,13 +171,13 @@ def test_damage_at_rest_is_shown_and_blocks_promotion(tmp_path: Path, damage: st
         assert "DAMAGED" in stream["last_error"]
         plain = _run([*base, "status"])
         assert "DAMAGED" in plain.output, plain.output
-        refused = _run([*base, "promote", "customers"])
+        refused = _run([*base, "promote", "customers", "--yes"])
         assert refused.exit_code == 1, refused.output
         assert "refusing to promote" in refused.output and "--force-damaged" in refused.output
         assert not (tmp_path / "rep" / "c.db.hotsite" / "snapshots").exists() or not any(
             (tmp_path / "rep" / "c.db.hotsite" / "snapshots").iterdir()
         ), "a damaged file was kept as a restore point"
-        forced = _run([*base, "promote", "customers", "--force-damaged"])
+        forced = _run([*base, "promote", "customers", "--force-damaged", "--yes"])
         assert forced.exit_code == 0, forced.output
         assert "DAMAGED" in forced.output and "not a state the primary committed" in forced.output
         assert str(replica) in forced.output
@@ -187,10 +187,10 @@ def test_a_never_seeded_stream_cannot_be_promoted(tmp_path: Path) -> None:
     _source(tmp_path)
     base = ["--runtime-dir", str(tmp_path / "run"), "replication"]
     with _daemon(tmp_path, with_source=None):
-        refused = _run([*base, "promote", "customers"])
+        refused = _run([*base, "promote", "customers", "--yes"])
         assert refused.exit_code == 1, refused.output
         assert "never seeded" in refused.output
-        forced = _run([*base, "promote", "customers", "--force-damaged"])
+        forced = _run([*base, "promote", "customers", "--force-damaged", "--yes"])
         assert forced.exit_code == 1 and "never seeded" in forced.output
 
 

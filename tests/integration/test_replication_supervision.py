@@ -1,8 +1,8 @@
 """No silent stops: a stream task that fails is restarted with backoff, logged at ERROR with its
 cause, counted, shown in status, and its error cleared once it runs a session again.
 
-Real source agent over real TLS; the failure is a bug injected into one session (a
-RuntimeError the client does not handle), the kind that used to kill the task for good.
+Real source agent over real TLS; the failure is a RuntimeError injected where the client's
+own retry loop cannot catch it (``run`` itself), the kind that used to kill the task for good.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from appliance.config import ReplicationSection
 from appliance.replication.certs import issue, make_ca
+from appliance.replication.client import SqliteStreamClient
 from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
@@ -33,7 +34,7 @@ async def _until(cond: object, timeout: float, what: str) -> None:
 
 
 def test_a_failing_stream_task_is_restarted_logged_counted_and_shown(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     certs = tmp_path / "tls"
     make_ca(certs)
@@ -64,21 +65,21 @@ def test_a_failing_stream_task_is_restarted_logged_counted_and_shown(
                 },
             }
         )
+        original = SqliteStreamClient.run
+        failures = [RuntimeError("bug in a session"), RuntimeError("bug in a session")]
+
+        async def flaky(self: SqliteStreamClient) -> None:  # escapes the client's own retry loop
+            if failures:
+                raise failures.pop()
+            await original(self)
+
+        monkeypatch.setattr(SqliteStreamClient, "run", flaky)
         registry = CollectorRegistry()
         service = ReplicationService(section, metrics=ReplicationMetrics(registry))
         s = service.streams["customers"]
         try:
             await service.start()
             assert s.client is not None
-            session = s.client._session
-            failures = [RuntimeError("bug in a session"), RuntimeError("bug in a session")]
-
-            async def flaky() -> None:
-                if failures:
-                    raise failures.pop()
-                await session()
-
-            s.client._session = flaky  # type: ignore[method-assign]
             await _until(lambda: s.task_failures == 2, 20, "two failures seen")
             status = service.status()[0]
             assert status["task_failures"] == 2 and "RuntimeError: bug in a session" in status["task_error"]
