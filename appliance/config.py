@@ -515,6 +515,8 @@ class StreamSection(Section):
     # setgid, sticky, world-write); see appliance/replication/REPLICATION.md, "What the replica trusts"
     file_mode_mask: int = Field(default=0o7002, ge=0, le=0o7777)
     snapshot_interval_s: float = Field(default=3600.0, ge=0, le=86400)  # sqlite: 0 = no snapshots
+    # sqlite: the most disk one transaction's journal may take (0: up to the database's size)
+    journal_limit_mb: int = Field(default=0, ge=0, le=1 << 24)
 
 
 class ReplicationSection(Section):
@@ -738,10 +740,14 @@ def parse(text: str, source: str = "<config>") -> Config:
 
 
 def check_environment(config: Config) -> list[str]:
-    """Problems a schema cannot see: every file the config names (``appliance.configcheck``)."""
+    """Problems a schema cannot see: every file the config names (``appliance.configcheck``), and
+    replicas without room for their largest transaction (``replication.budget``)."""
     from appliance import configcheck
+    from appliance.replication.budget import space_problems
 
-    return configcheck.file_problems(config)
+    streams = config.replication.streams.items()
+    sqlite = {n: (s.replica, s.journal_limit_mb) for n, s in streams if s.kind == "sqlite"}
+    return configcheck.file_problems(config) + space_problems(sqlite)
 
 
 def _describe(err: Any) -> str:

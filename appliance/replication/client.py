@@ -194,16 +194,16 @@ class SqliteStreamClient:
                 retry_now = True
             except BatchRejected as exc:
                 self.stats.note_error(exc.message)
-                self.replica.needs_resync = (
-                    True  # next session: compare page hashes, do not trust our position
-                )
+                # Next session: compare page hashes, do not trust our position; but a batch over the
+                # journal bound was refused with the replica's state and position intact.
+                self.replica.needs_resync = self.replica.needs_resync or exc.reason != "journal_limit"
                 if exc.reason == "checksum":
                     self.stats.checksum_mismatches += 1
                     self._on_event(
                         "replication.checksum_mismatch", {"stream": self.name, "error": exc.message}
                     )
                 log.warning("batch refused", extra=kv(stream=self.name, reason=exc.reason, error=exc.message))
-                retry_now = True
+                retry_now = exc.reason != "journal_limit"  # (it would be refused again at once)
             except SourceRefused as exc:
                 self.stats.note_error(str(exc))
                 log.error("source agent refused the stream", extra=kv(stream=self.name, error=str(exc)))

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from appliance.errors import HotsiteError
+from appliance.replication.budget import JournalBudget
 from appliance.replication.checksum import PageHashes, page_hash, show
 from appliance.replication.position import Batch, Position
 from appliance.replication.record import HashRecord
@@ -187,6 +188,7 @@ class Replica:
         self._seed_meta: dict[str, Any] = {}
         self._stage: _Stage | None = None  # a batch too large for one message, being received
         self.staged_batches = 0
+        self.budget = JournalBudget()  # disk a journal may take (set from the stream's config)
         self._mutex = threading.Lock()
         self.hashes = PageHashes()
         self.position: Position | None = None
@@ -511,6 +513,7 @@ class Replica:
                 "promoted": None,
             }
             pages = sorted(batch.pages.items())
+            self._check_budget(0, len(pages) * (_PAGE.size + batch.page_size))
             self._write_journal(header, pages)
             self._apply_pages(batch, header, iter(pages), now)
 
@@ -620,6 +623,11 @@ class Replica:
                     before = 0 if pgno > stage.cut else self.hashes.hashes.get(pgno, 0)
                     stage.checksum ^= before ^ page_hash(pgno, data)
                 n += 1
+            try:
+                self._check_budget(stage.pages * (_PAGE.size + b.page_size), n * (_PAGE.size + b.page_size))
+            except BatchRejected:
+                self._abort_stage()
+                raise
             stage.pages += n
             stage.journal.add(pages)
             return n
@@ -636,7 +644,7 @@ class Replica:
                 raise BatchRejected("end of a staged batch that was never begun", "malformed")
             self._stage = None
             if stage.checksum != checksum:
-                stage.journal.close()  # torn: recovery ignores it
+                stage.journal.abandon()  # torn: recovery ignores it
                 raise BatchRejected(
                     f"checksum after staged batch would be {show(stage.checksum)},"
                     f" source says {show(checksum)}",
@@ -667,8 +675,14 @@ class Replica:
 
     def _abort_stage(self) -> None:
         if self._stage is not None:
-            self._stage.journal.close()  # left torn: never redone
+            self._stage.journal.abandon()  # left torn (and empty): never redone
             self._stage = None
+
+    def _check_budget(self, journal_bytes: int, adding: int) -> None:
+        """Refuse (nothing written) a journal write over the stream's configured bound."""
+        refused = self.budget.refusal(journal_bytes, adding)
+        if refused is not None:
+            raise BatchRejected(refused, reason="journal_limit")
 
     # -- seed (a whole new database, replacing the file) -------------------
 
@@ -832,6 +846,7 @@ class Replica:
             "observed_at": self.observed_at,
             "applied_at": self.applied_at,
             "promoted": None if self.promotion is None else self.promotion.to_json(),
+            "disk": self.budget.describe(self.dir, self.hashes.db_pages * self.page_size),
         }
 
     # -- promotion ---------------------------------------------------------
@@ -1045,6 +1060,12 @@ class _JournalWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def abandon(self) -> None:
+        """Close an unfinished journal, emptied: still torn for recovery, and its disk given back."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+        self.close()
 
 
 @dataclass(slots=True)

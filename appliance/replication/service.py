@@ -29,6 +29,7 @@ from appliance.api import Caller, Handler, RequestError
 from appliance.clock import Clock, SystemClock
 from appliance.config import ReplicationSection, StreamSection, host_port
 from appliance.logs import kv
+from appliance.replication.budget import MIB, JournalBudget
 from appliance.replication.client import SqliteStreamClient, StreamStats
 from appliance.replication.files import FilesReplica, FilesStreamClient
 from appliance.replication.metrics import ReplicationMetrics
@@ -110,6 +111,7 @@ class ReplicationService:
             sec = s.section
             if sec.kind == "sqlite":
                 s.replica = Replica(sec.replica, clock=self.clock.time)
+                s.replica.budget = JournalBudget(sec.journal_limit_mb * MIB)
                 await self._open(s)
                 s.snapshots = SnapshotStore(s.replica.dir / "snapshots", keep=cfg.keep_versions)
                 s.client = SqliteStreamClient(
