@@ -658,10 +658,10 @@ def _runbook_done(state: EngineState, done: RunbookDone, now: float) -> Outcome:
             )
             return Outcome(new, (page,), f"failover completed (epoch {done.epoch}): {done.detail}")
         new = _to(state, "primary_active", now, routing="normal", waiting_for="", lost=())
-        resolves = (
+        resolves = (  # one "Failback completed" per episode: each key says what closed it
             Resolve(FAILOVER, "Failback completed"),
             Resolve(PRIMARY_DOWN, "Primary serving again"),
-            Resolve("failback", "Failback completed"),
+            Resolve("failback", "Routing is back on the primary: the failback request is closed"),
         )
         return Outcome(new, resolves, f"failback completed (epoch {done.epoch}): {done.detail}")
     if done.routing == "unknown":

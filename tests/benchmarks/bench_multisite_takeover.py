@@ -75,7 +75,7 @@ def takeover_event(sites: Sites, site: str, *, after: float) -> dict[str, Any] |
     )
     if proc.returncode != 0:
         return None
-    return next((e for e in json.loads(proc.stdout) if e["at"] > after), None)
+    return next((e for e in json.loads(proc.stdout) if e["at_epoch"] > after), None)
 
 
 def trial(sites: Sites) -> tuple[float, float]:
@@ -114,7 +114,7 @@ def trial(sites: Sites) -> tuple[float, float]:
         on_fail=sites.logs,
         interval=0.1,
     )
-    reread = event["at"] - killed
+    reread = event["at_epoch"] - killed
     sites.start_appliance(leader)
     wait_for(
         lambda: coordination(sites, leader).get("role") == "follower",
