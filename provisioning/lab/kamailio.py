@@ -283,6 +283,21 @@ event_route[xhttp:request] {{
         exit;
     }}
     if ($hu =~ "^{topo.RPC_PATH}") {{
+        # A fenced write (hotsite's Kamailio actuator) carries its token: refused when older than
+        # routing=>token. Check and write under that key's (re-entrant) htable lock, so a fence
+        # (htable.seti routing token) cannot slip between them and a write a pause held in
+        # flight after the actuator's own check is still refused here.
+        if ($hdr(X-Hotsite-Token) != $null) {{
+            sht_lock("routing=>token");
+            if ($sht(routing=>token) != $null && $(hdr(X-Hotsite-Token){{s.int}}) < $sht(routing=>token)) {{
+                sht_unlock("routing=>token");
+                xhttp_reply("409", "Conflict", "text/plain", "is older than routing=>token");
+                exit;
+            }}
+            jsonrpc_dispatch();
+            sht_unlock("routing=>token");
+            exit;
+        }}
         jsonrpc_dispatch();
         exit;
     }}
