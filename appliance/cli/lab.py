@@ -155,6 +155,26 @@ def lab_status(workdir: Path, as_json: bool) -> None:
         click.echo(f"skipped: {skipped}")
 
 
+@lab.command("sms")
+@workdir_option
+@click.option("--from", "sender", required=True, metavar="NUMBER", help="The phone the text comes from.")
+@click.argument("text")
+def sms(workdir: Path, sender: str, text: str) -> None:
+    """Reply to a page by SMS: TEXT reaches the demo's modem as if NUMBER's phone sent it.
+
+    \b
+    Example (the on-call engineer acknowledges incident 7's page):
+      hotsite lab sms --from +8613800138000 "ACK 7"
+    """
+    from provisioning.lab import modem_link
+
+    try:
+        modem_link.send_sms(workdir, sender, text)
+    except modem_link.ModemLinkError as exc:
+        _die(str(exc))
+    click.echo(f"texted {text!r} from {sender} to the demo's modem")
+
+
 @lab.command()
 @workdir_option
 @click.argument("host")
