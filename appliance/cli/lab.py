@@ -296,7 +296,7 @@ def demo_hint(workdir: Path, runtime_dir: Path, *, paging: bool) -> str:
         f"4 degrade  hotsite lab degrade{lab_args} primary"
         "   -> grey failure: hotlines move though the SBC answers",
         f"5 split    hotsite lab partition{lab_args} primary"
-        "   -> no failover: the witness still sees the primary",
+        "   -> primary_degraded, no failover: the witness still sees the primary",
     ]
     return "\n".join(lines)
 
