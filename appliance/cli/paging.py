@@ -61,7 +61,9 @@ def incidents(as_json: bool, limit: int) -> None:
             i["status"],
             _when(i["opened_at"]),
             i["summary"],
-            ", ".join(i["paged"]) or "-",
+            "; ".join(f"{p['contact']}: {p['line']}" for p in i.get("pages", []))
+            or ", ".join(i["paged"])
+            or "-",
             i["acked_by"] or "-",
         )
     table_out.emit(table if result["active"] else "No active incidents.")
@@ -74,7 +76,10 @@ def incidents(as_json: bool, limit: int) -> None:
                 str(i["id"]), i["severity"], _when(i["opened_at"]), _when(i["resolved_at"]), i["summary"]
             )
         table_out.emit(recent)
-    table_out.emit(f"outbox: {result['outbox_depth']} page(s) waiting")
+    held = result.get("held", 0)
+    table_out.emit(
+        f"outbox: {result['outbox_depth']} page(s) waiting" + (f", {held} held by a limit" if held else "")
+    )
 
 
 @click.command()

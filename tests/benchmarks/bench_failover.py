@@ -173,7 +173,8 @@ def fast_witness(info: dict[str, Any]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         ["ip", "netns", "exec", "hs-lab-witness", sys.executable, "-m", "appliance.cli.witness",
          "--listen", "10.77.0.40:8080", "--primary", "sip:10.77.0.20:5060",
-         "--primary", "http://10.77.0.20:8080/health", "--interval", "0.1", "--timeout", "0.08", "--fall", "3"],
+         "--primary", "http://10.77.0.20:8080/health", "--interval", "0.1", "--timeout", "0.08", "--fall", "3",
+         "--allow-plain-http", "--allow-unauthenticated"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 

@@ -118,7 +118,7 @@ def test_page_escalate_ack_by_sms_resolve(world: tuple[Any, ModemEmulator, Runni
         # 3. The on-call contractor answers by SMS: escalation stops.
         incident = _failover_incident(daemon)
         assert incident is not None
-        modem.inject_sms(ON_CALL, f"ACK {incident['id']}")
+        modem.inject_sms(ON_CALL, f"ACK {incident['id']} {incident['short_code']}")  # the code is required
         acked = wait_for(lambda: (i := _failover_incident(daemon)) and i["status"] == "acked" and i,
                          timeout=10, what="ack by SMS")
         assert ON_CALL in str(acked["acked_by"]) or "Lab On-Call" in str(acked["acked_by"])
