@@ -88,6 +88,7 @@ class Appliance(Daemon):
         self.store: Store | None = None
         self.api: ApiServer | None = None
         self._metrics_server: Any = None
+        self._host_collector: HostCollector | None = None
         self.monitor: Monitor | None = None
         self.failover: FailoverService | None = None
         self.replication: ReplicationService | None = None
@@ -119,7 +120,9 @@ class Appliance(Daemon):
             options["on_outcome"] = lambda outcome: requests.labels("metrics", outcome).inc()
             self._metrics_server = metrics_mod.serve(self.metrics.registry, host, port, **options)
         self.metrics.start_time.set(self._started_at)
-        self.metrics.registry.register(HostCollector(cfg.appliance.state_dir, cfg.host.interfaces))
+        self._host_collector = HostCollector(cfg.appliance.state_dir, cfg.host.interfaces)
+        self._host_collector.cpu.start()  # sampled on the daemon's own interval, not per scrape
+        self.metrics.registry.register(self._host_collector)
         for problem in config_mod.check_environment(cfg):
             log.error("configuration problem", extra=kv(problem=problem))
         targets = from_config(cfg)
@@ -361,6 +364,8 @@ class Appliance(Daemon):
         await self._stop_usage()
         if self.api is not None:
             await self.api.close()
+        if self._host_collector is not None:
+            self._host_collector.cpu.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -22,6 +22,7 @@ from appliance import __version__, logs, timefmt
 from appliance import config as config_mod
 from appliance.cli import render, table
 from appliance.cli.context import Context, fail, pass_ctx
+from appliance.cli.group import RootGroup
 from appliance.cli.options import When, echo_json
 from appliance.errors import ConfigError, HotsiteError
 from monitoring.targets import parse_url as parse_target
@@ -29,7 +30,7 @@ from monitoring.targets import parse_url as parse_target
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=RootGroup, context_settings=CONTEXT)
 @click.option(
     "--config",
     "-c",
