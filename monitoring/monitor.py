@@ -191,7 +191,7 @@ class Monitor:
         state: str = h.state
         why = h.why
         if target.trunk and target.kind != "testcall":  # a trunk whose calls fail is degraded
-            state, why = with_calls(h, self.health.get(f"{name}:calls"))
+            state, why = with_calls(h, self.health.get(f"testcall:{name}"))
         view: dict[str, Any] = {
             "target": name,
             "kind": target.kind,

@@ -12,7 +12,7 @@ checks; carrier trunks) or from a URL typed at the command line
 A target's name is stable and bounded, because it becomes a metric label:
 ``trunk:<name>``, ``site:<site>:sbc``, ``site:<site>:http``,
 ``site:<site>:<check>``, ``host:disk|memory|temperature``, ``link:<ifname>``,
-``testcall:<hotline>`` and ``trunk:<name>:calls`` (test calls, monitoring/TESTCALLS.md).
+``testcall:<hotline>`` and ``testcall:trunk:<name>`` (test calls, monitoring/TESTCALLS.md).
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def testcall_targets(config: Config) -> list[Target]:
             targets.append(target(call_spec(config, f"testcall:{hotline}", number, config.kamailio.sip)))
     number = t.number or next((h.number for h in config.hotlines.values()), "")
     for name in t.trunks:
-        spec = call_spec(config, f"trunk:{name}:calls", number, config.trunks[name].address)
+        spec = call_spec(config, f"testcall:trunk:{name}", number, config.trunks[name].address)
         targets.append(target(spec, trunk=name))
     return targets
 

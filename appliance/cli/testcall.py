@@ -70,7 +70,7 @@ def _spec(cfg: config_mod.Config, hotline: str, trunk: str | None, duration: flo
         if trunk not in cfg.trunks:
             known = ", ".join(cfg.trunks) or "none"
             raise click.BadParameter(f"unknown trunk {trunk!r} (known: {known})", param_hint="--via")
-        spec = call_spec(cfg, f"trunk:{trunk}:calls", number, cfg.trunks[trunk].address)
+        spec = call_spec(cfg, f"testcall:trunk:{trunk}", number, cfg.trunks[trunk].address)
     elif cfg.kamailio.sip is None:
         raise click.UsageError(
             "no [kamailio] sip in the config: give --via TRUNK, or say where the carrier edge is"

@@ -54,7 +54,7 @@ _SDP_M_RE = re.compile(r"^m=audio ([0-9]{1,5}) RTP/AVP((?: [0-9]{1,3})+)\s*$", r
 class CallSpec:
     """What to dial, from whom, through which next hop, and how to judge it."""
 
-    name: str  # the check's name, e.g. "testcall:vip" or "testcall:vip@trunk-a"
+    name: str  # the check's name, e.g. "testcall:vip" or "testcall:trunk:trunk-a"
     number: str  # the dialled hotline number
     caller: str  # the test caller identity (From user)
     host: str  # next hop: the carrier edge proxy or a trunk

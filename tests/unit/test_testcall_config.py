@@ -87,8 +87,8 @@ def test_hotline_calls_need_the_carrier_edge() -> None:
 def test_targets_for_hotlines_and_trunks() -> None:
     cfg = config.parse(BASE + '[testcalls]\nhotlines = ["cards"]\ntrunks = ["trunk-a"]\ncaller = "10086"\n')
     targets = {t.name: t for t in from_config(cfg) if t.kind == "testcall"}
-    assert set(targets) == {"testcall:cards", "trunk:trunk-a:calls"}
-    hotline, trunk = targets["testcall:cards"], targets["trunk:trunk-a:calls"]
+    assert set(targets) == {"testcall:cards", "testcall:trunk:trunk-a"}
+    hotline, trunk = targets["testcall:cards"], targets["testcall:trunk:trunk-a"]
     assert hotline.call is not None and trunk.call is not None
     assert (hotline.host, hotline.port, hotline.call.number, hotline.call.caller) == (
         "10.0.0.10",
@@ -116,9 +116,9 @@ def _observe(health: TargetHealth, result: CallResult, at: float) -> TargetHealt
 
 def test_a_trunk_whose_calls_fail_is_degraded_with_the_evidence() -> None:
     options = TargetHealth("trunk:trunk-a", state="up", why="2 consecutive successes")
-    calls = TargetHealth("trunk:trunk-a:calls", kind="testcall")
+    calls = TargetHealth("testcall:trunk:trunk-a", kind="testcall")
     rejected = CallResult(
-        "trunk:trunk-a:calls", "95566", reason="rejected", code=503, status="503 Service Unavailable"
+        "testcall:trunk:trunk-a", "95566", reason="rejected", code=503, status="503 Service Unavailable"
     )
     calls = _observe(calls, rejected, 1.0)
     assert with_calls(options, calls) == ("up", "2 consecutive successes")  # one failed call is a blip
@@ -126,14 +126,14 @@ def test_a_trunk_whose_calls_fail_is_degraded_with_the_evidence() -> None:
     state, why = with_calls(options, calls)
     assert state == "degraded"
     assert why == "calls failing: 2 failed test call(s), last 95566: 503 Service Unavailable"
-    silent = CallResult("trunk:trunk-a:calls", "95566", reason="no_audio", code=200, status="200 OK")
+    silent = CallResult("testcall:trunk:trunk-a", "95566", reason="no_audio", code=200, status="200 OK")
     silent_calls = _observe(calls, silent, 3.0)  # the published why stays; the trunk's says the latest
     assert (
         with_calls(options, silent_calls)[1]
         == "calls failing: 3 failed test call(s), last 95566: no audio (0 RTP packets received)"
     )
     good = CallResult(
-        "trunk:trunk-a:calls", "95566", ok=True, reason="ok", code=200, answered_by="trunk:trunk-a"
+        "testcall:trunk:trunk-a", "95566", ok=True, reason="ok", code=200, answered_by="trunk:trunk-a"
     )
     calls = _observe(calls, good, 4.0)
     assert with_calls(options, calls)[0] == "up" and calls.why.startswith("calls ok: 1 good test call(s)")
@@ -141,7 +141,7 @@ def test_a_trunk_whose_calls_fail_is_degraded_with_the_evidence() -> None:
 
 def test_a_trunk_down_on_options_stays_down_whatever_its_calls() -> None:
     options = TargetHealth("trunk:trunk-a", state="down", why="3 consecutive failures, last timeout")
-    calls = TargetHealth("trunk:trunk-a:calls", kind="testcall", state="down", why="calls failing")
+    calls = TargetHealth("testcall:trunk:trunk-a", kind="testcall", state="down", why="calls failing")
     assert with_calls(options, calls) == ("down", "3 consecutive failures, last timeout")
     assert with_calls(options, None)[0] == "down"
 
