@@ -195,6 +195,9 @@ class TestCall:
         self._rtp: _Endpoint | None = None
         self._rtp_transport: asyncio.DatagramTransport | None = None
         self._local = ""
+        # (seq, timestamp, ssrc, arrival) of every RTP packet received, when a caller wants the
+        # raw trace (the benchmark recomputes loss, jitter and MOS from it offline).
+        self.trace: list[tuple[int, int, int, float]] | None = None
 
     # -- the call ------------------------------------------------------------------
 
@@ -503,6 +506,8 @@ class TestCall:
             except rtp.RtpParseError:
                 self.result.garbage += 1
                 continue
+            if self.trace is not None:
+                self.trace.append((packet.seq, packet.timestamp, packet.ssrc, arrival))
             if not stats.add(packet, arrival):
                 continue
             if packet.ssrc == ssrc and packet.seq in sent_at:  # our own packet, echoed

@@ -9,6 +9,7 @@ parsing helpers.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -211,3 +212,33 @@ def test_uri_parsing_never_raises(text: str) -> None:
 def test_sdp_parsing_never_raises(data: bytes) -> None:
     result = parse_sdp_answer(data)
     assert result is None or 0 < result[1] < 65536
+
+
+def test_the_prober_bounds_concurrent_calls_and_keeps_the_last_record() -> None:
+    from monitoring.prober import Prober
+    from monitoring.targets import Target
+
+    async def scenario() -> tuple[list[Any], float, Prober]:
+        loop = asyncio.get_running_loop()
+        echo_t, _ = await loop.create_datagram_endpoint(lambda: Echo(True, False), local_addr=("127.0.0.1", 0))
+        uas_t, _ = await loop.create_datagram_endpoint(
+            lambda: FakeUas("ok", echo_t.get_extra_info("sockname")[1]), local_addr=("127.0.0.1", 0)
+        )
+        port = uas_t.get_extra_info("sockname")[1]
+        prober = Prober(max_calls=1)
+        targets = [
+            Target(name, "testcall", "127.0.0.1", port, call=CallSpec(name, "95588", "1", "127.0.0.1", port, 0.5))
+            for name in ("testcall:a", "testcall:b")
+        ]
+        started = time.monotonic()
+        try:
+            results = await asyncio.gather(*(prober.probe(t, 10) for t in targets))
+        finally:
+            uas_t.close()
+            echo_t.close()
+        return results, time.monotonic() - started, prober
+
+    results, elapsed, prober = asyncio.run(scenario())
+    assert all(r.ok for r in results) and [r.target for r in results] == ["testcall:a", "testcall:b"]
+    assert elapsed >= 2 * 0.5  # one after the other, not together
+    assert prober.last_calls["testcall:b"].mos is not None
