@@ -118,7 +118,7 @@ class CallResult:
             self.name,
             self.ok,
             self.started,
-            None if self.pdd_answer_ms is None else self.pdd_answer_ms / 1000,
+            None,  # not a round trip: PDD and MOS are in the call's own record (Prober.last_calls)
             self.code,
             reason.get(self.reason, "bad_code" if self.reason == "rejected" else "threshold"),
             self.detail,
