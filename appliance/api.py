@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "hotsite.sock"
 MAX_REQUEST_BYTES = 64 * 1024
 CLIENT_TIMEOUT_S = 10.0
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,7 @@ class Caller:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups (SO_PEERGROUPS), for roles
 
     @property
     def actor(self) -> str:
@@ -78,17 +80,22 @@ class ApiServer:
         *,
         group: str | None = None,
         on_bad_request: Callable[[str], None] = lambda reason: None,
+        authorize: Callable[[Caller, str], str | None] | None = None,
     ) -> None:
         self.path = runtime_dir / SOCKET_NAME
         self._runtime_dir = runtime_dir
         self._handlers = handlers
         self._group = group
         self._on_bad_request = on_bad_request
+        self._authorize = authorize
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
         try:
+            created = not self._runtime_dir.exists()
             self._runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            if created:  # the daemon's umask is 077; CLI users must reach the socket inside
+                os.chmod(self._runtime_dir, 0o755)
         except OSError as exc:
             raise StartupError(
                 f"runtime directory {self._runtime_dir} cannot be created: {exc.strerror}"
@@ -144,16 +151,29 @@ class ApiServer:
             params = request.get("params") or {}
             if not isinstance(method, str) or not isinstance(params, dict):
                 raise TypeError
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return self._bad("malformed", 'expected one JSON line {"method": "...", "params": {...}}')
+        if _too_deep(params):
+            return self._bad("malformed", f"params nested deeper than {MAX_PARAM_DEPTH} levels")
         handler = self._handlers.get(method)
         if handler is None:
             known = ", ".join(sorted(self._handlers))
-            return self._bad("unknown_method", f"unknown method {method!r} (known: {known})")
+            return self._bad("unknown_method", f"unknown method {method!r} (known: {known[:2000]})")
+        refusal = self._authorize(caller, method) if self._authorize else None
+        if refusal is not None:
+            log.warning("control request refused", extra=kv(method=method, actor=caller.actor))
+            self._on_bad_request("forbidden")
+            return {"ok": False, "error": refusal}
         try:
             result = await handler(caller, params)
         except RequestError as exc:
             return {"ok": False, "error": str(exc)}
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+            # A parameter of the wrong type or shape: the caller's mistake, said plainly, no traceback.
+            log.warning("bad control request parameters", extra=kv(method=method, error=repr(exc)[:200]))
+            self._on_bad_request("bad_params")
+            why = str(exc)[:200] or type(exc).__name__
+            return {"ok": False, "error": f"bad parameters for {method!r}: {why}"}
         except Exception:
             log.exception("control API handler failed", extra=kv(method=method))
             return {"ok": False, "error": f"internal error in {method}; see the daemon's log"}
@@ -165,11 +185,40 @@ class ApiServer:
         return {"ok": False, "error": message}
 
 
+MAX_PARAM_DEPTH = 8
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+
+
+
+def _too_deep(value: Any, limit: int = MAX_PARAM_DEPTH) -> bool:
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return False
+
+
 def _peer(writer: asyncio.StreamWriter) -> Caller:
     sock = writer.get_extra_info("socket")
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return Caller(pid=pid, uid=uid, gid=gid)
+    return Caller(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock, uid, gid))
+
+
+def _peer_groups(sock: socket.socket, uid: int, gid: int) -> tuple[int, ...]:
+    """The peer's supplementary groups as the kernel has them; the group database as a fallback."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
+        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    except OSError:
+        try:
+            return tuple(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+        except (KeyError, OSError):
+            return ()
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -212,20 +261,26 @@ def call(
             raise DaemonNotRunning(
                 f"permission denied on {path}: run as root or as a member of the socket's group"
             ) from None
+        except BlockingIOError:  # EAGAIN: the socket's backlog is full
+            raise ApiError(f"the daemon is too busy to accept a connection on {path}; try again") from None
         sock.sendall(json.dumps({"method": method, "params": params or {}}).encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
+        while not data.endswith(b"\n") and len(data) <= MAX_REPLY_BYTES:
             chunk = sock.recv(65536)
             if not chunk:
                 break
             data += chunk
     except TimeoutError:
         raise ApiError(f"the daemon did not answer {method!r} within {timeout:.0f} s") from None
+    except OSError as exc:
+        raise ApiError(f"talking to the daemon on {path} failed: {exc.strerror or exc}") from None
     finally:
         sock.close()
     try:
         reply = json.loads(data)
-    except ValueError:
+        if not isinstance(reply, dict):
+            raise ValueError
+    except (ValueError, RecursionError):
         raise ApiError(f"the daemon sent an unreadable reply to {method!r}") from None
     if not reply.get("ok"):
         raise ApiError(reply.get("error", "unknown error"))

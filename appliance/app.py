@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
-from appliance import __version__
+from appliance import __version__, roles
 from appliance import config as config_mod
 from appliance.api import ApiServer, Caller, RequestError
 from appliance.clock import Clock, SystemClock
@@ -109,11 +109,15 @@ class Appliance(Daemon):
             self._handlers(),
             group=cfg.appliance.socket_group,
             on_bad_request=lambda reason: self.metrics.api_bad_requests.labels(reason=reason).inc(),
+            authorize=roles.policy_from(cfg.appliance).refusal,
         )
         await self.api.start()
         if cfg.metrics.enabled:
             host, port = config_mod.host_port(cfg.metrics.listen)
-            self._metrics_server = metrics_mod.serve(self.metrics.registry, host, port)
+            options = cfg.metrics.server_options()
+            requests = self.metrics.http_requests
+            options["on_outcome"] = lambda outcome: requests.labels("metrics", outcome).inc()
+            self._metrics_server = metrics_mod.serve(self.metrics.registry, host, port, **options)
         self.metrics.start_time.set(self._started_at)
         self.metrics.registry.register(HostCollector(cfg.appliance.state_dir, cfg.host.interfaces))
         for problem in config_mod.check_environment(cfg):
@@ -135,6 +139,8 @@ class Appliance(Daemon):
         self.paging = PagingService(
             cfg, self.store, self.metrics.registry, clock=self.clock, status_text=self.sms_status
         )
+        counted = self.metrics.http_requests
+        self.paging.on_receiver_outcome = lambda outcome: counted.labels("alertmanager", outcome).inc()
         await self.paging.start()
         self.monitor.on_target_state = self._target_incident
         self._start_usage(cfg)
@@ -174,6 +180,7 @@ class Appliance(Daemon):
                 lambda: plans.known_routings(cfg),
                 on_takeover=lambda observed, token: adopt_routing(self.failover, observed, token),
                 record=lambda kind, message, data: self._record(kind, message=message, data=data),
+                step_timeout_s=cfg.failover.step_timeout_s,
             )
             self.coordination.lease.on_change(self._coordination_changed)
             self.supervisor.start("coordination", self.coordination.run)
@@ -305,14 +312,23 @@ class Appliance(Daemon):
         self.kamailio, self.usage = None, None
 
     async def reload(self) -> None:
+        """SIGHUP: apply the new config, or keep the old one on *any* failure; never stop the daemon."""
+        old = self.config
         try:
             new = config_mod.load(self.config_path)
-        except ConfigError as exc:
+            await self._apply(new)
+        except Exception as exc:
+            error = exc if isinstance(exc, ConfigError) else ConfigError(f"{type(exc).__name__}: {exc}")
             self.metrics.config_reloads.labels(result="rejected").inc()
-            for problem in exc.problems or [exc.message]:
+            for problem in error.problems or [error.message]:
                 log.error("new configuration rejected; keeping the old one", extra=kv(problem=problem))
-            self._record("config.reload_rejected", message=exc.message, data={"problems": exc.problems})
+            self._record("config.reload_rejected", message=error.message, data={"problems": error.problems})
+            if self.config is not old:
+                await self._apply(old)  # half-applied: back to what ran before
             return
+        self.metrics.config_reloads.labels(result="applied").inc()
+
+    async def _apply(self, new: Config) -> None:
         ignored = [key for key in RESTART_ONLY if _get(new, key) != _get(self.config, key)]
         for key in ignored:
             log.warning("setting changes only at restart", extra=kv(key=key))
@@ -325,7 +341,6 @@ class Appliance(Daemon):
         self.supervisor.start("probes", self.monitor.run)
         await self._stop_usage()
         self._start_usage(new)
-        self.metrics.config_reloads.labels(result="applied").inc()
         self._record("config.reload", message="configuration reloaded", data={"restart_needed_for": ignored})
         log.info("configuration reloaded", extra=kv(targets=len(self.monitor.targets)))
 

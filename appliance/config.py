@@ -114,20 +114,58 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _not_empty_path(value: Path) -> Path:
+    if str(value) in ("", "."):
+        raise ValueError("expected a directory path, not an empty string")
+    return value
+
+
+DirPath = Annotated[Path, AfterValidator(_not_empty_path)]
+
+
 class ApplianceSection(Section):
     name: str = Field(default_factory=socket.gethostname)
     site: Name | None = None  # where this appliance stands (a key of [sites]); default: the first backup
-    state_dir: Path = Path("/var/lib/hotsite")
-    runtime_dir: Path = Path("/run/hotsite")
+    state_dir: DirPath = Path("/var/lib/hotsite")
+    runtime_dir: DirPath = Path("/run/hotsite")
     socket_group: str | None = None
+    # Roles on the control socket (appliance/roles.py): root and the service user are operators.
+    operator_groups: list[str] = []
+    operator_uids: list[int] = []
+    read_only_groups: list[str] = []
+    read_only_uids: list[int] = []
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["kv", "json"] = "kv"
     watchdog: bool = True
 
 
+def _bcrypt_hash(value: str) -> str:
+    if not re.match(r"^\$2[aby]?\$\d\d\$[./A-Za-z0-9]{53}$", value):
+        raise ValueError("expected a bcrypt hash such as the one `htpasswd -nBC 10 USER` prints")
+    return value
+
+
 class MetricsSection(Section):
+    """``/metrics``; TLS and basic auth optional, the Prometheus exporter-toolkit way."""
+
     enabled: bool = True
     listen: ListenAddress = "127.0.0.1:9477"
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    basic_auth_users: dict[str, Annotated[str, AfterValidator(_bcrypt_hash)]] = {}
+
+    @model_validator(mode="after")
+    def _pair(self) -> MetricsSection:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("give both tls_cert_file and tls_key_file, or neither")
+        return self
+
+    def server_options(self) -> dict[str, Any]:
+        return {
+            "tls_cert_file": self.tls_cert_file,
+            "tls_key_file": self.tls_key_file,
+            "basic_auth_users": dict(self.basic_auth_users),
+        }
 
 
 def _target_url(value: str) -> str:
@@ -489,10 +527,20 @@ class PagingSection(Section):
     overrides: list[OverrideSection] = []
     night: NightSection | None = None
     rate_limit_per_hour: int = Field(default=20, ge=1, le=1000)  # trigger pages per contact
+    # The country calling code used to read a national number a text arrives from
+    # ("13800138000" -> "+8613800138000" with "86"). "" (default): only international
+    # forms match the contacts' E.164 numbers.
+    country_code: Annotated[
+        str, _match(re.compile(r"^(\+?[1-9][0-9]{0,2})?$"), "a country calling code such as 86 or +44")
+    ] = ""
     max_attempts: int = Field(default=8, ge=1, le=100)
     retry_backoff_s: Seconds = 30.0
     alertmanager_listen: ListenAddress | None = None
     alertmanager_token_file: Path | None = None
+    # Who an ACK made with the token is recorded as (webhook:<name>); the request cannot choose.
+    alertmanager_token_name: Name = "alertmanager"
+    # Without a token the receiver refuses to start unless this is written (and config check warns).
+    alertmanager_allow_unauthenticated: bool = False
 
 
 AgentAddress = Annotated[str, _address(7450)]
@@ -506,6 +554,9 @@ class StreamSection(Section):
     replica: Path
     rpo_budget_s: Seconds = 5.0
     post_change_command: list[str] = []  # files: run (argv, no shell) after a change was applied
+    # files: mode bits never applied at the replica, whatever the source sends (default: setuid,
+    # setgid, sticky, world-write); see appliance/replication/REPLICATION.md, "What the replica trusts"
+    file_mode_mask: int = Field(default=0o7002, ge=0, le=0o7777)
     snapshot_interval_s: float = Field(default=3600.0, ge=0, le=86400)  # sqlite: 0 = no snapshots
 
 
@@ -558,6 +609,8 @@ class CoordinationSection(Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     credentials_file: Path | None = None  # one line "user:password" (etcd authentication)
+    # The cluster's --election-timeout (the etcd role's etcd_election_ms): states the takeover bound.
+    etcd_election_ms: int = Field(default=1000, ge=10, le=50000)
 
     @model_validator(mode="after")
     def _consistent(self) -> CoordinationSection:
@@ -660,7 +713,10 @@ class Config(Section):
                     f" probes.min_evidence is {self.probes.min_evidence}: this site can be judged degraded,"
                     " never down; add checks of other kinds (http, tcp, icmp)"
                 )
-        return notes + plans.warnings(self)
+        from appliance import configcheck
+        from failover import etcd
+
+        return notes + plans.warnings(self) + configcheck.warnings(self) + etcd.warnings(self)
 
     def evidence_kinds(self, site: str) -> set[str]:
         """The independent kinds of probe watching ``site`` (sip, http, tcp, icmp)."""
@@ -697,21 +753,36 @@ def resolve_path(cli_value: str | os.PathLike[str] | None) -> Path:
 
 
 def load(path: Path) -> Config:
-    """Read and validate ``path``; raise :class:`ConfigError` listing every mistake."""
+    """Read and validate ``path``; raise :class:`ConfigError` listing every mistake.
+
+    Never hangs or exhausts memory on what ``path`` turns out to be (a FIFO,
+    ``/dev/zero``, a huge or deeply nested file): see :mod:`appliance.configcheck`.
+    """
+    from appliance import configcheck
+
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
-    return parse(raw.decode("utf-8", errors="replace"), source=str(path))
+        text = configcheck.read_text(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    return parse(text, source=str(path))
 
 
 def parse(text: str, source: str = "<config>") -> Config:
+    from appliance import configcheck
+
+    limit = configcheck.MAX_DEPTH
+    too_deep = f"{source}: nested deeper than {limit} levels; a hotsite config never needs that"
+    if configcheck.tolerant_depth_scan(text):
+        raise ConfigError(too_deep, [f"(top level): nested deeper than {limit} levels"])
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}", [f"TOML syntax: {exc}"]) from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(too_deep, [f"(top level): nested deeper than {limit} levels"]) from None
+    deep = configcheck.check_depth(data)
+    if deep is not None:
+        raise ConfigError(too_deep, [f"{deep}: nested deeper than {limit} levels"])
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -722,25 +793,17 @@ def parse(text: str, source: str = "<config>") -> Config:
     from failover import etcd, plans
 
     problems = plans.problems(config) + paging_settings.problems(config) + etcd.problems(config)
+    problems += configcheck.problems(config)
     if problems:
         raise ConfigError(f"{source}: {len(problems)} problem(s) in the configuration", problems)
     return config
 
 
 def check_environment(config: Config) -> list[str]:
-    """Problems a schema cannot see: files named by the config that are missing or unreadable."""
-    problems = []
-    for name, channel in config.channels.items():
-        for key in ("device", "pin_file", "password_file", "secret_file", "ca_file"):
-            path = getattr(channel, key, None)
-            if path is None:
-                continue
-            if not path.exists():
-                problems.append(f"channels.{name}.{key}: {str(path)!r} does not exist")
-            elif not os.access(path, os.R_OK | (os.W_OK if key == "device" else 0)):
-                mode = "read and write" if key == "device" else "read"
-                problems.append(f"channels.{name}.{key}: {str(path)!r} exists but this user cannot {mode} it")
-    return problems
+    """Problems a schema cannot see: every file the config names (``appliance.configcheck``)."""
+    from appliance import configcheck
+
+    return configcheck.file_problems(config)
 
 
 def _describe(err: Any) -> str:

@@ -148,7 +148,10 @@ class Daemon(abc.ABC):
             if self._reload_requested and not self._stop_requested:
                 self._reload_requested = False
                 self.notifier.reloading()
-                await self.reload()
+                try:
+                    await self.reload()
+                except Exception:  # a reload must never stop a running daemon
+                    log.exception("reload failed; the daemon keeps running")
                 self.notifier.ready(self.describe())
 
     async def _watchdog(self) -> None:

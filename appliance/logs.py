@@ -15,13 +15,19 @@ import sys
 import time
 from typing import Any, TextIO
 
+from appliance.redact import mask_text
+
 _SECRET_KEY = re.compile(r"(pass(word)?|secret|token|pin|key|credential)", re.IGNORECASE)
 _BARE = re.compile(r"^[A-Za-z0-9_.:/@+%-]+$")
 MASK = "***"
 
 
 def mask(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: (MASK if _SECRET_KEY.search(k) else v) for k, v in fields.items()}
+    """Secret-named keys masked whole; in other text values, URL passwords and secret query parameters."""
+    return {
+        k: (MASK if _SECRET_KEY.search(k) else mask_text(v) if isinstance(v, str) else v)
+        for k, v in fields.items()
+    }
 
 
 def _kv_value(value: Any) -> str:
@@ -38,7 +44,7 @@ class KeyValueFormatter(logging.Formatter):
             "ts": f"{ts}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": mask_text(record.getMessage()),
         }
         fields.update(mask(getattr(record, "kv", {}) or {}))
         if record.exc_info:
@@ -52,7 +58,7 @@ class JsonFormatter(logging.Formatter):
             "ts": record.created,
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": mask_text(record.getMessage()),
         }
         fields.update(mask(getattr(record, "kv", {}) or {}))
         if record.exc_info:

@@ -195,7 +195,32 @@ class Resumed:
     """The daemon restarted with this persisted state."""
 
 
-Event = PrimaryVerdict | BackupVerdict | WitnessVote | Command | Tick | RunbookDone | DrillDone | Resumed
+@dataclass(frozen=True, slots=True)
+class TookOver:
+    """This appliance took the leader lease, fenced the actuators and read the real routing back.
+
+    ``routing`` is what it found ("unknown" when the world was mixed or could not
+    be read), ``lost`` the backup sites a failover routing avoids, ``observed``
+    the routing's name as read (for the decision text).
+    """
+
+    routing: Literal["normal", "failover", "unknown"]
+    token: int
+    observed: str = ""
+    lost: tuple[str, ...] = ()
+
+
+Event = (
+    PrimaryVerdict
+    | BackupVerdict
+    | WitnessVote
+    | Command
+    | Tick
+    | RunbookDone
+    | DrillDone
+    | Resumed
+    | TookOver
+)
 
 
 # -- actions -------------------------------------------------------------------------
@@ -258,6 +283,8 @@ def step(state: EngineState, event: Event, policy: Policy, now: float) -> Outcom
         outcome = _drill_done(state, event, now)
     elif isinstance(event, Resumed):
         outcome = _resumed(state, now)
+    elif isinstance(event, TookOver):
+        outcome = _took_over(state, event, now)
     else:
         outcome = _evaluate(state, policy, now)
     changed = outcome.state.state != state.state or outcome.state.routing != state.routing
@@ -631,10 +658,10 @@ def _runbook_done(state: EngineState, done: RunbookDone, now: float) -> Outcome:
             )
             return Outcome(new, (page,), f"failover completed (epoch {done.epoch}): {done.detail}")
         new = _to(state, "primary_active", now, routing="normal", waiting_for="", lost=())
-        resolves = (
+        resolves = (  # one "Failback completed" per episode: each key says what closed it
             Resolve(FAILOVER, "Failback completed"),
             Resolve(PRIMARY_DOWN, "Primary serving again"),
-            Resolve("failback", "Failback completed"),
+            Resolve("failback", "Routing is back on the primary: the failback request is closed"),
         )
         return Outcome(new, resolves, f"failback completed (epoch {done.epoch}): {done.detail}")
     if done.routing == "unknown":
@@ -657,6 +684,38 @@ def _drill_done(state: EngineState, done: DrillDone, now: float) -> Outcome:
         () if done.ok else (Page("drill", "warning", f"DR drill failed: {done.detail}"),)
     )
     return Outcome(new, actions, f"drill {verdict}: {done.detail}")
+
+
+def _took_over(state: EngineState, event: TookOver, now: float) -> Outcome:
+    """A new leader follows the real routing, not what it believed while it stood by.
+
+    A standby's engine may believe "normal" while the former leader had failed
+    over; without this its reconcile loop would "repair" the real routing back.
+    Mixed or unreadable routing puts the engine in ``held`` (an operator decides).
+    The epoch moves on: whatever this appliance had decided before (a runbook
+    started while it stood by) is stale, its result ignored, and the fence
+    refuses to carry out anything decided at an older epoch.
+    """
+    follows: dict[str, EngineStateName] = {"normal": "primary_active", "failover": "backup_active"}
+    name = follows.get(event.routing, "held")
+    observed = event.observed or event.routing
+    decision = f"took over the lease (token {event.token}): the real routing is {observed}; engine follows it"
+    new = _to(
+        state,
+        name,
+        now,
+        routing=event.routing,
+        lost=event.lost if event.routing == "failover" else (),
+        previous_lost=None,
+        epoch=state.epoch + 1,
+        before_maintenance=None,
+        waiting_for="an operator: routing state unknown" if name == "held" else "",
+    )
+    actions: tuple[Action, ...] = ()
+    if name == "held":
+        summary = f"New leader cannot tell the routing ({observed}): {decision}"
+        actions = (Page(FAILOVER, "critical", summary),)
+    return Outcome(new, actions, decision)
 
 
 def _resumed(state: EngineState, now: float) -> Outcome:

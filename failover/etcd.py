@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import json
 import logging
 import ssl
@@ -49,7 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from appliance.errors import ConfigError, HotsiteError
 from appliance.logs import kv
 from failover import lease as core
-from failover.actuators.base import Actuator, ActuatorError
+from failover.actuators.base import Actuator, ActuatorError, StaleToken
 from failover.peers import PeerViews
 from failover.quorum import NullVoter, Vote, Voter
 from failover.routing import Routing
@@ -61,7 +62,10 @@ log = logging.getLogger("hotsite.etcd")
 
 MAX_ANSWER_BYTES = 1024 * 1024
 MIN_MEMBERS_FOR_AUTO = 3
-OPS = ("grant", "keepalive", "txn", "range", "put", "revoke", "members", "auth")
+TAKEOVER_RETRY_S = 1.0  # a takeover that could not fence every actuator is retried this often
+OPS = ("grant", "keepalive", "txn", "range", "put", "revoke", "members", "auth", "status")
+ETCD_EXPIRY_SWEEP_S = 0.5  # etcd's lessor revokes expired leases on this period
+HEALTH_INTERVAL_S = 10.0  # how often every member is asked for its own status
 
 
 def boottime() -> float:
@@ -121,11 +125,47 @@ def problems(config: Config) -> list[str]:
             f" automatic failover needs a cluster of at least {MIN_MEMBERS_FOR_AUTO} members"
             " (a majority that survives the loss of one site); list every member, or use policy 'confirm'"
         )
+    for name, actuator in config.actuators.items():
+        need = min(float(getattr(actuator, "timeout_s", 5.0)), config.failover.step_timeout_s)
+        problem = core.apply_bound_problem(section.ttl_s, need)
+        if problem:
+            found.append(
+                f"actuators.{name}.timeout_s: {problem} with coordination.ttl_s {section.ttl_s};"
+                f" lower timeout_s (or failover.step_timeout_s) or raise coordination.ttl_s"
+            )
     tls_files = section.ca_file or section.cert_file
     plain = [url for url in section.endpoints if url.lower().startswith("http://")]
     if tls_files and plain:
         found.append(f"coordination.endpoints: TLS files are given but {plain[0]!r} is plain http://")
     return found
+
+
+def takeover_bound_s(section: CoordinationSection) -> float:
+    """The longest a standby waits for the lease when the lost site held the lease *and* etcd's raft leader.
+
+    The majority first notices the raft leader is gone and elects a new one
+    (one to two election timeouts, randomised, plus a vote round); the new raft
+    leader then extends every lease by one election timeout (etcd's lessor
+    ``Promote``), so the old leader's lease outlives the cut by up to
+    TTL + 3 election timeouts; etcd removes expired leases every 0.5 s, and the
+    standby takes the key at its next retry (one request).
+    """
+    election = section.etcd_election_ms / 1000
+    return section.ttl_s + 3 * election + ETCD_EXPIRY_SWEEP_S + section.retry_s + section.request_timeout_s
+
+
+def warnings(config: Config) -> list[str]:
+    """What ``hotsite config check`` says about ``[coordination]`` without refusing it."""
+    section = getattr(config, "coordination", None)
+    if section is None or section.backend != "etcd":
+        return []
+    bound = takeover_bound_s(section)
+    return [
+        f"coordination: a takeover can take up to {bound:.1f}s, not ttl_s ({section.ttl_s}s), when the lost"
+        " site held both the lease and etcd's raft leader: etcd elects a new raft leader (up to"
+        f" 2 x etcd_election_ms {section.etcd_election_ms}) and then extends every lease by one"
+        " election timeout (failover/MULTISITE.md, Timings)"
+    ]
 
 
 def read_credentials(path: Path) -> tuple[str, str]:
@@ -332,6 +372,29 @@ class Gateway:
         )
         return [(_unb64(item.get("key", "")), _kv(item)) for item in doc.get("kvs") or []]
 
+    async def member_status(self, endpoint: str, timeout_s: float) -> dict[str, Any]:
+        """One member's own status (``/v3/maintenance/status``), asked of that member only.
+
+        Raises :class:`EtcdUnavailable` when it does not answer within ``timeout_s``.
+        """
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout_s):
+                doc = await self._post(endpoint.rstrip("/"), "/v3/maintenance/status", {})
+        except TimeoutError:
+            _cancelled_meanwhile()
+            raise EtcdUnavailable(f"{endpoint}: no answer within {timeout_s:g}s") from None
+        finally:
+            self._observe("status", time.monotonic() - started)
+        header = doc.get("header") or {}
+        return {
+            "member_id": str(header.get("member_id", "")),
+            "leader": str(doc.get("leader", "0")),
+            "raft_term": _int(doc.get("raftTerm")),
+            "db_size_bytes": _int(doc.get("dbSize")),
+            "errors": [str(e)[:200] for e in doc.get("errors") or []][:5],
+        }
+
     async def members(self) -> list[str]:
         doc = await self.call("members", "/v3/cluster/member/list", {})
         return [str(m.get("name") or m.get("ID")) for m in doc.get("members") or []]
@@ -396,6 +459,8 @@ class EtcdLease:
         self.changed = asyncio.Event()  # set whenever the role or token changes
         self._listeners: list[Callable[[core.LeaseState], None]] = []
         self._last_renew = -1e18
+        self._cycle_lock = asyncio.Lock()
+        self.refreshes = 0  # renewals made because an apply needed more of the lease than was left
 
     # -- views ---------------------------------------------------------------------------
     def now(self) -> float:
@@ -441,8 +506,20 @@ class EtcdLease:
             leader = self.state.role == "leader"
             await asyncio.sleep(self.ttl_s / 3 if leader else self.retry_s)
 
+    async def refresh(self) -> None:
+        """Renew now (a leader: keep-alive, then read the key back), for an action the view is too short for.
+
+        Never raises (like :meth:`cycle`); the new view is in :meth:`leadership`.
+        """
+        self.refreshes += 1
+        await self.cycle()
+
     async def cycle(self) -> None:
         """One round: get or renew the session lease, then take or check the leader key."""
+        async with self._cycle_lock:  # the loop and a refresh never interleave their requests
+            await self._guarded_cycle()
+
+    async def _guarded_cycle(self) -> None:
         try:
             await self._cycle()
         except EtcdError as exc:
@@ -539,20 +616,24 @@ class EtcdVoter(Voter):
 # Fencing at the actuators
 
 
-# Called with (observed routing, token) once a new leader has re-read the real routing.
-# It may return the engine's epoch after adopting what it found: decisions taken at an
-# older epoch (before the takeover) are then never carried out by this appliance.
-Takeover = Callable[[str, int], Awaitable[None] | int | None]
+# Called with (observed routing, token) once a new leader has fenced the actuators and
+# re-read the real routing. It may return (or resolve to) the engine's epoch after adopting
+# what it found: decisions taken at an older epoch are then never carried out by this appliance.
+Takeover = Callable[[str, int], Awaitable[int | None] | int | None]
 
 
 class Fence:
     """The gate every actuator call of this appliance passes.
 
     * refuses (:class:`NotLeader`) unless the lease is held and fresh;
-    * once per new token, before the first action, reads the real routing
-      back from the actuators (``verify`` against each known routing) and hands
-      the result to ``on_takeover(observed, token)``: a standby that takes over
-      acts on what is, not on what it believed while passive;
+    * once per new token, before the first action, **takes over**: presents the
+      token to every actuator (``fence``), so the world refuses anything older
+      from then on, *then* reads the real routing back (``verify`` against each
+      known routing) and hands the result to ``on_takeover(observed, token)``.
+      Fencing first means a former leader's write that a pause held in flight
+      cannot land after (or during) the re-read: the re-read sees a world that
+      no older leader can change any more. A takeover that cannot fence every
+      actuator is not complete: nothing is acted on, and it is tried again;
     * returns the token (the leader key's create revision) and the time left.
     """
 
@@ -563,29 +644,86 @@ class Fence:
         *,
         on_takeover: Takeover | None = None,
         record: Callable[[str, str, dict[str, Any]], None] = lambda kind, message, data: None,
+        step_timeout_s: float | None = None,
     ) -> None:
         self.lease = lease
+        self.step_timeout_s = step_timeout_s
         self.routings = routings
         self.on_takeover = on_takeover
         self.record = record
         self.actuators: list[Actuator] = []
         self.verified_token: int | None = None
+        self.fenced_token: int | None = None
         self.observed: str | None = None
+        self.fence_error: str | None = None  # why the last takeover could not fence, for the status
         self.min_epoch = 0  # engine decisions older than the last takeover are refused
         self._lock = asyncio.Lock()
 
-    async def admit(self) -> tuple[int, float]:
+    def need_s(self, actuator: Actuator) -> float:
+        """How much of the lease an apply of ``actuator`` may use: its timeout (or the runbook step's)."""
+        if actuator.local_only:
+            return 0.0
+        if self.step_timeout_s is None:
+            return actuator.timeout_s
+        return min(actuator.timeout_s, self.step_timeout_s)
+
+    async def admit(self, need_s: float = 0.0) -> tuple[int, float]:
+        """The token and the time left, for an action that may take ``need_s``; else NotLeader.
+
+        An action starts only on a fresh lease: one whose view outlasts ``need_s``
+        (:func:`failover.lease.may_apply`). When less is left, the lease is renewed
+        first; if the renewal fails or still leaves too little, nothing is done.
+        """
         state = self.lease.leadership()
         if not self.lease.may_act() or state.token is None:
             raise NotLeader(f"not acting: {state.detail}")
         if state.token != self.verified_token:
             async with self._lock:
                 if state.token != self.verified_token:
-                    await self.reverify(state.token)
+                    await self.take_over(state.token)
+        if not core.may_apply(self.lease.leadership(), self.lease.now(), need_s):
+            await self.lease.refresh()
         state = self.lease.leadership()
         if not self.lease.may_act() or state.token is None or state.token != self.verified_token:
-            raise NotLeader(f"not acting: leadership changed while re-reading the routing ({state.detail})")
-        return state.token, state.valid_until - self.lease.now()
+            raise NotLeader(f"not acting: leadership changed while taking over or renewing ({state.detail})")
+        left = state.valid_until - self.lease.now()
+        if not core.may_apply(state, self.lease.now(), need_s):
+            why = f"the lease view has {left:.2f}s left after a renewal, an apply may take {need_s:g}s"
+            raise NotLeader(f"not acting: {why}")
+        return state.token, left
+
+    async def take_over(self, token: int) -> str:
+        """Fence every actuator with ``token``, then re-read the routing; NotLeader if fencing fails."""
+        await self.fence_all(token)
+        return await self.reverify(token)
+
+    async def fence_all(self, token: int) -> None:
+        """Present ``token`` to every actuator: from now on the world refuses older ones."""
+        for actuator in self.actuators:
+            try:
+                await asyncio.wait_for(actuator.fence(token), actuator.timeout_s)
+            except (ActuatorError, TimeoutError) as exc:
+                _cancelled_meanwhile()
+                stale = isinstance(exc, StaleToken)
+                why = str(exc) or f"{actuator.name}: fence took longer than {actuator.timeout_s:g}s"
+                self.fence_error = why
+                log.warning(
+                    "takeover: cannot fence", extra=kv(token=token, actuator=actuator.name, error=why)
+                )
+                self.record(
+                    "coordination.fence_failed",
+                    f"leader with token {token} could not fence {actuator.name}: {why}",
+                    {"token": token, "actuator": actuator.name, "error": why, "stale": stale},
+                )
+                prefix = "a newer leader already fenced" if stale else "cannot fence"
+                raise NotLeader(f"not acting: {prefix} {actuator.name}: {why}") from None
+        self.fenced_token = token
+        self.fence_error = None
+        self.record(
+            "coordination.fenced",
+            f"leader with token {token} fenced {len(self.actuators)} actuator(s)",
+            {"token": token, "actuators": [a.name for a in self.actuators]},
+        )
 
     async def reverify(self, token: int) -> str:
         """Which known routing the real world holds: a name, "mixed" or "unreadable"."""
@@ -610,10 +748,16 @@ class Fence:
         log.warning("takeover: re-read the real routing", extra=kv(token=token, observed=observed))
         if self.on_takeover is not None:
             result = self.on_takeover(observed, token)
+            if inspect.isawaitable(result):
+                try:
+                    async with asyncio.timeout(self.lease.ttl_s):
+                        result = await result
+                except TimeoutError:
+                    _cancelled_meanwhile()
+                    why = f"the engine did not take the takeover within {self.lease.ttl_s}s"
+                    raise NotLeader(f"not acting: {why}") from None
             if isinstance(result, int):
                 self.min_epoch = max(self.min_epoch, result)
-            elif result is not None:
-                await result
         self.verified_token = token
         return observed
 
@@ -632,21 +776,21 @@ class FencedActuator(Actuator):
     (:class:`NotLeader`). ``verify`` only reads and is passed through for anyone.
     """
 
-    def __init__(self, inner: Actuator, fence: Fence) -> None:
+    def __init__(self, inner: Actuator, gate: Fence) -> None:
         self.inner = inner
-        self.fence = fence
+        self.gate = gate
         self.name = inner.name
         self.timeout_s = inner.timeout_s
         self.last_token: int | None = None
 
     async def apply(self, routing: Routing, token: int) -> None:
-        fencing_token, left = await self.fence.admit()
-        if token < self.fence.min_epoch:
+        fencing_token, left = await self.gate.admit(self.gate.need_s(self.inner))
+        if token < self.gate.min_epoch:
             # Decided before this appliance took over and re-read the real routing (a reconcile
             # or runbook that was already under way): the engine decides again from what is.
             raise NotLeader(
                 f"{self.name}: not carried out: decided at epoch {token}, before this appliance took"
-                f" over and re-read the routing (epoch {self.fence.min_epoch})"
+                f" over and re-read the routing (epoch {self.gate.min_epoch})"
             )
         try:
             async with asyncio.timeout(left):
@@ -660,6 +804,11 @@ class FencedActuator(Actuator):
 
     async def verify(self, routing: Routing) -> list[str]:
         return await self.inner.verify(routing)
+
+    async def fence(self, token: int) -> None:
+        """Fence the inner actuator with the lease's token (the engine's epoch is not a fencing token)."""
+        fencing_token, _ = await self.gate.admit()
+        await self.inner.fence(fencing_token)
 
     async def close(self) -> None:
         await self.inner.close()
@@ -694,6 +843,22 @@ class CoordinationMetrics:
         )
         self.changes = Counter(
             "hotsite_coordination_role_changes_total", "Role changes", ["role"], registry=registry
+        )
+        self.member_up = Gauge(
+            "hotsite_coordination_etcd_member_up",
+            "1 while this etcd member answers its status with a raft leader and no alarm",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.healthy = Gauge(
+            "hotsite_coordination_etcd_members_healthy",
+            "etcd members that answered healthy at the last check",
+            registry=registry,
+        )
+        self.has_leader = Gauge(
+            "hotsite_coordination_etcd_has_leader",
+            "1 while a healthy member names a raft leader",
+            registry=registry,
         )
         self.latency = Histogram(
             "hotsite_coordination_request_seconds",
@@ -746,6 +911,7 @@ class EtcdCoordination:
         )
         self.lease.on_change(self.metrics.update)
         self.members: list[str] | None = None
+        self.health: dict[str, Any] | None = None  # the last health check of every member
         self.peers: PeerViews | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -782,14 +948,18 @@ class EtcdCoordination:
         *,
         on_takeover: Takeover | None = None,
         record: Callable[[str, str, dict[str, Any]], None] = lambda kind, message, data: None,
+        step_timeout_s: float | None = None,
     ) -> list[Actuator]:
-        self._fence = Fence(self.lease, routings, on_takeover=on_takeover, record=record)
+        self._fence = Fence(
+            self.lease, routings, on_takeover=on_takeover, record=record, step_timeout_s=step_timeout_s
+        )
         return self._fence.wrap(actuators)
 
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self.lease.run(), name="etcd-lease"),
             asyncio.create_task(self._watch_members(), name="etcd-members"),
+            asyncio.create_task(self._watch_health(), name="etcd-health"),
         ]
         if hasattr(self, "_fence"):
             self._tasks.append(asyncio.create_task(self._takeovers(), name="etcd-takeover"))
@@ -809,10 +979,50 @@ class EtcdCoordination:
                 self.metrics.members.set(len(self.members))
             await asyncio.sleep(60.0)
 
-    async def _takeovers(self) -> None:
-        """Re-read the real routing as soon as we become leader, not at the first action."""
+    async def _watch_health(self) -> None:
         while True:
-            await self.lease.changed.wait()
+            await self.check_health()
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def check_health(self) -> dict[str, Any]:
+        """Ask every member for its own status; the summary is in the status and the metrics.
+
+        A member is healthy when it answers, names a raft leader and reports no
+        alarm. Fewer healthy members than a majority: the cluster cannot elect
+        or renew (no automatic failover); one down: one more loss stops it.
+        """
+        endpoints = [str(e).rstrip("/") for e in self.section.endpoints]
+        answers = await asyncio.gather(
+            *(self.gateway.member_status(e, self.section.request_timeout_s) for e in endpoints),
+            return_exceptions=True,
+        )
+        members = []
+        for endpoint, answer in zip(endpoints, answers, strict=True):
+            if isinstance(answer, asyncio.CancelledError):
+                raise answer
+            if isinstance(answer, BaseException):
+                members.append({"endpoint": endpoint, "healthy": False, "error": str(answer)[:200]})
+                continue
+            ok = answer["leader"] not in ("", "0") and not answer["errors"]
+            is_leader = answer["leader"] == answer["member_id"]
+            members.append({"endpoint": endpoint, "healthy": ok, **answer, "is_leader": is_leader})
+        self.health = _health_summary(members, self.lease.now())
+        for member in members:
+            self.metrics.member_up.labels(endpoint=member["endpoint"]).set(1 if member["healthy"] else 0)
+        self.metrics.healthy.set(self.health["healthy"])
+        self.metrics.has_leader.set(1 if self.health["raft_leader"] else 0)
+        return self.health
+
+    async def _takeovers(self) -> None:
+        """Fence and re-read as soon as we become leader, not at the first action.
+
+        A takeover that could not fence (an actuator unreachable) is tried again
+        every second while this appliance leads: until it succeeds nothing is acted on.
+        """
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TAKEOVER_RETRY_S):
+                    await self.lease.changed.wait()
             self.lease.changed.clear()
             state = self.lease.leadership()
             if state.role == "leader" and state.token != self._fence.verified_token:
@@ -833,8 +1043,12 @@ class EtcdCoordination:
         data["backend"] = "etcd"
         data["members"] = self.members
         data["ttl_s"] = self.lease.ttl_s
-        data["observed_routing"] = getattr(getattr(self, "_fence", None), "observed", None)
+        gate = getattr(self, "_fence", None)
+        data["observed_routing"] = getattr(gate, "observed", None)
+        data["fenced_token"] = getattr(gate, "fenced_token", None)
+        data["fence_error"] = getattr(gate, "fence_error", None)
         data["peers"] = self.peers.view() if self.peers else None
+        data["etcd_health"] = self.health
         return data
 
     def handlers(self) -> dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]]:
@@ -844,38 +1058,42 @@ class EtcdCoordination:
         return {"coordination.status": status}
 
 
-def adopt_routing(service: Any, observed: str, token: int) -> int:
+def _health_summary(members: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    healthy = [m for m in members if m["healthy"]]
+    leaders = {m["leader"] for m in healthy}
+    majority = len(members) // 2 + 1
+    problem = None
+    if len(healthy) < majority:
+        problem = f"{len(healthy)} of {len(members)} etcd members healthy: no majority, no leader election"
+    elif len(healthy) == majority and len(members) > 1:
+        problem = f"{len(healthy)} of {len(members)} etcd members healthy: one more loss stops coordination"
+    elif len(leaders) > 1:
+        problem = "etcd members name different raft leaders (an election under way)"
+    return {
+        "checked_at": round(now, 3),
+        "healthy": len(healthy),
+        "total": len(members),
+        "raft_leader": next((m["endpoint"] for m in healthy if m.get("is_leader")), None),
+        "problem": problem,
+        "members": members,
+    }
+
+
+async def adopt_routing(service: Any, observed: str, token: int) -> int:
     """``on_takeover`` for the daemon: make a new leader's engine start from the real routing.
 
-    A standby's engine may believe "normal" while the former leader had failed
-    over; without this its reconcile loop would "repair" the real routing back.
-    Mixed or unreadable routing puts the engine in ``held`` (an operator decides).
-    The engine's epoch moves on and is returned: whatever this appliance had
-    decided before (a reconcile under way, a runbook started while it stood by)
-    is refused by the fence and its result ignored as stale.
+    The engine decides (event :class:`~failover.engine.TookOver`; it stays the
+    only writer of its state): it follows "normal" or a failover routing, and
+    goes to ``held`` when the routing was mixed or unreadable. The engine's new
+    epoch is returned: whatever this appliance had decided before (a reconcile
+    under way, a runbook started while it stood by) is refused by the fence and
+    its result ignored as stale.
     """
-    import dataclasses
-
+    from failover.engine import TookOver
     from failover.plans import lost_from_name
-    from failover.service import STATE_KEY
 
-    state = service.state
     lost = lost_from_name(observed)
     routing = "normal" if observed == "normal" else "failover" if lost is not None else "unknown"
-    name = {"normal": "primary_active", "failover": "backup_active"}.get(routing, "held")
-    decision = f"took over the lease (token {token}): the real routing is {observed}; engine follows it"
-    service.state = dataclasses.replace(
-        state,
-        state=name,
-        routing=routing,
-        lost=lost or (),
-        previous_lost=None,
-        epoch=state.epoch + 1,
-        since=service.clock.time(),
-        waiting_for="an operator: routing state unknown" if name == "held" else "",
-        last_decision=decision,
-    )
-    service.store.put_state(STATE_KEY, service.state.to_json())
-    service.store.record("failover.decision", actor="daemon", subject=name, message=decision)
-    log.warning(decision, extra=kv(token=token, observed=observed, epoch=service.state.epoch))
-    return int(service.state.epoch)
+    outcome = await service.ask(TookOver(routing, token, observed, lost or ()))  # type: ignore[arg-type]
+    log.warning(outcome.decision, extra=kv(token=token, observed=observed, epoch=outcome.state.epoch))
+    return int(outcome.state.epoch)

@@ -95,6 +95,30 @@ def may_act(state: LeaseState, now: float) -> bool:
     return state.role == "leader" and now < state.valid_until
 
 
+def may_apply(state: LeaseState, now: float, need_s: float) -> bool:
+    """May a leader *start* an action that can take up to ``need_s``: only if the lease view outlasts it.
+
+    The view ends at ``sent + ttl - margin`` of the last successful renewal, so
+    this is the bound on the renewal's age: an apply starts only if the lease
+    was renewed (request sent) less than ``ttl - margin - need_s`` ago, and the
+    caller renews first otherwise. A failed renewal has already dropped the
+    token (:func:`unreachable`): nothing starts until a renewal succeeds and
+    the key is read back as ours again.
+    """
+    return may_act(state, now) and state.valid_until - now > need_s
+
+
+def apply_bound_problem(ttl_s: float, need_s: float) -> str | None:
+    """Why an apply that may take ``need_s`` could never start under a lease of ``ttl_s`` (None: it can)."""
+    view = ttl_s - default_margin(ttl_s)
+    if need_s >= view:
+        return (
+            f"an apply may take {need_s:g}s but a renewed lease is trusted for at most {view:g}s"
+            f" (ttl_s {ttl_s:g} minus the margin {default_margin(ttl_s):g}): no apply could ever start"
+        )
+    return None
+
+
 def _moved(before: LeaseState, after: LeaseState, now: float) -> LeaseState:
     return after if after.role == before.role else dataclasses.replace(after, since=now)
 

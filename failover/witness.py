@@ -23,9 +23,14 @@ Three parts, each usable alone:
 
 * pure cores: :func:`fold_round` (probe results -> :class:`WitnessView`),
   :func:`render_vote` (view -> the JSON document), :func:`interpret`
-  (HTTP status + body -> :class:`~failover.quorum.Vote`), :func:`parse_request`;
-* :class:`WitnessAgent`: the probe loop and a small HTTP/1.1 server on
-  ``asyncio.start_server`` (``/vote``, ``/metrics``), optional bearer token and TLS;
+  (HTTP status + body -> :class:`~failover.quorum.Vote`);
+* :class:`WitnessAgent`: the probe loop and ``/vote``, ``/metrics`` on the bounded
+  server of :mod:`appliance.httpd` (head bounded and authenticated before
+  anything else, idle connections evicted oldest first so they cannot starve
+  voters). A bearer token and TLS are required unless ``allow_unauthenticated``
+  / ``allow_plain_http`` say otherwise. ``GET /vote?nonce=N`` echoes ``N`` in
+  the document: the voter refuses an answer without its own nonce, so a
+  recorded vote cannot be replayed;
 * :class:`HttpWitnessVoter`: the appliance's client, a :class:`~failover.quorum.Voter`;
   :func:`voter_from_config` picks it or :class:`~failover.quorum.NullVoter`.
 """
@@ -39,6 +44,7 @@ import hmac
 import json
 import logging
 import math
+import secrets
 import socket
 import ssl
 import tomllib
@@ -53,6 +59,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
+from appliance import httpd
 from appliance.clock import Clock, SystemClock
 from appliance.config import ListenAddress, ProbeSeconds, ProbeTimeout, Section, host_port
 from appliance.errors import ConfigError, StartupError
@@ -73,19 +80,10 @@ MAX_ANSWER_BYTES = 64 * 1024  # a vote is a few hundred bytes; anything huge is 
 MAX_DETAIL_CHARS = 300  # the witness's words end up in our logs and audit: keep them short
 MAX_HEAD_BYTES = 8 * 1024  # request line + headers
 READ_TIMEOUT_S = 5.0  # a client that sends nothing for this long gets 408
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 64  # not yet authenticated; over it the oldest idler is evicted (appliance.httpd)
+MAX_NONCE_CHARS = 64
 DEFAULT_MAX_AGE_S = 10.0
-OUTCOMES = (
-    "ok",
-    "bad_request",
-    "unauthorized",
-    "not_found",
-    "method_not_allowed",
-    "too_large",
-    "timeout",
-    "overload",
-    "error",
-)
+OUTCOMES = httpd.OUTCOMES
 PRIMARY_STATES = ("unknown", "alive", "down")
 TARGET_STATES = ("unknown", "up", "down")
 
@@ -119,11 +117,24 @@ class WitnessSettings(Section):
     token_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # TLS and a token by default: plain HTTP or an open /vote only when written here (warned at start).
+    allow_plain_http: bool = False
+    allow_unauthenticated: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["kv", "json"] = "kv"
 
     @model_validator(mode="after")
     def _consistent(self) -> WitnessSettings:
+        if self.tls_cert_file is None and not self.allow_plain_http:
+            raise ValueError(
+                "tls_cert_file and tls_key_file are required (the witness serves HTTPS);"
+                " set allow_plain_http = true (--allow-plain-http) to serve plain HTTP"
+            )
+        if self.token_file is None and not self.allow_unauthenticated:
+            raise ValueError(
+                "token_file is required (voters present a bearer token);"
+                " set allow_unauthenticated = true (--allow-unauthenticated) to let anyone ask"
+            )
         if self.timeout_s > self.interval_s:
             raise ValueError(f"timeout_s ({self.timeout_s}) must not exceed interval_s ({self.interval_s})")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -251,11 +262,12 @@ def fold_round(
     )
 
 
-def render_vote(view: WitnessView, *, name: str, now_mono: float) -> dict[str, Any]:
-    """The ``GET /vote`` document."""
+def render_vote(view: WitnessView, *, name: str, now_mono: float, nonce: str | None = None) -> dict[str, Any]:
+    """The ``GET /vote`` document; ``nonce`` is the voter's, echoed so that a replay is refused."""
     age = None if view.checked_mono is None else max(0.0, now_mono - view.checked_mono)
     return {
         "version": VERSION,
+        "nonce": nonce,
         "witness": name,
         "primary_alive": view.primary_alive,
         "since": view.since,
@@ -315,8 +327,14 @@ def interpret(
     received_mono: float,
     received_wall: float,
     source: str,
+    nonce: str | None = None,
 ) -> Vote:
-    """Judge one answer of a witness. Total: any status and any bytes give a Vote."""
+    """Judge one answer of a witness. Total: any status and any bytes give a Vote.
+
+    With ``nonce`` (the voter's, sent with the request), an answer that does
+    not echo exactly it is refused: it was made for another request, i.e.
+    replayed.
+    """
 
     def unknown(detail: str) -> Vote:
         return Vote(None, _clean(detail), received_mono, source)
@@ -337,6 +355,8 @@ def interpret(
     name = doc.get("witness")
     if isinstance(name, str) and name:
         source = f"witness:{_clean(name, 64)}"
+    if nonce is not None and doc.get("nonce") != nonce:
+        return unknown("witness answer does not carry our request's nonce: replayed or forged, refused")
     if "primary_alive" not in doc:
         return unknown("witness answer has no primary_alive")
     alive = doc["primary_alive"]
@@ -368,81 +388,6 @@ def interpret(
     # No age in the detail: it stays the same while the view does, so a poller can report changes only.
     detail = f"{source.removeprefix('witness:')} {verdict}" + (f": {evidence}" if evidence else "")
     return Vote(alive, _clean(detail), received_mono - age, source)
-
-
-# ---------------------------------------------------------------------------
-# The agent's HTTP side: a pure request parser and the responses
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
-
-
-class BadRequest(ValueError):
-    pass
-
-
-_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-def parse_request(head: bytes) -> Request:
-    """Parse an HTTP/1.x request head (up to the blank line); raise :class:`BadRequest`."""
-    text = head.decode("latin-1")
-    if not text.endswith("\r\n\r\n"):
-        raise BadRequest("request head does not end with a blank line")
-    lines = text[:-4].split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3:
-        raise BadRequest("request line is not 'METHOD TARGET HTTP/1.x'")
-    method, target, version = parts
-    if not method or not set(method) <= _TOKEN_CHARS:
-        raise BadRequest("bad method")
-    if version not in ("HTTP/1.0", "HTTP/1.1"):
-        raise BadRequest("unsupported HTTP version")
-    if not target.startswith("/") or any(not 0x21 <= ord(c) <= 0x7E for c in target):
-        raise BadRequest("bad request target")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or not set(name) <= _TOKEN_CHARS:
-            raise BadRequest("bad header line")
-        headers[name.lower()] = value.strip(" \t")
-    return Request(method, target.split("?", 1)[0], headers)
-
-
-_STATUS_TEXT = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
-def _response(
-    status: int,
-    body: bytes,
-    content_type: str = "text/plain; charset=utf-8",
-    extra: str = "",
-    head: bool = False,
-) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
-        "Connection: close",
-    ]
-    if extra:
-        lines.append(extra)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
 
 
 # ---------------------------------------------------------------------------
@@ -529,18 +474,32 @@ class WitnessAgent:
         self.metrics = WitnessMetrics(registry or CollectorRegistry())
         self.metrics.round_age.set_function(self._round_age)
         self.view = new_view(self._targets, self._clock.time())
-        self._server: asyncio.Server | None = None
+        self._server: httpd.BoundedHttpServer | None = None
         self._loop_task: asyncio.Task[None] | None = None
-        self._active = 0
 
     # -- lifecycle
 
     async def start(self) -> None:
         host, port = host_port(self.settings.listen)
+        limits = httpd.Limits(
+            max_head=MAX_HEAD_BYTES,
+            max_body=0,
+            head_timeout_s=READ_TIMEOUT_S,
+            write_timeout_s=READ_TIMEOUT_S,
+            max_pending=MAX_CONNECTIONS,
+        )
+        self._server = httpd.BoundedHttpServer(
+            host,
+            port,
+            self._handle,
+            authenticate=self._authenticate,
+            limits=limits,
+            tls=self._tls,
+            on_outcome=lambda outcome: self.metrics.requests.labels(outcome=outcome).inc(),
+            name="witness",
+        )
         try:
-            self._server = await asyncio.start_server(
-                self._serve, host, port, limit=MAX_HEAD_BYTES, ssl=self._tls, reuse_address=True
-            )
+            await self._server.start()
         except OSError as exc:
             raise StartupError(
                 f"witness cannot listen on {self.settings.listen}: {exc.strerror or exc}"
@@ -557,13 +516,16 @@ class WitnessAgent:
                 auth="bearer" if self._token is not None else "none",
             ),
         )
+        if self._tls is None:
+            log.warning("witness serves plain HTTP (allow_plain_http): votes can be read and forged")
+        if self._token is None:
+            log.warning("witness answers anyone (allow_unauthenticated): no bearer token is required")
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._server is None or not self._server.sockets:
+        if self._server is None:
             raise RuntimeError("the witness is not listening")
-        name = self._server.sockets[0].getsockname()
-        return str(name[0]), int(name[1])
+        return self._server.host, self._server.port
 
     @property
     def address_text(self) -> str:
@@ -576,9 +538,8 @@ class WitnessAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         if self._server is not None:
-            self._server.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                await asyncio.wait_for(self._server.stop(), 2.0)
         await self._prober.close()
         log.info("witness stopped", extra=kv(name=self.settings.name))
 
@@ -589,8 +550,8 @@ class WitnessAgent:
         finally:
             await self.stop()
 
-    def vote_document(self) -> dict[str, Any]:
-        return render_vote(self.view, name=self.settings.name, now_mono=self._clock.monotonic())
+    def vote_document(self, nonce: str | None = None) -> dict[str, Any]:
+        return render_vote(self.view, name=self.settings.name, now_mono=self._clock.monotonic(), nonce=nonce)
 
     # -- probing
 
@@ -652,66 +613,33 @@ class WitnessAgent:
 
     # -- serving
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._active += 1
-        try:
-            if self._active > MAX_CONNECTIONS:
-                self.metrics.requests.labels(outcome="overload").inc()
-                return
-            outcome, response = await self._answer(reader)
-            self.metrics.requests.labels(outcome=outcome).inc()
-            if response:
-                writer.write(response)
-                await asyncio.wait_for(writer.drain(), READ_TIMEOUT_S)
-        except (ConnectionError, TimeoutError, ssl.SSLError):
-            pass  # the client went away or stalled; nothing to answer
-        except Exception as exc:  # never let one connection take the witness down
-            self.metrics.requests.labels(outcome="error").inc()
-            log.warning("witness request failed", extra=kv(error=repr(exc)))
-        finally:
-            self._active -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
-
-    async def _answer(self, reader: asyncio.StreamReader) -> tuple[str, bytes]:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT_S)
-        except asyncio.LimitOverrunError:
-            return "too_large", _response(431, b"request head too large\n")
-        except asyncio.IncompleteReadError as exc:
-            # Connected and closed (a TCP check) or half a request: nothing to parse.
-            return "bad_request", _response(400, b"incomplete request\n") if exc.partial else b""
-        except TimeoutError:
-            return "timeout", _response(408, b"request not received in time\n")
-        try:
-            request = parse_request(head)
-        except BadRequest as exc:
-            return "bad_request", _response(400, f"bad request: {exc}\n".encode())
+    def _authenticate(self, request: httpd.Request) -> str | httpd.Response | None:
+        """Decided on the head alone (appliance.httpd reads no body before this)."""
         head_only = request.method == "HEAD"
         if request.path not in ("/vote", "/metrics"):
-            return "not_found", _response(404, b"try /vote or /metrics\n", head=head_only)
+            return httpd.Response(404, b"" if head_only else b"try /vote or /metrics\n")
         if request.method not in ("GET", "HEAD"):
-            return "method_not_allowed", _response(405, b"GET only\n", extra="Allow: GET, HEAD")
+            return httpd.Response(405, b"GET only\n", headers={"Allow": "GET, HEAD"})
         if not self._authorized(request.headers.get("authorization", "")):
-            return "unauthorized", _response(
-                401, b"bearer token required\n", extra='WWW-Authenticate: Bearer realm="hotsite-witness"'
-            )
+            challenge = {"WWW-Authenticate": 'Bearer realm="hotsite-witness"'}
+            return httpd.Response(401, b"bearer token required\n", headers=challenge)
+        return "voter"
+
+    async def _handle(self, request: httpd.Request, identity: str) -> httpd.Response:
         if request.path == "/metrics":
-            return "ok", _response(
-                200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST, head=head_only
-            )
-        body = json.dumps(self.vote_document(), allow_nan=False).encode()
-        return "ok", _response(200, body, "application/json", head=head_only)
+            return httpd.Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+        nonce = request.query.get("nonce")
+        if nonce is not None and (len(nonce) > MAX_NONCE_CHARS or not nonce.isprintable()):
+            return httpd.Response(400, f"nonce: at most {MAX_NONCE_CHARS} printable characters\n".encode())
+        body = json.dumps(self.vote_document(nonce), allow_nan=False).encode()
+        return httpd.Response(200, body, "application/json")
 
     def _authorized(self, header: str) -> bool:
         if self._token is None:
             return True
-        scheme, _, credentials = header.partition(" ")
-        given = credentials.strip().encode("latin-1")
         # Constant time: compare_digest loops over its second argument, the caller's bytes,
         # so the time taken tells nothing about the token, not even its length.
-        return hmac.compare_digest(self._token, given) and scheme.lower() == "bearer"
+        return hmac.compare_digest(self._token, httpd.bearer(header))
 
 
 def _json_word(value: bool | None) -> str:
@@ -775,9 +703,10 @@ class HttpWitnessVoter(Voter):
 
     async def vote(self) -> Vote:
         started = self._clock.monotonic()
+        nonce = secrets.token_urlsafe(16)
         try:
             async with asyncio.timeout(self.timeout_s):
-                status, body = await self._fetch()
+                status, body = await self._fetch(nonce)
         except TimeoutError:
             return self._unknown(f"witness did not answer within {self.timeout_s:g}s")
         except httpx.TimeoutException:
@@ -798,12 +727,13 @@ class HttpWitnessVoter(Voter):
                 received_mono=now,
                 received_wall=self._clock.time(),
                 source=self._source,
+                nonce=nonce,
             )
         except Exception as exc:  # interpret is total by design; this is the contract's backstop
             return self._unknown(f"witness answer could not be judged: {type(exc).__name__}")
 
-    async def _fetch(self) -> tuple[int, bytes]:
-        async with self._client.stream("GET", self.url) as response:
+    async def _fetch(self, nonce: str) -> tuple[int, bytes]:
+        async with self._client.stream("GET", self.url, params={"nonce": nonce}) as response:
             chunks, size = [], 0
             async for chunk in response.aiter_raw():
                 size += len(chunk)

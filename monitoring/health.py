@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from appliance import timefmt
 from monitoring.probes.base import ProbeResult
 
 State = Literal["unknown", "up", "down"]
@@ -169,8 +170,14 @@ def judge_site(
     policy: Thresholds,
     now: float,
     critical: frozenset[str] = frozenset(),
+    wall_now: float | None = None,
 ) -> SiteVerdict:
     """Combine a site's targets into one verdict that says why.
+
+    *now* is the monotonic clock the targets' ``since`` were stamped with; the
+    why-text names the wall-clock time a target went down when *wall_now*
+    (the Unix time read together with *now*) is given, else how long ago: a
+    monotonic reading is never shown as if it were a time.
 
     A *critical* target (the site's own health endpoint, an ACD check) that
     is down because it answered "unhealthy" makes the site down on its own:
@@ -189,7 +196,7 @@ def judge_site(
     down = sorted(h.target for h in known if h.state == "down")
     up = sorted(h.target for h in known if h.state == "up")
     kinds_down = sorted({h.kind for h in known if h.state == "down"})
-    since_of = {h.target: h.since for h in known}
+    since_of = {h.target: _down_since(h.since, now, wall_now) for h in known}
     verdict: Verdict
     if not known:
         verdict, why = "unknown", ["no target of this site has been judged yet"]
@@ -197,14 +204,14 @@ def judge_site(
         verdict, why = "up", [f"all {len(up)} targets up"]
     elif up:
         verdict = "degraded"
-        why = [f"{t} down since {since_of[t]:.1f}" for t in down] + [f"{len(up)} other target(s) up"]
+        why = [f"{t} down {since_of[t]}" for t in down] + [f"{len(up)} other target(s) up"]
     elif len(kinds_down) >= policy.min_evidence:
         verdict = "down"
-        why = [f"{t} down since {since_of[t]:.1f}" for t in down]
+        why = [f"{t} down {since_of[t]}" for t in down]
         why.append(f"{len(kinds_down)} independent kinds of evidence agree ({', '.join(kinds_down)})")
     else:
         verdict = "degraded"
-        why = [f"{t} down since {since_of[t]:.1f}" for t in down]
+        why = [f"{t} down {since_of[t]}" for t in down]
         why.append(
             f"only {len(kinds_down)} kind of evidence ({', '.join(kinds_down)}); "
             f"{policy.min_evidence} must agree to judge the site down"
@@ -220,6 +227,15 @@ def judge_site(
         up=tuple(up),
         kinds_down=tuple(kinds_down),
     )
+
+
+def _down_since(since: float | None, now: float, wall_now: float | None) -> str:
+    """``since 21:57:31 UTC (12 s)`` with a wall clock, else ``for 12 s``."""
+    if since is None:
+        return "(since unknown)"
+    if wall_now is None:
+        return f"for {timefmt.age(now - since)}"
+    return timefmt.since(timefmt.wall_from_monotonic(since, now, wall_now), wall_now)
 
 
 def _grey(previous: SiteVerdict, grey: list[TargetHealth], now: float) -> SiteVerdict:

@@ -12,10 +12,8 @@ import platform
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import start_http_server
 
 from appliance import __version__
-from appliance.errors import StartupError
 from monitoring.probes.base import REASONS
 
 TARGET_STATES = ("unknown", "up", "down")
@@ -118,6 +116,12 @@ class Metrics:
         self.failover_epoch = Gauge(
             "hotsite_failover_epoch", "Fencing token of the newest routing decision.", registry=registry
         )
+        self.http_requests = Counter(
+            "hotsite_http_requests_total",
+            "Requests to the daemon's HTTP listeners (metrics, alertmanager) by outcome; refused ones too.",
+            ["listener", "outcome"],
+            registry=registry,
+        )
         self.api_bad_requests = Counter(
             "hotsite_api_bad_requests_total",
             "Control API requests rejected before reaching a handler.",
@@ -171,10 +175,12 @@ def _remove(metric: Any, labels: tuple[str, ...]) -> None:
         metric.remove(*labels)
 
 
-def serve(registry: CollectorRegistry, host: str, port: int) -> Any:
-    """Start the /metrics HTTP server in a thread; return the server (call ``shutdown``)."""
-    try:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
-        raise StartupError(f"metrics listener {host}:{port} cannot be opened: {exc.strerror}") from None
-    return server
+def serve(registry: CollectorRegistry, host: str, port: int, **options: Any) -> Any:
+    """Start the bounded /metrics server in its own thread; return it (call ``shutdown``).
+
+    ``options``: ``tls_cert_file``, ``tls_key_file``, ``basic_auth_users`` (see
+    :mod:`monitoring.exposition`).
+    """
+    from monitoring.exposition import serve as serve_bounded
+
+    return serve_bounded(registry, host, port, **options)

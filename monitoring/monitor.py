@@ -159,7 +159,9 @@ class Monitor:
         before = self.sites[site]
         members = [h for name, h in self.health.items() if self.targets[name].site == site]
         critical = frozenset(n for n, t in self.targets.items() if t.site == site and t.critical)
-        after = judge_site(before, members, self.thresholds, self._clock.monotonic(), critical)
+        after = judge_site(
+            before, members, self.thresholds, self._clock.monotonic(), critical, wall_now=self._clock.time()
+        )
         self.sites[site] = after
         self._metrics.set_site_verdict(site, after.verdict)
         if (after.verdict, after.grey) != (before.verdict, before.grey):

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance.errors import ConfigError
 from monitoring.probes.base import ProbeResult
 from monitoring.probes.host import HostProbe
 from monitoring.probes.http import HttpProbe
@@ -41,7 +42,12 @@ class Prober:
     ) -> None:
         self._clock = clock
         self._host = host
-        self._tls = ssl.create_default_context(cafile=str(tls_ca_file) if tls_ca_file else None)
+        try:
+            self._tls = ssl.create_default_context(cafile=str(tls_ca_file) if tls_ca_file else None)
+        except (OSError, ssl.SSLError) as exc:  # a missing CA file is the user's mistake, not a crash
+            raise ConfigError(
+                f"probes.tls_ca_file: cannot load {tls_ca_file}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         self._on_unmatched = on_unmatched
         self._sip: SipOptionsProbe | None = None
         self._http: HttpProbe | None = None

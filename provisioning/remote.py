@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ConfigError, HotsiteError
+from appliance.redact import mask_text
 
 DEFAULT_HOTSITE = "/opt/hotsite/bin/hotsite"
 DEFAULT_CONFIG = "/etc/hotsite/hotsite.toml"
@@ -76,7 +77,7 @@ def mask_config_text(text: str) -> str:
         m = _ASSIGNMENT.match(line)
         if m and is_secret_key(m.group(2).strip("\"'").split(".")[-1]):
             line = f'{m.group(1)}{m.group(2)}{m.group(3)}"{MASK}"'
-        out.append(line)
+        out.append(mask_text(line))  # URL user-info and ?apikey=... inside any value
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")
 
 
@@ -260,10 +261,9 @@ def collect_diagnostics(
             )
         for name, command in commands.items():
             step = s.run(name, command)
-            text = step.stdout
-            if name.startswith("logs/"):
-                text = mask_config_text(text)
-            files[name] = text if step.exit_code == 0 else text + (step.stderr or "")
+            text = step.stdout if step.exit_code == 0 else step.stdout + (step.stderr or "")
+            # Every command's output, not only logs: status and config check quote URLs too.
+            files[name] = mask_config_text(text) if text else text
         manifest = {
             "host": target.host,
             "collected_at": time.time(),

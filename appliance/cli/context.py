@@ -6,6 +6,7 @@ the command tree itself.
 
 from __future__ import annotations
 
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -21,16 +22,18 @@ DEFAULT_RUNTIME_DIR = Path("/run/hotsite")
 
 
 def fail(exc: HotsiteError) -> NoReturn:
-    click.echo(f"hotsite: error: {exc.message}", err=True)
-    if isinstance(exc, ConfigError):
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
+    """Report *exc* on stderr (as JSON under ``--json``) and exit with its status."""
+    from appliance.cli.options import echo_error
+
+    echo_error(exc.message, exc.exit_code, exc.problems if isinstance(exc, ConfigError) else ())
     sys.exit(exc.exit_code)
 
 
 class Context:
     def __init__(self, config: str | None, runtime_dir: str | None) -> None:
         self.config_path = config_mod.resolve_path(config)
+        # Named by --config or HOTSITE_CONFIG (not the default): a missing file is a mistake to report.
+        self.config_named = bool(config or os.environ.get(config_mod.ENV_VAR))
         self._runtime_dir = Path(runtime_dir) if runtime_dir else None
 
     @property
@@ -38,8 +41,10 @@ class Context:
         """Where the socket is: --runtime-dir, else the config's setting, else the default.
 
         Reads only that one key, so a broken config does not stop a technician
-        from asking the running daemon what it is doing.
+        from asking the running daemon what it is doing; a named file that is
+        missing, though, is reported as such (exit 2), not as "daemon not running".
         """
+        self.check_config_exists()
         if self._runtime_dir:
             return self._runtime_dir
         try:
@@ -53,6 +58,12 @@ class Context:
             return api.call(self.runtime_dir, method, params)
         except HotsiteError as exc:
             fail(exc)
+
+    def check_config_exists(self) -> None:
+        """A --config (or HOTSITE_CONFIG) that names no file is a usage error, not "daemon not running"."""
+        if self.config_named and not self.config_path.exists():
+            named_by = f"named by --config or {config_mod.ENV_VAR}"
+            fail(ConfigError(f"config file {self.config_path} does not exist ({named_by})"))
 
 
 pass_ctx = click.make_pass_decorator(Context)

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from appliance import __version__, logs
+from appliance import __version__, logs, timefmt
 from appliance import config as config_mod
-from appliance.cli import render
+from appliance.cli import render, table
 from appliance.cli.context import Context, fail, pass_ctx
+from appliance.cli.options import When, echo_json
 from appliance.errors import ConfigError, HotsiteError
 from monitoring.targets import parse_url as parse_target
 
@@ -42,9 +43,15 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     metavar="DIR",
     help="Where the daemon's control socket is [default: the config's appliance.runtime_dir].",
 )
+@click.option(
+    "--local", "local_time", is_flag=True, help="Show times in local time instead of UTC (labelled)."
+)
+@click.option("--plain", is_flag=True, help="Plain-text tables even on a terminal (as when piped).")
 @click.version_option(__version__, prog_name="hotsite")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, runtime_dir: str | None) -> None:
+def cli(
+    ctx: click.Context, config: str | None, runtime_dir: str | None, local_time: bool, plain: bool
+) -> None:
     """hotsite: the disaster-recovery site's appliance.
 
     \b
@@ -54,12 +61,17 @@ def cli(ctx: click.Context, config: str | None, runtime_dir: str | None) -> None
       hotsite config check /etc/hotsite/hotsite.toml
       hotsite lab demo             the one-machine lab with a live view
     """
+    timefmt.set_local(local_time)
+    table.set_plain(plain)
     ctx.obj = Context(config, runtime_dir)
 
 
 @cli.command()
+@click.option(
+    "--config", "-c", "config_after", metavar="FILE", help="Configuration file (also accepted before 'run')."
+)
 @pass_ctx
-def run(ctx: Context) -> None:
+def run(ctx: Context, config_after: str | None) -> None:
     """Run the daemon in the foreground (systemd starts it this way).
 
     SIGTERM stops it cleanly; SIGHUP reloads the configuration, keeping the
@@ -67,11 +79,17 @@ def run(ctx: Context) -> None:
     """
     from appliance.app import Appliance
 
+    if config_after:
+        ctx.config_path = Path(config_after)
+
     try:
         config = config_mod.load(ctx.config_path)
     except ConfigError as exc:
         fail(exc)
     logs.setup(config.appliance.log_level, config.appliance.log_format)
+    # Everything the daemon creates (state, replicas, snapshots) is its own: 0600/0700 unless
+    # it says otherwise (the control socket is 0660 on purpose). SECURITY.md.
+    os.umask(0o077)
     try:
         asyncio.run(Appliance(config, ctx.config_path).main())
     except HotsiteError as exc:
@@ -93,7 +111,7 @@ def status(ctx: Context, as_json: bool, events: int) -> None:
     """
     result = ctx.call("status", events=events)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
     else:
         render.print_status(result)
 
@@ -105,7 +123,7 @@ def trunks(ctx: Context, as_json: bool) -> None:
     """Carrier trunks: state, RTT, last SIP code, since when, and why."""
     result = ctx.call("trunks")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
     else:
         render.print_targets(result, title="Trunks")
 
@@ -117,7 +135,7 @@ def probes(ctx: Context, as_json: bool) -> None:
     """Every probe target (trunks, SBCs, site checks) with its judged state."""
     result = ctx.call("probes")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
     else:
         render.print_targets(result, title="Probes")
 
@@ -157,7 +175,9 @@ def probe(target: str, count: int, interval: float, timeout: float, as_json: boo
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.option("--limit", default=50, show_default=True, help="How many events, newest first.")
 @click.option("--kind", help="Only this kind or kind prefix, e.g. 'probe' or 'operator.note'.")
-@click.option("--since", type=float, metavar="SECONDS", help="Only events of the last SECONDS.")
+@click.option(
+    "--since", type=When(), metavar="WHEN", help="Only events since WHEN: 90s, 15m, 2h, 1d or ISO 8601."
+)
 @click.option("--incident", type=int, metavar="ID", help="Only events about paging incident ID.")
 @click.option("--subject", help="Only events about this subject, e.g. 'trunk:carrier-a' or 'primary'.")
 @pass_ctx
@@ -166,7 +186,7 @@ def events_cmd(
     as_json: bool,
     limit: int,
     kind: str | None,
-    since: float | None,
+    since: float | None,  # a Unix time (When)
     incident: int | None,
     subject: str | None,
 ) -> None:
@@ -174,7 +194,7 @@ def events_cmd(
 
     \b
     Examples:
-      hotsite events --kind failover --since 3600
+      hotsite events --kind failover --since 1h
       hotsite events --incident 42
       hotsite events --subject trunk:carrier-a --json
     """
@@ -188,10 +208,10 @@ def events_cmd(
     if kind:
         params["kind"] = kind
     if since is not None:
-        params["since"] = time.time() - since
+        params["since"] = since
     result = ctx.call("events", **params)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
     else:
         render.print_events(result)
 
@@ -240,17 +260,28 @@ def config() -> None:
 @config.command("check")
 @click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON.")
+@click.option(
+    "--unit",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="UNIT",
+    help="Also list what this systemd unit (and UNIT.d/*.conf) forbids that FILE needs.",
+)
 @pass_ctx
-def config_check(ctx: Context, file: Path | None, as_json: bool) -> None:
+def config_check(ctx: Context, file: Path | None, as_json: bool, unit: Path | None) -> None:
     """Validate FILE (default: the --config file); exit 2 on any mistake.
 
     Every mistake is listed with its key path, the bad value and what is
     expected. Files the config names (modem device, secrets) must exist.
+    With --unit, every feature the unit's sandbox would forbid is a mistake
+    too, naming the unit setting to change (exit 2 as well).
     """
+    from appliance import systemd_unit
+
     path = file or ctx.config_path
     try:
         cfg = config_mod.load(path)
         problems = config_mod.check_environment(cfg)
+        problems += systemd_unit.check_file(unit, cfg) if unit else []
         warnings = cfg.warnings()
     except ConfigError as exc:
         if as_json:
@@ -285,6 +316,7 @@ def _register_subgroups() -> None:
     from appliance.cli.report import completion, report
     from appliance.cli.testcall import testcall
     from appliance.cli.top import top
+    from appliance.cli.unit import unit
     from appliance.cli.witness import witness
 
     cli.add_command(lab)
@@ -292,6 +324,7 @@ def _register_subgroups() -> None:
     cli.add_command(source)
     cli.add_command(replication)
     cli.add_command(top)
+    cli.add_command(unit)
     cli.add_command(report)
     cli.add_command(completion)
     cli.add_command(testcall)

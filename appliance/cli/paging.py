@@ -7,16 +7,16 @@ reached through click so this module does not import main (no import cycle).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sys
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from appliance import api
+from appliance import api, timefmt
+from appliance.cli import table as table_out
+from appliance.cli.options import echo_error, echo_json
 from appliance.errors import HotsiteError
 
 PAGE_TEST_TIMEOUT_S = 300.0  # a real modem may take a minute per channel
@@ -27,12 +27,13 @@ def _call(method: str, timeout: float = api.CLIENT_TIMEOUT_S, **params: Any) -> 
     try:
         return api.call(ctx.runtime_dir, method, params, timeout=timeout)
     except HotsiteError as exc:
-        click.echo(f"hotsite: error: {exc.message}", err=True)
+        echo_error(exc.message, exc.exit_code)
         sys.exit(exc.exit_code)
 
 
 def _when(ts: float | None) -> str:
-    return "-" if ts is None else dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+    """A date and time with its zone (UTC unless ``hotsite --local``): rotations are written in any zone."""
+    return timefmt.stamp(ts, seconds=False)
 
 
 @click.command()
@@ -47,7 +48,7 @@ def incidents(as_json: bool, limit: int) -> None:
     """
     result = _call("incidents", limit=limit)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     table = Table(title="Active incidents", title_justify="left")
     for column in ("id", "code", "severity", "status", "opened", "summary", "paged", "acked by"):
@@ -60,11 +61,12 @@ def incidents(as_json: bool, limit: int) -> None:
             i["status"],
             _when(i["opened_at"]),
             i["summary"],
-            ", ".join(i["paged"]) or "-",
+            "; ".join(f"{p['contact']}: {p['line']}" for p in i.get("pages", []))
+            or ", ".join(i["paged"])
+            or "-",
             i["acked_by"] or "-",
         )
-    console = Console(highlight=False)
-    console.print(table if result["active"] else "No active incidents.")
+    table_out.emit(table if result["active"] else "No active incidents.")
     if result["recent"]:
         recent = Table(title="Recently resolved", title_justify="left")
         for column in ("id", "severity", "opened", "resolved", "summary"):
@@ -73,8 +75,11 @@ def incidents(as_json: bool, limit: int) -> None:
             recent.add_row(
                 str(i["id"]), i["severity"], _when(i["opened_at"]), _when(i["resolved_at"]), i["summary"]
             )
-        console.print(recent)
-    console.print(f"outbox: {result['outbox_depth']} page(s) waiting")
+        table_out.emit(recent)
+    held = result.get("held", 0)
+    table_out.emit(
+        f"outbox: {result['outbox_depth']} page(s) waiting" + (f", {held} held by a limit" if held else "")
+    )
 
 
 @click.command()
@@ -91,7 +96,7 @@ def oncall(as_json: bool) -> None:
     """Who is on call now in each rotation, the next handovers and overrides."""
     result = _call("oncall")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     table = Table(title="On call" + (" (night hours)" if result["night"] else ""), title_justify="left")
     for column in ("rotation", "on call", "until", "then", "overrides"):
@@ -100,7 +105,7 @@ def oncall(as_json: bool) -> None:
         then = ", ".join(f"{n['contact']} from {_when(n['from'])}" for n in r["next"][:2])
         overrides = ", ".join(f"{o['contact']} {_when(o['start'])}-{_when(o['end'])}" for o in r["overrides"])
         table.add_row(r["rotation"], r["on_call"] or "-", _when(r["until"]), then, overrides or "-")
-    Console(highlight=False).print(table if result["rotations"] else "No rotations configured.")
+    table_out.emit(table if result["rotations"] else "No rotations configured.")
 
 
 @click.group()

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from appliance.cli.confirm import confirm, yes_option
 from appliance.cli.context import fail
 from appliance.errors import HotsiteError
 
@@ -181,12 +182,15 @@ def diagnostics(ctx: click.Context, host: str, output: Path | None, config_path:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--dest", default="/etc/hotsite/hotsite.toml", show_default=True)
 @click.option("--no-reload", is_flag=True, help="Install it but do not ask the daemon to reload.")
+@yes_option
 @click.pass_context
-def push_config_cmd(ctx: click.Context, host: str, file: Path, dest: str, no_reload: bool) -> None:
+def push_config_cmd(ctx: click.Context, host: str, file: Path, dest: str, no_reload: bool, yes: bool) -> None:
     """Check FILE with `hotsite config check` on HOST, then install it and reload the daemon.
 
     Nothing changes on HOST when the check fails; its problems are listed (exit 2).
     """
+    reload_text = "" if no_reload else " and reload its daemon"
+    confirm(f"Replace {dest} on {host} with {file}{reload_text}?", yes)
     from provisioning.remote import push_config
 
     try:
@@ -214,6 +218,7 @@ def push_config_cmd(ctx: click.Context, host: str, file: Path, dest: str, no_rel
     "--server-host", "server_hosts", multiple=True, help="Names/addresses in the source's certificate."
 )
 @click.option("--json", "as_json", is_flag=True)
+@yes_option
 @click.pass_context
 def rotate_credentials(
     ctx: click.Context,
@@ -224,8 +229,14 @@ def rotate_credentials(
     server_name: str,
     server_hosts: tuple[str, ...],
     as_json: bool,
+    yes: bool,
 ) -> None:
     """Issue and install new replication certificates at both ends, then restart/reload them."""
+    confirm(
+        f"Replace the replication certificates on {appliance} and {source_host}?"
+        " The replication link restarts with the new ones.",
+        yes,
+    )
     from provisioning.remote import rotate_replication_credentials
 
     try:

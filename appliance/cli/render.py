@@ -1,24 +1,21 @@
-"""Human renderings of API results: tables with colour on a terminal, plain text elsewhere."""
+"""Human renderings of API results: tables with colour on a terminal, plain text elsewhere.
+
+Off a terminal :mod:`appliance.cli.table` prints the same renderables as plain
+columns; times and ages come from :mod:`appliance.timefmt` (UTC unless ``--local``).
+"""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from appliance import timefmt
+from appliance.cli import table as table_out
+
 STATE_STYLE = {"up": "bold green", "down": "bold red", "degraded": "bold yellow", "unknown": "yellow"}
-
-
-def _console() -> Console:
-    # rich drops colour by itself when stdout is not a terminal; there, do not
-    # fold long names into an 80-column box either: scripts grep this output.
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=240)
-    return console
 
 
 def _state(state: str) -> Text:
@@ -26,14 +23,8 @@ def _state(state: str) -> Text:
 
 
 def _since(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    """How long a state has held: an age (``12 s``, ``4 min``), never a clock reading."""
+    return timefmt.age(seconds)
 
 
 def _ms(value: float | None) -> str:
@@ -119,12 +110,12 @@ def peers_table(peers: list[dict[str, Any]]) -> Table:
 
 def events_table(events: list[dict[str, Any]], title: str = "Events") -> Table:
     table = Table(title=title, title_justify="left", expand=False)
-    for column in ("id", "time (UTC)", "kind", "actor", "message"):
+    for column in ("id", "time", "kind", "actor", "message"):
         table.add_column(column, overflow="fold")
     for event in events:
         table.add_row(
             str(event["id"]),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event["at"])),
+            timefmt.stamp(event["at"]),
             event["kind"],
             event["actor"],
             event["message"],
@@ -133,11 +124,11 @@ def events_table(events: list[dict[str, Any]], title: str = "Events") -> Table:
 
 
 def print_status(status: dict[str, Any]) -> None:
-    _console().print(status_view(status))
+    table_out.emit(status_view(status))
 
 
 def print_events(events: list[dict[str, Any]]) -> None:
-    _console().print(events_table(events))
+    table_out.emit(events_table(events))
 
 
 def targets_table(targets: list[dict[str, Any]], title: str) -> Table:
@@ -162,4 +153,4 @@ def targets_table(targets: list[dict[str, Any]], title: str) -> Table:
 
 
 def print_targets(targets: list[dict[str, Any]], title: str) -> None:
-    _console().print(targets_table(targets, title))
+    table_out.emit(targets_table(targets, title))

@@ -17,15 +17,14 @@ from typing import Any
 
 import click
 
-from appliance import logs
+from appliance import logs, timefmt
+from appliance.cli.confirm import confirm, yes_option
+from appliance.cli.options import echo_error, echo_json
 from appliance.errors import ConfigError, HotsiteError
 
 
 def _fail(exc: HotsiteError) -> None:
-    click.echo(f"hotsite: error: {exc.message}", err=True)
-    if isinstance(exc, ConfigError):
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
+    echo_error(exc.message, exc.exit_code, exc.problems if isinstance(exc, ConfigError) else ())
     sys.exit(exc.exit_code)
 
 
@@ -60,7 +59,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
       path = "/etc/asterisk"
     """
     from appliance.config import host_port
-    from appliance.replication.settings import load_source_config
+    from appliance.replication.settings import load_source_config, served_path_problems
     from appliance.replication.source import ServedStream, SourceAgent
     from appliance.replication.tls import server_context
 
@@ -68,11 +67,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         cfg = load_source_config(config_path)
         s = cfg.source
         ctx = server_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file)
-        problems = [
-            f"streams.{n}.path: {st.path} does not exist"
-            for n, st in cfg.streams.items()
-            if not st.path.exists()
-        ]
+        problems = served_path_problems(cfg)
         if problems:
             raise ConfigError(f"{config_path}: {len(problems)} problem(s)", problems)
     except HotsiteError as exc:
@@ -97,6 +92,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         checkpoint_frames=s.checkpoint_frames,
         restart_frames=s.restart_frames,
         peer_timeout_s=s.peer_timeout_s,
+        max_hello_bytes=s.max_hello_bytes,
         checkpoint_busy_ms=s.checkpoint_busy_ms,
     )
     try:
@@ -219,7 +215,7 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
     """
     result = _call("replication.status")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     terminal = sys.stdout.isatty()
     if (terminal if follow is None else follow) and _seeding(result):
@@ -239,6 +235,8 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
                 f"{'':<14} last verify: {'match' if verify.get('ok') else 'MISMATCH'}"
                 f" {_age(verify.get('at'))}"
             )
+        if s.get("damaged") and not s.get("promoted"):
+            click.echo(f"{'':<14} DAMAGED at rest (not promotable without --force-damaged): {s['damaged']}")
         if s.get("promoted"):
             click.echo(f"{'':<14} PROMOTED: {json.dumps(s['promoted'])}")
         if s.get("seed_progress") and s["seed_progress"][1] and s["seed_progress"][0] < s["seed_progress"][1]:
@@ -246,8 +244,8 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
             width = 30
             filled = int(width * done / total)
             click.echo(f"{'':<14} initial sync [{'#' * filled}{'.' * (width - filled)}] {done}/{total} pages")
-        if s.get("last_error"):
-            click.echo(f"{'':<14} last error: {s['last_error']}")
+        if s.get("last_error") and not s.get("damaged"):
+            click.echo(f"{'':<14} error: {s['last_error']}")
     if not result["streams"]:
         click.echo("no replication streams configured")
 
@@ -255,9 +253,32 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
 @replication.command("verify")
 @click.argument("stream")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def verify_cmd(stream: str, as_json: bool) -> None:
-    """Compute the checksum at both ends at the same position and print both (exit 1 on mismatch)."""
-    result = _call("replication.verify", stream=stream)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 86400),
+    default=3600,
+    show_default=True,
+    help="Give up after this many seconds (hashing a large database takes as long as reading it).",
+)
+def verify_cmd(stream: str, as_json: bool, timeout: float) -> None:
+    """Compute the checksum at both ends at the same position and print both (exit 1 on mismatch).
+
+    Progress (what it waits for, pages hashed) is printed to stderr every few
+    seconds while it runs.
+    """
+    started = time.monotonic()
+    while True:
+        # Each call waits at most 5 s, well inside the control socket's own timeout.
+        result = _call("replication.verify", stream=stream, wait_s=min(5.0, timeout))
+        if not (isinstance(result, dict) and result.get("pending")):
+            break
+        progress = result.get("progress") or {}
+        done, total = (list(progress.get("hashed_pages") or []) + [0, 0])[:2]
+        pages = f" ({done}/{total} pages, {100 * done / total:.0f}%)" if total else ""
+        click.echo(f"{stream}: verify {progress.get('phase', 'running')}{pages}", err=True)
+        if time.monotonic() - started > timeout:
+            click.echo(f"hotsite: error: verify of {stream} did not finish within {timeout:g} s", err=True)
+            sys.exit(1)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif "source_checksum" in result:
@@ -274,7 +295,11 @@ def verify_cmd(stream: str, as_json: bool) -> None:
 @replication.command("restore")
 @click.argument("stream")
 @click.option(
-    "--at", "at", required=True, help="Unix time or ISO time (local): newest snapshot at or before it."
+    "--at",
+    "at",
+    required=True,
+    help="ISO 8601 (UTC unless it has a zone, or with --local), a Unix time, or an age (2h):"
+    " the newest snapshot at or before it.",
 )
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option(
@@ -284,10 +309,10 @@ def verify_cmd(stream: str, as_json: bool) -> None:
 )
 def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> None:
     """Point-in-time restore: copy the newest kept snapshot taken at or before --at to --output."""
-    from appliance.replication.snapshots import SnapshotStore, parse_time
+    from appliance.replication.snapshots import SnapshotStore
 
     try:
-        when = parse_time(at)
+        when = timefmt.parse_when(at, time.time(), allow_epoch=True)
     except ValueError as exc:
         click.echo(f"hotsite: error: --at {at!r}: {exc}", err=True)
         sys.exit(2)
@@ -299,16 +324,37 @@ def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> N
     except HotsiteError as exc:
         _fail(exc)
         return
-    click.echo(f"restored {output} from snapshot of {time.ctime(snap.taken_at)} (position {snap.position})")
+    click.echo(
+        f"restored {output} from snapshot of {timefmt.stamp(snap.taken_at)} (position {snap.position})"
+    )
 
 
 @replication.command("promote")
 @click.argument("stream")
 @click.option("--reason", default="operator", show_default=True)
+@click.option(
+    "--force-damaged",
+    is_flag=True,
+    help="Promote even a replica that failed its check at rest (it is then not a committed state).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def promote_cmd(stream: str, reason: str, as_json: bool) -> None:
-    """Stop applying, record the final position and the data-loss window; the replica becomes writable."""
-    result = _call("replication.promote", stream=stream, reason=reason)
+@yes_option
+def promote_cmd(stream: str, reason: str, force_damaged: bool, as_json: bool, yes: bool) -> None:
+    """Stop applying, record the final position and the data-loss window; the replica becomes writable.
+
+    Refused (exit 1) for a stream never seeded, and for a replica whose file
+    differs from the state recorded when it was last verified, unless
+    --force-damaged.
+    """
+    confirm(
+        f"Promote {stream}? Replication stops and the backup's copy becomes writable;"
+        " what the primary wrote since the last applied change is lost.",
+        yes,
+    )
+    params: dict[str, Any] = {"stream": stream, "reason": reason}
+    if force_damaged:
+        params["force_damaged"] = True
+    result = _call("replication.promote", **params)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -318,14 +364,31 @@ def promote_cmd(stream: str, reason: str, as_json: bool) -> None:
         f"  final position {result.get('position')}, data-loss window "
         f"{'unknown' if window is None else f'{window:.3f}s'}"
     )
+    if result.get("damaged"):
+        click.echo(
+            f"  DAMAGED COPY handed out: {result['path']} is not a state the primary committed."
+            f" {result['damaged']}. Its checksum is {result.get('checksum')}; the last verified state"
+            f" (position {result.get('position')}) had {result.get('recorded_checksum') or 'no record'}."
+        )
 
 
 @replication.command("demote")
 @click.argument("stream")
 @click.option("--discard-local-writes", is_flag=True, help="Drop writes made at the backup since promotion.")
-def demote_cmd(stream: str, discard_local_writes: bool) -> None:
-    """Resume replication into a promoted replica (refused if the backup wrote to it, unless told)."""
-    _call("replication.demote", stream=stream, discard_local_writes=discard_local_writes)
+@yes_option
+def demote_cmd(stream: str, discard_local_writes: bool, yes: bool) -> None:
+    """Resume replication into a promoted replica (refused if the backup wrote to it, unless told).
+
+    The replica must still have exactly the checksum recorded at promotion.
+    With --discard-local-writes the backup's copy is first saved as a named
+    restore point in the snapshot directory, then resynced from the source.
+    """
+    if discard_local_writes:
+        confirm(f"Demote {stream} and DISCARD every write made at the backup since its promotion?", yes)
+    result = _call("replication.demote", stream=stream, discard_local_writes=discard_local_writes)
+    saved = (result or {}).get("saved_local_copy") if isinstance(result, dict) else None
+    if saved:
+        click.echo(f"{stream}: the backup's copy was saved to {saved}")
     click.echo(f"{stream}: replication resumed")
 
 

@@ -17,9 +17,7 @@ Register with ``cli.add_command(top)`` (``appliance.cli.main``).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import io
-import json
 import os
 import select
 import sys
@@ -36,7 +34,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from appliance import api
+from appliance import api, timefmt
+from appliance.cli.options import echo_json
 from appliance.errors import HotsiteError
 
 Fetch = Callable[..., Any]  # fetch(method, **params) -> result; raises HotsiteError
@@ -175,7 +174,7 @@ def view(
     status = snap.status or {}
     appliance = status.get("appliance", {})
     failover = status.get("failover", {})
-    clock = dt.datetime.fromtimestamp(snap.at).strftime("%H:%M:%S")
+    clock = timefmt.clock(snap.at)  # labelled: UTC unless --local
     state = failover.get("state", "?")
     parts.append(
         Text.assemble(
@@ -482,7 +481,7 @@ def top(interval: float, watch: bool, width: int, as_json: bool) -> None:
         snap = gather(fetch, time.time())
         if snap.status is None:
             _die(snap)
-        click.echo(json.dumps(snap.to_json(), indent=2))
+        echo_json(snap.to_json())
         return
     console = Console(highlight=False)
     if console.is_terminal and sys.stdin.isatty():

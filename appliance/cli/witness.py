@@ -5,7 +5,9 @@ no daemon and no ``hotsite.toml``: a witness machine has only this command,
 its options or a small TOML file (``--config``, top-level keys named like the
 options: ``name``, ``listen``, ``primary = [...]``, ``interval_s``,
 ``timeout_s``, ``rise``, ``fall``, ``token_file``, ``tls_cert_file``,
-``tls_key_file``, ``log_level``, ``log_format``); options override the file.
+``tls_key_file``, ``allow_plain_http``, ``allow_unauthenticated``, ``log_level``,
+``log_format``); options override the file. TLS and a token are required
+unless ``allow_plain_http`` / ``allow_unauthenticated`` say otherwise.
 
 Also runnable as ``python -m appliance.cli.witness`` (the integration tests do).
 """
@@ -64,6 +66,20 @@ def _fail(exc: HotsiteError) -> None:
     "--tls-cert", "tls_cert_file", type=click.Path(dir_okay=False, path_type=Path), help="Serve HTTPS."
 )
 @click.option("--tls-key", "tls_key_file", type=click.Path(dir_okay=False, path_type=Path), help="Its key.")
+@click.option(
+    "--allow-plain-http",
+    "allow_plain_http",
+    is_flag=True,
+    default=None,
+    help="Serve plain HTTP without --tls-cert (votes can be read and forged on the way).",
+)
+@click.option(
+    "--allow-unauthenticated",
+    "allow_unauthenticated",
+    is_flag=True,
+    default=None,
+    help="Answer without --token-file (anyone who reaches it may ask).",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", type=click.Choice(["kv", "json"]))
 def witness(config_file: Path | None, **options: object) -> None:
@@ -75,9 +91,10 @@ def witness(config_file: Path | None, **options: object) -> None:
 
     \b
     Example:
-      hotsite witness --listen 0.0.0.0:8080 --primary sip:10.1.0.10:5060 \\
-          --primary http://10.1.0.10/health --token-file /etc/hotsite/witness.token
-      curl -H "Authorization: Bearer $(cat token)" http://edge:8080/vote
+      hotsite witness --listen 0.0.0.0:8443 --primary sip:10.1.0.10:5060 \\
+          --primary http://10.1.0.10/health --token-file /etc/hotsite/witness.token \\
+          --tls-cert /etc/hotsite/tls/witness.pem --tls-key /etc/hotsite/secrets/witness.key
+      curl --cacert ca.pem -H "Authorization: Bearer $(cat token)" https://edge:8443/vote
     """
     overrides = {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()}
     try:

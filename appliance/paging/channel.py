@@ -9,19 +9,25 @@ once" possible:
 - ``failed``: it certainly did not go out; safe to try again or fall back.
   ``retryable`` says whether trying again later could help (a 400 never will).
 - ``uncertain``: it may have gone out (the modem got the whole PDU and then
-  said something odd or nothing at all: gammu's bug #416). Never resent on
-  the same channel, so a contractor does not get it twice.
+  said something odd or nothing at all: gammu's bug #416). Resent at once on
+  the next channel, and on the same channel only marked "(repeat)" (PAGING.md).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from appliance.paging.oncall import Contact
 
 Result = Literal["sent", "failed", "uncertain"]
+# A send's progress, reported by the channel as it goes: (channel, phase, part, parts).
+# Phases: "handed" (given to a channel that reports nothing finer), and for SMS per part
+# "command" (AT+CMGS written), "prompt" ('>' seen), "pdu" (about to write the PDU),
+# "answered" (+CMGS: the part went out), "error" (+CMS/+CME: it certainly did not).
+Progress = Callable[[str, str, int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,12 @@ class Message:
     dedup_key: str = ""
     severity: str = "error"
     details: dict[str, Any] = field(default_factory=dict)
+    progress: Progress | None = field(default=None, compare=False, repr=False)
+
+    def report(self, channel: str, phase: str, part: int = 0, parts: int = 1) -> None:
+        """Tell the outbox how far this send got (persisted before the step it names)."""
+        if self.progress is not None:
+            self.progress(channel, phase, part, parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +80,12 @@ class Channel(abc.ABC):
     name: str = "null"
     kind: str = "null"
     send_timeout_s: float = 10.0
+    # True when send() reports its own phases through Message.report (the SMS channel);
+    # otherwise the caller records "handed" before calling send().
+    reports_phases: bool = False
+    # True when the channel sends one message at a time (a modem on one serial port): the
+    # outbox then claims one row for it at a time, so rows never pile up claimed behind it.
+    exclusive: bool = False
 
     @abc.abstractmethod
     def can_reach(self, contact: Contact) -> bool: ...
@@ -116,6 +134,8 @@ async def send_with_fallback(channels: list[Channel], message: Message) -> tuple
     for channel in channels:
         if not channel.can_reach(message.contact):
             continue
+        if not channel.reports_phases:
+            message.report(channel.name, "handed")
         delivery = await channel.send(message)
         tried.append(f"{channel.name}: {delivery.result} {delivery.detail}".strip())
         if delivery.sent:

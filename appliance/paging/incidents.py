@@ -10,14 +10,18 @@ Rules, each a test:
 
 - A condition is identified by its ``key``: raising an active key again is a
   duplicate (counted, no page). A new key whose ``group`` already has an
-  active incident joins it (one page thread per group); the incident resolves
-  when every condition in it has cleared.
+  *open* incident joins it (one page thread per group); the incident resolves
+  when every condition in it has cleared. A new key whose group's incident is
+  already *acknowledged* opens a new incident (never silent: PAGING.md says why).
+- A page that failed on every channel (``Undelivered``) escalates the incident
+  to its next step at once.
 - A new incident walks its escalation policy: step 0 at once, each next step
   ``escalate_after_s`` after the previous, the whole policy ``repeat`` more
   times, then it stops (and says so).
 - Acknowledgement stops the escalation; nothing is paged for an incident after
   it was acknowledged or resolved, except the resolve notice.
-- On resolve, every contact who was actually paged gets one "resolved" text.
+- On resolve, every contact who was actually paged gets one "resolved" text;
+  on acknowledgement, everyone else who was paged gets one "acknowledged by" text.
 - At night, a contact is woken only for incidents at least as severe as their
   ``wake_for``; lesser pages wait until the night ends (if still relevant).
 - Every page carries the reason it was sent.
@@ -77,7 +81,16 @@ class Tick:
     pass
 
 
-Event = Raise | Clear | Ack | Resolve | Tick
+@dataclass(frozen=True, slots=True)
+class Undelivered:
+    """A page of ``incident`` to ``contact`` failed on every channel: escalate at once."""
+
+    incident: int
+    contact: str
+    why: str = ""
+
+
+Event = Raise | Clear | Ack | Resolve | Tick | Undelivered
 
 
 # ---------------------------------------------------------------------------
@@ -90,7 +103,7 @@ class Page:
 
     incident: int
     contact: str
-    kind: Literal["trigger", "resolve"]
+    kind: Literal["trigger", "resolve", "ack"]
     text: str
     reason: str
     dedup: str
@@ -218,7 +231,9 @@ def step(state: PagerState, event: Event, now: float, roster: Roster) -> tuple[P
                     state, incident, now, roster, f"condition {event.key} cleared", "auto", actions
                 )
     elif isinstance(event, Ack):
-        state = _ack(state, event, now, actions)
+        state = _ack(state, event, now, roster, actions)
+    elif isinstance(event, Undelivered):
+        state = _undelivered(state, event, now, actions)
     elif isinstance(event, Resolve):
         incident = state.find(event.incident)
         if incident is None:
@@ -251,7 +266,10 @@ def _raise(state: PagerState, event: Raise, now: float, roster: Roster, actions:
         )
         return state
     group = event.group or event.key
-    grouped = next((i for i in state.incidents.values() if i.group == group), None)
+    # Only an OPEN incident takes a new condition: one already acknowledged would swallow
+    # it silently (the person who acked is busy with the first failure), so a new one opens.
+    grouped = next((i for i in state.incidents.values() if i.group == group and i.status == "open"), None)
+    acked = next((i for i in state.incidents.values() if i.group == group and i.status == "acked"), None)
     if grouped is not None:
         worse = RANK[event.severity] > RANK[grouped.severity]
         state = _put(
@@ -268,12 +286,15 @@ def _raise(state: PagerState, event: Raise, now: float, roster: Roster, actions:
         )
         return state
     policy = roster.policy_for(event.severity, event.policy)
+    summary = event.summary
+    if acked is not None:
+        summary = f"{summary} (new, while #{acked.id} is acknowledged by {acked.acked_by})"[:300]
     incident = Incident(
         id=state.next_id,
         group=group,
         keys=(event.key,),
         severity=event.severity,
-        summary=event.summary,
+        summary=summary,
         policy=policy.name if policy else "",
         opened_at=now,
         short_code=_short_code(state, state.next_id, event.key),
@@ -292,7 +313,32 @@ def _raise(state: PagerState, event: Raise, now: float, roster: Roster, actions:
     return replace(_put(state, incident), next_id=state.next_id + 1)
 
 
-def _ack(state: PagerState, event: Ack, now: float, actions: list[Action]) -> PagerState:
+def _undelivered(state: PagerState, event: Undelivered, now: float, actions: list[Action]) -> PagerState:
+    incident = state.incidents.get(event.incident)
+    if incident is None or incident.status != "open":
+        return state
+    if incident.next_at is None:
+        actions.append(
+            Note(
+                "undelivered",
+                incident.id,
+                f"NOT DELIVERED to {event.contact}: {event.why}; no further escalation step",
+                {"contact": event.contact},
+            )
+        )
+        return state
+    actions.append(
+        Note(
+            "undelivered",
+            incident.id,
+            f"NOT DELIVERED to {event.contact}: {event.why}; escalating to the next step now",
+            {"contact": event.contact},
+        )
+    )
+    return _put(state, replace(incident, next_at=min(incident.next_at, now)))
+
+
+def _ack(state: PagerState, event: Ack, now: float, roster: Roster, actions: list[Action]) -> PagerState:
     incident = state.find(event.incident)
     if incident is None:
         actions.append(
@@ -322,6 +368,19 @@ def _ack(state: PagerState, event: Ack, now: float, actions: list[Action]) -> Pa
             {"actor": event.actor, "via": event.via, "after_s": now - incident.opened_at},
         )
     )
+    text = f"[{roster.site}] #{incident.id} acknowledged by {event.actor} ({event.via}): {incident.summary}"
+    for contact in incident.paged:
+        if contact != event.actor:
+            actions.append(
+                Page(
+                    incident.id,
+                    contact,
+                    "ack",
+                    text[:300],
+                    reason=f"#{incident.id} acknowledged by {event.actor}; {contact} had been paged",
+                    dedup=f"{incident.id}:ack:{contact}",
+                )
+            )
     return _put(
         state,
         replace(incident, status="acked", acked_by=event.actor, acked_at=now, next_at=None, deferred=()),

@@ -16,6 +16,24 @@ class PagingMetrics:
             ["channel", "result"],
             registry=registry,
         )
+        self.deferred = Counter(
+            "hotsite_paging_deferred_total",
+            "Pages held instead of sent now, by reason (rate_limit, night). Critical pages are never held.",
+            ["reason"],
+            registry=registry,
+        )
+        self.undelivered = Counter(
+            "hotsite_paging_undelivered_total",
+            "Pages that failed on every channel after the last attempt, by kind (trigger, resolve, ...).",
+            ["kind"],
+            registry=registry,
+        )
+        self.recovered = Counter(
+            "hotsite_paging_recovered_total",
+            "Pages found mid-send at start-up, by outcome (resent, uncertain, sent).",
+            ["outcome"],
+            registry=registry,
+        )
         self.time_to_ack = Histogram(
             "hotsite_paging_time_to_ack_seconds",
             "Time from an incident opening to its acknowledgement.",

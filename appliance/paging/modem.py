@@ -12,7 +12,8 @@ Why it is built this way (each a lesson from gammu and smstools):
 - **Generous timeouts**: ``AT+CMGS`` may take tens of seconds on a real
   network. If the ``>`` prompt never comes, ESC aborts and nothing was sent;
   if the PDU was written and the reply is odd or missing, the text may have
-  gone out: it is reported *uncertain* and never resent (gammu #416).
+  gone out: it is reported *uncertain* (gammu #416) and the outbox resends
+  it on the next channel and, marked "(repeat)", by SMS (``PAGING.md``).
 - **A hung modem is reset**: the port is closed (dropping DTR) and reopened,
   then initialised again.
 
@@ -270,8 +271,16 @@ class AtPort:
             raise ModemTimeout(f"cannot write to the modem: {exc}") from None
 
     async def command(
-        self, command: str, *, timeout: float = 5.0, data: str | None = None, prompt_timeout: float = 10.0
+        self,
+        command: str,
+        *,
+        timeout: float = 5.0,
+        data: str | None = None,
+        prompt_timeout: float = 10.0,
+        on_phase: Callable[[str], None] = lambda phase: None,
     ) -> list[str]:
+        """Run one command. ``on_phase`` is told "command", "prompt" and "pdu" *before* each
+        step happens (so a crash right after the step finds it recorded)."""
         async with self._lock:
             if self._serial is None:
                 raise ModemError("modem port is not open")
@@ -283,6 +292,8 @@ class AtPort:
             self._expect = command[2:].split("=")[0].split("?")[0] + ":" if command.startswith("AT+") else ""
             self._prompt = asyncio.Event() if data is not None else None
             try:
+                if data is not None:
+                    on_phase("command")
                 await self.write(command + "\r")
                 written = False
                 if data is not None:
@@ -298,7 +309,9 @@ class AtPort:
                         raise ModemTimeout(
                             f"no '>' prompt within {prompt_timeout:g} s; aborted with ESC"
                         ) from None
+                    on_phase("prompt")
                     self._echo = data
+                    on_phase("pdu")
                     await self.write(data + CTRL_Z)
                     written = True
                 try:
@@ -418,13 +431,14 @@ class Modem:
                 rssi = _int(line.split(":", 1)[1].split(",")[0])
         return ModemHealth(sim, stat, rssi)
 
-    async def send(self, part: pdu.SubmitPdu) -> int:
+    async def send(self, part: pdu.SubmitPdu, on_phase: Callable[[str], None] = lambda phase: None) -> int:
         """Send one PDU; return the message reference (``+CMGS: <mr>``)."""
         lines = await self.port.command(
             f"AT+CMGS={part.tpdu_length}",
             data=part.hex,
             timeout=self.send_timeout_s,
             prompt_timeout=self.prompt_timeout_s,
+            on_phase=on_phase,
         )
         for line in lines:
             if line.startswith("+CMGS:"):
@@ -489,6 +503,8 @@ class GsmChannel(Channel):
     """
 
     kind = "gsm"
+    reports_phases = True
+    exclusive = True
 
     def __init__(
         self,
@@ -619,8 +635,12 @@ class GsmChannel(Channel):
         except pdu.PduError as exc:
             return Delivery("failed", f"cannot encode: {exc.message}", retryable=False)
         references: list[str] = []
-        for part in parts:
-            delivery = await self._send_part(part)
+        for index, part in enumerate(parts):
+
+            def phase(name: str, index: int = index) -> None:
+                message.report(self.name, name, index, len(parts))
+
+            delivery = await self._send_part(part, phase)
             if delivery.result != "sent":
                 if references:  # earlier parts went out: resending would duplicate them
                     return Delivery(
@@ -632,7 +652,10 @@ class GsmChannel(Channel):
             references.append(delivery.reference or "")
         return Delivery("sent", f"+CMGS {','.join(references)}", reference=",".join(references))
 
-    async def _send_part(self, part: pdu.SubmitPdu) -> Delivery:
+    async def _send_part(
+        self, part: pdu.SubmitPdu, phase: Callable[[str], None] = lambda name: None
+    ) -> Delivery:
+        """One part, retried on errors that may pass; ``phase`` is told each step (PAGING.md)."""
         last = "not tried"
         for attempt in range(self.retries + 1):
             if attempt:
@@ -643,19 +666,34 @@ class GsmChannel(Channel):
                     last = f"modem not usable: {exc.message}"
                     continue
             try:
-                mr = await self.modem.send(part)
+                mr = await self.modem.send(part, phase)
+                phase("answered")
                 self.on_event("sent_part")
+                if attempt:
+                    log.warning(
+                        "SMS part went out after errors",
+                        extra=kv(channel=self.name, attempts=attempt + 1, errors=last),
+                    )
                 return Delivery("sent", reference=str(mr))
             except ModemTimeout as exc:
                 self.on_event("timeout")
                 if exc.maybe_sent:
-                    # The PDU reached the modem: never send it again (gammu #416).
+                    # The PDU reached the modem: not retried here (gammu #416); the outbox
+                    # sends it on the next channel and marks an SMS resend "(repeat)".
                     await self.reset(f"odd reply after the PDU: {exc.message}")
                     return Delivery("uncertain", exc.message)
+                phase("error")  # no PDU was written: certainly not sent
                 last = exc.message
                 await self.reset(exc.message)
             except ModemError as exc:
+                phase("error")
                 self.on_event("cms_error" if exc.cms is not None else "error")
+                log.warning(
+                    "the modem refused an SMS part",
+                    extra=kv(
+                        channel=self.name, attempt=attempt + 1, error=exc.message, permanent=exc.permanent
+                    ),
+                )
                 last = exc.message
                 if exc.permanent:
                     return Delivery("failed", exc.message, retryable=False)

@@ -67,6 +67,15 @@ class Night:
             return self.start_minute <= minute < self.end_minute
         return minute >= self.start_minute or minute < self.end_minute
 
+    def ends_after(self, now: float) -> float:
+        """The next end of the night after ``now`` (unix time)."""
+        zone = ZoneInfo(self.tz)
+        local = dt.datetime.fromtimestamp(now, zone)
+        end = local.replace(hour=self.end_minute // 60, minute=self.end_minute % 60, second=0, microsecond=0)
+        if end <= local:
+            end += dt.timedelta(days=1)
+        return end.timestamp()
+
 
 @dataclass(frozen=True, slots=True)
 class Step:
@@ -98,23 +107,49 @@ class Roster:
     severity_policies: Mapping[str, str] = field(default_factory=dict)
     night: Night | None = None
     site: str = "hotsite"
+    country_code: str = ""  # paging.country_code: how a national number from the network is read
 
     def policy_for(self, severity: str, requested: str | None = None) -> Policy | None:
         name = requested or self.severity_policies.get(severity) or self.default_policy
         return self.policies.get(name)
 
     def by_phone(self, phone: str) -> Contact | None:
-        wanted = normalise_phone(phone)
+        """The contact with this number, in any of its forms (``normalise_phone``)."""
+        wanted = phone_forms(phone, self.country_code)
         for contact in self.contacts.values():
-            if contact.phone and normalise_phone(contact.phone) == wanted:
+            if contact.phone and normalise_phone(contact.phone, self.country_code) in wanted:
                 return contact
         return None
 
 
-def normalise_phone(phone: str) -> str:
-    """Digits with a leading '+', so '+86 138-0013-8000' and '+8613800138000' compare equal."""
+def normalise_phone(phone: str, country_code: str = "") -> str:
+    """E.164 where it can be known: '+86 138-0013-8000', '008613800138000' and, with country
+    code 86, the national forms '13800138000' and '0138 0013 8000' all give '+8613800138000'.
+
+    Without a country code a national number stays bare digits and matches nothing
+    written in E.164 (the config's contacts are): set ``paging.country_code``.
+    """
+    raw = phone.strip()
+    digits = "".join(ch for ch in raw if ch.isdigit())
+    cc = country_code.lstrip("+")
+    if raw.startswith("+"):
+        return "+" + digits
+    if digits.startswith("00"):
+        return "+" + digits[2:]
+    if cc:
+        return "+" + cc + digits.lstrip("0")
+    return digits
+
+
+def phone_forms(phone: str, country_code: str = "") -> set[str]:
+    """The E.164 numbers a sender's address may stand for: the normalised form and, for a
+    number given without '+' that already starts with the country code, that number."""
+    forms = {normalise_phone(phone, country_code)}
     digits = "".join(ch for ch in phone if ch.isdigit())
-    return "+" + digits if phone.strip().startswith("+") else digits
+    cc = country_code.lstrip("+")
+    if cc and digits.startswith(cc) and not phone.strip().startswith("+"):
+        forms.add("+" + digits)
+    return forms
 
 
 def on_call(roster: Roster, rotation: str, now: float) -> str | None:

@@ -5,12 +5,20 @@ most (gammu #131). So the escalation core's decision, the incident's new
 state and the pages it asked for are committed in ONE transaction; a sender
 then claims a row (``queued`` -> ``sending``), sends it, and records the
 outcome (``sent``, ``uncertain``, back to ``queued`` with a backoff, or
-``failed`` after the last attempt).
+``failed`` after the last attempt). A page a rate limit holds is ``held``
+(with the time it may go), never silently queued.
 
-Exactly once: a row is claimed by a conditional UPDATE, so two senders never
-take the same row; a row found in ``sending`` at start-up (the daemon died
-mid-send) may have gone out and is marked ``uncertain``, never resent. One bad
-row never blocks the others (gammu #462): rows are independent.
+The send state machine (``PAGING.md``): while a row is ``sending`` the
+channel reports each step *before* it takes it (``phase``: claimed, handed,
+command, prompt, pdu, answered, error; ``parts_sent`` of ``parts_total``).
+At start-up (:meth:`Outbox.recover`) a row whose PDU may have been written
+without a final answer is *uncertain*; every other unfinished row certainly
+never went out and is resent. At least once beats at most once for people:
+an uncertain page is sent again on the next channel at once and, marked
+``(repeat)``, on the channel that was uncertain (:meth:`Outbox.follow_up`).
+
+Rows are independent (gammu #462): one bad row never blocks the others, and
+a row is claimed by a conditional UPDATE, so two senders never take it both.
 """
 
 from __future__ import annotations
@@ -18,11 +26,14 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.paging.channel import Delivery
 from appliance.store import Store
+
+REPEAT_MARK = "(repeat) "
+UNCERTAIN_PHASES = ("pdu", "handed")  # the far end may have it, and said nothing yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +50,27 @@ class Row:
     attempts: int
     created_at: float
     next_at: float
+    severity: str = "error"
+    repeat_of: int | None = None
+    phase: str = ""
+    phase_channel: str | None = None
+    parts_sent: int = 0
+    parts_total: int = 0
+    detail: str = ""
+
+    @property
+    def may_have_gone_out(self) -> bool:
+        """The recovery rule: the PDU (or a part of the page) may have reached the far end."""
+        return (
+            self.phase in UNCERTAIN_PHASES
+            or 0 < self.parts_sent < max(self.parts_total, 1)
+            or (self.parts_total == 0 and self.parts_sent > 0)
+        )
+
+    @property
+    def answered_in_full(self) -> bool:
+        """Every part had its +CMGS before the daemon stopped: it went out, only unrecorded."""
+        return self.parts_total > 0 and self.parts_sent == self.parts_total
 
     @classmethod
     def of(cls, row: sqlite3.Row) -> Row:
@@ -55,7 +87,23 @@ class Row:
             row["attempts"],
             row["created_at"],
             row["next_at"],
+            row["severity"],
+            row["repeat_of"],
+            row["phase"],
+            row["phase_channel"],
+            row["parts_sent"],
+            row["parts_total"],
+            row["detail"],
         )
+
+
+@dataclass
+class Recovery:
+    """What :meth:`Outbox.recover` found: row ids resent, rows uncertain, rows found sent."""
+
+    resent: list[int] = field(default_factory=list)
+    uncertain: list[Row] = field(default_factory=list)
+    sent: list[int] = field(default_factory=list)
 
 
 class Outbox:
@@ -76,63 +124,174 @@ class Outbox:
         reason: str,
         channels: Sequence[str],
         now: float,
+        severity: str = "error",
+        repeat_of: int | None = None,
     ) -> bool:
         """Queue one page; False if this exact page (``dedup``) was queued before."""
         cursor = conn.execute(
             "INSERT OR IGNORE INTO paging_outbox (dedup, incident_id, contact, kind, text, reason, channels,"
-            " state, created_at, next_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-            (dedup, incident_id, contact, kind, text, reason, json.dumps(list(channels)), now, now),
+            " state, created_at, next_at, severity, repeat_of)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            (
+                dedup,
+                incident_id,
+                contact,
+                kind,
+                text,
+                reason,
+                json.dumps(list(channels)),
+                now,
+                now,
+                severity,
+                repeat_of,
+            ),
         )
         return cursor.rowcount == 1
+
+    @classmethod
+    def follow_up(
+        cls,
+        conn: sqlite3.Connection,
+        row: Row,
+        uncertain_on: Sequence[str],
+        others: Sequence[str],
+        now: float,
+        *,
+        delivered_elsewhere: bool = False,
+    ) -> list[str]:
+        """An uncertain page, sent again: on ``others`` (the next channels) at once, unless one
+        of them already took it, and on each channel in ``uncertain_on`` marked ``(repeat)``.
+
+        Only once per page: a repeat that is itself uncertain is not repeated again (the
+        contractor may already have it twice). Returns the dedup keys queued.
+        """
+        if row.repeat_of is not None:
+            return []
+        queued: list[str] = []
+        for channels, dedup, text, reason in cls._follow_ups(row, uncertain_on, others, delivered_elsewhere):
+            if cls.enqueue(
+                conn,
+                dedup=dedup,
+                incident_id=row.incident_id,
+                contact=row.contact,
+                kind=row.kind,
+                text=text,
+                reason=reason,
+                channels=channels,
+                now=now,
+                severity=row.severity,
+                repeat_of=row.id,
+            ):
+                queued.append(dedup)
+        return queued
+
+    @staticmethod
+    def _follow_ups(
+        row: Row, uncertain_on: Sequence[str], others: Sequence[str], delivered_elsewhere: bool
+    ) -> list[tuple[list[str], str, str, str]]:
+        """(channels, dedup, text, reason) of each follow-up page of an uncertain one."""
+        out: list[tuple[list[str], str, str, str]] = []
+        if others and not delivered_elsewhere:
+            why = f"{row.reason}; page {row.id} was uncertain on {', '.join(uncertain_on)}"
+            out.append((list(others), f"{row.dedup}:next", row.text, why))
+        for channel in uncertain_on:
+            text = row.text if row.text.startswith(REPEAT_MARK) else REPEAT_MARK + row.text
+            why = f"{row.reason}; page {row.id} may have gone out on {channel}: sent again, marked (repeat)"
+            out.append(([channel], f"{row.dedup}:repeat:{channel}", text, why))
+        return out
 
     @staticmethod
     def cancel_triggers(conn: sqlite3.Connection, incident_id: int, why: str) -> int:
         """Queued trigger pages of an acknowledged or resolved incident are never sent."""
         return conn.execute(
             "UPDATE paging_outbox SET state = 'cancelled', detail = ? WHERE incident_id = ?"
-            " AND kind = 'trigger' AND state = 'queued'",
+            " AND kind = 'trigger' AND state IN ('queued', 'held')",
             (why, incident_id),
         ).rowcount
 
     # -- the sender's side ---------------------------------------------------------
 
-    def recover(self) -> int:
-        """At start-up: rows left in ``sending`` may have gone out; mark them uncertain."""
+    def recover(self, now: float) -> Recovery:
+        """At start-up, each row left in ``sending`` by a daemon that stopped: the rule of PAGING.md.
+
+        Answered in full -> ``sent``; PDU (or a part) possibly out -> ``uncertain`` (the caller
+        queues its follow-ups); anything earlier certainly never left -> ``queued`` now.
+        """
+        found = Recovery()
+        rows = [Row.of(r) for r in self.store.query("SELECT * FROM paging_outbox WHERE state = 'sending'")]
         with self.store.transaction() as conn:
-            return conn.execute(
-                "UPDATE paging_outbox SET state = 'uncertain',"
-                " detail = 'the daemon stopped while sending: may have gone out, not resent'"
-                " WHERE state = 'sending'"
-            ).rowcount
+            for row in rows:
+                where = f"{row.phase or 'claimed'} on {row.phase_channel or '-'}"
+                if row.answered_in_full:
+                    state, detail = "sent", f"the daemon stopped after the modem took every part ({where})"
+                    found.sent.append(row.id)
+                elif row.may_have_gone_out:
+                    state, detail = "uncertain", f"the daemon stopped at {where}: may have gone out"
+                    found.uncertain.append(row)
+                else:
+                    state, detail = "queued", f"the daemon stopped at {where}: never went out, resent"
+                    found.resent.append(row.id)
+                conn.execute(
+                    "UPDATE paging_outbox SET state = ?, next_at = ?, sent_at = CASE WHEN ? = 'queued'"
+                    " THEN NULL ELSE ? END, channel = COALESCE(?, channel), detail = ? WHERE id = ?",
+                    (
+                        state,
+                        now,
+                        state,
+                        now,
+                        row.phase_channel if state != "queued" else None,
+                        (detail + ("; " + row.detail if row.detail else ""))[:1000],
+                        row.id,
+                    ),
+                )
+        return found
+
+    def progress(self, row_id: int, channel: str, phase: str, part: int, parts: int) -> None:
+        """Persist how far a send got, before the step it names is taken (the phase table)."""
+        sent = part + 1 if phase == "answered" else part
+        with self.store.transaction() as conn:
+            conn.execute(
+                "UPDATE paging_outbox SET phase = ?, phase_channel = ?, parts_sent = ?, parts_total = ?"
+                " WHERE id = ? AND state = 'sending'",
+                (phase, channel, sent, parts, row_id),
+            )
 
     def due(self, now: float, limit: int = 50) -> list[Row]:
         rows = self.store.query(
-            "SELECT * FROM paging_outbox WHERE state = 'queued' AND next_at <= ?"
-            " ORDER BY next_at, id LIMIT ?",
+            "SELECT * FROM paging_outbox WHERE state IN ('queued', 'held') AND next_at <= ?"
+            " ORDER BY severity = 'critical' DESC, next_at, id LIMIT ?",
             (now, limit),
         )
         return [Row.of(r) for r in rows]
 
     def next_due(self) -> float | None:
-        rows = self.store.query("SELECT MIN(next_at) AS t FROM paging_outbox WHERE state = 'queued'")
+        rows = self.store.query(
+            "SELECT MIN(next_at) AS t FROM paging_outbox WHERE state IN ('queued', 'held')"
+        )
         return rows[0]["t"] if rows and rows[0]["t"] is not None else None
 
     def claim(self, row_id: int, now: float) -> bool:
         with self.store.transaction() as conn:
             return (
                 conn.execute(
-                    "UPDATE paging_outbox SET state = 'sending', attempts = attempts + 1, next_at = ?"
-                    " WHERE id = ? AND state = 'queued'",
+                    "UPDATE paging_outbox SET state = 'sending', attempts = attempts + 1, next_at = ?,"
+                    " phase = 'claimed', phase_channel = NULL, parts_sent = 0, parts_total = 0"
+                    " WHERE id = ? AND state IN ('queued', 'held')",
                     (now, row_id),
                 ).rowcount
                 == 1
             )
 
-    def defer(self, row_id: int, until: float, why: str) -> None:
+    def hold(self, row_id: int, until: float, why: str) -> bool:
+        """A limit holds this page until ``until``; True if it was not held already."""
         with self.store.transaction() as conn:
-            conn.execute(
-                "UPDATE paging_outbox SET next_at = ?, detail = ? WHERE id = ? AND state = 'queued'",
-                (until, why, row_id),
+            return (
+                conn.execute(
+                    "UPDATE paging_outbox SET state = 'held', next_at = ?, detail = ? WHERE id = ?"
+                    " AND state IN ('queued', 'held') AND NOT (state = 'held' AND next_at = ?)",
+                    (until, why, row_id, until),
+                ).rowcount
+                == 1
             )
 
     def finish(
@@ -145,8 +304,11 @@ class Outbox:
         *,
         max_attempts: int,
         backoff_s: float,
+        uncertain_on: Sequence[str] = (),
+        others: Sequence[str] = (),
     ) -> str:
-        """Record the outcome; returns the row's new state."""
+        """Record the outcome (and, if a channel was uncertain, its follow-ups, in the same
+        transaction); returns the row's new state."""
         detail = "; ".join(tried) or delivery.detail
         if delivery.result == "sent":
             state, next_at = "sent", now
@@ -159,7 +321,7 @@ class Outbox:
         with self.store.transaction() as conn:
             conn.execute(
                 "UPDATE paging_outbox SET state = ?, next_at = ?, sent_at = ?, channel = ?, reference = ?,"
-                " detail = ? WHERE id = ?",
+                " detail = ?, uncertain_on = ? WHERE id = ?",
                 (
                     state,
                     next_at,
@@ -167,9 +329,12 @@ class Outbox:
                     channel or None,
                     delivery.reference,
                     detail[:1000],
+                    ",".join(uncertain_on),
                     row.id,
                 ),
             )
+            if uncertain_on:
+                self.follow_up(conn, row, uncertain_on, others, now, delivered_elsewhere=state == "sent")
         return state
 
     def allowed_at(self, contact: str, now: float, per_hour: int) -> float | None:
@@ -185,10 +350,15 @@ class Outbox:
         return float(rows[-1]["t"]) + 3600.0
 
     def depth(self) -> int:
+        """Pages queued or being sent (held ones are counted apart: they wait on purpose)."""
+        return self.count("queued", "sending")
+
+    def count(self, *states: str) -> int:
+        marks = ", ".join("?" for _ in states)
         return int(
-            self.store.query("SELECT COUNT(*) AS n FROM paging_outbox WHERE state IN ('queued', 'sending')")[
-                0
-            ]["n"]
+            self.store.query(f"SELECT COUNT(*) AS n FROM paging_outbox WHERE state IN ({marks})", states)[0][
+                "n"
+            ]
         )
 
     def rows(self, *, incident_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:

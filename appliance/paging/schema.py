@@ -44,4 +44,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX paging_outbox_due ON paging_outbox(state, next_at);
     CREATE INDEX paging_outbox_contact ON paging_outbox(contact, kind, sent_at);
     """,
+    # 2: the send state machine (PAGING.md): the last point each send reached, so a restart
+    # resends every page that certainly never went out and marks only the rest uncertain.
+    """
+    ALTER TABLE paging_outbox ADD COLUMN phase TEXT NOT NULL DEFAULT '';
+    ALTER TABLE paging_outbox ADD COLUMN phase_channel TEXT;
+    ALTER TABLE paging_outbox ADD COLUMN parts_sent INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE paging_outbox ADD COLUMN parts_total INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE paging_outbox ADD COLUMN uncertain_on TEXT NOT NULL DEFAULT '';
+    ALTER TABLE paging_outbox ADD COLUMN repeat_of INTEGER;
+    ALTER TABLE paging_outbox ADD COLUMN severity TEXT NOT NULL DEFAULT 'error';
+    """,
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import time
@@ -27,8 +28,20 @@ from appliance.config import Config
 from appliance.errors import ConfigError
 from appliance.logs import kv
 from appliance.paging import commands, settings
-from appliance.paging.channel import Channel, Message, send_with_fallback
-from appliance.paging.incidents import Ack, Clear, Event, Incident, Note, Page, PagerState, Raise, Tick, step
+from appliance.paging.channel import Channel, Delivery, Message, send_with_fallback
+from appliance.paging.incidents import (
+    Ack,
+    Clear,
+    Event,
+    Incident,
+    Note,
+    Page,
+    PagerState,
+    Raise,
+    Tick,
+    Undelivered,
+    step,
+)
 from appliance.paging.metrics import PagingMetrics
 from appliance.paging.modem import GsmChannel, Inbound, ModemHealth
 from appliance.paging.oncall import Contact, Roster, Severity, schedule
@@ -42,6 +55,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Caller, dict[str, Any]], Awaitable[Any]]
 TICK_S = 1.0
 SEND_CONCURRENCY = 4
+NOTICE_MARK = "limit notice, digest at"
 
 
 class PagingService:
@@ -86,26 +100,28 @@ class PagingService:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._receiver: WebhookReceiver | None = None
+        self.on_receiver_outcome: Callable[[str], None] = lambda outcome: None  # counted by the daemon
         self.decided_at: dict[str, float] = {}  # page dedup -> monotonic time decided (for benchmarks)
 
     # -- life ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        recovered = self.outbox.recover()
-        if recovered:
-            self.store.record(
-                "paging.uncertain",
-                message=f"{recovered} page(s) were being sent when the daemon"
-                " stopped: may have gone out, not resent",
-                data={"count": recovered},
-            )
+        self._recover()
         for channel in self.channels.values():
             await channel.start()
         paging = self.config.paging
         if paging.alertmanager_listen:
             host, port = config_mod.host_port(paging.alertmanager_listen)
             token = settings.read_secret(paging.alertmanager_token_file, "paging.alertmanager_token_file")
-            self._receiver = WebhookReceiver(host, port, self._inbound_events, token=token)
+            self._receiver = WebhookReceiver(
+                host,
+                port,
+                self._inbound_events,
+                token=token,
+                token_name=paging.alertmanager_token_name,
+                allow_unauthenticated=paging.alertmanager_allow_unauthenticated,
+                on_outcome=self.on_receiver_outcome,
+            )
             await self._receiver.start()
         self._tasks = [
             asyncio.create_task(self._sender(), name="paging:sender"),
@@ -125,6 +141,38 @@ class PagingService:
         for channel in self.channels.values():
             with contextlib.suppress(Exception):
                 await channel.stop()
+
+    def _recover(self) -> None:
+        """Rows a previous life left in ``sending``: resent, uncertain (followed up) or sent."""
+        now = self.clock.time()
+        found = self.outbox.recover(now)
+        with self.store.transaction() as conn:
+            for row in found.uncertain:
+                on = [row.phase_channel] if row.phase_channel in self.channels else []
+                others = [n for n in self._names(row) if n not in on]
+                self.outbox.follow_up(conn, row, on, others, now)
+        for outcome, rows in (("resent", found.resent), ("uncertain", found.uncertain), ("sent", found.sent)):
+            if rows:
+                self.metrics.recovered.labels(outcome=outcome).inc(len(rows))
+        if found.resent or found.uncertain or found.sent:
+            message = (
+                f"the daemon stopped while sending: {len(found.resent)} page(s) had certainly not gone out"
+                f" and are resent; {len(found.uncertain)} may have gone out and are sent again on the next"
+                f" channel and marked (repeat); {len(found.sent)} had gone out"
+            )
+            log.warning(message, extra=kv(resent=found.resent, uncertain=[r.id for r in found.uncertain]))
+            self.store.record(
+                "paging.recovered",
+                message=message,
+                data={
+                    "resent": found.resent,
+                    "uncertain": [r.id for r in found.uncertain],
+                    "sent": found.sent,
+                },
+            )
+
+    def _names(self, row: Row) -> list[str]:
+        return [n for n in (row.channels or self.order) if n in self.channels]
 
     @property
     def receiver_port(self) -> int | None:
@@ -191,6 +239,8 @@ class PagingService:
                         conn, incident_id, "incident acknowledged before this page went out"
                     )
             for action in actions:
+                if isinstance(action, Page) and action.kind != "trigger" and not _was_told(conn, action):
+                    continue  # "acknowledged"/"resolved" only to someone who got the page itself
                 if isinstance(action, Page):
                     self.outbox.enqueue(
                         conn,
@@ -202,15 +252,48 @@ class PagingService:
                         reason=action.reason,
                         channels=action.channels,
                         now=now,
+                        severity=_severity(action.incident, before, after),
                     )
                     self.decided_at[action.dedup] = mono
+                elif isinstance(action, Note) and action.kind in ("acked", "resolved") and action.incident:
+                    self._tell_pagerduty(conn, action.incident, action.kind, action.message, now)
+
+    def _tell_pagerduty(self, conn: Any, incident_id: int, kind: str, why: str, now: float) -> None:
+        """PagerDuty gets ``acknowledge``/``resolve`` for an incident it was told about (a trigger
+        went out through it), so its own escalation stops too."""
+        from appliance.paging.webhook import WebhookChannel
+
+        told = conn.execute(
+            "SELECT DISTINCT channel, contact FROM paging_outbox WHERE incident_id = ? AND kind = 'trigger'"
+            " AND state IN ('sent', 'uncertain') AND channel IS NOT NULL",
+            (incident_id,),
+        ).fetchall()
+        for channel, contact in told:
+            target = self.channels.get(channel)
+            if not (isinstance(target, WebhookChannel) and target.format == "pagerduty"):
+                continue
+            self.outbox.enqueue(
+                conn,
+                dedup=f"{incident_id}:pagerduty:{kind}:{channel}",
+                incident_id=incident_id,
+                contact=contact,
+                kind="ack" if kind == "acked" else "resolve",
+                text=f"[{self.roster.site}] #{incident_id} {why}",
+                reason=f"PagerDuty was told about #{incident_id}: it is {kind}",
+                channels=[channel],
+                now=now,
+            )
 
     def _note(self, note: Note, actor: str) -> None:
         if note.kind == "acked":
             self.metrics.time_to_ack.observe(float(note.data.get("after_s", 0.0)))
+        if note.kind == "deferred":
+            self.metrics.deferred.labels(reason="night").inc()
         level = (
-            logging.WARNING
-            if note.kind in ("opened", "exhausted", "no_policy", "no_target")
+            logging.ERROR
+            if note.kind == "undelivered"
+            else logging.WARNING
+            if note.kind in ("opened", "exhausted", "no_policy", "no_target", "deferred")
             else logging.INFO
         )
         log.log(
@@ -264,14 +347,7 @@ class PagingService:
         command = commands.parse(message.text)
         actor = f"sms:{contact.name}"
         if command.verb == "ack":
-            actions = await self.apply(Ack(command.ref, contact.name, "sms"), actor=actor)
-            ok = any(isinstance(a, Note) and a.kind in ("acked", "ack_duplicate") for a in actions)
-            self.metrics.inbound.labels(result="ack" if ok else "not_understood").inc()
-            reply = (
-                f"hotsite: #{command.ref} acknowledged, thank you."
-                if ok
-                else f"hotsite: no open incident {command.ref}. " + self._status_line()
-            )
+            reply = await self._sms_ack(contact, command, actor)
         elif command.verb == "status":
             self.metrics.inbound.labels(result="status").inc()
             reply = self._status_line()
@@ -285,6 +361,28 @@ class PagingService:
             data={"verb": command.verb, "ref": command.ref},
         )
         await self._reply(contact, reply, message.channel)
+
+    async def _sms_ack(self, contact: Contact, command: commands.Command, actor: str) -> str:
+        """An ACK by text: only with the short code, only from someone paged or on call for it."""
+        incident, why = commands.authorise_ack(self.state, self.roster, contact, command, self.clock.time())
+        if incident is None:
+            self.metrics.inbound.labels(result="ack_refused").inc()
+            log.warning(
+                "SMS acknowledgement refused", extra=kv(contact=contact.name, text=command.ref, why=why)
+            )
+            self.store.record(
+                "paging.sms_ack_refused",
+                actor=actor,
+                message=f"ACK {command.number} {command.ref}".replace("  ", " ") + f" refused: {why}",
+                data={"ref": command.ref, "number": command.number},
+            )
+            return f"hotsite: not acknowledged: {why}. " + self._status_line()
+        actions = await self.apply(Ack(str(incident.id), contact.name, "sms"), actor=actor)
+        acked = any(isinstance(a, Note) and a.kind == "acked" for a in actions)
+        self.metrics.inbound.labels(result="ack").inc()
+        if acked:
+            return f"hotsite: #{incident.id} acknowledged, thank you."
+        return f"hotsite: #{incident.id} was already acknowledged by {incident.acked_by}."
 
     def _status_line(self) -> str:
         active = sorted(self.state.incidents.values(), key=lambda i: i.id)
@@ -366,54 +464,53 @@ class PagingService:
                     await self._wake.wait()
 
     async def drain(self) -> int:
-        """Send what is due now (a few at a time); returns how many rows were handled."""
+        """Send what is due now, critical first: at most one row per exclusive channel (the modem)
+        and ``SEND_CONCURRENCY`` in all, so a row is claimed only when its channel can take it
+        and a critical page raised meanwhile is next. Returns how many rows were handled."""
+        self._digest_due()
         now = self.clock.time()
-        rows = self.outbox.due(now, limit=SEND_CONCURRENCY * 8)
-        if not rows:
+        picked: list[Row] = []
+        lanes: set[str] = set()
+        for row in self.outbox.due(now, limit=SEND_CONCURRENCY * 8):  # critical first
+            lane = self._lane(row)
+            if lane is not None and lane in lanes:
+                continue  # claimed only when its channel can take it: next round
+            if lane is not None:
+                lanes.add(lane)
+            picked.append(row)
+            if len(picked) == SEND_CONCURRENCY:
+                break
+        if not picked:
             return 0
-        semaphore = asyncio.Semaphore(SEND_CONCURRENCY)
-
-        async def one(row: Row) -> None:
-            async with semaphore:
-                await self._send_row(row)
-
-        await asyncio.gather(*(one(r) for r in rows))
+        await asyncio.gather(*(self._send_row(r) for r in picked))
         self._update_gauges()
-        return len(rows)
+        return len(picked)
+
+    def _lane(self, row: Row) -> str | None:
+        """The exclusive channel (the modem) this row will use first, if any."""
+        contact = self.roster.contacts.get(row.contact) or Contact(row.contact)
+        first = next((n for n in self._names(row) if self.channels[n].can_reach(contact)), None)
+        return first if first is not None and self.channels[first].exclusive else None
 
     async def _send_row(self, row: Row) -> None:
+        """One row: held by the limit (never when critical), or claimed, sent, recorded, reported."""
         paging = self.config.paging
         now = self.clock.time()
-        if row.kind == "trigger":
+        incident = self.state.incidents.get(row.incident_id or -1)
+        severity = incident.severity if incident else row.severity
+        # Critical is never held; nor is a page sent again because its first send was uncertain.
+        if row.kind == "trigger" and severity != "critical" and row.repeat_of is None:
             until = self.outbox.allowed_at(row.contact, now, paging.rate_limit_per_hour)
             if until is not None:
-                self.outbox.defer(row.id, until, f"rate limit: {paging.rate_limit_per_hour} pages per hour")
+                self._held(row, until, f"rate limit: {paging.rate_limit_per_hour} pages per hour")
                 return
         if not self.outbox.claim(row.id, now):
             return
-        contact = self.roster.contacts.get(row.contact) or Contact(row.contact)
-        names = [n for n in (row.channels or self.order) if n in self.channels]
-        incident = self.state.incidents.get(row.incident_id or -1)
-        message = Message(
-            contact,
-            row.text,
-            subject=row.text[:120],
-            incident=row.incident_id,
-            kind=row.kind,
-            dedup_key=row.dedup,
-            severity=incident.severity if incident else "info",
-            details={"reason": row.reason},
-        )
-        try:
-            delivery, used, tried = await send_with_fallback([self.channels[n] for n in names], message)
-        except Exception as exc:  # a channel broke its contract: count it as a retryable failure
-            log.exception("channel raised while sending", extra=kv(page=row.id))
-            from appliance.paging.channel import Delivery
-
-            delivery, used, tried = Delivery("failed", f"bug: {exc!r}"), "", []
-        for line in tried:
-            name, _, rest = line.partition(": ")
-            self.metrics.pages.labels(channel=name, result=rest.split(" ", 1)[0]).inc()
+        names = self._names(row)
+        delivery, used, tried = await self._deliver(row, names, severity)
+        uncertain_on = [
+            name for name, _, rest in (t.partition(": ") for t in tried) if rest.startswith("uncertain")
+        ]
         state = self.outbox.finish(
             row,
             delivery,
@@ -422,20 +519,163 @@ class PagingService:
             self.clock.time(),
             max_attempts=paging.max_attempts,
             backoff_s=paging.retry_backoff_s,
+            uncertain_on=uncertain_on,
+            others=[n for n in names if n not in uncertain_on],
         )
-        log.info(
-            "page " + state,
-            extra=kv(
-                page=row.id, contact=row.contact, kind=row.kind, channel=used, detail=delivery.detail[:120]
+        await self._report(row, state, used, "; ".join(tried) or delivery.detail, uncertain_on, tried)
+
+    async def _deliver(self, row: Row, names: list[str], severity: str) -> tuple[Delivery, str, list[str]]:
+        """Send through the fallback order, persisting each step's phase; count each channel tried."""
+        contact = self.roster.contacts.get(row.contact) or Contact(row.contact)
+        text = self._notice_text(row) if row.kind == "notice" else row.text
+        message = Message(
+            contact,
+            text,
+            subject=text[:120],
+            incident=row.incident_id,
+            kind=row.kind,
+            dedup_key=row.dedup,
+            severity=severity,
+            details={"reason": row.reason},
+            progress=lambda channel, phase, part, parts: self.outbox.progress(
+                row.id, channel, phase, part, parts
             ),
         )
-        if state in ("failed", "uncertain"):
+        try:
+            delivery, used, tried = await send_with_fallback([self.channels[n] for n in names], message)
+        except Exception as exc:  # a channel broke its contract: count it as a retryable failure
+            log.exception("channel raised while sending", extra=kv(page=row.id))
+            delivery, used, tried = Delivery("failed", f"bug: {exc!r}"), "", []
+        for line in tried:
+            name, _, rest = line.partition(": ")
+            self.metrics.pages.labels(channel=name, result=rest.split(" ", 1)[0]).inc()
+        return delivery, used, tried
+
+    async def _report(
+        self, row: Row, state: str, used: str, outcome: str, uncertain_on: list[str], tried: list[str]
+    ) -> None:
+        """Log every outcome (ERROR when no channel took it), audit the uncertain and the failed."""
+        level = logging.ERROR if state == "failed" else logging.WARNING if uncertain_on else logging.INFO
+        if state == "queued":
+            level = logging.WARNING
+        log.log(
+            level,
+            "page " + state + (" NOT DELIVERED on any channel" if state == "failed" else ""),
+            extra=kv(page=row.id, contact=row.contact, kind=row.kind, channel=used, detail=outcome[:200]),
+        )
+        if uncertain_on:
             self.store.record(
-                f"paging.page_{state}",
+                "paging.page_uncertain",
                 subject=f"incident:{row.incident_id}",
-                message=f"page to {row.contact}: {'; '.join(tried) or delivery.detail}",
-                data={"page": row.id, "attempts": row.attempts + 1},
+                message=f"page to {row.contact} may have gone out on {', '.join(uncertain_on)}: sent again"
+                " on the next channel and marked (repeat)",
+                data={"page": row.id, "tried": tried},
             )
+            self._wake.set()
+        if state == "failed":
+            await self._undelivered(row, outcome)
+
+    def _held(self, row: Row, until: float, why: str) -> None:
+        """A limit holds a page: loud (WARNING, audit, metric), shown, and the contact told once."""
+        if not self.outbox.hold(row.id, until, why):
+            return
+        reason = "rate_limit"
+        self.metrics.deferred.labels(reason=reason).inc()
+        at = _hhmm(until)
+        log.warning(
+            f"page held until {at}: {why}",
+            extra=kv(page=row.id, contact=row.contact, incident=row.incident_id),
+        )
+        self.store.record(
+            "paging.held",
+            subject=f"incident:{row.incident_id}",
+            message=f"page to {row.contact} held until {at}: {why}",
+            data={"page": row.id, "until": until, "reason": reason},
+        )
+        self._limit_notice(row.contact, until)
+
+    def _limit_notice(self, contact: str, until: float) -> None:
+        """One text per window: how many pages wait, how to read them, when the digest comes."""
+        now = self.clock.time()
+        text = f"{NOTICE_MARK} {_hhmm(until)}"  # the count is filled in when it is sent
+        with self.store.transaction() as conn:
+            queued = self.outbox.enqueue(
+                conn,
+                dedup=f"notice:{contact}:{int(until)}",
+                incident_id=None,
+                contact=contact,
+                kind="notice",
+                text=text,
+                reason="the contact's page limit was reached: told once per window",
+                channels=[],
+                now=now,
+            )
+        if queued:
+            self._wake.set()
+
+    def _notice_text(self, row: Row) -> str:
+        """The limit notice, counted when it goes out (every page held in this pass is in it)."""
+        waiting = self.store.query(
+            "SELECT COUNT(DISTINCT incident_id) AS n FROM paging_outbox WHERE contact = ? AND state = 'held'",
+            (row.contact,),
+        )[0]["n"]
+        at = row.text.removeprefix(NOTICE_MARK).strip()
+        return (
+            f"[{self.roster.site}] page limit reached: {waiting} incident(s) waiting for you."
+            f" Reply STATUS to read them; a digest follows at {at}."
+        )
+
+    def _digest_due(self) -> int:
+        """Pages held for a contact whose window reopened go out as ONE digest; returns digests queued."""
+        now = self.clock.time()
+        due = self.store.query(
+            "SELECT * FROM paging_outbox WHERE state = 'held' AND next_at <= ? ORDER BY contact, id", (now,)
+        )
+        by_contact: dict[str, list[Row]] = {}
+        for r in due:
+            by_contact.setdefault(r["contact"], []).append(Row.of(r))
+        made = 0
+        for contact, rows in by_contact.items():
+            if len(rows) < 2:
+                continue
+            lines = [r.text.split("] ", 1)[-1].split(". Reply ACK")[0] for r in rows[:5]]
+            more = f"; and {len(rows) - 5} more" if len(rows) > 5 else ""
+            text = (
+                f"[{self.roster.site}] digest, {len(rows)} page(s) held by the limit: "
+                + "; ".join(lines)
+                + more
+                + ". Reply ACK <code> or STATUS"
+            )
+            with self.store.transaction() as conn:
+                self.outbox.enqueue(
+                    conn,
+                    dedup=f"digest:{contact}:{rows[0].id}",
+                    incident_id=None,
+                    contact=contact,
+                    kind="digest",
+                    text=text,
+                    reason=f"{len(rows)} held page(s) for {contact}, sent as one when the window reopened",
+                    channels=[],
+                    now=now,
+                )
+                conn.executemany(
+                    "UPDATE paging_outbox SET state = 'merged', detail = 'sent in a digest' WHERE id = ?",
+                    [(r.id,) for r in rows],
+                )
+            made += 1
+        return made
+
+    async def _undelivered(self, row: Row, outcome: str) -> None:
+        """A page that failed on every channel: ERROR, audit, metric, shown, escalated at once."""
+        self.metrics.undelivered.labels(kind=row.kind).inc()
+        self.store.record(
+            "paging.page_failed",  # the incident report's timeline marks it failed
+            subject=f"incident:{row.incident_id}",
+            message=f"NOT DELIVERED to {row.contact}: {outcome}"[:1000],
+            data={"page": row.id, "attempts": row.attempts + 1},
+        )
+        if row.kind == "trigger" and row.incident_id is not None:
+            await self.apply(Undelivered(row.incident_id, row.contact, outcome[:200]))
 
     def _update_gauges(self) -> None:
         self.metrics.outbox_depth.set(self.outbox.depth())
@@ -458,7 +698,10 @@ class PagingService:
         limit = params.get("limit", 20)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 1000:
             raise RequestError("limit must be an integer from 0 to 1000")
-        active = [i.to_json() for i in sorted(self.state.incidents.values(), key=lambda i: i.id)]
+        active = [
+            {**i.to_json(), "pages": self._page_lines(i)}
+            for i in sorted(self.state.incidents.values(), key=lambda i: i.id)
+        ]
         recent = [
             dict(r)
             for r in self.store.query(
@@ -472,8 +715,42 @@ class PagingService:
             "active": active,
             "recent": recent,
             "outbox_depth": self.outbox.depth(),
+            "held": self.outbox.count("held"),
             "channels": [c.health() for c in self.channels.values()],
         }
+
+    def _page_lines(self, incident: Incident) -> list[dict[str, Any]]:
+        """Per contact, what became of the incident's trigger pages, as ``hotsite incidents`` shows it:
+        paged (channel) / held until HH:MM / NOT DELIVERED: why / queued / sending / uncertain."""
+        rows = self.store.query(
+            "SELECT contact, state, channel, next_at, detail, repeat_of FROM paging_outbox"
+            " WHERE incident_id = ? AND kind = 'trigger' ORDER BY id",
+            (incident.id,),
+        )
+        out: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            state = row["state"]
+            if state == "held":
+                line = f"held until {_hhmm(row['next_at'])}"
+            elif state == "failed":
+                line = f"NOT DELIVERED: {row['detail'][:120]}"
+            elif state == "sent":
+                line = f"paged ({row['channel']})"
+            elif state == "uncertain":
+                line = f"uncertain on {row['channel']}: sent again"
+            elif state == "merged":
+                line = "paged (in a digest)"
+            else:
+                line = state
+            previous = out.get(row["contact"])
+            if previous is not None and previous["state"] == "sent" and state in ("uncertain", "cancelled"):
+                continue  # an earlier page reached them: that is what matters
+            out[row["contact"]] = {"contact": row["contact"], "state": state, "line": line}
+        for who, _reason, _ in incident.deferred:
+            night_end = self.roster.night.ends_after(self.clock.time()) if self.roster.night else None
+            until = f"held until {_hhmm(night_end)}" if night_end else "held for the morning"
+            out[who] = {"contact": who, "state": "held", "line": f"{until} (night)"}
+        return list(out.values())
 
     async def _api_ack(self, caller: Caller, params: dict[str, Any]) -> Any:
         ref = params.get("id")
@@ -558,6 +835,29 @@ class PagingService:
             data={"results": results},
         )
         return {"contact": contact.name, "results": results}
+
+
+def _was_told(conn: Any, page: Page) -> bool:
+    """Did a trigger page of this incident reach (or may it have reached) this contact?
+    A page held by a limit and then cancelled by the ack did not."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM paging_outbox WHERE incident_id = ? AND contact = ? AND kind = 'trigger'"
+            " AND state IN ('sent', 'uncertain', 'merged', 'sending', 'queued') LIMIT 1",
+            (page.incident, page.contact),
+        ).fetchone()
+        is not None
+    )
+
+
+def _severity(incident_id: int, before: PagerState, after: PagerState) -> str:
+    incident = after.incidents.get(incident_id) or before.incidents.get(incident_id)
+    return incident.severity if incident else "error"
+
+
+def _hhmm(ts: float) -> str:
+    """Local wall time, as the technician reads it on the appliance."""
+    return dt.datetime.fromtimestamp(ts).strftime("%H:%M")
 
 
 def _upsert_incident(conn: Any, incident: Incident) -> None:

@@ -110,6 +110,7 @@ def roster(cfg: Config) -> Roster:
         severity_policies={str(k): v for k, v in paging.severity_policies.items()},
         night=night,
         site=cfg.appliance.name,
+        country_code=paging.country_code.lstrip("+"),
     )
 
 

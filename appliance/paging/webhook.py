@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from appliance.errors import StartupError
+from appliance.httpd import BoundedHttpServer, Limits, Request, Response, bearer, json_response
 from appliance.logs import kv
 from appliance.paging.channel import Channel, Delivery, Message
 from appliance.paging.incidents import Ack, Clear, Event, Raise
@@ -203,10 +205,16 @@ def alertmanager_events(body: Any) -> list[Event]:
 
 
 class WebhookReceiver:
-    """A small HTTP/1.1 server: ``POST /alertmanager`` (alerts) and ``POST /ack/<id>`` (acknowledge).
+    """``POST /alertmanager`` (alerts) and ``POST /ack/<id>`` (acknowledge) on a bounded server.
 
-    Contract: each request gets one reply and the connection closes; bodies over
-    1 MiB, bad JSON or a wrong bearer token get 4xx and never reach ``on_events``.
+    Contract: each request gets one reply and the connection closes. The head
+    is bounded and the bearer token checked before any body is read
+    (:mod:`appliance.httpd`: 8 KiB head, 5 s to send it, idlers evicted
+    oldest first); bodies over 1 MiB, bad JSON or a wrong token get 4xx and
+    never reach ``on_events``. An acknowledgement is recorded under
+    ``webhook:<token_name>`` (the name configured with the token), never a
+    name the request claims. Without a token the receiver starts only if
+    ``allow_unauthenticated`` is set, and then never accepts an ACK.
     """
 
     def __init__(
@@ -215,73 +223,78 @@ class WebhookReceiver:
         port: int,
         on_events: Callable[[list[Event], str], Awaitable[None]],
         token: str | None = None,
+        *,
+        token_name: str = "alertmanager",
+        allow_unauthenticated: bool = False,
+        limits: Limits | None = None,
+        on_outcome: Callable[[str], None] = lambda outcome: None,
     ) -> None:
+        if token is None and not allow_unauthenticated:
+            raise StartupError(
+                "paging.alertmanager_listen needs paging.alertmanager_token_file (or"
+                " paging.alertmanager_allow_unauthenticated = true, which lets anyone who reaches it page)"
+            )
+        if token is not None and not token:
+            raise StartupError("paging.alertmanager_token_file is empty")
         self.host, self.port = host, port
         self.on_events = on_events
         self.token = token
-        self._server: asyncio.AbstractServer | None = None
+        self.token_name = token_name
+        self._server = BoundedHttpServer(
+            host,
+            port,
+            self._handle,
+            authenticate=self._authenticate,
+            limits=limits or Limits(max_body=MAX_BODY),
+            on_outcome=on_outcome,
+            name="alertmanager",
+        )
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        try:
+            await self._server.start()
+        except OSError as exc:
+            raise StartupError(
+                f"paging.alertmanager_listen {self.host}:{self.port} cannot be opened: {exc.strerror}"
+            ) from None
+        self.port = self._server.port
+        if self.token is None:
+            log.warning(
+                "Alertmanager receiver accepts alerts WITHOUT authentication"
+                " (paging.alertmanager_allow_unauthenticated = true)",
+                extra=kv(listen=f"{self.host}:{self.port}"),
+            )
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        await self._server.stop()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(10):
-                status, reply = await self._handle(reader)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError):
-            status, reply = 400, {"error": "bad request"}
-        data = json.dumps(reply).encode()
-        writer.write(
-            f"HTTP/1.1 {status} {'OK' if status < 400 else 'Error'}\r\nContent-Type: application/json"
-            f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-            + data
-        )
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+    def _authenticate(self, request: Request) -> str | Response | None:
+        if request.method != "POST":
+            return Response(405, b"POST only\n", headers={"Allow": "POST"})
+        if request.path != "/alertmanager" and not request.path.startswith("/ack/"):
+            return Response(404, f"no such endpoint {request.path[:80]}\n".encode())
+        if self.token is None:
+            return "anonymous" if request.path == "/alertmanager" else Response(
+                403, b"acknowledging by webhook needs paging.alertmanager_token_file\n"
+            )
+        given = bearer(request.headers.get("authorization", ""))
+        # compare_digest loops over the caller's bytes: the time says nothing about the token.
+        if not hmac.compare_digest(self.token.encode(), given):
+            return Response(401, b"bad or missing bearer token\n", headers={"WWW-Authenticate": "Bearer"})
+        return self.token_name
 
-    async def _handle(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
-        request = (await reader.readline()).decode("latin-1").split()
-        headers: dict[str, str] = {}
-        while True:
-            line = (await reader.readline()).decode("latin-1").strip()
-            if not line:
-                break
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if len(request) < 2 or request[0] != "POST":
-            return 405, {"error": "POST only"}
-        length = int(headers.get("content-length", "0"))
-        if length > MAX_BODY:
-            return 413, {"error": "body too large"}
-        if self.token is not None:
-            given = headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), self.token.encode()):
-                return 401, {"error": "bad or missing bearer token"}
-        body = await reader.readexactly(length)
-        path = request[1]
-        if path == "/alertmanager":
+    async def _handle(self, request: Request, identity: str) -> Response:
+        if request.path == "/alertmanager":
             try:
-                events = alertmanager_events(json.loads(body))
-            except ValueError as exc:
-                log.warning("bad Alertmanager webhook", extra=kv(error=str(exc)))
-                return 400, {"error": str(exc)}
+                events = alertmanager_events(json.loads(request.body))
+            except (ValueError, RecursionError, AttributeError, TypeError) as exc:
+                log.warning("bad Alertmanager webhook", extra=kv(error=str(exc)[:200]))
+                return json_response(400, {"error": str(exc)[:200]})
             await self.on_events(events, "alertmanager")
-            return 200, {"accepted": len(events)}
-        if path.startswith("/ack/"):
-            if self.token is None:
-                return 403, {"error": "acknowledging by webhook needs paging.alertmanager_token_file"}
-            try:
-                actor = str(json.loads(body or b"{}").get("actor", "webhook"))[:80]
-            except (ValueError, AttributeError):
-                return 400, {"error": "body must be a JSON object"}
-            await self.on_events([Ack(path[len("/ack/") :], actor, "webhook")], "webhook")
-            return 200, {"ack": path[len("/ack/") :]}
-        return 404, {"error": f"no such endpoint {path}"}
+            return json_response(200, {"accepted": len(events)})
+        incident = request.path[len("/ack/") :]
+        if not incident.isdigit() or len(incident) > 12:
+            return json_response(400, {"error": "expected /ack/<incident number>"})
+        # The actor is who holds the token, whatever the body says: the audit log must not lie.
+        await self.on_events([Ack(incident, f"webhook:{identity}", "webhook")], "webhook")
+        return json_response(200, {"ack": incident, "actor": f"webhook:{identity}"})

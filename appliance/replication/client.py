@@ -30,13 +30,18 @@ from appliance.replication import protocol
 from appliance.replication.checksum import show
 from appliance.replication.position import Batch, Position, merge
 from appliance.replication.protocol import Msg, ProtocolError
-from appliance.replication.replica import BatchRejected, PromotedError, Replica
+from appliance.replication.replica import BatchRejected, PromotedError, Replica, ReplicaStorageError
 
 log = logging.getLogger(__name__)
 
 
 class SourceSilent(TimeoutError):
     """Nothing arrived from the source agent for the idle timeout: the path is presumed dead."""
+
+
+class SourceRefused(OSError):
+    """The source agent answered with an error (a database not in WAL mode, an unknown stream):
+    not a link failure, and it will not go away by reconnecting, so it is logged at ERROR."""
 
 
 MAX_MERGE_BYTES = 32 * 1024 * 1024
@@ -69,6 +74,18 @@ class StreamStats:
     chunked_batches: int = 0  # batches received in chunks (staged on disk, committed whole)
     buffered_peak_bytes: int = 0  # the most message bytes ever held between receiving and applying
     idle_timeouts: int = 0  # sessions ended because the source went silent (a partition)
+    malformed_messages: int = 0  # messages refused by their schema or limits (the session restarts)
+    session_failures: int = 0  # sessions ended by an unexpected error (a bug): logged, then retried
+    refused_files: int = 0  # files a change set named that the filesystem refused (the rest applied)
+    last_error_at: float | None = None  # wall-clock time of last_error
+    storage_error: str = ""  # the replica's own disk refusing writes (full, I/O error); "" when fine
+    disk_full: bool = False
+    storage_errors: int = 0
+
+    def note_error(self, message: str) -> None:
+        """The error status shows, with when it happened (so a stale one can be told apart)."""
+        self.last_error = message
+        self.last_error_at = time.time()
 
     def lag_s(self, local_now: float) -> float | None:
         if self.current_at is None:
@@ -129,6 +146,7 @@ class SqliteStreamClient:
         # packets and closes nothing): end the session and reconnect.
         self.keepalive_s = keepalive_s
         self.idle_timeout_s = idle_timeout_s
+        self.verify_progress: dict[str, Any] = {}  # what a running verify is doing (for the CLI)
 
     # -- public -----------------------------------------------------------
 
@@ -144,20 +162,23 @@ class SqliteStreamClient:
             except asyncio.CancelledError:
                 raise
             except PromotedError as exc:
-                self.stats.last_error = exc.message
-                log.warning("replica promoted; not replicating", extra=kv(stream=self.name))
+                self.stats.note_error(exc.message)
+                log.warning("replica promoted; not replicating", extra=kv(stream=self.name, why=exc.message))
                 self._paused.clear()
                 continue
+            except ReplicaStorageError as exc:
+                self._storage_failed(exc)
             except ProtocolError as exc:
                 self.stats.corrupt_messages += exc.reason == "crc"
-                self.stats.last_error = exc.message
+                self.stats.malformed_messages += exc.reason != "crc"
+                self.stats.note_error(exc.message)
                 log.warning(
                     "corrupt message; re-requesting from our position",
-                    extra=kv(stream=self.name, reason=exc.reason),
+                    extra=kv(stream=self.name, reason=exc.reason, error=exc.message[:300]),
                 )
                 retry_now = True
             except BatchRejected as exc:
-                self.stats.last_error = exc.message
+                self.stats.note_error(exc.message)
                 self.replica.needs_resync = (
                     True  # next session: compare page hashes, do not trust our position
                 )
@@ -168,10 +189,17 @@ class SqliteStreamClient:
                     )
                 log.warning("batch refused", extra=kv(stream=self.name, reason=exc.reason, error=exc.message))
                 retry_now = True
+            except SourceRefused as exc:
+                self.stats.note_error(str(exc))
+                log.error("source agent refused the stream", extra=kv(stream=self.name, error=str(exc)))
             except (OSError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
                 self.stats.idle_timeouts += isinstance(exc, SourceSilent)
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self.stats.note_error(f"{type(exc).__name__}: {exc}")
                 log.info("link to source down", extra=kv(stream=self.name, error=self.stats.last_error))
+            except Exception as exc:  # a bug must not end replication silently: counted, logged, retried
+                self.stats.session_failures += 1
+                self.stats.note_error(f"{type(exc).__name__}: {exc}")
+                log.exception("replication session failed; starting a new one", extra=kv(stream=self.name))
             finally:
                 self.stats.connected = False
                 self._writer = None
@@ -181,12 +209,35 @@ class SqliteStreamClient:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def verify(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Ask the source for its checksum (from its files) at a position; compare when we reach it."""
+    def _storage_failed(self, exc: ReplicaStorageError) -> None:
+        """The replica's disk refused: say so loudly, keep the stream alive, retry with backoff."""
+        first = not self.stats.storage_error
+        self.stats.storage_error = exc.message
+        self.stats.disk_full = exc.disk_full
+        self.stats.storage_errors += 1
+        self.stats.note_error(exc.message)
+        log.error(
+            "replica storage failing; will retry",
+            extra=kv(stream=self.name, disk_full=exc.disk_full, error=exc.message),
+        )
+        if first:
+            try:
+                self._on_event("replication.storage_error", {"stream": self.name, "error": exc.message})
+            except Exception:  # the event store may be on the full disk too: the stream goes on
+                log.exception("storage error could not be recorded", extra=kv(stream=self.name))
+
+    async def verify(self, timeout: float | None = None) -> dict[str, Any]:
+        """Ask the source for its checksum (from its files) at a position; compare when we reach it.
+
+        No fixed limit by default: hashing a large database takes as long as
+        reading it; :attr:`verify_progress` says how far it is for a caller
+        that reports progress and bounds the wait itself.
+        """
         if self._writer is None:
             raise ConnectionError("not connected to the source agent")
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._verify_waiters.append(fut)
+        self.verify_progress = {"phase": "asking the source for its checksum", "started_at": self._clock()}
         self._writer.write(protocol.encode(Msg.VERIFY, {}))
         await self._writer.drain()
         return await asyncio.wait_for(fut, timeout)
@@ -203,6 +254,7 @@ class SqliteStreamClient:
 
     async def _session(self) -> None:
         replica = self.replica
+        await asyncio.to_thread(replica.ensure_recovered)  # after a failed write: redo, verify again
         if replica.promotion is not None:
             raise PromotedError(f"replica {replica.path} is promoted")
         reader, writer = await asyncio.wait_for(
@@ -230,7 +282,7 @@ class SqliteStreamClient:
             welcome = await asyncio.wait_for(protocol.read_message(reader, self.max_message), 30)
             t1 = self._clock()
             if welcome.kind == Msg.ERROR:
-                raise OSError(f"source agent refused: {welcome.header.get('error')}")
+                raise SourceRefused(f"source agent refused: {welcome.header.get('error')}")
             if welcome.kind != Msg.WELCOME:
                 raise ProtocolError("expected WELCOME", "malformed")
             self.stats.clock_offset_s = float(welcome.header["source_time"]) - (t0 + t1) / 2
@@ -238,6 +290,8 @@ class SqliteStreamClient:
             self.stats.mode = mode
             self.stats.connected = True
             self.stats.sessions += 1
+            self.stats.last_error = ""  # only the current error is shown
+            self.stats.last_error_at = None
             replica.needs_resync = False
             if mode == "resnapshot":
                 self.stats.resnapshots += 1
@@ -310,6 +364,12 @@ class SqliteStreamClient:
             taken = [item]
             try:
                 await self._handle(item, queue, taken)
+            except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+                # A header field missing or of the wrong type (a mode of 2**40, a string for a
+                # number): the message is malformed, the session ends and the next one resumes.
+                raise ProtocolError(
+                    f"message kind {item.kind} has a missing or invalid header field: {exc!r}", "malformed"
+                ) from None
             finally:
                 self._release(*taken)
 
@@ -347,6 +407,7 @@ class SqliteStreamClient:
             batch = merge(batches) if len(batches) > 1 and batches[0].kind == "tx" else batches[0]
             await asyncio.to_thread(replica.apply, batch)
             self._applied(batch)
+            await self._check_verify()
         elif msg.kind == Msg.BATCH_BEGIN:
             await asyncio.to_thread(replica.stage_begin, h)
             self.stats.chunked_batches += 1
@@ -358,6 +419,7 @@ class SqliteStreamClient:
                 replica.stage_commit, int(h["checksum"], 16), float(h["observed_at"])
             )
             self._applied(batch)
+            await self._check_verify()
         elif msg.kind == Msg.HEARTBEAT:
             if replica.position is not None and Position.from_json(h["position"]) == replica.position:
                 self.stats.current_at = float(h["observed_at"])
@@ -380,13 +442,16 @@ class SqliteStreamClient:
                 float(h["observed_at"]),
             )
             self.stats.current_at = float(h["observed_at"])
+            self.stats.storage_error, self.stats.disk_full = "", False
             self._on_event("replication.seeded", {"stream": self.name, "pages": self.stats.seed_progress[1]})
-            self._check_verify()
+            await self._check_verify()
         elif msg.kind == Msg.VERIFY_RESULT:
             self._pending_verify = h
-            self._check_verify()
+            target = Position.from_json(h["position"])
+            self.verify_progress.update(phase=f"waiting for the replica to reach {target}")
+            await self._check_verify()
         elif msg.kind == Msg.ERROR:
-            raise OSError(f"source agent: {h.get('error')}")
+            raise SourceRefused(f"source agent: {h.get('error')}")
 
     @staticmethod
     async def _put_back(queue: asyncio.Queue[protocol.Message | BaseException], item: Any) -> None:
@@ -403,6 +468,7 @@ class SqliteStreamClient:
 
     def _applied(self, batch: Batch) -> None:
         s = self.stats
+        s.storage_error, s.disk_full = "", False  # a batch was written: the disk takes writes again
         s.batches += 1
         s.transactions += batch.transactions
         s.frames += batch.frames
@@ -413,7 +479,6 @@ class SqliteStreamClient:
             s.current_at = batch.observed_at
         if self._on_applied is not None:
             self._on_applied(batch)
-        self._check_verify()
 
     def _verify_target(self, position: Position) -> bool:
         """True at the position a pending verify compares at: never merge past it (a merge that
@@ -421,7 +486,10 @@ class SqliteStreamClient:
         h = self._pending_verify
         return h is not None and Position.from_json(h["position"]) == position
 
-    def _check_verify(self) -> None:
+    def _hashed(self, done: int, total: int) -> None:
+        self.verify_progress["hashed_pages"] = [done, total]
+
+    async def _check_verify(self) -> None:
         h = self._pending_verify
         if h is None or self.replica.position is None:
             return
@@ -434,7 +502,9 @@ class SqliteStreamClient:
         elif self.replica.position != target:
             return
         else:
-            replica_full = self.replica.full_checksum()
+            self.verify_progress.update(phase=f"hashing the replica file at {target}", hashed_pages=[0, 0])
+            # In a thread: apply waits (this consumer awaits it), the event loop keeps answering.
+            replica_full = await asyncio.to_thread(self.replica.full_checksum, self._hashed)
             source = int(h["checksum"], 16)
             result = {
                 "ok": source == replica_full == self.replica.checksum,

@@ -13,11 +13,14 @@ again next time rather than shipped half-old. Only contents the replica
 does not have are sent; a rename costs no transfer. A change set ends with
 the whole manifest, which commits it.
 
-Replica side: contents are staged (write, fsync), then each file is put in
-place by rename (atomic), with its mode; files gone at the source are
-deleted; the replaced or deleted versions are kept (newest ``keep`` per
-file) under ``<replica>.hotsite-versions``; an optional command runs after
-each applied change set (argv, no shell), like csync2's action hooks.
+Replica side: every path and mode is checked first (``validate.py``,
+``safepath.py``: see REPLICATION.md, "What the replica trusts"); contents are
+staged (write, fsync); files gone at the source are deleted, then each file is
+put in place by rename (atomic), reached from a descriptor of the root without
+following symlinks, with its mode masked by ``file_mode_mask``; the
+replaced or deleted versions are kept (newest ``keep`` per file, matched
+exactly) under ``<replica>.hotsite-versions``; an optional command runs
+after each applied change set (argv, no shell), like csync2's action hooks.
 
 Deltas: a file of ``DELTA_MIN`` bytes or more that the replica already has
 an older version of (at the same path) is sent as the ``BLOCK``-sized blocks
@@ -55,7 +58,7 @@ import fnmatch
 import hashlib
 import logging
 import os
-import shutil
+import re
 import ssl
 import stat
 import subprocess
@@ -66,8 +69,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.logs import kv
-from appliance.replication import protocol
+from appliance.replication import protocol, validate
 from appliance.replication.protocol import Msg, ProtocolError, Sender
+from appliance.replication.safepath import Beneath, parse_relpath
 
 if TYPE_CHECKING:
     from appliance.replication.source import ServedStream, SourceAgent
@@ -78,6 +82,7 @@ STAGING = ".hotsite-staging"
 DELTA_MIN = 1024 * 1024  # smaller files always go whole
 BLOCK = 64 * 1024
 READ_CHUNK = 16 * BLOCK  # what one read takes from a file being hashed or copied
+DEFAULT_FILE_MODE_MASK = 0o7002  # never setuid, setgid, sticky or world-writable at the replica
 
 
 def block_digests(data: bytes, block: int = BLOCK) -> list[str]:
@@ -223,6 +228,8 @@ class TreeScanner:
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".hotsite"))
             for name in sorted(filenames):
+                if name.startswith(".hotsite"):  # ours (a replica's temporary files); never shipped
+                    continue
                 full_path = Path(dirpath) / name
                 rel = str(full_path.relative_to(self.root))
                 if any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat) for pat in self.exclude):
@@ -487,12 +494,8 @@ async def serve_files(
         await sender.send(Msg.ERROR, {"error": f"{stream.path} is not a directory"})
         return
     scanner = TreeScanner(stream.path, stream.exclude)
-    have: set[str] = set(hello.header.get("have", []))
-    # rel -> (sha256, block hashes) of the replica's version of each large file it has.
-    known: dict[str, tuple[str, list[str]]] = {
-        str(rel): (str(v[0]), [str(d) for d in v[1]])
-        for rel, v in dict(hello.header.get("blocks") or {}).items()
-    }
+    # The contents the replica has; rel -> (sha256, block hashes) of its version of each large file.
+    have, known = validate.files_hello(hello.header)
     parts = bool(hello.header.get("file_parts"))  # the replica understands FILE_BEGIN...FILE_END
     await sender.send(Msg.WELCOME, {"mode": "files", "source_time": agent._clock()})
     sent_manifest: dict[str, Entry] | None = None
@@ -633,8 +636,9 @@ async def _send_chunked(sender: Sender, path: Path, entry: Entry) -> list[str] |
 
 
 async def _wait_closed(reader: asyncio.StreamReader) -> None:
+    """Returns when the replica hangs up, or sends anything beyond the small control messages."""
     with contextlib.suppress(Exception):
-        while await protocol.read_message(reader):
+        while await protocol.read_message(reader, protocol.MAX_CONTROL):
             pass
 
 
@@ -695,8 +699,11 @@ class FilesReplica:
         keep: int = 5,
         post_change_command: list[str] | None = None,
         clock: Callable[[], float] = time.time,
+        file_mode_mask: int = DEFAULT_FILE_MODE_MASK,
     ) -> None:
         self.root = root
+        self.file_mode_mask = file_mode_mask  # mode bits never applied, whatever the source sends
+        self.refused: dict[str, str] = {}  # path -> why the filesystem refused it, last change set
         self.versions = Path(str(root) + ".hotsite-versions")
         self.staging = root / STAGING
         self.keep = keep
@@ -744,16 +751,14 @@ class FilesReplica:
     def stage_delta(self, header: dict[str, Any], body: bytes) -> None:
         """Rebuild a file from our version of it plus the blocks sent, block by block into staging;
         kept only if the result's SHA-256 is the announced one."""
-        rel, base, sha = str(header["path"]), str(header["base"]), str(header["sha256"])
-        _safe(rel)
-        _check_sha256(base, "delta base")
-        size, block = int(header["size"]), int(header["block"])
-        layout = delta_layout(size, block, [int(i) for i in header["blocks"]], len(body))
+        parts, sha, base, size, block, indices = validate.delta(header)
+        rel = "/".join(parts)
+        layout = delta_layout(size, block, indices, len(body))
         staged = self.staging / base  # the base may itself be staged, not yet applied
         out = self.begin(sha, size)
         view = memoryview(body)
         try:
-            with open(staged if staged.is_file() else self.root / rel, "rb") as f:
+            with self._open_base(staged, parts) as f:
                 for start in range(0, size, block):
                     length = min(block, size - start)
                     at = layout.get(start // block)
@@ -762,7 +767,7 @@ class FilesReplica:
                     else:
                         out.write(start, os.pread(f.fileno(), length, start).ljust(length, b"\0"))
             out.finish()
-        except (FileNotFoundError, ProtocolError):
+        except (OSError, ProtocolError):
             out.discard()
             raise ProtocolError(
                 f"delta for {rel} does not rebuild {sha[:12]}: we no longer have version {base[:12]}",
@@ -771,6 +776,13 @@ class FilesReplica:
         except BaseException:
             out.discard()
             raise
+
+    def _open_base(self, staged: Path, parts: tuple[str, ...]) -> Any:
+        """Our version a delta applies to: staged, or in the tree (opened beneath the root)."""
+        if staged.is_file():
+            return open(staged, "rb")  # noqa: SIM115 - the caller's with closes it
+        with Beneath(self.root) as tree:
+            return os.fdopen(tree.open_read(parts), "rb")
 
     def stage(self, sha256: str, data: bytes) -> None:
         _check_sha256(sha256, "staged file")
@@ -785,44 +797,63 @@ class FilesReplica:
         os.replace(tmp, path)
 
     def apply(self, files: dict[str, tuple[str, int, int]]) -> dict[str, int]:
-        """Make the tree equal ``files`` (path -> sha256, mode, size); return counts of changes."""
-        current = {rel: e for rel, e in TreeScanner(self.root).scan(full=True).items()}
-        counts = {"written": 0, "deleted": 0, "mode": 0}
-        for rel in files:
-            _safe(rel)
+        """Make the tree equal ``files`` (path -> sha256, mode, size); return counts of changes.
+
+        Every path is checked (:func:`safepath.parse_relpath`) before anything is touched, and every
+        file is reached from a descriptor of the root without following a symlink. Modes are masked
+        with ``file_mode_mask``. Deletions go first, so a directory the source replaced by a file (or
+        the reverse) is out of the way. A file the filesystem refuses (a name too long for it, say)
+        is left out and reported in ``refused`` (path -> error); the rest is applied.
+        """
+        keep_bits = 0o7777 & ~self.file_mode_mask
+        wanted = {rel: (validate.sha256(sha, rel), mode & keep_bits) for rel, (sha, mode, _) in files.items()}
+        paths = {rel: parse_relpath(rel) for rel in wanted}
+        current = TreeScanner(self.root).scan(full=True)
+        counts = {"written": 0, "deleted": 0, "mode": 0, "same": 0}
+        self.refused = {}
         self._stage_from_tree(files, current)
-        for rel, (sha, mode, _size) in files.items():
-            dest = self.root / rel
-            old = current.get(rel)
-            if old is not None and old.sha256 == sha:
-                if old.mode != mode:
-                    os.chmod(dest, mode)
-                    counts["mode"] += 1
-                continue
-            staged = self.staging / sha
-            if not staged.exists():
-                raise ProtocolError(f"content {sha[:12]} for {rel} never arrived", "malformed")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if old is not None:
-                self._keep_version(rel)
-            _install(staged, dest, mode)
-            counts["written"] += 1
-        for rel in current:
-            if rel not in files:
-                self._keep_version(rel)
-                (self.root / rel).unlink(missing_ok=True)
-                counts["deleted"] += 1
-        dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        for rel, (sha, _mode) in wanted.items():
+            if not (rel in current and current[rel].sha256 == sha) and not (self.staging / sha).exists():
+                raise ProtocolError(f"content {sha[:12]} for {rel[:200]} never arrived", "malformed")
+        with Beneath(self.root) as tree:
+            for rel in current:
+                if rel not in wanted:
+                    gone = parse_relpath(rel)
+                    self._keep_version(tree, gone)
+                    counts["deleted"] += tree.unlink(gone)
+                    tree.prune_empty_dirs(gone)
+            for rel, (sha, mode) in wanted.items():
+                try:
+                    counts[self._put(tree, paths[rel], sha, mode, current.get(rel))] += 1
+                except OSError as exc:
+                    if exc.errno not in _REFUSED_NAME:
+                        raise  # the disk, not this name (full, read-only, I/O error): the session retries
+                    self.refused[rel] = exc.strerror or str(exc)
+                    log.warning(
+                        "file not applied", extra=kv(root=self.root, path=rel[:300], error=self.refused[rel])
+                    )
+            os.fsync(tree.fd)
         for p in self.staging.iterdir():
             p.unlink(missing_ok=True)
         self.applied_at = self._clock()
+        del counts["same"]
         if any(counts.values()) and self.command:
             self._run_command()
         return counts
+
+    def _put(self, tree: Beneath, parts: tuple[str, ...], sha: str, mode: int, old: Entry | None) -> str:
+        """One file of the manifest in place; which count it adds to ("written", "mode" or "same")."""
+        if old is not None and old.sha256 == sha:
+            if old.mode == mode:
+                return "same"
+            tree.chmod(parts, mode)
+            return "mode"
+        staged = self.staging / sha
+        if old is not None:
+            self._keep_version(tree, parts)
+        with open(staged, "rb") as src:
+            tree.install(src.fileno(), parts, mode)
+        return "written"
 
     def _stage_from_tree(self, files: dict[str, tuple[str, int, int]], current: dict[str, Entry]) -> None:
         """Content that is already in the tree (a rename, a copy, a swap) is staged before anything
@@ -830,26 +861,38 @@ class FilesReplica:
         half of a swap would copy a file this change set had already overwritten. A hard link
         keeps the old content whatever is renamed over its path."""
         by_hash = {e.sha256: rel for rel, e in current.items()}
-        for rel, (sha, _mode, _size) in files.items():
-            staged = self.staging / sha
-            unchanged = rel in current and current[rel].sha256 == sha
-            if unchanged or staged.exists() or sha not in by_hash:
-                continue
-            try:
-                os.link(self.root / by_hash[sha], staged)
-            except OSError:
-                _install(self.root / by_hash[sha], staged, 0o600)
+        with Beneath(self.root) as tree:
+            for rel, (sha, _mode, _size) in files.items():
+                staged = self.staging / sha
+                unchanged = rel in current and current[rel].sha256 == sha
+                if unchanged or staged.exists() or sha not in by_hash:
+                    continue
+                here = parse_relpath(by_hash[sha])
+                if tree.link_out(here, str(staged)):
+                    continue
+                with contextlib.suppress(OSError), Beneath(self.staging) as staging:
+                    fd = tree.open_read(here)
+                    try:
+                        staging.install(fd, (sha,), 0o600)
+                    finally:
+                        os.close(fd)
 
-    def _keep_version(self, rel: str) -> None:
+    def _keep_version(self, tree: Beneath, parts: tuple[str, ...]) -> None:
+        """Hard-link the file at ``parts`` into the versions tree as ``<name>.<time>`` and keep the
+        newest ``keep`` of that file (its own versions only: ``ivr`` is not ``ivr.conf``)."""
         if self.keep <= 0:
             return
-        src = self.root / rel
-        dest = self.versions / f"{rel}.{self._clock():.6f}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.link(src, dest)
-        old = sorted(dest.parent.glob(f"{Path(rel).name}.*"))
-        for stale in old[: -self.keep]:
+        directory = self.versions.joinpath(*parts[:-1])
+        stem = version_stem(parts[-1])
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tree.link_out(parts, str(directory / f"{stem}.{self._clock():.6f}"))
+            mine = sorted(p for p in directory.iterdir() if is_version_of(p.name, stem))
+        except OSError as exc:
+            where = "/".join(parts)[:300]
+            log.warning("version not kept", extra=kv(root=self.root, path=where, error=str(exc)))
+            return
+        for stale in mine[: -self.keep]:
             stale.unlink(missing_ok=True)
 
     def _run_command(self) -> None:
@@ -864,17 +907,6 @@ class FilesReplica:
         log.log(level, "post-change command ran", extra=kv(root=self.root, **self.last_command))
 
 
-def _install(src: Path, dest: Path, mode: int) -> None:
-    """Put a copy of ``src`` at ``dest`` atomically (copied a chunk at a time, fsynced, renamed)."""
-    tmp = dest.with_name(f".{dest.name}.hotsite-tmp")
-    with open(src, "rb") as fsrc, open(tmp, "wb") as fdst:
-        shutil.copyfileobj(fsrc, fdst, READ_CHUNK)
-        fdst.flush()
-        os.fchmod(fdst.fileno(), mode)
-        os.fsync(fdst.fileno())
-    os.replace(tmp, dest)
-
-
 def _is_sha256(name: str) -> bool:
     return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
@@ -885,10 +917,38 @@ def _check_sha256(value: str, what: str) -> None:
         raise ProtocolError(f"{what} hash {value[:80]!r} is not a SHA-256 (64 hex digits)", "malformed")
 
 
-def _safe(rel: str) -> None:
-    p = Path(rel)
-    if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].startswith(".hotsite")):
-        raise ProtocolError(f"refusing unsafe path {rel!r} from the source", "malformed")
+# What the filesystem says about one name (or what is at it), not about the disk as a whole.
+_REFUSED_NAME = frozenset(
+    {
+        errno.ENAMETOOLONG,
+        errno.EILSEQ,
+        errno.EINVAL,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.EPERM,
+        errno.EACCES,
+        errno.ENOTEMPTY,
+        errno.EEXIST,
+    }
+)
+_VERSION_TIME = re.compile(r"\.\d+\.\d{6}")
+_NAME_MAX = 255
+
+
+def version_stem(name: str) -> str:
+    """What a kept version of ``name`` is called before its ``.<time>`` suffix: the name itself, or,
+    if the suffix would not fit the filesystem's 255 bytes, a shortened name and a hash of it."""
+    if len(os.fsencode(name)) + 18 <= _NAME_MAX:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return os.fsdecode(os.fsencode(name)[:200]) + "~" + digest
+
+
+def is_version_of(candidate: str, stem: str) -> bool:
+    """``candidate`` is ``<stem>.<seconds>.<microseconds>``: exactly, so ``ivr`` does not claim
+    ``ivr.conf``'s versions (nor ``ivr.1``'s)."""
+    return candidate.startswith(stem) and _VERSION_TIME.fullmatch(candidate, len(stem)) is not None
 
 
 class FilesStreamClient:
@@ -932,6 +992,9 @@ class FilesStreamClient:
         self._incoming: StagedFile | None = None  # the file arriving in parts, if any
 
     async def run(self) -> None:
+        """Sessions until cancelled. Whatever a session ends with (a bad message, a bug, a full disk)
+        is counted, logged and shown in ``stats.last_error``, and the next session starts after the
+        backoff: this task never ends on its own."""
         backoff = 0.2
         while True:
             try:
@@ -941,9 +1004,18 @@ class FilesStreamClient:
                 raise
             except ProtocolError as exc:
                 self.stats.corrupt_messages += exc.reason == "crc"
-                self.stats.last_error = exc.message
+                self.stats.malformed_messages += exc.reason != "crc"
+                self.stats.note_error(exc.message)
+                log.warning(
+                    "bad message from the source",
+                    extra=kv(stream=self.name, reason=exc.reason, error=exc.message[:300]),
+                )
             except (OSError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                self.stats.note_error(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a bug must not end replication silently: counted, logged, retried
+                self.stats.session_failures += 1
+                self.stats.note_error(f"{type(exc).__name__}: {exc}")
+                log.exception("files session failed; starting a new one", extra=kv(stream=self.name))
             finally:
                 self.stats.connected = False
             await asyncio.sleep(backoff)
@@ -1001,7 +1073,7 @@ class FilesStreamClient:
                 await self._receive_part(msg)
             else:
                 await self._receive(msg)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(
                 f"message kind {msg.kind} has a missing or invalid header field: {exc!r}", "malformed"
             ) from None
@@ -1012,35 +1084,48 @@ class FilesStreamClient:
                 f"message kind {msg.kind} while file {self._incoming.sha256[:12]} is arriving", "malformed"
             )
         if msg.kind == Msg.FILE_DATA:
-            await asyncio.to_thread(self.replica.stage, str(msg.header["sha256"]), msg.body)
+            sha = validate.sha256(msg.header.get("sha256"), "file sha256")
+            await asyncio.to_thread(self.replica.stage, sha, msg.body)
         elif msg.kind == Msg.FILE_DELTA:
             await asyncio.to_thread(self.replica.stage_delta, msg.header, msg.body)
             self.deltas += 1
         elif msg.kind == Msg.FILES_MANIFEST:
-            files = {k: (v[0], int(v[1]), int(v[2])) for k, v in msg.header["files"].items()}
+            files = validate.manifest(msg.header)
+            observed_at = validate.number(msg.header, "observed_at")
             counts = await asyncio.to_thread(self.replica.apply, files)
             self.change_sets += 1
-            self.stats.current_at = self.replica.observed_at = float(msg.header["observed_at"])
+            self.stats.current_at = self.replica.observed_at = observed_at
+            self._report_refused()
             if self._on_applied is not None:
                 self._on_applied(counts)
         elif msg.kind == Msg.HEARTBEAT:
-            self.stats.current_at = float(msg.header["observed_at"])
+            self.stats.current_at = validate.number(msg.header, "observed_at")
         elif msg.kind == Msg.ERROR:
             raise OSError(f"source agent: {msg.header.get('error')}")
+
+    def _report_refused(self) -> None:
+        """Files of the last change set the filesystem refused: counted and shown, the rest applied."""
+        refused = self.replica.refused
+        if refused:
+            self.stats.refused_files += len(refused)
+            first = next(iter(refused.items()))
+            self.stats.note_error(f"{len(refused)} file(s) not applied, e.g. {first[0][:120]!r}: {first[1]}")
 
     async def _receive_part(self, msg: protocol.Message) -> None:
         """FILE_BEGIN, FILE_PART, FILE_END, FILE_ABORT: a large file staged a part at a time."""
         if msg.kind == Msg.FILE_BEGIN:
             if self._incoming is not None:
                 raise ProtocolError(f"FILE_BEGIN while {self._incoming.sha256[:12]} is arriving", "malformed")
-            sha, size = str(msg.header["sha256"]), int(msg.header["size"])
+            sha = validate.sha256(msg.header.get("sha256"), "file sha256")
+            size = validate.integer(msg.header, "size", 0, validate.MAX_SIZE)
             self._incoming = await asyncio.to_thread(self.replica.begin, sha, size)
             return
         incoming = self._incoming
         if incoming is None:
             raise ProtocolError(f"file part (message kind {msg.kind}) without FILE_BEGIN", "malformed")
         if msg.kind == Msg.FILE_PART:
-            await asyncio.to_thread(incoming.write, int(msg.header["offset"]), msg.body)
+            offset = validate.integer(msg.header, "offset", 0, validate.MAX_SIZE)
+            await asyncio.to_thread(incoming.write, offset, msg.body)
             return
         self._incoming = None
         if msg.kind == Msg.FILE_ABORT:

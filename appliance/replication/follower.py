@@ -13,22 +13,22 @@ Contract (Litestream's design, made exact, and cheaper for the writer):
 - Letting the WAL restart, the cheap way ("windows"): once the WAL holds
   ``restart_frames`` frames (the application's own auto-checkpoint
   threshold, 1000 by default) and everything committed has been read, the
-  guard is let go for at most ``window_s``. The application then does what
-  it does alone: its next commit checkpoints everything and the commit after
-  that restarts the WAL. Meanwhile the follower watches the wal-index and
-  reads every commit as it appears; when the generation changes, the end of
-  the old one is read from the file (SQLite's own recovery rule: its salts
-  and an unbroken checksum chain, up to the last commit frame), and the
-  guard is taken in the new generation at once. Only where that end is
-  certain: a window opens only while the file extends ``WINDOW_SLACK``
-  frames past the newest commit (so the old generation's end is followed by
-  older frames, not by the end of the file, which a ``journal_size_limit``
-  truncation could have moved); an end that cannot be told (end of file,
-  frames of the new generation, two restarts) raises
-  :class:`ResnapshotNeeded`, never a silent gap. Measured flat out, this
-  costs the writer a few percent; holding the WAL and restarting it under
-  the write lock (below) cost it about 40%, because the application's
-  busy handler sleeps 1, 2, 5 ms while the checkpoint's two fsyncs hold it.
+  guard's mark becomes :data:`COPY_ALL` for at most ``window_s``: the
+  application's next checkpoint copies everything, as it does alone, but
+  the WAL still cannot restart. The follower watches the wal-index every
+  ``WINDOW_POLL_S`` and reads every commit as it appears; at an instant when
+  every committed frame is both read and copied, it hands the guard over to
+  read-mark 0 (:meth:`ReadMarkGuard.hand_over`): nothing more can be copied,
+  so the WAL can restart only at exactly that frame, which is recorded
+  (``_ended_at``). The application's next commit restarts it, or its
+  TRUNCATE/RESTART checkpoint completes; if it commits first instead, the
+  follower reads that commit and goes back to COPY_ALL. So the WAL is never
+  restarted or truncated past a frame the follower has not read: the end of
+  every generation is known exactly, never read back from the file (a
+  TRUNCATE checkpoint in a window cost a resnapshot when it was). Holding
+  the WAL and restarting it under the write lock (below) cost the writer
+  about 40% flat out, because the application's busy handler sleeps 1, 2,
+  5 ms while the checkpoint's two fsyncs hold it.
 - Restarting it ourselves (when windows do not manage: the application
   checkpoints rarely, writes slowly, or the file is still short): once the
   WAL holds ``checkpoint_frames`` frames and the follower is at its end, it
@@ -76,7 +76,7 @@ from appliance.logs import kv
 from appliance.replication.checksum import PageHashes
 from appliance.replication.position import Batch, Position
 from appliance.replication.wal import Frame, Generation, WalFile, WalFormatError, WalHeader
-from appliance.replication.walguard import GuardError, ReadMarkGuard
+from appliance.replication.walguard import COPY_ALL, GuardError, ReadMarkGuard
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,6 @@ WINDOW_RETRY_S = 0.005  # ... in which it wrote but did not restart it
 # then finds the WAL unguarded when it first runs, rather than failing once per commit until
 # the follower catches up (cheap, but measured: a few percent of the writer's time flat out).
 WINDOW_EARLY = 10
-# A window opens only while the file extends this many frames past the newest commit: the
-# old generation's end is then followed by older frames, never by the end of the file.
-WINDOW_SLACK = 64
 # The write lock held this long while nothing is committed: a checkpoint is waiting for us.
 YIELD_AFTER_S = 0.005
 # After a restart attempt that did not get the write lock (or was cut short): try again this
@@ -99,6 +96,10 @@ YIELD_AFTER_S = 0.005
 # 100 MB, and the application's auto-checkpoint, which runs after every commit once the WAL
 # holds 1,000 frames and cannot finish while we read, cost it half its throughput.
 RESTART_RETRY_S = 0.05
+# Holding nothing (when opening), how long every read-mark slot may stay busy before that is an
+# error. An application's TRUNCATE checkpoint holds them all while it truncates a large WAL.
+SLOT_WAIT_S = 10.0
+CATCH_UP_ROUNDS = 1000  # polls to reach the newest commit before a catch-up gives up
 
 
 class SourceError(HotsiteError):
@@ -147,14 +148,16 @@ class SqliteFollower:
         self.restart_hold_total_s = 0.0  # all of them together
         self.windows = 0  # times the guard was let go for the application to restart the WAL
         self.window_restarts = 0  # ... and it did
-        self.tail_frames = 0  # frames of a restarted generation read from the file afterwards
         self.guard_waits = 0  # times the guard could not be taken back within 0.5 ms
         self.yields = 0  # polls that made way for an application checkpoint waiting for readers
         self._write_held_since: float | None = None  # monotonic time the write lock was first seen held
         self._next_restart = 0.0  # monotonic time before which no restart is tried again (after a busy one)
         self._next_window = 0.0  # monotonic time before which no window opens again (after a fruitless one)
-        self._ended_at: Position | None = None  # a generation read to its end under the write lock
-        self._open_end: Generation | None = None  # a generation that may have ended unseen (in a window)
+        # Where the WAL can restart now, if anywhere: read-mark 0 is held and every frame up to it
+        # was read and copied (so this is where its generation ends, exactly, if it restarts).
+        self._ended_at: Position | None = None
+        self._ended_by = ""  # what set _ended_at: "window", "ours" (our restart), "yield" (_make_way)
+        self.slot_busy_waits = 0  # times every slot 1..4 stayed busy while read-mark 0 kept the WAL
         self._header: WalHeader | None = None  # the header of self.position's generation, once seen
         self._clock = clock
         self._wal = WalFile(db_path)
@@ -166,6 +169,8 @@ class SqliteFollower:
         )
         self.announced: Position | None = None  # the last position shipped: what the replica will be at
         self.frames_shipped = 0
+        self.broken = False  # continuity was lost: the hashes no longer describe a state
+        self.pages_read = 0  # pages read whole from the files to hash or send a state (not frames)
         self.pending_frames = 0
         self.last_current_at = 0.0  # source time at which everything committed had been read
         # The agent calls us from worker threads (asyncio.to_thread), and a cancelled
@@ -221,19 +226,23 @@ class SqliteFollower:
         """What the guard blocks now: "restart" (and copies), "copy" only, or "none"."""
         return self._guard.hold
 
-    def _hold_restarts(self) -> None:
+    def _hold_restarts(self, patient: bool = False) -> None:
         """Hold the WAL in place from now on (see :meth:`ReadMarkGuard.block_restart`).
 
-        Every slot contended for a whole second (four application readers
-        each taking and dropping slots without pause) is an error: following
-        on without the guard could lose frames. Tries follow each other every
-        20 us: while the guard is down a new generation can grow over the end
-        of the old one (with 5 ms between tries, one flat-out run ended in such
-        a resnapshot; that this was the cause is likely, not proven).
+        Every slot 1..4 is locked exclusively for as long as an application's
+        TRUNCATE checkpoint truncates its WAL (after a VACUUM of a large
+        database, that took over a second here). While read-mark 0 is held
+        that is harmless (nothing can be copied, so nothing can restart past
+        what was read): the follower goes on and tries again at its next
+        poll. Holding nothing (only when opening), or ``patient`` (a snapshot
+        needs the WAL not to restart at all), every slot contended for
+        ``SLOT_WAIT_S`` is an error.
         """
         start = time.monotonic()
+        lenient = self.hold == "copy" and not patient
+        wait = 0.01 if lenient else SLOT_WAIT_S
         try:
-            while time.monotonic() - start < 1.0:
+            while time.monotonic() - start < wait:
                 if self._guard.block_restart():
                     if time.monotonic() - start > 0.0005:
                         self.guard_waits += 1
@@ -243,13 +252,18 @@ class SqliteFollower:
                 time.sleep(0.00002)
         except GuardError as exc:
             raise SourceError(str(exc)) from None
-        raise SourceError(f"every read-mark slot of {self.db_path}-shm stayed busy for a second")
+        if lenient:
+            self.slot_busy_waits += 1
+            return
+        raise SourceError(
+            f"every read-mark slot of {self.db_path}-shm stayed busy for {SLOT_WAIT_S:g} s"
+        )
 
-    def _hold_restarts_in_place(self) -> None:
-        """Block restarts again for a snapshot or a verify; a generation that could not restart
-        before was not "ended" after all (see _ended_at)."""
-        self._hold_restarts()
-        if self._ended_at is not None:
+    def _hold_restarts_in_place(self, patient: bool = True) -> None:
+        """Block restarts again (for a snapshot or a verify: ``patient``, see :meth:`_hold_restarts`);
+        a generation that could not restart before was not "ended" after all (see _ended_at)."""
+        self._hold_restarts(patient)
+        if self._ended_at is not None and self.hold == "restart":
             with contextlib.suppress(WalFormatError):
                 if self._current()[2] == self._ended_at.generation:
                     self._ended_at = None
@@ -327,13 +341,14 @@ class SqliteFollower:
             if len(data) < page_size:
                 data = data + bytes(page_size - len(data))
         hashes.set(pgno, data)
+        self.pages_read += 1
         return data
 
     @_locked
     def read_state(self) -> tuple[Position, int, int, Iterator[tuple[int, bytes]]]:
         """Start following at the newest committed state; iterate its pages (hashes kept as they go)."""
         self._hold_restarts_in_place()
-        self._ended_at = self._open_end = None
+        self._ended_at = None
         position, page_size, db_pages, hashes, pages = self._overlay()
         self.page_size = page_size
         self.position = self.announced = position
@@ -364,6 +379,69 @@ class SqliteFollower:
         if position.frame == 0 and position == self.position and self.announced is not None:
             return self.announced, checksum
         return position, checksum
+
+    # -- catching up from known hashes (no whole-database read) ----------------------
+
+    @_locked
+    def has_state(self) -> bool:
+        """Whether the page hashes describe a position (kept by following since a full read)."""
+        return self.position is not None and self.page_size > 0 and not self.broken
+
+    @_locked
+    def catch_up(self) -> tuple[Position, int, int]:
+        """Follow to the newest commit and stop there: (position, page size, pages).
+
+        Only WAL frames are read: the hashes move with them, as while
+        streaming. The guard is left holding restarts at mark 0, so the files
+        stay exactly that state until the next :meth:`poll` (new commits are
+        not copied). Whole-database reads happen only to seed a follower
+        without hashes (:meth:`read_state`).
+        """
+        for _ in range(CATCH_UP_ROUNDS):
+            while self.poll() is not None:
+                pass
+            self._hold_restarts_in_place()
+            if self.hold != "restart":
+                continue
+            _header, mx, generation = self._stable_current()
+            assert self.position is not None
+            if generation == self.position.generation and mx == self.position.frame:
+                self.announced = self.position
+                return self.position, self.page_size, self.hashes.db_pages
+        raise SourceError(f"the WAL of {self.db_path} kept moving faster than it could be read")
+
+    def pages_at(self, position: Position, pgnos: list[int]) -> Iterator[tuple[int, bytes]]:
+        """Pages ``pgnos`` (ascending) of the state at ``position``, as :meth:`catch_up` left it.
+
+        Each page read is checked against the hash kept for it: a kept hash
+        that does not match the files is a bug or a change behind SQLite's
+        back, and the batch must not be sent as if it described this state.
+        """
+        with self._lock:
+            latest = self._latest_frames(position)
+            header = self._header
+        scratch = PageHashes()
+        for pgno in pgnos:
+            with self._lock:  # never across a yield (see _overlay)
+                if self._db_fd is None or self.position != position:
+                    raise SourceError("the follower moved or closed while a catch-up was being sent")
+                data = self._page(pgno, latest, header, self.page_size, scratch)
+                if scratch.hashes[pgno] != self.hashes.hashes.get(pgno):
+                    raise ResnapshotNeeded(f"page {pgno} differs from the hash kept for it at {position}")
+            yield pgno, data
+
+    def _latest_frames(self, position: Position) -> dict[int, int]:
+        """The newest frame of each page in the WAL up to ``position`` (frame headers only)."""
+        header = self._header
+        latest: dict[int, int] = {}
+        if header is None or header.generation != position.generation:
+            return latest
+        for index in range(1, position.frame + 1):
+            info = self._wal.frame_header(header, index)
+            if info is None or info[2] != header.raw_salts:
+                raise SourceError(f"WAL frame {index} of {position} is gone while the guard held it")
+            latest[info[0]] = index
+        return latest
 
     # -- resume --------------------------------------------------------------
 
@@ -419,18 +497,8 @@ class SqliteFollower:
         prev = self.position
         announced = self.announced or prev
         if generation != prev.generation:
-            self._hold_restarts()  # before anything else: a second restart would leave a gap
-            tail = self._end_of_generation(prev)
-            if tail:  # shipped first; the next poll moves on to the new generation
-                batch = self._ship(tail, prev.generation, announced, started, mx_after=tail[-1].index)
-                self._ended_at = self.position
-                return batch
-            skipped = generation.salt1 != (prev.generation.salt1 + 1) & 0xFFFFFFFF
-            if prev.frame and self._header is not None and skipped:
-                raise ResnapshotNeeded(
-                    f"the WAL went from generation {prev} to {generation.salt1:08x}{generation.salt2:08x}"
-                    " without passing through the one in between"
-                )
+            self._end_of_generation(prev)
+            self._hold_restarts()
             self._header = header if header is not None and header.generation == generation else None
             if header is None or mx == 0:
                 # A restart (or truncation) that has not written a frame yet: same content, new generation.
@@ -443,8 +511,9 @@ class SqliteFollower:
             if header is not None:
                 self._header = header
             if self._ended_at is not None and mx > self._ended_at.frame:
-                self._ended_at = None  # an application reader kept it from restarting: it went on
-                self._hold_restarts()
+                self._ended_at = None  # it went on instead of restarting: no restart is possible now
+            if self._ended_at is None and self.hold != "restart":
+                self._hold_restarts()  # (read-mark 0 kept it while every slot was busy)
             start = prev.frame + 1
             if mx < prev.frame:
                 raise ResnapshotNeeded(f"WAL has {mx} committed frames, fewer than the {prev.frame} shipped")
@@ -471,102 +540,111 @@ class SqliteFollower:
             frames.pop()  # cannot happen (mx is a commit frame); be safe
         if not frames:
             return None
-        if frames[-1].index == mx and stop_at is None and self._window_due(header, mx):
+        if frames[-1].index == mx and stop_at is None and self._window_due(mx):
             frames += self._window(header, mx)
             mx = max(mx, frames[-1].index)
         return self._ship(frames, header.generation, announced, started, mx_after=mx)
 
-    def _end_of_generation(self, prev: Position) -> list[Frame]:
-        """The generation of ``prev`` has been restarted: the frames it still had after ``prev``.
+    def _end_of_generation(self, prev: Position) -> None:
+        """The generation of ``prev`` has been restarted: check that nothing of it was missed.
 
-        Known exactly when we restarted it ourselves (read under the write
-        lock) or when it had no frame; read from the file when it restarted in
-        a window (see the module docstring); anything else means the guard
-        did not hold, and what happened meanwhile cannot be known.
+        The guard lets the WAL restart only while read-mark 0 is held at a
+        frame read and copied (``_ended_at``): the generation ended exactly
+        there, and any generation in between had no frame (see
+        :mod:`walguard`). A generation entered at frame 0 was held from then
+        on. Anything else means someone did not respect the wal-index locks
+        (the ``-shm`` file replaced, a process without locking): what
+        happened meanwhile cannot be known, and a resync follows.
         """
         ended, self._ended_at = self._ended_at, None
-        window, self._open_end = self._open_end, None
+        if ended == prev and self._ended_by == "window":
+            self.window_restarts += 1
         if ended == prev or prev.frame == 0:
-            return []
-        header = self._header
-        if window == prev.generation and header is not None and header.generation == window:
-            frames, end = self._wal.tail(header, prev.frame)
-            if end in ("eof", "overwritten", "unknown"):
-                try:
-                    newest = self._current()[1]
-                except WalFormatError:
-                    newest = -1
-                raise ResnapshotNeeded(
-                    f"the WAL restarted after frame {prev.frame} of generation {prev} and where that"
-                    f" generation ended cannot be told from the file ({end}; {len(frames)} frames read"
-                    f" after it; the new generation has {newest} frames)"
-                )
-            self.tail_frames += len(frames)
-            return frames
-        raise ResnapshotNeeded(f"the WAL restarted after {prev} while the agent held it (hold: {self.hold})")
+            return
+        raise ResnapshotNeeded(
+            f"the WAL restarted after {prev} while the agent held it (hold: {self.hold}, could restart at"
+            f" {ended}): were the wal-index locks bypassed?"
+        )
 
     # -- letting the WAL restart -------------------------------------------------
 
-    def _window_due(self, header: WalHeader, mx: int) -> bool:
+    def _window_due(self, mx: int) -> bool:
         return bool(
             self.restart_frames
             and mx >= self.restart_frames - self.restart_frames // WINDOW_EARLY
             and self.hold == "restart"
             and time.monotonic() >= self._next_window
-            and self._wal.file_frames(header.page_size) >= mx + WINDOW_SLACK
         )
 
     def _window(self, header: WalHeader, read_to: int) -> list[Frame]:
-        """Let go of the guard until the application restarts the WAL (at most ``window_s``).
+        """Let the application restart the WAL at a frame we have read (tried for at most ``window_s``).
 
-        Reads every commit that appears meanwhile (returned, to ship with the
-        frames up to ``read_to``). When the generation changes, the guard is
-        taken in the new one at once and the old one's end is left to
-        :meth:`_end_of_generation` (via ``_open_end``). Ends early, holding
-        again, if the commits come near the end of the file or exceed a batch.
+        The guard's mark becomes :data:`COPY_ALL`: the application's
+        checkpoints copy everything, the WAL still cannot restart. Every commit
+        that appears meanwhile is read (returned, to ship with the frames up to
+        ``read_to``). At the instant a checkpoint has copied everything
+        committed, the guard is handed over to read-mark 0 (after reading any
+        frame still unread, while nothing can move): from then on the WAL can
+        restart only there (``_ended_at``), at the application's next commit.
+        If it commits instead (an application reader kept it from restarting),
+        :meth:`poll` takes the guard back. An application that does not
+        checkpoint while everything is read (idle, or under its threshold) has
+        the copy made for it, in this thread (unless ``checkpoint_frames`` is
+        0: then the follower never writes). Ends, holding again, if the commits
+        exceed a batch or no checkpoint came. No step lets the WAL restart past
+        an unread frame.
         """
         generation = header.generation
         extra: list[Frame] = []
-        self._guard.release()
+        if not self._guard.block_restart(COPY_ALL) or self._guard.value != COPY_ALL:
+            self._next_window = time.monotonic() + WINDOW_RETRY_S
+            return extra
         self.windows += 1
         deadline = time.monotonic() + self.window_s
         quiet = True  # no commit during the whole window: a slow writer, try much later
+
+        def all_read_and_copied() -> bool:
+            """Run holding read-mark 0 and the slot: nothing can be copied or restarted meanwhile."""
+            nonlocal read_to
+            _h, mx, now = self._current()
+            if now != generation or mx != self._backfilled():
+                return False
+            if mx - read_to + len(extra) > MAX_FRAMES_PER_POLL:
+                return False
+            extra.extend(self._wal.frames(header, read_to + 1, mx))
+            read_to = mx
+            return True
+
+        handed_over = False
+        mx = read_to
         try:
             while time.monotonic() < deadline:
                 try:
-                    _h, mx, now = self._current()
+                    mx = self._current()[1]
+                    if mx > read_to:
+                        quiet = False
+                    if mx == read_to and self._backfilled() < mx and self.checkpoint_frames:
+                        # Nothing new and no checkpoint of its own yet (an idle application, or
+                        # one under its threshold): copy in our thread, off its commit path.
+                        self._checkpoint(mx)
+                    if self._guard.hand_over(all_read_and_copied, wait_for_copy=True):
+                        handed_over = True
+                        self._ended_at = Position(generation, read_to)
+                        self._ended_by = "window"
+                        return extra
                 except WalFormatError:
-                    time.sleep(WINDOW_POLL_S)
-                    continue
-                if now != generation:
-                    self.window_restarts += 1
-                    self._open_end = generation
-                    return extra
-                if mx > read_to:
-                    quiet = False
-                    if (
-                        mx - read_to + len(extra) > MAX_FRAMES_PER_POLL
-                        or self._wal.file_frames(header.page_size) < mx + WINDOW_SLACK
-                    ):
-                        break
-                    try:
-                        got = self._wal.frames(header, read_to + 1, mx)
-                    except WalFormatError:
-                        continue  # overwritten: the restart is there, the next look sees it
-                    extra += got
-                    read_to = mx
+                    pass  # a frame overwritten cannot be (the WAL cannot restart): a torn read, look again
+                if len(extra) + mx - read_to > MAX_FRAMES_PER_POLL:
+                    break
                 time.sleep(WINDOW_POLL_S)
-            # No restart: an application that kept committing is given another window soon (it
-            # was between checkpoints, or its reader held one off); a quiet one, much later.
+            # No checkpoint copied everything: an application that kept committing is given another
+            # window soon (its reader held one off, or its WAL was under its own threshold); a
+            # quiet one, much later.
             self._next_window = time.monotonic() + (WINDOW_BACKOFF_S if quiet else WINDOW_RETRY_S)
             return extra
         finally:
-            self._hold_restarts()
-            if self._open_end is None:
-                with contextlib.suppress(WalFormatError):
-                    if self._current()[2] != generation:  # restarted just before the guard came back
-                        self.window_restarts += 1
-                        self._open_end = generation
+            if not handed_over:
+                self._hold_restarts()
 
     def _ship_large(
         self, header: WalHeader, start: int, mx: int, announced: Position, started: float
@@ -712,7 +790,7 @@ class SqliteFollower:
         if not self._guard.block_restart(read.frame):
             return
         if self._backfilled() >= read.frame and self._guard.block_copy():
-            self._ended_at = read
+            self._ended_at, self._ended_by = read, "yield"
             self._write_held_since = None
 
     # -- restarting the WAL ourselves ----------------------------------------------
@@ -780,7 +858,7 @@ class SqliteFollower:
                 # All copied: hold read-mark 0 (no more copies; the next commit restarts the WAL).
                 # Else (an application reader kept the copy short) hold it in place again.
                 if self._backfilled() >= mx and self._guard.block_copy():
-                    self._ended_at = Position(generation, mx)
+                    self._ended_at, self._ended_by = Position(generation, mx), "ours"
                     self.restarts += 1
                     self._next_restart = 0.0
                 else:

@@ -49,6 +49,13 @@ class ReplicationMetrics:
             ["stream"],
             registry=registry,
         )
+        self.malformed_messages = Counter(
+            "hotsite_replication_malformed_messages_total",
+            "Messages from the source refused by their limits or schema (unsafe path, mode, size,"
+            " JSON depth): the session is restarted.",
+            ["stream"],
+            registry=registry,
+        )
         self.resnapshots = Counter(
             "hotsite_replication_resnapshots_total",
             "Resyncs because the source no longer held the replica's position.",
@@ -65,6 +72,35 @@ class ReplicationMetrics:
             "hotsite_replication_over_budget",
             "1 when the lag exceeds the stream's rpo_budget_s.",
             ["stream"],
+            registry=registry,
+        )
+        self.damaged = Gauge(
+            "hotsite_replication_damaged",
+            "1 while the replica file differs from the state recorded when it was last verified.",
+            ["stream"],
+            registry=registry,
+        )
+        self.storage_error = Gauge(
+            "hotsite_replication_storage_error",
+            "1 while the replica's own disk refuses writes (full, read-only, I/O error).",
+            ["stream"],
+            registry=registry,
+        )
+        self.disk_full = Gauge(
+            "hotsite_replication_disk_full",
+            "1 while the replica's filesystem is full.",
+            ["stream"],
+            registry=registry,
+        )
+        self.task_failures = Counter(
+            "hotsite_replication_task_failures_total",
+            "Times a stream's task failed and was restarted by its supervisor.",
+            ["stream"],
+            registry=registry,
+        )
+        self.unrecorded_events = Counter(
+            "hotsite_replication_unrecorded_events_total",
+            "Replication events the state store could not record (its disk full): logged only.",
             registry=registry,
         )
         self.files = Counter(

@@ -15,11 +15,20 @@ second line against what TLS cannot see (a bug or memory error on either
 side, or a future plain transport). A message whose CRC does not match is
 never decoded, let alone applied: the receiver drops the connection and
 resumes from its own position, which re-requests everything after it.
+
+Neither end trusts the other's sizes: a message is refused before it is
+read if its length exceeds the receiver's limit, decompressed at most to
+that limit (a zlib or zstd bomb is refused, never inflated), and its JSON
+header is refused if it is longer than ``max_header`` bytes or nested
+deeper than ``MAX_JSON_DEPTH``. The agent reads a replica's HELLO within
+``MAX_HELLO`` (its page hashes, its list of file contents) and everything
+after it within ``MAX_CONTROL`` (keepalives, verify requests, NAKs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import struct
 import time
@@ -37,7 +46,11 @@ except ImportError:  # pragma: no cover - depends on the installation
 _FRAME = struct.Struct(">IBI")
 _JSON = struct.Struct(">I")
 _PGNO = struct.Struct(">I")
-MAX_MESSAGE = 256 * 1024 * 1024
+MAX_MESSAGE = 64 * 1024 * 1024  # what a replica accepts from the agent (a manifest of ~500,000 files)
+MAX_HELLO = 16 * 1024 * 1024  # a replica's HELLO: 8 bytes of hash a page (8 GiB of 4 KiB pages)
+MAX_HELLO_HEADER = 16 * 1024 * 1024  # its JSON: the contents it has, its large files' block hashes
+MAX_CONTROL = 64 * 1024  # anything else a replica sends: keepalives, verify requests, NAKs
+MAX_JSON_DEPTH = 8  # the deepest header we send is 4 levels ({"blocks": {path: [sha, [digest...]]}})
 FLAG_ZLIB = 0x40
 FLAG_ZSTD = 0x80
 TYPE_MASK = 0x3F
@@ -97,6 +110,47 @@ class ProtocolError(HotsiteError):
         self.reason = reason
 
 
+class PeerStalled(TimeoutError):
+    """The peer has not taken what we sent for the send timeout: it is not reading (or is cut off)."""
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and objects (a scalar: 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        todo.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def decode_header(raw: bytes, max_header: int) -> dict[str, Any]:
+    """The JSON header, refused if longer than ``max_header``, nested deeper than ``MAX_JSON_DEPTH``
+    or not an object. The nesting is also what makes the C parser recurse: a header of 100,000
+    ``[`` raises RecursionError, which would end the reading task for good if it escaped."""
+    if len(raw) > max_header:
+        raise ProtocolError(f"message header of {len(raw)} bytes exceeds the {max_header} limit", "too_long")
+    try:
+        header = json.loads(raw)
+    except RecursionError:
+        raise ProtocolError(
+            f"message header nests deeper than {MAX_JSON_DEPTH} levels", "malformed"
+        ) from None
+    except ValueError as exc:
+        raise ProtocolError(f"undecodable message header: {exc}", "malformed") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("message header is not a JSON object", "malformed")
+    if json_depth(header) > MAX_JSON_DEPTH:
+        raise ProtocolError(f"message header nests deeper than {MAX_JSON_DEPTH} levels", "malformed")
+    return header
+
+
 def encode(kind: int, header: dict[str, Any], body: bytes = b"", compression: str = "none") -> bytes:
     head = json.dumps(header, separators=(",", ":")).encode()
     payload = _JSON.pack(len(head)) + head + body
@@ -139,32 +193,113 @@ class Message:
         self.wire_bytes = wire_bytes
 
 
-async def read_message(reader: asyncio.StreamReader, max_message: int = MAX_MESSAGE) -> Message:
-    """One message; raises ProtocolError for a corrupt or oversized one, IncompleteReadError at EOF."""
+async def read_message(
+    reader: asyncio.StreamReader, max_message: int = MAX_MESSAGE, max_header: int | None = None
+) -> Message:
+    """One message; raises ProtocolError for a corrupt or oversized one, IncompleteReadError at EOF.
+
+    ``max_message`` bounds the payload both as sent and once decompressed; ``max_header`` (default:
+    the same) bounds its JSON header. The header and the body are taken apart while reading or
+    inflating, never copied out of a whole payload: the most a message can cost is its limit once
+    (plus the compressed bytes, for a compressed one)."""
     raw = await reader.readexactly(_FRAME.size)
     length, kind, crc = _FRAME.unpack(raw)
     if length > max_message:
         raise ProtocolError(f"message of {length} bytes exceeds the {max_message} limit", "too_long")
-    payload = await reader.readexactly(length)
-    if zlib.crc32(payload) != crc:
-        raise ProtocolError("message CRC mismatch: corrupted in transit", "crc")
+    if length < _JSON.size:
+        raise ProtocolError(f"message of {length} bytes has no header", "malformed")
+    limit_header = max_message if max_header is None else max_header
+    if kind & (FLAG_ZSTD | FLAG_ZLIB):
+        payload = await reader.readexactly(length)
+        if zlib.crc32(payload) != crc:
+            raise ProtocolError("message CRC mismatch: corrupted in transit", "crc")
+        head, body = _inflate(payload, kind, max_message, limit_header)
+    else:
+        first = await reader.readexactly(_JSON.size)
+        (hlen,) = _JSON.unpack(first)
+        split = min(hlen, length - _JSON.size)  # nothing is believed before the CRC matched
+        head = await reader.readexactly(split)
+        body = await reader.readexactly(length - _JSON.size - split)
+        if zlib.crc32(body, zlib.crc32(head, zlib.crc32(first))) != crc:
+            raise ProtocolError("message CRC mismatch: corrupted in transit", "crc")
+        if hlen > split:
+            raise ProtocolError(f"message header of {hlen} bytes runs past the payload", "malformed")
+        _check_header_length(hlen, limit_header)
+    header = decode_header(head, limit_header)
+    return Message(kind & TYPE_MASK, header, body, _FRAME.size + length)
+
+
+def _check_header_length(hlen: int, limit: int) -> None:
+    if hlen > limit:
+        raise ProtocolError(f"message header of {hlen} bytes exceeds the {limit} limit", "too_long")
+
+
+def _inflate(payload: bytes, kind: int, limit: int, limit_header: int) -> tuple[bytes, bytes]:
+    """(JSON header, body) of a compressed payload, inflated to at most ``limit`` bytes in all."""
     try:
         if kind & FLAG_ZSTD:
             if zstandard is None:
                 raise ProtocolError("peer sent zstd but zstandard is not installed", "malformed")
-            payload = zstandard.ZstdDecompressor().decompress(payload, max_output_size=max_message)
-        elif kind & FLAG_ZLIB:
-            inflater = zlib.decompressobj()
-            payload = inflater.decompress(payload, max_message)
-            if inflater.unconsumed_tail:
-                raise ProtocolError(f"message inflates beyond the {max_message} limit", "too_long")
-        (hlen,) = _JSON.unpack_from(payload)
-        header = json.loads(payload[4 : 4 + hlen])
+            whole = _unzstd(payload, limit)
+            (hlen,) = _JSON.unpack_from(whole)
+            _check_header_length(hlen, limit_header)
+            return whole[4 : 4 + hlen], whole[4 + hlen :]
+        inflater = zlib.decompressobj()
+        (hlen,) = _JSON.unpack(_inflate_exactly(inflater, payload, _JSON.size))
+        _check_header_length(hlen, limit_header)
+        if _JSON.size + hlen > limit:
+            raise ProtocolError(f"message inflates beyond the {limit} limit", "too_long")
+        head = _inflate_exactly(inflater, inflater.unconsumed_tail, hlen)
+        return head, _inflate_body(inflater, limit - _JSON.size - hlen, limit)
+    except ProtocolError:
+        raise
     except (zlib.error, ValueError, struct.error) as exc:
         raise ProtocolError(f"undecodable message: {exc}", "malformed") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("message header is not a JSON object", "malformed")
-    return Message(kind & TYPE_MASK, header, payload[4 + hlen :], _FRAME.size + length)
+    except Exception as exc:  # zstandard.ZstdError, whichever version's module it comes from
+        raise ProtocolError(f"undecodable message: {exc}", "malformed") from None
+
+
+def _inflate_body(inflater: Any, room: int, limit: int) -> bytes:
+    """The rest of the payload, inflated a chunk at a time: a bomb is refused once it passes
+    ``room``, having cost at most that (one bytes object of ``room`` would be built in pieces
+    anyway, and joined: a message within its limit costs up to twice its inflated size)."""
+    pieces: list[bytes] = []
+    data, total = inflater.unconsumed_tail, 0
+    while not inflater.eof:
+        piece = inflater.decompress(data, CHUNK_BYTES)
+        data = inflater.unconsumed_tail
+        total += len(piece)
+        if total > room:
+            raise ProtocolError(f"message inflates beyond the {limit} limit", "too_long")
+        if not piece and not data:
+            raise ProtocolError("compressed message is cut short", "malformed")
+        pieces.append(piece)
+    if data or inflater.unused_data:
+        raise ProtocolError("compressed message has bytes after its end", "malformed")
+    return b"".join(pieces)
+
+
+def _inflate_exactly(inflater: Any, data: bytes, n: int) -> bytes:
+    """The next ``n`` inflated bytes (``n`` > 0 or nothing: zlib reads a length of 0 as "no limit")."""
+    out = inflater.decompress(data, n) if n else b""
+    if len(out) != n:
+        raise ProtocolError(f"compressed message ends before its {n}-byte part", "malformed")
+    return out
+
+
+def _unzstd(payload: bytes, limit: int) -> bytes:
+    """Decompress a zstd payload reading at most ``limit + 1`` bytes out of it: ``decompress()``
+    would trust the content size the frame declares."""
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)) as inflating:
+        while len(out) <= limit:
+            piece = inflating.read(min(CHUNK_BYTES, limit + 1 - len(out)))
+            if not piece:
+                break
+            out += piece
+    if len(out) > limit:
+        raise ProtocolError(f"message inflates beyond the {limit} limit", "too_long")
+    return bytes(out)
 
 
 class RateLimiter:
@@ -198,14 +333,39 @@ class Sender:
         rate_bytes_s: float = 0,
         corrupt: Callable[[bytes], bytes] | None = None,
         max_message: int = MAX_MESSAGE,
+        send_timeout_s: float | None = None,
     ) -> None:
         self.writer = writer
+        # A peer that takes nothing for this long is not reading: PeerStalled ends the session, so
+        # a stuck replica cannot hold the agent (and the application's WAL) for longer than this.
+        self.send_timeout_s = send_timeout_s
         self.compression = compression
         self.max_message = max_message
         self.largest_body = 0  # the most page bytes one message carried (tests: bounded memory)
         self.limiter = RateLimiter(rate_bytes_s)
         self.bytes_sent = 0
         self._corrupt = corrupt  # fault injection for tests: alters a message after its CRC was computed
+
+    async def _drain(self) -> None:
+        """Wait until the peer has taken what we wrote; PeerStalled if it took nothing at all for
+        ``send_timeout_s`` (a slow link that keeps taking bytes is waited for, however slow)."""
+        if self.send_timeout_s is None:
+            await self.writer.drain()
+            return
+        transport = self.writer.transport
+        pending = transport.get_write_buffer_size()
+        while True:
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await self.writer.drain()
+                return
+            except TimeoutError:
+                now = transport.get_write_buffer_size()
+                if now >= pending:
+                    raise PeerStalled(
+                        f"the peer took nothing for {self.send_timeout_s:g} s: it is not reading"
+                    ) from None
+                pending = now
 
     async def send(self, kind: int, header: dict[str, Any], body: bytes = b"") -> int:
         if len(body) + HEADER_ROOM > self.max_message:
@@ -222,6 +382,6 @@ class Sender:
         if wait > 0:
             await asyncio.sleep(wait)
         self.writer.write(data)
-        await self.writer.drain()
+        await self._drain()
         self.bytes_sent += len(data)
         return len(data)

@@ -15,8 +15,21 @@ Contract:
 - The position (WAL generation + frame) lives in the journals, so it is
   exactly as durable as the pages it describes.
 - One process applies at a time: an exclusive ``flock`` on ``<replica>.hotsite/lock``.
-- After :meth:`promote` nothing is applied until :meth:`demote`, which
-  refuses when the promoted copy has changed unless told to discard changes.
+- Verified at rest: the hash of every page of the last verified state is
+  recorded beside the file (``record.py``). At open the file is read and
+  compared with that record before anything is shown or promoted; a
+  difference (a row edited, bytes flipped, an older copy, a missing file,
+  writes in a ``-wal``) is :attr:`Replica.damage`, shown in status and
+  refused by promotion. ``hashes`` always describe the file as it is, so
+  the next session's resync asks the source for exactly the pages that
+  differ; the first verified batch after it clears the damage.
+- After :meth:`promote` nothing is applied until :meth:`demote`, which holds
+  SQLite's write lock while it proves the file still has exactly the
+  promoted checksum (else refuses unless told to discard the backup's
+  writes). Writes made at the backup after that are found before the next
+  batch (file stamp, ``-wal``) and stop apply instead of being overwritten.
+- A failing disk (full, I/O error) raises :class:`ReplicaStorageError`; the
+  next session first redoes the newest journal, so nothing half-applied stays.
 
 All methods block (file I/O, fsync): call them from a worker thread.
 """
@@ -24,7 +37,9 @@ All methods block (file I/O, fsync): call them from a worker thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -35,11 +50,15 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from appliance.errors import HotsiteError
 from appliance.replication.checksum import PageHashes, page_hash, show
 from appliance.replication.position import Batch, Position
+from appliance.replication.record import HashRecord
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 MAGIC = b"HSJ1"
 TRAILER = b"END!"
@@ -63,6 +82,47 @@ class PromotedError(HotsiteError):
     """The replica was promoted: replication into it is refused until an operator decides."""
 
 
+class ReplicaStorageError(HotsiteError):
+    """The replica's disk refused a read or write (full, read-only, I/O error): nothing was lost,
+    the next attempt redoes the newest journal first."""
+
+    def __init__(self, message: str, *, disk_full: bool) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+def _storage(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Turn a local I/O failure inside a replica method into :class:`ReplicaStorageError`.
+
+    Why: the stream client must tell its own disk failing (log at ERROR,
+    raise a full disk, retry) from the link failing (INFO, reconnect); both
+    arrive as ``OSError``. The replica is marked for recovery, because a
+    failure half-way through writing pages leaves its memory ahead of the file.
+    """
+
+    def wrap(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(fn)
+        def inner(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return fn(*args, **kwargs)
+            except (OSError, sqlite3.OperationalError) as exc:
+                replica = args[0]
+                assert isinstance(replica, Replica)
+                replica._needs_recover = True
+                code = getattr(exc, "errno", None)
+                full = code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in str(exc)
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ReplicaStorageError(
+                    f"replica {replica.path}: {what} failed: {detail}"
+                    + (" (the replica's filesystem is full)" if full else ""),
+                    disk_full=full,
+                ) from exc
+
+        return inner
+
+    return wrap
+
+
 @dataclass(frozen=True, slots=True)
 class Promotion:
     at: float
@@ -70,6 +130,7 @@ class Promotion:
     checksum: int
     data_loss_window_s: float | None
     reason: str
+    damaged: str | None = None  # what differed from the recorded state when it was promoted anyway
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +139,7 @@ class Promotion:
             "checksum": show(self.checksum),
             "data_loss_window_s": self.data_loss_window_s,
             "reason": self.reason,
+            "damaged": self.damaged,
         }
 
     @classmethod
@@ -88,6 +150,7 @@ class Promotion:
             checksum=int(v["checksum"], 16),
             data_loss_window_s=v["data_loss_window_s"],
             reason=str(v.get("reason", "")),
+            damaged=v.get("damaged"),
         )
 
 
@@ -122,6 +185,12 @@ class Replica:
         self.promotion: Promotion | None = None
         self.batches_applied = 0
         self.needs_resync = False  # set after a refused batch or a demotion: compare hashes on reconnect
+        self._record = HashRecord(self.dir, durable=durable)
+        self.damage: str | None = None  # how the file differs from the recorded verified state
+        self.recorded_checksum: int | None = None  # checksum of the recorded verified state
+        self.verified_at: float | None = None  # when the file was last read and compared with the record
+        self._stamp: tuple[int, int, int] | None = None  # (inode, size, mtime) after our own last write
+        self._needs_recover = False  # a write failed half-way: redo the newest journal before going on
 
     # -- open / recover --------------------------------------------------
 
@@ -131,13 +200,29 @@ class Replica:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ReplicaError(f"replica directory {self.dir} cannot be created: {exc.strerror}") from None
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ReplicaError(f"replica {self.path} is being applied by another process") from None
-        self._lock_fd = fd
+        if self._lock_fd is None:  # a retry after a failed recovery keeps the lock it took
+            fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o640)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ReplicaError(f"replica {self.path} is being applied by another process") from None
+            self._lock_fd = fd
+        self.ensure_recovered(force=True)
+
+    def ensure_recovered(self, force: bool = False) -> None:
+        """Redo the newest journal and verify the file at rest, if a write failed (or ``force``)."""
+        with self._mutex:
+            if not (force or self._needs_recover):
+                return
+            self._needs_recover = True
+            self._abort_stage()
+            self.seed_abort()
+            self._recover_checked()
+            self._needs_recover = False
+
+    @_storage("recovery (redo of the newest journal, verification at rest)")
+    def _recover_checked(self) -> None:
         self._recover()
 
     def close(self) -> None:
@@ -167,9 +252,15 @@ class Replica:
     def _recover(self) -> None:
         found = [j for j in (self._read_journal(self.dir / f"journal-{i}") for i in (0, 1)) if j is not None]
         seed = self.dir / "seed.tmp"
+        missing = not self.path.exists()
+        self.damage, self.recorded_checksum = None, None
         if not found:
             seed.unlink(missing_ok=True)
+            self._record.discard_leftovers()
+            self.position, self.page_size, self.promotion = None, 0, None
             self._open_db(load=False)
+            self.hashes = PageHashes()
+            self._stamp_file()
             return
         seq, header, pages = max(found, key=lambda j: j[0])
         self.seq = seq
@@ -177,15 +268,129 @@ class Replica:
         if kind == "seed":
             if seed.exists():
                 os.replace(seed, self.path)
+                missing = False
                 if self._durable:
                     _fsync_dir(self.path.parent)
+            self._record.commit_staged()
         else:
             seed.unlink(missing_ok=True)
+        self._record.discard_leftovers()
         self._load_header(header)
         self._open_db(load=False)
-        if kind in ("tx", "resync") and not self.promotion:
-            self._write_pages(header, pages)  # redo: idempotent
+        recorded = self._record.load()
+        done = recorded is not None and recorded.seq == seq  # its pages and hashes were written
+        if kind in ("tx", "resync") and not self.promotion and not done:
+            # Redo (idempotent). Only when the record says the journal's pages may not all have
+            # reached the file: redoing a finished one would hide damage to its pages at rest.
+            changes = self._write_pages(header, pages)
+            if recorded is not None and recorded.seq == seq - 1:
+                self._record.update(changes, self.page_size, int(header["db_pages"]), seq)
         self._load_hashes()
+        self._stamp_file()
+        if self.promotion is None:
+            self.damage = self._check_at_rest(header, missing)
+            self.needs_resync = self.needs_resync or self.damage is not None
+
+    def _check_at_rest(self, header: dict[str, Any], missing: bool) -> str | None:
+        """Compare the file (``self.hashes``, just read) with the recorded state; None if equal.
+
+        A record that is absent or not in step with the journals (an upgrade
+        from a version without it) is rebuilt from the file only when the
+        file has the checksum the newest journal states; otherwise the file
+        cannot be shown as verified.
+        """
+        self.verified_at = self._clock()
+        journal_sum = header.get("checksum") if header.get("kind") in ("tx", "seed") else None
+        recorded = self._record.load()
+        if recorded is not None and journal_sum is not None and recorded.checksum != int(journal_sum, 16):
+            recorded = None  # not the record of this journal's state
+        if recorded is None or recorded.seq not in (self.seq - 1, self.seq) or (
+            recorded.page_size != self.page_size and recorded.db_pages
+        ):
+            if journal_sum is not None and int(journal_sum, 16) == self.hashes.checksum and not missing:
+                self.recorded_checksum = self.hashes.checksum
+                self._record.write_whole(self.hashes, self.page_size, self.seq)
+                return None
+            self.recorded_checksum = None if journal_sum is None else int(journal_sum, 16)
+            return (
+                f"replica {self.path} cannot be verified: no record of its page hashes matches its last"
+                f" journal (file checksum {show(self.hashes.checksum)}); it is not known to be a state the"
+                " primary committed"
+            )
+        self.recorded_checksum = recorded.checksum
+        where = f"the state recorded at position {self.position} (checksum {show(recorded.checksum)})"
+        if missing:
+            return f"replica file {self.path} is missing (deleted?); expected {where}"
+        pages = max(recorded.db_pages, self.hashes.db_pages)
+        differ = [p for p in range(1, pages + 1) if recorded.hash_of(p) != self.hashes.hashes.get(p, 0)]
+        wal = _wal_bytes(self.path)
+        if not differ and not wal:
+            return None
+        parts = []
+        if differ:
+            first = ", ".join(str(p) for p in differ[:8]) + (", …" if len(differ) > 8 else "")
+            size = (
+                f"; the file has {self.hashes.db_pages} pages, {recorded.db_pages} recorded"
+                if recorded.db_pages != self.hashes.db_pages
+                else ""
+            )
+            parts.append(
+                f"{len(differ)} of {pages} pages differ (page {first}){size}; file checksum"
+                f" {show(self.hashes.checksum)}"
+            )
+        if wal:
+            parts.append(f"{self.path}-wal holds {wal} bytes of writes not made by replication")
+        return f"replica {self.path} differs from {where}: " + "; ".join(parts)
+
+    def _stamp_file(self) -> None:
+        """Remember the file as our own last write left it (see :meth:`_check_untouched`)."""
+        if self._db_fd is not None:
+            st = os.fstat(self._db_fd)
+            self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _check_untouched(self) -> None:
+        """Before writing: has anyone but us written to the file since our last write?
+
+        Cheap when nobody did (a stat of the file and of its ``-wal``); when the
+        stamp moved the file is read and compared with our hashes. Writes found
+        stop apply the way a promotion does (the backup's writes are never
+        overwritten by replication); ``demote --discard-local-writes`` resumes.
+        """
+        assert self._db_fd is not None
+        st = os.fstat(self._db_fd)
+        try:
+            path_ino = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            path_ino = -1
+        wal = _wal_bytes(self.path)
+        if not wal and path_ino == st.st_ino and self._stamp == (st.st_ino, st.st_size, st.st_mtime_ns):
+            return
+        if path_ino != st.st_ino:
+            self._open_db(load=False)
+        before = self.hashes.checksum
+        self._load_hashes()
+        if not wal and self.hashes.checksum == before:
+            self._stamp_file()
+            return
+        what = f"{wal} bytes in {self.path}-wal" if wal else f"file checksum {show(self.hashes.checksum)}"
+        self.damage = (
+            f"replica {self.path} was written outside replication ({what}; last applied state"
+            f" {show(before)} at position {self.position}); apply stopped so those writes are not overwritten"
+        )
+        self.promotion = Promotion(
+            at=self._clock(),
+            position=self.position,
+            checksum=before,
+            data_loss_window_s=None,
+            reason="writes found at the backup while replicating",
+            damaged=self.damage,
+        )
+        self._write_journal({"kind": "promote", **self._state_header(), "min_pages": 0}, [])
+        self._record.touch(self.seq)
+        raise PromotedError(
+            f"{self.damage}: 'hotsite replication demote --discard-local-writes' drops them"
+            " (a restore point of them is kept) and resumes"
+        )
 
     def _load_header(self, header: dict[str, Any]) -> None:
         self.position = None if header.get("position") is None else Position.from_json(header["position"])
@@ -237,18 +442,24 @@ class Replica:
         self.seq = seq
         return seq
 
-    def _write_pages(self, header: dict[str, Any], pages: Iterable[tuple[int, bytes]]) -> None:
+    def _write_pages(
+        self, header: dict[str, Any], pages: Iterable[tuple[int, bytes]]
+    ) -> list[tuple[int, int]]:
+        """Write a journal's pages into the database file; returns their (page, hash) for the record."""
         assert self._db_fd is not None
         size = int(header["page_size"])
         min_pages, db_pages = int(header["min_pages"]), int(header["db_pages"])
         if os.fstat(self._db_fd).st_size > min_pages * size:
             os.ftruncate(self._db_fd, min_pages * size)
+        changes = []
         for pgno, data in pages:
             if pgno <= db_pages:
                 os.pwrite(self._db_fd, data, (pgno - 1) * size)
+                changes.append((pgno, page_hash(pgno, data)))
         os.ftruncate(self._db_fd, db_pages * size)
         if self._durable:
             os.fsync(self._db_fd)
+        return changes
 
     # -- apply -----------------------------------------------------------
 
@@ -259,10 +470,12 @@ class Replica:
                 " stays off until 'hotsite replication demote' (see 'hotsite replication status')"
             )
 
+    @_storage("applying a batch")
     def apply(self, batch: Batch) -> None:
         """Apply one batch atomically, or raise :class:`BatchRejected` having written nothing."""
         with self._mutex:
             self._check_writable()
+            self._check_untouched()
             if batch.kind == "tx" and batch.prev != self.position:
                 raise BatchRejected(
                     f"batch starts at {batch.prev}, replica is at {self.position}", reason="position"
@@ -294,14 +507,10 @@ class Replica:
         if self.hashes.db_pages > batch.min_pages:
             self.hashes.truncate(batch.min_pages)
         hashes = self.hashes
-
-        def hashed() -> Iterator[tuple[int, bytes]]:
-            for pgno, data in pages:
-                if pgno <= batch.db_pages:
-                    hashes.set(pgno, data)
-                yield pgno, data
-
-        self._write_pages(header, hashed())
+        changes = self._write_pages(header, pages)
+        for pgno, value in changes:
+            hashes.checksum ^= hashes.hashes.get(pgno, 0) ^ value
+            hashes.hashes[pgno] = value
         self.page_size = batch.page_size
         self.hashes.truncate(batch.db_pages)
         self.hashes.db_pages = batch.db_pages
@@ -309,6 +518,17 @@ class Replica:
         self.observed_at = batch.observed_at
         self.applied_at = now
         self.batches_applied += 1
+        self._record_verified(changes)
+
+    def _record_verified(self, changes: list[tuple[int, int]]) -> None:
+        """The file now holds a verified source state: record its hashes (a repair rewrites them all)."""
+        if self.damage is not None or self.recorded_checksum is None:
+            self._record.write_whole(self.hashes, self.page_size, self.seq)
+        else:
+            self._record.update(changes, self.page_size, self.hashes.db_pages, self.seq)
+        self.damage = None
+        self.recorded_checksum = self.hashes.checksum
+        self._stamp_file()
 
     def _preview(self, batch: Batch) -> int:
         checksum = self.hashes.checksum
@@ -325,6 +545,7 @@ class Replica:
 
     # -- a batch in chunks (staged into the next journal, committed whole) ---
 
+    @_storage("starting a staged batch")
     def stage_begin(self, header: dict[str, Any]) -> None:
         """Start receiving a batch too large for one message (``header`` as in ``Batch.header``).
 
@@ -336,6 +557,7 @@ class Replica:
         """
         with self._mutex:
             self._check_writable()
+            self._check_untouched()
             self._abort_stage()
             batch = Batch.from_header({**header, "checksum": "0"}, {})
             if batch.kind == "tx" and batch.prev != self.position:
@@ -363,6 +585,7 @@ class Replica:
         stage = self._stage
         return stage.batch.page_size if stage is not None else 0
 
+    @_storage("staging pages")
     def stage_pages(self, pages: list[tuple[int, bytes]]) -> int:
         """Add one chunk of pages (ascending page numbers) to the staged batch; returns how many."""
         with self._mutex:
@@ -387,6 +610,7 @@ class Replica:
             stage.journal.add(pages)
             return n
 
+    @_storage("committing a staged batch")
     def stage_commit(self, checksum: int, observed_at: float | None = None) -> Batch:
         """Commit the staged batch if the database would then have ``checksum``; else refuse it.
 
@@ -434,6 +658,7 @@ class Replica:
 
     # -- seed (a whole new database, replacing the file) -------------------
 
+    @_storage("starting a seed")
     def seed_begin(self, page_size: int, db_pages: int) -> None:
         with self._mutex:
             self._check_writable()
@@ -444,6 +669,7 @@ class Replica:
             self._seed_hashes.db_pages = db_pages
             self._seed_meta = {"page_size": page_size, "db_pages": db_pages}
 
+    @_storage("writing seed pages")
     def seed_pages(self, pages: Iterable[tuple[int, bytes]]) -> None:
         assert self._seed_fd is not None and self._seed_hashes is not None
         size = self._seed_meta["page_size"]
@@ -451,6 +677,7 @@ class Replica:
             os.pwrite(self._seed_fd, data, (pgno - 1) * size)
             self._seed_hashes.set(pgno, data)
 
+    @_storage("completing a seed")
     def seed_end(self, position: Position, checksum: int, observed_at: float) -> None:
         with self._mutex:
             assert self._seed_fd is not None and self._seed_hashes is not None
@@ -477,10 +704,12 @@ class Replica:
                 "applied_at": now,
                 "promoted": None,
             }
+            self._record.write_whole(hashes, self._seed_meta["page_size"], self.seq + 1, staged=True)
             self._write_journal(header, [])
             os.replace(self.dir / "seed.tmp", self.path)
             if self._durable:
                 _fsync_dir(self.path.parent)
+            self._record.commit_staged()
             self._open_db(load=False)
             self.hashes = hashes
             self.page_size = self._seed_meta["page_size"]
@@ -488,6 +717,8 @@ class Replica:
             self.observed_at = observed_at
             self.applied_at = now
             self._seed_hashes = None
+            self.damage, self.recorded_checksum = None, checksum
+            self._stamp_file()
 
     def seed_abort(self) -> None:
         if self._seed_fd is not None:
@@ -502,10 +733,26 @@ class Replica:
     def checksum(self) -> int:
         return self.hashes.checksum
 
-    def full_checksum(self) -> int:
-        """Recompute the checksum from the file (independent of the rolling value)."""
+    def full_checksum(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Recompute the checksum from the file (independent of the rolling value).
+
+        ``progress(pages done, pages in all)`` is called every 256 pages or so.
+        """
         with self._mutex:
-            return file_checksum(self.path, self.page_size) if self.page_size else 0
+            if not self.page_size:
+                return 0
+            total = os.stat(self.path).st_size // self.page_size
+            checksum = 0
+            with open(self.path, "rb") as f:
+                pgno = 0
+                while data := f.read(self.page_size):
+                    pgno += 1
+                    checksum ^= page_hash(pgno, data)
+                    if progress is not None and pgno % 256 == 0:
+                        progress(pgno, total)
+            if progress is not None:
+                progress(pgno, total)
+            return checksum
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[Path]:
@@ -513,18 +760,50 @@ class Replica:
         with self._mutex:
             yield self.path
 
-    def copy_to(self, dest: Path) -> Position | None:
-        """A consistent copy of the current state (for snapshots kept for restore)."""
+    @property
+    def verified(self) -> bool:
+        """The file is a committed source state, checked against the record (snapshots, promotion)."""
+        return (
+            self.position is not None
+            and self.damage is None
+            and self.promotion is None
+            and self.recorded_checksum is not None
+            and self.recorded_checksum == self.hashes.checksum
+        )
+
+    def copy_verified(self, dest: Path) -> tuple[Position, int]:
+        """Copy the current verified state to ``dest`` (fsynced), checking every page on the way.
+
+        Refuses (:class:`ReplicaError`) when the state is not verified or the
+        file read back does not have the recorded checksum; the caller owns
+        ``dest`` (a temporary name) and removes it on failure.
+        """
         with self._mutex:
-            tmp = dest.with_name(dest.name + ".tmp")
-            with open(self.path, "rb") as src, open(tmp, "wb") as out:
-                while chunk := src.read(1 << 20):
+            if not self.verified or self.position is None:
+                raise ReplicaError(f"replica {self.path} is not a verified state now: no snapshot taken")
+            expected, size = self.hashes.checksum, self.page_size
+            checksum, pgno = 0, 0
+            with open(self.path, "rb") as src, open(dest, "wb") as out:
+                while chunk := src.read(max(size, (1 << 20) // size * size)):
+                    view = memoryview(chunk)
+                    for off in range(0, len(chunk), size):
+                        pgno += 1
+                        checksum ^= page_hash(pgno, view[off : off + size])
                     out.write(chunk)
                 out.flush()
                 if self._durable:
                     os.fsync(out.fileno())
-            os.replace(tmp, dest)
-            return self.position
+            if checksum != expected:
+                self.damage = (
+                    f"replica {self.path} read back with checksum {show(checksum)} instead of"
+                    f" {show(expected)}: changed outside replication"
+                )
+                self._needs_recover = True  # the next session reads the file again and resyncs it
+                raise ReplicaError(
+                    f"replica {self.path} read back with checksum {show(checksum)}, recorded"
+                    f" {show(expected)}: changed outside replication; no snapshot taken"
+                )
+            return self.position, checksum
 
     def status(self) -> dict[str, Any]:
         return {
@@ -533,6 +812,9 @@ class Replica:
             "page_size": self.page_size,
             "db_pages": self.hashes.db_pages,
             "checksum": show(self.hashes.checksum),
+            "recorded_checksum": None if self.recorded_checksum is None else show(self.recorded_checksum),
+            "verified_at": self.verified_at,
+            "damaged": self.damage,
             "observed_at": self.observed_at,
             "applied_at": self.applied_at,
             "promoted": None if self.promotion is None else self.promotion.to_json(),
@@ -540,11 +822,30 @@ class Replica:
 
     # -- promotion ---------------------------------------------------------
 
-    def promote(self, data_loss_window_s: float | None, reason: str) -> Promotion:
-        """Stop applying for good and record the final position; the file is then the writable copy."""
+    @_storage("recording the promotion")
+    def promote(
+        self, data_loss_window_s: float | None, reason: str, force_damaged: bool = False
+    ) -> Promotion:
+        """Stop applying for good and record the final position; the file is then the writable copy.
+
+        Refuses a never-seeded replica (there is nothing to hand out) and a
+        damaged one unless ``force_damaged``; the promotion then records the damage.
+        """
         with self._mutex:
             if self.promotion is not None:
                 return self.promotion
+            if self.position is None:
+                raise PromotedError(
+                    f"refusing to promote: replica {self.path} was never seeded, it holds nothing of the"
+                    " primary's database"
+                )
+            if self.damage is not None and not force_damaged:
+                raise PromotedError(
+                    f"refusing to promote: {self.damage}. It is not a state the primary committed. Let"
+                    " replication repair it (the source must be reachable), restore a snapshot"
+                    " ('hotsite replication restore STREAM --at TIME -o FILE'), or promote it as it is"
+                    " with --force-damaged"
+                )
             self._abort_stage()
             promotion = Promotion(
                 at=self._clock(),
@@ -552,9 +853,11 @@ class Replica:
                 checksum=self.hashes.checksum,
                 data_loss_window_s=data_loss_window_s,
                 reason=reason,
+                damaged=self.damage,
             )
             self.promotion = promotion
             self._write_journal({"kind": "promote", **self._state_header(), "min_pages": 0}, [])
+            self._record.touch(self.seq)
             return promotion
 
     def local_changes(self) -> str | None:
@@ -572,25 +875,90 @@ class Replica:
             return f"{wal} holds uncheckpointed writes made at the backup"
         return None
 
-    def demote(self, discard_local_writes: bool = False) -> None:
-        """Accept replication again after a promotion; refuses to silently drop the backup's writes."""
+    @_storage("demoting")
+    def demote(
+        self, discard_local_writes: bool = False, keep: Callable[[bytes], Path] | None = None
+    ) -> Path | None:
+        """Accept replication again after a promotion: a proof, not a heuristic.
+
+        Under SQLite's write lock on the promoted copy (after a TRUNCATE
+        checkpoint, so no writes hide in a ``-wal``), the whole file is hashed
+        as SQLite reads it; only if that is exactly the promoted checksum does
+        replication resume. With ``discard_local_writes`` the backup's copy is
+        first handed to ``keep`` (which saves it as a named restore point and
+        returns its path), then the file is resynced from the source. Writes
+        made after the lock is released are found before the next batch.
+        """
         with self._mutex:
-            if self.promotion is None:
-                return
-            changes = self.local_changes()
-            if changes and not discard_local_writes:
-                raise PromotedError(
-                    f"refusing to resume replication into {self.path}: {changes}. Copy it back to the"
-                    " primary first (hotsite replication restore --from-replica, then restart the"
-                    " application there on that copy), or discard the backup's writes explicitly with"
-                    " 'hotsite replication demote --discard-local-writes'"
+            promotion = self.promotion
+            if promotion is None:
+                return None
+            kept: Path | None = None
+            with _writers_held(self.path) as conn:
+                image = conn.serialize()
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                current = image_checksum(image, page_size) if image else 0
+                if current != promotion.checksum:
+                    if not discard_local_writes:
+                        raise PromotedError(
+                            f"refusing to resume replication into {self.path}: its checksum"
+                            f" {show(current)} differs from {show(promotion.checksum)} recorded at promotion"
+                            " (the backup has written to it). Copy it to the primary first (stop the"
+                            " application there, copy this file over its database, start it again), or save"
+                            " it and drop the backup's writes with"
+                            " 'hotsite replication demote STREAM --discard-local-writes'"
+                        )
+                    if keep is not None:
+                        kept = keep(image)
+                self.promotion = None
+                self._write_journal({"kind": "demote", **self._state_header(), "min_pages": 0}, [])
+                self._record.touch(self.seq)
+                self._open_db(load=True)
+                self._stamp_file()
+            recorded = self._record.load()
+            clean = recorded is not None and recorded.checksum == self.hashes.checksum
+            if recorded is not None and clean and not _wal_bytes(self.path):
+                self.damage, self.recorded_checksum = None, recorded.checksum
+            else:
+                self.damage = (
+                    f"replica {self.path} holds the backup's discarded writes (checksum"
+                    f" {show(self.hashes.checksum)}); it is resynced from the source when it is reachable"
                 )
-            for suffix in ("-wal", "-shm"):
-                Path(str(self.path) + suffix).unlink(missing_ok=True)
-            self.promotion = None
-            self._write_journal({"kind": "demote", **self._state_header(), "min_pages": 0}, [])
-            self._open_db(load=True)
             self.needs_resync = True
+            return kept
+
+
+@contextlib.contextmanager
+def _writers_held(path: Path) -> Iterator[sqlite3.Connection]:
+    """SQLite's write lock on ``path`` after a TRUNCATE checkpoint: nobody at the backup can commit.
+
+    Refuses (:class:`PromotedError`) when a connection at the backup keeps
+    the checkpoint from completing: its writes could still be in the ``-wal``.
+    """
+    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+    try:
+        busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise PromotedError(
+                f"{path} is still in use at the backup (a connection keeps its -wal from being"
+                " checkpointed): stop the application's connections to it, then demote again"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        if _wal_bytes(path):
+            raise PromotedError(f"{path}-wal was written while the backup's writes were checked; try again")
+        try:
+            yield conn
+        finally:
+            conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+def _wal_bytes(path: Path) -> int:
+    try:
+        return os.stat(str(path) + "-wal").st_size
+    except FileNotFoundError:
+        return 0
 
 
 def file_checksum(path: Path, page_size: int) -> int:

@@ -35,6 +35,15 @@ load. Keys of ``[source]``:
 - ``peer_timeout_s`` (15): a replica that sends keepalives and is not heard
   from for this long is presumed cut off (a partition drops packets and
   closes nothing); its session ends and lets go of its guard on the WAL.
+- ``max_hello_bytes`` (16 MiB): the largest HELLO a replica may send, once
+  inflated: 8 bytes of page hash per page of its copy (16 MiB: a database of
+  2 million pages, 8 GiB at 4 KiB pages) or its list of file contents. A
+  larger one is refused (logged) before it is inflated any further; raise it
+  for a larger database. It bounds what one session can make the agent
+  allocate (twice this, transiently).
+- ``peer_timeout_s`` also ends a session whose replica takes nothing we send
+  for that long (it keeps the socket open but does not read): its guard on the
+  WAL is let go, so a stuck backup cannot grow the primary's WAL.
 - ``checkpoint_busy_ms`` (50): the RESTART checkpoint's busy timeout, which
   bounds how long the application's writers can wait for it (plus the copy
   of the few frames committed since the PASSIVE one). The application needs
@@ -75,6 +84,7 @@ class SourceAgentSection(Section):
     restart_frames: int = Field(default=1000, ge=0, le=10_000_000)
     checkpoint_busy_ms: int = Field(default=50, ge=1, le=5000)
     peer_timeout_s: float = Field(default=15.0, gt=0, le=3600)
+    max_hello_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
 
 
 class SourceConfig(Section):
@@ -94,6 +104,45 @@ def load_source_config(path: Path) -> SourceConfig:
     except ValidationError as exc:
         problems = [_describe(err) for err in exc.errors(include_url=False)]
         raise ConfigError(f"{path}: {len(problems)} problem(s) in the configuration", problems) from None
+
+
+def served_path_problems(config: SourceConfig) -> list[str]:
+    """What ``hotsite source --check`` refuses in the served paths, one line each, naming the key.
+
+    A SQLite stream must be a SQLite database in WAL mode: the agent follows
+    the WAL, and a rollback-journal database would only fail later, at the
+    first session, far from whoever set it up.
+    """
+    problems = []
+    for name, stream in config.streams.items():
+        key = f"streams.{name}.path"
+        if not stream.path.exists():
+            problems.append(f"{key}: {stream.path} does not exist")
+        elif stream.kind == "sqlite":
+            problem = _sqlite_problem(stream.path)
+            if problem:
+                problems.append(f"{key}: {stream.path}: {problem}")
+        elif not stream.path.is_dir():
+            problems.append(f"{key}: {stream.path} is not a directory (a files stream serves a directory)")
+    return problems
+
+
+def _sqlite_problem(path: Path) -> str | None:
+    """None for a SQLite database in WAL mode; else what is wrong (read from its 100-byte header)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        return "is not a SQLite database (expected the header 'SQLite format 3')"
+    if header[18] != 2 or header[19] != 2:
+        mode = "delete/truncate/persist (a rollback journal)" if header[18] == 1 else f"version {header[18]}"
+        return (
+            f"is not in WAL mode (journal mode {mode}); the agent follows the WAL: run"
+            " 'PRAGMA journal_mode=WAL' on it once (the application keeps that mode)"
+        )
+    return None
 
 
 def _describe(err: Any) -> str:

@@ -16,8 +16,21 @@ keepalives and falls silent for ``peer_timeout_s`` is presumed cut off (a
 partition closes nothing): its session ends, letting go of its guard,
 which would otherwise pin the application's WAL.
 
-The agent is read-only towards what it serves. It keeps no state of its
-own: the replica's position is the only position.
+What a replica sends is bounded and checked before use: its HELLO within
+``max_hello_bytes`` once inflated, anything after it within
+``protocol.MAX_CONTROL``, every field by ``validate.py``; a replica that takes
+nothing we send for ``peer_timeout_s`` has its session ended too
+(``PeerStalled``), releasing its guard (REPLICATION.md, "What the replica
+trusts").
+
+The agent is read-only towards what it serves. The replica's position is
+the only position; what the agent keeps, in memory, is a follower per
+database stream that goes on following the WAL between sessions (a
+"standing" follower: the same guard, windows and restarts, shipping to
+nobody), so its per-page hashes stay those of the newest commit. A replica
+that comes back after an outage then gets the pages whose hash differs from
+the hashes it sent, and only those pages are read: the source database is
+read whole once per agent start (the first session), never per session.
 """
 
 from __future__ import annotations
@@ -33,11 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from appliance.logs import kv
-from appliance.replication import protocol
+from appliance.replication import protocol, validate
 from appliance.replication.checksum import show
 from appliance.replication.follower import ResnapshotNeeded, SourceError, SqliteFollower
 from appliance.replication.position import Batch, Position
-from appliance.replication.protocol import Msg, ProtocolError, Sender
+from appliance.replication.protocol import Msg, PeerStalled, ProtocolError, Sender
 from appliance.replication.tls import peer_names
 
 log = logging.getLogger(__name__)
@@ -76,6 +89,7 @@ class SourceAgent:
         corrupt: Callable[[bytes], bytes] | None = None,
         max_message: int = protocol.MAX_MESSAGE,
         peer_timeout_s: float = 15.0,
+        max_hello_bytes: int = protocol.MAX_HELLO,
     ) -> None:
         self.streams = {s.name: s for s in streams}
         self._ssl = ssl_context
@@ -102,6 +116,12 @@ class SourceAgent:
         self.chunked_batches = 0  # batches sent in chunks, all sessions (tests)
         self.continuity_lost = 0  # sessions ended because the WAL lost continuity (a resnapshot follows)
         self.largest_body = 0  # the most page bytes one message carried, all sessions (tests)
+        self.max_hello = max_hello_bytes  # the largest HELLO read from a replica, decompressed
+        self.bad_messages = 0  # sessions ended by a message that failed its limits or schema
+        self.stalled_sessions = 0  # sessions ended because the replica took nothing for peer_timeout_s
+        # A follower per sqlite stream kept between sessions (see the module docstring).
+        self.standing: dict[str, SqliteFollower] = {}
+        self._standing_tasks: dict[str, asyncio.Task[None]] = {}
 
     def find(self, requested: str) -> ServedStream | None:
         if requested in self.streams:
@@ -118,6 +138,12 @@ class SourceAgent:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        server, self._server = self._server, None  # no follower stands from now on
+        for name in list(self.standing):
+            follower = await self._take_standing(name)
+            if follower is not None:
+                await asyncio.to_thread(follower.close)
+        self._server = server
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -147,18 +173,17 @@ class SourceAgent:
                 log.warning("client certificate not allowed", extra=kv(peer=peer, names=sorted(names)))
                 return
             hello = await asyncio.wait_for(
-                protocol.read_message(reader, self.max_message), HANDSHAKE_TIMEOUT_S
+                protocol.read_message(reader, self.max_hello, protocol.MAX_HELLO_HEADER), HANDSHAKE_TIMEOUT_S
             )
             if hello.kind != Msg.HELLO:
                 raise ProtocolError("expected HELLO", "malformed")
-            stream = self.find(str(hello.header.get("stream", "")))
-            compression = str(hello.header.get("compression", "none"))
+            name, compression, rate = validate.hello_common(hello.header)
+            stream = self.find(name)
             if compression not in protocol.compressions():
                 compression = "zlib" if compression == "zstd" else "none"
-            rate = int(hello.header.get("rate_bytes_s") or 0)
             if self.bandwidth_limit:
                 rate = min(rate, self.bandwidth_limit) if rate else self.bandwidth_limit
-            sender = Sender(writer, compression, rate, self.corrupt, self.max_message)
+            sender = Sender(writer, compression, rate, self.corrupt, self.max_message, self.peer_timeout_s)
             if stream is None:
                 await sender.send(
                     Msg.ERROR,
@@ -175,10 +200,21 @@ class SourceAgent:
                 from appliance.replication.files import serve_files
 
                 await serve_files(self, stream, hello, reader, sender)
+        except PeerStalled as exc:
+            self.stalled_sessions += 1
+            log.warning("replica not reading; its session ends", extra=kv(peer=peer, error=str(exc)))
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError) as exc:
             log.info("replica disconnected", extra=kv(peer=peer, reason=type(exc).__name__))
         except ProtocolError as exc:
-            log.warning("bad message from replica", extra=kv(peer=peer, reason=exc.reason))
+            self.bad_messages += 1
+            log.warning(
+                "bad message from replica", extra=kv(peer=peer, reason=exc.reason, error=exc.message[:300])
+            )
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            self.bad_messages += 1
+            log.warning(
+                "bad message from replica", extra=kv(peer=peer, reason="malformed", error=repr(exc)[:300])
+            )
         except asyncio.CancelledError:
             pass  # agent stopping: end this connection quietly
         except SourceError as exc:
@@ -199,21 +235,24 @@ class SourceAgent:
     async def _serve_sqlite(
         self, stream: ServedStream, hello: protocol.Message, reader: asyncio.StreamReader, sender: Sender
     ) -> None:
-        follower = SqliteFollower(
-            stream.path,
-            clock=self._clock,
-            checkpoint_frames=self.checkpoint_frames,
-            restart_frames=self.restart_frames,
-            checkpoint_busy_ms=self.checkpoint_busy_ms,
-        )
-        await asyncio.to_thread(follower.open)
+        follower = await self._take_standing(stream.name)
+        if follower is None:
+            follower = SqliteFollower(
+                stream.path,
+                clock=self._clock,
+                checkpoint_frames=self.checkpoint_frames,
+                restart_frames=self.restart_frames,
+                checkpoint_busy_ms=self.checkpoint_busy_ms,
+            )
+            await asyncio.to_thread(follower.open)
         self.followers.add(follower)
+        healthy = False
         inbox: asyncio.Queue[protocol.Message] = asyncio.Queue()
         # A replica that announces keepalives is presumed gone after peer_timeout_s of silence
         # (a partition that drops packets closes nothing): the session ends and lets go of its
         # guard, which would otherwise pin the application's WAL until TCP gave up.
         silent_after = self.peer_timeout_s if hello.header.get("keepalive_s") else None
-        reader_task = asyncio.create_task(_pump(reader, inbox, silent_after, self.max_message))
+        reader_task = asyncio.create_task(_pump(reader, inbox, silent_after, protocol.MAX_CONTROL))
         work = asyncio.create_task(
             self._serve_sqlite_work(follower, stream, hello, sender, inbox, reader_task)
         )
@@ -230,13 +269,47 @@ class SourceAgent:
                     )
             with contextlib.suppress(asyncio.CancelledError):
                 await work
+            healthy = work.cancelled() or work.exception() is None
         finally:
             for t in (work, reader_task):
                 t.cancel()
                 with contextlib.suppress(BaseException):
                     await t
             self.followers.discard(follower)
+            if not (healthy and self._stand(stream.name, follower)):
+                await asyncio.to_thread(follower.close)
+
+    def _stand(self, name: str, follower: SqliteFollower) -> bool:
+        """Keep ``follower`` following between sessions; False if it cannot be (then close it)."""
+        if name in self.standing or not follower.has_state() or self._server is None:
+            return False
+        self.standing[name] = follower
+        self._standing_tasks[name] = asyncio.create_task(self._follow_standing(name, follower))
+        return True
+
+    async def _follow_standing(self, name: str, follower: SqliteFollower) -> None:
+        """Poll a follower no replica is attached to: its guard keeps the WAL moving (windows,
+        restarts) and its hashes current. Continuity lost: it is dropped (the next session reads
+        the database whole, as after a start)."""
+        try:
+            while True:
+                await asyncio.to_thread(_drain, follower)
+                await asyncio.sleep(self.poll_interval_s)
+        except (ResnapshotNeeded, SourceError, OSError) as exc:
+            log.warning("standing follower dropped", extra=kv(stream=name, error=str(exc)))
+            if self.standing.get(name) is follower:
+                del self.standing[name]
+                self._standing_tasks.pop(name, None)
             await asyncio.to_thread(follower.close)
+
+    async def _take_standing(self, name: str) -> SqliteFollower | None:
+        follower = self.standing.pop(name, None)
+        task = self._standing_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        return follower
 
     async def _serve_sqlite_work(
         self,
@@ -291,9 +364,14 @@ class SourceAgent:
         )
         replica_hashes = hello.body
         replica_pages = int(h.get("db_pages") or 0)
-        batch = await asyncio.to_thread(
-            self._catch_up, follower, position, mode, replica_hashes, replica_pages
-        )
+        if await asyncio.to_thread(follower.has_state):
+            batch = await asyncio.to_thread(
+                _differing, follower, position, mode, replica_hashes, replica_pages
+            )
+        else:
+            batch = await asyncio.to_thread(
+                self._catch_up, follower, position, mode, replica_hashes, replica_pages
+            )
         await self._send_batch(sender, batch)
         log.info(
             f"replica {mode}",
@@ -411,6 +489,7 @@ class SourceAgent:
                 batch = await asyncio.to_thread(follower.poll, verify_at)
             except ResnapshotNeeded as exc:
                 self.continuity_lost += 1
+                follower.broken = True  # its hashes no longer describe a state: never kept standing
                 log.warning(
                     "continuity lost; the replica will resnapshot", extra=kv(stream=stream.name, why=str(exc))
                 )
@@ -462,6 +541,52 @@ async def _pump(
             if msg.kind != Msg.KEEPALIVE:
                 await inbox.put(msg)
     return "closed"
+
+
+def _differing(
+    follower: SqliteFollower, since: Position, mode: str, replica_hashes: bytes, replica_pages: int
+) -> Batch:
+    """From the replica's state to the newest commit, for a follower that kept its hashes.
+
+    The pages sent are those whose hash differs from the one the replica
+    sent (pages past its end have none): read from the source's files one
+    at a time while being sent, and no other page is read. A "resume" keeps
+    its position check (kind "tx" from ``since``); a resnapshot applies on
+    any state. Either way the batch's checksum is the source's, known
+    before any page is read, and the replica refuses the batch unless its
+    own result has exactly that checksum.
+    """
+    pos, page_size, db_pages = follower.catch_up()
+    ours = follower.hashes.hashes
+    pgnos = [
+        pgno
+        for pgno in range(1, db_pages + 1)
+        if replica_hashes[(pgno - 1) * 8 : pgno * 8] != ours.get(pgno, 0).to_bytes(8, "big")
+    ]
+    if mode == "resume":
+        kind, prev, min_pages = "tx", since, min(replica_pages, db_pages)
+    else:
+        kind, prev, min_pages = "resync", None, db_pages
+    batch = Batch(
+        kind,
+        prev,
+        pos,
+        page_size,
+        db_pages,
+        min_pages,
+        follower.hashes.checksum,
+        follower.last_current_at,
+        transactions=0,
+        page_count=len(pgnos),
+    )
+    batch.page_reader = lambda: follower.pages_at(pos, pgnos)
+    return batch
+
+
+def _drain(follower: SqliteFollower) -> None:
+    """Follow to the newest commit, shipping to nobody (the hashes move all the same)."""
+    while follower.poll() is not None:
+        pass
 
 
 def _take(pages: Any, n: int) -> list[tuple[int, bytes]]:

@@ -21,9 +21,22 @@ the slots itself:
 - :meth:`ReadMarkGuard.block_restart` holds a slot 1..4 whose value is 0:
   nothing more is copied and the WAL is never restarted while it is held
   (the application's checkpoint attempts find nothing to do, which is cheap);
+- :meth:`ReadMarkGuard.block_restart` with :data:`COPY_ALL` as the mark: the
+  application's checkpoints copy every frame, the WAL still never restarts;
 - :meth:`ReadMarkGuard.block_copy` holds slot 0: nothing is copied, but the
   WAL may restart (used once everything in it has been read and copied);
+  :meth:`ReadMarkGuard.hand_over` gets there from a slot 1..4 only if a
+  condition still holds once slot 0 is held (nothing can be copied from then
+  on, so what the condition read cannot change, and no restart could come in
+  between: the slot 1..4 is let go last);
 - :meth:`ReadMarkGuard.release`: neither.
+
+Why slot 0 is a safe hold once everything is read: with it held nothing is
+copied, so ``nBackfill`` stays where it was (B), and SQLite restarts the WAL
+only when ``nBackfill`` equals the last committed frame. The WAL can then
+restart only at frame B of this generation, never past a frame committed
+later; a generation begun meanwhile cannot restart either before one of its
+frames is copied, so any generation skipped on the way had no frame.
 
 The locks are open-file-description locks (``F_OFD_SETLK``): POSIX record
 locks belong to the process, so SQLite's own connections in this process
@@ -40,6 +53,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -51,6 +65,10 @@ READ_MARK_OFFSET = 100
 LOCK_OFFSET = 120
 READ_LOCK_0 = LOCK_OFFSET + 3  # WAL_READ_LOCK(0); slot i is READ_LOCK_0 + i
 SLOTS = (1, 2, 3, 4)
+# A mark above every frame: a checkpoint copies up to the newest frame as if the slot were free
+# (SQLite only lowers its bound for marks below it, and readers choosing a slot ignore marks
+# above the newest frame), but the slot still blocks restarts. READMARK_NOT_USED is 0xffffffff.
+COPY_ALL = 0xFFFFFFFE
 _FLOCK = "hhqqi4x"  # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (0 for OFD)
 
 Hold = Literal["restart", "copy", "none"]
@@ -81,11 +99,15 @@ class ReadMarkGuard:
                 raise GuardError(f"cannot open the wal-index {self.shm_path}: {exc.strerror}") from None
         return self._fd
 
-    def _lock(self, kind: int, slot: int) -> bool:
-        """One lock call on READ_LOCK(slot); False when another holder is in the way."""
+    def _lock(self, kind: int, slot: int, wait: bool = False) -> bool:
+        """One lock call on READ_LOCK(slot); False when another holder is in the way.
+
+        ``wait``: block until it is granted instead (only used for slot 0, which
+        a checkpoint holds exclusively just for as long as it copies frames).
+        """
         try:
             lock = struct.pack(_FLOCK, kind, os.SEEK_SET, READ_LOCK_0 + slot, 1, 0)
-            fcntl.fcntl(self._open(), fcntl.F_OFD_SETLK, lock)
+            fcntl.fcntl(self._open(), fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, lock)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
@@ -144,14 +166,51 @@ class ReadMarkGuard:
         self._slot, self.value = 0, None
         return True
 
+    def hand_over(self, still_safe: Callable[[], bool], wait_for_copy: bool = False) -> bool:
+        """From a slot 1..4 to slot 0, if ``still_safe()`` is true once slot 0 is held.
+
+        Slot 0 is taken first (nothing is copied from then on) and the other
+        slot let go last (no restart in between), so ``still_safe`` reads a
+        state that cannot move under it: typically "every committed frame is
+        read and copied", which makes the coming restart's position exact.
+        False (holding what was held before) when it is not, or when a
+        checkpoint is copying at this instant, unless ``wait_for_copy``: then
+        this waits for that copy to end (the instant to catch, see
+        ``follower._window``).
+        """
+        if self.hold != "restart" or self._slot is None:
+            return False
+        previous = self._slot
+        if not self._lock(fcntl.F_RDLCK, 0, wait=wait_for_copy and self.copying()):
+            return False
+        try:
+            safe = still_safe()
+        except BaseException:
+            self._lock(fcntl.F_UNLCK, 0)
+            raise
+        if not safe:
+            self._lock(fcntl.F_UNLCK, 0)
+            return False
+        self._lock(fcntl.F_UNLCK, previous)
+        self._slot, self.value = 0, None
+        return True
+
+    def copying(self) -> bool:
+        """Whether a checkpoint holds read-mark 0 exclusively now (it does while it copies frames)."""
+        return self._held_by_others(READ_LOCK_0, fcntl.F_RDLCK)
+
     def write_locked(self) -> bool:
         """Whether some connection holds the WAL write lock now (a writer, or a checkpoint that
         waits for readers: FULL, RESTART and TRUNCATE take it first)."""
-        probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, LOCK_OFFSET, 1, 0)
+        return self._held_by_others(LOCK_OFFSET, fcntl.F_WRLCK)
+
+    def _held_by_others(self, offset: int, kind: int) -> bool:
+        """Whether a lock of ``kind`` on byte ``offset`` would conflict with someone else's."""
+        probe = struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0)
         try:
             got = fcntl.fcntl(self._open(), fcntl.F_OFD_GETLK, probe)
         except OSError as exc:
-            raise GuardError(f"cannot test the write lock of {self.shm_path}: {exc.strerror}") from None
+            raise GuardError(f"cannot test a lock of {self.shm_path}: {exc.strerror}") from None
         return struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK
 
     def release(self) -> None:

@@ -7,10 +7,10 @@ opened years later offline. Every text taken from the audit log is escaped.
 
 from __future__ import annotations
 
-import datetime as dt
 import html
 from typing import Any
 
+from appliance import timefmt
 from appliance.reports.timeline import CATEGORIES, Timeline
 
 COLOURS = {
@@ -46,11 +46,11 @@ FIGURE_NAMES = {
 
 
 def _clock(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
+    return timefmt.clock(ts, ms=True)  # labelled: UTC unless --local
 
 
 def _date(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    return timefmt.stamp(ts)
 
 
 def _value(name: str, value: Any) -> str:

@@ -15,6 +15,25 @@ Contract, for every implementation:
 * ``verify(routing)`` reads the real state back and returns the differences
   as human lines (empty: it matches). It never changes anything and returns
   within ``timeout_s``, else raises :class:`ActuatorError`.
+* ``fence(token)`` makes the **world itself** refuse, from now on, every
+  apply that carries a token older than ``token``, whoever sends it (another
+  process, another appliance, a write already in flight). A new leader calls
+  it on every actuator *before* it reads the routing back, so a former
+  leader's write that a pause kept in flight cannot land after the takeover
+  and cannot make the re-read see a half-moved world. Rules:
+
+  - **time limit**: returns within ``timeout_s``, else :class:`ActuatorError`;
+  - **atomic**: the token is recorded by one atomic write (a rename, one
+    htable set, the hook's own commit): recorded or not, never half; once it
+    is recorded, later applies with an older token are refused;
+  - **never lowers**: fencing again with the same token is harmless; a token
+    older than one the world already recorded raises :class:`StaleToken`
+    (a newer leader exists: this one must not act) and records nothing;
+  - **moves no routing**: it changes only the record of the newest token;
+  - **exceptions**: :class:`StaleToken`, :class:`ActuatorError`, nothing else.
+
+  Each actuator says in its docstring how far its world enforces the fence
+  (a file or htable checked before each write, a hook that must record it).
 * ``rollback(previous, token)`` is ``apply(previous, token)`` unless the
   actuator needs something more careful; it is called, in reverse order,
   for the steps that had been applied when a later step failed.
@@ -43,12 +62,18 @@ class StaleToken(ActuatorError):
 class Actuator(abc.ABC):
     name: str = "actuator"
     timeout_s: float = 5.0
+    # True when the world it moves is this appliance's alone (its own replicas): no other
+    # leader ever writes it, so an apply need not fit in what is left of the leader lease.
+    local_only: bool = False
 
     @abc.abstractmethod
     async def apply(self, routing: Routing, token: int) -> None: ...
 
     @abc.abstractmethod
     async def verify(self, routing: Routing) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def fence(self, token: int) -> None: ...
 
     async def rollback(self, previous: Routing, token: int) -> None:
         await self.apply(previous, token)
@@ -71,6 +96,11 @@ class NullActuator(Actuator):
             raise StaleToken(f"token {token} is older than {self.highest_token}")
         self.highest_token = token
         self.applied.append((routing, token))
+
+    async def fence(self, token: int) -> None:
+        if token < self.highest_token:
+            raise StaleToken(f"fence: token {token} is older than {self.highest_token}")
+        self.highest_token = token
 
     async def verify(self, routing: Routing) -> list[str]:
         if not self.applied:

@@ -60,6 +60,8 @@ def _netlink(name: str, section: Any, config: cfg.Config, rpc: KamailioRpc | Non
         garp_interval_s=section.garp_interval_s,
         routes=section.routes,
         name=name,
+        # The fencing token survives a restart: an older decision never touches the kernel again.
+        token_file=config.appliance.state_dir / "actuators" / f"{name}.token",
     )
 
 

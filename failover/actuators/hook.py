@@ -1,41 +1,27 @@
 """The hook actuator: an external command or an HTTP webhook does the moving.
 
 For what hotsite cannot drive itself: a carrier's redirect API, another PBX,
-a load balancer. The contract a hook author writes against:
+a load balancer. The protocol a hook author writes against (stdin JSON, its
+fields, the environment, exit codes and status codes, time limits and the
+token rule) is the contract in ``failover/actuators/HOOKS.md``; the
+reference hook that keeps it is ``tests/support/routing_world.py``. In short:
 
-Command hooks (``command = ["/usr/local/bin/redirect", "--carrier", "x"]``),
-run without a shell, in a process group of their own:
+* **apply**: argv as configured, stdin ``{"action": "apply", "token", "routing"}``;
+  exit 0 applied, exit 3 refused as stale (:class:`StaleToken`), anything
+  else not applied (the last stderr line is the reason);
+* **verify**: argv + ``--verify``; exit 0 matches, 1 differs (one line each
+  on stdout), anything else "could not tell" (an error);
+* **fence**: argv + ``--fence``, stdin ``{"action": "fence", "token"}``: the
+  hook records the token as the newest obeyed and from then on refuses
+  (exit 3) every apply with an older one, *checked when that apply commits*;
+  exit 0 recorded, exit 3 a newer token is already recorded;
+* webhooks: the same JSON ``POST``ed (plus ``"sent_at"``), 2xx done, 409
+  stale, anything else or no answer within ``timeout_s`` failed.
 
-* **apply**: argv as configured. stdin is one JSON object
-  ``{"action": "apply", "token": 7, "routing": {name, serving_site,
-  default_set, hotlines, fenced_sets, active_sets}}``; the environment adds
-  ``HOTSITE_ACTION=apply``, ``HOTSITE_ROUTING=<routing name>`` (``normal``,
-  ``failover``, or ``failover-without:west`` when backup sites are lost too),
-  ``HOTSITE_TOKEN=<token>``. Exit 0: applied. Any other exit: not applied;
-  the last non-empty stderr line is the reason shown to the operator.
-  Applying the same routing twice must be harmless (runbooks are re-run).
-* **verify** (when ``verify = true``): argv + ``["--verify"]``, the same stdin
-  with ``"action": "verify"`` and ``HOTSITE_ACTION=verify``. Exit 0: the world
-  matches; exit 1: it does not, one difference per stdout line; anything
-  else: the hook could not tell (an error, not a difference).
-* **timeout** (``timeout_s``): the whole process group (the hook and any
-  child it started) is killed with SIGKILL and the step fails. A hook that
-  must clean up should bound its own work below ``timeout_s``.
-
-Webhooks (``url = "https://…"``): ``POST`` of the same JSON object (plus
-``"sent_at"``, Unix seconds), ``Content-Type: application/json``, headers
-``X-Hotsite-Routing``, ``X-Hotsite-Token`` and, when ``secret_file`` is set,
-``X-Hotsite-Signature: sha256=<hex HMAC-SHA256 of the exact body bytes with
-the file's content (trailing newline stripped) as key>``. 2xx: applied.
-409: the receiver has obeyed a newer token (:class:`StaleToken`). Anything
-else or no answer within ``timeout_s``: not applied. Verify posts
-``"action": "verify"`` and expects 2xx with ``{"differences": ["…", …]}``.
-
-With ``verify = false`` the hook declares it cannot read its world back:
-``verify()`` returns no differences and the runbook trusts the apply result.
-
-Tokens: the newest token obeyed is also kept in memory here, and refused
-older ones never reach the hook.
+A timeout kills the command's whole process group (SIGKILL). Tokens: the
+newest token obeyed is also kept in memory here, and refused older ones
+never reach the hook; but only the hook's own check stops a write that a
+pause kept in flight across a takeover (see HOOKS.md, "Why the hook checks").
 """
 
 from __future__ import annotations
@@ -56,6 +42,8 @@ import httpx
 from failover.actuators.base import Actuator, ActuatorError, StaleToken
 from failover.routing import Routing
 
+EXIT_DIFFERENT = 1  # verify: the world differs
+EXIT_STALE = 3  # apply or fence: a newer token is already recorded
 OUTPUT_LIMIT = 64 * 1024  # bytes of stdout/stderr kept from a hook
 KILL_WAIT_S = 2.0
 
@@ -102,9 +90,29 @@ class HookActuator(Actuator):
             code, _, err = await self._run(self.command, payload, routing, token)
             if code != 0:
                 reason = _last_line(err) or "no message on stderr"
-                raise ActuatorError(f"{self.name}: {self.command[0]} exited {code}: {reason}")
+                kind = StaleToken if code == EXIT_STALE else ActuatorError
+                raise kind(f"{self.name}: {self.command[0]} exited {code}: {reason}")
         else:
             await self._post(payload, routing, token)
+        self.highest_token = max(self.highest_token, token)
+
+    async def fence(self, token: int) -> None:
+        if token < self.highest_token:
+            raise StaleToken(f"{self.name}: fence: token {token} is older than {self.highest_token}")
+        payload = {"action": "fence", "token": token}
+        if self.command:
+            code, _, err = await self._run([*self.command, "--fence"], payload, None, token)
+            if code == EXIT_STALE:
+                reason = _last_line(err) or "no message on stderr"
+                raise StaleToken(f"{self.name}: fence {token}: the hook obeyed a newer token: {reason}")
+            if code != 0:
+                reason = _last_line(err) or "no message on stderr"
+                raise ActuatorError(
+                    f"{self.name}: {self.command[0]} --fence exited {code}: {reason}"
+                    " (a hook must record the fence: failover/actuators/HOOKS.md)"
+                )
+        else:
+            await self._post(payload, None, token)
         self.highest_token = max(self.highest_token, token)
 
     async def verify(self, routing: Routing) -> list[str]:
@@ -116,7 +124,7 @@ class HookActuator(Actuator):
             code, out, err = await self._run(argv, payload, routing, self.highest_token)
             if code == 0:
                 return []
-            if code == 1:
+            if code == EXIT_DIFFERENT:
                 text = out.decode("utf-8", errors="replace")
                 lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
                 return lines or [f"{self.name}: the hook reports a difference (and printed none)"]
@@ -134,12 +142,14 @@ class HookActuator(Actuator):
 
     # ------------------------------------------------------------------ command
     async def _run(
-        self, argv: list[str], payload: dict[str, Any], routing: Routing, token: int
+        self, argv: list[str], payload: dict[str, Any], routing: Routing | None, token: int
     ) -> tuple[int, bytes, bytes]:
         env = dict(os.environ)
-        env.update(
-            HOTSITE_ACTION=str(payload["action"]), HOTSITE_ROUTING=routing.name, HOTSITE_TOKEN=str(token)
-        )
+        env.update(HOTSITE_ACTION=str(payload["action"]), HOTSITE_TOKEN=str(token))
+        if routing is not None:
+            env["HOTSITE_ROUTING"] = routing.name
+        else:
+            env.pop("HOTSITE_ROUTING", None)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -184,14 +194,12 @@ class HookActuator(Actuator):
             why = exc.strerror or exc
             raise ActuatorError(f"{self.name}: secret_file {self.secret_file}: {why}") from None
 
-    async def _post(self, payload: dict[str, Any], routing: Routing, token: int) -> Any:
+    async def _post(self, payload: dict[str, Any], routing: Routing | None, token: int) -> Any:
         assert self._client is not None and self.url is not None
         body = json.dumps({**payload, "sent_at": round(time.time(), 3)}).encode()
-        headers = {
-            "Content-Type": "application/json",
-            "X-Hotsite-Routing": routing.name,
-            "X-Hotsite-Token": str(token),
-        }
+        headers = {"Content-Type": "application/json", "X-Hotsite-Token": str(token)}
+        if routing is not None:
+            headers["X-Hotsite-Routing"] = routing.name
         secret = self._secret()
         if secret is not None:
             headers["X-Hotsite-Signature"] = sign(secret, body)

@@ -40,20 +40,31 @@ What survives what:
   Kamailio are not serialised by this (JSON-RPC has no compare-and-set): the
   witness lease upstream is what gives one writer; the token stops a paused
   former leader coming back late.
+
+Fencing (``fence(token)``, called by a new leader before it reads the routing
+back): the token is written to the token file (atomic rename) and then to
+``routing=>token``; the fence holds from the first of the two writes, since
+the highest of the two is obeyed. It moves no routing. Any actuator on any
+appliance driving this Kamailio then refuses an older token: at the start of
+an apply, and again before each phase of writes (the token, the dispatcher
+states, the ``fenced`` htable, the hotlines, the default set). A former
+leader's apply that a pause held in flight therefore stops at its next
+phase once the new leader has fenced. What it cannot stop (JSON-RPC has no
+compare-and-set): the writes of the one phase a pause interrupted *after*
+its check; those land late and the new leader's reconcile loop reports and
+repairs them as drift (``verify``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import tempfile
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from appliance.kamailio import KamailioRpc, KamailioRpcError
 from failover.actuators.base import Actuator, ActuatorError, StaleToken
+from failover.actuators.tokenfile import raise_token, read_token, write_atomically
 from failover.routing import Routing, same_destination
 
 ROUTING_TABLE = "routing"
@@ -151,34 +162,6 @@ def rewrite_list(text: str, routing: Routing) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_atomically(path: Path, data: str) -> None:
-    """Temp file in the same directory, fsync, keep mode and owner, rename, fsync the directory."""
-    try:
-        st: os.stat_result | None = path.stat()
-    except FileNotFoundError:
-        st = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if st is not None:
-            os.chmod(tmp, st.st_mode & 0o7777)
-            if os.geteuid() == 0:
-                os.chown(tmp, st.st_uid, st.st_gid)  # Kamailio runs as its own user and must read it
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _as_int(value: Any) -> int | None:
     """htable values are int, or a string the generated config reads with ``{s.int}``."""
     if isinstance(value, bool):
@@ -235,6 +218,12 @@ class KamailioActuator(Actuator):
         if self._owns_rpc:
             await self.rpc.close()
 
+    async def fence(self, token: int) -> None:
+        if not 0 <= token <= TOKEN_MAX:
+            raise ActuatorError(f"{self.name}: token {token} out of range 0..{TOKEN_MAX}")
+        async with self._lock:
+            await self._bounded("fence", self._fence(token))
+
     async def highest_token(self) -> int:
         """The newest token obeyed: the higher of Kamailio's ``routing=>token`` and the token file."""
         async with self._lock:
@@ -255,19 +244,38 @@ class KamailioActuator(Actuator):
             raise ActuatorError(f"{self.name}: {what}: {exc}") from None
 
     def _file_token(self) -> int:
-        if self.token_file is None:
-            return 0
-        try:
-            text = self.token_file.read_text().strip()
-        except FileNotFoundError:
-            return 0
-        if not text.isdigit():
-            raise ValueError(f"token file {self.token_file} holds {text[:40]!r}, not a number")
-        return int(text)
+        return 0 if self.token_file is None else read_token(self.token_file)
 
     async def _highest_token(self) -> int:
         held = _as_int(await self.rpc.htable_get(ROUTING_TABLE, TOKEN_KEY)) or 0
         return max(held, self._file_token())
+
+    async def _record_token(self, token: int, what: str) -> None:
+        """Refuse a token older than the newest recorded; record ``token`` (file first) if newer."""
+        kamailio_token = _as_int(await self.rpc.htable_get(ROUTING_TABLE, TOKEN_KEY)) or 0
+        file_token = self._file_token()
+        highest = max(kamailio_token, file_token)
+        if token < highest:
+            raise StaleToken(f"{self.name}: {what}: token {token} is older than {highest}, already obeyed")
+        if self.token_file is not None and token != file_token:
+            recorded = await asyncio.to_thread(raise_token, self.token_file, token)
+            if recorded > token:  # a newer leader fenced between our check and our write
+                await self.rpc.call("htable.seti", ROUTING_TABLE, TOKEN_KEY, recorded)
+                raise StaleToken(f"{self.name}: {what}: token {token} was fenced by {recorded} meanwhile")
+        if token != kamailio_token:
+            await self.rpc.call("htable.seti", ROUTING_TABLE, TOKEN_KEY, token)
+
+    async def _fence(self, token: int) -> None:
+        await self._record_token(token, "fence")
+
+    async def _still_newest(self, token: int) -> None:
+        """Between phases of an apply: stop if another leader fenced (or applied) a newer token."""
+        highest = await self._highest_token()
+        if token < highest:
+            raise StaleToken(
+                f"{self.name}: token {token} was fenced by {highest} during the apply: stopped before"
+                " the next phase"
+            )
 
     async def _apply(self, routing: Routing, token: int) -> None:
         kamailio_token = _as_int(await self.rpc.htable_get(ROUTING_TABLE, TOKEN_KEY)) or 0
@@ -285,10 +293,8 @@ class KamailioActuator(Actuator):
                 f" (known: {', '.join(map(str, sorted(sets))) or 'none'})"
             )
         # The token first: from now on an older decision is refused, even if this one fails midway.
-        if self.token_file is not None and token != file_token:
-            await asyncio.to_thread(write_atomically, self.token_file, f"{token}\n")
-        if token != kamailio_token:
-            await self.rpc.call("htable.seti", ROUTING_TABLE, TOKEN_KEY, token)
+        await self._record_token(token, "apply")
+        await self._still_newest(token)
         if self.dispatcher_list is not None:
             await asyncio.to_thread(self._write_list, routing)
         for set_id in sorted(routing.fenced_sets):
@@ -303,11 +309,14 @@ class KamailioActuator(Actuator):
                     await self.rpc.call("dispatcher.set_state", "d", set_id, uri)
                 elif _active(set_id, uri, routing):
                     await self.rpc.call("dispatcher.set_state", "ap" if self.probing else "a", set_id, uri)
+        await self._still_newest(token)
         await self._apply_fenced(routing, sets, token)
+        await self._still_newest(token)
         current = await self.rpc.htable_dump(HOTLINES_TABLE)
         for number, set_id in sorted(routing.hotlines.items()):
             if _as_int(current.get(number)) != set_id:
                 await self.rpc.call("htable.seti", HOTLINES_TABLE, number, set_id)
+        await self._still_newest(token)
         await self.rpc.call("htable.seti", ROUTING_TABLE, ACTIVE_KEY, routing.default_set)
         for number in sorted(set(current) - set(routing.hotlines)):
             await self._delete(HOTLINES_TABLE, number)

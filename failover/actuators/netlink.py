@@ -19,8 +19,14 @@ cancels the remaining ones.
 Needs CAP_NET_ADMIN (addresses) and CAP_NET_RAW (the packet socket).
 ``netns`` (tests, the lab) runs both in a named network namespace.
 
-Tokens: the address lives on this host, so the highest token obeyed is kept
-in memory; a restarted daemon starts from the engine's persisted state.
+Tokens: the newest token obeyed (or fenced) is kept in memory and, with
+``token_file`` (the daemon gives ``<state_dir>/actuators/<name>.token``), in a
+file that never goes down (:mod:`failover.actuators.tokenfile`). Every
+apply checks it *before touching the kernel*, so after ``fence(token)`` no
+older decision moves the address or the routes on this host, even one that
+a pause held in flight, and even from a daemon restarted since. The kernel
+itself cannot check tokens: what the fence does not reach is another host
+adding the same address; that is what the lease upstream is for.
 Routes (``routes = ["10.9.0.0/16 via 192.0.2.1", "198.51.100.0/24"]``) follow
 the address: added through ``interface`` after the address when this side
 serves, removed before it when it does not, and read back by ``verify``
@@ -41,6 +47,7 @@ import ipaddress
 import logging
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -49,6 +56,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from appliance.logs import kv
 from failover.actuators.base import Actuator, ActuatorError, StaleToken
+from failover.actuators.tokenfile import raise_token
 from failover.routing import Routing
 
 log = logging.getLogger(__name__)
@@ -102,6 +110,7 @@ class NetlinkActuator(Actuator):
         netns: str | None = None,
         timeout_s: float = 5.0,
         name: str = "netlink",
+        token_file: Path | None = None,
     ) -> None:
         self.address = ipaddress.IPv4Interface(address if "/" in address else f"{address}/32")
         self.routes = [parse_route(r) for r in routes]
@@ -113,6 +122,7 @@ class NetlinkActuator(Actuator):
         self.timeout_s = timeout_s
         self.name = name
         self.highest_token = 0
+        self.token_file = token_file
         self._announced_for: str | None = None
         self._garp_task: asyncio.Task[None] | None = None
         self.garps_sent = 0  # for metrics and tests
@@ -126,7 +136,7 @@ class NetlinkActuator(Actuator):
         if token < self.highest_token:
             raise StaleToken(f"{self.name}: token {token} is older than {self.highest_token}, already obeyed")
         async with self._lock:
-            self.highest_token = token
+            await self._record(token, "apply")  # before the kernel is touched
             wanted = routing.kind == self.serve_on
             try:
                 async with asyncio.timeout(self.timeout_s):
@@ -156,6 +166,27 @@ class NetlinkActuator(Actuator):
                     actuator=self.name, address=str(self.address), interface=self.interface, changed=changed
                 ),
             )
+
+    async def fence(self, token: int) -> None:
+        async with self._lock:
+            await self._record(token, "fence")
+
+    async def _record(self, token: int, what: str) -> None:
+        """Refuse a token older than the newest obeyed (memory and file); record ``token``."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                recorded = token
+                if self.token_file is not None:
+                    recorded = await asyncio.to_thread(raise_token, self.token_file, token)
+        except TimeoutError:
+            why = f"the token file took longer than {self.timeout_s:g}s"
+            raise ActuatorError(f"{self.name}: {what}: {why}") from None
+        except (OSError, ValueError) as exc:
+            raise ActuatorError(f"{self.name}: {what}: token file {self.token_file}: {exc}") from None
+        newest = max(recorded, self.highest_token)
+        if token < newest:
+            raise StaleToken(f"{self.name}: {what}: token {token} is older than {newest}, already obeyed")
+        self.highest_token = token
 
     async def verify(self, routing: Routing) -> list[str]:
         wanted = routing.kind == self.serve_on

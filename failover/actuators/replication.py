@@ -6,6 +6,12 @@ recorded for the incident report. At failback a replica that the backup
 has written to is never silently overwritten: the step refuses and says
 what must be done, so the failback stops and rolls back, calls stay at the
 backup, and an operator decides.
+
+Tokens: the replicas this step promotes are this appliance's own, so no
+other appliance ever writes them; the newest token (applied or fenced) is
+kept in memory and an older one is refused (:class:`StaleToken`), so a
+runbook decided before this appliance's last takeover cannot promote or
+demote after it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 
 from appliance.logs import kv
 from appliance.replication.service import ReplicationService
-from failover.actuators.base import Actuator, ActuatorError
+from failover.actuators.base import Actuator, ActuatorError, StaleToken
 from failover.routing import Routing
 
 log = logging.getLogger(__name__)
@@ -24,12 +30,23 @@ log = logging.getLogger(__name__)
 class ReplicationActuator(Actuator):
     name = "replication"
     timeout_s = 30.0
+    local_only = True  # this appliance's own replicas: a promotion need not fit in the lease
 
     def __init__(self, service: ReplicationService) -> None:
         self._service = service
         self.last_promotion: dict[str, dict[str, Any]] = {}
+        self.highest_token = 0
+
+    async def fence(self, token: int) -> None:
+        self._admit(token, "fence")
+
+    def _admit(self, token: int, what: str) -> None:
+        if token < self.highest_token:
+            raise StaleToken(f"{self.name}: {what}: token {token} is older than {self.highest_token}")
+        self.highest_token = token
 
     async def apply(self, routing: Routing, token: int) -> None:
+        self._admit(token, "apply")
         if routing.kind == "failover":
             await self._promote()
         else:

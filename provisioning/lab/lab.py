@@ -324,6 +324,8 @@ class Lab:
                     f'listen = "{addr}:{topo.HTTP_PORT}"\n'
                     f'primary = ["sip:{primary}:{topo.SIP_PORT}", "http://{primary}:{topo.HTTP_PORT}/health"]\n'
                     "interval_s = 0.5\ntimeout_s = 0.4\nrise = 2\nfall = 3\n"
+                    # The lab's namespaces are its own: plain and open, said explicitly.
+                    "allow_plain_http = true\nallow_unauthenticated = true\n"
                 )
                 cmd = [sys.executable, "-m", "appliance.cli.witness", "--config", str(settings)]
             elif svc == "sipp":

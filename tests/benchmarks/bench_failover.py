@@ -173,7 +173,8 @@ def fast_witness(info: dict[str, Any]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         ["ip", "netns", "exec", "hs-lab-witness", sys.executable, "-m", "appliance.cli.witness",
          "--listen", "10.77.0.40:8080", "--primary", "sip:10.77.0.20:5060",
-         "--primary", "http://10.77.0.20:8080/health", "--interval", "0.1", "--timeout", "0.08", "--fall", "3"],
+         "--primary", "http://10.77.0.20:8080/health", "--interval", "0.1", "--timeout", "0.08", "--fall", "3",
+         "--allow-plain-http", "--allow-unauthenticated"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
@@ -185,7 +186,7 @@ def failover_state(daemon: RunningDaemon) -> str:
 def runbook_done_at(daemon: RunningDaemon, after: float) -> float | None:
     events = json.loads(hotsite("events", "--json", "--kind", "failover.runbook.failover.done",
                                 "--limit", "5", config=daemon.config).stdout)
-    times = [e["at"] for e in events if e["at"] >= after]
+    times = [e["at_epoch"] for e in events if e["at_epoch"] >= after]
     return min(times) if times else None
 
 

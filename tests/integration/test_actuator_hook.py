@@ -130,6 +130,7 @@ class Receiver:
         self.secret = secret
         self.requests: list[dict[str, Any]] = []
         self.held: dict[str, Any] | None = None
+        self.fenced: int | None = None
         self.status = 200
         outer = self
 
@@ -143,6 +144,9 @@ class Receiver:
                 outer.requests.append({"headers": dict(self.headers), "body": request})
                 if outer.status != 200:
                     return self._answer(outer.status, {"error": "nope"})
+                if request["action"] == "fence":
+                    outer.fenced = request["token"]
+                    return self._answer(200, {"ok": True})
                 if request["action"] == "verify":
                     held = outer.held
                     diff = [] if held == request["routing"] else [f"redirect is {held and held['name']}"]
@@ -188,9 +192,13 @@ def test_webhook_signs_applies_verifies_and_maps_status_codes(tmp_path: Path, re
         await hook.apply(FAILOVER, 7)
         assert await hook.verify(FAILOVER) == []
         assert await hook.verify(NORMAL) == ["redirect is failover"]
+        await hook.fence(8)
+        assert receiver.fenced == 8 and receiver.held == FAILOVER.to_json()  # a fence moves nothing
         receiver.status = 409
         with pytest.raises(StaleToken, match="HTTP 409"):
             await hook.apply(NORMAL, 8)
+        with pytest.raises(StaleToken, match="HTTP 409"):
+            await hook.fence(9)
         receiver.status = 500
         with pytest.raises(ActuatorError, match="HTTP 500"):
             await hook.apply(NORMAL, 8)
@@ -206,6 +214,9 @@ def test_webhook_signs_applies_verifies_and_maps_status_codes(tmp_path: Path, re
     assert first_apply["body"]["token"] == 7
     assert first_apply["headers"]["X-Hotsite-Routing"] == "failover"
     assert first_apply["headers"]["X-Hotsite-Token"] == "7"
+    fence = next(r for r in receiver.requests if r["body"]["action"] == "fence")
+    assert {k: v for k, v in fence["body"].items() if k != "sent_at"} == {"action": "fence", "token": 8}
+    assert fence["headers"]["X-Hotsite-Token"] == "8" and "X-Hotsite-Routing" not in fence["headers"]
 
 
 def test_webhook_unreachable_and_slow_are_actuator_errors(tmp_path: Path) -> None:
@@ -229,3 +240,67 @@ def test_webhook_unreachable_and_slow_are_actuator_errors(tmp_path: Path) -> Non
 def test_signature_is_hmac_sha256_of_the_exact_body() -> None:
     body = b'{"action": "apply"}'
     assert sign(b"k", body) == "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
+
+
+WORLD_HOOK = Path(__file__).resolve().parents[1] / "support" / "routing_world.py"
+
+
+def world_hook(world: Path, name: str) -> HookActuator:
+    return HookActuator(command=[sys.executable, str(WORLD_HOOK), "--world", str(world), "--name", name], timeout_s=10)
+
+
+def test_the_reference_hook_refuses_an_in_flight_write_once_a_newer_token_is_fenced(tmp_path: Path) -> None:
+    """HOOKS.md's token rule, checked at commit time: a slow apply started before the fence loses."""
+    world = tmp_path / "world.json"
+    old, new = world_hook(world, "old"), world_hook(world, "new")
+    inflight = tmp_path / "world.json.inflight"
+
+    async def go() -> None:
+        await old.apply(NORMAL, 5)
+        (tmp_path / "world.json.slow").write_text("1.0")
+        late = asyncio.create_task(old.apply(FAILOVER, 5))
+        while not inflight.exists():
+            await asyncio.sleep(0.01)
+        (tmp_path / "world.json.slow").unlink()
+        await new.fence(6)
+        with pytest.raises(StaleToken, match="exited 3: stale token 5: 6 already obeyed"):
+            await late
+        assert await new.verify(NORMAL) == []  # the fence moved nothing, the late write landed nothing
+        with pytest.raises(StaleToken, match="obeyed a newer token: stale token 5: 6 already obeyed"):
+            await old.fence(5)
+        await new.apply(FAILOVER, 6)
+        assert await new.verify(FAILOVER) == []
+
+    asyncio.run(go())
+    log = [json.loads(line) for line in (tmp_path / "world.json.log").read_text().splitlines()]
+    assert [(e["by"], e["action"], e["token"], e["verdict"]) for e in log] == [
+        ("old", "apply", 5, "applied"),
+        ("new", "fence", 6, "fenced"),
+        ("old", "apply", 5, "refused"),
+        ("old", "fence", 5, "refused"),
+        ("new", "apply", 6, "applied"),
+    ]
+
+
+def test_fence_argv_stdin_and_environment_and_a_hook_that_cannot_fence(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    body = (
+        "import json, os, sys\n"
+        f"open({str(calls)!r}, 'a').write(json.dumps({{'argv': sys.argv[1:], 'stdin': json.load(sys.stdin),"
+        " 'env': {k: v for k, v in os.environ.items() if k.startswith('HOTSITE_')}}) + '\\n')\n"
+        "sys.exit(0 if '--fence' in sys.argv else 5)\n"
+    )
+    hook = HookActuator(command=script(tmp_path, body), timeout_s=10)
+    asyncio.run(hook.fence(12))
+    call = json.loads(calls.read_text().splitlines()[0])
+    assert call == {
+        "argv": ["--fence"],
+        "stdin": {"action": "fence", "token": 12},
+        "env": {"HOTSITE_ACTION": "fence", "HOTSITE_TOKEN": "12"},
+    }
+    with pytest.raises(StaleToken):  # older than what it was fenced with: never reaches the hook
+        asyncio.run(hook.fence(11))
+    old_style = HookActuator(command=script(tmp_path, "import argparse\nargparse.ArgumentParser().parse_args()\n"))
+    with pytest.raises(ActuatorError, match=r"--fence exited 2: .*HOOKS.md") as refused:
+        asyncio.run(old_style.fence(1))
+    assert not isinstance(refused.value, StaleToken)

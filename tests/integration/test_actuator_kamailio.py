@@ -367,3 +367,53 @@ def test_kamailio_restart_keeps_the_fence_loses_the_htables_and_reapply_repairs(
         await act.close()
 
     asyncio.run(after_restart())
+
+
+class Stalled(KamailioRpc):
+    """A former leader's connection: paused (as a VM stall would) once it has checked the token."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, timeout_s=1.0)
+        self.paused = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    async def dispatcher_flags(self) -> dict[int, dict[str, str]]:
+        if not self.resume.is_set():
+            self.paused.set()
+            await self.resume.wait()
+        return await super().dispatcher_flags()
+
+
+def test_a_fence_makes_kamailio_refuse_an_older_token_even_one_in_flight(world: World) -> None:
+    async def go() -> None:
+        new = actuator(world)
+        token = await next_token(new)
+        await new.apply(NORMAL, token)
+        # A fence with a newer token moves nothing and records the token in the htable and the file.
+        await new.fence(token + 1)
+        assert await new.verify(NORMAL) == []
+        assert await new.rpc.htable_get("routing", "token") == token + 1
+        assert int((world.dispatcher_list.with_name("dispatcher.list.token")).read_text()) == token + 1
+        old = actuator(world)
+        with pytest.raises(StaleToken, match=f"token {token} is older than {token + 1}"):
+            await old.apply(FAILOVER, token)
+        with pytest.raises(StaleToken):
+            await old.fence(token)
+        await old.close()
+
+        # In flight: the old leader checked its token (token + 1, still the newest), then stalled.
+        stalled = Stalled(world.rpc_url)
+        late = KamailioActuator(stalled, dispatcher_list=world.dispatcher_list, owns_rpc=True)
+        write = asyncio.create_task(late.apply(FAILOVER, token + 1))
+        await asyncio.wait_for(stalled.paused.wait(), 5)
+        await new.fence(token + 2)  # the new leader takes over meanwhile
+        stalled.resume.set()
+        with pytest.raises(StaleToken, match=f"token {token + 1} is older than {token + 2}"):
+            await write
+        assert await new.verify(NORMAL) == []  # nothing of the late write reached Kamailio
+        assert await new.rpc.htable_get("routing", "token") == token + 2
+        assert await asyncio.to_thread(world.landed, VIP) == "primary"
+        await late.close()
+        await new.close()
+
+    asyncio.run(go())

@@ -66,6 +66,7 @@ class EtcdCluster:
                 "--initial-cluster-state=new",
                 "--heartbeat-interval=50",
                 "--election-timeout=500",
+                "--pre-vote=true",  # as the etcd role provisions it (3.4's default is false)
                 "--quota-backend-bytes=67108864",
                 "--log-level=error",
             ],

@@ -28,7 +28,7 @@ import pytest
 
 from appliance.clock import SystemClock
 from failover.actuators.base import Actuator, NullActuator, StaleToken
-from failover.etcd import EtcdLease, Fence, Gateway, NotLeader
+from failover.etcd import EtcdCoordination, EtcdLease, Fence, Gateway, NotLeader
 from failover.routing import Routing
 from tests.integration import test_etcd_cluster as support
 from tests.integration.test_etcd_cluster import EtcdCluster, needs_etcd
@@ -70,6 +70,8 @@ class Recorder:
 class Tagged(Actuator):
     """One appliance's path to the shared edge."""
 
+    timeout_s = 0.5  # in memory: instant; an apply starts only if the lease view outlasts this
+
     def __init__(self, recorder: Recorder, who: str) -> None:
         self.recorder, self.who, self.name = recorder, who, "null"
 
@@ -83,6 +85,9 @@ class Tagged(Actuator):
 
     async def verify(self, routing: Routing) -> list[str]:
         return await self.recorder.inner.verify(routing)
+
+    async def fence(self, token: int) -> None:
+        await self.recorder.inner.fence(token)
 
 
 @dataclass
@@ -459,3 +464,73 @@ async def test_a_decision_taken_before_the_takeover_is_never_carried_out(cluster
     finally:
         await lease.release()
         await gateway.close()
+
+
+@run_async
+async def test_with_quorum_lost_no_apply_starts_later_than_the_fresh_lease_bound(
+    cluster: EtcdCluster, domain: str, recorder: Recorder
+) -> None:
+    """Two of three members paused: the leader's applies stop once the lease view is too short for one.
+
+    The bound (failover/lease.py ``may_apply``): an apply starts only if it can
+    end before the lease view does, so no later than ``ttl - margin - timeout``
+    after the last renewal was sent (which was before the pause); then the
+    fence renews first, the renewal fails, and nothing starts again.
+    """
+    a = appliance("appliance-a", cluster.endpoints, recorder, domain)
+    await start(a, NORMAL)
+    try:
+        await wait_for(lambda: a.lease.may_act() and recorder.acts, 5, "the leader acts")
+        followers = [n for n in cluster.names if n != cluster.raft_leader()]
+        await asyncio.sleep(0.3)
+        for name in followers:
+            cluster.pause(name)
+        paused_at = time.monotonic()
+        await wait_for(lambda: a.lease.state.role == "unknown", TTL + 2, "the leader stands down")
+        await asyncio.sleep(0.5)
+        late = [at - paused_at for _w, _t, at in recorder.acts if at > paused_at]
+        bound = TTL - a.lease.margin_s - Tagged.timeout_s
+        print(f"applies after quorum loss: {len(late)}, the last {max(late, default=0):.2f}s after (bound {bound:.2f}s)")
+        assert max(late, default=0.0) <= bound + 0.05, (late, bound)
+    finally:
+        for name in list(cluster.paused):
+            cluster.resume(name)
+        await a.stop()
+        cluster.wait_healthy()
+
+
+@run_async
+async def test_the_health_check_counts_healthy_members_and_names_the_raft_leader(cluster: EtcdCluster) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from appliance import config
+
+    text = (
+        '[sites.primary]\nrole = "primary"\nsbc = "10.0.0.1:5060"\nkamailio_set = 1\n'
+        '[sites.backup]\nrole = "backup"\nsbc = "10.0.0.2:5060"\nkamailio_set = 2\n'
+        '[coordination]\nbackend = "etcd"\nrequest_timeout_s = 0.5\nendpoints = ['
+        + ", ".join(f'"{e}"' for e in cluster.endpoints)
+        + "]\n"
+    )
+    registry = CollectorRegistry()
+    coordination = EtcdCoordination(config.parse(text).coordination, appliance="a", registry=registry)
+    try:
+        health = await coordination.check_health()
+        leader = cluster.raft_leader()
+        assert (health["healthy"], health["total"], health["problem"]) == (3, 3, None), health
+        assert health["raft_leader"] == cluster.url(leader)
+        follower = next(n for n in cluster.names if n != leader)
+        cluster.pause(follower)
+        health = await coordination.check_health()
+        assert health["healthy"] == 2 and "one more loss stops coordination" in health["problem"], health
+        down = next(m for m in health["members"] if m["endpoint"] == cluster.url(follower))
+        assert not down["healthy"] and "no answer" in down["error"]
+        metrics = generate_latest(registry).decode()
+        assert "hotsite_coordination_etcd_members_healthy 2.0" in metrics
+        assert f'hotsite_coordination_etcd_member_up{{endpoint="{cluster.url(follower)}"}} 0.0' in metrics
+        assert coordination.view()["etcd_health"]["healthy"] == 2
+    finally:
+        for name in list(cluster.paused):
+            cluster.resume(name)
+        await coordination.gateway.close()
+        cluster.wait_healthy()

@@ -137,7 +137,12 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 BOOT_TIMEOUT_S = 300
 # The appliance's config in the image: nothing in it needs an address the VM lacks.
 IMAGE_CONFIG = {
-    "appliance": {"name": "image", "socket_group": "hotsite"},
+    "appliance": {
+        "name": "image",
+        "socket_group": "hotsite-cli",
+        "read_only_groups": ["hotsite-cli"],
+        "operator_groups": ["hotsite-operators"],
+    },
     "metrics": {"listen": "127.0.0.1:9477"},
     "sites": {
         "primary": {"role": "primary", "sbc": "203.0.113.10:5060", "kamailio_set": 1},
@@ -352,7 +357,7 @@ def test_the_image_builds_and_boots_to_a_running_appliance(image_tools: None, tm
             "hostname": "image-vm",
             "hotsite": "active",
             "secret": "s3cret-smtp",
-            "secret_mode": "root:hotsite:640",
+            "secret_mode": "hotsite:hotsite:600",
             "esp_secrets": "0",  # moved off the FAT partition
         }, result.stdout
         assert int(got["root_mib"]) > image_root_mib + 900, f"root not grown from {image_root_mib} MiB: {got}"

@@ -102,7 +102,7 @@ def test_page_escalate_ack_by_sms_resolve(world: tuple[Any, ModemEmulator, Runni
         incident = wait_for(lambda: _failover_incident(daemon), timeout=20, what="failover incident")
         wait_for(lambda: _texts_to(modem, ON_CALL), timeout=10, what="page to the on-call contractor")
         decisions = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)
-        decided = min(d["at"] for d in decisions if d["message"].startswith("primary judged down"))
+        decided = min(d["at_epoch"] for d in decisions if d["message"].startswith("primary judged down"))
         wait_for(lambda: any("judged down" in t for t in _texts_to(modem, ON_CALL)), timeout=10,
                  what="the failover page")
         first_sms = offset + next(  # the parts line up with their decoded texts
@@ -118,7 +118,7 @@ def test_page_escalate_ack_by_sms_resolve(world: tuple[Any, ModemEmulator, Runni
         # 3. The on-call contractor answers by SMS: escalation stops.
         incident = _failover_incident(daemon)
         assert incident is not None
-        modem.inject_sms(ON_CALL, f"ACK {incident['id']}")
+        modem.inject_sms(ON_CALL, f"ACK {incident['id']} {incident['short_code']}")  # the code is required
         acked = wait_for(lambda: (i := _failover_incident(daemon)) and i["status"] == "acked" and i,
                          timeout=10, what="ack by SMS")
         assert ON_CALL in str(acked["acked_by"]) or "Lab On-Call" in str(acked["acked_by"])

@@ -273,7 +273,12 @@ def test_an_ha_pair_at_a_backup_site_hands_over_when_the_active_ones_network_is_
     assert cut < stopped < took_over, ("the new leader overlapped the old one", cut, stopped, took_over)
     assert took_over - cut <= TTL_S + 1.5
     time.sleep(1.5)
-    assert sites.world() == before  # re-verified and kept: nothing moved, nothing re-applied
+    after = sites.world()
+    assert after is not None
+    # Fenced with the new token, re-verified and kept: nothing moved, nothing re-applied.
+    assert (after["routing"], after["by"]) == (before["routing"], before["by"])
+    assert after["token"] == coordination(sites, new)["token"] > before["token"]
+    assert after["fenced_by"] == new
     assert not [e for e in sites.world_log() if e["by"] == "east-b" and e["at"] > cut]
     sites.heal("east-b")
     wait_for(

@@ -381,4 +381,4 @@ def test_inbound_alertmanager_receiver_and_ack_webhook() -> None:
 
     asyncio.run(body())
     assert [via for _, via in got] == ["alertmanager", "alertmanager", "webhook"]
-    assert got[2][0] == Ack("12", "noc", "webhook")
+    assert got[2][0] == Ack("12", "webhook:alertmanager", "webhook")  # the token's name, not the body's

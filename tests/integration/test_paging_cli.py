@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +93,13 @@ def test_incidents_ack_oncall_and_page_test(
     assert [(i["id"], i["status"], i["summary"]) for i in active] == [(1, "open", "trunk a down")]
     result = cli("incidents")
     assert result.exit_code == 0 and "trunk a down" in result.output
+    # What became of each page is shown, not just who was meant to get it.
+    for _ in range(100):
+        result = cli("incidents")
+        if "Zhang Wei: paged (sms)" in result.output:
+            break
+        time.sleep(0.05)
+    assert "Zhang Wei: paged (sms)" in result.output, result.output
     result = cli("ack", "1")
     assert result.exit_code == 0 and "incident #1 acknowledged by uid=" in result.output
     result = cli("ack", "1")

@@ -157,6 +157,11 @@ def test_escalation_ack_by_sms_and_resolve_notices(tmp_path: Path, emulator: Mod
             await until(lambda: svc.state.incidents[1].status == "acked")
             assert svc.state.incidents[1].acked_by == "Li Na"
             await until(lambda: any("acknowledged" in t for t in texts_to(emulator, LI)))
+            assert "#1 acknowledged" in [t for t in texts_to(emulator, LI) if "acknowledged" in t][0]
+            # Everyone else who was paged is told who acknowledged (issue 14).
+            await until(lambda: any("acknowledged by Li Na" in t for t in texts_to(emulator, ZHANG)))
+            await until(lambda: len(email.sent) == 2)
+            assert email.sent[1].kind == "ack" and "acknowledged by Li Na" in email.sent[1].text
             assert registry.get_sample_value("hotsite_paging_time_to_ack_seconds_count") == 1
             emulator.inject_sms(ZHANG, "status")
             await until(lambda: any("primary DOWN" in t for t in texts_to(emulator, ZHANG)))
@@ -168,10 +173,10 @@ def test_escalation_ack_by_sms_and_resolve_notices(tmp_path: Path, emulator: Mod
             await asyncio.sleep(0.3)
             assert len(emulator.submitted) == before  # nothing after the ack
             await svc.clear("site:primary")
-            await until(lambda: len(emulator.submitted) == before + 2 and len(email.sent) == 2)
+            await until(lambda: len(emulator.submitted) == before + 2 and len(email.sent) == 3)
             resolved = [t for t in (texts_to(emulator, ZHANG) + texts_to(emulator, LI)) if "RESOLVED" in t]
             assert resolved == ["[dr1] RESOLVED #1: primary site down"] * 2
-            assert email.sent[1].kind == "resolve"
+            assert email.sent[2].kind == "resolve"
             listing = await svc.handlers()["incidents"](ROOT, {})
             assert listing["active"] == [] and listing["recent"][0]["status"] == "resolved"
             assert (
@@ -193,7 +198,9 @@ def test_escalation_ack_by_sms_and_resolve_notices(tmp_path: Path, emulator: Mod
     store.close()
 
 
-def test_outbox_survives_a_restart_and_never_duplicates(tmp_path: Path) -> None:
+def test_outbox_restart_resends_what_never_went_out_and_repeats_the_uncertain(tmp_path: Path) -> None:
+    """The recovery rule (PAGING.md): claimed/prompt -> resent; PDU written -> uncertain, sent again
+    marked "(repeat)"; every part answered -> sent, not resent. Metrics and audit say so."""
     cfg = make_config("/dev/null")
     clock = SimulatedClock(start=0, wall_offset=T0)
 
@@ -204,37 +211,51 @@ def test_outbox_survives_a_restart_and_never_duplicates(tmp_path: Path) -> None:
         await svc.start()
         await svc.raise_incident("trunk:a", "trunk a down")
         await until(lambda: len(down.sent) == 1)
-        # Simulate a crash mid-send of a second page: claimed, never finished.
-        with store.transaction() as conn:
-            svc.outbox.enqueue(
-                conn,
-                dedup="x",
-                incident_id=1,
-                contact="Li Na",
-                kind="trigger",
-                text="t",
-                reason="r",
-                channels=[],
-                now=clock.time(),
-            )
-        (row,) = [r for r in svc.outbox.due(clock.time() + 10) if r.dedup == "x"]
-        assert svc.outbox.claim(row.id, clock.time())
+        # Simulate a crash mid-send of three more pages, each stopped at another phase.
+        for dedup, phase, parts in (("x", "", 0), ("y", "pdu", 1), ("z", "answered", 1)):
+            with store.transaction() as conn:
+                svc.outbox.enqueue(
+                    conn,
+                    dedup=dedup,
+                    incident_id=1,
+                    contact="Li Na",
+                    kind="trigger",
+                    text=f"text {dedup}",
+                    reason="r",
+                    channels=[],
+                    now=clock.time(),
+                )
+            (row,) = [r for r in svc.outbox.due(clock.time() + 10) if r.dedup == dedup]
+            assert svc.outbox.claim(row.id, clock.time())
+            if phase:
+                svc.outbox.progress(row.id, "sms", phase, 0, parts)
         await svc.stop()
         store.close()
 
     async def second_life() -> None:
         store = Store.open(tmp_path)
         up = NullChannel("sms")
-        svc = PagingService(cfg, store, CollectorRegistry(), clock=clock, channels={"sms": up}, tick_s=3600)
+        registry = CollectorRegistry()
+        svc = PagingService(cfg, store, registry, clock=clock, channels={"sms": up}, tick_s=3600)
         assert svc.state.incidents[1].summary == "trunk a down"  # escalation state came back
         await svc.start()
         clock.advance(5)  # past the retry backoff
-        await until(lambda: len(up.sent) == 1)
+        svc._wake.set()
+        await until(lambda: len(up.sent) == 3)
         await asyncio.sleep(0.2)
-        assert [m.contact.name for m in up.sent] == ["Zhang Wei"]  # the crashed 'x' page is not resent
+        assert sorted(m.text for m in up.sent if m.contact.name == "Li Na") == ["(repeat) text y", "text x"]
         states = {r["dedup"]: r["state"] for r in svc.outbox.rows()}
-        assert states["x"] == "uncertain" and list(states.values()).count("sent") == 1
-        assert store.events(kind="paging.uncertain")
+        assert states == {
+            "1:trigger:r0:s0:Zhang Wei": "sent",
+            "x": "sent",
+            "y": "uncertain",
+            "y:repeat:sms": "sent",
+            "z": "sent",
+        }
+        for outcome in ("resent", "uncertain", "sent"):
+            assert registry.get_sample_value("hotsite_paging_recovered_total", {"outcome": outcome}) == 1
+        (event,) = store.events(kind="paging.recovered")
+        assert len(event.data["resent"]) == 1 and len(event.data["uncertain"]) == 1
         await svc.stop()
         store.close()
 
@@ -246,22 +267,44 @@ def test_fallback_rate_limit_and_api(tmp_path: Path) -> None:
     cfg = make_config("/dev/null")
     clock = SimulatedClock(start=0, wall_offset=T0)
     store = Store.open(tmp_path)
+    registry = CollectorRegistry()
     sms, email = NullChannel("sms", result="failed", retryable=False), NullChannel("email")
 
     async def body() -> None:
         svc = PagingService(
-            cfg, store, CollectorRegistry(), clock=clock, tick_s=3600, channels={"sms": sms, "email": email}
+            cfg, store, registry, clock=clock, tick_s=3600, channels={"sms": sms, "email": email}
         )
         await svc.start()
         try:
             for n in range(5):
                 await svc.raise_incident(f"disk:{n}", f"disk {n} full", "warning")
-            await until(lambda: len(email.sent) == 3)  # fell back to e-mail; 3 per hour per contact
+            # Fell back to e-mail; 3 per hour per contact, then ONE notice instead of silence.
+            await until(lambda: len(email.sent) == 4)
             await asyncio.sleep(0.2)
-            assert len(email.sent) == 3 and svc.outbox.depth() == 2
+            assert len(email.sent) == 4 and svc.outbox.depth() == 0 and svc.outbox.count("held") == 2
+            assert email.sent[3].kind == "notice"
+            assert "page limit reached: 2 incident(s) waiting" in email.sent[3].text
+            assert "Reply STATUS" in email.sent[3].text
+            # Held pages are loud: WARNING-logged, audited, counted, shown as held.
+            assert registry.get_sample_value("hotsite_paging_deferred_total", {"reason": "rate_limit"}) == 2
+            assert len(store.events(kind="paging.held")) == 2
+            listing = await svc.handlers()["incidents"](ROOT, {})
+            lines = {i["id"]: [p["line"] for p in i["pages"]] for i in listing["active"]}
+            assert lines[1] == ["paged (email)"]
+            assert lines[4][0].startswith("held until ") and lines[5][0].startswith("held until ")
+            # A critical page is never held by the limit.
+            await svc.raise_incident("site:primary", "primary site down", "critical")
+            await until(lambda: len(email.sent) == 5)
+            assert "primary site down" in email.sent[4].text
             clock.advance(3601)
             svc._wake.set()
-            await until(lambda: len(email.sent) == 5)
+            # The window reopens: the held pages go out as ONE digest.
+            await until(lambda: len(email.sent) == 6)
+            await asyncio.sleep(0.2)
+            assert len(email.sent) == 6 and email.sent[5].kind == "digest"
+            assert "2 page(s) held" in email.sent[5].text
+            assert "disk 3 full" in email.sent[5].text and "disk 4 full" in email.sent[5].text
+            assert svc.outbox.depth() == 0 and svc.outbox.count("held") == 0
             handlers = svc.handlers()
             assert (await handlers["ack"](ROOT, {"id": "2"}))["incident"] == 2
             with pytest.raises(RequestError, match="already acknowledged"):

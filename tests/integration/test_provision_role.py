@@ -29,8 +29,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from appliance import config, systemd_unit
 from appliance.cli.provision import provision
 from appliance.replication.certs import issue, make_ca
+from provisioning import tomlw
 from provisioning.lab.kamailio import render_dispatcher_list
 from provisioning.runner import Line, run_playbook
 from tests.conftest import REPO
@@ -39,7 +41,12 @@ from tests.support import sshd_host
 pytestmark = [pytest.mark.skipif(sshd_host.available() is not None, reason=str(sshd_host.available()))]
 
 CONFIG = {
-    "appliance": {"name": "prov-test", "socket_group": "hotsite"},
+    "appliance": {
+        "name": "prov-test",
+        "socket_group": "hotsite-cli",
+        "read_only_groups": ["hotsite-cli"],
+        "operator_groups": ["hotsite-operators"],
+    },
     "metrics": {"listen": "127.0.0.1:9477"},
     "sites": {
         "primary": {"role": "primary", "sbc": "203.0.113.10:5060", "kamailio_set": 1},
@@ -139,10 +146,16 @@ def test_role_checked_then_installs_a_verified_appliance(
     # What is on the host now.
     unit = host.ssh("systemd-analyze verify /etc/systemd/system/hotsite.service")
     assert unit.returncode == 0, unit.stderr
-    assert (
-        host.path("/etc/systemd/system/hotsite.service").read_text()
-        == (REPO / "images/systemd/hotsite.service").read_text()
+    # The unit is rendered from the config it runs (no netlink actuator here: no AF_PACKET),
+    # and the host's hotsite finds nothing in it that forbids a configured feature.
+    installed = host.path("/etc/systemd/system/hotsite.service").read_text()
+    assert installed == systemd_unit.render(config.parse(tomlw.dumps(CONFIG)))
+    assert "AF_PACKET" not in installed and "CapabilityBoundingSet=\n" in installed
+    unit_check = host.ssh(
+        "/opt/hotsite/bin/hotsite config check /etc/hotsite/hotsite.toml"
+        " --unit /etc/systemd/system/hotsite.service"
     )
+    assert unit_check.returncode == 0, unit_check.stderr
     assert host.path("/etc/systemd/system/multi-user.target.wants/hotsite.service").is_symlink()
     version = host.ssh("/opt/hotsite/bin/hotsite --version")
     assert version.returncode == 0 and "hotsite" in version.stdout
@@ -153,12 +166,12 @@ def test_role_checked_then_installs_a_verified_appliance(
         "/var/lib/hotsite /var/log/hotsite /etc/udev/rules.d/99-hotsite-modem.rules; id -nG hotsite"
     )
     assert stat.stdout.split("\n")[:6] == [
-        "/etc/hotsite/hotsite.toml root:hotsite 640",
-        "/etc/hotsite/secrets/smtp-password root:hotsite 640",
-        "/var/lib/hotsite hotsite:hotsite 750",
-        "/var/log/hotsite hotsite:hotsite 750",
+        "/etc/hotsite/hotsite.toml root:root 644",
+        "/etc/hotsite/secrets/smtp-password hotsite:hotsite 600",
+        "/var/lib/hotsite hotsite:hotsite 700",
+        "/var/log/hotsite hotsite:hotsite 700",
         "/etc/udev/rules.d/99-hotsite-modem.rules root:root 644",
-        "hotsite dialout",
+        "hotsite dialout hotsite-cli",
     ], stat.stdout
     assert (
         'SYMLINK+="hotsite-modem", GROUP="hotsite", MODE="0660"'
@@ -248,6 +261,7 @@ def witness_settings(h: sshd_host.SshHost) -> dict[str, object]:
         "listen": f"{h.address}:8080",
         "primary": [f"tcp://{SBCS[0]}:5060"],
         "token_file": "/etc/hotsite/secrets/witness-token",
+        "allow_plain_http": True,
     }
 
 

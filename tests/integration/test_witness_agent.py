@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import json
+import re
 import socket
 import ssl
 import threading
@@ -55,6 +56,8 @@ def agent_settings(primary: list[str], **extra: object) -> w.WitnessSettings:
             "timeout_s": 0.2,
             "rise": 1,
             "fall": 2,
+            "allow_plain_http": "tls_cert_file" not in extra,
+            "allow_unauthenticated": "token_file" not in extra,
             **extra,
         }
     )
@@ -306,16 +309,25 @@ class RawWitness:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         asyncio.current_task().set_name("raw-witness")  # type: ignore[union-attr]
         try:
-            await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
             if self.reply is None:
                 await asyncio.sleep(3600)  # a witness that accepts and never answers
             else:
-                writer.write(self.reply)
+                writer.write(echo_nonce(self.reply, head))
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
+
+
+def echo_nonce(reply: bytes, head: bytes) -> bytes:
+    """``@NONCE@`` in a reply's body becomes the nonce of the request (as a real witness echoes it)."""
+    if b"@NONCE@" not in reply:
+        return reply
+    match = re.search(rb"[?&]nonce=([A-Za-z0-9_-]+)", head)
+    status = int(reply.split(b" ", 2)[1])
+    return http_reply(status, reply.split(b"\r\n\r\n", 1)[1].replace(b"@NONCE@", match[1] if match else b""))
 
 
 def http_reply(status: int, body: bytes) -> bytes:
@@ -370,6 +382,7 @@ def test_unreachable_silent_huge_and_stale_witnesses_say_none() -> None:
         assert vote.primary_alive is None and "larger than" in vote.detail, vote
 
         doc = {"version": 1, "witness": "old", "primary_alive": False, "checked_at": 0, "age_s": 2.5}
+        doc["nonce"] = "@NONCE@"
         vote = await ask(http_reply(200, json.dumps(doc).encode()))
         assert vote.primary_alive is None and "stale" in vote.detail, vote
 

@@ -101,6 +101,7 @@ def test_witness_process_sees_the_primary_die_and_its_own_death_is_unknown(procs
     witness = procs.start(
         "witness",
         [sys.executable, "-m", "appliance.cli.witness", "--name", "edge", "--listen", f"{host}:{listen_port}"]
+        + ["--allow-plain-http", "--allow-unauthenticated"]
         + ["--primary", sip_url, "--primary", health_url]
         + ["--interval", str(INTERVAL), "--timeout", str(TIMEOUT), "--rise", str(RISE), "--fall", str(FALL)],
     )
@@ -167,6 +168,8 @@ def test_sigterm_stops_the_witness_cleanly(procs: Procs) -> None:
             f"{host}:{port}",
             "--primary",
             "tcp://127.0.0.1:9",
+            "--allow-plain-http",
+            "--allow-unauthenticated",
         ],
     )
     deadline = time.monotonic() + 10

@@ -14,6 +14,13 @@ modems have, each switchable from the test:
   not, or announce it in the middle of the next command's reply).
 
 Everything the modem "sent" is in ``submitted`` as (monotonic time, PDU hex, length).
+
+``on_step(step)`` is called from the emulator's thread at each point of a
+submission, *before* the modem answers it: "command" (an ``AT+CMGS`` line
+arrived), "prompt" (the ``>`` is about to be written), "pdu" (the PDU and
+Ctrl-Z arrived; it is already in ``submitted``: it went out), "final" (the
+``+CMGS`` answer is about to be written), "cms" (a ``+CMS ERROR`` is about to
+be written). The chaos test SIGKILLs the daemon from there, at an exact phase.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class ModemEmulator:
         self.cms_errors: list[int] = []
         self.hang_on: str | None = None
         self.silent_after_pdu = False
+        self.on_step: Callable[[str], None] = lambda step: None
         self.hung = False
         self.echo = True
         self.cnmi = ""
@@ -232,8 +240,10 @@ class ModemEmulator:
                 self._respond(final="+CMS ERROR: 310")
                 return
             self._pdu_length = int(cmd.split("=", 1)[1])
+            self.on_step("command")
 
             def prompt() -> None:
+                self.on_step("prompt")
                 self._mode = "pdu"
                 self._write("\r\n> ")
 
@@ -272,7 +282,12 @@ class ModemEmulator:
             return
         if self.cms_errors:
             code = self.cms_errors.pop(0)
-            self._later(self.reply_delay, lambda: self._respond(final=f"+CMS ERROR: {code}"))
+
+            def refuse() -> None:
+                self.on_step("cms")
+                self._respond(final=f"+CMS ERROR: {code}")
+
+            self._later(self.reply_delay, refuse)
             return
         if self.creg not in (1, 5):
             self._later(self.reply_delay, lambda: self._respond(final="+CMS ERROR: 331"))
@@ -280,10 +295,16 @@ class ModemEmulator:
         self._mr = (self._mr + 1) % 256
         mr = self._mr
         self.submitted.append(Submitted(time.monotonic(), hexpdu, self._pdu_length, mr))
+        self.on_step("pdu")
         if self.silent_after_pdu:
             self.silent_after_pdu = False
             return
-        self._later(self.reply_delay, lambda: self._respond(f"+CMGS: {mr}"))
+
+        def answer() -> None:
+            self.on_step("final")
+            self._respond(f"+CMGS: {mr}")
+
+        self._later(self.reply_delay, answer)
         first = data[1 + data[0]]
         if first & 0x20 and self.cnmi.endswith(",1,0"):
             number_len = data[1 + data[0] + 2]

@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,9 @@ CORE = f"{PREFIX}core"
 BRIDGE = "msbr0"
 SITES = {"primary": "10.78.0.10", "east": "10.78.0.20", "west": "10.78.0.30"}
 REPO = Path(__file__).resolve().parents[2]
+HEARTBEAT_MS, ELECTION_MS = 100, 1000  # the etcd role's timings for site RTTs up to ~65 ms
 WORLD_HOOK = REPO / "tests" / "support" / "routing_world.py"
+ROLE_LINE = re.compile(r'^ts=(?P<ts>\S+) .*msg="coordination role changed".* role=(?P<role>\w+)')
 
 
 def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -77,6 +81,8 @@ def config_text(
     )
     endpoints = ", ".join(f'"http://{addr}:2379"' for addr in SITES.values())
     hook = json.dumps([sys.executable, str(WORLD_HOOK), "--world", str(workdir / "world.json"), "--name", name])
+    # An apply starts only if the lease view outlasts its timeout (failover/lease.py may_apply).
+    hook_timeout_s = round(0.6 * ttl_s, 1)
     state = workdir / f"appliance-{name}"
     return f"""
 [appliance]
@@ -132,7 +138,7 @@ step_timeout_s = 5
 [actuators.world]
 type = "hook"
 command = {hook}
-timeout_s = 5
+timeout_s = {hook_timeout_s:g}
 
 [coordination]
 backend = "etcd"
@@ -146,8 +152,14 @@ views_interval_s = 0.2
 
 
 class Sites:
-    def __init__(self, *, ttl_s: int = 2, retry_s: float = 0.2) -> None:
+    """The three sites. etcd runs as the ``etcd`` role provisions it: ``--pre-vote=true`` (etcd 3.4's
+    default is false) and etcd's default timings (heartbeat 100 ms, election 1000 ms), which the
+    role keeps for site RTTs up to ~65 ms; ``pre_vote=False`` is the unprovisioned default, for
+    the benchmark's comparison."""
+
+    def __init__(self, *, ttl_s: int = 2, retry_s: float = 0.2, pre_vote: bool = True) -> None:
         self.ttl_s, self.retry_s = ttl_s, retry_s
+        self.pre_vote = pre_vote
         self.dir = Path(tempfile.mkdtemp(prefix="hotsite-multisite-"))
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
         self.configs: dict[str, Path] = {}
@@ -215,7 +227,8 @@ class Sites:
             f"--listen-client-urls=http://{addr}:2379", f"--advertise-client-urls=http://{addr}:2379",
             f"--listen-peer-urls=http://{addr}:2380", f"--initial-advertise-peer-urls=http://{addr}:2380",
             f"--initial-cluster={cluster}", "--initial-cluster-token=hotsite-multisite",
-            "--initial-cluster-state=new", "--heartbeat-interval=100", "--election-timeout=1000",
+            "--initial-cluster-state=new", f"--heartbeat-interval={HEARTBEAT_MS}",
+            f"--election-timeout={ELECTION_MS}", f"--pre-vote={'true' if self.pre_vote else 'false'}",
             "--log-level=error",
         ])  # fmt: skip
         self._spawn(site, "sipp", [
@@ -242,6 +255,42 @@ class Sites:
                 return
             time.sleep(0.2)
         raise RuntimeError("etcd cluster of the three sites not healthy in time:\n" + self.logs("etcd"))
+
+    def raft_leader(self, via: str | None = None) -> str | None:
+        """The site whose etcd member leads the raft group, as the members reachable from ``via`` say."""
+        via = via or next(s for s in SITES if s not in self.cut_at)
+        script = (
+            "import httpx, json, sys\n"
+            "found = {}\n"
+            f"for site, addr in {SITES!r}.items():\n"
+            "    try:\n"
+            "        doc = httpx.post(f'http://{addr}:2379/v3/maintenance/status', json={}, timeout=0.5).json()\n"
+            "    except Exception:\n"
+            "        continue\n"
+            "    found[site] = (doc['header']['member_id'], doc.get('leader'))\n"
+            "print(json.dumps(found))\n"
+        )
+        out = subprocess.run(
+            ["ip", "netns", "exec", namespace(via), sys.executable, "-c", script],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        members = json.loads(out.stdout or "{}")
+        ids = {member_id: site for site, (member_id, _) in members.items()}
+        leaders = {ids.get(leader) for _, leader in members.values() if leader and leader != "0"}
+        leaders.discard(None)
+        return leaders.pop() if len(leaders) == 1 else None
+
+    def role_timeline(self) -> dict[str, list[tuple[float, str]]]:
+        """Each appliance's coordination roles with the (unix) time it logged each change."""
+        found: dict[str, list[tuple[float, str]]] = {}
+        for path in sorted(self.dir.glob("hotsite-*.log")):
+            site = path.stem.removeprefix("hotsite-")
+            for line in path.read_text(errors="replace").splitlines():
+                match = ROLE_LINE.match(line)
+                if match:
+                    at = datetime.strptime(match["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+                    found.setdefault(site, []).append((at.timestamp(), match["role"]))
+        return found
 
     def reconfigure(self, *, ttl_s: int, retry_s: float) -> None:
         """New coordination timings for appliances started from now on."""

@@ -159,6 +159,7 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
 def test_environment_check_names_missing_modem_and_secret(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("x")
+    secret.chmod(0o600)
     cfg = config.parse(
         BASE
         + f'[channels.sms]\ntype = "gsm"\ndevice = "{tmp_path / "ttyUSB9"}"\n'

@@ -478,3 +478,17 @@ def test_a_lost_backup_site_is_planned_around_only_on_lasting_evidence(
             assert run.state.lost == ()
         assert EngineState.from_json(run.state.to_json()) == run.state
     assert epochs == sorted(epochs) and len(set(epochs)) == len(epochs)
+
+
+def test_a_completed_failback_says_so_once() -> None:
+    """Issue 19: the events showed "Failback completed" twice (one per resolved incident key)."""
+    run = Run(dataclasses.replace(CONFIRM, failback="auto", failback_stable_s=100))
+    run.at(0, PrimaryVerdict("down"))
+    run.at(1, Command("failover", "x"))
+    run.at(2, RunbookDone("failover", 1, True, "failover"))
+    run.at(10, PrimaryVerdict("up"))
+    run.at(111, Tick())
+    out = run.at(112, RunbookDone("failback", 2, True, "normal"))
+    resolves = [a for a in out.actions if isinstance(a, Resolve)]
+    assert {r.key for r in resolves} >= {"failover", "failback"}  # every incident of the episode is closed
+    assert [r.summary for r in resolves].count("Failback completed") == 1

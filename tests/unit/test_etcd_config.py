@@ -142,7 +142,38 @@ def test_a_new_leader_adopts_the_real_routing(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "state")
     service = FailoverService(cfg, store, SimulatedClock(), [], NullVoter())
     assert service.state.routing == "normal"
-    etcd.adopt_routing(service, "failover", 42)
-    assert (service.state.state, service.state.routing) == ("backup_active", "failover")
-    etcd.adopt_routing(service, "mixed", 43)
-    assert (service.state.state, service.state.routing) == ("held", "unknown")
+
+    async def scenario() -> None:
+        engine = asyncio.create_task(service.run())
+        epoch = await etcd.adopt_routing(service, "failover", 42)
+        assert (service.state.state, service.state.routing) == ("backup_active", "failover")
+        assert epoch == service.state.epoch
+        await etcd.adopt_routing(service, "mixed", 43)
+        assert (service.state.state, service.state.routing) == ("held", "unknown")
+        engine.cancel()
+        await asyncio.gather(engine, return_exceptions=True)
+
+    asyncio.run(scenario())
+    decisions = [e for e in store.events(kind="failover.decision") if "took over" in e.message]
+    assert len(decisions) == 2  # the engine decided, and the audit log says so
+
+
+def test_an_actuator_whose_apply_could_never_fit_in_the_lease_is_refused() -> None:
+    hook = '\n[actuators.carrier]\ntype = "hook"\ncommand = ["/usr/local/bin/redirect"]\n'
+    etcd_section = '\n[coordination]\nbackend = "etcd"\n' + THREE
+    found = schema_problems(BASE + hook + etcd_section)  # the hook's default timeout (10 s) = the TTL
+    assert any(
+        p.startswith("actuators.carrier.timeout_s: an apply may take 10s but a renewed lease is trusted for at most 9.5s")
+        and "raise coordination.ttl_s" in p
+        for p in found
+    ), found
+    config.parse(BASE + hook + "timeout_s = 5\n" + etcd_section)  # fits: accepted
+    config.parse(BASE + hook + '\n[failover]\nstep_timeout_s = 5\n' + etcd_section)  # the step bounds it
+
+
+def test_config_check_states_the_takeover_bound_with_the_raft_leader_lost() -> None:
+    cfg = config.parse(BASE + '[coordination]\nbackend = "etcd"\n' + THREE + "etcd_election_ms = 2000\n")
+    found = [w for w in cfg.warnings() if w.startswith("coordination: a takeover")]
+    # ttl 10 + 3 x 2 s election + etcd's 0.5 s expiry sweep + retry 0.5 + request 1.0
+    assert found and "up to 18.0s, not ttl_s (10s)" in found[0], cfg.warnings()
+    assert not [w for w in config.parse(BASE).warnings() if w.startswith("coordination")]

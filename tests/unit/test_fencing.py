@@ -174,3 +174,52 @@ def test_unknown_leadership_never_acts_and_says_so() -> None:
     assert lost.role == "unknown" and not core.may_act(lost, 1.0)
     assert "keeping the current routing" in lost.detail
     assert not core.may_act(s, TTL)  # an old view expires on its own
+
+
+NEED = 2.0  # what one apply may take
+
+
+lease_event = st.tuples(
+    st.sampled_from(["renew_ok", "renew_fail", "apply", "apply", "wait"]),
+    st.floats(0.0, TTL),  # time before the event
+    st.floats(0.0, 1.0),  # renewal round trip (sent -> answer)
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(lease_event, min_size=1, max_size=60))
+def test_no_apply_after_a_failed_renewal_before_a_fresh_one_and_none_that_would_outlive_the_lease(
+    history: list[tuple[str, float, float]],
+) -> None:
+    """The rule a leader's every apply passes (``may_apply``), on a simulated clock.
+
+    A model of what the leader knows: ``failed`` is set by a renewal that got no
+    clear answer and cleared only by a later successful one (with the key read
+    back as ours). Whenever ``may_apply`` admits an apply, the last renewal
+    succeeded and the apply's whole budget fits before that renewal's lease
+    could expire on the server (send time + TTL).
+    """
+    granted = core.granted(core.LeaseState(domain="d", me="a"), 1, TTL, sent_at=0.0, margin_s=MARGIN)
+    state = core.acquired(granted, 7, now=0.0)
+    now, last_ok_sent, failed = 0.0, 0.0, False
+    for kind, wait, rtt in history:
+        now += wait
+        if kind == "renew_fail":
+            state = core.unreachable(state, "no quorum", now + rtt)
+            now, failed = now + rtt, True
+        elif kind == "renew_ok" and now < state.valid_until + TTL:  # the server still knows the lease
+            sent = now
+            state = core.renewed(state, TTL, sent_at=sent, margin_s=MARGIN, now=sent + rtt)
+            state = core.acquired(state, 7, now=sent + rtt)
+            now, last_ok_sent, failed = sent + rtt, sent, False
+        elif kind == "apply" and core.may_apply(state, now, NEED):
+            assert not failed, f"apply at {now:.2f} after a failed renewal"
+            assert now + NEED < last_ok_sent + TTL, f"apply at {now:.2f} could outlive the lease"
+            assert now - last_ok_sent < TTL - MARGIN - NEED  # the bound on the renewal's age
+
+
+def test_the_apply_bound_refuses_a_timeout_the_lease_can_never_fit() -> None:
+    assert core.apply_bound_problem(10, 5) is None
+    assert core.apply_bound_problem(10, 9.4) is None
+    problem = core.apply_bound_problem(10, 10)
+    assert problem and "trusted for at most 9.5s" in problem

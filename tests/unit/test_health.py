@@ -163,7 +163,7 @@ def test_site_verdicts_say_why() -> None:
     assert (up.verdict, up.why) == ("up", ("all 2 targets up",))
     grey = judge_site(up, [health("sbc", "sip", "up"), health("acd", "tcp", "down")], policy, 2.0)
     assert grey.verdict == "degraded" and grey.down == ("acd",) and grey.since == 2.0
-    assert grey.why[0] == "acd down since 5.0"
+    assert grey.why[0] == "acd down for 0 s"  # no wall clock given: an age, never the monotonic reading
     lonely = judge_site(grey, [health("sbc", "sip", "down")], policy, 3.0)
     assert lonely.verdict == "degraded" and lonely.since == 2.0  # same verdict: since kept
     assert "only 1 kind of evidence (sip); 2 must agree" in lonely.why[-1]
@@ -209,3 +209,17 @@ def test_a_critical_check_answering_no_is_a_grey_failure() -> None:
     assert judge_site(SiteVerdict("p"), [sbc, unreachable], policy, 5.0, critical).verdict == "degraded"
     # Not critical: degraded, as before.
     assert judge_site(SiteVerdict("p"), [sbc, said_no], policy, 5.0).verdict == "degraded"
+
+
+def test_site_why_names_the_wall_time_a_target_went_down_never_a_monotonic_reading() -> None:
+    """Issue 19: ``site:primary:http down since 1710.5`` leaked a monotonic value into status and events."""
+    wall_now = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+    verdict = judge_site(
+        SiteVerdict("primary"),
+        [health("site:primary:http", "http", "down", since=1710.5), health("sbc", "sip", "up")],
+        Thresholds(min_evidence=2),
+        1722.5,
+        wall_now=wall_now,
+    )
+    assert verdict.why[0] == "site:primary:http down since 07:59:48 UTC (12 s)"
+    assert "1710" not in " ".join(verdict.why)

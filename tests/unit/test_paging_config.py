@@ -181,3 +181,54 @@ def test_cross_reference_mistakes(extra: str, expected: str) -> None:
 )
 def test_sms_commands(text: str, verb: str, ref: str) -> None:
     assert commands.parse(text) == commands.Command(verb, ref)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "ref", "number"),
+    [
+        ("ACK 8 4821", "4821", "8"),
+        ("ack #8 4821", "4821", "8"),
+        ("8 4821", "4821", "8"),
+        ("8/4821", "4821", "8"),
+        ("ACK 4821", "4821", ""),
+        ("ACK 8", "8", ""),
+    ],
+)
+def test_sms_ack_with_number_and_code(text: str, ref: str, number: str) -> None:
+    assert commands.parse(text) == commands.Command("ack", ref, number)
+
+
+@pytest.mark.parametrize(
+    ("given", "country", "e164"),
+    [
+        ("+86 138-0013-8000", "", "+8613800138000"),
+        ("008613800138000", "", "+8613800138000"),
+        ("13800138000", "86", "+8613800138000"),
+        ("0138 0013 8000", "86", "+8613800138000"),
+        ("13800138000", "", "13800138000"),
+        ("+8613800138000", "44", "+8613800138000"),
+    ],
+)
+def test_phone_numbers_are_normalised(given: str, country: str, e164: str) -> None:
+    from appliance.paging.oncall import normalise_phone
+
+    assert normalise_phone(given, country) == e164
+
+
+def test_a_number_with_the_country_code_but_no_plus_matches() -> None:
+    from appliance.paging.oncall import Contact, Roster
+
+    roster = Roster(contacts={"z": Contact("z", "+8613800138000")}, country_code="86")
+    for form in ("8613800138000", "13800138000", "+86 13800138000", "0086 138 0013 8000"):
+        assert roster.by_phone(form) is not None, form
+    assert roster.by_phone("13900139000") is None
+    assert Roster(contacts=roster.contacts).by_phone("13800138000") is None  # no country code: E.164 only
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "+1234", "86 "])
+def test_country_code_is_validated(value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.parse(BASE + f'\n[paging]\ncountry_code = "{value}"\n')
+    assert any("paging.country_code" in p and "country calling code" in p for p in err.value.problems), (
+        err.value.problems
+    )

@@ -17,6 +17,7 @@ from appliance.paging.incidents import (
     Raise,
     Resolve,
     Tick,
+    Undelivered,
     step,
 )
 from appliance.paging.oncall import (
@@ -225,8 +226,15 @@ def test_properties(script: list, with_night: bool) -> None:
                 if action.kind == "trigger":
                     assert action.incident not in closed, "never a trigger page after ack or resolve"
                     after = state.incidents.get(action.incident)
-                    assert after is not None and after.status == "open", "trigger pages only for open incidents"
+                    assert after is not None and after.status == "open", (
+                        "trigger pages only for open incidents"
+                    )
                     triggered.setdefault(action.incident, set()).add(action.contact)
+                elif action.kind == "ack":
+                    assert action.contact in triggered.get(action.incident, set()), (
+                        "ack notices go to the paged"
+                    )
+                    assert action.contact != "Li Na", "the one who acknowledged is not told about it"
                 else:
                     resolve_notices.setdefault(action.incident, []).append(action.contact)
         for incident_id in before:
@@ -241,3 +249,33 @@ def test_properties(script: list, with_night: bool) -> None:
         assert sorted(contacts) == sorted(triggered.get(incident_id, set())), (
             "resolve notices go exactly to those paged, once each"
         )
+
+
+def test_a_condition_joining_an_acknowledged_group_opens_a_new_incident() -> None:
+    """Issue 14 item 3: the acked incident would swallow it silently; a new one pages."""
+    r = roster()
+    state, _ = step(PagerState(), Raise("trunk:a", "trunk a down", group="trunk"), T0, r)
+    state, _ = step(state, Ack("1", "Li Na"), T0 + 10, r)
+    state, actions = step(state, Raise("trunk:b", "trunk b down", group="trunk"), T0 + 20, r)
+    assert notes(actions, "opened") and not notes(actions, "grouped")
+    (page,) = pages(actions, "trigger")
+    assert page.incident == 2 and "while #1 is acknowledged by Li Na" in page.text
+    # ... and a third condition joins the new, still open incident (one thread, not twenty).
+    state, actions = step(state, Raise("trunk:c", "trunk c down", group="trunk"), T0 + 30, r)
+    assert notes(actions, "grouped")[0].incident == 2 and not pages(actions)
+
+
+def test_ack_tells_everyone_else_who_was_paged() -> None:
+    r = roster()
+    state, _ = step(PagerState(), Raise("site:p", "primary down", "critical"), T0, r)
+    state, _ = step(state, Tick(), T0 + 300, r)  # step 2: Wang Fang
+    state, actions = step(state, Ack("1", "Wang Fang", "sms"), T0 + 310, r)
+    (notice,) = pages(actions, "ack")
+    assert notice.contact == "Zhang Wei" and "acknowledged by Wang Fang (sms)" in notice.text
+
+
+def test_an_undelivered_page_escalates_at_once() -> None:
+    r = roster()
+    state, _ = step(PagerState(), Raise("site:p", "primary down", "critical"), T0, r)
+    state, actions = step(state, Undelivered(1, "Zhang Wei", "+CMS ERROR 304"), T0 + 5, r)
+    assert notes(actions, "undelivered") and [p.contact for p in pages(actions, "trigger")] == ["Wang Fang"]

@@ -1,7 +1,8 @@
 """Filters the hotsite roles use, run on the controller.
 
 They call hotsite's own code instead of duplicating it in Jinja: the TOML
-writer that turns inventory variables into ``hotsite.toml``, and the lab's
+writer that turns inventory variables into ``hotsite.toml``, the unit renderer
+(appliance/systemd_unit.py, what `hotsite unit render` prints), and the lab's
 Kamailio renderer (provisioning/lab/kamailio.py) that the carrier edge role
 reuses, so the edge in production routes exactly as the one the tests run.
 """
@@ -13,10 +14,16 @@ from pathlib import Path
 from typing import Any
 
 try:
+    from appliance import config as hotsite_config
+    from appliance import systemd_unit
+    from appliance.errors import ConfigError
     from provisioning import tomlw
     from provisioning.lab import kamailio
 except ImportError:  # a checkout without hotsite installed: the repo is four levels up
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    from appliance import config as hotsite_config
+    from appliance import systemd_unit
+    from appliance.errors import ConfigError
     from provisioning import tomlw
     from provisioning.lab import kamailio
 
@@ -29,6 +36,16 @@ def hotsite_toml(data: Any) -> str:
         return tomlw.dumps(_plain(data))
     except tomlw.TomlError as exc:
         raise AnsibleFilterError(f"hotsite_toml: {exc}") from None
+
+
+def hotsite_unit(data: Any, venv: str, config_path: str) -> str:
+    """The systemd unit that runs this configuration: its paths, devices, families, capabilities."""
+    try:
+        cfg = hotsite_config.parse(tomlw.dumps(_plain(data)), source="hotsite_config")
+    except (tomlw.TomlError, ConfigError) as exc:
+        problems = "; ".join(getattr(exc, "problems", []))
+        raise AnsibleFilterError(f"hotsite_unit: {exc} {problems}".strip()) from None
+    return systemd_unit.render(cfg, config_path=Path(config_path), venv=Path(venv))
 
 
 def hotsite_kamailio_cfg(address: str, module_dir: str, dispatcher_list: str, rpc_socket: str) -> str:
@@ -65,6 +82,7 @@ class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
             "hotsite_toml": hotsite_toml,
+            "hotsite_unit": hotsite_unit,
             "hotsite_kamailio_cfg": hotsite_kamailio_cfg,
             "hotsite_dispatcher_list": hotsite_dispatcher_list,
         }

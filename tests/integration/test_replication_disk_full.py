@@ -1,0 +1,177 @@
+"""Disk full on the replica's filesystem (a small tmpfs, as root): no silent stop.
+
+The replica, its journals, its snapshots and the appliance's state store all
+live on one tmpfs that the test fills. The stream task must not die, events
+that cannot be recorded must not kill it, the full disk must be shown (status,
+readiness → incident, metric), the stream must resume by itself within 30 s
+of space returning, and no ``*.tmp`` may be left. A service started while
+the disk is full must start (the stream in error), not crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from appliance.config import ReplicationSection
+from appliance.replication.certs import issue, make_ca
+from appliance.replication.metrics import ReplicationMetrics
+from appliance.replication.replica import logical_checksum
+from appliance.replication.service import ReplicationService
+from appliance.replication.source import ServedStream, SourceAgent
+from appliance.replication.tls import server_context
+from appliance.store import Store
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    """Write until the filesystem refuses a single byte more."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 16, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _tmp_files(disk: Path) -> list[Path]:
+    return [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+
+
+async def _until(cond: object, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    print(f"{time.strftime('%X')} waiting: {what}", flush=True)
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - start
+
+
+def test_disk_full_is_raised_survived_and_recovered_from(tmp_path: Path, small_disk: Path) -> None:
+    certs = tmp_path / "tls"
+    make_ca(certs)
+    issue(certs, "source", hosts=["127.0.0.1"], server=True)
+    issue(certs, "appliance", hosts=[], server=False)
+    db = tmp_path / "customers.db"
+    app = sqlite3.connect(db, isolation_level=None)
+    app.execute("PRAGMA journal_mode=WAL")
+    app.execute("CREATE TABLE c (id INTEGER PRIMARY KEY, name TEXT)")
+    app.executemany("INSERT INTO c (name) VALUES (?)", [("x" * 500,) for _ in range(1500)])
+
+    def section(port: int) -> ReplicationSection:
+        return ReplicationSection.model_validate(
+            {
+                "source_agent": f"127.0.0.1:{port}",
+                "server_name": "source",
+                "tls_cert_file": str(certs / "appliance.pem"),
+                "tls_key_file": str(certs / "appliance.key"),
+                "tls_ca_file": str(certs / "ca.pem"),
+                "keep_versions": 1,
+                "streams": {
+                    "customers": {
+                        "kind": "sqlite",
+                        "source": "customers",
+                        "replica": str(small_disk / "rep" / "c.db"),
+                        "snapshot_interval_s": 1,
+                    }
+                },
+            }
+        )
+
+    def store() -> Store:
+        return Store.open(
+            small_disk / "state",
+            components={
+                "core": __import__("appliance.migrations", fromlist=["CORE"]).CORE,
+                "replication": __import__("appliance.replication.schema", fromlist=["MIGRATIONS"]).MIGRATIONS,
+            },
+        )
+
+    async def scenario() -> None:
+        agent = SourceAgent(
+            [ServedStream("customers", "sqlite", db)],
+            heartbeat_s=0.1,
+            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+        )
+        await agent.start()
+        st = store()
+        registry = CollectorRegistry()
+        service = ReplicationService(section(agent.port), store=st, metrics=ReplicationMetrics(registry))
+        await service.start()
+        s = service.streams["customers"]
+
+        def synced() -> bool:
+            r = s.replica
+            return r is not None and r.position is not None and r.checksum == logical_checksum(db)
+
+        await _until(synced, 30, "initial sync")
+        await service.tick()
+        filler = _fill(small_disk)
+        for i in range(40):  # ~1 MB more at the source: the replica cannot take it
+            app.executemany("INSERT INTO c (name) VALUES (?)", [(f"more {i} " + "y" * 500,) for _ in range(50)])
+
+        def full() -> bool:
+            return any("DISK FULL" in p for p in service.readiness())
+
+        await _until(full, 30, "the full disk shown")
+        for _ in range(3):
+            await service.tick()  # snapshots and position records fail on the full disk: not fatal
+            await asyncio.sleep(0.3)
+        status = service.status()[0]
+        assert status["disk_full"] and "full" in status["last_error"], status
+        assert s.task is not None and not s.task.done(), "the stream task died"
+        assert registry.get_sample_value("hotsite_replication_disk_full", {"stream": "customers"}) == 1
+        assert not _tmp_files(small_disk), _tmp_files(small_disk)
+        filler.unlink()
+        took = await _until(synced, 30, "resumed after space returned")
+        print(f"disk full: caught up {took:.1f} s after space returned")
+        await _until(lambda: not service.readiness(), 30, "the full disk cleared")
+        await service.tick()
+        assert not _tmp_files(small_disk), _tmp_files(small_disk)
+        await service.stop()
+        st.close()
+
+        # Restart while the disk is full: the service starts, shows the stream in error, recovers.
+        filler = _fill(small_disk)
+        app.executemany("INSERT INTO c (name) VALUES (?)", [("z" * 500,) for _ in range(2000)])
+        st = store()
+        service = ReplicationService(section(agent.port), store=st)
+        await service.start()
+        s = service.streams["customers"]
+        await _until(full, 30, "the full disk shown after a restart")
+        assert s.task is not None and not s.task.done()
+        filler.unlink()
+        await _until(synced, 30, "resumed after a restart on a full disk")
+        await service.stop()
+        st.close()
+        await agent.stop()
+        assert not _tmp_files(small_disk), _tmp_files(small_disk)
+
+    asyncio.run(scenario())
+    app.close()
