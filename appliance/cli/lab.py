@@ -55,6 +55,7 @@ def lab() -> None:
     Examples:
       hotsite lab up && hotsite lab status
       hotsite lab impair trunk-a --cut     # pull trunk-a's cable
+      hotsite lab impair trunk-a --reject-invites 503   # OPTIONS fine, calls fail
       hotsite lab heal trunk-a
       hotsite lab down                     # removes everything, even after a crash
     """
@@ -183,12 +184,36 @@ def sms(workdir: Path, sender: str, text: str) -> None:
 @click.option("--loss", "loss_pct", type=click.FloatRange(0, 100), help="Packet loss in percent.")
 @click.option("--delay", "delay_ms", type=click.FloatRange(0, 60000), help="Added delay in ms.")
 @click.option("--cut", is_flag=True, help="Cut the host's link entirely.")
-def impair(workdir: Path, host: str, loss_pct: float | None, delay_ms: float | None, cut: bool) -> None:
-    """Degrade HOST's link with tc netem: loss, delay, or a cut."""
-    if loss_pct is None and delay_ms is None and not cut:
-        raise click.UsageError("give --loss, --delay or --cut")
+@click.option(
+    "--reject-invites",
+    "reject_invites",
+    type=click.IntRange(400, 699),
+    help="Reject every INVITE with this code (e.g. 503); OPTIONS still answered.",
+)
+@click.option("--no-media", is_flag=True, help="Answer calls but send no RTP back.")
+def impair(
+    workdir: Path,
+    host: str,
+    loss_pct: float | None,
+    delay_ms: float | None,
+    cut: bool,
+    reject_invites: int | None,
+    no_media: bool,
+) -> None:
+    """Degrade HOST: its link (loss, delay, cut) or its calls (rejected, no media)."""
+    if loss_pct is None and delay_ms is None and not cut and reject_invites is None and not no_media:
+        raise click.UsageError("give --loss, --delay, --cut, --reject-invites or --no-media")
     try:
-        click.echo(_lab(workdir).impair(host, loss_pct=loss_pct, delay_ms=delay_ms, cut=cut))
+        click.echo(
+            _lab(workdir).impair(
+                host,
+                loss_pct=loss_pct,
+                delay_ms=delay_ms,
+                cut=cut,
+                reject_invites=reject_invites,
+                no_media=no_media,
+            )
+        )
     except _lab_errors() as exc:
         _die(str(exc))
 

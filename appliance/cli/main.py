@@ -315,6 +315,7 @@ def _register_subgroups() -> None:
     from appliance.cli.lab import lab
     from appliance.cli.replication import replication, source
     from appliance.cli.report import completion, report
+    from appliance.cli.testcall import testcall
     from appliance.cli.top import top
     from appliance.cli.unit import unit
     from appliance.cli.witness import witness
@@ -327,6 +328,7 @@ def _register_subgroups() -> None:
     cli.add_command(unit)
     cli.add_command(report)
     cli.add_command(completion)
+    cli.add_command(testcall)
     for command in (*failover.COMMANDS, *paging.COMMANDS, *provision.COMMANDS):
         cli.add_command(command)
 
