@@ -10,13 +10,18 @@ APT_PACKAGES := kamailio sip-tester iproute2 nftables openssl etcd-server etcd-c
 APT_STAMP := $(VENV)/.apt-installed
 PIP_STAMP := $(VENV)/.pip-installed
 
-.PHONY: demo test unit lint typecheck deps venv clean lab-down image test-image
+.PHONY: demo test test-stress unit lint typecheck deps venv clean lab-down image test-image
 
 demo: deps venv
 	$(BIN)/hotsite lab demo
 
 test: deps venv lint typecheck
 	$(BIN)/pytest
+
+# The integration tests with one busy process per core beside them, as on a loaded CI runner
+# (tests/stress.py): what must hold under load, not only on an idle machine.
+test-stress: deps venv
+	$(BIN)/python -m tests.stress -- $(BIN)/pytest tests/integration
 
 unit: venv
 	$(BIN)/pytest tests/unit

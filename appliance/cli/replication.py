@@ -78,6 +78,8 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         return
     logs.setup(log_level)
     host, port = host_port(s.listen)
+    from appliance.replication.tls import describe_identity
+
     agent = SourceAgent(
         [ServedStream(n, st.kind, st.path, tuple(st.exclude)) for n, st in cfg.streams.items()],
         ssl_context=ctx,
@@ -95,6 +97,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         max_hello_bytes=s.max_hello_bytes,
         checkpoint_busy_ms=s.checkpoint_busy_ms,
     )
+    agent.tls_identity = describe_identity(s.tls_cert_file, s.tls_ca_file)
     try:
         asyncio.run(agent.serve_forever())
     except OSError as exc:

@@ -171,6 +171,7 @@ class SqliteFollower:
         self.frames_shipped = 0
         self.broken = False  # continuity was lost: the hashes no longer describe a state
         self.pages_read = 0  # pages read whole from the files to hash or send a state (not frames)
+        self.pages_unchanged = 0  # pages committed again exactly as they were: not sent (see _unchanged)
         self.pending_frames = 0
         self.last_current_at = 0.0  # source time at which everything committed had been read
         # The agent calls us from worker threads (asyncio.to_thread), and a cancelled
@@ -658,6 +659,7 @@ class SqliteFollower:
         batch was sent.
         """
         latest: dict[int, int] = {}
+        before: dict[int, int] = {}  # each page's hash in the replica's state (see _unchanged)
         min_pages = self.hashes.db_pages
         end = 0
         index = start
@@ -667,6 +669,7 @@ class SqliteFollower:
                 raise ResnapshotNeeded(f"the WAL ended at frame {index - 1} inside a committed transaction")
             for frame in chunk:
                 latest[frame.pgno] = frame.index
+                before.setdefault(frame.pgno, self.hashes.hashes.get(frame.pgno, 0))
                 self.hashes.set(frame.pgno, frame.data)
                 if frame.commit_size:
                     self.hashes.truncate(frame.commit_size)
@@ -675,7 +678,12 @@ class SqliteFollower:
                     break
             index += len(chunk)
         db_pages = self.hashes.db_pages
-        refs = sorted((pgno, i) for pgno, i in latest.items() if pgno <= db_pages)
+        refs = sorted(
+            (pgno, i)
+            for pgno, i in latest.items()
+            if pgno <= db_pages and not self._unchanged(pgno, before[pgno], min_pages)
+        )
+        self.pages_unchanged += len(latest) - len(refs)
         self.position = self.announced = Position(header.generation, end)
         self.frames_shipped += end - start + 1
         self.pending_frames = mx - end
@@ -725,8 +733,13 @@ class SqliteFollower:
                     unhashed_max = max(unhashed, default=0)
                 self.hashes.truncate(size)
                 min_pages = min(min_pages, size)
+        same = set()
         for pgno, data in unhashed.items():
+            before = self.hashes.hashes.get(pgno, 0)  # (pages past min_pages may be gone: sent anyway)
             self.hashes.set(pgno, data)
+            if self._unchanged(pgno, before, min_pages):
+                same.add(pgno)
+        self.pages_unchanged += len(same)
         db_pages = self.hashes.db_pages
         end = frames[-1].index
         self.position = self.announced = Position(generation, end)
@@ -739,8 +752,21 @@ class SqliteFollower:
             min_pages,
             transactions=transactions,
             frames=len(frames),
-            pages={p: d for p, d in pages.items() if p <= db_pages},
+            pages={p: d for p, d in pages.items() if p <= db_pages and p not in same},
         )
+
+    def _unchanged(self, pgno: int, before: int, min_pages: int) -> bool:
+        """Whether page ``pgno`` ends a batch exactly as the replica already has it (not sent).
+
+        ``before`` is its hash in the state the batch starts from, which is the
+        replica's. A page at or below ``min_pages`` is never cut off by the
+        replica, so one whose hash (of its number and content) did not change
+        needs no bytes: a VACUUM rewrites every page, and those it leaves as
+        they were cost nothing on the wire, in the replica's journal or on its
+        disk. The batch's checksum is unaffected (same hash), so the replica
+        still proves the whole result before writing.
+        """
+        return pgno <= min_pages and before != 0 and self.hashes.hashes.get(pgno) == before
 
     def _tx_batch(self, announced: Position, min_pages: int, **content: Any) -> Batch:
         """The batch from ``announced`` to our position, with the state the hashes now describe."""

@@ -42,6 +42,7 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import sqlite3
 import struct
 import threading
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from appliance.errors import HotsiteError
+from appliance.replication.budget import JournalBudget
 from appliance.replication.checksum import PageHashes, page_hash, show
 from appliance.replication.position import Batch, Position
 from appliance.replication.record import HashRecord
@@ -91,6 +93,17 @@ class ReplicaStorageError(HotsiteError):
         self.disk_full = disk_full
 
 
+def _no_room(replica: Replica) -> bool:
+    """SQLite reports a full disk as "disk I/O error" when its -wal or -shm cannot grow: ask the disk."""
+    try:
+        return shutil.disk_usage(replica.path.parent).free < NO_ROOM_BYTES
+    except OSError:
+        return False
+
+
+NO_ROOM_BYTES = 256 * 1024  # less free than this on the replica's filesystem: a failed write is "disk full"
+
+
 def _storage(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """Turn a local I/O failure inside a replica method into :class:`ReplicaStorageError`.
 
@@ -110,7 +123,7 @@ def _storage(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
                 assert isinstance(replica, Replica)
                 replica._needs_recover = True
                 code = getattr(exc, "errno", None)
-                full = code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in str(exc)
+                full = code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in str(exc) or _no_room(replica)
                 detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise ReplicaStorageError(
                     f"replica {replica.path}: {what} failed: {detail}"
@@ -175,6 +188,7 @@ class Replica:
         self._seed_meta: dict[str, Any] = {}
         self._stage: _Stage | None = None  # a batch too large for one message, being received
         self.staged_batches = 0
+        self.budget = JournalBudget()  # disk a journal may take (set from the stream's config)
         self._mutex = threading.Lock()
         self.hashes = PageHashes()
         self.position: Position | None = None
@@ -304,8 +318,10 @@ class Replica:
         recorded = self._record.load()
         if recorded is not None and journal_sum is not None and recorded.checksum != int(journal_sum, 16):
             recorded = None  # not the record of this journal's state
-        if recorded is None or recorded.seq not in (self.seq - 1, self.seq) or (
-            recorded.page_size != self.page_size and recorded.db_pages
+        if (
+            recorded is None
+            or recorded.seq not in (self.seq - 1, self.seq)
+            or (recorded.page_size != self.page_size and recorded.db_pages)
         ):
             if journal_sum is not None and int(journal_sum, 16) == self.hashes.checksum and not missing:
                 self.recorded_checksum = self.hashes.checksum
@@ -497,6 +513,7 @@ class Replica:
                 "promoted": None,
             }
             pages = sorted(batch.pages.items())
+            self._check_budget(0, len(pages) * (_PAGE.size + batch.page_size))
             self._write_journal(header, pages)
             self._apply_pages(batch, header, iter(pages), now)
 
@@ -606,6 +623,11 @@ class Replica:
                     before = 0 if pgno > stage.cut else self.hashes.hashes.get(pgno, 0)
                     stage.checksum ^= before ^ page_hash(pgno, data)
                 n += 1
+            try:
+                self._check_budget(stage.pages * (_PAGE.size + b.page_size), n * (_PAGE.size + b.page_size))
+            except BatchRejected:
+                self._abort_stage()
+                raise
             stage.pages += n
             stage.journal.add(pages)
             return n
@@ -622,7 +644,7 @@ class Replica:
                 raise BatchRejected("end of a staged batch that was never begun", "malformed")
             self._stage = None
             if stage.checksum != checksum:
-                stage.journal.close()  # torn: recovery ignores it
+                stage.journal.abandon()  # torn: recovery ignores it
                 raise BatchRejected(
                     f"checksum after staged batch would be {show(stage.checksum)},"
                     f" source says {show(checksum)}",
@@ -653,8 +675,14 @@ class Replica:
 
     def _abort_stage(self) -> None:
         if self._stage is not None:
-            self._stage.journal.close()  # left torn: never redone
+            self._stage.journal.abandon()  # left torn (and empty): never redone
             self._stage = None
+
+    def _check_budget(self, journal_bytes: int, adding: int) -> None:
+        """Refuse (nothing written) a journal write over the stream's configured bound."""
+        refused = self.budget.refusal(journal_bytes, adding)
+        if refused is not None:
+            raise BatchRejected(refused, reason="journal_limit")
 
     # -- seed (a whole new database, replacing the file) -------------------
 
@@ -818,6 +846,7 @@ class Replica:
             "observed_at": self.observed_at,
             "applied_at": self.applied_at,
             "promoted": None if self.promotion is None else self.promotion.to_json(),
+            "disk": self.budget.describe(self.dir, self.hashes.db_pages * self.page_size),
         }
 
     # -- promotion ---------------------------------------------------------
@@ -1031,6 +1060,12 @@ class _JournalWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def abandon(self) -> None:
+        """Close an unfinished journal, emptied: still torn for recovery, and its disk given back."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+        self.close()
 
 
 @dataclass(slots=True)

@@ -22,6 +22,14 @@ Prints figures side by side with the named peers. Not part of `make test`.
   the sqlite3 CLI's ``.backup`` plus a copy of the result through the same
   delayed link (plain TCP) and a local ``cp``; with the growth of this
   process's resident memory during the seed (must stay bounded).
+- Issue 15 (--only-issue15): its application workload (customer rows, ~300 KB
+  blobs in a tenth of the transactions, deletes, a TRUNCATE checkpoint after 1%
+  of them, a VACUUM every --vacuum-every) at 20 tx/s and flat out over the
+  20 ms link: RPO p50/p99/max of the inserted rows, resnapshots (target 0).
+  Then, on a database of --vacuum-mb MB: a VACUUM that moves every page, time
+  until the replica is equal again beside copying the file over the same link
+  (target within 2x); and a resync after an outage in which a tenth of the
+  pages changed, beside a full resnapshot (a new replica seeded).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
@@ -479,6 +488,225 @@ async def seeding(bench: Bench, mb: int) -> dict[str, float]:
             "resume_buffered_mb": getattr(client.stats, "buffered_peak_bytes", float("nan")) / 1e6}
 
 
+BLOB = 300_000
+
+
+def _crm_writer(db: str, rate: float, transactions: int, vacuum_every: int, seed: int,
+                result: mp.Queue) -> None:  # type: ignore[type-arg]
+    """Issue 15's workload: customer rows, a ~300 KB blob in one transaction in ten, deletes of the
+    oldest rows, a TRUNCATE checkpoint after 1% of transactions, a VACUUM every ``vacuum_every``.
+    Every insert carries its commit time (``ts``). Puts (tx/s, TRUNCATEs, VACUUMs, VACUUM seconds)."""
+    import random
+    rnd = random.Random(seed)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    truncates = vacuums = 0
+    vacuum_s = 0.0
+    start = time.perf_counter()
+    for n in range(1, transactions + 1):
+        if rate:
+            ahead = start + n / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+        conn.execute("BEGIN IMMEDIATE")
+        kind = rnd.random()
+        if kind < 0.6:
+            note = rnd.randbytes(BLOB) if kind < 0.1 else rnd.randbytes(200)
+            conn.execute("INSERT INTO customers (name, ts, note) VALUES (?, ?, ?)", (f"c{n}", time.time(), note))
+        elif kind < 0.85:
+            conn.execute("UPDATE customers SET name = ? WHERE id = (SELECT max(id) - ? FROM customers)",
+                         (f"u{n}", rnd.randrange(50)))
+        else:
+            conn.execute("DELETE FROM customers WHERE id IN (SELECT id FROM customers ORDER BY id LIMIT 6)")
+        conn.execute("COMMIT")
+        if n % vacuum_every == 0:
+            t0 = time.perf_counter()
+            conn.execute("VACUUM")
+            vacuum_s += time.perf_counter() - t0
+            vacuums += 1
+        elif rnd.random() < 0.01:
+            truncates += conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    result.put((transactions / (time.perf_counter() - start), truncates, vacuums, vacuum_s))
+    conn.close()
+
+
+async def blob_vacuum_rpo(bench: Bench, rate: float, transactions: int, vacuum_every: int) -> dict[str, float]:
+    """RPO of issue 15's workload over the 20 ms link; resnapshots and sessions (none may end)."""
+    d = bench.work / f"blobs{int(rate)}"
+    d.mkdir()
+    db = d / "src.db"
+    init = sqlite3.connect(db, isolation_level=None)
+    init.execute("PRAGMA journal_mode=WAL")
+    init.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT, ts REAL, note BLOB)")
+    init.executemany("INSERT INTO customers (name, ts, note) VALUES (?, 0, ?)", ((f"s{i}", bytes(200)) for i in range(2000)))
+    init.close()
+    agent = bench.agent(db)
+    await agent.start()
+    proxy = await _delay_proxy(agent.port)
+    replica = Replica(d / "rep.db")
+    replica.open()
+    samples: list[float] = []
+    seen = {"max": 0}
+
+    def on_applied(_batch: object) -> None:
+        now = time.time()
+        conn = sqlite3.connect(f"file:{replica.path}?immutable=1", uri=True)
+        try:
+            rows = conn.execute("SELECT id, ts FROM customers WHERE id > ? AND ts > 0", (seen["max"],)).fetchall()
+        except sqlite3.Error:
+            rows = []
+        conn.close()
+        for rid, ts in rows:
+            samples.append(now - ts)
+            seen["max"] = max(seen["max"], rid)
+
+    client = bench.client(replica, proxy.sockets[0].getsockname()[1], on_applied=on_applied)
+    task = asyncio.create_task(client.run())
+    while replica.position is None:
+        await asyncio.sleep(0.05)
+    q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    p = mp.Process(target=_crm_writer, args=(str(db), rate, transactions, vacuum_every, 15, q))
+    p.start()
+    await asyncio.to_thread(p.join)
+    achieved, truncates, vacuums, vacuum_s = q.get()
+    want = logical_checksum(db)
+    deadline = time.monotonic() + 120
+    while replica.checksum != want and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    equal = replica.checksum == want
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    proxy.close()
+    await agent.stop()
+    replica.close()
+    shutil.rmtree(d, ignore_errors=True)
+    samples.sort()
+    return {
+        "rate": achieved, "rows": len(samples), "p50": statistics.median(samples),
+        "p99": samples[int(len(samples) * 0.99) - 1], "max": samples[-1], "truncates": truncates,
+        "vacuums": vacuums, "vacuum_s": vacuum_s, "resnapshots": client.stats.resnapshots,
+        "continuity_lost": agent.continuity_lost, "sessions": client.stats.sessions, "equal": float(equal),
+        "wire_mb": client.stats.bytes_received / 1e6,
+    }
+
+
+_PEAK = {"rss": 0.0}
+
+
+async def _until_equal(replica: Replica, db: Path, timeout: float = 600) -> float:
+    """Seconds until the replica has the source's checksum (from now); the peak RSS in _PEAK."""
+    t0 = time.perf_counter()
+    want = logical_checksum(db)
+    while replica.checksum != want:
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError("replica never caught up")
+        _PEAK["rss"] = max(_PEAK["rss"], _rss_mb())
+        await asyncio.sleep(0.02)
+    return time.perf_counter() - t0
+
+
+async def vacuum_and_resync(bench: Bench, mb: int) -> dict[str, Any]:
+    """After a VACUUM that moves every page, and after an outage that changed a tenth of the pages:
+    the time to be equal again over the 20 ms link, beside copying the file over the same link and
+    a full resnapshot (a new replica seeded)."""
+    d = bench.work / "vacuum"
+    d.mkdir()
+    db = d / "src.db"
+    _make_db(db, mb)
+    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)  # used from worker threads
+    conn.execute("PRAGMA busy_timeout = 5000")
+    rows = conn.execute("SELECT count(*) FROM customers").fetchone()[0]
+    agent = bench.agent(db)
+    await agent.start()
+    proxy = await _delay_proxy(agent.port)
+    port = proxy.sockets[0].getsockname()[1]
+    fresh = Replica(d / "full.db")
+    fresh.open()
+    client = bench.client(fresh, port)
+    t0 = time.perf_counter()
+    task = asyncio.create_task(client.run())
+    full_s = time.perf_counter() - t0 + await _until_equal(fresh, db)
+    full_mb = client.stats.bytes_received / 1e6
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    fresh.close()
+    replica = Replica(d / "rep.db")
+    replica.open()
+    client = bench.client(replica, port)
+    task = asyncio.create_task(client.run())
+    await _until_equal(replica, db)
+    # A VACUUM that moves every page: a row in 20 deleted first (the pages after the first hole shift).
+    await asyncio.to_thread(conn.execute, "DELETE FROM customers WHERE id % 20 = 7")
+    await _until_equal(replica, db)
+    pages0, wire0 = client.stats.pages, client.stats.bytes_received
+    rss0 = _PEAK["rss"] = _rss_mb()
+    t1 = time.perf_counter()
+    await asyncio.to_thread(conn.execute, "VACUUM")
+    vacuum_local_s = time.perf_counter() - t1
+    vacuum_s = vacuum_local_s + await _until_equal(replica, db)
+    vacuum_pages, vacuum_mb = client.stats.pages - pages0, (client.stats.bytes_received - wire0) / 1e6
+    vacuum_rss = _PEAK["rss"] - rss0
+    db_pages = replica.hashes.db_pages
+    size_mb = db.stat().st_size / 1e6
+    copy_s = await _send_through(db)
+    # The backup down while a tenth of the pages change (rows are ~2 KB: one row in 20 is a page in 10),
+    # with TRUNCATE checkpoints: its position is gone, the catch-up is a resync by page hashes.
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+    def change_a_tenth() -> None:
+        for i, rid in enumerate(range(1, rows + 1, 20)):
+            conn.execute("UPDATE customers SET name = name || '*' WHERE id = ?", (rid,))
+            if i % 500 == 0:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    await asyncio.to_thread(change_a_tenth)
+    client = bench.client(replica, port)
+    t2 = time.perf_counter()
+    task = asyncio.create_task(client.run())
+    resync_s = time.perf_counter() - t2 + await _until_equal(replica, db)
+    resync_pages, resync_mb, mode = client.stats.pages, client.stats.bytes_received / 1e6, client.stats.mode
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    await agent.stop()
+    proxy.close()
+    replica.close()
+    conn.close()
+    shutil.rmtree(d, ignore_errors=True)
+    return {"mb": size_mb, "db_pages": db_pages, "full_s": full_s, "full_mb": full_mb, "vacuum_s": vacuum_s,
+            "vacuum_local_s": vacuum_local_s, "vacuum_pages": vacuum_pages, "vacuum_rss": vacuum_rss, "vacuum_mb": vacuum_mb,
+            "copy_s": copy_s, "resync_s": resync_s, "resync_pages": resync_pages, "resync_mb": resync_mb,
+            "resync_mode": mode}
+
+
+def issue15(bench: Bench, args: argparse.Namespace) -> None:
+    print(f"Issue 15 workload (rows, 300 KB blobs in 10% of transactions, deletes, TRUNCATE at 1%, a VACUUM every"
+          f" {args.vacuum_every}), link delayed {DELAY_S * 1000:.0f} ms each way:")
+    for rate in (() if args.skip_blobs else (20.0, 0.0)):
+        n = args.blob_tx if rate == 0 else int(args.blob_seconds * rate)
+        r = asyncio.run(blob_vacuum_rpo(bench, rate, n, args.vacuum_every))
+        label = f"{rate:.0f} tx/s" if rate else "flat out"
+        print(f"  {label:>9} ({n} tx, achieved {r['rate']:.0f} tx/s; {r['truncates']:.0f} TRUNCATEs, {r['vacuums']:.0f}"
+              f" VACUUMs taking {r['vacuum_s']:.1f} s at the source): rows {r['rows']:.0f}, RPO p50"
+              f" {r['p50'] * 1000:.0f} ms p99 {r['p99'] * 1000:.0f} ms max {r['max'] * 1000:.0f} ms; resnapshots"
+              f" {r['resnapshots']:.0f}, continuity lost {r['continuity_lost']:.0f}, sessions {r['sessions']:.0f};"
+              f" {r['wire_mb']:.0f} MB on the wire; replica {'equal' if r['equal'] else 'DIFFERENT'}"
+              "   [targets: p99 < 1 s at 20 tx/s; 0 resnapshots]")
+    v = asyncio.run(vacuum_and_resync(bench, args.vacuum_mb))
+    print(f"VACUUM moving every page of a {v['mb']:.0f} MB database ({v['db_pages']:.0f} pages), same link:")
+    print(f"  replica equal {v['vacuum_s']:.1f} s after the VACUUM began ({v['vacuum_local_s']:.1f} s of it the"
+          f" VACUUM itself), {v['vacuum_pages']:.0f} pages, {v['vacuum_mb']:.0f} MB on the wire; copying the file"
+          f" over the link {v['copy_s']:.1f} s   [target <= 2x: {v['vacuum_s'] / v['copy_s']:.2f}x]; agent and"
+          f" replica (this process) grew {v['vacuum_rss']:.0f} MB resident meanwhile")
+    print(f"Resync after an outage in which a tenth of the pages changed (TRUNCATEs: the position is gone):"
+          f" {v['resync_s']:.1f} s ({v['resync_mode']}), {v['resync_pages']:.0f} pages, {v['resync_mb']:.1f} MB on the"
+          f" wire; a full resnapshot (new replica): {v['full_s']:.1f} s, {v['full_mb']:.0f} MB")
+
+
 def again(o: dict[str, tuple[float, ...]], base: str) -> str:
     return f" / {o['alone2'][0]:.0f} alone again" if base == "alone" else ""
 
@@ -509,13 +737,23 @@ def main() -> None:
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--only-overhead", action="store_true", help="just the source overhead figures")
     parser.add_argument("--rounds", type=int, default=5, help="flat-out overhead rounds (median reported)")
+    parser.add_argument("--only-issue15", action="store_true", help="just the blob/VACUUM/resync figures")
+    parser.add_argument("--skip-issue15", action="store_true")
+    parser.add_argument("--skip-blobs", action="store_true", help="issue 15: only the VACUUM/resync figures")
+    parser.add_argument("--blob-seconds", type=float, default=60.0, help="issue 15 workload at 20 tx/s: seconds")
+    parser.add_argument("--blob-tx", type=int, default=3000, help="issue 15 workload flat out: transactions")
+    parser.add_argument("--vacuum-every", type=int, default=300, help="a VACUUM every N transactions")
+    parser.add_argument("--vacuum-mb", type=int, default=256, help="database size for the VACUUM/resync figures")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-replication-"))
     try:
         bench = Bench(work)
         print(f"RPO over a link delayed {DELAY_S * 1000:.0f} ms each way (TLS, zlib), writer in its own process")
         if args.only_overhead:
-            args.skip_rpo, args.catchup_rows, args.seed_mb = True, 0, 0
+            args.skip_rpo, args.catchup_rows, args.seed_mb, args.skip_issue15 = True, 0, 0, True
+        if args.only_issue15:
+            issue15(bench, args)
+            return
         for rate in (() if args.skip_rpo else (1000, 5000)):
             r = asyncio.run(rpo(bench, rate, args.seconds))
             print(f"  target {rate:>5} tx/s (achieved {r['rate']:7.0f}): rows {r['rows']:6d}  RPO p50 {r['p50'] * 1000:7.1f} ms"
@@ -560,6 +798,8 @@ def main() -> None:
                   f" replica {'equal' if s['resume_ok'] else 'DIFFERENT or not a resume'}; resident memory grew"
                   f" {s['resume_rss']:.0f} MB, at most {s['resume_buffered_mb']:.1f} MB held between receiving and"
                   " applying")
+        if not args.skip_issue15:
+            issue15(bench, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
