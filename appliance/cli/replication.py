@@ -280,10 +280,10 @@ def verify_cmd(stream: str, as_json: bool, timeout: float) -> None:
         pages = f" ({done}/{total} pages, {100 * done / total:.0f}%)" if total else ""
         click.echo(f"{stream}: verify {progress.get('phase', 'running')}{pages}", err=True)
         if time.monotonic() - started > timeout:
-            click.echo(f"hotsite: error: verify of {stream} did not finish within {timeout:g} s", err=True)
+            echo_error(f"verify of {stream} did not finish within {timeout:g} s", 1)  # JSON under --json
             sys.exit(1)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
     elif "source_checksum" in result:
         click.echo(f"position {result['position']}")
         click.echo(f"  source  {result['source_checksum']}")
