@@ -10,7 +10,7 @@ APT_PACKAGES := kamailio sip-tester iproute2 nftables openssl etcd-server etcd-c
 APT_STAMP := $(VENV)/.apt-installed
 PIP_STAMP := $(VENV)/.pip-installed
 
-.PHONY: demo test unit lint typecheck deps venv clean lab-down image
+.PHONY: demo test test-stress unit lint typecheck deps venv clean lab-down image test-image
 
 demo: deps venv
 	$(BIN)/hotsite lab demo
@@ -18,8 +18,18 @@ demo: deps venv
 test: deps venv lint typecheck
 	$(BIN)/pytest
 
+# The integration tests with one busy process per core beside them, as on a loaded CI runner
+# (tests/stress.py): what must hold under load, not only on an idle machine.
+test-stress: deps venv
+	$(BIN)/python -m tests.stress -- $(BIN)/pytest tests/integration
+
 unit: venv
 	$(BIN)/pytest tests/unit
+
+# The appliance image built (its debootstrap kept in HOTSITE_IMAGE_CACHE) and booted under QEMU,
+# every feature run under the real unit (root, network; minutes: not in `make test`, see README).
+test-image: deps venv
+	HOTSITE_SLOW_TESTS=1 $(BIN)/pytest -s tests/integration/test_appliance_image.py
 
 lint: venv
 	$(BIN)/ruff check appliance failover monitoring provisioning tests

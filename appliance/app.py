@@ -88,6 +88,7 @@ class Appliance(Daemon):
         self.store: Store | None = None
         self.api: ApiServer | None = None
         self._metrics_server: Any = None
+        self._host_collector: HostCollector | None = None
         self.monitor: Monitor | None = None
         self.failover: FailoverService | None = None
         self.replication: ReplicationService | None = None
@@ -103,7 +104,7 @@ class Appliance(Daemon):
     async def start(self) -> None:
         cfg = self.config
         self._started_at = self.clock.time()
-        self.store = Store.open(cfg.appliance.state_dir, clock=self.clock.time)
+        self.store = Store.open_or_in_memory(cfg.appliance.state_dir, clock=self.clock.time)
         self.api = ApiServer(
             cfg.appliance.runtime_dir,
             self._handlers(),
@@ -119,7 +120,9 @@ class Appliance(Daemon):
             options["on_outcome"] = lambda outcome: requests.labels("metrics", outcome).inc()
             self._metrics_server = metrics_mod.serve(self.metrics.registry, host, port, **options)
         self.metrics.start_time.set(self._started_at)
-        self.metrics.registry.register(HostCollector(cfg.appliance.state_dir, cfg.host.interfaces))
+        self._host_collector = HostCollector(cfg.appliance.state_dir, cfg.host.interfaces)
+        self._host_collector.cpu.start()  # sampled on the daemon's own interval, not per scrape
+        self.metrics.registry.register(self._host_collector)
         for problem in config_mod.check_environment(cfg):
             log.error("configuration problem", extra=kv(problem=problem))
         targets = from_config(cfg)
@@ -272,6 +275,11 @@ class Appliance(Daemon):
             for problem in self.replication.readiness():
                 stream = problem.split(":", 1)[0].removeprefix("replication stream ")
                 now[f"replication:{stream}"] = problem
+            if self.store is not None and self.store.in_memory:
+                now["state:disk"] = (
+                    f"state disk full ({self.config.appliance.state_dir}): running from memory,"
+                    " nothing recorded durably; free space and restart hotsite"
+                )
             for channel in self.paging.channels.values():
                 health = channel.health()
                 if health.get("up") is False:
@@ -356,6 +364,8 @@ class Appliance(Daemon):
         await self._stop_usage()
         if self.api is not None:
             await self.api.close()
+        if self._host_collector is not None:
+            self._host_collector.cpu.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

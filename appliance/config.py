@@ -297,6 +297,49 @@ class HotlineSection(Section):
     failover: list[Name] = Field(min_length=1)  # destinations in order of preference
 
 
+class TestcallsSection(Section):
+    """Synthetic test calls with media (monitoring/TESTCALLS.md): hotlines judged by calls, not pings.
+
+    ``hotlines`` are dialled through the carrier edge (``[kamailio] sip``) as a
+    customer would; each of ``trunks`` is dialled through directly (to
+    ``number``, default the first hotline's). Nothing is called unless listed:
+    a test call occupies a channel and an agent's queue slot.
+    """
+
+    caller: Annotated[str, _match(re.compile(r"^\+?[0-9]{2,32}$"), "the test caller's number, digits")] = (
+        "0000"
+    )
+    hotlines: list[Name] = []
+    trunks: list[Name] = []
+    number: (
+        Annotated[str, _match(re.compile(r"^\+?[0-9*#]{2,32}$"), "a dialled number such as 95588")] | None
+    ) = None
+    interval_s: float = Field(default=300.0, ge=5, le=86400)
+    duration_s: float = Field(default=3.0, ge=0.5, le=60)
+    setup_timeout_s: float = Field(default=10.0, ge=1, le=120)
+    max_concurrent: int = Field(default=2, ge=1, le=100)
+    min_mos: float = Field(default=3.5, ge=1, le=4.5)  # a call with less is "poor audio", a failed call
+    audio_floor_dbov: float = Field(default=-50.0, ge=-100, le=0)
+    answer_header: Annotated[str, _match(re.compile(r"^[A-Za-z0-9-]{1,64}$"), "a SIP header name")] = "Server"
+    rise: int = Field(default=1, ge=1, le=100)  # consecutive good calls before "calls ok"
+    fall: int = Field(default=2, ge=1, le=100)  # consecutive failed calls before "calls failing"
+
+    @model_validator(mode="after")
+    def _a_call_fits_its_interval(self) -> TestcallsSection:
+        budget = self.call_budget_s
+        if self.interval_s < budget:
+            raise ValueError(
+                f"interval_s ({self.interval_s:g}) must be at least setup_timeout_s + duration_s + 5"
+                f" ({budget:g}): a test call would still be running when the next is due"
+            )
+        return self
+
+    @property
+    def call_budget_s(self) -> float:
+        """The longest one call may take: set-up, media, and the BYE's retransmissions."""
+        return self.setup_timeout_s + self.duration_s + 5
+
+
 class DestinationSection(Section):
     """Somewhere a hotline can be sent besides a site's agents: IVR, announcement, remote agents."""
 
@@ -606,6 +649,25 @@ class Config(Section):
     paging: PagingSection = PagingSection()
     replication: ReplicationSection = ReplicationSection()
     coordination: CoordinationSection = CoordinationSection()
+    testcalls: TestcallsSection = TestcallsSection()
+
+    @model_validator(mode="after")
+    def _testcalls_name_known_hotlines_and_trunks(self) -> Config:
+        t = self.testcalls
+        for key, names, known in (("hotlines", t.hotlines, self.hotlines), ("trunks", t.trunks, self.trunks)):
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ValueError(
+                    f"testcalls.{key} names {', '.join(map(repr, unknown))}: expected names of [{key}.*]"
+                    f" ({', '.join(known) or 'none defined'})"
+                )
+        if t.hotlines and self.kamailio.sip is None:
+            raise ValueError(
+                "testcalls.hotlines needs kamailio.sip: the carrier edge the test calls go through"
+            )
+        if t.trunks and t.number is None and not self.hotlines:
+            raise ValueError("testcalls.trunks needs testcalls.number (or a hotline) to dial through them")
+        return self
 
     @model_validator(mode="after")
     def _one_primary_and_a_backup(self) -> Config:

@@ -45,10 +45,11 @@ DGRAM_MAX = 65_457
 
 
 class KamailioRpcError(HotsiteError):
-    def __init__(self, method: str, message: str, *, unreachable: bool) -> None:
+    def __init__(self, method: str, message: str, *, unreachable: bool, stale: bool = False) -> None:
         super().__init__(f"Kamailio RPC {method}: {message}")
         self.method = method
         self.unreachable = unreachable
+        self.stale = stale  # refused by Kamailio itself: the call's token is older than routing=>token
 
 
 class KamailioRpc:
@@ -82,7 +83,14 @@ class KamailioRpc:
     def where(self) -> str:
         return self.url or f"unix:{self.socket_path}"
 
-    async def call(self, method: str, *params: Any) -> Any:
+    async def call(self, method: str, *params: Any, token: int | None = None) -> Any:
+        """One JSON-RPC call; ``token``: a fenced write (HTTP header ``X-Hotsite-Token``).
+
+        hotsite's generated config checks that header against ``routing=>token``
+        under the htable's lock and answers 409 for an older one (raised here
+        with ``stale``). The datagram socket has no headers: there only the
+        Kamailio actuator's own checks guard a write.
+        """
         request = {"jsonrpc": "2.0", "method": method, "params": list(params), "id": next(self._ids)}
         if self.socket_path is not None:
             raw = await self._call_dgram(method, request)
@@ -91,7 +99,7 @@ class KamailioRpc:
             except ValueError:
                 raise KamailioRpcError(method, "answer is not JSON", unreachable=False) from None
         else:
-            body = await self._call_http(method, request)
+            body = await self._call_http(method, request, token)
         if not isinstance(body, dict):
             raise KamailioRpcError(method, "answer is not a JSON-RPC object", unreachable=False)
         if "error" in body:
@@ -100,10 +108,11 @@ class KamailioRpc:
             raise KamailioRpcError(method, f"error: {text}", unreachable=False)
         return body.get("result")
 
-    async def _call_http(self, method: str, request: dict[str, Any]) -> Any:
+    async def _call_http(self, method: str, request: dict[str, Any], token: int | None = None) -> Any:
         assert self._client is not None and self.url is not None
+        headers = {} if token is None else {"X-Hotsite-Token": str(token)}
         try:
-            response = await self._client.post(self.url, json=request, timeout=self._timeout)
+            response = await self._client.post(self.url, json=request, headers=headers, timeout=self._timeout)
         except httpx.TimeoutException:
             raise KamailioRpcError(method, f"no answer within {self._timeout:g}s", unreachable=True) from None
         except httpx.HTTPError as exc:
@@ -112,6 +121,9 @@ class KamailioRpc:
             body = response.json()
         except ValueError:
             body = None
+        if response.status_code == 409 and token is not None:
+            why = f"refused by Kamailio: token {token} {response.text.strip()}"
+            raise KamailioRpcError(method, why, unreachable=False, stale=True)
         if response.status_code != 200:
             # Kamailio sends JSON-RPC errors with the error's code as HTTP status: keep its message.
             if isinstance(body, dict) and "error" in body:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,10 +31,13 @@ from typing import Any
 import sqlite_utils
 
 from appliance.errors import StateError
+from appliance.logs import kv
 from appliance.migrations import COMPONENTS
 
 DB_NAME = "hotsite.db"
 LOCK_NAME = "hotsite.lock"
+FULL_DISK_BYTES = 1 << 20  # below this free, a state database that cannot be opened is a full disk
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +77,7 @@ class Store:
         self._db = sqlite_utils.Database(conn)
         self._lock_fd = lock_fd
         self._clock = clock
+        self.in_memory = False  # True: a copy in memory (the state disk was full), nothing durable
 
     @classmethod
     def open(
@@ -103,6 +109,67 @@ class Store:
             if lock_fd is not None:
                 os.close(lock_fd)
             raise StateError(f"state database {state_dir / DB_NAME} is unusable: {exc}") from None
+        return store
+
+    @classmethod
+    def open_or_in_memory(
+        cls,
+        state_dir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        components: Mapping[str, Sequence[str]] = COMPONENTS,
+    ) -> Store:
+        """:meth:`open`; on a full disk (less than ``FULL_DISK_BYTES`` free) :meth:`open_in_memory_copy`."""
+        try:
+            return cls.open(state_dir, clock=clock, components=components)
+        except StateError as exc:
+            try:
+                free = shutil.disk_usage(state_dir).free
+            except OSError:
+                raise exc from None
+            if free >= FULL_DISK_BYTES:
+                raise
+            log.error(
+                "state disk full: running on a copy of the state in memory, nothing recorded durably",
+                extra=kv(state_dir=state_dir, error=str(exc)),
+            )
+            return cls.open_in_memory_copy(state_dir, clock=clock, components=components)
+
+    @classmethod
+    def open_in_memory_copy(
+        cls,
+        state_dir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        components: Mapping[str, Sequence[str]] = COMPONENTS,
+    ) -> Store:
+        """The state database copied into memory, for a daemon whose state disk is full.
+
+        A WAL database cannot even be opened for reading when its ``-shm``
+        cannot be created, so the daemon would not start at all; with this it
+        starts degraded instead: it reads the last recorded state (read-only,
+        or ``immutable`` when even that fails, which misses a ``-wal`` left by
+        a crash) and records nothing durably until it is restarted with space.
+        ``in_memory`` says so (status, an incident).
+        """
+        lock_fd = _lock(state_dir)
+        mem = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        path = state_dir / DB_NAME
+        for mode in ("ro", "ro&immutable=1"):
+            if not path.exists():
+                break
+            try:
+                src = sqlite3.connect(f"file:{path}?mode={mode}", uri=True)
+                try:
+                    src.backup(mem)
+                finally:
+                    src.close()
+                break
+            except sqlite3.DatabaseError:
+                continue
+        store = cls(mem, lock_fd, clock)
+        store.in_memory = True
+        store._migrate(components)
         return store
 
     def close(self) -> None:
@@ -268,6 +335,7 @@ def _lock(state_dir: Path) -> int:
         raise StateError(
             f"another hotsite daemon (pid {holder}) is already using the state directory {state_dir}"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    with contextlib.suppress(OSError):  # who holds it, for the message above; a full disk must not stop us
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd

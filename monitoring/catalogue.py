@@ -37,10 +37,12 @@ def _sources() -> Iterator[tuple[str, CollectorRegistry]]:
     """(module, registry holding only that module's metrics), one fresh registry each."""
     from appliance.paging.metrics import PagingMetrics
     from appliance.replication.metrics import ReplicationMetrics
+    from failover.etcd import CoordinationMetrics
+    from failover.witness import WitnessMetrics
     from monitoring.metrics import Metrics
     from monitoring.probes.host import HostCollector
 
-    for cls in (Metrics, PagingMetrics, ReplicationMetrics):
+    for cls in (Metrics, PagingMetrics, ReplicationMetrics, CoordinationMetrics, WitnessMetrics):
         registry = CollectorRegistry()
         cls(registry)
         yield cls.__module__, registry
@@ -103,6 +105,9 @@ def render(items: list[Entry]) -> str:
         "Histograms are exposed as `NAME_bucket{le=...}`, `NAME_sum` and `NAME_count`.",
         "Label values are bounded: target, site, trunk, stream and channel names come from the",
         "configuration; states, reasons and results from fixed vocabularies.",
+        "`process_*` are the stock client's process collector (the daemon's own CPU, memory, fds);",
+        "`hotsite_coordination_*` appear with `[coordination] backend = \"etcd\"`; `hotsite_witness_*`",
+        "are exposed by the witness agent (`hotsite witness`), not by the appliance daemon.",
         "",
         f"{len(items)} metrics.",
         "",

@@ -104,7 +104,7 @@ def observe(health: TargetHealth, result: ProbeResult, policy: Thresholds) -> Ta
     dwelt = since is None or health.state == "unknown" or result.at - since >= policy.damping_s
     if evidence != state and evidence != "unknown" and dwelt:
         state, since, transitions = evidence, result.at, transitions + 1
-        why = _why(evidence, successes, failures, result)
+        why = _why(evidence, successes, failures, result, health.kind)
     elif since is None:
         since = result.at
     return dataclasses.replace(
@@ -120,11 +120,28 @@ def observe(health: TargetHealth, result: ProbeResult, policy: Thresholds) -> Ta
     )
 
 
-def _why(state: State, successes: int, failures: int, result: ProbeResult) -> str:
+def _why(state: State, successes: int, failures: int, result: ProbeResult, kind: str = "") -> str:
+    if kind == "testcall":  # the evidence is a call: say so, with the call's own words
+        if state == "up":
+            return f"calls ok: {successes} good test call(s), last {result.detail}"
+        return f"calls failing: {failures} failed test call(s), last {result.detail}"
     if state == "up":
         return f"{successes} consecutive successes" + (f" ({result.detail})" if result.detail else "")
     detail = f": {result.detail}" if result.detail else ""
     return f"{failures} consecutive failures, last {result.reason}{detail}"
+
+
+def with_calls(options: TargetHealth, calls: TargetHealth | None) -> tuple[str, str]:
+    """A trunk's (state, why) from its OPTIONS health and its test calls' health.
+
+    A trunk that answers OPTIONS but whose test calls are judged down is the
+    classic carrier failure keepalives cannot see: ``degraded``, ``calls failing``.
+    """
+    if calls is None or options.state != "up" or calls.state != "down":
+        return options.state, options.why
+    if calls.last is None or calls.last.ok:  # down, but the latest call was good: rise not reached yet
+        return "degraded", calls.why
+    return "degraded", f"calls failing: {calls.failures} failed test call(s), last {calls.last.detail}"
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import contextlib
 import platform
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 from appliance import __version__
 from monitoring.probes.base import REASONS
@@ -25,6 +25,9 @@ RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # process_* (CPU seconds, resident memory, open fds, start time) of the daemon itself, on its own
+        # registry: the stock collector, so dashboards and alerts written for any exporter work here too.
+        ProcessCollector(registry=registry)
         self.build_info = Info("hotsite_build", "Version of the running hotsite.", registry=registry)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         self.start_time = Gauge(

@@ -15,7 +15,7 @@ from typing import Any
 from appliance.clock import Clock
 from appliance.config import Config
 from appliance.logs import kv
-from monitoring.health import SiteVerdict, TargetHealth, Thresholds, judge_site, observe
+from monitoring.health import SiteVerdict, TargetHealth, Thresholds, judge_site, observe, with_calls
 from monitoring.metrics import Metrics
 from monitoring.prober import Prober
 from monitoring.probes.base import ProbeResult
@@ -42,6 +42,7 @@ class Monitor:
             clock=clock.monotonic,
             on_unmatched=lambda reason: metrics.unmatched_replies.labels(reason=reason).inc(),
             tls_ca_file=config.probes.tls_ca_file,
+            max_calls=config.testcalls.max_concurrent,
             host=HostProbe(
                 config.appliance.state_dir,
                 disk_min_free_pct=config.host.disk_min_free_pct,
@@ -98,8 +99,13 @@ class Monitor:
         )
         # The kernel's word on a carrier is definitive, not a sample.
         self._link_thresholds = Thresholds(rise=1, fall=1, damping_s=p.damping_s)
+        # A test call is one expensive sample minutes apart: its own rise/fall.
+        calls = config.testcalls
+        self._call_thresholds = Thresholds(rise=calls.rise, fall=calls.fall, damping_s=p.damping_s)
 
     def thresholds_for(self, target: Target) -> Thresholds:
+        if target.kind == "testcall":
+            return self._call_thresholds
         return self._link_thresholds if target.kind == "link" else self.thresholds
 
     async def run(self) -> None:
@@ -126,7 +132,7 @@ class Monitor:
         self.health[target.name] = after
         m = self._metrics
         m.probes.labels(target=target.name).inc()
-        if target.kind in ("sip", "http"):
+        if target.kind in ("sip", "http", "testcall"):
             m.last_code.labels(target=target.name).set(result.code or 0)
         if result.ok and result.rtt_s is not None:
             m.probe_rtt.labels(target=target.name).observe(result.rtt_s)
@@ -184,14 +190,18 @@ class Monitor:
         last = h.last
         now = self._clock.monotonic()
         interval, timeout = self.scheduler.timing(target)
-        return {
+        state: str = h.state
+        why = h.why
+        if target.trunk and target.kind != "testcall":  # a trunk whose calls fail is degraded
+            state, why = with_calls(h, self.health.get(f"testcall:{name}"))
+        view: dict[str, Any] = {
             "target": name,
             "kind": target.kind,
             "address": target.url or (f"{target.host}:{target.port}" if target.port else target.host),
             "transport": target.transport or None,
-            "state": h.state,
+            "state": state,
             "since_s": None if h.since is None else round(now - h.since, 3),
-            "why": h.why,
+            "why": why,
             "reason": h.reason,
             "pending": h.pending,
             "rtt_ms": None if last is None or last.rtt_s is None else round(last.rtt_s * 1000, 3),
@@ -200,6 +210,10 @@ class Monitor:
             "interval_s": interval,
             "timeout_s": timeout,
         }
+        call = self.prober.last_calls.get(name)
+        if call is not None:
+            view["last_call"] = call.to_json()
+        return view
 
     def site_view(self, site: str) -> dict[str, Any]:
         verdict = self.sites[site]

@@ -7,6 +7,7 @@ The daemon's scheduler and the ``hotsite probe`` command both call
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import ssl
@@ -21,6 +22,7 @@ from monitoring.probes.http import HttpProbe
 from monitoring.probes.icmp import IcmpProbe
 from monitoring.probes.sip import SipOptionsProbe
 from monitoring.probes.tcp import TcpConnectProbe
+from monitoring.probes.testcall import CallResult, TestCall
 from monitoring.targets import Target
 
 
@@ -36,6 +38,7 @@ class Prober:
         on_unmatched: Callable[[str], None] | None = None,
         host: HostProbe | None = None,
         tls_ca_file: Path | None = None,
+        max_calls: int = 2,
     ) -> None:
         self._clock = clock
         self._host = host
@@ -51,6 +54,9 @@ class Prober:
         self._tcp: TcpConnectProbe | None = None
         self._icmp: IcmpProbe | None = None
         self._patterns: dict[str, re.Pattern[str]] = {}
+        # Test calls occupy real channels: at most this many at once, whatever the scheduler allows.
+        self._calls = asyncio.Semaphore(max_calls)
+        self.last_calls: dict[str, CallResult] = {}  # the latest test call per target, for views
 
     async def probe(self, target: Target, timeout: float) -> ProbeResult:
         if target.kind == "sip":
@@ -67,6 +73,8 @@ class Prober:
             if self._host is None:
                 raise ValueError("host targets need a HostProbe")
             return self._host.probe(target.name, target.host)
+        if target.kind == "testcall":
+            return await self._probe_call(target)
         if target.kind == "icmp":
             self._icmp = self._icmp or IcmpProbe(clock=self._clock)
             return await self._icmp.probe(target.name, target.host, timeout=timeout)
@@ -92,6 +100,14 @@ class Prober:
         if alive:
             return dataclasses.replace(result, ok=True, reason="ok")
         return dataclasses.replace(result, ok=False, reason="bad_code")
+
+    async def _probe_call(self, target: Target) -> ProbeResult:
+        if target.call is None:
+            raise ValueError(f"testcall target {target.name} has no call to place")
+        async with self._calls:  # waiting for a slot counts against the target's timeout
+            result = await TestCall(target.call, clock=self._clock).run()
+        self.last_calls[target.name] = result
+        return result.to_probe()
 
     def _pattern(self, expression: str | None) -> re.Pattern[str] | None:
         if expression is None:

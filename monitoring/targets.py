@@ -11,7 +11,8 @@ checks; carrier trunks) or from a URL typed at the command line
 
 A target's name is stable and bounded, because it becomes a metric label:
 ``trunk:<name>``, ``site:<site>:sbc``, ``site:<site>:http``,
-``site:<site>:<check>``, ``host:disk|memory|temperature``, ``link:<ifname>``.
+``site:<site>:<check>``, ``host:disk|memory|temperature``, ``link:<ifname>``,
+``testcall:<hotline>`` and ``testcall:trunk:<name>`` (test calls, monitoring/TESTCALLS.md).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
+from monitoring.probes.testcall import CallSpec
+
 if TYPE_CHECKING:
     from appliance.config import Config
 
-Kind = Literal["sip", "http", "tcp", "icmp", "host", "link"]
-KINDS: tuple[Kind, ...] = ("sip", "http", "tcp", "icmp", "host", "link")
+Kind = Literal["sip", "http", "tcp", "icmp", "host", "link", "testcall"]
+KINDS: tuple[Kind, ...] = ("sip", "http", "tcp", "icmp", "host", "link", "testcall")
 SIP_TRANSPORTS = ("udp", "tcp", "tls")
 _SIP_DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
 _HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
@@ -47,6 +50,7 @@ class Target:
     accept_codes: frozenset[int] | None = None  # sip: None means any 2xx
     expect_body: str | None = None  # http: a regular expression the body must match
     critical: bool = False  # answering "unhealthy" means its site cannot serve (grey failure)
+    call: CallSpec | None = None  # testcall: what to dial and how to judge it
     labels: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -164,6 +168,54 @@ def from_config(config: Config) -> list[Target]:
                 accept_codes=frozenset(trunk.accept_codes) if trunk.accept_codes else None,
             )
         )
+    targets.extend(testcall_targets(config))
+    return targets
+
+
+def call_spec(config: Config, name: str, number: str, address: str) -> CallSpec:
+    """A test call to ``number`` through ``address`` (host:port) with the [testcalls] settings."""
+    from appliance.config import host_port
+
+    t = config.testcalls
+    peers = {site.sbc: f"site:{site_name}" for site_name, site in config.sites.items()}
+    peers.update({trunk.address: f"trunk:{trunk_name}" for trunk_name, trunk in config.trunks.items()})
+    host, port = host_port(address)
+    return CallSpec(
+        name,
+        number,
+        t.caller,
+        host,
+        port,
+        duration_s=t.duration_s,
+        setup_timeout_s=t.setup_timeout_s,
+        answer_header=t.answer_header,
+        audio_floor_dbov=t.audio_floor_dbov,
+        min_mos=t.min_mos,
+        peers=peers,
+    )
+
+
+def testcall_targets(config: Config) -> list[Target]:
+    """One target per hotline called through the carrier edge, one per trunk called through."""
+    t = config.testcalls
+    # The wait for a free call slot (max_concurrent) counts against the timeout: twice one call.
+    timeout = min(t.interval_s, 2 * t.call_budget_s)
+
+    def target(spec: CallSpec, trunk: str | None = None) -> Target:
+        return Target(
+            spec.name, "testcall", spec.host, spec.port, "udp", trunk=trunk,
+            interval_s=t.interval_s, timeout_s=timeout, call=spec,
+        )  # fmt: skip
+
+    targets = []
+    if t.hotlines and config.kamailio.sip is not None:  # the config's validator insists on the latter
+        for hotline in t.hotlines:
+            number = config.hotlines[hotline].number
+            targets.append(target(call_spec(config, f"testcall:{hotline}", number, config.kamailio.sip)))
+    number = t.number or next((h.number for h in config.hotlines.values()), "")
+    for name in t.trunks:
+        spec = call_spec(config, f"testcall:trunk:{name}", number, config.trunks[name].address)
+        targets.append(target(spec, trunk=name))
     return targets
 
 

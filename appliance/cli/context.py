@@ -22,7 +22,7 @@ DEFAULT_RUNTIME_DIR = Path("/run/hotsite")
 
 
 def fail(exc: HotsiteError) -> NoReturn:
-    """Report *exc* on stderr (as JSON under ``--json``) and exit with its status."""
+    """Report *exc* (on stderr, or as JSON on stdout under ``--json``) and exit with its status."""
     from appliance.cli.options import echo_error
 
     echo_error(exc.message, exc.exit_code, exc.problems if isinstance(exc, ConfigError) else ())

@@ -16,7 +16,6 @@ from typing import Any
 import click
 
 from appliance import api
-from appliance.cli import render
 from appliance.errors import HotsiteError
 
 DEFAULT_WORKDIR = Path("/run/hotsite-lab")
@@ -56,6 +55,7 @@ def lab() -> None:
     Examples:
       hotsite lab up && hotsite lab status
       hotsite lab impair trunk-a --cut     # pull trunk-a's cable
+      hotsite lab impair trunk-a --reject-invites 503   # OPTIONS fine, calls fail
       hotsite lab heal trunk-a
       hotsite lab down                     # removes everything, even after a crash
     """
@@ -109,7 +109,10 @@ def down(workdir: Path) -> None:
 
 
 # What `lab up` and the demo add to the lab's workdir beside the lab's own files.
-DAEMON_FILES = ("hotsite.toml", "hotsite-daemon.log", "state", "run", "dispatcher.list.token")
+DAEMON_FILES = (
+    "hotsite.toml", "hotsite-daemon.log", "state", "run", "dispatcher.list.token",
+    "modem.log", "modem.device", "modem.sock", "sms.log",  # the demo's modem (lab/modem_link.py)
+)  # fmt: skip
 
 
 def _down(workdir: Path) -> list[str]:
@@ -155,18 +158,62 @@ def lab_status(workdir: Path, as_json: bool) -> None:
         click.echo(f"skipped: {skipped}")
 
 
+@lab.command("sms")
+@workdir_option
+@click.option("--from", "sender", required=True, metavar="NUMBER", help="The phone the text comes from.")
+@click.argument("text")
+def sms(workdir: Path, sender: str, text: str) -> None:
+    """Reply to a page by SMS: TEXT reaches the demo's modem as if NUMBER's phone sent it.
+
+    \b
+    Example (the on-call engineer acknowledges incident 7's page):
+      hotsite lab sms --from +8613800138000 "ACK 7"
+    """
+    from provisioning.lab import modem_link
+
+    try:
+        modem_link.send_sms(workdir, sender, text)
+    except modem_link.ModemLinkError as exc:
+        _die(str(exc))
+    click.echo(f"texted {text!r} from {sender} to the demo's modem")
+
+
 @lab.command()
 @workdir_option
 @click.argument("host")
 @click.option("--loss", "loss_pct", type=click.FloatRange(0, 100), help="Packet loss in percent.")
 @click.option("--delay", "delay_ms", type=click.FloatRange(0, 60000), help="Added delay in ms.")
 @click.option("--cut", is_flag=True, help="Cut the host's link entirely.")
-def impair(workdir: Path, host: str, loss_pct: float | None, delay_ms: float | None, cut: bool) -> None:
-    """Degrade HOST's link with tc netem: loss, delay, or a cut."""
-    if loss_pct is None and delay_ms is None and not cut:
-        raise click.UsageError("give --loss, --delay or --cut")
+@click.option(
+    "--reject-invites",
+    "reject_invites",
+    type=click.IntRange(400, 699),
+    help="Reject every INVITE with this code (e.g. 503); OPTIONS still answered.",
+)
+@click.option("--no-media", is_flag=True, help="Answer calls but send no RTP back.")
+def impair(
+    workdir: Path,
+    host: str,
+    loss_pct: float | None,
+    delay_ms: float | None,
+    cut: bool,
+    reject_invites: int | None,
+    no_media: bool,
+) -> None:
+    """Degrade HOST: its link (loss, delay, cut) or its calls (rejected, no media)."""
+    if loss_pct is None and delay_ms is None and not cut and reject_invites is None and not no_media:
+        raise click.UsageError("give --loss, --delay, --cut, --reject-invites or --no-media")
     try:
-        click.echo(_lab(workdir).impair(host, loss_pct=loss_pct, delay_ms=delay_ms, cut=cut))
+        click.echo(
+            _lab(workdir).impair(
+                host,
+                loss_pct=loss_pct,
+                delay_ms=delay_ms,
+                cut=cut,
+                reject_invites=reject_invites,
+                no_media=no_media,
+            )
+        )
     except _lab_errors() as exc:
         _die(str(exc))
 
@@ -211,30 +258,25 @@ def heal(workdir: Path, host: str) -> None:
 @click.option("--mode", type=click.Choice(["auto", "netns", "loopback"]), default="auto", show_default=True)
 @click.option("--metrics-listen", default="127.0.0.1:9477", show_default=True)
 def demo(workdir: Path, mode: str, metrics_listen: str) -> None:
-    """Lab up, daemon on the lab config, live status until Ctrl-C, then everything down."""
-    from rich.live import Live
+    """Lab up, a GSM modem for paging, the daemon, and `hotsite top` live until Ctrl-C; then all down."""
+    from provisioning.lab import config as lab_config
 
     info = _up(workdir, mode, metrics_listen)
     runtime_dir = workdir / "run"
     log_path = workdir / "hotsite-daemon.log"
+    modem = _start_modem(workdir)
+    if modem is not None:
+        config = workdir / "hotsite.toml"
+        config.write_text(config.read_text() + lab_config.paging(_wait_for_modem(workdir, modem)))
     daemon = _start_daemon(workdir / "hotsite.toml", log_path)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    hint = (
-        f"Lab up ({info['mode']}). Daemon log: {log_path}. Metrics: http://{metrics_listen}/metrics\n"
-        f"Try in another terminal:  hotsite lab impair primary --cut  (it fails over by plan)   |   "
-        f"hotsite lab heal primary; hotsite --runtime-dir {runtime_dir} failback --yes\n"
-        f"Also: hotsite lab degrade primary (grey failure), hotsite lab partition primary (no failover), "
-        f"hotsite lab impair trunk-a --cut.   Ctrl-C tears everything down."
-    )
+    hint = demo_hint(workdir, runtime_dir, paging=modem is not None)
     try:
         if sys.stdout.isatty():
-            with Live(refresh_per_second=2, screen=False) as live:
-                while not stop["now"]:
-                    _check_alive(daemon, log_path)
-                    live.update(_demo_view(runtime_dir, hint))
-                    time.sleep(0.5)
+            _demo_live(runtime_dir, workdir, hint, stop, daemon, log_path)
         else:  # a log or a pipe: one plain line whenever something changed
+            click.echo(f"Lab up ({info['mode']}). Daemon log: {log_path}. Metrics: http://{metrics_listen}/metrics")
             click.echo(hint)
             last = ""
             while not stop["now"]:
@@ -251,9 +293,113 @@ def demo(workdir: Path, mode: str, metrics_listen: str) -> None:
     finally:
         click.echo("stopping the daemon and tearing the lab down...")
         _stop_daemon(daemon)
+        if modem is not None:
+            _stop_daemon(modem)
         for line in _down(workdir):
             click.echo(line)
         click.echo("lab down")
+
+
+def demo_hint(workdir: Path, runtime_dir: Path, *, paging: bool) -> str:
+    """The five things to try, each with what the viewer should see after it."""
+    from provisioning.lab import config as lab_config
+
+    lab_args = "" if workdir == DEFAULT_WORKDIR else f" --workdir {workdir}"
+    lines = [
+        "Try in another terminal (Ctrl-C here tears everything down):",
+        f"1 cut      hotsite lab impair{lab_args} primary --cut   -> primary DOWN, calls move to the backup"
+        + (", the on-call phone gets an SMS page" if paging else ""),
+    ]
+    if paging:
+        lines.append(
+            f'2 ack      hotsite lab sms{lab_args} --from {lab_config.ON_CALL} "ACK <code>"'
+            "   -> the incident is acked (code: incidents below), no escalation"
+        )
+    lines += [
+        f"3 heal     hotsite lab heal{lab_args} primary; hotsite failback --yes --runtime-dir {runtime_dir}"
+        "   -> routing back to the primary" + (", a resolve SMS" if paging else ""),
+        f"4 degrade  hotsite lab degrade{lab_args} primary"
+        "   -> grey failure: hotlines move though the SBC answers",
+        f"5 split    hotsite lab partition{lab_args} primary"
+        "   -> primary_degraded, no failover: the witness still sees the primary",
+    ]
+    return "\n".join(lines)
+
+
+def _demo_live(
+    runtime_dir: Path,
+    workdir: Path,
+    hint: str,
+    stop: dict[str, bool],
+    daemon: subprocess.Popen[bytes],
+    log_path: Path,
+) -> None:
+    """`hotsite top`'s screen, with the hint above and the modem's SMS log below."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from appliance.cli import top as top_mod
+
+    def fetch(method: str, **params: Any) -> Any:
+        return api.call(runtime_dir, method, params, timeout=2.0)
+
+    console = Console(highlight=False)
+    history = top_mod.RttHistory()
+    with Live(console=console, screen=True, auto_refresh=False) as live:
+        while not stop["now"]:
+            _check_alive(daemon, log_path)
+            snap = top_mod.gather(fetch, time.time())
+            history.add(snap)
+            live.update(_demo_view(snap, history, workdir, hint, console.width), refresh=True)
+            time.sleep(1.0)
+
+
+def _demo_view(snap: Any, history: Any, workdir: Path, hint: str, width: int) -> Any:
+    from rich.console import Group
+    from rich.text import Text
+
+    from appliance.cli import top as top_mod
+    from provisioning.lab import modem_link
+
+    tail = modem_link.log_tail(workdir, 6)
+    sms = [line if len(line) <= width else line[: width - 1] + "…" for line in tail]  # one screen line each
+    return Group(
+        Text(hint, style="dim"),
+        top_mod.view(snap, history, width=width, keys=False),
+        Text("SMS (the demo's GSM modem):", style="bold"),
+        Text("\n".join(sms) if sms else "  no text yet", style="cyan"),
+    )
+
+
+def _start_modem(workdir: Path) -> subprocess.Popen[bytes] | None:
+    """The GSM modem emulator in its own process, from the source tree (``make demo``); None without it."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "tests" / "support" / "modem_server.py").is_file():
+        click.echo("no modem emulator here (tests/support): the demo runs without paging", err=True)
+        return None
+    log_file = (workdir / "modem.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.support.modem_server", str(workdir)],
+        cwd=root,
+        stdout=log_file,
+        stderr=log_file,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+
+
+def _wait_for_modem(workdir: Path, modem: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
+    from provisioning.lab import modem_link
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if modem.poll() is not None:
+            raise click.ClickException(f"the modem emulator exited; see {workdir / 'modem.log'}")
+        with contextlib.suppress(OSError):
+            return (workdir / modem_link.DEVICE).read_text()
+        time.sleep(0.1)
+    raise click.ClickException(f"the modem emulator did not start within {timeout:.0f} s")
 
 
 def _check_alive(daemon: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -269,17 +415,6 @@ def _plain_line(runtime_dir: Path) -> str:
     sites = " ".join(f"{s['name']}={s['verdict']}" for s in status["sites"])
     trunks = " ".join(f"{t['name']}={t['state']}" for t in status["trunks"])
     return f"sites: {sites}  trunks: {trunks}"
-
-
-def _demo_view(runtime_dir: Path, hint: str) -> Any:
-    from rich.console import Group
-    from rich.text import Text
-
-    try:
-        status = api.call(runtime_dir, "status", {"events": 6}, timeout=2.0)
-    except HotsiteError as exc:
-        return Group(Text(hint), Text(f"waiting for the daemon: {exc.message}", style="yellow"))
-    return Group(Text(hint, style="dim"), render.status_view(status))
 
 
 def _start_daemon(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:

@@ -22,6 +22,7 @@ from appliance import __version__, logs, timefmt
 from appliance import config as config_mod
 from appliance.cli import render, table
 from appliance.cli.context import Context, fail, pass_ctx
+from appliance.cli.group import RootGroup
 from appliance.cli.options import When, echo_json
 from appliance.errors import ConfigError, HotsiteError
 from monitoring.targets import parse_url as parse_target
@@ -29,7 +30,7 @@ from monitoring.targets import parse_url as parse_target
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=RootGroup, context_settings=CONTEXT)
 @click.option(
     "--config",
     "-c",
@@ -314,6 +315,7 @@ def _register_subgroups() -> None:
     from appliance.cli.lab import lab
     from appliance.cli.replication import replication, source
     from appliance.cli.report import completion, report
+    from appliance.cli.testcall import testcall
     from appliance.cli.top import top
     from appliance.cli.unit import unit
     from appliance.cli.witness import witness
@@ -326,6 +328,7 @@ def _register_subgroups() -> None:
     cli.add_command(unit)
     cli.add_command(report)
     cli.add_command(completion)
+    cli.add_command(testcall)
     for command in (*failover.COMMANDS, *paging.COMMANDS, *provision.COMMANDS):
         cli.add_command(command)
 

@@ -54,12 +54,13 @@ def json_requested() -> bool:
 
 
 def echo_error(message: str, exit_code: int, problems: list[str] | tuple[str, ...] = ()) -> None:
-    """Report a failure on stderr: JSON when ``--json`` was given, so scripts parse it; text otherwise."""
+    """Report a failure: under ``--json`` as a JSON object on stdout, where the script reads the
+    answer (the exit status says it failed); otherwise as text on stderr."""
     if json_requested():
         error = {"ok": False, "error": message, "exit_code": exit_code}
         if problems:
             error["problems"] = list(problems)
-        click.echo(json.dumps(error), err=True)
+        click.echo(json.dumps(error))
         return
     click.echo(f"hotsite: error: {message}", err=True)
     for problem in problems:

@@ -78,6 +78,8 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         return
     logs.setup(log_level)
     host, port = host_port(s.listen)
+    from appliance.replication.tls import describe_identity
+
     agent = SourceAgent(
         [ServedStream(n, st.kind, st.path, tuple(st.exclude)) for n, st in cfg.streams.items()],
         ssl_context=ctx,
@@ -95,6 +97,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         max_hello_bytes=s.max_hello_bytes,
         checkpoint_busy_ms=s.checkpoint_busy_ms,
     )
+    agent.tls_identity = describe_identity(s.tls_cert_file, s.tls_ca_file)
     try:
         asyncio.run(agent.serve_forever())
     except OSError as exc:
@@ -277,10 +280,10 @@ def verify_cmd(stream: str, as_json: bool, timeout: float) -> None:
         pages = f" ({done}/{total} pages, {100 * done / total:.0f}%)" if total else ""
         click.echo(f"{stream}: verify {progress.get('phase', 'running')}{pages}", err=True)
         if time.monotonic() - started > timeout:
-            click.echo(f"hotsite: error: verify of {stream} did not finish within {timeout:g} s", err=True)
+            echo_error(f"verify of {stream} did not finish within {timeout:g} s", 1)  # JSON under --json
             sys.exit(1)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
     elif "source_checksum" in result:
         click.echo(f"position {result['position']}")
         click.echo(f"  source  {result['source_checksum']}")

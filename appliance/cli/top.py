@@ -316,7 +316,8 @@ def plain(snap: Snapshot, history: RttHistory, width: int = 80) -> str:
         legacy_windows=False,
     )
     console.print(view(snap, history, width=width, keys=False))
-    return console.export_text(styles=False)
+    # Tables pad every cell to the column width; into a pipe or a log that is only noise.
+    return "".join(line.rstrip() + "\n" for line in console.export_text(styles=False).splitlines())
 
 
 # -- keys and actions -----------------------------------------------------------------------

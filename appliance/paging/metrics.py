@@ -76,3 +76,8 @@ class PagingMetrics:
             ["channel", "event"],
             registry=registry,
         )
+        self.unrecorded = Counter(
+            "hotsite_paging_unrecorded_total",
+            "Paging events the state store refused (disk full); their pages were sent from memory.",
+            registry=registry,
+        )

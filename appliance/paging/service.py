@@ -6,6 +6,11 @@ conditions with :meth:`raise_incident` / :meth:`clear`. Every event goes
 through :meth:`apply`: one lock, one pure ``step``, one transaction that
 stores the new state together with the pages it decided, then the audit
 records, then a nudge to the sender.
+
+When that transaction cannot be written (the state store's disk full), the
+new state is kept in memory and the pages just decided are sent at once from
+memory, with no outbox row (no retry, no record): a full disk must still
+reach somebody. ``hotsite_paging_unrecorded_total`` counts those events.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -99,6 +105,7 @@ class PagingService:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._memory_sends: set[asyncio.Task[None]] = set()  # pages sent while the store is full
         self._receiver: WebhookReceiver | None = None
         self.on_receiver_outcome: Callable[[str], None] = lambda outcome: None  # counted by the daemon
         self.decided_at: dict[str, float] = {}  # page dedup -> monotonic time decided (for benchmarks)
@@ -195,12 +202,18 @@ class PagingService:
             now = self.clock.time()
             before = self.state
             after, actions = step(before, event, now, self.roster)
-            self._persist(before, after, actions, now)
+            try:
+                self._persist(before, after, actions, now)
+                recorded = True
+            except (sqlite3.Error, OSError) as exc:  # disk full: page from memory, never stay silent
+                recorded = False
+                self._unrecorded(exc, actions)
             self.state = after
         for action in actions:
             if isinstance(action, Note):
-                self._note(action, actor)
-        if any(isinstance(a, Page) for a in actions):
+                with contextlib.suppress(sqlite3.Error, OSError):  # logged anyway; the store may be full
+                    self._note(action, actor)
+        if recorded and any(isinstance(a, Page) for a in actions):
             self._wake.set()
         self._update_gauges()
         return actions
@@ -283,6 +296,47 @@ class PagingService:
                 channels=[channel],
                 now=now,
             )
+
+    def _unrecorded(self, exc: BaseException, actions: list[Any]) -> None:
+        """The state store refused this event: send its pages now, from memory."""
+        self.metrics.unrecorded.inc()
+        pages = [a for a in actions if isinstance(a, Page)]
+        log.error(
+            "paging state not recorded; sending from memory",
+            extra=kv(error=str(exc), pages=len(pages)),
+        )
+        for page in pages:
+            task = asyncio.get_running_loop().create_task(self._send_from_memory(page))
+            self._memory_sends.add(task)
+            task.add_done_callback(self._memory_sends.discard)
+
+    async def _send_from_memory(self, page: Page) -> None:
+        """One page with no outbox row: every channel in order until one takes it, once."""
+        contact = self.roster.contacts.get(page.contact) or Contact(page.contact)
+        names = [n for n in (page.channels or self.order) if n in self.channels]
+        incident = self.state.incidents.get(page.incident)
+        message = Message(
+            contact,
+            page.text,
+            subject=page.text[:120],
+            incident=page.incident,
+            kind=page.kind,
+            dedup_key=page.dedup,
+            severity=incident.severity if incident else "info",
+            details={"reason": page.reason},
+        )
+        try:
+            delivery, used, tried = await send_with_fallback([self.channels[n] for n in names], message)
+        except Exception:
+            log.exception("page from memory failed", extra=kv(contact=page.contact))
+            return
+        for line in tried:
+            name, _, rest = line.partition(": ")
+            self.metrics.pages.labels(channel=name, result=rest.split(" ", 1)[0]).inc()
+        log.warning(
+            "page sent from memory" if delivery.sent else "page from memory failed",
+            extra=kv(contact=page.contact, channel=used, detail=delivery.detail[:120]),
+        )
 
     def _note(self, note: Note, actor: str) -> None:
         if note.kind == "acked":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import ssl
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from appliance.replication.checksum import show
 from appliance.replication.position import Batch, Position, merge
 from appliance.replication.protocol import Msg, ProtocolError
 from appliance.replication.replica import BatchRejected, PromotedError, Replica, ReplicaStorageError
+from appliance.replication.tls import explain_handshake_error
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,18 @@ class SourceRefused(OSError):
     not a link failure, and it will not go away by reconnecting, so it is logged at ERROR."""
 
 
+class ClosedAfterHandshake(ConnectionError):
+    """The source agent hung up after the TLS handshake, before answering HELLO.
+
+    With TLS 1.3 the client's handshake completes before the server checks
+    the client certificate, so this is how a refused certificate looks here.
+    """
+
+    reason = "CLOSED_AFTER_HANDSHAKE"
+
+
 MAX_MERGE_BYTES = 32 * 1024 * 1024
+DISK_ROOM_BYTES = 4 * 1024 * 1024  # free space on the replica's disk that clears a "disk full"
 MAX_BUFFERED_BYTES = MAX_MERGE_BYTES
 
 
@@ -116,8 +129,10 @@ class SqliteStreamClient:
         max_buffered_bytes: int = MAX_BUFFERED_BYTES,
         keepalive_s: float = 1.0,
         idle_timeout_s: float = 15.0,
+        tls_identity: str = "",
     ) -> None:
         self.name = name
+        self._tls_identity = tls_identity or "this end's certificate and CA as configured"
         self.source = source
         self.replica = replica
         self.host, self.port = host, port
@@ -192,7 +207,9 @@ class SqliteStreamClient:
             except SourceRefused as exc:
                 self.stats.note_error(str(exc))
                 log.error("source agent refused the stream", extra=kv(stream=self.name, error=str(exc)))
-            except (OSError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
+            except (ssl.SSLError, ClosedAfterHandshake) as exc:
+                self._tls_failed(exc)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 self.stats.idle_timeouts += isinstance(exc, SourceSilent)
                 self.stats.note_error(f"{type(exc).__name__}: {exc}")
                 log.info("link to source down", extra=kv(stream=self.name, error=self.stats.last_error))
@@ -208,6 +225,18 @@ class SqliteStreamClient:
             if not retry_now or fast_retries > 3:  # never a hot loop, even if every session fails at once
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _tls_failed(self, exc: OSError) -> None:
+        """A handshake refused either way: which certificate, which CA, which name (ERROR once)."""
+        text = explain_handshake_error(
+            exc,
+            peer=f"the source agent at {self.host}:{self.port}",
+            identity=self._tls_identity,
+            expected_name=self._server_name,
+        )
+        level = logging.ERROR if text != self.stats.last_error else logging.INFO
+        self.stats.note_error(text)
+        log.log(level, "TLS handshake with the source agent failed", extra=kv(stream=self.name, error=text))
 
     def _storage_failed(self, exc: ReplicaStorageError) -> None:
         """The replica's disk refused: say so loudly, keep the stream alive, retry with backoff."""
@@ -225,6 +254,23 @@ class SqliteStreamClient:
                 self._on_event("replication.storage_error", {"stream": self.name, "error": exc.message})
             except Exception:  # the event store may be on the full disk too: the stream goes on
                 log.exception("storage error could not be recorded", extra=kv(stream=self.name))
+
+    def _storage_recovered(self) -> None:
+        """A write succeeded: clear the storage error, but a full disk only once it has room again.
+
+        Pages rewritten in place need no new blocks, so one batch can succeed on a
+        full disk and the next fail: the alarm must not flap with them.
+        """
+        if not self.stats.storage_error:
+            return
+        if self.stats.disk_full:
+            try:
+                if shutil.disk_usage(self.replica.path.parent).free < DISK_ROOM_BYTES:
+                    return
+            except OSError:
+                return
+        self.stats.storage_error, self.stats.disk_full = "", False
+        log.warning("replica storage writable again", extra=kv(stream=self.name))
 
     async def verify(self, timeout: float | None = None) -> dict[str, Any]:
         """Ask the source for its checksum (from its files) at a position; compare when we reach it.
@@ -279,7 +325,12 @@ class SqliteStreamClient:
             body = replica.hashes.packed() if replica.position is not None else b""
             writer.write(protocol.encode(Msg.HELLO, hello, body, self.compression))
             await writer.drain()
-            welcome = await asyncio.wait_for(protocol.read_message(reader, self.max_message), 30)
+            try:
+                welcome = await asyncio.wait_for(protocol.read_message(reader, self.max_message), 30)
+            except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+                if self._ssl is None:
+                    raise
+                raise ClosedAfterHandshake(str(exc)) from exc
             t1 = self._clock()
             if welcome.kind == Msg.ERROR:
                 raise SourceRefused(f"source agent refused: {welcome.header.get('error')}")
@@ -442,7 +493,7 @@ class SqliteStreamClient:
                 float(h["observed_at"]),
             )
             self.stats.current_at = float(h["observed_at"])
-            self.stats.storage_error, self.stats.disk_full = "", False
+            self._storage_recovered()
             self._on_event("replication.seeded", {"stream": self.name, "pages": self.stats.seed_progress[1]})
             await self._check_verify()
         elif msg.kind == Msg.VERIFY_RESULT:
@@ -468,7 +519,7 @@ class SqliteStreamClient:
 
     def _applied(self, batch: Batch) -> None:
         s = self.stats
-        s.storage_error, s.disk_full = "", False  # a batch was written: the disk takes writes again
+        self._storage_recovered()
         s.batches += 1
         s.transactions += batch.transactions
         s.frames += batch.frames

@@ -42,6 +42,7 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import sqlite3
 import struct
 import threading
@@ -92,6 +93,17 @@ class ReplicaStorageError(HotsiteError):
         self.disk_full = disk_full
 
 
+def _no_room(replica: Replica) -> bool:
+    """SQLite reports a full disk as "disk I/O error" when its -wal or -shm cannot grow: ask the disk."""
+    try:
+        return shutil.disk_usage(replica.path.parent).free < NO_ROOM_BYTES
+    except OSError:
+        return False
+
+
+NO_ROOM_BYTES = 256 * 1024  # less free than this on the replica's filesystem: a failed write is "disk full"
+
+
 def _storage(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     """Turn a local I/O failure inside a replica method into :class:`ReplicaStorageError`.
 
@@ -111,7 +123,7 @@ def _storage(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
                 assert isinstance(replica, Replica)
                 replica._needs_recover = True
                 code = getattr(exc, "errno", None)
-                full = code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in str(exc)
+                full = code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in str(exc) or _no_room(replica)
                 detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise ReplicaStorageError(
                     f"replica {replica.path}: {what} failed: {detail}"
@@ -306,8 +318,10 @@ class Replica:
         recorded = self._record.load()
         if recorded is not None and journal_sum is not None and recorded.checksum != int(journal_sum, 16):
             recorded = None  # not the record of this journal's state
-        if recorded is None or recorded.seq not in (self.seq - 1, self.seq) or (
-            recorded.page_size != self.page_size and recorded.db_pages
+        if (
+            recorded is None
+            or recorded.seq not in (self.seq - 1, self.seq)
+            or (recorded.page_size != self.page_size and recorded.db_pages)
         ):
             if journal_sum is not None and int(journal_sum, 16) == self.hashes.checksum and not missing:
                 self.recorded_checksum = self.hashes.checksum

@@ -36,7 +36,7 @@ from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.promotion import data_loss_window, over_budget
 from appliance.replication.replica import PromotedError, Replica, ReplicaError, ReplicaStorageError
 from appliance.replication.snapshots import SnapshotStore
-from appliance.replication.tls import client_context
+from appliance.replication.tls import client_context, describe_identity
 from appliance.store import Store
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,9 @@ class _Stream:
         self.task_failures = 0
         self.reported_failures = 0
         self.task_error = ""  # why the task last failed (cleared once it runs a session again)
+        self.sessions_at_failure = 0
         self.snapshot_error = ""
+        self.position_error = ""  # why the position could not be recorded in the state store
         self.verify_task: asyncio.Task[dict[str, Any]] | None = None
 
     @property
@@ -113,7 +115,13 @@ class ReplicationService:
                 await self._open(s)
                 s.snapshots = SnapshotStore(s.replica.dir / "snapshots", keep=cfg.keep_versions)
                 s.client = SqliteStreamClient(
-                    s.name, sec.source, s.replica, clock=self.clock.time, on_event=self._event, **common
+                    s.name,
+                    sec.source,
+                    s.replica,
+                    clock=self.clock.time,
+                    on_event=self._event,
+                    tls_identity=describe_identity(cfg.tls_cert_file, cfg.tls_ca_file),
+                    **common,
                 )
             else:
                 s.files = FilesReplica(
@@ -158,6 +166,7 @@ class ReplicationService:
             except Exception as exc:
                 s.task_failures += 1
                 s.task_error = f"{type(exc).__name__}: {exc}"
+                s.sessions_at_failure = s.stats.sessions
                 log.error(
                     "replication stream failed; restarting",
                     exc_info=not isinstance(exc, ReplicaError),
@@ -196,8 +205,11 @@ class ReplicationService:
             if s.replica is not None and s.replica.position is not None:
                 try:
                     self._record_position(s)
+                    s.position_error = ""
                 except Exception as exc:  # the state store's disk: shown, never fatal to a stream
-                    log.error("replica position not recorded", extra=kv(stream=s.name, error=str(exc)))
+                    level = logging.ERROR if str(exc) != s.position_error else logging.DEBUG  # once a second
+                    s.position_error = str(exc)
+                    log.log(level, "replica position not recorded", extra=kv(stream=s.name, error=str(exc)))
                 interval = s.section.snapshot_interval_s
                 if s.snapshots is not None and interval and now - s.last_snapshot >= interval:
                     await self._snapshot(s, now)
@@ -210,8 +222,9 @@ class ReplicationService:
         try:
             snap = await asyncio.to_thread(s.snapshots.take, s.replica, now)
         except (OSError, ReplicaError) as exc:
+            level = logging.ERROR if str(exc) != s.snapshot_error else logging.DEBUG  # not every interval
             s.snapshot_error = str(exc)
-            log.error("snapshot not taken", extra=kv(stream=s.name, error=s.snapshot_error))
+            log.log(level, "snapshot not taken", extra=kv(stream=s.name, error=s.snapshot_error))
             s.last_snapshot = now
             return
         s.last_snapshot, s.snapshot_error = now, ""
@@ -298,6 +311,8 @@ class ReplicationService:
         out = []
         for s in self.streams.values():
             st = s.stats
+            if s.task_error and s.opened and st.sessions > s.sessions_at_failure:
+                s.task_error = ""  # it ran a session since: only the current error is shown
             lag = st.lag_s(now)
             item: dict[str, Any] = {
                 "name": s.name,

@@ -40,7 +40,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from appliance.replication.checksum import show
 from appliance.replication.follower import ResnapshotNeeded, SourceError, SqliteFollower
 from appliance.replication.position import Batch, Position
 from appliance.replication.protocol import Msg, PeerStalled, ProtocolError, Sender
-from appliance.replication.tls import peer_names
+from appliance.replication.tls import explain_handshake_error, peer_names
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class SourceAgent:
         self.host = host
         self.port = port
         self._allowed = set(allowed_clients or [])
+        self.tls_identity = "the agent's certificate and CA as configured"  # set by the CLI (files)
         self.poll_interval_s = poll_interval_s
         self.heartbeat_s = heartbeat_s
         self.rescan_s = rescan_s
@@ -111,6 +112,7 @@ class SourceAgent:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.sessions = 0
+        self.tls_failures = 0
         self.max_message = max_message  # the largest message either end accepts (tests lower it)
         self.peer_timeout_s = peer_timeout_s  # silence from a replica that sends keepalives: dead path
         self.chunked_batches = 0  # batches sent in chunks, all sessions (tests)
@@ -129,7 +131,9 @@ class SourceAgent:
         return next((s for s in self.streams.values() if str(s.path) == requested), None)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self._ssl)
+        # TLS is started in _serve, not by the server: a refused handshake is then ours to log
+        # (asyncio's own server drops it silently below debug level).
+        self._server = await asyncio.start_server(self._accepted, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info(
             "source agent listening", extra=kv(host=self.host, port=self.port, streams=len(self.streams))
@@ -161,6 +165,34 @@ class SourceAgent:
         finally:
             await self.stop()
 
+    def _accepted(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Coroutine[Any, Any, None]:
+        """Called as the connection is made: stop reading before the ClientHello arrives.
+
+        Otherwise the reader may buffer the ClientHello before ``start_tls`` puts the
+        TLS layer in place, and the handshake never completes (``start_tls`` resumes).
+        """
+        if self._ssl is not None and isinstance(writer.transport, asyncio.ReadTransport):
+            writer.transport.pause_reading()
+        return self._serve(reader, writer)
+
+    async def _start_tls(self, writer: asyncio.StreamWriter, peer: Any) -> bool:
+        """The TLS handshake with a replica; a refusal is logged at WARNING with what was wrong."""
+        if self._ssl is None:
+            return True
+        try:
+            await asyncio.wait_for(writer.start_tls(self._ssl), HANDSHAKE_TIMEOUT_S)
+            return True
+        except ssl.SSLError as exc:
+            self.tls_failures += 1
+            text = explain_handshake_error(
+                exc, peer=f"replica {peer}", identity=self.tls_identity, expected_name=None
+            )
+            log.warning("TLS handshake with a replica failed", extra=kv(peer=peer, error=text))
+            writer.transport.abort()
+            return False
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -168,9 +200,18 @@ class SourceAgent:
         peer = writer.get_extra_info("peername")
         sender: Sender | None = None
         try:
+            if not await self._start_tls(writer, peer):
+                return
             names = peer_names(writer.get_extra_info("peercert"))
             if self._allowed and not names & self._allowed:
-                log.warning("client certificate not allowed", extra=kv(peer=peer, names=sorted(names)))
+                why = (
+                    f"client certificate names {sorted(names)} are not in this agent's allowed_clients"
+                    f" {sorted(self._allowed)}"
+                )
+                log.warning("client certificate not allowed", extra=kv(peer=peer, error=why))
+                writer.write(protocol.encode(Msg.ERROR, {"error": why}))  # the replica logs it at ERROR
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.drain(), 2)
                 return
             hello = await asyncio.wait_for(
                 protocol.read_message(reader, self.max_hello, protocol.MAX_HELLO_HEADER), HANDSHAKE_TIMEOUT_S
@@ -204,7 +245,7 @@ class SourceAgent:
             self.stalled_sessions += 1
             log.warning("replica not reading; its session ends", extra=kv(peer=peer, error=str(exc)))
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError) as exc:
-            log.info("replica disconnected", extra=kv(peer=peer, reason=type(exc).__name__))
+            log.info("replica disconnected", extra=kv(peer=peer, reason=type(exc).__name__, error=str(exc)))
         except ProtocolError as exc:
             self.bad_messages += 1
             log.warning(

@@ -47,3 +47,50 @@ def peer_names(peercert: dict[str, Any] | None) -> set[str]:
         if kind == "DNS":
             names.add(value)
     return names
+
+
+def describe_identity(cert: Path, ca: Path) -> str:
+    """Which certificate this end presents and which CA it trusts, for error messages."""
+    subject, issuer = _names(cert)
+    return f"this end presents {cert} ({subject}, issued by {issuer}) and trusts the CA in {ca}"
+
+
+def _names(cert: Path) -> tuple[str, str]:
+    """(subject, issuer) of a PEM certificate, or what could not be read."""
+    try:
+        from cryptography import x509
+
+        c = x509.load_pem_x509_certificate(cert.read_bytes())
+        return c.subject.rfc4514_string(), c.issuer.rfc4514_string()
+    except Exception as exc:  # only for a message: never fail because of it
+        return f"unreadable: {exc}", "?"
+
+
+def explain_handshake_error(
+    exc: BaseException, *, peer: str, identity: str, expected_name: str | None
+) -> str:
+    """A TLS failure in words: what the other end did, which certificate, which CA, which name.
+
+    ``expected_name``: the name the peer's certificate must carry (the
+    client's ``server_name``), None on the server side.
+    """
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    verify = getattr(exc, "verify_message", None)
+    text = f"TLS handshake with {peer} failed: {verify or reason}"
+    hints = {
+        "CERTIFICATE_VERIFY_FAILED": "the peer's certificate is not signed by the CA this end trusts,"
+        " or it has expired" + (f", or it does not name {expected_name!r}" if expected_name else ""),
+        "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust the CA that signed this end's certificate",
+        "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected this end's certificate",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate and got none",
+        "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the peer presented no certificate (mutual TLS is required)",
+        "WRONG_VERSION_NUMBER": "the peer does not speak TLS on this port",
+        "CLOSED_AFTER_HANDSHAKE": "the peer hung up before answering: it most likely refused this end's"
+        " certificate (its log says why)",
+    }
+    hint = next((h for key, h in hints.items() if key in str(reason) or key in str(exc)), "")
+    if verify and "Hostname mismatch" in verify and expected_name:
+        hint = f"the peer's certificate does not name {expected_name!r} (server_name)"
+    return f"{text}{'; ' + hint if hint else ''}; {identity}" + (
+        f"; the peer's certificate must name {expected_name!r}" if expected_name else ""
+    )

@@ -68,3 +68,20 @@ def raise_token(path: Path, token: int) -> int:
         if token > current:
             write_atomically(path, f"{token}\n")
         return max(token, current)
+
+
+def write_if_newest(token_path: Path, token: int, path: Path, data: str) -> int:
+    """Write ``path`` atomically only if ``token_path`` holds no token newer than ``token``.
+
+    Under the same lock as :func:`raise_token`, so a fence cannot come between
+    the check and the write: a write a pause held in flight lands before the
+    fence or not at all. Returns the newest token recorded (the write happened
+    only if that is not above ``token``).
+    """
+    token_path.parent.mkdir(parents=True, exist_ok=True)
+    with token_path.with_name(token_path.name + ".lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        current = read_token(token_path)
+        if current <= token:
+            write_atomically(path, data)
+        return current

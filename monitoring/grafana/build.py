@@ -20,9 +20,28 @@ from pathlib import Path
 from typing import Any
 
 DASHBOARDS_DIR = Path(__file__).resolve().parent / "dashboards"
-DATASOURCE = {"type": "prometheus", "uid": "hotsite-prometheus"}  # provisioning/datasources/hotsite.yml
+# Panels name the datasource through the ``datasource`` variable, so the dashboards work with
+# whichever Prometheus datasource a site has; its default is the provisioned one.
+PROVISIONED_DATASOURCE = {"type": "prometheus", "uid": "hotsite-prometheus"}  # provisioning/datasources/
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SCHEMA_VERSION = 39
 WIDTH = 24
+
+
+def _datasource_var() -> dict[str, Any]:
+    return {
+        "name": "datasource",
+        "label": "Prometheus",
+        "type": "datasource",
+        "query": "prometheus",
+        "current": {"selected": False, "text": "hotsite Prometheus", "value": PROVISIONED_DATASOURCE["uid"]},
+        "hide": 0,
+        "includeAll": False,
+        "multi": False,
+        "refresh": 1,
+        "regex": "",
+        "options": [],
+    }
 
 
 def _instance_var() -> dict[str, Any]:
@@ -36,7 +55,6 @@ def _query_var(name: str, label: str, query: str) -> dict[str, Any]:
         "type": "query",
         "datasource": DATASOURCE,
         "query": {"query": query, "refId": f"var-{name}"},
-        "definition": query,
         "refresh": 2,
         "includeAll": True,
         "multi": True,
@@ -111,10 +129,16 @@ def panel(
     mappings: dict[int, tuple[str, str]] | None = None,
     thresholds: list[tuple[float | None, str]] | None = None,
     options: dict[str, Any] | None = None,
+    custom: dict[str, Any] | None = None,
     transformations: list[dict[str, Any]] | None = None,
     minimum: float | None = None,
 ) -> dict[str, Any]:
+    """One panel. *options* are the panel type's options; *custom* its field config
+    (``fieldConfig.defaults.custom``: ``drawStyle``, ``thresholdsStyle``…), where Grafana
+    reads them: under ``options`` it silently ignores them (the schema test catches that)."""
     defaults: dict[str, Any] = {}
+    if custom:
+        defaults["custom"] = custom
     if unit:
         defaults["unit"] = unit
     if minimum is not None:
@@ -155,7 +179,7 @@ def dashboard(
         "schemaVersion": SCHEMA_VERSION,
         "version": 1,
         "time": {"from": "now-6h", "to": "now"},
-        "templating": {"list": variables},
+        "templating": {"list": [_datasource_var(), *variables]},
         "annotations": {"list": []},
         "links": [
             {
@@ -422,7 +446,7 @@ def replication() -> dict[str, Any]:
             unit="s",
             minimum=0,
             thresholds=[(None, "green"), (5, "red")],
-            options={"thresholdsStyle": {"mode": "line"}},
+            custom={"thresholdsStyle": {"mode": "line"}},
         ),
         12,
         8,
@@ -517,7 +541,7 @@ def paging() -> dict[str, Any]:
                     "{{channel}} {{result}}",
                 )
             ],
-            options={"drawStyle": "bars"},
+            custom={"drawStyle": "bars", "fillOpacity": 80},
             minimum=0,
         ),
         12,
@@ -588,7 +612,7 @@ def paging() -> dict[str, Any]:
             [target(f"hotsite_modem_signal_dbm{I}", "{{channel}}")],
             unit="dBm",
             thresholds=[(None, "red"), (-107, "orange"), (-93, "green")],
-            options={"thresholdsStyle": {"mode": "area"}},
+            custom={"thresholdsStyle": {"mode": "area"}},
         ),
         12,
         8,
@@ -613,7 +637,7 @@ def paging() -> dict[str, Any]:
             "timeseries",
             "Texts received",
             [target(f"sum by (result) (increase(hotsite_paging_inbound_sms_total{I}[{RI}]))", "{{result}}")],
-            options={"drawStyle": "bars"},
+            custom={"drawStyle": "bars", "fillOpacity": 80},
             minimum=0,
         ),
         24,
@@ -718,7 +742,7 @@ def host() -> dict[str, Any]:
             [target(f"hotsite_host_temperature_celsius{I}", "{{sensor}}")],
             unit="celsius",
             thresholds=[(None, "green"), (75, "orange"), (85, "red")],
-            options={"thresholdsStyle": {"mode": "line"}},
+            custom={"thresholdsStyle": {"mode": "line"}},
         ),
         12,
         8,
@@ -775,12 +799,157 @@ def host() -> dict[str, Any]:
     )
 
 
+def coordination() -> dict[str, Any]:
+    """Who may act: the etcd lease (HA pairs, several sites) and the witness's view of the primary."""
+    lay = Layout()
+    lay.add(
+        panel(
+            "state-timeline",
+            "Lease holder (etcd)",
+            [target(f"hotsite_coordination_leader{I}", "{{instance}}")],
+            description="Which appliance holds the routing domain's lease: only the leader moves routing."
+            " Two leaders at once never happen; no leader at all means nobody acts.",
+            mappings={0: ("standby", "blue"), 1: ("leader", "green")},
+            thresholds=[(None, "blue"), (1, "green")],
+            options={"mergeValues": True, "showValue": "auto", "rowHeight": 0.8},
+        ),
+        12,
+        6,
+    )
+    lay.add(
+        panel(
+            "state-timeline",
+            "etcd reachable",
+            [target(f"hotsite_coordination_reachable{I}", "{{instance}}")],
+            description="0: this appliance cannot read etcd clearly and is not acting.",
+            mappings={0: ("unreachable", "red"), 1: ("reachable", "green")},
+            thresholds=[(None, "red"), (1, "green")],
+            options={"mergeValues": True, "showValue": "auto", "rowHeight": 0.8},
+        ),
+        12,
+        6,
+    )
+    lay.add(
+        panel(
+            "stat",
+            "Fencing token",
+            [target(f"hotsite_coordination_token{I}", "{{instance}}", instant=True)],
+            description="The token the leader's actuators carry; 0 on a standby.",
+            options={"graphMode": "none", "textMode": "value_and_name"},
+        ),
+        6,
+        4,
+    )
+    lay.add(
+        panel(
+            "stat",
+            "etcd members",
+            [target(f"hotsite_coordination_members{I}", "{{instance}}", instant=True)],
+            thresholds=[(None, "red"), (2, "orange"), (3, "green")],
+            options={"graphMode": "none", "colorMode": "background", "textMode": "value_and_name"},
+        ),
+        6,
+        4,
+    )
+    lay.add(
+        panel(
+            "timeseries",
+            "Role changes",
+            [
+                target(
+                    f"sum by (role) (increase(hotsite_coordination_role_changes_total{I}[{RI}]))", "{{role}}"
+                )
+            ],
+            description="More than one or two an hour: the lease is flapping (etcd latency, TTL too short).",
+            custom={"drawStyle": "bars", "fillOpacity": 80},
+            minimum=0,
+        ),
+        12,
+        4,
+    )
+    lay.add(
+        panel(
+            "timeseries",
+            "etcd round trips (p95)",
+            [
+                target(
+                    "histogram_quantile(0.95, sum by (le, op) "
+                    f"(rate(hotsite_coordination_request_seconds_bucket{I}[{RI}])))",
+                    "{{op}}",
+                )
+            ],
+            unit="s",
+            minimum=0,
+            thresholds=[(None, "green"), (0.5, "red")],
+            custom={"thresholdsStyle": {"mode": "line"}},
+        ),
+        24,
+        7,
+    )
+    witness = 'instance=~"$witness"'
+    lay.add(
+        panel(
+            "state-timeline",
+            "Witness: the primary as seen from the carrier edge",
+            [target(f"hotsite_witness_primary_state{{{witness}}} == 1", "{{state}}")],
+            description="The witness's belief about the primary; a failover needs it to agree the primary is lost.",
+            options={"mergeValues": True, "showValue": "auto", "rowHeight": 0.8},
+        ),
+        24,
+        5,
+    )
+    lay.add(
+        panel(
+            "timeseries",
+            "Witness probe round age",
+            [target(f"hotsite_witness_round_age_seconds{{{witness}}}", "{{instance}}")],
+            description="Seconds since the witness last finished probing; a stale round is no evidence.",
+            unit="s",
+            minimum=0,
+            thresholds=[(None, "green"), (30, "red")],
+            custom={"thresholdsStyle": {"mode": "line"}},
+        ),
+        12,
+        7,
+    )
+    lay.add(
+        panel(
+            "timeseries",
+            "Witness probes and requests",
+            [
+                target(
+                    f"sum by (reason) (increase(hotsite_witness_probes_total{{{witness}}}[{RI}]))",
+                    "probe {{reason}}",
+                ),
+                target(
+                    f"sum by (outcome) (increase(hotsite_witness_requests_total{{{witness}}}[{RI}]))",
+                    "request {{outcome}}",
+                ),
+            ],
+            minimum=0,
+        ),
+        12,
+        7,
+    )
+    return dashboard(
+        "hotsite-coordination",
+        "hotsite / Coordination and witness",
+        "Who may move routing: the etcd lease of an HA pair or several sites, and the witness's vote.",
+        lay,
+        [
+            _instance_var(),
+            _query_var("witness", "Witness", "label_values(hotsite_witness_primary_state, instance)"),
+        ],
+    )
+
+
 BUILDERS = {
     "hotsite-overview": overview,
     "hotsite-trunks": trunks,
     "hotsite-replication": replication,
     "hotsite-paging": paging,
     "hotsite-host": host,
+    "hotsite-coordination": coordination,
 }
 
 

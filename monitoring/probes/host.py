@@ -9,9 +9,12 @@ kind of transition as a dead trunk.
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -66,18 +69,70 @@ class HostProbe:
         return ProbeResult(target, ok, self._clock(), None, None, "ok" if ok else "threshold", detail)
 
 
-class HostCollector(Collector):
-    """Host figures for /metrics, read at scrape time."""
+CPU_SAMPLE_S = 10.0  # the CPU ratio's window: the same whoever scrapes, and however often
 
-    def __init__(self, state_dir: Path, interfaces: Iterable[str] = ()) -> None:
+
+class CpuSampler:
+    """The host's CPU busy ratio over fixed windows, measured by the daemon itself.
+
+    Why not ``psutil.cpu_percent(interval=None)`` at scrape time: that measures
+    since the *previous call*, so two Prometheus servers (or a curl) scraping the
+    same appliance each shortened the other's window and the figure depended on
+    who scraped. A thread reads the CPU times every *interval_s* and keeps the
+    ratio of the last complete window; a scrape only reads it.
+    """
+
+    def __init__(self, interval_s: float = CPU_SAMPLE_S) -> None:
+        self.interval_s = interval_s
+        self.ratio: float | None = None  # None until the first window has passed
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="cpu sampler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        before = psutil.cpu_times()
+        while not self._stop.wait(self.interval_s):
+            after = psutil.cpu_times()
+            self.ratio = busy_ratio(before, after)
+            before = after
+
+
+def busy_ratio(before: Any, after: Any) -> float:
+    """The busy share of the CPU time between two ``psutil.cpu_times()`` readings (0-1)."""
+    idle_fields = ("idle", "iowait")
+    total = sum(after) - sum(before)
+    if total <= 0:
+        return 0.0
+    idle = sum(getattr(after, f, 0.0) - getattr(before, f, 0.0) for f in idle_fields)
+    return min(1.0, max(0.0, 1.0 - idle / total))
+
+
+class HostCollector(Collector):
+    """Host figures for /metrics: CPU from the daemon's own sampler, the rest read at scrape time."""
+
+    def __init__(
+        self, state_dir: Path, interfaces: Iterable[str] = (), cpu: CpuSampler | None = None
+    ) -> None:
         self._state_dir = state_dir
         self._interfaces = tuple(interfaces)
+        self.cpu = cpu or CpuSampler()
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        ratio = self.cpu.ratio
         yield GaugeMetricFamily(
             "hotsite_host_cpu_ratio",
-            "CPU busy ratio since the last scrape (0-1).",
-            value=psutil.cpu_percent(interval=None) / 100.0,
+            "CPU busy ratio over the daemon's own sampling window, 10 s (0-1, NaN until the first);"
+            " the same whoever scrapes.",
+            value=math.nan if ratio is None else ratio,
         )
         mem = psutil.virtual_memory()
         yield GaugeMetricFamily(

@@ -128,3 +128,43 @@ def render(info: dict[str, Any], *, metrics_listen: str = "127.0.0.1:9477") -> s
         "",
     ]
     return "\n".join(lines)
+
+
+ON_CALL = "+8613800138000"  # "Lab On-Call" above: the number the demo's replies come from
+BACKUP_ON_CALL = "+8613900139000"
+ESCALATE_AFTER_S = 60
+
+
+def paging(device: str) -> str:
+    """The demo's paging: SMS through the modem on *device*, a rotation and one escalation step.
+
+    Appended to :func:`render`'s config by ``hotsite lab demo`` (the shipped lab config has no
+    modem to name). Nobody acknowledges within a minute: the backup engineer is paged too.
+    """
+    return f"""
+[[contacts]]
+name = "Lab Backup Engineer"
+company = "Example Telecom Services"
+phone = "{BACKUP_ON_CALL}"
+
+[channels.sms]
+type = "gsm"
+device = "{device}"
+send_timeout_s = 5
+prompt_timeout_s = 2
+poll_s = 0.5
+
+[paging.rotations.telephony]
+contacts = ["Lab On-Call"]
+start = 2026-01-05T09:00:00+08:00
+period_s = 604800
+
+[paging.policies.default]
+repeat = 0
+[[paging.policies.default.steps]]
+targets = ["rotation:telephony"]
+escalate_after_s = {ESCALATE_AFTER_S}
+[[paging.policies.default.steps]]
+targets = ["Lab Backup Engineer"]
+escalate_after_s = 600
+"""

@@ -46,6 +46,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,7 @@ FENCED_TABLE = "fenced"
 # The final reply Kamailio sends itself to end a ringing branch at a fenced or dead SBC.
 ABANDON_STATUS = 503
 ABANDON_FLAG = 10  # message flag t_cancel_callid sets on a given-up call (seen in failure_route)
+SET_TRUNKS = 3  # the carrier trunks (render_dispatcher_list(trunks=...)): keepalives only, no routing
 TICKS_MS = 1000 // 16  # tm's timer resolution: 16 ticks a second (TIMER_TICKS_HZ)
 
 
@@ -153,8 +155,12 @@ def missing_modules(module_dir: str) -> list[str]:
     return [m for m in REQUIRED_MODULES if not os.path.exists(os.path.join(module_dir, f"{m}.so"))]
 
 
-def render_dispatcher_list(primary_addr: str, backup_addr: str) -> str:
+def render_dispatcher_list(primary_addr: str, backup_addr: str, trunks: Sequence[str] = ()) -> str:
     """Set 1 = the primary SBC first, the backup SBC second; set 2 = the backup SBC alone.
+
+    ``trunks``: the carrier trunks, as set :data:`SET_TRUNKS`, kept alive by the
+    same OPTIONS keepalives (what a carrier edge does for its outbound trunks):
+    the lab shows the dispatcher still marking a trunk active while its calls fail.
 
     Set 1 keeps Kamailio's own first line of defence: a call the primary does
     not answer is retried at the backup (algorithm 8, ds_next_dst), losing no
@@ -166,7 +172,7 @@ def render_dispatcher_list(primary_addr: str, backup_addr: str) -> str:
         f"{topo.SET_PRIMARY} sip:{primary_addr}:{topo.SIP_PORT} 0 10 name=primary\n"
         f"{topo.SET_PRIMARY} sip:{backup_addr}:{topo.SIP_PORT} 0 0 name=backup-fallback\n"
         f"{topo.SET_BACKUP} sip:{backup_addr}:{topo.SIP_PORT} 0 0 name=backup\n"
-    )
+    ) + "".join(f"{SET_TRUNKS} sip:{addr}:{topo.SIP_PORT} 0 0 name=trunk\n" for addr in trunks)
 
 
 def render_cfg(
@@ -283,6 +289,21 @@ event_route[xhttp:request] {{
         exit;
     }}
     if ($hu =~ "^{topo.RPC_PATH}") {{
+        # A fenced write (hotsite's Kamailio actuator) carries its token: refused when older than
+        # routing=>token. Check and write under that key's (re-entrant) htable lock, so a fence
+        # (htable.seti routing token) cannot slip between them and a write a pause held in
+        # flight after the actuator's own check is still refused here.
+        if ($hdr(X-Hotsite-Token) != $null) {{
+            sht_lock("routing=>token");
+            if ($sht(routing=>token) != $null && $(hdr(X-Hotsite-Token){{s.int}}) < $sht(routing=>token)) {{
+                sht_unlock("routing=>token");
+                xhttp_reply("409", "Conflict", "text/plain", "is older than routing=>token");
+                exit;
+            }}
+            jsonrpc_dispatch();
+            sht_unlock("routing=>token");
+            exit;
+        }}
         jsonrpc_dispatch();
         exit;
     }}

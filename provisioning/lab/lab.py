@@ -29,6 +29,21 @@ from provisioning.lab import topology as topo
 
 DEFAULT_WORKDIR = Path("/run/hotsite-lab")
 SCENARIO = Path(__file__).with_name("scenarios") / "uas.xml"
+# Answers OPTIONS, rejects INVITEs with the code given (`impair --reject-invites`).
+REJECT_SCENARIO = Path(__file__).with_name("scenarios") / "uas-reject.xml"
+# RTP port SIPp echoes on (-mp; its default): the SDP of uas.xml's 200 OK names it.
+MEDIA_PORT = 6000
+# Reason phrases for the codes a carrier rejects calls with (others: "Rejected").
+REASONS = {
+    403: "Forbidden",
+    404: "Not Found",
+    480: "Temporarily Unavailable",
+    486: "Busy Here",
+    500: "Server Internal Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    603: "Decline",
+}
 HEALTHD = Path(__file__).with_name("healthd.py")
 MODES = ("auto", "netns", "loopback")
 SIPP_MAX_LOG_BYTES = 1_048_576
@@ -43,8 +58,35 @@ GENERATED = (
     "kamailio-rpc.sock",
     "witness.toml",
 )
-GENERATED_GLOBS = ("*.log", "*.unhealthy")
+GENERATED_GLOBS = ("*.log", "*.unhealthy", "uas-reject-*.xml")
 GENERATED_DIRS = ("kamailio-run",)
+
+
+def sipp_command(
+    sipp: str, addr: str, workdir: Path, host: str, *, reject: int | None = None, media: bool = True
+) -> list[str]:
+    """The SIPp peer of a lab host: answers OPTIONS, and INVITEs with media or a rejection.
+
+    ``media``: SIPp echoes the RTP it receives on :data:`MEDIA_PORT` (``-rtp_echo``),
+    so a test call hears its own audio back and can time the round trip.
+    ``reject``: INVITEs get this final code instead (OPTIONS still 200); the
+    scenario is written to ``workdir`` with the code filled in.
+    """
+    scenario = SCENARIO
+    if reject:
+        scenario = workdir / f"uas-reject-{host}.xml"
+        text = REJECT_SCENARIO.read_text().replace("@CODE@", str(reject))
+        scenario.write_text(text.replace("@REASON@", REASONS.get(reject, "Rejected")))
+    cmd = [sipp, "-sf", str(scenario), "-i", addr, "-p", str(topo.SIP_PORT), "-bind_local", "-nostdin"]
+    if media:
+        cmd += ["-mp", str(MEDIA_PORT), "-rtp_echo"]
+    return cmd + [
+        "-trace_err",
+        "-error_file",
+        str(workdir / f"sipp-{host}-errors.log"),
+        "-max_log_size",
+        str(SIPP_MAX_LOG_BYTES),
+    ]
 
 
 class LabError(Exception):
@@ -237,7 +279,9 @@ class Lab:
         (self.workdir / "kamailio-run").mkdir(exist_ok=True)
         (self.workdir / "dispatcher.list").write_text(
             kamailio.render_dispatcher_list(
-                topo.host("primary").address(mode), topo.host("backup").address(mode)
+                topo.host("primary").address(mode),
+                topo.host("backup").address(mode),
+                trunks=[h.address(mode) for h in topo.HOSTS if h.role == "trunk"],
             )
         )
         (self.workdir / "kamailio.cfg").write_text(
@@ -285,22 +329,7 @@ class Lab:
                 )
                 cmd = [sys.executable, "-m", "appliance.cli.witness", "--config", str(settings)]
             elif svc == "sipp":
-                cmd = [
-                    sipp,
-                    "-sf",
-                    str(SCENARIO),
-                    "-i",
-                    addr,
-                    "-p",
-                    str(topo.SIP_PORT),
-                    "-bind_local",
-                    "-nostdin",
-                    "-trace_err",
-                    "-error_file",
-                    str(wd / f"sipp-{h.name}-errors.log"),
-                    "-max_log_size",
-                    str(SIPP_MAX_LOG_BYTES),
-                ]
+                cmd = sipp_command(sipp, addr, wd, h.name)
             else:
                 cmd = kamailio.command(kam, wd / "kamailio.cfg", wd / "kamailio.pid", wd / "kamailio-run")
             proc = processes.start(
@@ -417,8 +446,19 @@ class Lab:
 
     # ---------------------------------------------------------- impairments
     def impair(
-        self, host: str, *, loss_pct: float | None = None, delay_ms: float | None = None, cut: bool = False
+        self,
+        host: str,
+        *,
+        loss_pct: float | None = None,
+        delay_ms: float | None = None,
+        cut: bool = False,
+        reject_invites: int | None = None,
+        no_media: bool = False,
     ) -> str:
+        if reject_invites is not None or no_media:
+            desc = self.impair_calls(host, reject=reject_invites, media=not no_media)
+            if not cut and not loss_pct and not delay_ms:
+                return desc
         info = self._require()
         entry, h = self._host(info, host)
         if loss_pct is not None and not 0 <= loss_pct <= 100:
@@ -465,6 +505,54 @@ class Lab:
         self._save(info)
         return desc
 
+    def impair_calls(self, host: str, *, reject: int | None = None, media: bool = True) -> str:
+        """Calls fail while keepalives still pass: the grey failure only a test call reveals.
+
+        The host's SIPp is restarted with INVITEs rejected (``reject``, a 4xx-6xx
+        code) or answered without echoing RTP (``media=False``); OPTIONS keep
+        getting 200 (one keepalive may fall in the restart's few milliseconds).
+        """
+        if reject is not None and not 400 <= reject <= 699:
+            raise LabError(f"reject_invites must be a final failure code 400-699, got {reject}")
+        info = self._require()
+        entry, _ = self._host(info, host)
+        self._restart_sipp(info, entry, reject=reject, media=media)
+        what = [f"INVITEs rejected with {reject} {REASONS.get(reject, 'Rejected')}" if reject else ""]
+        what.append("" if media else "calls answered without media")
+        desc = f"{host}: " + ", ".join(w for w in what if w) + "; OPTIONS still answered"
+        entry["impairment"] = desc
+        entry["calls"] = {"reject": reject, "media": media}
+        self._save(info)
+        return desc
+
+    def _restart_sipp(
+        self, info: dict[str, Any], entry: dict[str, Any], *, reject: int | None, media: bool
+    ) -> None:
+        procs = [p for p in entry["processes"] if p["name"] == "sipp"]
+        if not procs:
+            raise LabError(f"{entry['name']} runs no SIPp peer: nothing answers its calls")
+        sipp = shutil.which("sipp")
+        if sipp is None:
+            raise LabError("sipp not found: install the Debian package sip-tester")
+        processes.terminate([int(p["pid"]) for p in procs])
+        name = entry["name"]
+        cmd = sipp_command(sipp, entry["address"], self.workdir, name, reject=reject, media=media)
+        proc = processes.start("sipp", name, cmd, self.workdir / f"sipp-{name}.log", entry["namespace"])
+        entry["processes"] = [p for p in entry["processes"] if p["name"] != "sipp"]
+        entry["processes"].append({"name": proc.name, "pid": proc.pid, "log": proc.log})
+        self._save(info)
+        deadline, bind = time.monotonic() + 5, info["appliance"]["address"]
+        while True:
+            try:
+                line = checks.sip_options(entry["address"], topo.SIP_PORT, timeout=0.3, bind=bind)
+                if " 200 " in line + " ":
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or not processes.alive(proc.pid, self.workdir):
+                raise LabError(f"SIPp on {name} did not come back: {processes.log_tail(proc.log, 8)}")
+            time.sleep(0.05)
+
     def degrade(self, host: str, reason: str = "ACD down: no agents can take calls") -> str:
         """A grey failure: the host's health endpoint says it cannot serve; its SIP keeps answering."""
         info = self._require()
@@ -495,6 +583,7 @@ class Lab:
         info = self._require()
         entry, h = self._host(info, host)
         (self.workdir / f"{host}.unhealthy").unlink(missing_ok=True)
+        calls_impaired = entry.pop("calls", None) is not None
         if info["mode"] == "netns":
             self._netlink(lambda: ns.heal(h, netem=info.get("capabilities", {}).get("netem", False)))
             if info.get("capabilities", {}).get("nft_loss"):
@@ -502,6 +591,8 @@ class Lab:
         else:
             for p in entry["processes"]:
                 processes.signal_group(int(p["pid"]), signal.SIGCONT)
+        if calls_impaired:  # after the network: the restarted SIPp must answer OPTIONS
+            self._restart_sipp(info, entry, reject=None, media=True)
         was = entry.get("impairment")
         entry["impairment"] = None
         self._save(info)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -417,3 +418,124 @@ def test_a_fence_makes_kamailio_refuse_an_older_token_even_one_in_flight(world: 
         await new.close()
 
     asyncio.run(go())
+
+
+async def state_of(world: World) -> dict[str, object]:
+    """What Kamailio routes by (dispatcher states, htables) and the list file it reloads from."""
+    rpc = KamailioRpc(world.rpc_url, timeout_s=2.0)
+    try:
+        flags = await rpc.dispatcher_flags()
+        return {
+            "dispatcher": {s: {u: f[:1] for u, f in d.items()} for s, d in flags.items()},
+            "hotlines": await rpc.htable_dump("hotlines"),
+            "fenced": await rpc.htable_dump(lab_kamailio.FENCED_TABLE),
+            "active_set": await rpc.htable_get("routing", "active_set"),
+            "list_file": world.dispatcher_list.read_text(),
+        }
+    finally:
+        await rpc.close()
+
+
+def test_kamailio_itself_refuses_a_write_carrying_an_older_token(world: World) -> None:
+    """The generated config checks X-Hotsite-Token against routing=>token: the world refuses, not only us."""
+
+    async def go() -> None:
+        act = actuator(world)
+        token = await next_token(act)
+        await act.apply(NORMAL, token)
+        rpc = KamailioRpc(world.rpc_url, timeout_s=1.0)
+        try:
+            with pytest.raises(KamailioRpcError, match=f"refused by Kamailio: token {token - 1}") as refused:
+                await rpc.call("htable.seti", "hotlines", VIP, topo.SET_BACKUP, token=token - 1)
+            assert refused.value.stale
+            assert await rpc.htable_get("hotlines", VIP) == topo.SET_PRIMARY  # nothing written
+            await rpc.call("htable.seti", "hotlines", CARDS, topo.SET_PRIMARY, token=token)  # equal: obeyed
+            assert await rpc.htable_get("hotlines", CARDS) == topo.SET_PRIMARY
+            await rpc.call("htable.delete", "hotlines", CARDS)  # no token (an operator's kamcmd): not fenced
+        finally:
+            await rpc.close()
+            await act.close()
+
+    asyncio.run(go())
+
+
+STALLED_CHILD = r"""
+import asyncio, sys
+from appliance.kamailio import KamailioRpc
+from failover.actuators.base import ActuatorError, StaleToken
+from failover.actuators.kamailio import KamailioActuator
+from tests.integration.test_actuator_kamailio import FAILOVER, NORMAL
+from pathlib import Path
+
+async def main() -> None:
+    url, listfile, token = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    act = KamailioActuator(KamailioRpc(url, timeout_s=5.0), dispatcher_list=listfile, owns_rpc=True, timeout_s=30)
+    print("ready", flush=True)
+    for i in range(2000):
+        try:
+            await act.apply((FAILOVER, NORMAL)[i % 2], token)
+        except StaleToken as exc:
+            print("stale:", exc, flush=True)
+            return
+        except ActuatorError as exc:
+            print("error:", exc, flush=True)
+    print("never refused", flush=True)
+asyncio.run(main())
+"""
+
+
+async def highest(world: World) -> int:
+    act = actuator(world)
+    try:
+        return await act.highest_token()
+    finally:
+        await act.close()
+
+
+async def fence_and_read(world: World, token: int) -> dict[str, object]:
+    """A new leader's fence, then what Kamailio and the list file hold right after it."""
+    new = actuator(world)
+    try:
+        await new.fence(token)
+    finally:
+        await new.close()
+    return await state_of(world)
+
+
+def test_a_former_leader_sigstopped_mid_apply_changes_nothing_once_fenced(world: World) -> None:
+    """The old leader's process (its apply in flight) is SIGSTOPped at a random point, a new leader
+    fences, the old one resumes: nothing it writes from then on reaches Kamailio or the list file."""
+    runs = int(os.environ.get("HOTSITE_STALL_RUNS", "10"))
+    rng = random.Random()
+    refused_by_kamailio = 0
+    changed = []
+    for run in range(runs):
+        old_token = asyncio.run(highest(world)) + 1
+        proc = subprocess.Popen(
+            [sys.executable, "-c", STALLED_CHILD, world.rpc_url, str(world.dispatcher_list), str(old_token)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            time.sleep(rng.uniform(0.2, 0.6))  # some applies done; stopped at a random point of one
+            os.kill(proc.pid, signal.SIGSTOP)
+            fenced = asyncio.run(fence_and_read(world, old_token + 1))
+            os.kill(proc.pid, signal.SIGCONT)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+        after = asyncio.run(state_of(world))
+        ending = out.strip().splitlines()[-1] if out.strip() else ""
+        print(f"run {run + 1}: {ending}", flush=True)
+        assert ending.startswith("stale:"), out
+        refused_by_kamailio += "refused by Kamailio" in ending
+        if after != fenced:
+            changed.append((run + 1, ending, {k: (fenced[k], after[k]) for k in after if after[k] != fenced[k]}))
+    print(f"{runs} runs: {len(changed)} changed after the fence; {refused_by_kamailio} refused by Kamailio itself")
+    assert not changed, changed

@@ -209,6 +209,7 @@ def test_kamailio_rpc_lists_both_sets_probed(lab: Lab) -> None:
     assert got == {
         1: {"sip:10.77.0.20:5060": "AP", "sip:10.77.0.30:5060": "AP"},
         2: {"sip:10.77.0.30:5060": "AP"},
+        3: {"sip:10.77.0.11:5060": "AP", "sip:10.77.0.12:5060": "AP"},  # the trunks: keepalives only
     }
     dump = rpc(info["kamailio"]["rpc_url"], "htable.dump", ["routing"])
     assert {"name": "active_set", "value": 1, "type": "int"} in dump[0]["slot"]
@@ -398,6 +399,7 @@ def test_loopback_mode(tmp_path: Path) -> None:
         assert got == {
             1: {"sip:127.77.0.20:5060": "AP", "sip:127.77.0.30:5060": "AP"},
             2: {"sip:127.77.0.30:5060": "AP"},
+            3: {"sip:127.77.0.11:5060": "AP", "sip:127.77.0.12:5060": "AP"},  # the trunks: keepalives only
         }
         assert lab.impair("trunk-b", loss_pct=5).startswith("skipped:")
         lab.impair("trunk-b", cut=True)

@@ -38,7 +38,7 @@ def test_catalogue_lists_every_metric_once_with_units_and_help() -> None:
     assert {"hotsite_probe_up", "hotsite_paging_pages_total", "hotsite_replication_lag_seconds"} <= set(names)
     assert "hotsite_host_nic_errors_total" in names  # a custom collector's counter, as exposed
     for e in items:
-        assert e.name.startswith("hotsite_") and e.help, e
+        assert e.name.startswith(("hotsite_", "process_")) and e.help, e
         assert e.type in ("counter", "gauge", "histogram", "info"), e
         if e.type == "counter":
             assert e.name.endswith("_total"), e
@@ -86,7 +86,7 @@ def test_dashboards_are_provisionable_and_use_only_catalogued_metrics() -> None:
             area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
             assert not area & cells, f"{name}: {p['title']} overlaps another panel"
             cells |= area
-            assert p["datasource"]["uid"] == "hotsite-prometheus"
+            assert p["datasource"]["uid"] == "${datasource}"  # the variable, not a hard-coded uid
             assert p["targets"], (name, p["title"])
             refs = [t["refId"] for t in p["targets"]]
             assert len(refs) == len(set(refs))
@@ -102,11 +102,60 @@ def test_dashboards_are_provisionable_and_use_only_catalogued_metrics() -> None:
         "hotsite-replication",
         "hotsite-paging",
         "hotsite-host",
+        "hotsite-coordination",
     } == uids
 
 
 def test_provisioning_files_point_at_the_dashboards_datasource() -> None:
     datasource = yaml.safe_load((PROVISIONING / "datasources" / "hotsite.yml").read_text())
-    assert [d["uid"] for d in datasource["datasources"]] == [dashboards.DATASOURCE["uid"]]
+    assert [d["uid"] for d in datasource["datasources"]] == [dashboards.PROVISIONED_DATASOURCE["uid"]]
+    for text in dashboards.build().values():
+        variable = json.loads(text)["templating"]["list"][0]
+        assert (variable["name"], variable["type"], variable["query"]) == ("datasource", "datasource", "prometheus")
+        assert variable["current"]["value"] == dashboards.PROVISIONED_DATASOURCE["uid"]
     provider = yaml.safe_load((PROVISIONING / "dashboards" / "hotsite.yml").read_text())
     assert provider["providers"][0]["type"] == "file"
+
+
+def test_process_coordination_and_witness_metrics_are_catalogued() -> None:
+    """Issue 19: no process_* metrics; coordination and witness metrics were in no catalogue."""
+    names = {e.name for e in catalogue.entries()}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"} <= names
+    assert {"hotsite_coordination_leader", "hotsite_coordination_reachable", "hotsite_witness_primary_state"} <= names
+
+
+def test_coordination_and_witness_are_alerted_on_and_charted() -> None:
+    alerted = {n for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] for n in _names(r["expr"])}
+    charted = {n for text in dashboards.build().values() for _, e in dashboards.expressions(json.loads(text))
+               for n in _names(e)}  # fmt: skip
+    for name in ("hotsite_coordination_leader", "hotsite_coordination_reachable", "hotsite_witness_round_age_seconds"):
+        assert name in alerted and name in charted, name
+
+
+def test_the_cpu_ratio_does_not_depend_on_who_scrapes() -> None:
+    """Issue 19: cpu_percent(interval=None) at scrape time measured since the previous scrape."""
+    import math
+    import time
+    from collections import namedtuple
+
+    from monitoring.probes.host import CpuSampler, HostCollector, busy_ratio
+
+    sampler = CpuSampler(interval_s=0.2)
+    collector = HostCollector(REPO, [], cpu=sampler)
+
+    def scrape() -> float:
+        return float(next(f for f in collector.collect() if f.name == "hotsite_host_cpu_ratio").samples[0].value)
+
+    assert math.isnan(scrape())  # before the first window: no made-up figure
+    sampler.ratio = 0.42  # what the daemon's sampler measured over its last window
+    assert [scrape() for _ in range(5)] == [0.42] * 5  # a burst of scrapes reads it, never resets it
+    Times = namedtuple("Times", "user system idle iowait")
+    assert busy_ratio(Times(10, 10, 70, 10), Times(40, 20, 100, 20)) == 0.5  # 40 busy of 80
+    sampler.start()
+    try:
+        deadline = time.monotonic() + 10
+        while sampler.ratio == 0.42 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sampler.ratio != 0.42 and 0.0 <= sampler.ratio <= 1.0  # the thread measured a window
+    finally:
+        sampler.stop()

@@ -92,3 +92,15 @@ def test_plain_is_chosen_off_a_terminal_on_a_dumb_one_and_when_asked(monkeypatch
 def test_a_word_longer_than_the_width_is_the_only_thing_ever_cut() -> None:
     lines = table.layout(["a", "b"], [["x", "y" * 100]], 40)
     assert all(len(line) <= 40 for line in lines)
+
+
+def test_the_monotonic_detector_catches_the_issues_example() -> None:
+    """The lab test's check is not vacuous: the line from the issue is caught, human times are not."""
+    from tests.support.surfaces import monotonic_leaks
+
+    assert monotonic_leaks("site:primary:http down since 1710.5", 1700, 1720) == [
+        "site:primary:http down since 1710.5"
+    ]
+    assert monotonic_leaks("site:primary:http down since 1710", 1700, 1720)
+    human = "down since 21:57:31 UTC (12 s), sip:10.77.0.21:1710, v0.1.1710, 2026-12-07, +8613800001710"
+    assert monotonic_leaks(human, 1700, 1720) == []

@@ -100,10 +100,11 @@ def test_events_since_takes_an_hour_not_only_seconds(tmp_path: object) -> None:
     assert bad.exit_code == 2 and "neither a duration" in bad.output
 
 
-def test_errors_are_json_on_stderr_with_json(tmp_path: object) -> None:
+def test_errors_are_json_on_stdout_with_json(tmp_path: object) -> None:
+    """Issue 19: with --json a failure is a JSON object where the script reads (stdout), exit non-zero."""
     runner = CliRunner()
     result = runner.invoke(cli, ["--config", "/dev/null", "--runtime-dir", str(tmp_path), "events", "--json"])
     assert result.exit_code == 1
-    error = json.loads(result.stderr)
+    error = json.loads(result.stdout)
     assert error["ok"] is False and error["exit_code"] == 1 and error["error"]
-    assert result.stdout == ""
+    assert result.stderr == ""

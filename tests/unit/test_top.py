@@ -133,6 +133,7 @@ def test_plain_snapshot_fits_80x24_and_says_what_matters() -> None:
     text = plain(snap, history, width=80)
     lines = text.splitlines()
     assert len(lines) <= 24 and max(map(len, lines)) <= 80, text
+    assert [line for line in lines if line != line.rstrip()] == []  # issue 19: no padding into pipes
     for needed in (
         "dr-appliance-1",
         "failover_pending",

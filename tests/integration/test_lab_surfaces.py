@@ -1,0 +1,149 @@
+"""Issue 19: what every read command prints into a pipe, in a lab that has something to say.
+
+The primary is cut, so the sites carry "down since …" reasons, an incident is open and paged
+(the GSM modem is the emulator), and events, reports and the on-call view all have content.
+Then every read command runs as a script or a serial console would run it (stdout a pipe):
+
+* no box-drawing characters, no line over 200 columns, no trailing blanks;
+* no bare monotonic clock value (the daemon's ``time.monotonic()`` leaked as
+  ``site:primary:http down since 1710.5``): every number in the text that falls in the band of
+  monotonic readings taken while the daemon ran is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioning.lab import config as lab_config
+from tests.conftest import free_port
+from tests.integration.daemon_helpers import RunningDaemon, hotsite, wait_for
+from tests.support.modem import ModemEmulator
+from tests.support.surfaces import BOX, monotonic_leaks
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+for ok, why in [
+    (os.geteuid() == 0, "the namespace lab needs root"),
+    (shutil.which("kamailio") is not None, "kamailio is not installed"),
+    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
+]:
+    if not ok:
+        pytestmark.append(pytest.mark.skip(reason=why))
+
+MAX_COLUMNS = 200
+# Markdown documents, not tables for a terminal: a Markdown table row cannot be wrapped without
+# breaking the table, so only the box and time checks apply to them.
+DOCUMENTS = ("report ",)
+ON_CALL = "+8613800138000"
+
+PAGING = """
+[channels.sms]
+type = "gsm"
+device = "{device}"
+send_timeout_s = 5
+prompt_timeout_s = 2
+poll_s = 0.5
+
+[paging.rotations.telephony]
+contacts = ["Lab On-Call"]
+start = 2026-01-05T09:00:00+08:00
+period_s = 604800
+
+[paging.policies.default]
+repeat = 0
+[[paging.policies.default.steps]]
+targets = ["rotation:telephony"]
+escalate_after_s = 600
+"""
+
+# Every command that only reads, with what it needs. `logs` reads journald (no unit here).
+READ_COMMANDS: list[tuple[str, ...]] = [
+    ("status",),
+    ("trunks",),
+    ("probes",),
+    ("events", "--limit", "200"),
+    ("events", "--since", "15m", "--kind", "site"),
+    ("incidents",),
+    ("oncall",),
+    ("replication", "status"),
+    ("top",),
+    ("top", "--width", "160"),
+]
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, RunningDaemon, float]]:
+    """A lab whose primary has been cut: failed over, an incident open and paged."""
+    from provisioning.lab import Lab
+
+    the_lab = Lab(tmp_path_factory.mktemp("lab"))
+    modem = ModemEmulator().start()
+    daemon = None
+    try:
+        info = the_lab.up(mode="netns")
+        the_lab.wait_ready()
+        config = Path(info["workdir"]) / "hotsite.toml"
+        text = lab_config.render(info, metrics_listen=f"127.0.0.1:{free_port()}")
+        config.write_text(text + PAGING.replace("{device}", modem.path))
+        started = time.monotonic()
+        daemon = RunningDaemon(config, tmp_path_factory.mktemp("daemon") / "daemon.log")
+        daemon.wait_ready(timeout=60)
+        wait_for(lambda: daemon.status()["failover"]["state"] == "primary_active"  # type: ignore[union-attr]
+                 and all(s["verdict"] == "up" for s in daemon.status()["sites"]),  # type: ignore[union-attr]
+                 timeout=60, what="steady")  # fmt: skip
+        assert hotsite("lab", "impair", "--workdir", str(the_lab.workdir), "primary", "--cut").returncode == 0
+        wait_for(lambda: daemon.status()["failover"]["state"] == "backup_active",  # type: ignore[union-attr]
+                 timeout=90, what="failover")  # fmt: skip
+        wait_for(lambda: modem.submitted, timeout=60, what="the page to the on-call contractor")
+        yield the_lab, daemon, started
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        modem.stop()
+        the_lab.down()
+
+
+def _incident_id(daemon: RunningDaemon) -> str:
+    listed = json.loads(hotsite("incidents", "--json", config=daemon.config).stdout)
+    return str(next(i for i in listed["active"] if i["group"] == "failover")["id"])
+
+
+def _outputs(the_lab: Any, daemon: RunningDaemon) -> dict[str, str]:
+    """What each read command printed into a pipe (subprocess: stdout is not a terminal)."""
+    commands = [*READ_COMMANDS, ("report", "incident", _incident_id(daemon))]
+    outputs = {}
+    for args in commands:
+        result = hotsite(*args, config=daemon.config, timeout=60)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+        assert result.stdout.strip(), args
+        outputs[" ".join(args)] = result.stdout
+    lab = hotsite("lab", "status", "--workdir", str(the_lab.workdir), timeout=60)
+    assert lab.returncode == 0, lab.stderr
+    outputs["lab status"] = lab.stdout
+    return outputs
+
+
+def test_every_read_command_prints_plain_narrow_text_without_monotonic_values(
+    world: tuple[Any, RunningDaemon, float],
+) -> None:
+    the_lab, daemon, started = world
+    outputs = _outputs(the_lab, daemon)
+    band = (started - 5, time.monotonic() + 5)
+    assert "down" in outputs["status"] and "since" in outputs["status"]  # the reasons the issue quoted
+    problems: list[str] = []
+    for name, text in outputs.items():
+        if BOX & set(text):
+            problems.append(f"{name}: box characters {sorted(BOX & set(text))}")
+        for line in text.splitlines():
+            if len(line) > MAX_COLUMNS and not name.startswith(DOCUMENTS):
+                problems.append(f"{name}: {len(line)} columns: {line[:80]!r}…")
+            if line != line.rstrip():
+                problems.append(f"{name}: trailing blanks: {line!r}")
+        problems += [f"{name}: monotonic value: {line!r}" for line in monotonic_leaks(text, *band)]
+    assert problems == [], "\n".join(problems)
