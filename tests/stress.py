@@ -49,7 +49,9 @@ def stop_hogs(hogs: Sequence[multiprocessing.Process]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.stress", description=__doc__.splitlines()[0])
-    parser.add_argument("--hogs", type=int, default=os.cpu_count() or 1, help="busy processes (default: one a core)")
+    parser.add_argument(
+        "--hogs", type=int, default=os.cpu_count() or 1, help="busy processes (default: one a core)"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

@@ -90,7 +90,20 @@ async def bench_netlink() -> None:
     try:
         ip("netns", "add", a)
         ip("netns", "add", b)
-        ip("link", "add", "hsactbencha", "netns", a, "type", "veth", "peer", "name", "hsactbenchb", "netns", b)
+        ip(
+            "link",
+            "add",
+            "hsactbencha",
+            "netns",
+            a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "hsactbenchb",
+            "netns",
+            b,
+        )
         ip("-n", a, "link", "set", "hsactbencha", "up")
         ip("-n", b, "link", "set", "hsactbenchb", "up")
         act = NetlinkActuator("192.0.2.10/24", "hsactbencha", netns=a, garp_count=1)

@@ -66,7 +66,9 @@ def pct(values: list[float], p: float) -> float:
 
 def rpc(method: str, *params: Any) -> Any:
     body = {"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1}
-    return httpx.post("http://10.77.0.10:5071/RPC", json=body, timeout=3, trust_env=False).json().get("result")
+    return (
+        httpx.post("http://10.77.0.10:5071/RPC", json=body, timeout=3, trust_env=False).json().get("result")
+    )
 
 
 class Caller:
@@ -75,11 +77,40 @@ class Caller:
     def __init__(self, workdir: Path, number: str, port: int, hold_ms: int = 1) -> None:
         self.dir = Path(tempfile.mkdtemp(dir=workdir))
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", "hs-lab-trunk-a", "sipp", "-sn", "uac", "10.77.0.10:5060", "-s", number,
-             "-r", str(CALL_RATE), "-d", str(hold_ms), "-i", "10.77.0.11", "-p", str(port), "-nostdin",
-             "-trace_stat", "-fd", "1", "-trace_rtt", "-rtt_freq", "1", "-timeout_error", "-max_recv_loops", "1000",
-             "-trace_err"],
-            cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "ip",
+                "netns",
+                "exec",
+                "hs-lab-trunk-a",
+                "sipp",
+                "-sn",
+                "uac",
+                "10.77.0.10:5060",
+                "-s",
+                number,
+                "-r",
+                str(CALL_RATE),
+                "-d",
+                str(hold_ms),
+                "-i",
+                "10.77.0.11",
+                "-p",
+                str(port),
+                "-nostdin",
+                "-trace_stat",
+                "-fd",
+                "1",
+                "-trace_rtt",
+                "-rtt_freq",
+                "1",
+                "-timeout_error",
+                "-max_recv_loops",
+                "1000",
+                "-trace_err",
+            ],
+            cwd=self.dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def stop(self) -> dict[str, float]:
@@ -171,11 +202,31 @@ def fast_witness(info: dict[str, Any]) -> subprocess.Popen[bytes]:
                 subprocess.run(["kill", str(p["pid"])], check=False)
     time.sleep(0.3)
     return subprocess.Popen(
-        ["ip", "netns", "exec", "hs-lab-witness", sys.executable, "-m", "appliance.cli.witness",
-         "--listen", "10.77.0.40:8080", "--primary", "sip:10.77.0.20:5060",
-         "--primary", "http://10.77.0.20:8080/health", "--interval", "0.1", "--timeout", "0.08", "--fall", "3",
-         "--allow-plain-http", "--allow-unauthenticated"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "ip",
+            "netns",
+            "exec",
+            "hs-lab-witness",
+            sys.executable,
+            "-m",
+            "appliance.cli.witness",
+            "--listen",
+            "10.77.0.40:8080",
+            "--primary",
+            "sip:10.77.0.20:5060",
+            "--primary",
+            "http://10.77.0.20:8080/health",
+            "--interval",
+            "0.1",
+            "--timeout",
+            "0.08",
+            "--fall",
+            "3",
+            "--allow-plain-http",
+            "--allow-unauthenticated",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -184,8 +235,17 @@ def failover_state(daemon: RunningDaemon) -> str:
 
 
 def runbook_done_at(daemon: RunningDaemon, after: float) -> float | None:
-    events = json.loads(hotsite("events", "--json", "--kind", "failover.runbook.failover.done",
-                                "--limit", "5", config=daemon.config).stdout)
+    events = json.loads(
+        hotsite(
+            "events",
+            "--json",
+            "--kind",
+            "failover.runbook.failover.done",
+            "--limit",
+            "5",
+            config=daemon.config,
+        ).stdout
+    )
     times = [e["at_epoch"] for e in events if e["at_epoch"] >= after]
     return min(times) if times else None
 
@@ -195,19 +255,35 @@ def back_to_normal(lab: Lab, daemon: RunningDaemon | None, host: str = "primary"
     if daemon is None:
         time.sleep(3)
         return
-    wait_for(lambda: failover_state(daemon) in ("failback_pending", "primary_active"), timeout=30, what="primary back")
+    wait_for(
+        lambda: failover_state(daemon) in ("failback_pending", "primary_active"),
+        timeout=30,
+        what="primary back",
+    )
     if failover_state(daemon) == "failback_pending":
         hotsite("failback", "--yes", config=daemon.config)
-    wait_for(lambda: failover_state(daemon) == "primary_active"
-             and all(s["verdict"] == "up" for s in daemon.status()["sites"]), timeout=30, what="normal")
+    wait_for(
+        lambda: (
+            failover_state(daemon) == "primary_active"
+            and all(s["verdict"] == "up" for s in daemon.status()["sites"])
+        ),
+        timeout=30,
+        what="normal",
+    )
     time.sleep(1.2)  # past min_dwell_s
 
 
 def hard_loss(lab: Lab, daemon: RunningDaemon | None, trials: int, workdir: Path) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {
-        "failed": [], "failed_setup": [], "failed_late_1xx": [], "failed_bye_lost": [], "max_pdd_ms": [],
-        "pdd_over_500": [], "stuck": [],
-        "routed_s": [], "calls": [],
+        "failed": [],
+        "failed_setup": [],
+        "failed_late_1xx": [],
+        "failed_bye_lost": [],
+        "max_pdd_ms": [],
+        "pdd_over_500": [],
+        "stuck": [],
+        "routed_s": [],
+        "calls": [],
     }
     for trial in range(trials):
         caller = Caller(workdir, "95588", 5100 + trial % 50)
@@ -331,16 +407,34 @@ def jittery_primary(lab: Lab, workdir: Path) -> subprocess.Popen[bytes]:
             subprocess.run(["kill", str(p["pid"])], check=False)
     time.sleep(0.2)
     return subprocess.Popen(
-        ["ip", "netns", "exec", entry["namespace"], "sipp", "-sf", str(scenario), "-i", entry["address"],
-         "-p", "5060", "-bind_local", "-nostdin"],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "ip",
+            "netns",
+            "exec",
+            entry["namespace"],
+            "sipp",
+            "-sf",
+            str(scenario),
+            "-i",
+            entry["address"],
+            "-p",
+            "5060",
+            "-bind_local",
+            "-nostdin",
+        ],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
 def false_failovers(lab: Lab, daemon: RunningDaemon, minutes: float, workdir: Path) -> dict[str, int]:
     def starts() -> int:
-        events = json.loads(hotsite("events", "--json", "--kind", "failover.decision", "--limit", "1000",
-                                    config=daemon.config).stdout)
+        events = json.loads(
+            hotsite(
+                "events", "--json", "--kind", "failover.decision", "--limit", "1000", config=daemon.config
+            ).stdout
+        )
         return sum(1 for e in events if "starting failover" in e["message"])
 
     jittery_primary(lab, workdir)  # Lab.down() stops it with everything in the namespaces
@@ -379,7 +473,9 @@ def main() -> None:
     try:
         info = lab.up(mode="netns")
         lab.wait_ready()
-        print(f"Kamailio alone, {args.trials} hard cuts of the primary at {CALL_RATE} calls/s ...", flush=True)
+        print(
+            f"Kamailio alone, {args.trials} hard cuts of the primary at {CALL_RATE} calls/s ...", flush=True
+        )
         alone = hard_loss(lab, None, args.trials, workdir)
         alone_grey = grey(lab, None, max(1, args.grey_trials // 2), workdir)
         witness = fast_witness(info)
@@ -405,30 +501,52 @@ def main() -> None:
         lab.down()
 
     print("\nHARD LOSS (primary link cut, calls at 20/s)")
-    print(f"{'':24}{'failed calls':>22}{'max post-dial delay ms':>34}{'cut -> hotlines routed, primary fenced (s)':>46}")
-    print(f"{'Kamailio alone':24}{summary(alone['failed']):>22}{summary(alone['max_pdd_ms']):>34}{'never (no site decision)':>46}")
-    print(f"{'hotsite + Kamailio':24}{summary(ours['failed']):>22}{summary(ours['max_pdd_ms']):>34}{summary(ours['routed_s']):>46}")
-    print(f"{'keepalived (REFERENCE)':24}{'calls fail meanwhile':>22}{'':>34}{'3.07 s to move an address':>46}")
-    print(f"calls placed per trial: Kamailio alone {summary(alone['calls'])}; hotsite {summary(ours['calls'])}")
-    print("failed calls split (totals over the trials): set-up failed (routing's job); answered, then a stray 180"
-          " after the 200 (SIPp aborts, a phone would not); answered at the primary before the cut, BYE lost:")
+    print(
+        f"{'':24}{'failed calls':>22}{'max post-dial delay ms':>34}{'cut -> hotlines routed, primary fenced (s)':>46}"
+    )
+    print(
+        f"{'Kamailio alone':24}{summary(alone['failed']):>22}{summary(alone['max_pdd_ms']):>34}{'never (no site decision)':>46}"
+    )
+    print(
+        f"{'hotsite + Kamailio':24}{summary(ours['failed']):>22}{summary(ours['max_pdd_ms']):>34}{summary(ours['routed_s']):>46}"
+    )
+    print(
+        f"{'keepalived (REFERENCE)':24}{'calls fail meanwhile':>22}{'':>34}{'3.07 s to move an address':>46}"
+    )
+    print(
+        f"calls placed per trial: Kamailio alone {summary(alone['calls'])}; hotsite {summary(ours['calls'])}"
+    )
+    print(
+        "failed calls split (totals over the trials): set-up failed (routing's job); answered, then a stray 180"
+        " after the 200 (SIPp aborts, a phone would not); answered at the primary before the cut, BYE lost:"
+    )
     for name, res in (("Kamailio alone", alone), ("hotsite + Kamailio", ours)):
-        print(f"  {name:22} set-up {sum(res['failed_setup']):g} (of which never answered, stuck ringing at the"
-              f" dead primary: {sum(res['stuck']):g}), stray 180 {sum(res['failed_late_1xx']):g},"
-              f" BYE lost {sum(res['failed_bye_lost']):g}; failed per trial: {' '.join(f'{v:g}' for v in res['failed'])}")
+        print(
+            f"  {name:22} set-up {sum(res['failed_setup']):g} (of which never answered, stuck ringing at the"
+            f" dead primary: {sum(res['stuck']):g}), stray 180 {sum(res['failed_late_1xx']):g},"
+            f" BYE lost {sum(res['failed_bye_lost']):g}; failed per trial: {' '.join(f'{v:g}' for v in res['failed'])}"
+        )
     print("calls answered after more than 500 ms (INVITE to 200), per trial:")
     for name, res in (("Kamailio alone", alone), ("hotsite + Kamailio", ours)):
-        print(f"  {name:22} {summary(res['pdd_over_500'])}   PDD max per trial (ms): "
-              f"{' '.join(f'{v:.0f}' for v in res['max_pdd_ms'])}")
+        print(
+            f"  {name:22} {summary(res['pdd_over_500'])}   PDD max per trial (ms): "
+            f"{' '.join(f'{v:.0f}' for v in res['max_pdd_ms'])}"
+        )
     print("\nGREY FAILURE (the primary's health says it cannot serve; its SBC still answers)")
-    print(f"  hotsite: health bad -> hotlines moved (s): {summary(ours_grey['moved_s'])}; "
-          f"calls dead-ended at the primary meanwhile: {summary(ours_grey['dead_ended'])} "
-          f"of {summary(ours_grey['calls'])}")
-    print(f"  Kamailio alone: not detected within the 5 s window; calls dead-ended at the primary: "
-          f"{summary(alone_grey['dead_ended'])} of {summary(alone_grey['calls'])} (all of them)")
+    print(
+        f"  hotsite: health bad -> hotlines moved (s): {summary(ours_grey['moved_s'])}; "
+        f"calls dead-ended at the primary meanwhile: {summary(ours_grey['dead_ended'])} "
+        f"of {summary(ours_grey['calls'])}"
+    )
+    print(
+        f"  Kamailio alone: not detected within the 5 s window; calls dead-ended at the primary: "
+        f"{summary(alone_grey['dead_ended'])} of {summary(alone_grey['calls'])} (all of them)"
+    )
     print("\nFALSE FAILOVERS")
-    print(f"  {args.loss_minutes:g} min with 5% loss and 0..{JITTER_MAX_MS} ms jitter (SIP) on the primary: "
-          f"{false['loss']}")
+    print(
+        f"  {args.loss_minutes:g} min with 5% loss and 0..{JITTER_MAX_MS} ms jitter (SIP) on the primary: "
+        f"{false['loss']}"
+    )
     print(f"  10 s partition of the backup from the primary (witness sees it): {false['partition']}")
 
 

@@ -229,7 +229,11 @@ def flap(pre_vote: bool, seconds: float) -> tuple[float, int]:
         for site in SITES:
             sites.start_appliance(site)
         leader = wait_for(
-            lambda: leader_of(sites, list(SITES)), timeout=60, what="a leader", on_fail=sites.logs, interval=0.2
+            lambda: leader_of(sites, list(SITES)),
+            timeout=60,
+            what="a leader",
+            on_fail=sites.logs,
+            interval=0.2,
         )
         raft = wait_for(sites.raft_leader, timeout=30, what="a raft leader", on_fail=sites.logs, interval=0.5)
         victim = next(s for s in SITES if s not in (leader, raft))
@@ -294,11 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         if flap_s > 0:
             for pre_vote in (True, False):
                 flaps[pre_vote] = flap(pre_vote, flap_s)
-                print(f"  flap {flap_s:g} s, pre-vote {pre_vote}: {flaps[pre_vote][0]:.1f} s without a leader", flush=True)
+                print(
+                    f"  flap {flap_s:g} s, pre-vote {pre_vote}: {flaps[pre_vote][0]:.1f} s without a leader",
+                    flush=True,
+                )
     print()
     if raft_cut:
         election = ELECTION_MS / 1000
-        print(f"| raft leader's site cut (ttl 10 s, election timeout {election:g} s) | trials | median | max | TTL | TTL + election |")
+        print(
+            f"| raft leader's site cut (ttl 10 s, election timeout {election:g} s) | trials | median | max | TTL | TTL + election |"
+        )
         print("|---|---|---|---|---|---|")
         print(
             f"| leader after the cut (its role's since) | {len(raft_cut)} | {statistics.median(raft_cut):.2f} s"

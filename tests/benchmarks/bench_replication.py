@@ -82,7 +82,9 @@ def _writer(db: str, rate: float, seconds: float, result: mp.Queue) -> None:  # 
     conn.close()
 
 
-async def _delay_proxy(target_port: int, host: str = "127.0.0.1", delay_s: float = DELAY_S) -> asyncio.AbstractServer:
+async def _delay_proxy(
+    target_port: int, host: str = "127.0.0.1", delay_s: float = DELAY_S
+) -> asyncio.AbstractServer:
     """A TCP proxy on 127.0.0.1 that delays every byte by ``delay_s`` each way (no netem here).
 
     It closes a side only when the other closes: a path that drops packets stalls it, it
@@ -131,14 +133,25 @@ class Bench:
 
     def agent(self, db: Path) -> SourceAgent:
         c = self.certs
-        return SourceAgent([ServedStream("db", "sqlite", db)], heartbeat_s=0.2, poll_interval_s=0.005,
-                           ssl_context=server_context(c / "source.pem", c / "source.key", c / "ca.pem"))
+        return SourceAgent(
+            [ServedStream("db", "sqlite", db)],
+            heartbeat_s=0.2,
+            poll_interval_s=0.005,
+            ssl_context=server_context(c / "source.pem", c / "source.key", c / "ca.pem"),
+        )
 
     def client(self, replica: Replica, port: int, **kw: object) -> SqliteStreamClient:
         c = self.certs
-        return SqliteStreamClient("db", "db", replica, host="127.0.0.1", port=port, server_name="source",
-                                  ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"),
-                                  **kw)  # type: ignore[arg-type]
+        return SqliteStreamClient(
+            "db",
+            "db",
+            replica,
+            host="127.0.0.1",
+            port=port,
+            server_name="source",
+            ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"),
+            **kw,
+        )  # type: ignore[arg-type]
 
 
 async def rpo(bench: Bench, rate: float, seconds: float) -> dict[str, float]:
@@ -187,8 +200,12 @@ async def rpo(bench: Bench, rate: float, seconds: float) -> dict[str, float]:
     replica.close()
     samples.sort()
     return {
-        "rate": achieved, "rows": len(samples), "p50": statistics.median(samples),
-        "p99": samples[int(len(samples) * 0.99) - 1], "max": samples[-1], "bytes": client.stats.bytes_received,
+        "rate": achieved,
+        "rows": len(samples),
+        "p50": statistics.median(samples),
+        "p99": samples[int(len(samples) * 0.99) - 1],
+        "max": samples[-1],
+        "bytes": client.stats.bytes_received,
         "wal_mb": wal_bytes / 1e6,
     }
 
@@ -237,8 +254,12 @@ async def catch_up(bench: Bench, n: int) -> dict[str, float]:
     t1 = time.perf_counter()
     client = bench.client(replica, agent.port)
     task = asyncio.create_task(client.run())
-    while replica.position is None or client.stats.sessions == 0 or replica.applied_at is None \
-            or replica.applied_at < time.time() - (time.perf_counter() - t1):
+    while (
+        replica.position is None
+        or client.stats.sessions == 0
+        or replica.applied_at is None
+        or replica.applied_at < time.time() - (time.perf_counter() - t1)
+    ):
         await asyncio.sleep(0.005)
     catchup_s = time.perf_counter() - t1
     task.cancel()
@@ -260,9 +281,16 @@ async def catch_up(bench: Bench, n: int) -> dict[str, float]:
             c.execute("INSERT INTO t (ts, payload) VALUES (?, ?)", r)
         peers[sync] = n / (time.perf_counter() - t2)
         c.close()
-    return {"n": n, "source_tx_s": n / source_s, "stream_tx_s": n / stream_s, "streamed_tx": streamed_tx,
-            "catchup_tx_s": n / catchup_s, "catchup_s": catchup_s, "plain_full": peers["FULL"],
-            "plain_normal": peers["NORMAL"]}
+    return {
+        "n": n,
+        "source_tx_s": n / source_s,
+        "stream_tx_s": n / stream_s,
+        "streamed_tx": streamed_tx,
+        "catchup_tx_s": n / catchup_s,
+        "catchup_s": catchup_s,
+        "plain_full": peers["FULL"],
+        "plain_normal": peers["NORMAL"],
+    }
 
 
 def _replica_process(rep: str, port: int, certs: str, cpus: set[int] | None, stop: mp.Event) -> None:  # type: ignore[type-arg]
@@ -274,8 +302,15 @@ def _replica_process(rep: str, port: int, certs: str, cpus: set[int] | None, sto
         c = Path(certs)
         replica = Replica(Path(rep))
         replica.open()
-        client = SqliteStreamClient("db", "db", replica, host="127.0.0.1", port=port, server_name="source",
-                                    ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"))
+        client = SqliteStreamClient(
+            "db",
+            "db",
+            replica,
+            host="127.0.0.1",
+            port=port,
+            server_name="source",
+            ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"),
+        )
         task = asyncio.create_task(client.run())
         while not stop.is_set():
             await asyncio.sleep(0.05)
@@ -319,7 +354,9 @@ async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple
         if replicated:
             agent = bench.agent(db)
             await agent.start()
-            rep = mp.Process(target=_replica_process, args=(str(d / "rep.db"), agent.port, str(bench.certs), others, stop))
+            rep = mp.Process(
+                target=_replica_process, args=(str(d / "rep.db"), agent.port, str(bench.certs), others, stop)
+            )
             rep.start()
             await asyncio.sleep(1.0)
         q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
@@ -335,7 +372,11 @@ async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple
         p.join()
         restarts = sum(f.restarts for f in agent.followers) if agent is not None else 0
         hold = max((f.restart_hold_s for f in agent.followers), default=0.0) if agent is not None else 0.0
-        held = sum(getattr(f, "restart_hold_total_s", 0.0) for f in agent.followers) if agent is not None else 0.0
+        held = (
+            sum(getattr(f, "restart_hold_total_s", 0.0) for f in agent.followers)
+            if agent is not None
+            else 0.0
+        )
         followers = agent.followers if agent is not None else set()
         windows = sum(f.window_restarts for f in followers)
         tails = sum(f.tail_frames for f in followers)
@@ -365,8 +406,10 @@ def _make_db(path: Path, mb: int) -> None:
         conn.execute("BEGIN")
         conn.executemany(
             "INSERT INTO customers (name, notes) VALUES (?, ?)",
-            ((f"customer {n + i}", os.urandom(row // 3).hex()[: row // 3] + "account history " * 80)
-             for i in range(batch)),
+            (
+                (f"customer {n + i}", os.urandom(row // 3).hex()[: row // 3] + "account history " * 80)
+                for i in range(batch)
+            ),
         )
         conn.execute("COMMIT")
         n += batch
@@ -439,7 +482,9 @@ async def seeding(bench: Bench, mb: int) -> dict[str, float]:
     seed_wire = client.stats.bytes_received
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA wal_autocheckpoint = 0")  # the WAL keeps the outage's frames (for the resume)
-    conn.execute("UPDATE customers SET name = 'first ' || name WHERE id = 1")  # the replica enters a WAL generation
+    conn.execute(
+        "UPDATE customers SET name = 'first ' || name WHERE id = 1"
+    )  # the replica enters a WAL generation
     while replica.checksum != logical_checksum(db):
         await asyncio.sleep(0.05)
     task.cancel()
@@ -481,22 +526,36 @@ async def seeding(bench: Bench, mb: int) -> dict[str, float]:
     (d / "copy.db").unlink()
     link_s = await _send_through(backup)
     shutil.rmtree(d, ignore_errors=True)
-    return {"mb": size / 1e6, "made_s": made_s, "seed_s": seed_s, "ok": float(ok), "rss_growth": seed_rss,
-            "wire_mb": seed_wire / 1e6, "backup_s": backup_s, "cp_s": cp_s, "link_s": link_s,
-            "resume_s": resume_s, "resume_ok": float(resumed_ok), "resume_rss": peak - base_rss,
-            "resume_pages": client.stats.pages, "resume_wire_mb": client.stats.bytes_received / 1e6,
-            "resume_buffered_mb": getattr(client.stats, "buffered_peak_bytes", float("nan")) / 1e6}
+    return {
+        "mb": size / 1e6,
+        "made_s": made_s,
+        "seed_s": seed_s,
+        "ok": float(ok),
+        "rss_growth": seed_rss,
+        "wire_mb": seed_wire / 1e6,
+        "backup_s": backup_s,
+        "cp_s": cp_s,
+        "link_s": link_s,
+        "resume_s": resume_s,
+        "resume_ok": float(resumed_ok),
+        "resume_rss": peak - base_rss,
+        "resume_pages": client.stats.pages,
+        "resume_wire_mb": client.stats.bytes_received / 1e6,
+        "resume_buffered_mb": getattr(client.stats, "buffered_peak_bytes", float("nan")) / 1e6,
+    }
 
 
 BLOB = 300_000
 
 
-def _crm_writer(db: str, rate: float, transactions: int, vacuum_every: int, seed: int,
-                result: mp.Queue) -> None:  # type: ignore[type-arg]
+def _crm_writer(
+    db: str, rate: float, transactions: int, vacuum_every: int, seed: int, result: mp.Queue
+) -> None:  # type: ignore[type-arg]
     """Issue 15's workload: customer rows, a ~300 KB blob in one transaction in ten, deletes of the
     oldest rows, a TRUNCATE checkpoint after 1% of transactions, a VACUUM every ``vacuum_every``.
     Every insert carries its commit time (``ts``). Puts (tx/s, TRUNCATEs, VACUUMs, VACUUM seconds)."""
     import random
+
     rnd = random.Random(seed)
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 5000")
@@ -512,10 +571,14 @@ def _crm_writer(db: str, rate: float, transactions: int, vacuum_every: int, seed
         kind = rnd.random()
         if kind < 0.6:
             note = rnd.randbytes(BLOB) if kind < 0.1 else rnd.randbytes(200)
-            conn.execute("INSERT INTO customers (name, ts, note) VALUES (?, ?, ?)", (f"c{n}", time.time(), note))
+            conn.execute(
+                "INSERT INTO customers (name, ts, note) VALUES (?, ?, ?)", (f"c{n}", time.time(), note)
+            )
         elif kind < 0.85:
-            conn.execute("UPDATE customers SET name = ? WHERE id = (SELECT max(id) - ? FROM customers)",
-                         (f"u{n}", rnd.randrange(50)))
+            conn.execute(
+                "UPDATE customers SET name = ? WHERE id = (SELECT max(id) - ? FROM customers)",
+                (f"u{n}", rnd.randrange(50)),
+            )
         else:
             conn.execute("DELETE FROM customers WHERE id IN (SELECT id FROM customers ORDER BY id LIMIT 6)")
         conn.execute("COMMIT")
@@ -530,7 +593,9 @@ def _crm_writer(db: str, rate: float, transactions: int, vacuum_every: int, seed
     conn.close()
 
 
-async def blob_vacuum_rpo(bench: Bench, rate: float, transactions: int, vacuum_every: int) -> dict[str, float]:
+async def blob_vacuum_rpo(
+    bench: Bench, rate: float, transactions: int, vacuum_every: int
+) -> dict[str, float]:
     """RPO of issue 15's workload over the 20 ms link; resnapshots and sessions (none may end)."""
     d = bench.work / f"blobs{int(rate)}"
     d.mkdir()
@@ -538,7 +603,10 @@ async def blob_vacuum_rpo(bench: Bench, rate: float, transactions: int, vacuum_e
     init = sqlite3.connect(db, isolation_level=None)
     init.execute("PRAGMA journal_mode=WAL")
     init.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT, ts REAL, note BLOB)")
-    init.executemany("INSERT INTO customers (name, ts, note) VALUES (?, 0, ?)", ((f"s{i}", bytes(200)) for i in range(2000)))
+    init.executemany(
+        "INSERT INTO customers (name, ts, note) VALUES (?, 0, ?)",
+        ((f"s{i}", bytes(200)) for i in range(2000)),
+    )
     init.close()
     agent = bench.agent(db)
     await agent.start()
@@ -552,7 +620,9 @@ async def blob_vacuum_rpo(bench: Bench, rate: float, transactions: int, vacuum_e
         now = time.time()
         conn = sqlite3.connect(f"file:{replica.path}?immutable=1", uri=True)
         try:
-            rows = conn.execute("SELECT id, ts FROM customers WHERE id > ? AND ts > 0", (seen["max"],)).fetchall()
+            rows = conn.execute(
+                "SELECT id, ts FROM customers WHERE id > ? AND ts > 0", (seen["max"],)
+            ).fetchall()
         except sqlite3.Error:
             rows = []
         conn.close()
@@ -583,10 +653,18 @@ async def blob_vacuum_rpo(bench: Bench, rate: float, transactions: int, vacuum_e
     shutil.rmtree(d, ignore_errors=True)
     samples.sort()
     return {
-        "rate": achieved, "rows": len(samples), "p50": statistics.median(samples),
-        "p99": samples[int(len(samples) * 0.99) - 1], "max": samples[-1], "truncates": truncates,
-        "vacuums": vacuums, "vacuum_s": vacuum_s, "resnapshots": client.stats.resnapshots,
-        "continuity_lost": agent.continuity_lost, "sessions": client.stats.sessions, "equal": float(equal),
+        "rate": achieved,
+        "rows": len(samples),
+        "p50": statistics.median(samples),
+        "p99": samples[int(len(samples) * 0.99) - 1],
+        "max": samples[-1],
+        "truncates": truncates,
+        "vacuums": vacuums,
+        "vacuum_s": vacuum_s,
+        "resnapshots": client.stats.resnapshots,
+        "continuity_lost": agent.continuity_lost,
+        "sessions": client.stats.sessions,
+        "equal": float(equal),
         "wire_mb": client.stats.bytes_received / 1e6,
     }
 
@@ -677,34 +755,54 @@ async def vacuum_and_resync(bench: Bench, mb: int) -> dict[str, Any]:
     replica.close()
     conn.close()
     shutil.rmtree(d, ignore_errors=True)
-    return {"mb": size_mb, "db_pages": db_pages, "full_s": full_s, "full_mb": full_mb, "vacuum_s": vacuum_s,
-            "vacuum_local_s": vacuum_local_s, "vacuum_pages": vacuum_pages, "vacuum_rss": vacuum_rss, "vacuum_mb": vacuum_mb,
-            "copy_s": copy_s, "resync_s": resync_s, "resync_pages": resync_pages, "resync_mb": resync_mb,
-            "resync_mode": mode}
+    return {
+        "mb": size_mb,
+        "db_pages": db_pages,
+        "full_s": full_s,
+        "full_mb": full_mb,
+        "vacuum_s": vacuum_s,
+        "vacuum_local_s": vacuum_local_s,
+        "vacuum_pages": vacuum_pages,
+        "vacuum_rss": vacuum_rss,
+        "vacuum_mb": vacuum_mb,
+        "copy_s": copy_s,
+        "resync_s": resync_s,
+        "resync_pages": resync_pages,
+        "resync_mb": resync_mb,
+        "resync_mode": mode,
+    }
 
 
 def issue15(bench: Bench, args: argparse.Namespace) -> None:
-    print(f"Issue 15 workload (rows, 300 KB blobs in 10% of transactions, deletes, TRUNCATE at 1%, a VACUUM every"
-          f" {args.vacuum_every}), link delayed {DELAY_S * 1000:.0f} ms each way:")
-    for rate in (() if args.skip_blobs else (20.0, 0.0)):
+    print(
+        f"Issue 15 workload (rows, 300 KB blobs in 10% of transactions, deletes, TRUNCATE at 1%, a VACUUM every"
+        f" {args.vacuum_every}), link delayed {DELAY_S * 1000:.0f} ms each way:"
+    )
+    for rate in () if args.skip_blobs else (20.0, 0.0):
         n = args.blob_tx if rate == 0 else int(args.blob_seconds * rate)
         r = asyncio.run(blob_vacuum_rpo(bench, rate, n, args.vacuum_every))
         label = f"{rate:.0f} tx/s" if rate else "flat out"
-        print(f"  {label:>9} ({n} tx, achieved {r['rate']:.0f} tx/s; {r['truncates']:.0f} TRUNCATEs, {r['vacuums']:.0f}"
-              f" VACUUMs taking {r['vacuum_s']:.1f} s at the source): rows {r['rows']:.0f}, RPO p50"
-              f" {r['p50'] * 1000:.0f} ms p99 {r['p99'] * 1000:.0f} ms max {r['max'] * 1000:.0f} ms; resnapshots"
-              f" {r['resnapshots']:.0f}, continuity lost {r['continuity_lost']:.0f}, sessions {r['sessions']:.0f};"
-              f" {r['wire_mb']:.0f} MB on the wire; replica {'equal' if r['equal'] else 'DIFFERENT'}"
-              "   [targets: p99 < 1 s at 20 tx/s; 0 resnapshots]")
+        print(
+            f"  {label:>9} ({n} tx, achieved {r['rate']:.0f} tx/s; {r['truncates']:.0f} TRUNCATEs, {r['vacuums']:.0f}"
+            f" VACUUMs taking {r['vacuum_s']:.1f} s at the source): rows {r['rows']:.0f}, RPO p50"
+            f" {r['p50'] * 1000:.0f} ms p99 {r['p99'] * 1000:.0f} ms max {r['max'] * 1000:.0f} ms; resnapshots"
+            f" {r['resnapshots']:.0f}, continuity lost {r['continuity_lost']:.0f}, sessions {r['sessions']:.0f};"
+            f" {r['wire_mb']:.0f} MB on the wire; replica {'equal' if r['equal'] else 'DIFFERENT'}"
+            "   [targets: p99 < 1 s at 20 tx/s; 0 resnapshots]"
+        )
     v = asyncio.run(vacuum_and_resync(bench, args.vacuum_mb))
     print(f"VACUUM moving every page of a {v['mb']:.0f} MB database ({v['db_pages']:.0f} pages), same link:")
-    print(f"  replica equal {v['vacuum_s']:.1f} s after the VACUUM began ({v['vacuum_local_s']:.1f} s of it the"
-          f" VACUUM itself), {v['vacuum_pages']:.0f} pages, {v['vacuum_mb']:.0f} MB on the wire; copying the file"
-          f" over the link {v['copy_s']:.1f} s   [target <= 2x: {v['vacuum_s'] / v['copy_s']:.2f}x]; agent and"
-          f" replica (this process) grew {v['vacuum_rss']:.0f} MB resident meanwhile")
-    print(f"Resync after an outage in which a tenth of the pages changed (TRUNCATEs: the position is gone):"
-          f" {v['resync_s']:.1f} s ({v['resync_mode']}), {v['resync_pages']:.0f} pages, {v['resync_mb']:.1f} MB on the"
-          f" wire; a full resnapshot (new replica): {v['full_s']:.1f} s, {v['full_mb']:.0f} MB")
+    print(
+        f"  replica equal {v['vacuum_s']:.1f} s after the VACUUM began ({v['vacuum_local_s']:.1f} s of it the"
+        f" VACUUM itself), {v['vacuum_pages']:.0f} pages, {v['vacuum_mb']:.0f} MB on the wire; copying the file"
+        f" over the link {v['copy_s']:.1f} s   [target <= 2x: {v['vacuum_s'] / v['copy_s']:.2f}x]; agent and"
+        f" replica (this process) grew {v['vacuum_rss']:.0f} MB resident meanwhile"
+    )
+    print(
+        f"Resync after an outage in which a tenth of the pages changed (TRUNCATEs: the position is gone):"
+        f" {v['resync_s']:.1f} s ({v['resync_mode']}), {v['resync_pages']:.0f} pages, {v['resync_mb']:.1f} MB on the"
+        f" wire; a full resnapshot (new replica): {v['full_s']:.1f} s, {v['full_mb']:.0f} MB"
+    )
 
 
 def again(o: dict[str, tuple[float, ...]], base: str) -> str:
@@ -717,15 +815,17 @@ def baseline(o: dict[str, tuple[float, ...]], base: str) -> float:
 
 
 def overhead_line(label: str, base: str, other: str, o: dict[str, tuple[float, ...]]) -> str:
-    return (f"  {label:>12} {other:>17}: throughput {o[base][0]:.0f} alone / {o[other][0]:.0f} replicated"
-            f"{again(o, base)} tx/s ({100 * (1 - o[other][0] / baseline(o, base)):+.1f}% slower); commit p50"
-            f" {o[base][1] * 1e6:.0f} / {o[other][1] * 1e6:.0f} us,"
-            f" p99 {o[base][2] * 1e6:.0f} / {o[other][2] * 1e6:.0f} us;"
-            f" WAL largest {o[base][4]:.1f} / {o[other][4]:.1f} MB,"
-            f" WAL restarted by the application in a window {o[other][8]:.0f} times"
-            f" ({o[other][9]:.0f} frames read after the restart), by the agent"
-            f" {o[other][5]:.0f} times (writers held off at most {o[other][6] * 1000:.1f} ms,"
-            f" {o[other][7] * 1000:.0f} ms in all); resnapshots {o[other][10]:.0f}")
+    return (
+        f"  {label:>12} {other:>17}: throughput {o[base][0]:.0f} alone / {o[other][0]:.0f} replicated"
+        f"{again(o, base)} tx/s ({100 * (1 - o[other][0] / baseline(o, base)):+.1f}% slower); commit p50"
+        f" {o[base][1] * 1e6:.0f} / {o[other][1] * 1e6:.0f} us,"
+        f" p99 {o[base][2] * 1e6:.0f} / {o[other][2] * 1e6:.0f} us;"
+        f" WAL largest {o[base][4]:.1f} / {o[other][4]:.1f} MB,"
+        f" WAL restarted by the application in a window {o[other][8]:.0f} times"
+        f" ({o[other][9]:.0f} frames read after the restart), by the agent"
+        f" {o[other][5]:.0f} times (writers held off at most {o[other][6] * 1000:.1f} ms,"
+        f" {o[other][7] * 1000:.0f} ms in all); resnapshots {o[other][10]:.0f}"
+    )
 
 
 def main() -> None:
@@ -740,33 +840,47 @@ def main() -> None:
     parser.add_argument("--only-issue15", action="store_true", help="just the blob/VACUUM/resync figures")
     parser.add_argument("--skip-issue15", action="store_true")
     parser.add_argument("--skip-blobs", action="store_true", help="issue 15: only the VACUUM/resync figures")
-    parser.add_argument("--blob-seconds", type=float, default=60.0, help="issue 15 workload at 20 tx/s: seconds")
+    parser.add_argument(
+        "--blob-seconds", type=float, default=60.0, help="issue 15 workload at 20 tx/s: seconds"
+    )
     parser.add_argument("--blob-tx", type=int, default=3000, help="issue 15 workload flat out: transactions")
     parser.add_argument("--vacuum-every", type=int, default=300, help="a VACUUM every N transactions")
-    parser.add_argument("--vacuum-mb", type=int, default=256, help="database size for the VACUUM/resync figures")
+    parser.add_argument(
+        "--vacuum-mb", type=int, default=256, help="database size for the VACUUM/resync figures"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-replication-"))
     try:
         bench = Bench(work)
-        print(f"RPO over a link delayed {DELAY_S * 1000:.0f} ms each way (TLS, zlib), writer in its own process")
+        print(
+            f"RPO over a link delayed {DELAY_S * 1000:.0f} ms each way (TLS, zlib), writer in its own process"
+        )
         if args.only_overhead:
             args.skip_rpo, args.catchup_rows, args.seed_mb, args.skip_issue15 = True, 0, 0, True
         if args.only_issue15:
             issue15(bench, args)
             return
-        for rate in (() if args.skip_rpo else (1000, 5000)):
+        for rate in () if args.skip_rpo else (1000, 5000):
             r = asyncio.run(rpo(bench, rate, args.seconds))
-            print(f"  target {rate:>5} tx/s (achieved {r['rate']:7.0f}): rows {r['rows']:6d}  RPO p50 {r['p50'] * 1000:7.1f} ms"
-                  f"  p99 {r['p99'] * 1000:7.1f} ms  max {r['max'] * 1000:7.1f} ms"
-                  f"  WAL at end {r['wal_mb']:.1f} MB   [target p99 < 1000 ms]")
+            print(
+                f"  target {rate:>5} tx/s (achieved {r['rate']:7.0f}): rows {r['rows']:6d}  RPO p50 {r['p50'] * 1000:7.1f} ms"
+                f"  p99 {r['p99'] * 1000:7.1f} ms  max {r['max'] * 1000:7.1f} ms"
+                f"  WAL at end {r['wal_mb']:.1f} MB   [target p99 < 1000 ms]"
+            )
         c = asyncio.run(catch_up(bench, args.catchup_rows)) if args.catchup_rows else None
         if c is not None:
             print(f"Apply rate, {c['n']} single-row transactions (same rows, same run):")
             print(f"  source committed at           {c['source_tx_s']:9.0f} tx/s")
-            print(f"  replica streaming apply       {c['stream_tx_s']:9.0f} tx/s (source commit start -> all visible)")
-            print(f"  replica catch-up after outage {c['catchup_tx_s']:9.0f} tx/s ({c['catchup_s'] * 1000:.0f} ms)")
-            print(f"  plain local SQLite insert     {c['plain_full']:9.0f} tx/s synchronous=FULL,"
-                  f" {c['plain_normal']:.0f} tx/s NORMAL   [target: replica >= half]")
+            print(
+                f"  replica streaming apply       {c['stream_tx_s']:9.0f} tx/s (source commit start -> all visible)"
+            )
+            print(
+                f"  replica catch-up after outage {c['catchup_tx_s']:9.0f} tx/s ({c['catchup_s'] * 1000:.0f} ms)"
+            )
+            print(
+                f"  plain local SQLite insert     {c['plain_full']:9.0f} tx/s synchronous=FULL,"
+                f" {c['plain_normal']:.0f} tx/s NORMAL   [target: replica >= half]"
+            )
         if not args.skip_overhead:
             print("Source overhead and WAL size (writer, agent, replica each in its own process; same run):")
             for rate in (1000, 5000, 0):
@@ -778,26 +892,38 @@ def main() -> None:
                         print(overhead_line(label, base, other, o))
                     if rounds > 1:
                         slower = sorted(100 * (1 - o[other][0] / baseline(o, base)) for o in runs)
-                        print(f"  {label:>12} {other:>17}: median of {rounds} rounds {statistics.median(slower):+.1f}%"
-                              f" slower (from {slower[0]:+.1f}% to {slower[-1]:+.1f}%)   [target < 10%]")
+                        print(
+                            f"  {label:>12} {other:>17}: median of {rounds} rounds {statistics.median(slower):+.1f}%"
+                            f" slower (from {slower[0]:+.1f}% to {slower[-1]:+.1f}%)   [target < 10%]"
+                        )
             print("  (pinned: the writer alone on CPU 0, agent and replica sharing CPU 1)")
         if args.seed_mb:
             s = asyncio.run(seeding(bench, args.seed_mb))
-            print(f"Initial seeding of a {s['mb']:.0f} MB database (made in {s['made_s']:.1f} s), link delayed"
-                  f" {DELAY_S * 1000:.0f} ms each way:")
-            print(f"  hotsite seed (TLS, zlib, checksummed)   {s['seed_s']:7.1f} s  {s['mb'] / s['seed_s']:6.1f} MB/s"
-                  f"  ({s['wire_mb']:.0f} MB on the wire; replica checksum {'equal' if s['ok'] else 'DIFFERENT'};"
-                  f" resident memory grew {s['rss_growth']:.0f} MB)")
-            print(f"  sqlite3 .backup + copy over the link   {s['backup_s'] + s['link_s']:7.1f} s"
-                  f"  {s['mb'] / (s['backup_s'] + s['link_s']):6.1f} MB/s  (.backup {s['backup_s']:.1f} s,"
-                  f" plain TCP copy {s['link_s']:.1f} s)")
-            print(f"  sqlite3 .backup + local cp             {s['backup_s'] + s['cp_s']:7.1f} s"
-                  f"  {s['mb'] / (s['backup_s'] + s['cp_s']):6.1f} MB/s")
-            print(f"Resume after every page changed during an outage (one batch of {s['resume_pages']:.0f} pages,"
-                  f" sent in chunks, staged on disk): {s['resume_s']:.1f} s, {s['resume_wire_mb']:.0f} MB on the wire,"
-                  f" replica {'equal' if s['resume_ok'] else 'DIFFERENT or not a resume'}; resident memory grew"
-                  f" {s['resume_rss']:.0f} MB, at most {s['resume_buffered_mb']:.1f} MB held between receiving and"
-                  " applying")
+            print(
+                f"Initial seeding of a {s['mb']:.0f} MB database (made in {s['made_s']:.1f} s), link delayed"
+                f" {DELAY_S * 1000:.0f} ms each way:"
+            )
+            print(
+                f"  hotsite seed (TLS, zlib, checksummed)   {s['seed_s']:7.1f} s  {s['mb'] / s['seed_s']:6.1f} MB/s"
+                f"  ({s['wire_mb']:.0f} MB on the wire; replica checksum {'equal' if s['ok'] else 'DIFFERENT'};"
+                f" resident memory grew {s['rss_growth']:.0f} MB)"
+            )
+            print(
+                f"  sqlite3 .backup + copy over the link   {s['backup_s'] + s['link_s']:7.1f} s"
+                f"  {s['mb'] / (s['backup_s'] + s['link_s']):6.1f} MB/s  (.backup {s['backup_s']:.1f} s,"
+                f" plain TCP copy {s['link_s']:.1f} s)"
+            )
+            print(
+                f"  sqlite3 .backup + local cp             {s['backup_s'] + s['cp_s']:7.1f} s"
+                f"  {s['mb'] / (s['backup_s'] + s['cp_s']):6.1f} MB/s"
+            )
+            print(
+                f"Resume after every page changed during an outage (one batch of {s['resume_pages']:.0f} pages,"
+                f" sent in chunks, staged on disk): {s['resume_s']:.1f} s, {s['resume_wire_mb']:.0f} MB on the wire,"
+                f" replica {'equal' if s['resume_ok'] else 'DIFFERENT or not a resume'}; resident memory grew"
+                f" {s['resume_rss']:.0f} MB, at most {s['resume_buffered_mb']:.1f} MB held between receiving and"
+                " applying"
+            )
         if not args.skip_issue15:
             issue15(bench, args)
     finally:

@@ -57,7 +57,9 @@ def script(tmp_path: Path, body: str) -> list[str]:
 
 def test_command_hook_applies_verifies_and_reports_its_failure(tmp_path: Path) -> None:
     state = tmp_path / "carrier.json"
-    hook = HookActuator(command=script(tmp_path, REDIRECT.format(state=str(state))), timeout_s=10, name="carrier")
+    hook = HookActuator(
+        command=script(tmp_path, REDIRECT.format(state=str(state))), timeout_s=10, name="carrier"
+    )
 
     async def go() -> None:
         assert await hook.verify(FAILOVER) == ["nothing redirected yet"]
@@ -81,7 +83,9 @@ def test_command_hook_applies_verifies_and_reports_its_failure(tmp_path: Path) -
 
 
 def test_verify_exit_other_than_0_or_1_is_an_error_not_a_difference(tmp_path: Path) -> None:
-    hook = HookActuator(command=script(tmp_path, "import sys\nprint('no credentials', file=sys.stderr)\nsys.exit(2)\n"))
+    hook = HookActuator(
+        command=script(tmp_path, "import sys\nprint('no credentials', file=sys.stderr)\nsys.exit(2)\n")
+    )
     with pytest.raises(ActuatorError, match="--verify exited 2: no credentials"):
         asyncio.run(hook.verify(FAILOVER))
     quiet = HookActuator(command=script(tmp_path, "import sys\nsys.exit(2)\n"), verify=False)
@@ -109,7 +113,11 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
             except ProcessLookupError:
                 break
             # a zombie of the grandchild (reparented to init) counts as gone
-            status = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
+            status = (
+                Path(f"/proc/{pid}/stat").read_text().split()[2]
+                if Path(f"/proc/{pid}/stat").exists()
+                else "X"
+            )
             if status == "Z":
                 break
             time.sleep(0.05)
@@ -246,7 +254,9 @@ WORLD_HOOK = Path(__file__).resolve().parents[1] / "support" / "routing_world.py
 
 
 def world_hook(world: Path, name: str) -> HookActuator:
-    return HookActuator(command=[sys.executable, str(WORLD_HOOK), "--world", str(world), "--name", name], timeout_s=10)
+    return HookActuator(
+        command=[sys.executable, str(WORLD_HOOK), "--world", str(world), "--name", name], timeout_s=10
+    )
 
 
 def test_the_reference_hook_refuses_an_in_flight_write_once_a_newer_token_is_fenced(tmp_path: Path) -> None:
@@ -300,7 +310,9 @@ def test_fence_argv_stdin_and_environment_and_a_hook_that_cannot_fence(tmp_path:
     }
     with pytest.raises(StaleToken):  # older than what it was fenced with: never reaches the hook
         asyncio.run(hook.fence(11))
-    old_style = HookActuator(command=script(tmp_path, "import argparse\nargparse.ArgumentParser().parse_args()\n"))
+    old_style = HookActuator(
+        command=script(tmp_path, "import argparse\nargparse.ArgumentParser().parse_args()\n")
+    )
     with pytest.raises(ActuatorError, match=r"--fence exited 2: .*HOOKS.md") as refused:
         asyncio.run(old_style.fence(1))
     assert not isinstance(refused.value, StaleToken)

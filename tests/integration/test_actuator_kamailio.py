@@ -77,7 +77,12 @@ class Proc:
     def __init__(self, cmd: list[str], log: Path, cwd: Path) -> None:
         with log.open("ab") as out:
             self.popen = subprocess.Popen(
-                cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.log = log
 
@@ -182,7 +187,12 @@ class World:
         cmd += ["-i", self.caller_addr, "-p", "5062", "-bind_local", "-nostdin", "-timeout", "10"]
         with (self.workdir / "caller.log").open("ab") as out:
             return subprocess.run(
-                cmd, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=20
+                cmd,
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=20,
             ).returncode
 
     def landed(self, number: str) -> str:
@@ -536,6 +546,10 @@ def test_a_former_leader_sigstopped_mid_apply_changes_nothing_once_fenced(world:
         assert ending.startswith("stale:"), out
         refused_by_kamailio += "refused by Kamailio" in ending
         if after != fenced:
-            changed.append((run + 1, ending, {k: (fenced[k], after[k]) for k in after if after[k] != fenced[k]}))
-    print(f"{runs} runs: {len(changed)} changed after the fence; {refused_by_kamailio} refused by Kamailio itself")
+            changed.append(
+                (run + 1, ending, {k: (fenced[k], after[k]) for k in after if after[k] != fenced[k]})
+            )
+    print(
+        f"{runs} runs: {len(changed)} changed after the fence; {refused_by_kamailio} refused by Kamailio itself"
+    )
     assert not changed, changed

@@ -57,7 +57,20 @@ def segment() -> Iterator[Segment]:
     try:
         ip("netns", "add", seg.ns_a)
         ip("netns", "add", seg.ns_b)
-        ip("link", "add", seg.if_a, "netns", seg.ns_a, "type", "veth", "peer", "name", seg.if_b, "netns", seg.ns_b)
+        ip(
+            "link",
+            "add",
+            seg.if_a,
+            "netns",
+            seg.ns_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            seg.if_b,
+            "netns",
+            seg.ns_b,
+        )
         ip("-n", seg.ns_a, "link", "set", seg.if_a, "up")
         ip("-n", seg.ns_b, "link", "set", seg.if_b, "up")
         ip("-n", seg.ns_b, "addr", "add", "192.0.2.2/24", "dev", seg.if_b)
@@ -189,7 +202,11 @@ def test_routes_follow_the_address_and_hand_removal_is_drift(segment: Segment) -
     assert "192.0.2.10" not in ip("-n", segment.ns_a, "-br", "addr", "show", segment.if_a)
 
 
-def test_a_route_through_an_unreachable_gateway_fails_the_step_with_the_kernels_reason(segment: Segment) -> None:
-    act = NetlinkActuator(SERVICE, segment.if_a, netns=segment.ns_a, garp_count=0, routes=["198.51.100.0/24 via 10.99.0.1"])
+def test_a_route_through_an_unreachable_gateway_fails_the_step_with_the_kernels_reason(
+    segment: Segment,
+) -> None:
+    act = NetlinkActuator(
+        SERVICE, segment.if_a, netns=segment.ns_a, garp_count=0, routes=["198.51.100.0/24 via 10.99.0.1"]
+    )
     with pytest.raises(ActuatorError, match="netlink error"):
         asyncio.run(act.apply(FAILOVER, 1))

@@ -189,13 +189,20 @@ def test_usage_errors_exit_2() -> None:
 
 
 def test_probes_and_trunks_commands(cfg: Path, tmp_path: Path) -> None:
-    cfg.write_text(cfg.read_text() + f'\n[trunks.carrier-x]\naddress = "127.0.0.1:{free_port(socket.SOCK_DGRAM)}"\n')
+    cfg.write_text(
+        cfg.read_text() + f'\n[trunks.carrier-x]\naddress = "127.0.0.1:{free_port(socket.SOCK_DGRAM)}"\n'
+    )
     daemon = RunningDaemon(cfg, tmp_path / "daemon.log")
     try:
         daemon.wait_ready()
         probes = json.loads(hotsite("probes", "--json", config=cfg).stdout)
         assert [p["target"] for p in probes] == [
-            "site:primary:sbc", "site:backup:sbc", "host:disk", "host:memory", "host:temperature", "trunk:carrier-x",
+            "site:primary:sbc",
+            "site:backup:sbc",
+            "host:disk",
+            "host:memory",
+            "host:temperature",
+            "trunk:carrier-x",
         ]
         assert all(p["interval_s"] == 0.2 and p["timeout_s"] == 0.15 for p in probes if p["kind"] == "sip")
         assert next(p for p in probes if p["target"] == "host:disk")["interval_s"] == 5.0
@@ -235,9 +242,16 @@ def test_a_broken_modem_is_an_incident(cfg: Path, tmp_path: Path) -> None:
     try:
         daemon.wait_ready()
         incident = wait_for(
-            lambda: next((i for i in json.loads(hotsite("incidents", "--json", config=cfg).stdout)["active"]
-                          if "channel:sms" in i["keys"]), None),
-            timeout=20, what="modem incident",
+            lambda: next(
+                (
+                    i
+                    for i in json.loads(hotsite("incidents", "--json", config=cfg).stdout)["active"]
+                    if "channel:sms" in i["keys"]
+                ),
+                None,
+            ),
+            timeout=20,
+            what="modem incident",
         )
         assert "paging channel sms (gsm) is down" in incident["summary"]
     finally:

@@ -64,7 +64,9 @@ class Demo:
                        check=True, env=env)  # fmt: skip
 
     def screen(self) -> str:
-        proc = subprocess.run([*self.tmux, "capture-pane", "-p", "-t", self.session], capture_output=True, text=True)
+        proc = subprocess.run(
+            [*self.tmux, "capture-pane", "-p", "-t", self.session], capture_output=True, text=True
+        )
         return proc.stdout
 
     def see(self, condition: Callable[[str], bool], what: str, timeout: float = 90) -> str:
@@ -115,8 +117,10 @@ def _failover_incident(demo: Demo) -> dict[str, Any] | None:
 def _steady(demo: Demo) -> None:
     def steady() -> bool:
         status = demo.api("status")
-        return bool(status) and status["failover"]["state"] == "primary_active" and all(
-            s["verdict"] == "up" for s in status["sites"]
+        return (
+            bool(status)
+            and status["failover"]["state"] == "primary_active"
+            and all(s["verdict"] == "up" for s in status["sites"])
         )
 
     wait_for(steady, timeout=120, what="steady")
@@ -129,7 +133,9 @@ def _back_to_primary(demo: Demo) -> None:
 
 
 def test_the_five_things_the_demo_offers(demo: Demo) -> None:
-    first = demo.see(lambda s: "SMS (the demo's GSM modem)" in s and "primary" in s, "the demo screen", timeout=180)
+    first = demo.see(
+        lambda s: "SMS (the demo's GSM modem)" in s and "primary" in s, "the demo screen", timeout=180
+    )
     for action in ("1 cut", "2 ack", "3 heal", "4 degrade", "5 split"):
         assert action in first, f"the hint line offers {action!r}"
     _steady(demo)
@@ -139,7 +145,9 @@ def test_the_five_things_the_demo_offers(demo: Demo) -> None:
     after_cut = demo.see(lambda s: "backup_active" in s and f"out  {ON_CALL}" in s, "failover and the page")
     if capture := os.environ.get("HOTSITE_DEMO_CAPTURE"):
         # As `make demo` shows it: the default workdir, which the hint then leaves out.
-        shown = after_cut.replace(f" --workdir {demo.workdir}", "").replace(str(demo.workdir), "/run/hotsite-lab")
+        shown = after_cut.replace(f" --workdir {demo.workdir}", "").replace(
+            str(demo.workdir), "/run/hotsite-lab"
+        )
         Path(capture).write_text("\n".join(line.rstrip() for line in shown.rstrip().splitlines()) + "\n")
 
     # 2. ACK by SMS: the reply is on screen and the incident is acknowledged.

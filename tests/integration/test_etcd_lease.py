@@ -408,12 +408,17 @@ async def test_a_black_holed_member_does_not_starve_the_others(cluster: EtcdClus
 
 
 @run_async
-async def test_peer_views_are_shared_through_etcd_and_garbage_is_counted(cluster: EtcdCluster, domain: str) -> None:
+async def test_peer_views_are_shared_through_etcd_and_garbage_is_counted(
+    cluster: EtcdCluster, domain: str
+) -> None:
     """Two appliances publish under their own session leases; a third's garbage is ignored and counted."""
     from failover.peers import PeerViews, PeerVoter
 
     gateways = [Gateway(cluster.endpoints, timeout_s=0.6) for _ in range(2)]
-    leases = [EtcdLease(g, domain=domain, appliance=f"a{i}", ttl_s=TTL, retry_s=RETRY) for i, g in enumerate(gateways)]
+    leases = [
+        EtcdLease(g, domain=domain, appliance=f"a{i}", ttl_s=TTL, retry_s=RETRY)
+        for i, g in enumerate(gateways)
+    ]
     seen = {"a0": {"primary": "down", "east": "up"}, "a1": {"primary": "up", "west": "up"}}
     views = [
         PeerViews(g, lease, domain=domain, appliance=f"a{i}", site=("east", "west")[i],
@@ -446,12 +451,17 @@ async def test_peer_views_are_shared_through_etcd_and_garbage_is_counted(cluster
 
 
 @run_async
-async def test_a_decision_taken_before_the_takeover_is_never_carried_out(cluster: EtcdCluster, domain: str) -> None:
+async def test_a_decision_taken_before_the_takeover_is_never_carried_out(
+    cluster: EtcdCluster, domain: str
+) -> None:
     """A reconcile or runbook under way when this appliance takes over carries a pre-takeover epoch."""
     gateway = Gateway(cluster.endpoints, timeout_s=0.6)
     lease = EtcdLease(gateway, domain=domain, appliance="a", ttl_s=TTL, retry_s=RETRY)
     world = NullActuator()
-    fence = Fence(lease, lambda: ROUTINGS, on_takeover=lambda observed, token: 7)  # the engine adopted: epoch 7
+    world.timeout_s = 0.5  # in memory; an apply starts only if the lease view (< TTL) outlasts this
+    fence = Fence(
+        lease, lambda: ROUTINGS, on_takeover=lambda observed, token: 7
+    )  # the engine adopted: epoch 7
     [actuator] = fence.wrap([world])
     try:
         await lease.cycle()
@@ -490,7 +500,9 @@ async def test_with_quorum_lost_no_apply_starts_later_than_the_fresh_lease_bound
         await asyncio.sleep(0.5)
         late = [at - paused_at for _w, _t, at in recorder.acts if at > paused_at]
         bound = TTL - a.lease.margin_s - Tagged.timeout_s
-        print(f"applies after quorum loss: {len(late)}, the last {max(late, default=0):.2f}s after (bound {bound:.2f}s)")
+        print(
+            f"applies after quorum loss: {len(late)}, the last {max(late, default=0):.2f}s after (bound {bound:.2f}s)"
+        )
         assert max(late, default=0.0) <= bound + 0.05, (late, bound)
     finally:
         for name in list(cluster.paused):
@@ -500,7 +512,9 @@ async def test_with_quorum_lost_no_apply_starts_later_than_the_fresh_lease_bound
 
 
 @run_async
-async def test_the_health_check_counts_healthy_members_and_names_the_raft_leader(cluster: EtcdCluster) -> None:
+async def test_the_health_check_counts_healthy_members_and_names_the_raft_leader(
+    cluster: EtcdCluster,
+) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from appliance import config

@@ -92,17 +92,27 @@ def test_sigkill_mid_runbook_resumes_and_completes(lab: dict[str, Any], tmp_path
             # Done means routing on the backup; with the primary up, the engine goes on at
             # once to failback_pending (failback stays manual), so accept either state.
             done = wait_for(
-                lambda: (f := second.status()["failover"])["state"] in ("backup_active", "failback_pending")
-                and f["routing"] == "failover" and f,
-                timeout=60, what="resumed failover completed",
+                lambda: (
+                    (f := second.status()["failover"])["state"] in ("backup_active", "failback_pending")
+                    and f["routing"] == "failover"
+                    and f
+                ),
+                timeout=60,
+                what="resumed failover completed",
             )
         except AssertionError as exc:  # say why: the restarted daemon's own account
-            raise AssertionError(f"{exc}\n--- restarted daemon's log ---\n{second.log.read_text()[-6000:]}") from None
+            raise AssertionError(
+                f"{exc}\n--- restarted daemon's log ---\n{second.log.read_text()[-6000:]}"
+            ) from None
         assert done["routing"] == "failover" and done["epoch"] == 2  # a newer token than the killed run's
         assert state_file.read_text().strip() == "failover"
         assert _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 2
-        decisions = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=config).stdout)
-        assert any(d["message"].startswith("resuming the interrupted failover from the top (epoch 2")
-                   for d in decisions)
+        decisions = json.loads(
+            hotsite("events", "--json", "--kind", "failover.decision", config=config).stdout
+        )
+        assert any(
+            d["message"].startswith("resuming the interrupted failover from the top (epoch 2")
+            for d in decisions
+        )
     finally:
         assert second.stop() == 0

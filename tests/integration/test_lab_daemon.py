@@ -49,7 +49,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, dict[st
 
 
 @pytest.fixture(scope="module")
-def daemon(lab: tuple[Any, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+def daemon(
+    lab: tuple[Any, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningDaemon]:
     _, info = lab
     listen = f"127.0.0.1:{free_port()}"
     path = Path(info["workdir"]) / "hotsite.toml"
@@ -137,16 +139,45 @@ def test_free_port_helper_gives_distinct_ports() -> None:
 
 def _sipp_call(number: str, port: int, *, calls: int = 1, hold_ms: int = 0) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        ["ip", "netns", "exec", "hs-lab-trunk-b", "sipp", "-sn", "uac", "10.77.0.10:5060", "-s", number,
-         "-m", str(calls), "-l", str(calls), "-r", str(calls), "-d", str(hold_ms), "-i", "10.77.0.12",
-         "-p", str(port), "-nostdin", "-timeout", "15s"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "ip",
+            "netns",
+            "exec",
+            "hs-lab-trunk-b",
+            "sipp",
+            "-sn",
+            "uac",
+            "10.77.0.10:5060",
+            "-s",
+            number,
+            "-m",
+            str(calls),
+            "-l",
+            str(calls),
+            "-r",
+            str(calls),
+            "-d",
+            str(hold_ms),
+            "-i",
+            "10.77.0.12",
+            "-p",
+            str(port),
+            "-nostdin",
+            "-timeout",
+            "15s",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
 def _rpc(method: str, *params: Any) -> Any:
-    reply = httpx.post("http://10.77.0.10:5071/RPC", json={"jsonrpc": "2.0", "method": method,
-                       "params": list(params), "id": 1}, timeout=3, trust_env=False)
+    reply = httpx.post(
+        "http://10.77.0.10:5071/RPC",
+        json={"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1},
+        timeout=3,
+        trust_env=False,
+    )
     return reply.json()["result"]
 
 
@@ -158,27 +189,34 @@ def test_a_dead_primary_fails_over_by_plan_and_back_under_control(
     the_lab, _ = lab
     site = lambda name: next(s for s in daemon.status()["sites"] if s["name"] == name)  # noqa: E731
     failover = lambda: daemon.status()["failover"]  # noqa: E731
-    wait_for(lambda: site("primary")["verdict"] == "up" and failover()["state"] == "primary_active",
-             what="primary up, normal routing")
+    wait_for(
+        lambda: site("primary")["verdict"] == "up" and failover()["state"] == "primary_active",
+        what="primary up, normal routing",
+    )
     assert hotsite("lab", "impair", "--workdir", str(the_lab.workdir), "primary", "--cut").returncode == 0
     try:
         down = wait_for(lambda: (p := site("primary"))["verdict"] == "down" and p, what="primary down")
         assert down["why"][-1] == "2 independent kinds of evidence agree (http, sip)"
-        state = wait_for(lambda: (f := failover())["state"] == "backup_active" and f, timeout=30,
-                         what="automatic failover")
+        state = wait_for(
+            lambda: (f := failover())["state"] == "backup_active" and f, timeout=30, what="automatic failover"
+        )
         assert state["routing"] == "failover" and state["epoch"] >= 1
         assert state["witness"]["primary_alive"] is False
         assert _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 2
         # The primary's SBC is fenced; set 1 keeps the backup as its per-call fallback.
         flags = _dispatcher_flags()
-        assert flags[1]["sip:10.77.0.20:5060"].startswith("D") and flags[1]["sip:10.77.0.30:5060"].startswith("A")
+        assert flags[1]["sip:10.77.0.20:5060"].startswith("D") and flags[1]["sip:10.77.0.30:5060"].startswith(
+            "A"
+        )
         text = metrics(daemon.listen)  # type: ignore[attr-defined]
         assert 'hotsite_failover_state{state="backup_active"} 1.0' in text
         assert 'hotsite_site_verdict{site="primary",verdict="down"} 1.0' in text
         call = _sipp_call("95588", 5090, hold_ms=2000)
         wait_for(lambda: daemon.status()["sites"][1]["calls_in_progress"] == 1, what="the call at the backup")
         assert call.wait(timeout=20) == 0
-        decisions = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)
+        decisions = json.loads(
+            hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout
+        )
         assert any("the witness" in d["message"] and "starting failover" in d["message"] for d in decisions)
     finally:
         assert hotsite("lab", "heal", "--workdir", str(the_lab.workdir), "primary").returncode == 0
@@ -189,7 +227,11 @@ def test_a_dead_primary_fails_over_by_plan_and_back_under_control(
     assert back.returncode == 0, back.stderr
     wait_for(lambda: failover()["state"] == "primary_active", timeout=20, what="failback done")
     assert _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 1
-    assert all(not flags.startswith("D") for set_flags in _dispatcher_flags().values() for flags in set_flags.values())
+    assert all(
+        not flags.startswith("D")
+        for set_flags in _dispatcher_flags().values()
+        for flags in set_flags.values()
+    )
     refused = hotsite("failback", "--yes", config=daemon.config)
     assert refused.returncode == 1 and "routing is already normal" in refused.stderr
 
@@ -217,20 +259,54 @@ def test_calls_in_progress_are_read_from_kamailio(daemon: RunningDaemon) -> None
     all three see them while they are up.
     """
     call = subprocess.Popen(
-        ["ip", "netns", "exec", "hs-lab-trunk-a", "sipp", "-sn", "uac", "10.77.0.10:5060", "-s", "1000",
-         "-m", "3", "-l", "3", "-r", "3", "-d", "10000", "-i", "10.77.0.11", "-p", "5071", "-nostdin"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "ip",
+            "netns",
+            "exec",
+            "hs-lab-trunk-a",
+            "sipp",
+            "-sn",
+            "uac",
+            "10.77.0.10:5060",
+            "-s",
+            "1000",
+            "-m",
+            "3",
+            "-l",
+            "3",
+            "-r",
+            "3",
+            "-d",
+            "10000",
+            "-i",
+            "10.77.0.11",
+            "-p",
+            "5071",
+            "-nostdin",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
+
         def counted() -> Any:
-            trunks = {t["name"]: t["calls_in_progress"] for t in json.loads(hotsite("trunks", "--json", config=daemon.config).stdout)}
+            trunks = {
+                t["name"]: t["calls_in_progress"]
+                for t in json.loads(hotsite("trunks", "--json", config=daemon.config).stdout)
+            }
             sites = {s["name"]: s["calls_in_progress"] for s in daemon.status()["sites"]}
             exported = metrics(daemon.listen)  # type: ignore[attr-defined]
             seen = (trunks, sites, exported)
-            return (trunks["trunk-a"] == 3 and sites["primary"] == 3
-                    and 'hotsite_trunk_calls_in_progress{trunk="trunk-a"} 3.0' in exported and seen)
+            return (
+                trunks["trunk-a"] == 3
+                and sites["primary"] == 3
+                and 'hotsite_trunk_calls_in_progress{trunk="trunk-a"} 3.0' in exported
+                and seen
+            )
 
-        trunks, sites, exported = wait_for(counted, timeout=20, what="3 calls counted by trunk, site and metric")
+        trunks, sites, exported = wait_for(
+            counted, timeout=20, what="3 calls counted by trunk, site and metric"
+        )
         assert trunks["trunk-b"] == 0 and sites == {"primary": 3, "backup": 0}
         assert "hotsite_kamailio_rpc_up 1.0" in exported
         assert call.wait(timeout=40) == 0
@@ -255,7 +331,9 @@ def test_a_drill_checks_the_backup_path_without_moving_production(daemon: Runnin
     rto = report["expected_rto"]
     assert rto["total_s"] == round(rto["detection_s"] + rto["hold_down_s"] + rto["runbook_s"], 3)
     assert _rpc("htable.dump", "hotlines") == before  # the test number is gone again, hotlines untouched
-    decision = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)[0]
+    decision = json.loads(
+        hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout
+    )[0]
     assert decision["message"].startswith("drill passed: 5/5 checks passed, expected RTO")
 
 
@@ -264,8 +342,14 @@ def _failover_state(daemon: RunningDaemon) -> str:
 
 
 def _steady(daemon: RunningDaemon) -> None:
-    wait_for(lambda: _failover_state(daemon) == "primary_active"
-             and all(s["verdict"] == "up" for s in daemon.status()["sites"]), timeout=30, what="steady state")
+    wait_for(
+        lambda: (
+            _failover_state(daemon) == "primary_active"
+            and all(s["verdict"] == "up" for s in daemon.status()["sites"])
+        ),
+        timeout=30,
+        what="steady state",
+    )
 
 
 def _no_failover_for(daemon: RunningDaemon, seconds: float) -> list[str]:
@@ -289,14 +373,22 @@ def test_grey_failure_moves_the_hotlines_although_the_sbc_answers(
     assert hotsite("lab", "degrade", "--workdir", str(the_lab.workdir), "primary").returncode == 0
     started = time.monotonic()
     try:
-        site = wait_for(lambda: (p := next(s for s in daemon.status()["sites"] if s["name"] == "primary"))["verdict"]
-                        == "down" and p, what="grey verdict")
+        site = wait_for(
+            lambda: (
+                (p := next(s for s in daemon.status()["sites"] if s["name"] == "primary"))["verdict"]
+                == "down"
+                and p
+            ),
+            what="grey verdict",
+        )
         assert site["why"] == ["site:primary:http says the site cannot serve (HTTP 503): grey failure"]
         assert next(t for t in site["targets"] if t["target"] == "site:primary:sbc")["state"] == "up"
         wait_for(lambda: _failover_state(daemon) == "backup_active", timeout=20, what="grey failover")
         moved_after = time.monotonic() - started
         assert _rpc("htable.get", "hotlines", "95566")["item"]["value"] == 2
-        decision = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)
+        decision = json.loads(
+            hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout
+        )
         assert any("grey failure" in d["message"] for d in decision)
         print(f"grey failure: health bad -> hotlines moved in {moved_after:.2f}s")
     finally:
@@ -314,12 +406,16 @@ def test_no_failover_when_only_the_link_to_the_primary_is_cut(
     _steady(daemon)
     assert hotsite("lab", "partition", "--workdir", str(the_lab.workdir), "primary").returncode == 0
     try:
-        wait_for(lambda: next(s for s in daemon.status()["sites"] if s["name"] == "primary")["verdict"] == "down",
-                 what="primary down from here")
+        wait_for(
+            lambda: next(s for s in daemon.status()["sites"] if s["name"] == "primary")["verdict"] == "down",
+            what="primary down from here",
+        )
         seen = _no_failover_for(daemon, 8.0)  # hold-down is 3 s: well past it
         assert "primary_degraded" in seen
         assert daemon.status()["failover"]["witness"]["primary_alive"] is True
-        decisions = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)
+        decisions = json.loads(
+            hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout
+        )
         assert any("a partition, not failing over" in d["message"] for d in decisions[:5])
     finally:
         hotsite("lab", "heal", "--workdir", str(the_lab.workdir), "primary")

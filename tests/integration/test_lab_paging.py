@@ -93,20 +93,32 @@ def _failover_incident(daemon: RunningDaemon) -> dict[str, Any] | None:
 
 def test_page_escalate_ack_by_sms_resolve(world: tuple[Any, ModemEmulator, RunningDaemon]) -> None:
     the_lab, modem, daemon = world
-    wait_for(lambda: daemon.status()["failover"]["state"] == "primary_active"
-             and all(s["verdict"] == "up" for s in daemon.status()["sites"]), timeout=30, what="steady")
+    wait_for(
+        lambda: (
+            daemon.status()["failover"]["state"] == "primary_active"
+            and all(s["verdict"] == "up" for s in daemon.status()["sites"])
+        ),
+        timeout=30,
+        what="steady",
+    )
     offset = time.time() - time.monotonic()  # the emulator stamps with the (system-wide) monotonic clock
     assert hotsite("lab", "impair", "--workdir", str(the_lab.workdir), "primary", "--cut").returncode == 0
     try:
         # 1. The decision (primary judged down) pages the on-call contractor within a second.
         incident = wait_for(lambda: _failover_incident(daemon), timeout=20, what="failover incident")
         wait_for(lambda: _texts_to(modem, ON_CALL), timeout=10, what="page to the on-call contractor")
-        decisions = json.loads(hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout)
+        decisions = json.loads(
+            hotsite("events", "--json", "--kind", "failover.decision", config=daemon.config).stdout
+        )
         decided = min(d["at_epoch"] for d in decisions if d["message"].startswith("primary judged down"))
-        wait_for(lambda: any("judged down" in t for t in _texts_to(modem, ON_CALL)), timeout=10,
-                 what="the failover page")
+        wait_for(
+            lambda: any("judged down" in t for t in _texts_to(modem, ON_CALL)),
+            timeout=10,
+            what="the failover page",
+        )
         first_sms = offset + next(  # the parts line up with their decoded texts
-            sub.at for sub, (to, text) in zip(modem.submitted, modem.submitted_texts(), strict=True)
+            sub.at
+            for sub, (to, text) in zip(modem.submitted, modem.submitted_texts(), strict=True)
             if to == ON_CALL and "judged down" in text
         )
         print(f"decision -> AT+CMGS written: {(first_sms - decided) * 1000:.0f} ms")
@@ -119,8 +131,11 @@ def test_page_escalate_ack_by_sms_resolve(world: tuple[Any, ModemEmulator, Runni
         incident = _failover_incident(daemon)
         assert incident is not None
         modem.inject_sms(ON_CALL, f"ACK {incident['id']} {incident['short_code']}")  # the code is required
-        acked = wait_for(lambda: (i := _failover_incident(daemon)) and i["status"] == "acked" and i,
-                         timeout=10, what="ack by SMS")
+        acked = wait_for(
+            lambda: (i := _failover_incident(daemon)) and i["status"] == "acked" and i,
+            timeout=10,
+            what="ack by SMS",
+        )
         assert ON_CALL in str(acked["acked_by"]) or "Lab On-Call" in str(acked["acked_by"])
         # An unknown number is never obeyed.
         modem.inject_sms("+8613000000000", f"ACK {incident['id']}")
@@ -128,12 +143,20 @@ def test_page_escalate_ack_by_sms_resolve(world: tuple[Any, ModemEmulator, Runni
     finally:
         assert hotsite("lab", "heal", "--workdir", str(the_lab.workdir), "primary").returncode == 0
     paged_before_resolve = len(modem.submitted)
-    wait_for(lambda: daemon.status()["failover"]["state"] == "failback_pending", timeout=30, what="primary back")
+    wait_for(
+        lambda: daemon.status()["failover"]["state"] == "failback_pending", timeout=30, what="primary back"
+    )
     assert hotsite("failback", "--yes", config=daemon.config).returncode == 0
     # 4. Routing back: the incident resolves and both who were paged get the resolve text.
     wait_for(lambda: _failover_incident(daemon) is None, timeout=30, what="incident resolved")
-    wait_for(lambda: any("resolved" in t.lower() for t in _texts_to(modem, ON_CALL))
-             and any("resolved" in t.lower() for t in _texts_to(modem, BACKUP)), timeout=20, what="resolve texts")
+    wait_for(
+        lambda: (
+            any("resolved" in t.lower() for t in _texts_to(modem, ON_CALL))
+            and any("resolved" in t.lower() for t in _texts_to(modem, BACKUP))
+        ),
+        timeout=20,
+        what="resolve texts",
+    )
     assert len(modem.submitted) > paged_before_resolve
     unknown = json.loads(hotsite("events", "--json", "--kind", "paging", config=daemon.config).stdout)
     assert any("+8613000000000" in json.dumps(e) for e in unknown)

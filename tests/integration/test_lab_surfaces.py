@@ -77,6 +77,7 @@ READ_COMMANDS: list[tuple[str, ...]] = [
     ("top", "--width", "160"),
 ]
 
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, RunningDaemon, float]]:
     """A lab whose primary has been cut: failed over, an incident open and paged."""

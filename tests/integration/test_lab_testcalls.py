@@ -59,7 +59,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, dict[st
 
 
 @pytest.fixture(scope="module")
-def daemon(lab: tuple[Any, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+def daemon(
+    lab: tuple[Any, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningDaemon]:
     _, info = lab
     path = Path(info["workdir"]) / "hotsite.toml"
     path.write_text(lab_config.render(info, metrics_listen=f"127.0.0.1:{free_port()}") + TESTCALLS)
@@ -111,16 +113,22 @@ def test_a_trunk_rejecting_invites_is_degraded_while_the_dispatcher_keeps_it(
         )
         assert trunk["why"].startswith("calls failing: ") and "95588: 503 Service Unavailable" in trunk["why"]
         # Kamailio's own view: its OPTIONS keepalives pass, so the trunk stays active and probed.
-        assert wait_for(lambda: _trunk_flags(info).get(f"sip:{_addr(info, 'trunk-a')}:5060") == "AP", timeout=10)
+        assert wait_for(
+            lambda: _trunk_flags(info).get(f"sip:{_addr(info, 'trunk-a')}:5060") == "AP", timeout=10
+        )
         # And hotsite's OPTIONS probe agrees the trunk answers: only the calls tell.
         probes = json.loads(hotsite("probes", "--json", config=daemon.config).stdout)
         assert next(p for p in probes if p["target"] == "testcall:trunk:trunk-a")["last_code"] == 503
     finally:
         assert hotsite("lab", "heal", "--workdir", str(the_lab.workdir), "trunk-a").returncode == 0
-    wait_for(lambda: _trunk(daemon, "trunk-a")["state"] == "up", timeout=60, what="trunk-a's calls good again")
+    wait_for(
+        lambda: _trunk(daemon, "trunk-a")["state"] == "up", timeout=60, what="trunk-a's calls good again"
+    )
 
 
-def test_a_trunk_without_media_fails_with_no_audio(lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon) -> None:
+def test_a_trunk_without_media_fails_with_no_audio(
+    lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
+) -> None:
     the_lab, _ = lab
     impair = hotsite("lab", "impair", "--workdir", str(the_lab.workdir), "trunk-a", "--no-media")
     assert impair.returncode == 0, impair.stderr

@@ -16,6 +16,7 @@ to ``held`` (it read a consistent world, not a half-written one).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -68,9 +69,16 @@ def leader_of(sites: Sites, among: list[str]) -> str | None:
 
 
 def went_held(sites: Sites, site: str, since: float) -> list[dict[str, Any]]:
-    proc = hotsite("events", "--kind", "failover.decision", "--json", "--limit", "50", config=sites.configs[site])
+    proc = hotsite(
+        "events", "--kind", "failover.decision", "--json", "--limit", "50", config=sites.configs[site]
+    )
     assert proc.returncode == 0, proc.stderr
-    return [e for e in json.loads(proc.stdout) if e["at"] >= since and e["subject"] == "held"]
+    # `--json` prints times as RFC 3339 text (what scripts and jq expect), not epoch floats.
+    return [
+        e
+        for e in json.loads(proc.stdout)
+        if datetime.datetime.fromisoformat(e["at"]).timestamp() >= since and e["subject"] == "held"
+    ]
 
 
 def settled_leader(sites: Sites) -> str:

@@ -402,7 +402,9 @@ def _declared(listen: str) -> set[str]:
 def _exempt(expr: str, declared: set[str]) -> str | None:
     """Why an empty result is acceptable for ``expr``, or None."""
     names = {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"\bhotsite_[a-z_]+", expr)}
-    elsewhere = [why for prefix, why in ELSEWHERE.items() if names and all(n.startswith(prefix) for n in names)]
+    elsewhere = [
+        why for prefix, why in ELSEWHERE.items() if names and all(n.startswith(prefix) for n in names)
+    ]
     if elsewhere:
         from monitoring.catalogue import entries
 

@@ -194,7 +194,9 @@ def test_a_never_seeded_stream_cannot_be_promoted(tmp_path: Path) -> None:
         assert forced.exit_code == 1 and "never seeded" in forced.output
 
 
-def test_a_damaged_replica_repairs_itself_from_the_source_with_only_the_differing_pages(tmp_path: Path) -> None:
+def test_a_damaged_replica_repairs_itself_from_the_source_with_only_the_differing_pages(
+    tmp_path: Path,
+) -> None:
     db, app = _source(tmp_path)
     replica = tmp_path / "rep" / "c.db"
     with _daemon(tmp_path, with_source=db) as shared:

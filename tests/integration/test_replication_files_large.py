@@ -360,19 +360,20 @@ def test_a_silent_path_is_noticed_and_the_next_session_catches_up(tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    "kind, header",
+    "kind, header, field",
     [
-        (protocol.Msg.FILE_BEGIN, {"sha256": "0" * 64}),  # no size
-        (protocol.Msg.FILE_BEGIN, {"sha256": "0" * 64, "size": "lots"}),
-        (protocol.Msg.FILE_DATA, {}),  # no sha256
+        (protocol.Msg.FILE_BEGIN, {"sha256": "0" * 64}, "size"),  # no size
+        (protocol.Msg.FILE_BEGIN, {"sha256": "0" * 64, "size": "lots"}, "size"),
+        (protocol.Msg.FILE_DATA, {}, "sha256"),  # no sha256
     ],
 )
 def test_a_message_with_a_missing_or_bad_field_is_malformed_not_a_crash(
-    tmp_path: Path, kind: int, header: dict[str, object]
+    tmp_path: Path, kind: int, header: dict[str, object], field: str
 ) -> None:
     replica = FilesReplica(tmp_path / "tree")
     client = FilesStreamClient("prompts", "prompts", replica, host="127.0.0.1", port=1, ssl_context=None)
     replica.open()
     with pytest.raises(ProtocolError) as err:
         asyncio.run(client._dispatch(protocol.Message(kind, header, b"", 0)))
-    assert err.value.reason == "malformed" and "header field" in err.value.message
+    # The error names the field at fault, so the operator's log says what the peer got wrong.
+    assert err.value.reason == "malformed" and field in err.value.message

@@ -63,7 +63,9 @@ def test_a_resync_after_an_outage_sends_and_reads_only_the_changed_pages(tmp_pat
     app.execute("PRAGMA journal_mode=WAL")
     app.execute("PRAGMA busy_timeout = 5000")
     app.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, note BLOB)")
-    app.executemany("INSERT INTO customers (note) VALUES (?)", ((bytes([i % 251]) * ROW,) for i in range(ROWS)))
+    app.executemany(
+        "INSERT INTO customers (note) VALUES (?)", ((bytes([i % 251]) * ROW,) for i in range(ROWS))
+    )
 
     async def scenario() -> None:
         agent = SourceAgent(
@@ -84,7 +86,9 @@ def test_a_resync_after_an_outage_sends_and_reads_only_the_changed_pages(tmp_pat
                 host="127.0.0.1",
                 port=agent.port,
                 server_name="source",
-                ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+                ssl_context=client_context(
+                    certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"
+                ),
             )
 
         try:

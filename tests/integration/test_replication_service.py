@@ -35,24 +35,38 @@ def test_service_status_metrics_verify_promote_failback(tmp_path: Path) -> None:
     (tmp_path / "etc" / "routing.tbl").write_text("vip 1\n")
 
     async def scenario() -> None:
-        agent = SourceAgent([ServedStream("customers", "sqlite", db), ServedStream("etc", "files", tmp_path / "etc")],
-                            heartbeat_s=0.1,
-                            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"))
+        agent = SourceAgent(
+            [ServedStream("customers", "sqlite", db), ServedStream("etc", "files", tmp_path / "etc")],
+            heartbeat_s=0.1,
+            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+        )
         await agent.start()
-        section = ReplicationSection.model_validate({
-            "source_agent": f"127.0.0.1:{agent.port}", "server_name": "source",
-            "tls_cert_file": str(certs / "appliance.pem"), "tls_key_file": str(certs / "appliance.key"),
-            "tls_ca_file": str(certs / "ca.pem"),
-            "streams": {
-                "customers": {"kind": "sqlite", "source": "customers", "replica": str(tmp_path / "rep" / "c.db"),
-                              "rpo_budget_s": 2, "snapshot_interval_s": 1},
-                "etc": {"kind": "files", "source": "etc", "replica": str(tmp_path / "rep" / "etc")},
+        section = ReplicationSection.model_validate(
+            {
+                "source_agent": f"127.0.0.1:{agent.port}",
+                "server_name": "source",
+                "tls_cert_file": str(certs / "appliance.pem"),
+                "tls_key_file": str(certs / "appliance.key"),
+                "tls_ca_file": str(certs / "ca.pem"),
+                "streams": {
+                    "customers": {
+                        "kind": "sqlite",
+                        "source": "customers",
+                        "replica": str(tmp_path / "rep" / "c.db"),
+                        "rpo_budget_s": 2,
+                        "snapshot_interval_s": 1,
+                    },
+                    "etc": {"kind": "files", "source": "etc", "replica": str(tmp_path / "rep" / "etc")},
+                },
+            }
+        )
+        store = Store.open(
+            tmp_path / "state",
+            components={
+                "core": __import__("appliance.migrations", fromlist=["CORE"]).CORE,
+                "replication": __import__("appliance.replication.schema", fromlist=["MIGRATIONS"]).MIGRATIONS,
             },
-        })
-        store = Store.open(tmp_path / "state", components={
-            "core": __import__("appliance.migrations", fromlist=["CORE"]).CORE,
-            "replication": __import__("appliance.replication.schema", fromlist=["MIGRATIONS"]).MIGRATIONS,
-        })
+        )
         registry = CollectorRegistry()
         service = ReplicationService(section, store=store, metrics=ReplicationMetrics(registry))
         await service.start()
@@ -70,7 +84,9 @@ def test_service_status_metrics_verify_promote_failback(tmp_path: Path) -> None:
         assert service.readiness() == []
         verify = await handlers["replication.verify"](CALLER, {"stream": "customers"})
         assert verify["ok"] and verify["source_checksum"] == verify["replica_checksum"]
-        assert registry.get_sample_value("hotsite_replication_transactions_total", {"stream": "customers"}) >= 50
+        assert (
+            registry.get_sample_value("hotsite_replication_transactions_total", {"stream": "customers"}) >= 50
+        )
         assert registry.get_sample_value("hotsite_replication_lag_seconds", {"stream": "customers"}) < 1.0
         assert store.query("SELECT position FROM replication_positions WHERE stream = 'customers'")[0][0]
         assert store.query("SELECT count(*) FROM replication_snapshots")[0][0] >= 1

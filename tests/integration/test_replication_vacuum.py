@@ -48,7 +48,9 @@ def test_a_vacuum_sends_only_what_moved(tmp_path: Path) -> None:
     app.execute("PRAGMA journal_mode=WAL")
     app.execute("PRAGMA busy_timeout = 5000")
     app.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, note BLOB)")
-    app.executemany("INSERT INTO customers (note) VALUES (?)", ((bytes([i % 251]) * ROW,) for i in range(ROWS)))
+    app.executemany(
+        "INSERT INTO customers (note) VALUES (?)", ((bytes([i % 251]) * ROW,) for i in range(ROWS))
+    )
 
     async def scenario() -> None:
         agent = SourceAgent(

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -378,12 +379,13 @@ def test_wal_stays_bounded_under_load_and_the_replica_follows(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
-def _flat_out(db: str, seconds: float, result: mp.Queue) -> None:  # type: ignore[type-arg]
+def _flat_out(db: str, seconds: float, result: mp.Queue, stop: Any = None) -> None:  # type: ignore[type-arg]
+    """Insert as fast as SQLite goes for ``seconds`` (or until ``stop`` is set); put the count."""
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA synchronous=NORMAL")
     n = 0
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    while time.perf_counter() < end and not (stop is not None and stop.is_set()):
         conn.execute("INSERT INTO t (p) VALUES (?)", (PAYLOAD,))
         n += 1
     conn.close()
@@ -398,11 +400,17 @@ def test_a_writer_flat_out_restarts_the_wal_in_windows_and_nothing_is_lost(tmp_p
     follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=2000, restart_frames=1000)
     ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    writer = ctx.Process(target=_flat_out, args=(str(db), 3.0, q))
+    # The writer goes flat out until ten restarts were followed in windows (3 s on an idle
+    # 2-core machine; a loaded one takes longer), at most 60 s: what is asserted is that every
+    # restart was followed without loss, not how many a given machine manages per second.
+    stop = ctx.Event()
+    writer = ctx.Process(target=_flat_out, args=(str(db), 60.0, q, stop))
     try:
         writer.start()
         generations = set()
         while writer.is_alive():
+            if follower.window_restarts >= 10 and len(generations) >= 10:
+                stop.set()
             batch = follower.poll()
             if batch is None:
                 time.sleep(0.001)
@@ -412,7 +420,7 @@ def test_a_writer_flat_out_restarts_the_wal_in_windows_and_nothing_is_lost(tmp_p
         written = q.get(timeout=10)
         drain(follower, replica)
         assert replica.checksum == logical_checksum(db) == replica.full_checksum()
-        assert written > 20_000 and follower.window_restarts >= 10 and len(generations) >= 10
+        assert follower.window_restarts >= 10 and len(generations) >= 10
         print(
             f"{written} commits; {follower.window_restarts} restarts in windows ({follower.windows}"
             f" windows), {follower.restarts} ours, guard late {follower.guard_waits} times"

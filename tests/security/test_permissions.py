@@ -44,7 +44,12 @@ def people() -> Iterator[dict[str, str]]:
     tag = "hs" + secrets.token_hex(3)
     groups = {"cli": f"{tag}cli", "ops": f"{tag}ops"}
     users = {"svc": f"{tag}svc", "tech": f"{tag}tech", "oper": f"{tag}oper", "outsider": f"{tag}out"}
-    membership = {"svc": [groups["cli"]], "tech": [groups["cli"]], "oper": [groups["cli"], groups["ops"]], "outsider": []}
+    membership = {
+        "svc": [groups["cli"]],
+        "tech": [groups["cli"]],
+        "oper": [groups["cli"], groups["ops"]],
+        "outsider": [],
+    }
     try:
         for name in groups.values():
             subprocess.run(["groupadd", "--system", name], check=True)

@@ -79,12 +79,21 @@ def test_idle_connections_cannot_starve_votes(witness: str) -> None:
     idle: list[socket.socket] = []
 
     def flood() -> None:
-        """Keep 200 idle unauthenticated connections open, reopening those the witness closes."""
+        """Keep 200 idle unauthenticated connections open, reopening those the witness closes.
+
+        The attacker is another host on the LAN (source 127.0.0.2; the voter is 127.0.0.1): the
+        per-peer cap makes it evict its own idlers. From the voter's own address nothing could
+        tell the two apart, and a reconnect storm there would evict a vote still in flight.
+        """
         while not stop.is_set():
             idle[:] = [s for s in idle if _open(s)]
             while len(idle) < 200 and not stop.is_set():
                 try:
-                    idle.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+                    idle.append(
+                        socket.create_connection(
+                            ("127.0.0.1", port), timeout=2, source_address=("127.0.0.2", 0)
+                        )
+                    )
                 except OSError:
                     break
             time.sleep(0.05)

@@ -80,7 +80,9 @@ def config_text(
         for index, ((name, addr), seats) in enumerate(zip(SITES.items(), (400, 100, 80), strict=True))
     )
     endpoints = ", ".join(f'"http://{addr}:2379"' for addr in SITES.values())
-    hook = json.dumps([sys.executable, str(WORLD_HOOK), "--world", str(workdir / "world.json"), "--name", name])
+    hook = json.dumps(
+        [sys.executable, str(WORLD_HOOK), "--world", str(workdir / "world.json"), "--name", name]
+    )
     # An apply starts only if the lease view outlasts its timeout (failover/lease.py may_apply).
     hook_timeout_s = round(0.6 * ttl_s, 1)
     state = workdir / f"appliance-{name}"
@@ -177,7 +179,9 @@ class Sites:
             self._start_site(site)
         # Before hotsite, the world routes normally (calls to the primary), obeyed no token yet.
         normal = plans.normal_routing(config.parse(self.configs["east"].read_text()))
-        (self.dir / "world.json").write_text(json.dumps({"token": 0, "routing": normal.to_json(), "by": "install"}))
+        (self.dir / "world.json").write_text(
+            json.dumps({"token": 0, "routing": normal.to_json(), "by": "install"})
+        )
         self._wait_etcd()
 
     def _add_host(self, host: str, addr: str) -> None:
@@ -305,7 +309,9 @@ class Sites:
             proc.wait(15)
 
     def start_appliance(self, site: str) -> None:
-        self.daemons[site] = self._spawn(site, "hotsite", [*HOTSITE, "--config", str(self.configs[site]), "run"])
+        self.daemons[site] = self._spawn(
+            site, "hotsite", [*HOTSITE, "--config", str(self.configs[site]), "run"]
+        )
 
     def kill_appliance(self, site: str) -> None:
         proc = self.daemons[site]

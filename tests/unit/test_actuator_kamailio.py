@@ -86,7 +86,9 @@ def test_write_atomically_keeps_mode_and_leaves_no_temp_file(tmp_path: Path) -> 
 
 sets = st.integers(min_value=1, max_value=5)
 routings = st.builds(
-    lambda fenced, active, default: Routing("r", "s", default, {}, frozenset(fenced), frozenset(active - fenced)),
+    lambda fenced, active, default: Routing(
+        "r", "s", default, {}, frozenset(fenced), frozenset(active - fenced)
+    ),
     st.sets(sets, max_size=3),
     st.sets(sets, max_size=3),
     sets,
@@ -97,8 +99,12 @@ lines = st.lists(
 
 
 @given(routings, lines)
-def test_rewrite_is_idempotent_and_only_touches_fenced_or_active_sets(routing: Routing, entries: list) -> None:
-    text = "# head\n" + "".join(f"{s} sip:10.0.0.{i}:5060 {f} {p} name=x{i}\n" for i, (s, f, p) in enumerate(entries))
+def test_rewrite_is_idempotent_and_only_touches_fenced_or_active_sets(
+    routing: Routing, entries: list
+) -> None:
+    text = "# head\n" + "".join(
+        f"{s} sip:10.0.0.{i}:5060 {f} {p} name=x{i}\n" for i, (s, f, p) in enumerate(entries)
+    )
     once = rewrite_list(text, routing)
     assert rewrite_list(once, routing) == once
     for (s, f, _), (s2, _, f2) in zip(entries, list_entries(once), strict=True):

@@ -111,7 +111,11 @@ def test_provisioning_files_point_at_the_dashboards_datasource() -> None:
     assert [d["uid"] for d in datasource["datasources"]] == [dashboards.PROVISIONED_DATASOURCE["uid"]]
     for text in dashboards.build().values():
         variable = json.loads(text)["templating"]["list"][0]
-        assert (variable["name"], variable["type"], variable["query"]) == ("datasource", "datasource", "prometheus")
+        assert (variable["name"], variable["type"], variable["query"]) == (
+            "datasource",
+            "datasource",
+            "prometheus",
+        )
         assert variable["current"]["value"] == dashboards.PROVISIONED_DATASOURCE["uid"]
     provider = yaml.safe_load((PROVISIONING / "dashboards" / "hotsite.yml").read_text())
     assert provider["providers"][0]["type"] == "file"
@@ -121,14 +125,24 @@ def test_process_coordination_and_witness_metrics_are_catalogued() -> None:
     """Issue 19: no process_* metrics; coordination and witness metrics were in no catalogue."""
     names = {e.name for e in catalogue.entries()}
     assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"} <= names
-    assert {"hotsite_coordination_leader", "hotsite_coordination_reachable", "hotsite_witness_primary_state"} <= names
+    assert {
+        "hotsite_coordination_leader",
+        "hotsite_coordination_reachable",
+        "hotsite_witness_primary_state",
+    } <= names
 
 
 def test_coordination_and_witness_are_alerted_on_and_charted() -> None:
-    alerted = {n for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] for n in _names(r["expr"])}
+    alerted = {
+        n for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] for n in _names(r["expr"])
+    }
     charted = {n for text in dashboards.build().values() for _, e in dashboards.expressions(json.loads(text))
                for n in _names(e)}  # fmt: skip
-    for name in ("hotsite_coordination_leader", "hotsite_coordination_reachable", "hotsite_witness_round_age_seconds"):
+    for name in (
+        "hotsite_coordination_leader",
+        "hotsite_coordination_reachable",
+        "hotsite_witness_round_age_seconds",
+    ):
         assert name in alerted and name in charted, name
 
 
@@ -144,7 +158,9 @@ def test_the_cpu_ratio_does_not_depend_on_who_scrapes() -> None:
     collector = HostCollector(REPO, [], cpu=sampler)
 
     def scrape() -> float:
-        return float(next(f for f in collector.collect() if f.name == "hotsite_host_cpu_ratio").samples[0].value)
+        return float(
+            next(f for f in collector.collect() if f.name == "hotsite_host_cpu_ratio").samples[0].value
+        )
 
     assert math.isnan(scrape())  # before the first window: no made-up figure
     sampler.ratio = 0.42  # what the daemon's sampler measured over its last window

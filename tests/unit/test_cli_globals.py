@@ -21,8 +21,14 @@ from appliance.cli.main import cli
     [
         (["status", "--config", "F"], ["--config", "F", "status"]),
         (["status", "--json", "-c", "F", "--local"], ["-c", "F", "--local", "status", "--json"]),
-        (["replication", "status", "--runtime-dir=D", "--plain"], ["--runtime-dir=D", "--plain", "replication", "status"]),
-        (["--local", "events", "--config", "F", "--kind", "site"], ["--local", "--config", "F", "events", "--kind", "site"]),
+        (
+            ["replication", "status", "--runtime-dir=D", "--plain"],
+            ["--runtime-dir=D", "--plain", "replication", "status"],
+        ),
+        (
+            ["--local", "events", "--config", "F", "--kind", "site"],
+            ["--local", "--config", "F", "events", "--kind", "site"],
+        ),
         # A subcommand's own --config keeps its meaning; run has one too.
         (["source", "--config", "S"], ["source", "--config", "S"]),
         (["remote", "diagnostics", "--config", "S"], ["remote", "diagnostics", "--config", "S"]),
@@ -46,7 +52,9 @@ def test_config_after_the_subcommand_is_the_config_used(tmp_path: Path) -> None:
 
 
 def test_local_after_the_subcommand_is_accepted(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["events", "--local", "--config", "/dev/null", "--runtime-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        cli, ["events", "--local", "--config", "/dev/null", "--runtime-dir", str(tmp_path)]
+    )
     assert result.exit_code == 1, result.output  # parsed; only the daemon is missing
     assert "no such option" not in result.output.lower()
 
@@ -60,7 +68,9 @@ def test_local_after_the_subcommand_is_accepted(tmp_path: Path) -> None:
         ["replication", "status", "--json"],
     ],
 )
-def test_json_failures_are_one_json_object_on_stdout_and_a_non_zero_exit(args: list[str], tmp_path: Path) -> None:
+def test_json_failures_are_one_json_object_on_stdout_and_a_non_zero_exit(
+    args: list[str], tmp_path: Path
+) -> None:
     result = CliRunner().invoke(cli, ["--config", "/dev/null", "--runtime-dir", str(tmp_path), *args])
     assert result.exit_code != 0
     error = json.loads(result.stdout)

@@ -33,9 +33,15 @@ def unknown_keys(data: Any, known: Any, path: str = "") -> list[str]:
         if not isinstance(known, dict):
             return [f"{path} (not an object in the schema)"]
         missing = [f"{path}.{k}" for k in data if k not in known]
-        return missing + [p for k, v in data.items() if k in known for p in unknown_keys(v, known[k], f"{path}.{k}")]
+        return missing + [
+            p for k, v in data.items() if k in known for p in unknown_keys(v, known[k], f"{path}.{k}")
+        ]
     if isinstance(data, list) and isinstance(known, list):
-        return [p for i, (a, b) in enumerate(zip(data, known, strict=False)) for p in unknown_keys(a, b, f"{path}[{i}]")]
+        return [
+            p
+            for i, (a, b) in enumerate(zip(data, known, strict=False))
+            for p in unknown_keys(a, b, f"{path}[{i}]")
+        ]
     return []
 
 
@@ -43,7 +49,9 @@ def schema_problems(board: dict[str, Any]) -> list[str]:
     """Keys of *board* that Grafana's dashboard schema (v10+) does not know, and unknown panel types."""
     problems = [f"panel {p.get('title')!r}: type {p['type']!r} unknown to the schema"
                 for p in board["panels"] if cog_runtime.panelcfg_config(p["type"]) is None]  # fmt: skip
-    round_trip = json.loads(json.dumps(schema.Dashboard.from_json(board).to_json(), default=lambda o: o.to_json()))
+    round_trip = json.loads(
+        json.dumps(schema.Dashboard.from_json(board).to_json(), default=lambda o: o.to_json())
+    )
     return problems + unknown_keys(board, round_trip)
 
 
@@ -64,7 +72,12 @@ def test_bars_and_threshold_lines_are_where_grafana_reads_them() -> None:
 
 @pytest.mark.parametrize(
     ("where", "key"),
-    [("options", "drawStyle"), ("options", "thresholdsStyle"), ("custom", "drawStyl"), ("panel", "fieldconfig")],
+    [
+        ("options", "drawStyle"),
+        ("options", "thresholdsStyle"),
+        ("custom", "drawStyl"),
+        ("panel", "fieldconfig"),
+    ],
 )
 def test_a_mutated_panel_fails(where: str, key: str) -> None:
     """The check is not vacuous: the issue's misplaced keys, a typo and a wrongly cased key all fail."""

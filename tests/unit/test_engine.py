@@ -66,11 +66,17 @@ def test_auto_failover_needs_hold_down_and_the_witness() -> None:
     run.at(0, PrimaryVerdict("down"))
     run.at(0, WitnessVote(True, "sees SBC"))
     out = run.at(11, Tick())
-    assert out.decision == "primary unreachable from here but the witness sees it: a partition, not failing over"
+    assert (
+        out.decision == "primary unreachable from here but the witness sees it: a partition, not failing over"
+    )
     assert run.state.state == "primary_degraded"
     out = run.at(12, WitnessVote(False, "lost it too"))  # every event re-evaluates: no wait for a tick
-    assert out.decision == "starting failover (epoch 1) by daemon: primary down for 12s and the witness agrees"
-    assert run.runbooks() == [RunRunbook("failover", 1, "primary down for 12s and the witness agrees", "daemon")]
+    assert (
+        out.decision == "starting failover (epoch 1) by daemon: primary down for 12s and the witness agrees"
+    )
+    assert run.runbooks() == [
+        RunRunbook("failover", 1, "primary down for 12s and the witness agrees", "daemon")
+    ]
     assert run.state.state == "failing_over" and run.state.routing == "failover"
     out = run.at(13, RunbookDone("failover", 1, True, "failover", "5 hotlines moved"))
     assert run.state.state == "backup_active"
@@ -97,7 +103,9 @@ def test_witness_unreachable_in_auto_waits_for_an_operator() -> None:
         "automatic failover withheld: the witness cannot say (witness unreachable); waiting for an operator"
     )
     out = run.at(11, WitnessVote(False))
-    assert out.decision == "starting failover (epoch 1) by daemon: the witness now agrees; the primary is down"
+    assert (
+        out.decision == "starting failover (epoch 1) by daemon: the witness now agrees; the primary is down"
+    )
 
 
 def test_confirm_timeout_proceeds_unless_the_witness_sees_the_primary() -> None:
@@ -131,12 +139,21 @@ def test_operator_commands_are_checked() -> None:
     run = Run(CONFIRM)
     run.at(0, PrimaryVerdict("up"))
     out = run.at(1, Command("failover", "uid=1000(tech)", "drill gone wrong"))
-    assert out.refused and out.decision == "refused: the primary is judged up; add --force to move routing anyway"
+    assert (
+        out.refused
+        and out.decision == "refused: the primary is judged up; add --force to move routing anyway"
+    )
     out = run.at(2, Command("failover", "uid=1000(tech)", "planned move", force=True))
     assert out.decision == "starting failover (epoch 1) by uid=1000(tech): planned move"
-    assert run.at(3, Command("failback", "uid=0(root)")).decision == "refused: a failing over runbook is running (epoch 1)"
+    assert (
+        run.at(3, Command("failback", "uid=0(root)")).decision
+        == "refused: a failing over runbook is running (epoch 1)"
+    )
     run.at(4, RunbookDone("failover", 1, True, "failover"))
-    assert run.at(5, Command("failover", "x", force=True)).decision == "refused: routing is already on the backup"
+    assert (
+        run.at(5, Command("failover", "x", force=True)).decision
+        == "refused: routing is already on the backup"
+    )
     assert run.at(6, Command("approve", "x")).refused
 
 
@@ -171,7 +188,10 @@ def test_stale_runbook_results_are_ignored() -> None:
     run.at(0, PrimaryVerdict("down"))
     run.at(1, Command("failover", "x"))
     out = run.at(2, RunbookDone("failover", 0, True, "failover"))
-    assert out.decision == "ignored a stale failover result (epoch 0, now 1)" and run.state.state == "failing_over"
+    assert (
+        out.decision == "ignored a stale failover result (epoch 0, now 1)"
+        and run.state.state == "failing_over"
+    )
 
 
 def test_restart_mid_runbook_resumes_with_a_newer_token() -> None:
@@ -197,7 +217,10 @@ def test_auto_failback_after_a_stable_period_and_drills() -> None:
     assert run.state.state == "failback_pending"
     run.at(50, Tick())
     assert run.state.state == "failback_pending"
-    assert run.at(111, Tick()).decision == "starting failback (epoch 2) by daemon: primary up and stable for 101s"
+    assert (
+        run.at(111, Tick()).decision
+        == "starting failback (epoch 2) by daemon: primary up and stable for 101s"
+    )
     run.at(112, RunbookDone("failback", 2, True, "normal"))
     out = run.at(200, Command("drill", "uid=0(root)"))
     assert out.actions == (RunDrill("uid=0(root)"),) and run.state.routing == "normal"
@@ -210,23 +233,51 @@ verdicts = st.builds(PrimaryVerdict, st.sampled_from(["up", "down", "down", "deg
 votes = st.builds(WitnessVote, st.sampled_from([True, False, False, None]))
 commands = st.builds(
     Command,
-    st.sampled_from(["failover", "failback", "approve", "cancel", "maintenance_on", "maintenance_off", "drill"]),
+    st.sampled_from(
+        ["failover", "failback", "approve", "cancel", "maintenance_on", "maintenance_off", "drill"]
+    ),
     st.just("uid=0(root)"),
     st.just(""),
     st.booleans(),
 )
 # Weighted towards what the world sends (verdicts, votes, time); operators act now and then.
 events = st.one_of(
-    verdicts, verdicts, verdicts, votes, votes, st.builds(Tick), st.builds(Tick), st.builds(Tick),
-    commands, st.builds(DrillDone, st.booleans()), st.builds(Resumed),
+    verdicts,
+    verdicts,
+    verdicts,
+    votes,
+    votes,
+    st.builds(Tick),
+    st.builds(Tick),
+    st.builds(Tick),
+    commands,
+    st.builds(DrillDone, st.booleans()),
+    st.builds(Resumed),
 )
 
 
 @settings(max_examples=500)
-@example(script=[(0.0, PrimaryVerdict("down"), True, "normal"), (1.0, WitnessVote(False), True, "normal")], mode="auto", witness=True)
-@example(script=[(0.0, PrimaryVerdict("down"), True, "normal"), (20.0, WitnessVote(True), True, "normal"), (1.0, Tick(), True, "normal")], mode="auto", witness=True)
+@example(
+    script=[(0.0, PrimaryVerdict("down"), True, "normal"), (1.0, WitnessVote(False), True, "normal")],
+    mode="auto",
+    witness=True,
+)
+@example(
+    script=[
+        (0.0, PrimaryVerdict("down"), True, "normal"),
+        (20.0, WitnessVote(True), True, "normal"),
+        (1.0, Tick(), True, "normal"),
+    ],
+    mode="auto",
+    witness=True,
+)
 @given(
-    script=st.lists(st.tuples(st.floats(0, 40), events, st.booleans(), st.sampled_from(["normal", "failover", "unknown"])), max_size=80),
+    script=st.lists(
+        st.tuples(
+            st.floats(0, 40), events, st.booleans(), st.sampled_from(["normal", "failover", "unknown"])
+        ),
+        max_size=80,
+    ),
     mode=st.sampled_from(["auto", "confirm", "manual"]),
     witness=st.booleans(),
 )
@@ -241,7 +292,9 @@ def test_safety_properties(script: list[tuple[float, Event, bool, str]], mode: s
         before = run.state
         out = run.at(now, event)
         if isinstance(event, PrimaryVerdict):
-            down_since = (down_since if before.primary == "down" else now) if event.verdict == "down" else None
+            down_since = (
+                (down_since if before.primary == "down" else now) if event.verdict == "down" else None
+            )
         for action in out.actions:
             if isinstance(action, RunRunbook):
                 epochs.append(action.epoch)
@@ -267,7 +320,12 @@ def test_safety_properties(script: list[tuple[float, Event, bool, str]], mode: s
 
 
 world = st.one_of(
-    st.builds(PrimaryVerdict, st.sampled_from(["down", "down", "down", "down", "up", "degraded"]), st.just(""), st.booleans()),
+    st.builds(
+        PrimaryVerdict,
+        st.sampled_from(["down", "down", "down", "down", "up", "degraded"]),
+        st.just(""),
+        st.booleans(),
+    ),
     st.builds(WitnessVote, st.sampled_from([True, False, None])),
     st.builds(Tick),
     st.builds(Tick),
@@ -286,8 +344,14 @@ def test_automatic_decisions_only_on_lasting_evidence(
 ) -> None:
     """Only the world speaks (no operator): every automatic move is justified, and limited."""
     policy = Policy(
-        mode=mode, has_witness=True, hold_down_s=15, min_dwell_s=30, max_auto_per_hour=2,  # type: ignore[arg-type]
-        confirm_timeout_s=confirm_timeout, failback="auto", failback_stable_s=40,
+        mode=mode,
+        has_witness=True,
+        hold_down_s=15,
+        min_dwell_s=30,
+        max_auto_per_hour=2,  # type: ignore[arg-type]
+        confirm_timeout_s=confirm_timeout,
+        failback="auto",
+        failback_stable_s=40,
     )
     run = Run(policy)
     now, down_since, up_since = 0.0, None, None
@@ -316,7 +380,12 @@ def test_automatic_decisions_only_on_lasting_evidence(
                     assert confirm_timeout and now - before.since >= confirm_timeout
             else:
                 assert up_since is not None and now - up_since >= policy.failback_stable_s
-            run.at(now, RunbookDone(action.kind, action.epoch, True, "failover" if action.kind == "failover" else "normal"))
+            run.at(
+                now,
+                RunbookDone(
+                    action.kind, action.epoch, True, "failover" if action.kind == "failover" else "normal"
+                ),
+            )
         assert len([t for t in run.state.auto_moves if now - t < 3600]) <= policy.max_auto_per_hour
 
 
@@ -326,7 +395,10 @@ def test_a_grey_failure_needs_no_witness_but_still_the_hold_down() -> None:
     run.at(0, PrimaryVerdict("down", "site:primary:http says the site cannot serve", grey=True))
     assert run.at(2, Tick()).actions == ()
     out = run.at(10, Tick())
-    assert out.decision == "starting failover (epoch 1) by daemon: primary reports it cannot serve (grey failure) for 10s"
+    assert (
+        out.decision
+        == "starting failover (epoch 1) by daemon: primary reports it cannot serve (grey failure) for 10s"
+    )
     plain = Run(dataclasses.replace(AUTO, mode="confirm"))
     plain.at(0, PrimaryVerdict("down", grey=True))
     assert plain.at(10, Tick()).decision == "policy confirm: waiting for 'hotsite approve'"
@@ -400,12 +472,18 @@ def test_without_auto_a_lost_backup_site_pages_and_waits_for_an_operator() -> No
     run = failed_over(CONFIRM)
     run.at(100, BackupVerdict("west", "down"))
     out = run.at(110, Tick())
-    assert out.decision == "backup site west lost while serving: 'hotsite failover --to backup --force' re-plans the hotlines"
+    assert (
+        out.decision
+        == "backup site west lost while serving: 'hotsite failover --to backup --force' re-plans the hotlines"
+    )
     assert any(isinstance(a, Page) for a in out.actions) and not run.runbooks()[1:]
     assert run.at(120, Tick()).actions == ()  # paged once, not at every tick
     assert run.at(121, Command("failover", "uid=0(root)")).refused
     out = run.at(122, Command("failover", "uid=0(root)", "west is dark", force=True))
-    assert out.decision == "starting failover without backup site west (epoch 2) by uid=0(root): re-plan without west: west is dark"
+    assert (
+        out.decision
+        == "starting failover without backup site west (epoch 2) by uid=0(root): re-plan without west: west is dark"
+    )
 
 
 def test_a_restart_mid_replan_resumes_it_with_its_rollback_target() -> None:
@@ -414,7 +492,9 @@ def test_a_restart_mid_replan_resumes_it_with_its_rollback_target() -> None:
     run.at(110, Tick())
     restarted = Run(AUTO, EngineState.from_json(run.state.to_json()))
     out = restarted.at(130, Resumed())
-    assert restarted.runbooks() == [RunRunbook("failover", 3, "resumed after a restart", "daemon", ("west",), ())]
+    assert restarted.runbooks() == [
+        RunRunbook("failover", 3, "resumed after a restart", "daemon", ("west",), ())
+    ]
     assert "resuming the interrupted failover" in out.decision
 
 
@@ -437,8 +517,13 @@ def test_a_lost_backup_site_is_planned_around_only_on_lasting_evidence(
     script: list[tuple[float, Event, bool]], mode: str
 ) -> None:
     policy = Policy(
-        mode=mode, has_witness=True, hold_down_s=15, min_dwell_s=0, max_auto_per_hour=50,  # type: ignore[arg-type]
-        failback="auto", failback_stable_s=40,
+        mode=mode,
+        has_witness=True,
+        hold_down_s=15,
+        min_dwell_s=0,
+        max_auto_per_hour=50,  # type: ignore[arg-type]
+        failback="auto",
+        failback_stable_s=40,
     )
     run = Run(policy)
     now = 0.0
@@ -469,7 +554,11 @@ def test_a_lost_backup_site_is_planned_around_only_on_lasting_evidence(
         if run.state.state in ("failing_over", "failing_back"):
             action = run.runbooks()[-1]
             lost = action.lost if ok else (action.previous_lost or ())
-            left = "failover" if (action.kind == "failover") == ok or action.previous_lost is not None else "normal"
+            left = (
+                "failover"
+                if (action.kind == "failover") == ok or action.previous_lost is not None
+                else "normal"
+            )
             if action.kind == "failback":
                 left, lost = ("normal", ()) if ok else ("failover", run.state.lost)
             run.at(now, RunbookDone(action.kind, action.epoch, ok, left, lost=lost))  # type: ignore[arg-type]

@@ -163,12 +163,14 @@ def test_an_actuator_whose_apply_could_never_fit_in_the_lease_is_refused() -> No
     etcd_section = '\n[coordination]\nbackend = "etcd"\n' + THREE
     found = schema_problems(BASE + hook + etcd_section)  # the hook's default timeout (10 s) = the TTL
     assert any(
-        p.startswith("actuators.carrier.timeout_s: an apply may take 10s but a renewed lease is trusted for at most 9.5s")
+        p.startswith(
+            "actuators.carrier.timeout_s: an apply may take 10s but a renewed lease is trusted for at most 9.5s"
+        )
         and "raise coordination.ttl_s" in p
         for p in found
     ), found
     config.parse(BASE + hook + "timeout_s = 5\n" + etcd_section)  # fits: accepted
-    config.parse(BASE + hook + '\n[failover]\nstep_timeout_s = 5\n' + etcd_section)  # the step bounds it
+    config.parse(BASE + hook + "\n[failover]\nstep_timeout_s = 5\n" + etcd_section)  # the step bounds it
 
 
 def test_config_check_states_the_takeover_bound_with_the_raft_leader_lost() -> None:

@@ -61,7 +61,9 @@ def test_confirm_approve_runbook_and_resume_after_restart(tmp_path: Path) -> Non
         await settle(service)
         assert service.state.state == "failover_pending"
         outcome = await service.ask(Command("approve", "uid=1000(tech)", "site manager agreed"))
-        assert outcome.decision == "starting failover (epoch 1) by uid=1000(tech): approved: site manager agreed"
+        assert (
+            outcome.decision == "starting failover (epoch 1) by uid=1000(tech): approved: site manager agreed"
+        )
         await settle(service)
         assert service.state.state == "backup_active" and service.state.routing == "failover"
         routing, token = actuator.applied[-1]
@@ -102,5 +104,8 @@ def test_reconcile_repairs_drift(tmp_path: Path) -> None:
         assert await service.reconcile_once() == []
 
     asyncio.run(scenario())
-    assert [e.kind for e in store.events(kind="failover.drift")][:2] == ["failover.drift.repaired", "failover.drift"]
+    assert [e.kind for e in store.events(kind="failover.drift")][:2] == [
+        "failover.drift.repaired",
+        "failover.drift",
+    ]
     store.close()

@@ -174,7 +174,9 @@ def test_site_verdicts_say_why() -> None:
 
 @given(
     states=st.lists(
-        st.tuples(st.sampled_from(["sip", "http", "tcp", "icmp"]), st.sampled_from(["unknown", "up", "down"])),
+        st.tuples(
+            st.sampled_from(["sip", "http", "tcp", "icmp"]), st.sampled_from(["unknown", "up", "down"])
+        ),
         max_size=8,
     ),
     min_evidence=st.integers(1, 4),
@@ -200,7 +202,9 @@ def test_a_critical_check_answering_no_is_a_grey_failure() -> None:
         health("site:p:http", "http", "down"),
         last=ProbeResult("site:p:http", False, 4.0, 0.01, 503, "bad_code", "HTTP 503"),
     )
-    unreachable = dataclasses.replace(said_no, last=ProbeResult("site:p:http", False, 4.0, None, None, "timeout"))
+    unreachable = dataclasses.replace(
+        said_no, last=ProbeResult("site:p:http", False, 4.0, None, None, "timeout")
+    )
     critical = frozenset({"site:p:http"})
     grey = judge_site(SiteVerdict("p"), [sbc, said_no], policy, 5.0, critical)
     assert (grey.verdict, grey.grey, grey.down) == ("down", True, ("site:p:http",))

@@ -55,5 +55,3 @@ def test_parse_head_is_total(data: bytes) -> None:
     except httpd.BadRequest:
         return
     assert request.path.startswith("/")
-
-

@@ -33,7 +33,9 @@ def _stored_texts(server: ModemServer) -> list[tuple[str, str]]:
 
 
 def test_a_text_sent_with_lab_sms_is_in_the_modem_and_the_log(server: ModemServer, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["lab", "sms", "--workdir", str(tmp_path), "--from", "+8613800138000", "ACK 7"])
+    result = CliRunner().invoke(
+        cli, ["lab", "sms", "--workdir", str(tmp_path), "--from", "+8613800138000", "ACK 7"]
+    )
     assert result.exit_code == 0, result.output
     assert ("+8613800138000", "ACK 7") in _stored_texts(server)
     [line] = modem_link.log_tail(tmp_path, 5)
@@ -46,7 +48,9 @@ def test_the_log_shows_what_the_daemon_sent(server: ModemServer, tmp_path: Path)
     deadline = time.monotonic() + 10
     while not modem_link.log_tail(tmp_path, 1) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert modem_link.log_tail(tmp_path, 1)[0].endswith("out  +8613900139000  Primary site judged down: failover")
+    assert modem_link.log_tail(tmp_path, 1)[0].endswith(
+        "out  +8613900139000  Primary site judged down: failover"
+    )
 
 
 def test_without_the_demo_lab_sms_says_so(tmp_path: Path) -> None:

@@ -78,11 +78,26 @@ def test_normal_routing_sends_every_hotline_to_the_primary_set() -> None:
             '[hotlines.x]\nnumber = "123"\nagents = 500\nfailover = ["backup"]\n',
             "hotlines.x: no destination in ['backup'] can take it when primary is lost (needs 500 agents)",
         ),
-        ('[hotlines.x]\nnumber = "95588"\nfailover = ["ivr"]\n', "hotlines.x.number '95588' is already hotlines.vip"),
-        ('[hotlines.x]\nnumber = "1"\nfailover = ["ivr"]\n', "hotlines.x.number: '1': expected a dialled number"),
-        ('[hotlines.x]\nnumber = "123"\nfailover = ["moon"]\n', "hotlines.x.failover: unknown destination 'moon' (known: backup, ivr, primary, remote)"),
-        ('[destinations.dup]\nkind = "ivr"\nkamailio_set = 2\n', "destinations.dup.kamailio_set 2 is already used by sites.backup: each site and destination needs its own dispatcher set"),
-        ('[hotlines.x]\nnumber = "123"\nfailover = []\n', "hotlines.x.failover: a list: List should have at least 1 item"),
+        (
+            '[hotlines.x]\nnumber = "95588"\nfailover = ["ivr"]\n',
+            "hotlines.x.number '95588' is already hotlines.vip",
+        ),
+        (
+            '[hotlines.x]\nnumber = "1"\nfailover = ["ivr"]\n',
+            "hotlines.x.number: '1': expected a dialled number",
+        ),
+        (
+            '[hotlines.x]\nnumber = "123"\nfailover = ["moon"]\n',
+            "hotlines.x.failover: unknown destination 'moon' (known: backup, ivr, primary, remote)",
+        ),
+        (
+            '[destinations.dup]\nkind = "ivr"\nkamailio_set = 2\n',
+            "destinations.dup.kamailio_set 2 is already used by sites.backup: each site and destination needs its own dispatcher set",
+        ),
+        (
+            '[hotlines.x]\nnumber = "123"\nfailover = []\n',
+            "hotlines.x.failover: a list: List should have at least 1 item",
+        ),
     ],
 )
 def test_unusable_plans_are_config_errors(extra: str, message: str) -> None:
@@ -93,14 +108,22 @@ def test_unusable_plans_are_config_errors(extra: str, message: str) -> None:
 
 @given(
     lines=st.lists(
-        st.tuples(st.integers(1, 5), st.integers(0, 80), st.sampled_from([("backup", "ivr"), ("remote", "ivr"), ("backup", "remote", "ivr")])),
+        st.tuples(
+            st.integers(1, 5),
+            st.integers(0, 80),
+            st.sampled_from([("backup", "ivr"), ("remote", "ivr"), ("backup", "remote", "ivr")]),
+        ),
         min_size=1,
         max_size=12,
     )
 )
-def test_capacities_are_never_exceeded_and_every_line_is_served(lines: list[tuple[int, int, tuple[str, ...]]]) -> None:
+def test_capacities_are_never_exceeded_and_every_line_is_served(
+    lines: list[tuple[int, int, tuple[str, ...]]],
+) -> None:
     text = SITES + "".join(
-        f'[hotlines.h{i}]\nnumber = "{1000 + i}"\npriority = {prio}\nagents = {agents}\nfailover = {list(prefs)!r}\n'.replace("'", '"')
+        f'[hotlines.h{i}]\nnumber = "{1000 + i}"\npriority = {prio}\nagents = {agents}\nfailover = {list(prefs)!r}\n'.replace(
+            "'", '"'
+        )
         for i, (prio, agents, prefs) in enumerate(lines)
     )
     cfg = config.parse(text)
@@ -217,7 +240,9 @@ def test_no_hotline_is_ever_routed_to_a_lost_site_or_over_capacity(
     lines: list[tuple[int, list[str], bool]], lost: set[str]
 ) -> None:
     text = THREE_SITES + "".join(
-        f'[hotlines.h{i}]\nnumber = "{2000 + i}"\nagents = {agents}\nfailover = {[*order, "ivr"] if ivr else order}\n'.replace("'", '"')
+        f'[hotlines.h{i}]\nnumber = "{2000 + i}"\nagents = {agents}\nfailover = {[*order, "ivr"] if ivr else order}\n'.replace(
+            "'", '"'
+        )
         for i, (agents, order, ivr) in enumerate(lines)
     )
     try:
@@ -231,7 +256,11 @@ def test_no_hotline_is_ever_routed_to_a_lost_site_or_over_capacity(
     assert routing.fenced_uris.isdisjoint(routing.active_uris)
     seats = {2: 100, 5: 80}
     for set_id, limit in seats.items():
-        used = sum(cfg.hotlines[f"h{i}"].agents for i in range(len(lines)) if routing.hotlines.get(f"{2000 + i}") == set_id)
+        used = sum(
+            cfg.hotlines[f"h{i}"].agents
+            for i in range(len(lines))
+            if routing.hotlines.get(f"{2000 + i}") == set_id
+        )
         assert used <= limit
 
 

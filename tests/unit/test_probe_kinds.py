@@ -112,16 +112,27 @@ class SipAnswer(asyncio.DatagramProtocol):
 
 @pytest.mark.parametrize(
     ("code", "accept", "ok"),
-    [(200, None, True), (202, None, True), (404, None, False), (404, {200, 404}, True), (200, {404}, False), (408, None, False)],
+    [
+        (200, None, True),
+        (202, None, True),
+        (404, None, False),
+        (404, {200, 404}, True),
+        (200, {404}, False),
+        (408, None, False),
+    ],
 )
 def test_sip_codes_are_judged_by_the_targets_policy(code: int, accept: set[int] | None, ok: bool) -> None:
     async def scenario() -> ProbeResult:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(lambda: SipAnswer(code), local_addr=("127.0.0.1", 0))
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: SipAnswer(code), local_addr=("127.0.0.1", 0)
+        )
         port = transport.get_extra_info("sockname")[1]
         prober = Prober()
         try:
-            target = Target("trunk:x", "sip", "127.0.0.1", port, "udp", accept_codes=frozenset(accept) if accept else None)
+            target = Target(
+                "trunk:x", "sip", "127.0.0.1", port, "udp", accept_codes=frozenset(accept) if accept else None
+            )
             return await prober.probe(target, 0.5)
         finally:
             await prober.close()

@@ -45,5 +45,7 @@ def test_the_leader_its_token_the_lost_sites_and_the_peers_are_shown() -> None:
 
 
 def test_an_appliance_cut_from_etcd_says_it_is_not_acting() -> None:
-    out = text(status({"backend": "etcd", "role": "unknown", "detail": "etcd unreachable", "domain": "d"}, []))
+    out = text(
+        status({"backend": "etcd", "role": "unknown", "detail": "etcd unreachable", "domain": "d"}, [])
+    )
     assert "coordination: NOT ACTING: etcd unreachable" in out

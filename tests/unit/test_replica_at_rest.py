@@ -52,8 +52,17 @@ def _resync(r: Replica, image: bytes, frame: int) -> Batch:
     """What the source sends a replica that asks for a resync: the pages that differ from its hashes."""
     pages = {p: d for p, d in _pages(image).items() if r.hashes.hashes.get(p, 0) != page_hash(p, d)}
     n = len(image) // 4096
-    return Batch("resync", None, Position(GEN, frame), 4096, n, n, image_checksum(image, 4096), time.time(),
-                 pages=pages)
+    return Batch(
+        "resync",
+        None,
+        Position(GEN, frame),
+        4096,
+        n,
+        n,
+        image_checksum(image, 4096),
+        time.time(),
+        pages=pages,
+    )
 
 
 def _tx(r: Replica, image: bytes, frame: int) -> tuple[Batch, bytes]:
@@ -62,8 +71,17 @@ def _tx(r: Replica, image: bytes, frame: int) -> tuple[Batch, bytes]:
     new[4096 + 100 : 4096 + 116] = os.urandom(16)
     after = bytes(new)
     n = len(after) // 4096
-    b = Batch("tx", r.position, Position(GEN, frame), 4096, n, n, image_checksum(after, 4096), time.time(),
-              pages={2: after[4096:8192]})
+    b = Batch(
+        "tx",
+        r.position,
+        Position(GEN, frame),
+        4096,
+        n,
+        n,
+        image_checksum(after, 4096),
+        time.time(),
+        pages={2: after[4096:8192]},
+    )
     return b, after
 
 
@@ -191,7 +209,10 @@ def test_snapshots_only_of_verified_states_never_leave_a_tmp(tmp_path: Path) -> 
     assert not list((tmp_path / "snaps").glob(".*.tmp"))
     # Restore verifies what it writes: a snapshot damaged in its directory is refused.
     out = tmp_path / "restored.db"
-    assert store.restore(150.0, out).taken_at == 100.0 and image_checksum(out.read_bytes(), 4096) == snap.checksum
+    assert (
+        store.restore(150.0, out).taken_at == 100.0
+        and image_checksum(out.read_bytes(), 4096) == snap.checksum
+    )
     with open(snap.path, "r+b") as f:
         f.seek(4096 + 17)
         f.write(b"\xff")

@@ -90,7 +90,10 @@ def test_journal_limit_mb_is_a_stream_setting() -> None:
         'tls_ca_file = "/ca"\n[replication.streams.c]\nkind = "sqlite"\nsource = "c"\nreplica = "/r/c.db"\n'
     )
     assert config.parse(base).replication.streams["c"].journal_limit_mb == 0
-    assert config.parse(base + "journal_limit_mb = 512\n").replication.streams["c"].journal_limit_mb * MIB == 512 * MIB
+    assert (
+        config.parse(base + "journal_limit_mb = 512\n").replication.streams["c"].journal_limit_mb * MIB
+        == 512 * MIB
+    )
     with pytest.raises(ConfigError) as info:
         config.parse(base + "journal_limit_mb = -1\n")
     assert any("journal_limit_mb" in p for p in info.value.problems)

@@ -41,12 +41,27 @@ STREAM = '[replication.streams.customers]\nkind = "sqlite"\nsource = "customers"
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (f'[replication]\nsource_agent = "10.0.0.1:99999"\n{TLS}{STREAM}', "replication.source_agent: '10.0.0.1:99999': port must be 1-65535"),
-        (f'[replication]\nsource_agent = "10.0.0.1"\n{STREAM}', "tls_cert_file, tls_key_file, tls_ca_file missing"),
-        (f'[replication]\nsource_agent = "a"\ncompression = "lz4"\n{TLS}', "replication.compression: 'lz4': expected 'none', 'zlib' or 'zstd'"),
-        (f'[replication]\nkeep_versions = -1\n{TLS}', "replication.keep_versions: -1: expected greater than or equal to 0"),
-        (f'[replication]\nbandwidth = 5\n{TLS}', "replication.bandwidth: unknown key"),
-        (f'[replication]\nsource_agent = "a"\n{TLS}{STREAM}kind2 = 1\n', "replication.streams.customers.kind2: unknown key"),
+        (
+            f'[replication]\nsource_agent = "10.0.0.1:99999"\n{TLS}{STREAM}',
+            "replication.source_agent: '10.0.0.1:99999': port must be 1-65535",
+        ),
+        (
+            f'[replication]\nsource_agent = "10.0.0.1"\n{STREAM}',
+            "tls_cert_file, tls_key_file, tls_ca_file missing",
+        ),
+        (
+            f'[replication]\nsource_agent = "a"\ncompression = "lz4"\n{TLS}',
+            "replication.compression: 'lz4': expected 'none', 'zlib' or 'zstd'",
+        ),
+        (
+            f"[replication]\nkeep_versions = -1\n{TLS}",
+            "replication.keep_versions: -1: expected greater than or equal to 0",
+        ),
+        (f"[replication]\nbandwidth = 5\n{TLS}", "replication.bandwidth: unknown key"),
+        (
+            f'[replication]\nsource_agent = "a"\n{TLS}{STREAM}kind2 = 1\n',
+            "replication.streams.customers.kind2: unknown key",
+        ),
     ],
 )
 def test_replication_config_errors_name_key_value_expectation(extra: str, expected: str) -> None:
@@ -64,13 +79,17 @@ def test_replication_config_defaults() -> None:
 
 def test_source_agent_config(tmp_path: Path) -> None:
     p = tmp_path / "source.toml"
-    p.write_text('[source]\ntls_cert_file = "/c"\ntls_key_file = "/k"\ntls_ca_file = "/ca"\npoll_s = 1\n'
-                 '[streams.db]\nkind = "sqlite"\npath = "/x"\n')
+    p.write_text(
+        '[source]\ntls_cert_file = "/c"\ntls_key_file = "/k"\ntls_ca_file = "/ca"\npoll_s = 1\n'
+        '[streams.db]\nkind = "sqlite"\npath = "/x"\n'
+    )
     with pytest.raises(ConfigError) as info:
         load_source_config(p)
     assert info.value.problems == ["source.poll_s: unknown key"]
-    p.write_text('[source]\ntls_cert_file = "/c"\ntls_key_file = "/k"\ntls_ca_file = "/ca"\n'
-                 '[streams.db]\nkind = "sqlite"\npath = "/x"\n')
+    p.write_text(
+        '[source]\ntls_cert_file = "/c"\ntls_key_file = "/k"\ntls_ca_file = "/ca"\n'
+        '[streams.db]\nkind = "sqlite"\npath = "/x"\n'
+    )
     assert load_source_config(p).source.listen == "0.0.0.0:7450"
 
 
@@ -108,8 +127,10 @@ def test_rate_limiter_holds_the_configured_rate() -> None:
     assert protocol.RateLimiter(0).delay(10**9) == 0
 
 
-@given(st.lists(st.tuples(st.integers(1, 40), st.binary(min_size=8, max_size=8)), max_size=60),
-       st.integers(0, 40))
+@given(
+    st.lists(st.tuples(st.integers(1, 40), st.binary(min_size=8, max_size=8)), max_size=60),
+    st.integers(0, 40),
+)
 def test_rolling_checksum_equals_recomputation(writes: list[tuple[int, bytes]], size: int) -> None:
     h = PageHashes()
     for pgno, data in writes:
@@ -128,8 +149,9 @@ def test_rolling_checksum_equals_recomputation(writes: list[tuple[int, bytes]], 
 
 
 @given(st.floats(0, 1e6), st.floats(0, 100), st.floats(-5, 5))
-def test_data_loss_window_is_never_negative_and_unknown_when_never_current(current: float, ahead: float,
-                                                                          offset: float) -> None:
+def test_data_loss_window_is_never_negative_and_unknown_when_never_current(
+    current: float, ahead: float, offset: float
+) -> None:
     window = data_loss_window(current, current + ahead - offset, offset)
     assert window is not None and window == pytest.approx(ahead, abs=1e-6)
     assert data_loss_window(None, 1.0, 0.0) is None
@@ -137,10 +159,21 @@ def test_data_loss_window_is_never_negative_and_unknown_when_never_current(curre
     assert over_budget(None, 5.0) and over_budget(6.0, 5.0) and not over_budget(1.0, 5.0)
 
 
-def _batch(prev: Position | None, frame: int, pages: dict[int, bytes], replica: Replica, db_pages: int) -> Batch:
+def _batch(
+    prev: Position | None, frame: int, pages: dict[int, bytes], replica: Replica, db_pages: int
+) -> Batch:
     pos = Position(Generation(1, 2), frame)
-    b = Batch("tx", prev, pos, 512, db_pages, min(db_pages, replica.hashes.db_pages or db_pages), 0, 0.0,
-              pages=pages)
+    b = Batch(
+        "tx",
+        prev,
+        pos,
+        512,
+        db_pages,
+        min(db_pages, replica.hashes.db_pages or db_pages),
+        0,
+        0.0,
+        pages=pages,
+    )
     b.checksum = replica._preview(b)
     return b
 

@@ -13,8 +13,16 @@ FAILOVER = Routing("failover", "backup", 2, {"95588": 2}, fenced_sets=frozenset(
 
 
 class Flaky(NullActuator):
-    def __init__(self, name: str, *, fail_apply: bool = False, fail_rollback: bool = False,
-                 hang: bool = False, drift: bool = False, log: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        fail_apply: bool = False,
+        fail_rollback: bool = False,
+        hang: bool = False,
+        drift: bool = False,
+        log: list[str] | None = None,
+    ) -> None:
         super().__init__()
         self.name = name
         self.fail_apply, self.fail_rollback, self.hang, self.drift = fail_apply, fail_rollback, hang, drift
@@ -54,12 +62,18 @@ def test_all_steps_applied_and_verified_in_order() -> None:
 
 def test_a_failed_step_rolls_back_everything_touched_in_reverse() -> None:
     log: list[str] = []
-    result = go([Flaky("kamailio", log=log), Flaky("netlink", log=log), Flaky("hook", fail_apply=True, log=log)])
+    result = go(
+        [Flaky("kamailio", log=log), Flaky("netlink", log=log), Flaky("hook", fail_apply=True, log=log)]
+    )
     assert not result.ok and result.routing == "normal"
     assert result.detail == "hook: kamailio answered 500"
     assert log == [
-        "kamailio apply failover", "netlink apply failover", "hook apply failover",
-        "hook rollback normal", "netlink rollback normal", "kamailio rollback normal",
+        "kamailio apply failover",
+        "netlink apply failover",
+        "hook apply failover",
+        "hook rollback normal",
+        "netlink rollback normal",
+        "kamailio rollback normal",
     ]
 
 
@@ -73,5 +87,8 @@ def test_a_hung_step_times_out_and_a_failed_rollback_leaves_routing_unknown() ->
     assert not result.ok and result.routing == "unknown"
     assert result.detail == "hook: apply timed out after 0.2s; rollback failed"
     assert [(s.actuator, s.action, s.ok) for s in result.steps] == [
-        ("kamailio", "apply", True), ("hook", "apply", False), ("hook", "rollback", True), ("kamailio", "rollback", False),
+        ("kamailio", "apply", True),
+        ("hook", "apply", False),
+        ("hook", "rollback", True),
+        ("kamailio", "rollback", False),
     ]

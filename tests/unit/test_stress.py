@@ -23,9 +23,7 @@ sys.exit(3)
 """
 
 
-def test_the_command_runs_beside_busy_hogs_and_its_exit_status_is_kept(
-    tmp_path: Path, capfd: object
-) -> None:
+def test_the_command_runs_beside_busy_hogs_and_its_exit_status_is_kept(tmp_path: Path, capfd: object) -> None:
     code = stress.main(["--hogs", "2", "--", sys.executable, "-c", PROBE])
     assert code == 3
     out = capfd.readouterr().out  # type: ignore[attr-defined]

@@ -41,7 +41,9 @@ class Edge(NullActuator):
 
 
 def leader_lease(token: int, now: list[float]) -> EtcdLease:
-    lease = EtcdLease(Gateway(["http://127.0.0.1:9"]), domain="d", appliance="a", ttl_s=TTL, clock=lambda: now[0])
+    lease = EtcdLease(
+        Gateway(["http://127.0.0.1:9"]), domain="d", appliance="a", ttl_s=TTL, clock=lambda: now[0]
+    )
     state = core.granted(lease.state, 7, TTL, sent_at=now[0], margin_s=lease.margin_s)
     lease.state = core.acquired(state, token, now=now[0])
     return lease
@@ -107,7 +109,6 @@ def test_no_fence_without_a_fresh_lease() -> None:
     with pytest.raises(NotLeader):
         asyncio.run(wrapped[0].fence(0))
     assert journal == []
-
 
 
 class Etcd:

@@ -12,12 +12,30 @@ from monitoring.targets import Target, from_config, parse_url
     ("url", "expected"),
     [
         ("sip:10.0.0.1", Target("sip:10.0.0.1", "sip", "10.0.0.1", 5060, "udp")),
-        ("sip:10.0.0.1:5080;transport=TCP", Target("sip:10.0.0.1:5080;transport=TCP", "sip", "10.0.0.1", 5080, "tcp")),
-        ("sip:sbc.example.com;transport=tls", Target("sip:sbc.example.com;transport=tls", "sip", "sbc.example.com", 5061, "tls")),
-        ("sip:ping@[2001:db8::1]:5062", Target("sip:ping@[2001:db8::1]:5062", "sip", "2001:db8::1", 5062, "udp")),
+        (
+            "sip:10.0.0.1:5080;transport=TCP",
+            Target("sip:10.0.0.1:5080;transport=TCP", "sip", "10.0.0.1", 5080, "tcp"),
+        ),
+        (
+            "sip:sbc.example.com;transport=tls",
+            Target("sip:sbc.example.com;transport=tls", "sip", "sbc.example.com", 5061, "tls"),
+        ),
+        (
+            "sip:ping@[2001:db8::1]:5062",
+            Target("sip:ping@[2001:db8::1]:5062", "sip", "2001:db8::1", 5062, "udp"),
+        ),
         ("tcp://10.0.0.5:4000", Target("tcp://10.0.0.5:4000", "tcp", "10.0.0.5", 4000)),
         ("icmp://gw.example.com", Target("icmp://gw.example.com", "icmp", "gw.example.com")),
-        ("https://cti.example.com:8443/health", Target("https://cti.example.com:8443/health", "http", "cti.example.com", 8443, url="https://cti.example.com:8443/health")),
+        (
+            "https://cti.example.com:8443/health",
+            Target(
+                "https://cti.example.com:8443/health",
+                "http",
+                "cti.example.com",
+                8443,
+                url="https://cti.example.com:8443/health",
+            ),
+        ),
     ],
 )
 def test_target_urls(url: str, expected: Target) -> None:
@@ -70,8 +88,15 @@ def test_every_configured_target_with_stable_names() -> None:
     cfg = config.parse(CONFIG)
     targets = {t.name: t for t in from_config(cfg)}
     assert list(targets) == [
-        "site:primary:sbc", "site:primary:http", "site:primary:acd", "site:primary:cti",
-        "site:backup:sbc", "host:disk", "host:memory", "host:temperature", "trunk:carrier-a",
+        "site:primary:sbc",
+        "site:primary:http",
+        "site:primary:acd",
+        "site:primary:cti",
+        "site:backup:sbc",
+        "host:disk",
+        "host:memory",
+        "host:temperature",
+        "trunk:carrier-a",
     ]
     assert targets["site:primary:acd"].interval_s == 0.2 and targets["site:primary:acd"].site == "primary"
     assert targets["site:primary:cti"].expect_body == '"agents":\\s*[1-9]'
@@ -85,11 +110,26 @@ def test_every_configured_target_with_stable_names() -> None:
     [
         ('[trunks.x]\naddress = "192.0.2.2"\naccept_codes = [200, 408]\n', "408 is never accepted"),
         ('[trunks.x]\naddress = "192.0.2.2"\naccept_codes = [99]\n', "SIP status codes are 100-699, got 99"),
-        ('[trunks.x]\naddress = "192.0.2.2"\ninterval_s = 0.05\n', "trunks.x.interval_s: 0.05: expected greater than or equal to 0.1"),
-        ('[trunks.x]\naddress = "192.0.2.2"\ntimeout_s = 2\n', "trunks.x: timeout_s (2.0) must not exceed interval_s (1.0)"),
-        ('[sites.primary.checks.gw]\nurl = "gopher://x"\n', "sites.primary.checks.gw.url: 'gopher://x': 'gopher://x': unknown target"),
-        ('[sites.primary.checks.gw]\nurl = "tcp://x:1"\nexpect_body = "ok"\n', "expect_body applies only to http(s):// checks"),
-        ('[sites.primary.checks.gw]\nurl = "http://x/"\nexpect_body = "("\n', "expect_body is not a valid regular expression"),
+        (
+            '[trunks.x]\naddress = "192.0.2.2"\ninterval_s = 0.05\n',
+            "trunks.x.interval_s: 0.05: expected greater than or equal to 0.1",
+        ),
+        (
+            '[trunks.x]\naddress = "192.0.2.2"\ntimeout_s = 2\n',
+            "trunks.x: timeout_s (2.0) must not exceed interval_s (1.0)",
+        ),
+        (
+            '[sites.primary.checks.gw]\nurl = "gopher://x"\n',
+            "sites.primary.checks.gw.url: 'gopher://x': 'gopher://x': unknown target",
+        ),
+        (
+            '[sites.primary.checks.gw]\nurl = "tcp://x:1"\nexpect_body = "ok"\n',
+            "expect_body applies only to http(s):// checks",
+        ),
+        (
+            '[sites.primary.checks.gw]\nurl = "http://x/"\nexpect_body = "("\n',
+            "expect_body is not a valid regular expression",
+        ),
     ],
 )
 def test_probe_settings_are_validated(extra: str, message: str) -> None:

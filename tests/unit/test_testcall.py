@@ -66,7 +66,9 @@ class FakeUas(asyncio.DatagramProtocol):
             assert self.transport is not None
             self.transport.sendto(bye.encode(), addr)
 
-    def _reply(self, request: Any, addr: tuple[str, int], status: str, tag: bool = False, body: str = "") -> None:
+    def _reply(
+        self, request: Any, addr: tuple[str, int], status: str, tag: bool = False, body: str = ""
+    ) -> None:
         assert self.transport is not None
         to = request.header("to") + (";tag=uas1" if tag else "")
         port = self.transport.get_extra_info("sockname")[1]
@@ -107,7 +109,9 @@ async def _call(mode: str, **spec: Any) -> tuple[Any, FakeUas, Echo]:
     port = uas_t.get_extra_info("sockname")[1]
     settings: dict[str, Any] = {"duration_s": 0.6, "setup_timeout_s": 2.0, **spec}
     try:
-        result = await TestCall(CallSpec("testcall:vip", "95588", "10086", "127.0.0.1", port, **settings)).run()
+        result = await TestCall(
+            CallSpec("testcall:vip", "95588", "10086", "127.0.0.1", port, **settings)
+        ).run()
         await asyncio.sleep(0.1)  # the last datagram (an ACK) reaches the UAS before it closes
     finally:
         uas_t.close()
@@ -118,7 +122,9 @@ async def _call(mode: str, **spec: Any) -> tuple[Any, FakeUas, Echo]:
 def test_answered_call_with_echoed_audio() -> None:
     r, uas, echo = asyncio.run(_call("ok"))
     assert r.ok and r.reason == "ok" and r.code == 200
-    assert r.pdd_ringing_ms is not None and r.pdd_answer_ms is not None and r.pdd_ringing_ms <= r.pdd_answer_ms
+    assert (
+        r.pdd_ringing_ms is not None and r.pdd_answer_ms is not None and r.pdd_ringing_ms <= r.pdd_answer_ms
+    )
     assert r.answered_by == "fake-sbc/1" and r.hangup == "200 OK"
     assert r.tx_packets == 30 and r.rx_packets == 30 and r.loss_pct == 0.0 and echo.packets == 30
     assert r.level_dbov == pytest.approx(-20, abs=0.5) and r.audio
@@ -220,14 +226,18 @@ def test_the_prober_bounds_concurrent_calls_and_keeps_the_last_record() -> None:
 
     async def scenario() -> tuple[list[Any], float, Prober]:
         loop = asyncio.get_running_loop()
-        echo_t, _ = await loop.create_datagram_endpoint(lambda: Echo(True, False), local_addr=("127.0.0.1", 0))
+        echo_t, _ = await loop.create_datagram_endpoint(
+            lambda: Echo(True, False), local_addr=("127.0.0.1", 0)
+        )
         uas_t, _ = await loop.create_datagram_endpoint(
             lambda: FakeUas("ok", echo_t.get_extra_info("sockname")[1]), local_addr=("127.0.0.1", 0)
         )
         port = uas_t.get_extra_info("sockname")[1]
         prober = Prober(max_calls=1)
         targets = [
-            Target(name, "testcall", "127.0.0.1", port, call=CallSpec(name, "95588", "1", "127.0.0.1", port, 0.5))
+            Target(
+                name, "testcall", "127.0.0.1", port, call=CallSpec(name, "95588", "1", "127.0.0.1", port, 0.5)
+            )
             for name in ("testcall:a", "testcall:b")
         ]
         started = time.monotonic()
