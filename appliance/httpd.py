@@ -358,7 +358,6 @@ class BoundedHttpServer:
             return await reader.readexactly(length)
 
 
-
 def _outcome(status: int) -> str:
     return {
         401: "unauthorized",

@@ -106,7 +106,7 @@ def render(items: list[Entry]) -> str:
         "Label values are bounded: target, site, trunk, stream and channel names come from the",
         "configuration; states, reasons and results from fixed vocabularies.",
         "`process_*` are the stock client's process collector (the daemon's own CPU, memory, fds);",
-        "`hotsite_coordination_*` appear with `[coordination] backend = \"etcd\"`; `hotsite_witness_*`",
+        '`hotsite_coordination_*` appear with `[coordination] backend = "etcd"`; `hotsite_witness_*`',
         "are exposed by the witness agent (`hotsite witness`), not by the appliance daemon.",
         "",
         f"{len(items)} metrics.",

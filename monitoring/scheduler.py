@@ -153,4 +153,3 @@ class ProbeScheduler:
             log.error("probe raised", exc_info=error, extra=kv(target=name))
             return ProbeResult(name, False, run.started, None, None, "error", type(error).__name__)
         return task.result()
-

@@ -276,7 +276,9 @@ def demo(workdir: Path, mode: str, metrics_listen: str) -> None:
         if sys.stdout.isatty():
             _demo_live(runtime_dir, workdir, hint, stop, daemon, log_path)
         else:  # a log or a pipe: one plain line whenever something changed
-            click.echo(f"Lab up ({info['mode']}). Daemon log: {log_path}. Metrics: http://{metrics_listen}/metrics")
+            click.echo(
+                f"Lab up ({info['mode']}). Daemon log: {log_path}. Metrics: http://{metrics_listen}/metrics"
+            )
             click.echo(hint)
             last = ""
             while not stop["now"]:

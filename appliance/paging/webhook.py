@@ -274,8 +274,10 @@ class WebhookReceiver:
         if request.path != "/alertmanager" and not request.path.startswith("/ack/"):
             return Response(404, f"no such endpoint {request.path[:80]}\n".encode())
         if self.token is None:
-            return "anonymous" if request.path == "/alertmanager" else Response(
-                403, b"acknowledging by webhook needs paging.alertmanager_token_file\n"
+            return (
+                "anonymous"
+                if request.path == "/alertmanager"
+                else Response(403, b"acknowledging by webhook needs paging.alertmanager_token_file\n")
             )
         given = bearer(request.headers.get("authorization", ""))
         # compare_digest loops over the caller's bytes: the time says nothing about the token.

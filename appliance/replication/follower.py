@@ -256,9 +256,7 @@ class SqliteFollower:
         if lenient:
             self.slot_busy_waits += 1
             return
-        raise SourceError(
-            f"every read-mark slot of {self.db_path}-shm stayed busy for {SLOT_WAIT_S:g} s"
-        )
+        raise SourceError(f"every read-mark slot of {self.db_path}-shm stayed busy for {SLOT_WAIT_S:g} s")
 
     def _hold_restarts_in_place(self, patient: bool = True) -> None:
         """Block restarts again (for a snapshot or a verify: ``patient``, see :meth:`_hold_restarts`);

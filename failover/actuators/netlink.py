@@ -71,9 +71,7 @@ def parse_route(text: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address
     (the config loader prefixes the key and the value)."""
     parts = text.split()
     if len(parts) not in (1, 3) or (len(parts) == 3 and parts[1] != "via"):
-        raise ValueError(
-            "expected 'PREFIX' or 'PREFIX via GATEWAY', e.g. '10.9.0.0/16 via 192.0.2.1'"
-        )
+        raise ValueError("expected 'PREFIX' or 'PREFIX via GATEWAY', e.g. '10.9.0.0/16 via 192.0.2.1'")
     try:
         dst = ipaddress.IPv4Network(parts[0], strict=True)
         gateway = ipaddress.IPv4Address(parts[2]) if len(parts) == 3 else None
