@@ -37,7 +37,8 @@ Safety rules, each tested as a property:
 * At most ``max_auto_per_hour`` automatic failovers; none within
   ``min_dwell_s`` of the last routing change.
 * Every decision that moves routing increments ``epoch``, the fencing token
-  the actuators check.
+  the actuators check. It never starts below the token the world has obeyed
+  (:class:`Resumed`), even when the saved state was lost or is an older copy.
 * A site the engine judges lost never receives calls by the failover plan.
 """
 
@@ -192,7 +193,15 @@ class DrillDone:
 
 @dataclass(frozen=True, slots=True)
 class Resumed:
-    """The daemon restarted with this persisted state."""
+    """The daemon restarted with this persisted state.
+
+    ``world_token`` is the newest fencing token the routing world has obeyed, as
+    read at start-up (0: none read). Above the persisted epoch it means this
+    state was lost or restored from an older copy: epochs continue from it, or
+    every later decision would be refused by the world as stale.
+    """
+
+    world_token: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +291,7 @@ def step(state: EngineState, event: Event, policy: Policy, now: float) -> Outcom
     elif isinstance(event, DrillDone):
         outcome = _drill_done(state, event, now)
     elif isinstance(event, Resumed):
-        outcome = _resumed(state, now)
+        outcome = _resumed(state, event, now)
     elif isinstance(event, TookOver):
         outcome = _took_over(state, event, now)
     else:
@@ -718,7 +727,16 @@ def _took_over(state: EngineState, event: TookOver, now: float) -> Outcome:
     return Outcome(new, actions, decision)
 
 
-def _resumed(state: EngineState, now: float) -> Outcome:
+def _resumed(state: EngineState, event: Resumed, now: float) -> Outcome:
+    if event.world_token > state.epoch:
+        adopted = dataclasses.replace(state, epoch=event.world_token)
+        outcome = _resumed(adopted, Resumed(), now)
+        why = (
+            f"the routing world has obeyed token {event.world_token}, above this appliance's epoch"
+            f" {state.epoch} (its state was lost or is an older copy): epochs continue from"
+            f" {event.world_token}; "
+        )
+        return dataclasses.replace(outcome, decision=why + outcome.decision)
     if state.state in RUNNING:
         kind: Literal["failover", "failback"] = "failover" if state.state == "failing_over" else "failback"
         epoch = state.epoch + 1

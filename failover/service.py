@@ -118,7 +118,7 @@ class FailoverService:
 
     async def run(self) -> None:
         """Consume events until cancelled (owned by the daemon's supervisor)."""
-        await self._handle(Resumed(), None)
+        await self._handle(Resumed(await self._world_token()), None)
         try:
             while True:
                 event, reply = await self._queue.get()
@@ -126,6 +126,30 @@ class FailoverService:
         finally:
             for job in list(self._jobs):
                 job.cancel()
+
+    async def _world_token(self) -> int:
+        """The newest token the routing world obeyed (0: none read), for a single appliance.
+
+        Under etcd the lease's token is the fencing token and a takeover adopts the
+        world (:func:`failover.etcd.adopt_routing`); alone, the engine's epoch is,
+        and it must not start below what the world already refuses.
+        """
+        if self.config.coordination.backend == "etcd":
+            return 0
+        newest = 0
+        for actuator in self.actuators:
+            try:
+                async with asyncio.timeout(actuator.timeout_s):
+                    token = await actuator.obeyed_token()
+            except (ActuatorError, TimeoutError) as exc:
+                error = str(exc) or type(exc).__name__
+                log.warning(
+                    "could not read the token the routing world has obeyed; going on from the saved epoch",
+                    extra=kv(actuator=actuator.name, error=error, epoch=self.state.epoch),
+                )
+                continue
+            newest = max(newest, token or 0)
+        return newest
 
     def submit(self, event: Event) -> None:
         self._queue.put_nowait((event, None))

@@ -37,6 +37,12 @@ Contract, for every implementation:
 * ``rollback(previous, token)`` is ``apply(previous, token)`` unless the
   actuator needs something more careful; it is called, in reverse order,
   for the steps that had been applied when a later step failed.
+* ``obeyed_token()`` reads the newest token the world has recorded, or
+  ``None`` when this world keeps none. Read-only, within ``timeout_s``, else
+  :class:`ActuatorError`. A single appliance reads it at start-up so that
+  its epochs continue above it: with its state lost or restored from an
+  older copy, starting again at epoch 1 would have every later decision
+  refused by the world as stale.
 * Nothing but :class:`ActuatorError` (and its subclasses) escapes.
 
 :class:`NullActuator` keeps the contract and touches nothing: the runbook,
@@ -78,6 +84,10 @@ class Actuator(abc.ABC):
     async def rollback(self, previous: Routing, token: int) -> None:
         await self.apply(previous, token)
 
+    async def obeyed_token(self) -> int | None:
+        """The newest token the world recorded (None: this world keeps none)."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 -- optional hook: most edges hold nothing to release
         """Release connections; called once at shutdown."""
 
@@ -101,6 +111,9 @@ class NullActuator(Actuator):
         if token < self.highest_token:
             raise StaleToken(f"fence: token {token} is older than {self.highest_token}")
         self.highest_token = token
+
+    async def obeyed_token(self) -> int | None:
+        return self.highest_token  # it is its own world
 
     async def verify(self, routing: Routing) -> list[str]:
         if not self.applied:

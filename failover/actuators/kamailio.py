@@ -238,6 +238,9 @@ class KamailioActuator(Actuator):
         async with self._lock:
             return await self._bounded("read token", self._highest_token())
 
+    async def obeyed_token(self) -> int | None:
+        return await self.highest_token()
+
     # ------------------------------------------------------------------ internals
     async def _bounded(self, what: str, work: Awaitable[T]) -> T:
         try:

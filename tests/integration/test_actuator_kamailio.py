@@ -294,6 +294,23 @@ def test_stale_token_is_refused_and_changes_nothing(world: World) -> None:
     asyncio.run(go())
 
 
+def test_a_fresh_actuator_reads_the_token_the_world_obeyed(world: World) -> None:
+    """What a daemon whose state was lost reads at start-up, to go on above it (failover/service.py)."""
+
+    async def go() -> None:
+        first = actuator(world)
+        token = await next_token(first)
+        await first.fence(token + 2)
+        await first.close()
+        reborn = actuator(world)  # nothing in memory: only Kamailio and its token file know
+        assert await reborn.obeyed_token() == token + 2
+        with pytest.raises(StaleToken):
+            await reborn.apply(NORMAL, token + 1)  # what an epoch restarted from the bottom would get
+        await reborn.close()
+
+    asyncio.run(go())
+
+
 def test_hand_edits_are_reported_as_drift_and_reapply_repairs_them(world: World) -> None:
     async def go() -> None:
         act = actuator(world)

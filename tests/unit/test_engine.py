@@ -207,6 +207,15 @@ def test_restart_mid_runbook_resumes_with_a_newer_token() -> None:
     assert restarted.state.state == "backup_active"
 
 
+def test_a_restart_below_the_worlds_token_continues_above_it() -> None:
+    run = Run(Policy(mode="confirm", has_witness=False, hold_down_s=15))
+    out = run.at(0, Resumed(world_token=7))
+    assert run.state.epoch == 7 and out.decision.startswith("the routing world has obeyed token 7")
+    out = run.at(1, Command("failover", "uid=0(root)", "planned", force=True))
+    assert out.decision.startswith("starting failover (epoch 8)"), out.decision
+    assert Run(Policy()).at(0, Resumed(world_token=0)).state.epoch == 0  # nothing read: nothing moves
+
+
 def test_auto_failback_after_a_stable_period_and_drills() -> None:
     run = Run(dataclasses.replace(CONFIRM, failback="auto", failback_stable_s=100))
     run.at(0, PrimaryVerdict("down"))
@@ -253,6 +262,7 @@ events = st.one_of(
     commands,
     st.builds(DrillDone, st.booleans()),
     st.builds(Resumed),
+    st.builds(Resumed, st.integers(0, 60)),  # the world's token read at start-up
 )
 
 
@@ -309,6 +319,8 @@ def test_safety_properties(script: list[tuple[float, Event, bool, str]], mode: s
             kind = "failover" if run.state.state == "failing_over" else "failback"
             routing = ("failover" if kind == "failover" else "normal") if runbook_ok else left
             run.at(now, RunbookDone(kind, run.state.epoch, runbook_ok, routing))  # type: ignore[arg-type]
+        if isinstance(event, Resumed):  # never below what the world already refuses
+            assert run.state.epoch >= max(event.world_token, before.epoch)
         # One routing at a time; every change of state is explained.
         assert run.state.routing in ("normal", "failover", "unknown")
         if out.changed:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from appliance import config
 from appliance.clock import SimulatedClock
 from appliance.store import Store
-from failover.actuators.base import NullActuator
+from failover.actuators.base import ActuatorError, NullActuator
 from failover.engine import Command, PrimaryVerdict, Tick
 from failover.quorum import NullVoter
 from failover.service import STATE_KEY, FailoverService
@@ -108,4 +109,53 @@ def test_reconcile_repairs_drift(tmp_path: Path) -> None:
         "failover.drift.repaired",
         "failover.drift",
     ]
+    store.close()
+
+
+def test_a_lost_state_continues_above_the_token_the_world_has_obeyed(tmp_path: Path) -> None:
+    """State lost (disk replaced, reinstalled) or restored from an older copy: the routing world
+    still refuses every token below the newest it obeyed. Starting again at epoch 1 would have every
+    later failover refused as stale; the daemon reads the world's token first and goes on above it."""
+    cfg = config.parse(CONFIG)
+    clock = SimulatedClock()
+    store = Store.open(tmp_path, clock=clock.time)  # a fresh state: epoch 0
+    actuator = NullActuator()
+    actuator.highest_token = 3  # what a former life of this appliance left in the world
+
+    async def scenario() -> None:
+        service = FailoverService(cfg, store, clock, [actuator], NullVoter())
+        task = asyncio.create_task(service.run())
+        await settle(service)
+        assert service.state.epoch == 3
+        outcome = await service.ask(Command("failover", "uid=1000(tech)", "planned", force=True))
+        assert outcome.decision.startswith("starting failover (epoch 4)"), outcome.decision
+        await settle(service)
+        assert service.state.state == "backup_active", service.last_runbook
+        assert actuator.applied[-1][1] == 4
+        task.cancel()
+
+    asyncio.run(scenario())
+    adopted = [e for e in store.events(kind="failover.decision") if "obeyed token 3" in e.message]
+    assert adopted, [e.message for e in store.events(kind="failover.decision")]
+    store.close()
+
+
+def test_an_unreadable_world_token_leaves_the_epoch_and_says_so(tmp_path: Path, caplog: Any) -> None:
+    cfg = config.parse(CONFIG)
+    clock = SimulatedClock()
+    store = Store.open(tmp_path, clock=clock.time)
+
+    class Unreadable(NullActuator):
+        async def obeyed_token(self) -> int | None:
+            raise ActuatorError("null: read token: connection refused")
+
+    async def scenario() -> None:
+        service = FailoverService(cfg, store, clock, [Unreadable()], NullVoter())
+        task = asyncio.create_task(service.run())
+        await settle(service)
+        assert service.state.epoch == 0
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert "could not read the token the routing world has obeyed" in caplog.text
     store.close()
