@@ -254,37 +254,22 @@ def step(state: PagerState, event: Event, now: float, roster: Roster) -> tuple[P
 def _raise(state: PagerState, event: Raise, now: float, roster: Roster, actions: list[Action]) -> PagerState:
     existing = state.by_key(event.key)
     if existing is not None:
-        worse = RANK[event.severity] > RANK[existing.severity]
-        state = _put(
-            state,
-            replace(
-                existing, hits=existing.hits + 1, severity=event.severity if worse else existing.severity
-            ),
-        )
         actions.append(
             Note("duplicate", existing.id, f"{event.key} raised again", {"hits": existing.hits + 1})
         )
-        return state
+        updated = _worsened(replace(existing, hits=existing.hits + 1), event, roster, actions)
+        return _put(state, updated)
     group = event.group or event.key
     # Only an OPEN incident takes a new condition: one already acknowledged would swallow
     # it silently (the person who acked is busy with the first failure), so a new one opens.
     grouped = next((i for i in state.incidents.values() if i.group == group and i.status == "open"), None)
     acked = next((i for i in state.incidents.values() if i.group == group and i.status == "acked"), None)
     if grouped is not None:
-        worse = RANK[event.severity] > RANK[grouped.severity]
-        state = _put(
-            state,
-            replace(
-                grouped,
-                keys=(*grouped.keys, event.key),
-                hits=grouped.hits + 1,
-                severity=event.severity if worse else grouped.severity,
-            ),
-        )
         actions.append(
             Note("grouped", grouped.id, f"{event.key} joined incident #{grouped.id}: {event.summary}")
         )
-        return state
+        joined = replace(grouped, keys=(*grouped.keys, event.key), hits=grouped.hits + 1)
+        return _put(state, _worsened(joined, event, roster, actions))
     policy = roster.policy_for(event.severity, event.policy)
     summary = event.summary
     if acked is not None:
@@ -311,6 +296,47 @@ def _raise(state: PagerState, event: Raise, now: float, roster: Roster, actions:
     if policy is None:
         actions.append(Note("no_policy", incident.id, "no escalation policy: nobody will be paged"))
     return replace(_put(state, incident), next_id=state.next_id + 1)
+
+
+def _worsened(incident: Incident, event: Raise, roster: Roster, actions: list[Action]) -> Incident:
+    """A more severe condition on an incident: while it is open, everyone paged is told.
+
+    Without this, a contact paged "WARNING: primary judged down" would never hear that
+    the failover it led to has started (CRITICAL): the severity rose in silence. The
+    summary becomes the worse condition's; pages held overnight go out now if the new
+    severity wakes their contact. An acknowledged incident is only updated: someone
+    is on it, and no trigger page follows an acknowledgement.
+    """
+    if RANK[event.severity] <= RANK[incident.severity]:
+        return incident
+    worse = replace(incident, severity=event.severity, summary=event.summary[:300])
+    actions.append(
+        Note(
+            "worsened",
+            incident.id,
+            f"#{incident.id} raised from {incident.severity} to {event.severity}: {event.summary}",
+            {"from": incident.severity, "to": event.severity, "key": event.key},
+        )
+    )
+    if worse.status != "open":
+        return worse
+    text = _text(roster, worse, now_worse=True)
+    held: list[tuple[str, str, str]] = []
+    paged = list(worse.paged)
+    for who, reason, dedup in worse.deferred:
+        contact = roster.contacts.get(who)
+        if contact is not None and RANK[event.severity] >= RANK[contact.wake_for]:
+            woken = f"{reason}; woken: now {event.severity}"
+            actions.append(Page(worse.id, who, "trigger", text, woken, dedup))
+            if who not in paged:
+                paged.append(who)
+        else:
+            held.append((who, reason, dedup))
+    for who in worse.paged:
+        reason = f"#{worse.id} raised to {event.severity}: {who} was paged for it"
+        dedup = f"{worse.id}:worse:{event.severity}:{who}"
+        actions.append(Page(worse.id, who, "trigger", text, reason, dedup))
+    return replace(worse, deferred=tuple(held), paged=tuple(paged))
 
 
 def _undelivered(state: PagerState, event: Undelivered, now: float, actions: list[Action]) -> PagerState:
@@ -511,10 +537,11 @@ def _short_code(state: PagerState, incident_id: int, key: str) -> str:
     return str(code)
 
 
-def _text(roster: Roster, incident: Incident, *, resolved: bool = False) -> str:
+def _text(roster: Roster, incident: Incident, *, resolved: bool = False, now_worse: bool = False) -> str:
     if resolved:
         return f"[{roster.site}] RESOLVED #{incident.id}: {incident.summary}"
+    now = "now " if now_worse else ""
     return (
-        f"[{roster.site}] #{incident.id} {incident.severity.upper()}: {incident.summary}."
+        f"[{roster.site}] #{incident.id} {now}{incident.severity.upper()}: {incident.summary}."
         f" Reply ACK {incident.id} or {incident.short_code}"
     )

@@ -122,7 +122,10 @@ def test_dedupe_group_ack_and_resolve_notices() -> None:
     state, actions = step(
         state, Raise("trunk:a", "trunk a down", "critical", group="site:primary"), T0 + 1, r
     )
-    assert pages(actions) == [] and notes(actions, "duplicate")
+    assert notes(actions, "duplicate") and notes(actions, "worsened")
+    assert [(p.contact, p.text) for p in pages(actions)] == [
+        ("Zhang Wei", "[dr1] #1 now CRITICAL: trunk a down. Reply ACK 1 or " + state.incidents[1].short_code)
+    ]
     state, actions = step(state, Raise("trunk:b", "trunk b down", group="site:primary"), T0 + 2, r)
     assert pages(actions) == [] and notes(actions, "grouped")
     (incident,) = state.incidents.values()
@@ -144,6 +147,37 @@ def test_dedupe_group_ack_and_resolve_notices() -> None:
     assert resolved[0].text == "[dr1] RESOLVED #1: trunk a down"
     state, actions = step(state, Raise("trunk:a", "trunk a down again"), T0 + 6000, r)
     assert state.incidents[2].id == 2 and pages(actions)[0].contact == "Zhang Wei"
+
+
+def test_a_warning_that_becomes_a_failover_tells_who_was_paged_it_is_critical_now() -> None:
+    """The engine's "primary judged down" (warning) is followed by "failover started" (critical)
+    in the same group: the contact paged WARNING must not be left believing it is only that."""
+    night = Night(22 * 60, 7 * 60, "Asia/Shanghai")
+    r = roster(night=night)
+    at = dt.datetime(2026, 3, 2, 15, 0, tzinfo=dt.UTC).timestamp()  # 23:00 in Shanghai
+    state, actions = step(
+        PagerState(),
+        Raise("failover:primary-down", "Primary judged down", "warning", group="failover"),
+        at,
+        r,
+    )
+    assert pages(actions) == [] and notes(actions, "deferred")  # Zhang Wei sleeps through warnings
+    state, actions = step(state, Tick(), at + 300, r)
+    assert [p.contact for p in pages(actions)] == ["Wang Fang"]  # she wakes for warnings
+    started = Raise(
+        "failover:failover", "Failover started by daemon: primary lost", "critical", group="failover"
+    )
+    state, actions = step(state, started, at + 400, r)
+    (incident,) = state.incidents.values()
+    assert incident.severity == "critical" and incident.summary == started.summary
+    told = {p.contact: p for p in pages(actions)}
+    assert sorted(told) == ["Wang Fang", "Zhang Wei"]  # the one paged, and the one held overnight
+    assert all(p.text.startswith("[dr1] #1 now CRITICAL: Failover started") for p in told.values())
+    assert incident.deferred == () and set(incident.paged) == {"Wang Fang", "Zhang Wei"}
+    state, actions = step(
+        state, Raise("failover:rolled-back", "x", "critical", group="failover"), at + 500, r
+    )
+    assert pages(actions) == []  # as severe as it was: joined, nobody paged again
 
 
 def test_unknown_ack_is_rejected_and_changes_nothing() -> None:
