@@ -246,8 +246,9 @@ class KamailioActuator(Actuator):
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await work
-        except TimeoutError:
-            raise ActuatorError(f"{self.name}: {what} took longer than {self.timeout_s:g}s") from None
+        except TimeoutError as exc:
+            why = f" ({exc})" if str(exc) else ""  # the token file's lock says who held it
+            raise ActuatorError(f"{self.name}: {what} took longer than {self.timeout_s:g}s{why}") from None
         except KamailioRpcError as exc:
             if exc.stale:
                 raise StaleToken(f"{self.name}: {what}: {exc.message}") from None
@@ -272,7 +273,7 @@ class KamailioActuator(Actuator):
         if token < highest:
             raise StaleToken(f"{self.name}: {what}: token {token} is older than {highest}, already obeyed")
         if self.token_file is not None and token != file_token:
-            recorded = await asyncio.to_thread(raise_token, self.token_file, token)
+            recorded = await asyncio.to_thread(raise_token, self.token_file, token, wait_s=self.timeout_s / 2)
             if recorded > token:  # a newer leader fenced between our check and our write
                 await self._write(recorded, "htable.seti", ROUTING_TABLE, TOKEN_KEY, recorded)
                 raise StaleToken(f"{self.name}: {what}: token {token} was fenced by {recorded} meanwhile")
@@ -397,7 +398,7 @@ class KamailioActuator(Actuator):
         if self.token_file is None:
             write_atomically(self.dispatcher_list, new)
             return
-        newest = write_if_newest(self.token_file, token, self.dispatcher_list, new)
+        newest = write_if_newest(self.token_file, token, self.dispatcher_list, new, wait_s=self.timeout_s / 2)
         if newest > token:
             raise StaleToken(f"{self.name}: token {token} was fenced by {newest}: list file left as it was")
 

@@ -175,7 +175,9 @@ class NetlinkActuator(Actuator):
             async with asyncio.timeout(self.timeout_s):
                 recorded = token
                 if self.token_file is not None:
-                    recorded = await asyncio.to_thread(raise_token, self.token_file, token)
+                    recorded = await asyncio.to_thread(
+                        raise_token, self.token_file, token, wait_s=self.timeout_s / 2
+                    )
         except TimeoutError:
             why = f"the token file took longer than {self.timeout_s:g}s"
             raise ActuatorError(f"{self.name}: {what}: {why}") from None

@@ -9,6 +9,12 @@ obeyed in a small file. Two rules make it a fence:
 * it never goes down: :func:`raise_token` writes under an exclusive lock on
   ``<file>.lock`` and only a larger token, so a former leader's write held in
   flight by a pause cannot undo a newer leader's fence.
+
+The lock is waited for at most ``wait_s`` (:class:`TimeoutError` after it): a
+former leader paused *inside* the critical section keeps the lock until it
+runs again, and a new leader's fence must fail within its time limit and be
+retried, not block a worker thread that nothing can cancel. The actuators
+wait half their time limit for it, so that their error names the lock.
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+LOCK_POLL_S = 0.01
 
 
 def write_atomically(path: Path, data: str) -> None:
@@ -59,18 +69,36 @@ def read_token(path: Path) -> int:
     return int(text)
 
 
-def raise_token(path: Path, token: int) -> int:
+@contextlib.contextmanager
+def _locked(token_path: Path, wait_s: float) -> Iterator[None]:
+    """Hold ``<token file>.lock`` exclusively; TimeoutError if another holder keeps it ``wait_s``."""
+    token_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    with token_path.with_name(token_path.name + ".lock").open("a") as held:
+        while True:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"the lock of {token_path} stayed held by another writer for {wait_s:g}s"
+                        " (a paused process?)"
+                    ) from None
+                time.sleep(LOCK_POLL_S)
+        yield
+
+
+def raise_token(path: Path, token: int, *, wait_s: float = 5.0) -> int:
     """Record ``token`` unless the file holds a newer one; returns the newest now recorded."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_name(path.name + ".lock").open("a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with _locked(path, wait_s):
         current = read_token(path)
         if token > current:
             write_atomically(path, f"{token}\n")
         return max(token, current)
 
 
-def write_if_newest(token_path: Path, token: int, path: Path, data: str) -> int:
+def write_if_newest(token_path: Path, token: int, path: Path, data: str, *, wait_s: float = 5.0) -> int:
     """Write ``path`` atomically only if ``token_path`` holds no token newer than ``token``.
 
     Under the same lock as :func:`raise_token`, so a fence cannot come between
@@ -78,9 +106,7 @@ def write_if_newest(token_path: Path, token: int, path: Path, data: str) -> int:
     fence or not at all. Returns the newest token recorded (the write happened
     only if that is not above ``token``).
     """
-    token_path.parent.mkdir(parents=True, exist_ok=True)
-    with token_path.with_name(token_path.name + ".lock").open("a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with _locked(token_path, wait_s):
         current = read_token(token_path)
         if current <= token:
             write_atomically(path, data)

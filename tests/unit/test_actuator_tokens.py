@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from failover.actuators.base import ActuatorError, StaleToken
 from failover.actuators.netlink import NetlinkActuator
-from failover.actuators.tokenfile import raise_token, read_token
+from failover.actuators.tokenfile import raise_token, read_token, write_if_newest
 from failover.routing import Routing
 
 FAILOVER = Routing("failover", "backup", 2, {"95588": 2}, frozenset({1}))
@@ -74,3 +74,40 @@ def test_racing_writers_never_lower_the_token(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert read_token(path) == 399
+
+
+def test_a_lock_held_by_a_stalled_process_times_out_instead_of_hanging(tmp_path: Path) -> None:
+    """A former leader SIGSTOPped inside the token file's critical section keeps its lock. A new
+    leader's fence must give up within its time limit (and be retried), never wait forever in a
+    worker thread no one can cancel: stuck threads would starve the daemon's whole pool."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    path = tmp_path / "t.token"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"f = open({str(path) + '.lock'!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True)\n"
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="lock"):
+            raise_token(path, 7, wait_s=0.5)
+        with pytest.raises(TimeoutError, match="lock"):
+            write_if_newest(path, 7, tmp_path / "list", "data", wait_s=0.5)
+        assert time.monotonic() - started < 3
+        assert read_token(path) == 0 and not (tmp_path / "list").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert raise_token(path, 7, wait_s=0.5) == 7  # the holder gone, the fence goes through
