@@ -82,7 +82,13 @@ async def run(
         if not record.ok:
             rolled_back = await _roll_back(touched, previous, token, step_timeout_s, clock, steps)
             left = previous.name if rolled_back else "unknown"
-            detail = f"{actuator.name}: {record.detail}" + ("" if rolled_back else "; rollback failed")
+            # Actuator errors usually name the actuator already ("redirect: … exited 1").
+            named = (
+                record.detail
+                if record.detail.startswith(f"{actuator.name}: ")
+                else f"{actuator.name}: {record.detail}"
+            )
+            detail = named + ("" if rolled_back else "; rollback failed")
             return RunbookResult(False, left, detail, tuple(steps), clock() - started)
     applied = ", ".join(a.name for a in actuators) or "no actuators"
     return RunbookResult(

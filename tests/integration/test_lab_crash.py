@@ -116,3 +116,60 @@ def test_sigkill_mid_runbook_resumes_and_completes(lab: dict[str, Any], tmp_path
         )
     finally:
         assert second.stop() == 0
+
+
+FAILING_HOOK = """#!/bin/sh
+# A carrier redirect API that refuses the change (or, once fixed, accepts it).
+state="{state}"
+if [ "$1" = "--verify" ]; then
+    held="$(cat "$state" 2>/dev/null || echo normal)"
+    [ "$held" = "$HOTSITE_ROUTING" ] && exit 0
+    echo "redirect holds $held"
+    exit 1
+fi
+if [ -e "{broken}" ] && [ "$HOTSITE_ROUTING" = "failover" ]; then
+    echo "carrier API: 503 redirect service unavailable" >&2
+    exit 1
+fi
+echo "$HOTSITE_ROUTING" > "$state"
+"""
+
+
+def test_failover_wait_exits_1_when_the_runbook_fails_and_0_when_it_completes(
+    lab: dict[str, Any], tmp_path: Path
+) -> None:
+    """`failover --wait`: a script learns whether routing moved, not only that a runbook started.
+
+    Its own state directory (a fresh appliance) facing a Kamailio that may have obeyed
+    tokens already: the epochs continue above them (failover/service.py)."""
+    broken = tmp_path / "carrier-broken"
+    broken.touch()
+    script = tmp_path / "redirect.sh"
+    script.write_text(FAILING_HOOK.format(state=tmp_path / "redirect.state", broken=broken))
+    script.chmod(0o755)
+    config = tmp_path / "hotsite.toml"
+    text = lab_config.render(lab, metrics_listen=f"127.0.0.1:{free_port()}")
+    text = text.replace(f'"{Path(lab["workdir"]) / "state"}"', f'"{tmp_path / "state"}"')
+    text = text.replace(f'"{Path(lab["workdir"]) / "run"}"', f'"{tmp_path / "run"}"')
+    text += f'\n[actuators.redirect]\ntype = "hook"\ncommand = ["{script}"]\ntimeout_s = 10\n'
+    config.write_text(text.replace('policy = "auto"', 'policy = "manual"'))
+
+    daemon = RunningDaemon(config, tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        wait_for(lambda: daemon.status()["failover"]["state"] == "primary_active", what="normal operation")
+        failed = hotsite("failover", "--force", "--yes", "--wait", "60", "--reason", "drill", config=config)
+        assert failed.returncode == 1, (failed.stdout, failed.stderr, daemon.log.read_text()[-3000:])
+        assert "the runbook failed" in failed.stderr and "503 redirect service unavailable" in failed.stderr
+        assert "redirect: redirect:" not in failed.stderr
+        assert daemon.status()["failover"]["routing"] == "normal"  # rolled back
+
+        broken.unlink()  # the carrier fixed its API
+        moved = hotsite("failover", "--force", "--yes", "--wait", "60", "--json", config=config)
+        assert moved.returncode == 0, (moved.stdout, moved.stderr, daemon.log.read_text()[-3000:])
+        assert json.loads(moved.stdout)["failover"]["routing"] == "failover"
+        assert _rpc("htable.get", "hotlines", "95588")["item"]["value"] == 2
+        back = hotsite("failback", "--force", "--yes", "--wait", "60", config=config)
+        assert back.returncode == 0, (back.stdout, back.stderr)
+    finally:
+        assert daemon.stop() == 0
