@@ -303,12 +303,11 @@ class SqliteStreamClient:
         await asyncio.to_thread(replica.ensure_recovered)  # after a failed write: redo, verify again
         if replica.promotion is not None:
             raise PromotedError(f"replica {replica.path} is promoted")
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(
+        # asyncio.timeout throughout, not wait_for (see _pump): a stop must never be swallowed.
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(
                 self.host, self.port, ssl=self._ssl, server_hostname=self._server_name if self._ssl else None
-            ),
-            10,
-        )
+            )
         self._writer = writer
         try:
             t0 = self._clock()
@@ -326,7 +325,8 @@ class SqliteStreamClient:
             writer.write(protocol.encode(Msg.HELLO, hello, body, self.compression))
             await writer.drain()
             try:
-                welcome = await asyncio.wait_for(protocol.read_message(reader, self.max_message), 30)
+                async with asyncio.timeout(30):
+                    welcome = await protocol.read_message(reader, self.max_message)
             except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
                 if self._ssl is None:
                     raise
@@ -367,7 +367,8 @@ class SqliteStreamClient:
         finally:
             writer.close()
             try:
-                await asyncio.wait_for(writer.wait_closed(), 1)
+                async with asyncio.timeout(1):  # (a stop landing here must end run(), not the session)
+                    await writer.wait_closed()
             except Exception:  # a black-holed path never acknowledges: drop it without a goodbye
                 writer.transport.abort()
 
@@ -386,9 +387,11 @@ class SqliteStreamClient:
                     self._drained.clear()
                     await self._drained.wait()
                 try:
-                    msg = await asyncio.wait_for(
-                        protocol.read_message(reader, self.max_message), self.idle_timeout_s
-                    )
+                    # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that lands
+                    # as a message completes, and this pump then never ends: the session awaits it
+                    # (after a refused batch, or when the stream stops), never retries or stops.
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        msg = await protocol.read_message(reader, self.max_message)
                 except TimeoutError:
                     raise SourceSilent(
                         f"nothing from the source agent for {self.idle_timeout_s:g} s: the path is presumed"

@@ -182,7 +182,8 @@ class SourceAgent:
         if self._ssl is None:
             return True
         try:
-            await asyncio.wait_for(writer.start_tls(self._ssl), HANDSHAKE_TIMEOUT_S)
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):  # not wait_for: see _pump
+                await writer.start_tls(self._ssl)
             return True
         except ssl.SSLError as exc:
             self.tls_failures += 1
@@ -213,9 +214,8 @@ class SourceAgent:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(writer.drain(), 2)
                 return
-            hello = await asyncio.wait_for(
-                protocol.read_message(reader, self.max_hello, protocol.MAX_HELLO_HEADER), HANDSHAKE_TIMEOUT_S
-            )
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):  # not wait_for: see _pump
+                hello = await protocol.read_message(reader, self.max_hello, protocol.MAX_HELLO_HEADER)
             if hello.kind != Msg.HELLO:
                 raise ProtocolError("expected HELLO", "malformed")
             name, compression, rate = validate.hello_common(hello.header)
@@ -576,7 +576,11 @@ async def _pump(
     with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ProtocolError, ssl.SSLError):
         while True:
             try:
-                msg = await asyncio.wait_for(protocol.read_message(reader, max_message), silent_after)
+                # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that lands as
+                # a message completes; the session, which cancels and awaits this reader, would then
+                # last as long as the replica keeps sending keepalives (and so would the agent's stop).
+                async with asyncio.timeout(silent_after):
+                    msg = await protocol.read_message(reader, max_message)
             except TimeoutError:
                 return "silent"
             if msg.kind != Msg.KEEPALIVE:
