@@ -140,7 +140,8 @@ class ApiServer:
 
     async def _answer(self, caller: Caller, reader: asyncio.StreamReader) -> dict[str, Any]:
         try:
-            line = await asyncio.wait_for(reader.readline(), CLIENT_TIMEOUT_S)
+            async with asyncio.timeout(CLIENT_TIMEOUT_S):
+                line = await reader.readline()
         except (ValueError, asyncio.LimitOverrunError):
             return self._bad("too_long", f"request longer than {MAX_REQUEST_BYTES} bytes")
         except TimeoutError:

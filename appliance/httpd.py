@@ -232,7 +232,8 @@ class BoundedHttpServer:
                 await task
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
             self._server = None
 
     # -- admission
@@ -281,7 +282,8 @@ class BoundedHttpServer:
             if response is not None:
                 self._on_outcome(response.outcome or _outcome(response.status))
                 writer.write(response.encode(head_only=head_only))
-                await asyncio.wait_for(writer.drain(), self.limits.write_timeout_s)
+                async with asyncio.timeout(self.limits.write_timeout_s):
+                    await writer.drain()
         except (ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
             pass  # the client went away or stalled after its request: nothing more to say
         except asyncio.CancelledError:
@@ -292,7 +294,8 @@ class BoundedHttpServer:
         finally:
             writer.close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
 
     async def _read_head(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str

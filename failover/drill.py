@@ -114,7 +114,8 @@ class Drill:
     async def _run(self, name: str, check: Check) -> CheckResult:
         started = self._clock()
         try:
-            ok, detail = await asyncio.wait_for(check(), 15.0)
+            async with asyncio.timeout(15.0):
+                ok, detail = await check()
         except TimeoutError:
             ok, detail = False, "no answer within 15 s"
         return CheckResult(name, ok, detail, self._clock() - started)
@@ -196,7 +197,8 @@ async def _options_via(proxy: str, number: str, timeout: float = 3.0) -> tuple[i
         deadline = loop.time() + timeout
         while (left := deadline - loop.time()) > 0:
             try:
-                data = await asyncio.wait_for(loop.sock_recv(sock, 65535), left)
+                async with asyncio.timeout(left):
+                    data = await loop.sock_recv(sock, 65535)
             except TimeoutError:
                 break
             try:

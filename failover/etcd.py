@@ -701,7 +701,8 @@ class Fence:
         """Present ``token`` to every actuator: from now on the world refuses older ones."""
         for actuator in self.actuators:
             try:
-                await asyncio.wait_for(actuator.fence(token), actuator.timeout_s)
+                async with asyncio.timeout(actuator.timeout_s):
+                    await actuator.fence(token)
             except (ActuatorError, TimeoutError) as exc:
                 _cancelled_meanwhile()
                 stale = isinstance(exc, StaleToken)
@@ -732,7 +733,8 @@ class Fence:
             for name, routing in self.routings().items():
                 differences: list[str] = []
                 for actuator in self.actuators:
-                    differences += await asyncio.wait_for(actuator.verify(routing), actuator.timeout_s)
+                    async with asyncio.timeout(actuator.timeout_s):
+                        differences += await actuator.verify(routing)
                 if not differences:
                     observed = name
                     break
@@ -1035,7 +1037,8 @@ class EtcdCoordination:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.lease.release(), self.section.request_timeout_s * 2)
+            async with asyncio.timeout(self.section.request_timeout_s * 2):
+                await self.lease.release()
         await self.gateway.close()
 
     def view(self) -> dict[str, Any]:

@@ -309,9 +309,8 @@ class FailoverService:
         repaired = []
         for actuator in self.actuators:
             try:
-                differences = await asyncio.wait_for(
-                    actuator.verify(desired), self.config.failover.step_timeout_s
-                )
+                async with asyncio.timeout(self.config.failover.step_timeout_s):
+                    differences = await actuator.verify(desired)
             except (ActuatorError, TimeoutError) as exc:
                 log.warning(
                     "reconcile: cannot read actual routing", extra=kv(actuator=actuator.name, error=str(exc))
@@ -326,9 +325,8 @@ class FailoverService:
                 data={"differences": differences},
             )
             try:
-                await asyncio.wait_for(
-                    actuator.apply(desired, state.epoch), self.config.failover.step_timeout_s
-                )
+                async with asyncio.timeout(self.config.failover.step_timeout_s):
+                    await actuator.apply(desired, state.epoch)
                 left = await actuator.verify(desired)
             except (ActuatorError, TimeoutError) as exc:
                 self.store.record("failover.drift.unrepaired", subject=actuator.name, message=str(exc))

@@ -539,7 +539,8 @@ class WitnessAgent:
                 await self._loop_task
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.stop(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._server.stop()
         await self._prober.close()
         log.info("witness stopped", extra=kv(name=self.settings.name))
 
@@ -571,7 +572,8 @@ class WitnessAgent:
         timeout = self.settings.timeout_s
         try:
             # The probe honours its timeout; the extra second guards against one that does not.
-            return await asyncio.wait_for(self._prober.probe(target, timeout), timeout + 1.0)
+            async with asyncio.timeout(timeout + 1.0):
+                return await self._prober.probe(target, timeout)
         except TimeoutError:
             reason, detail = "timeout", f"probe overran {timeout:g}s"
         except Exception as exc:  # a probe bug must not stop the witness; it counts as a failure

@@ -286,7 +286,8 @@ class SqliteStreamClient:
         self.verify_progress = {"phase": "asking the source for its checksum", "started_at": self._clock()}
         self._writer.write(protocol.encode(Msg.VERIFY, {}))
         await self._writer.drain()
-        return await asyncio.wait_for(fut, timeout)
+        async with asyncio.timeout(timeout):
+            return await fut
 
     def pause(self) -> None:
         self._paused.clear()

@@ -155,7 +155,8 @@ class SourceAgent:
                 await task
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                async with asyncio.timeout(2):
+                    await self._server.wait_closed()
             self._server = None
 
     async def serve_forever(self) -> None:
@@ -212,7 +213,8 @@ class SourceAgent:
                 log.warning("client certificate not allowed", extra=kv(peer=peer, error=why))
                 writer.write(protocol.encode(Msg.ERROR, {"error": why}))  # the replica logs it at ERROR
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer.drain(), 2)
+                    async with asyncio.timeout(2):
+                        await writer.drain()
                 return
             async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):  # not wait_for: see _pump
                 hello = await protocol.read_message(reader, self.max_hello, protocol.MAX_HELLO_HEADER)
@@ -269,7 +271,8 @@ class SourceAgent:
                 self.largest_body = max(self.largest_body, sender.largest_body)
             writer.close()
             try:
-                await asyncio.wait_for(writer.wait_closed(), 1)
+                async with asyncio.timeout(1):
+                    await writer.wait_closed()
             except Exception:  # a black-holed path never acknowledges: drop it without a goodbye
                 writer.transport.abort()
 

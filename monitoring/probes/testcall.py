@@ -304,7 +304,8 @@ class TestCall:
             if left <= 0:
                 return None
             try:
-                data, addr, _ = await asyncio.wait_for(self._sip.queue.get(), left)
+                async with asyncio.timeout(left):
+                    data, addr, _ = await self._sip.queue.get()
             except TimeoutError:
                 return None
             message = self._parse(data)
@@ -498,7 +499,8 @@ class TestCall:
             if left <= 0:
                 return
             try:
-                data, _, arrival = await asyncio.wait_for(self._rtp.queue.get(), left)
+                async with asyncio.timeout(left):
+                    data, _, arrival = await self._rtp.queue.get()
             except TimeoutError:
                 return
             try:
