@@ -270,7 +270,7 @@ class ReplicationService:
             m.lag_seconds.labels(stream=s.name).set(lag)
         m.lag_bytes.labels(stream=s.name).set(st.lag_bytes())
         m.connected.labels(stream=s.name).set(1 if st.connected else 0)
-        m.over_budget.labels(stream=s.name).set(1 if over_budget(lag, s.section.rpo_budget_s) else 0)
+        m.over_budget.labels(stream=s.name).set(1 if _over_budget(s, lag) else 0)
         m.damaged.labels(stream=s.name).set(1 if s.replica is not None and s.replica.damage else 0)
         m.storage_error.labels(stream=s.name).set(1 if st.storage_error else 0)
         m.disk_full.labels(stream=s.name).set(1 if st.disk_full else 0)
@@ -324,7 +324,7 @@ class ReplicationService:
                 "lag_s": None if lag is None else round(lag, 3),
                 "lag_bytes": st.lag_bytes(),
                 "rpo_budget_s": s.section.rpo_budget_s,
-                "over_budget": over_budget(lag, s.section.rpo_budget_s),
+                "over_budget": _over_budget(s, lag),
                 "transactions": st.transactions,
                 "bytes_received": st.bytes_received,
                 "checksum_mismatches": st.checksum_mismatches,
@@ -550,6 +550,14 @@ def _promotable(s: _Stream, force_damaged: bool) -> None:
             f" ('hotsite replication restore {s.name} --at TIME -o FILE'), or promote it as it is with"
             " --force-damaged"
         )
+
+
+def _over_budget(s: _Stream, lag: float | None) -> bool:
+    """Lag past the RPO budget, for a stream that follows its source: a promoted copy is the
+    live database and follows nothing (its growing "lag" paged after every failover)."""
+    if s.replica is not None and s.replica.promotion is not None:
+        return False
+    return over_budget(lag, s.section.rpo_budget_s)
 
 
 def _current_error(item: dict[str, Any]) -> str:

@@ -419,7 +419,9 @@ def test_a_fenced_primary_that_is_still_up_gets_a_cancel_and_the_call_goes_to_th
     assert took < RING_MS / 1000  # not answered by the primary after its ring time
     time.sleep(0.2)
     after = normal.workdir.joinpath("primary.msg").read_text(errors="replace").count("CANCEL sip:")
-    assert after == before + 1  # the primary was told to stop ringing: never answered at both sites
+    # The primary was told to stop ringing: never answered at both sites. (At least one: on a
+    # loaded machine Kamailio retransmits a CANCEL whose 200 is late; 5 were seen.)
+    assert after >= before + 1
 
 
 def test_a_new_call_to_a_dead_primary_is_answered_at_the_backup_within_half_a_second(normal: Lab) -> None:

@@ -101,6 +101,17 @@ def test_service_status_metrics_verify_promote_failback(tmp_path: Path) -> None:
         w.execute("INSERT INTO c(name) VALUES ('taken at the backup')")
         w.close()
         assert "backup has written" in (service.failback_check("customers") or "")
+        # The promoted copy is the live database now: its "lag" behind a source it no longer
+        # follows is no incident (it paged after every failover).
+        for i in range(5):
+            app.execute("INSERT INTO c(name) VALUES (?)", (f"late {i}",))
+        await asyncio.sleep(2.5)  # past the 2 s budget
+        await service.tick()
+        status = await handlers["replication.status"](CALLER, {})
+        promoted_view = next(s for s in status["streams"] if s["name"] == "customers")
+        assert promoted_view["promoted"] and not promoted_view["over_budget"], promoted_view
+        assert service.readiness() == []
+        assert registry.get_sample_value("hotsite_replication_over_budget", {"stream": "customers"}) == 0
         with pytest.raises(RequestError, match="refusing to resume"):
             await handlers["replication.demote"](CALLER, {"stream": "customers"})
         await service.stop()
