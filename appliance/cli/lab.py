@@ -327,7 +327,7 @@ def demo_hint(workdir: Path, runtime_dir: Path, *, paging: bool) -> str:
         "Try in another terminal (Ctrl-C here tears everything down):",
         f"1 cut      hotsite lab impair{lab_args} primary --cut   -> primary DOWN, calls move to the backup"
         + (", the on-call phone gets an SMS page" if paging else "")
-        + ", the crm replica is promoted: its data-loss window is on screen",
+        + ", the crm copy is promoted (data-loss window below)",
     ]
     if paging:
         lines.append(
