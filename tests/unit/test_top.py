@@ -188,7 +188,7 @@ def test_a_refused_drill_shows_the_daemons_reason(refused: str) -> None:
 
 def test_the_data_loss_window_is_the_lag_until_a_promotion_records_it() -> None:
     """Issue 19: what a takeover would lose now, per stream; once promoted, what it did lose."""
-    live = [
+    live: list[dict[str, Any]] = [
         {"name": "crm", "lag_s": 0.42, "over_budget": False},
         {"name": "dialplans", "lag_s": None, "over_budget": True},
     ]
@@ -196,7 +196,7 @@ def test_the_data_loss_window_is_the_lag_until_a_promotion_records_it() -> None:
     assert line == "data-loss window (a takeover now would lose): crm 0.4s, dialplans ?"
     assert style == "bold red"  # a stream never in sync is over any budget
     promoted = {"at": 1000.0, "data_loss_window_s": 3.14}
-    cut = [
+    cut: list[dict[str, Any]] = [
         {"name": "crm", "lag_s": 30.0, "over_budget": True, "promoted": promoted},
         {"name": "dialplans", "lag_s": 12.25, "over_budget": True, "connected": False},
     ]
