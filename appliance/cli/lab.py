@@ -71,15 +71,21 @@ def lab() -> None:
     help="netns needs root; loopback runs every host on its own 127.77.0.x address.",
 )
 @click.option("--metrics-listen", default="127.0.0.1:9477", show_default=True)
-def up(workdir: Path, mode: str, metrics_listen: str) -> None:
+@click.option(
+    "--with-replication",
+    is_flag=True,
+    help="The primary also runs `hotsite source` (a CRM database with a writer, dialplans);"
+    " the daemon's config replicates them (the demo turns this on).",
+)
+def up(workdir: Path, mode: str, metrics_listen: str, with_replication: bool) -> None:
     """Bring the lab up and write the daemon's config for it."""
-    info = _up(workdir, mode, metrics_listen)
+    info = _up(workdir, mode, metrics_listen, replication=with_replication)
     click.echo(f"lab up ({info['mode']} mode); daemon config: {workdir / 'hotsite.toml'}")
     for skipped in info.get("skipped", []):
         click.echo(f"skipped: {skipped}")
 
 
-def _up(workdir: Path, mode: str, metrics_listen: str) -> dict[str, Any]:
+def _up(workdir: Path, mode: str, metrics_listen: str, *, replication: bool = False) -> dict[str, Any]:
     from rich.console import Console
 
     from provisioning.lab import config as lab_config
@@ -87,8 +93,9 @@ def _up(workdir: Path, mode: str, metrics_listen: str) -> dict[str, Any]:
     the_lab = _lab(workdir)
     # A spinner on a terminal (bringing the lab up takes seconds); nothing in a log.
     try:
-        with Console(stderr=True).status("bringing the lab up: namespaces, Kamailio, SIPp, witness..."):
-            info = the_lab.up(mode=mode)
+        what = "namespaces, Kamailio, SIPp, witness" + (", source agent" if replication else "")
+        with Console(stderr=True).status(f"bringing the lab up: {what}..."):
+            info = the_lab.up(mode=mode, replication=replication)
         with Console(stderr=True).status("waiting for every host to answer..."):
             the_lab.wait_ready()
     except _lab_errors() as exc:
@@ -112,6 +119,7 @@ def down(workdir: Path) -> None:
 DAEMON_FILES = (
     "hotsite.toml", "hotsite-daemon.log", "state", "run", "dispatcher.list.token",
     "modem.log", "modem.device", "modem.sock", "sms.log",  # the demo's modem (lab/modem_link.py)
+    "replica",  # the replicas of `lab up --with-replication` (lab/config.py REPLICA_DIR)
 )  # fmt: skip
 
 
@@ -258,10 +266,14 @@ def heal(workdir: Path, host: str) -> None:
 @click.option("--mode", type=click.Choice(["auto", "netns", "loopback"]), default="auto", show_default=True)
 @click.option("--metrics-listen", default="127.0.0.1:9477", show_default=True)
 def demo(workdir: Path, mode: str, metrics_listen: str) -> None:
-    """Lab up, a GSM modem for paging, the daemon, and `hotsite top` live until Ctrl-C; then all down."""
+    """Lab up, a GSM modem for paging, the daemon, and `hotsite top` live until Ctrl-C; then all down.
+
+    The primary runs `hotsite source` and a writer changing its CRM database; the daemon
+    replicates it and the dialplans (`lab up --with-replication`).
+    """
     from provisioning.lab import config as lab_config
 
-    info = _up(workdir, mode, metrics_listen)
+    info = _up(workdir, mode, metrics_listen, replication=True)
     runtime_dir = workdir / "run"
     log_path = workdir / "hotsite-daemon.log"
     modem = _start_modem(workdir)
@@ -303,14 +315,19 @@ def demo(workdir: Path, mode: str, metrics_listen: str) -> None:
 
 
 def demo_hint(workdir: Path, runtime_dir: Path, *, paging: bool) -> str:
-    """The five things to try, each with what the viewer should see after it."""
+    """The five things to try, each with what the viewer should see after it.
+
+    The demo's lab replicates the primary's CRM database (``lab up --with-replication``): at the
+    cut the backup promotes its copy and ``top`` shows the data-loss window that promotion had.
+    """
     from provisioning.lab import config as lab_config
 
     lab_args = "" if workdir == DEFAULT_WORKDIR else f" --workdir {workdir}"
     lines = [
         "Try in another terminal (Ctrl-C here tears everything down):",
         f"1 cut      hotsite lab impair{lab_args} primary --cut   -> primary DOWN, calls move to the backup"
-        + (", the on-call phone gets an SMS page" if paging else ""),
+        + (", the on-call phone gets an SMS page" if paging else "")
+        + ", the crm copy is promoted (data-loss window below)",
     ]
     if paging:
         lines.append(
@@ -416,7 +433,16 @@ def _plain_line(runtime_dir: Path) -> str:
         return f"waiting for the daemon: {exc.message}"
     sites = " ".join(f"{s['name']}={s['verdict']}" for s in status["sites"])
     trunks = " ".join(f"{t['name']}={t['state']}" for t in status["trunks"])
-    return f"sites: {sites}  trunks: {trunks}"
+    line = f"sites: {sites}  trunks: {trunks}"
+    try:
+        streams = api.call(runtime_dir, "replication.status", {}, timeout=2.0).get("streams", [])
+    except HotsiteError:
+        return line
+    links = " ".join(
+        f"{r['name']}={'promoted' if r.get('promoted') else 'up' if r.get('connected') else 'down'}"
+        for r in streams
+    )
+    return f"{line}  replication: {links}" if links else line
 
 
 def _start_daemon(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:

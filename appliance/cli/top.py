@@ -232,21 +232,27 @@ def view(
     parts.append(trunks)
 
     if snap.replication:
-        repl = _table("stream", "lag s", "budget s", "link", "mode", "error", widths={"error": 24})
+        repl = _table("stream", "lag s", "budget s", "link", "mode", "txns", "error", widths={"error": 24})
         for r in snap.replication:
             lag = r.get("lag_s")
+            promoted = bool(r.get("promoted"))
             repl.add_row(
                 r["name"],
                 Text(
-                    "?" if lag is None else f"{lag:.1f}",
-                    style="bold red" if r.get("over_budget") else "green",
+                    "-" if promoted else "?" if lag is None else f"{lag:.1f}",
+                    style="bold red" if r.get("over_budget") and not promoted else "green",
                 ),
                 f"{r.get('rpo_budget_s', 0):g}",
-                _styled("up" if r.get("connected") else "down"),
+                Text("PROMOTED", style="bold yellow")
+                if promoted
+                else _styled("up" if r.get("connected") else "down"),
                 str(r.get("mode") or "-"),
+                str(r.get("transactions", "-")),
                 r.get("last_error") or "",
             )
         parts.append(repl)
+        line, style = loss_window(snap.replication)
+        parts.append(Text(line, style=style, no_wrap=True, overflow="ellipsis"))
     elif "replication" in snap.errors:
         parts.append(Text(f"replication: {snap.errors['replication']}", style="yellow", no_wrap=True))
     else:
@@ -287,6 +293,32 @@ def view(
     if message:
         parts.append(Text(message, style="bold yellow", no_wrap=True, overflow="ellipsis"))
     return Group(*parts)
+
+
+def loss_window(streams: list[dict[str, Any]]) -> tuple[str, str]:
+    """One line on the data-loss window: what a promotion would lose now, or what it did lose.
+
+    A stream's lag *is* that window: the time since the replica last knew it held the primary's
+    newest commit (``appliance/replication/promotion.py``), so it grows while the link is down.
+    Once the database was promoted (failover), the window recorded at that moment is shown.
+    """
+    said = []
+    for r in streams:
+        promotion = r.get("promoted")
+        if promotion:
+            at = timefmt.clock(promotion["at"]) if promotion.get("at") else "?"
+            lost = _seconds(promotion.get("data_loss_window_s"))
+            said.append(f"{r['name']} {lost} at promotion {at}")
+        else:
+            said.append(f"{r['name']} {_seconds(r.get('lag_s'))}")
+    if any(r.get("promoted") for r in streams):
+        return "data-loss window: " + ", ".join(said), "bold yellow"
+    late = any(r.get("over_budget") for r in streams)
+    return "data-loss window (a takeover now would lose): " + ", ".join(said), "bold red" if late else "dim"
+
+
+def _seconds(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}s"
 
 
 def _oncall_line(snap: Snapshot) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import uuid
 from typing import Any
 
@@ -78,3 +79,19 @@ def dispatcher_flags(result: Any) -> dict[int, dict[str, str]]:
             t["DEST"]["URI"]: t["DEST"]["FLAGS"] for t in s.get("TARGETS", []) if "DEST" in t
         }
     return out
+
+
+def tls_handshake(
+    addr: str, port: int, *, ca: str, cert: str, key: str, server_name: str, timeout: float = 1.0
+) -> str:
+    """A mutual-TLS handshake as the appliance makes it; returns the server's TLS version.
+
+    Raises OSError (ssl.SSLError is one) when the port is closed or the handshake fails.
+    """
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    with (
+        socket.create_connection((addr, port), timeout=timeout) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        return str(tls.version())

@@ -127,7 +127,45 @@ def render(info: dict[str, Any], *, metrics_listen: str = "127.0.0.1:9477") -> s
         'skills = ["telephony", "network"]',
         "",
     ]
+    if info.get("replication"):
+        lines += replication(info)
     return "\n".join(lines)
+
+
+REPLICA_DIR = "replica"  # the backup's copies, under the lab's workdir
+
+
+def replication(info: dict[str, Any]) -> list[str]:
+    """The ``[replication]`` section for a lab whose primary runs ``hotsite source``.
+
+    One stream per stream the agent serves (a SQLite CRM database, a dialplan tree), the
+    copies under ``workdir/replica``; mutual TLS with the lab's throwaway CA.
+    """
+    repl = info["replication"]
+    replicas = Path(info["workdir"]) / REPLICA_DIR
+    lines = [
+        "# The primary's CRM database and dialplans, replicated here (the lab runs `hotsite source`",
+        "# and a writer at the primary: provisioning/lab/replication.py). `hotsite top` shows the",
+        "# lag, which is the data-loss window a promotion would have.",
+        "[replication]",
+        f'source_agent = "{repl["source_agent"]}"',
+        f'server_name = "{repl["server_name"]}"',
+        f'tls_cert_file = "{repl["tls_cert_file"]}"',
+        f'tls_key_file = "{repl["tls_key_file"]}"',
+        f'tls_ca_file = "{repl["tls_ca_file"]}"',
+        "",
+    ]
+    for name, stream in repl["streams"].items():
+        replica = replicas / (f"{name}.db" if stream["kind"] == "sqlite" else name)
+        lines += [
+            f"[replication.streams.{name}]",
+            f'kind = "{stream["kind"]}"',
+            f'source = "{name}"',
+            f'replica = "{replica}"',
+            "rpo_budget_s = 5",
+            "",
+        ]
+    return lines
 
 
 ON_CALL = "+8613800138000"  # "Lab On-Call" above: the number the demo's replies come from

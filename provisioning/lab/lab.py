@@ -25,6 +25,7 @@ from typing import Any
 
 from provisioning.lab import checks, kamailio, processes
 from provisioning.lab import netns as ns
+from provisioning.lab import replication as repl
 from provisioning.lab import topology as topo
 
 DEFAULT_WORKDIR = Path("/run/hotsite-lab")
@@ -57,9 +58,10 @@ GENERATED = (
     "kamailio.pid",
     "kamailio-rpc.sock",
     "witness.toml",
+    repl.SOURCE_CONFIG,
 )
 GENERATED_GLOBS = ("*.log", "*.unhealthy", "uas-reject-*.xml")
-GENERATED_DIRS = ("kamailio-run",)
+GENERATED_DIRS = ("kamailio-run", repl.TLS_DIR, repl.DATA_DIR)
 
 
 def sipp_command(
@@ -99,7 +101,12 @@ class Lab:
         self.info_path = self.workdir / "lab.json"
 
     # ------------------------------------------------------------------ up
-    def up(self, mode: str = "auto") -> dict[str, Any]:
+    def up(self, mode: str = "auto", *, replication: bool = False) -> dict[str, Any]:
+        """Build and start the lab; ``replication``: the primary also runs ``hotsite source``
+        (serving a CRM database and a dialplan tree over mutual TLS) and a writer changing that
+        database (provisioning/lab/replication.py). Off by default: the lab's other tests
+        need neither the processes nor the replication incidents a cut of the primary raises.
+        """
         if mode not in MODES:
             raise LabError(f"unknown lab mode {mode!r}: expected one of {', '.join(MODES)}")
         self._refuse_if_up()
@@ -108,14 +115,18 @@ class Lab:
         mode = self._resolve_mode(mode, skipped)
         self._check_unix_path()
         if mode == "loopback":
-            self._check_ports_free()  # before touching anything: nothing to undo
+            self._check_ports_free(replication)  # before touching anything: nothing to undo
         self.workdir.mkdir(parents=True, exist_ok=True)
         info: dict[str, Any] | None = None
         try:
             caps = self._build_network(mode, skipped)
             info = self._info(mode, skipped, caps)
             self._write_configs(mode, module_dir)
+            if replication:
+                self._prepare_replication(info)
             self._start_all(info, kam, sipp)
+            if replication:
+                self._start_replication(info)
             self._save(info)
             self.wait_ready()
         except BaseException as exc:  # incl. KeyboardInterrupt: never leave half a lab
@@ -216,13 +227,16 @@ class Lab:
             "cut": "netem" if netem else "link-down",
         }
 
-    def _check_ports_free(self) -> None:
+    def _check_ports_free(self, replication: bool = False) -> None:
         for h in topo.HOSTS:
             addr = h.loopback_addr
-            for svc, port in h.ports().items():
+            ports = h.ports()
+            if replication and h.name == "primary":
+                ports["replication"] = repl.PORT
+            for svc, port in ports.items():
                 kinds = (
                     [socket.SOCK_STREAM]
-                    if svc in ("rpc", "http")
+                    if svc in ("rpc", "http", "replication")
                     else [socket.SOCK_DGRAM, socket.SOCK_STREAM]
                 )
                 for kind in kinds:
@@ -341,6 +355,19 @@ class Lab:
             )
             entry["processes"].append({"name": proc.name, "pid": proc.pid, "log": proc.log})
 
+    def _prepare_replication(self, info: dict[str, Any]) -> None:
+        entry, _ = self._host(info, "primary")
+        info["replication"] = repl.prepare(self.workdir, entry["address"])
+        entry["ports"]["replication"] = repl.PORT
+
+    def _start_replication(self, info: dict[str, Any]) -> None:
+        """The primary's source agent and CRM writer, recorded like its SIPp and healthd."""
+        entry, _ = self._host(info, "primary")
+        for name, cmd in repl.commands(info["replication"]):
+            log = self.workdir / f"{name}-primary.log"
+            proc = processes.start(name, "primary", cmd, log, entry["namespace"])
+            entry["processes"].append({"name": proc.name, "pid": proc.pid, "log": proc.log})
+
     # ---------------------------------------------------------------- state
     def _load(self) -> dict[str, Any] | None:
         try:
@@ -429,6 +456,8 @@ class Lab:
                         problems.append(f"{h['name']} healthd: HTTP {code}")
                 except OSError as exc:
                     problems.append(f"{h['name']} healthd {addr}:{ports['http']}: {exc}")
+            if "replication" in ports:
+                problems.extend(self._source_not_ready(info, addr, ports["replication"]))
             if "rpc" in ports:
                 try:
                     res = checks.jsonrpc(addr, ports["rpc"], topo.RPC_PATH, "dispatcher.list")
@@ -443,6 +472,24 @@ class Lab:
                 except (OSError, RuntimeError, ValueError) as exc:
                     problems.append(f"Kamailio RPC {addr}:{ports['rpc']}: {exc}")
         return problems
+
+    @staticmethod
+    def _source_not_ready(info: dict[str, Any], addr: str, port: int) -> list[str]:
+        """The source agent completes a mutual-TLS handshake with the appliance's certificate."""
+        r = info.get("replication") or {}
+        try:
+            checks.tls_handshake(
+                addr,
+                port,
+                ca=r["tls_ca_file"],
+                cert=r["tls_cert_file"],
+                key=r["tls_key_file"],
+                server_name=r["server_name"],
+                timeout=0.5,
+            )
+        except (OSError, KeyError) as exc:
+            return [f"primary source agent {addr}:{port}: {exc}"]
+        return []
 
     # ---------------------------------------------------------- impairments
     def impair(

@@ -8,6 +8,11 @@ five things the hint line offers, reading the screen after each:
 5. partition the primary from the appliance only: no failover (primary_degraded), the witness
    still sees it.
 
+Replication runs throughout (the primary's ``hotsite source`` and CRM writer): at start-up both
+streams are on ``top`` caught up; after the cut the CRM database is promoted with its data-loss
+window on screen, and the dialplans' link goes down while their lag (their window) grows; after
+the failback both follow the primary again.
+
 With ``HOTSITE_DEMO_CAPTURE=FILE`` the screen after the cut is written to FILE (the README's
 capture, ``docs/demo-screen.txt``, is made that way).
 """
@@ -126,6 +131,34 @@ def _steady(demo: Demo) -> None:
     wait_for(steady, timeout=120, what="steady")
 
 
+def _row(screen: str, stream: str) -> list[str]:
+    """The replication table's row of ``stream`` on the screen, split on blanks ([] if absent)."""
+    return next((line.split() for line in screen.splitlines() if line.startswith(f"{stream} ")), [])
+
+
+def _window(screen: str, stream: str) -> float | None:
+    """``stream``'s seconds on the data-loss window line (None if not there)."""
+    line = next((x for x in screen.splitlines() if x.startswith("data-loss window")), "")
+    words = line.replace(",", " ").split()
+    if stream not in words or words.index(stream) + 1 >= len(words):
+        return None
+    value = words[words.index(stream) + 1].removesuffix("s")
+    return float(value) if value.replace(".", "", 1).isdigit() else None
+
+
+def _caught_up(demo: Demo) -> None:
+    """Both streams UP on the screen, each within a second or two of the primary."""
+
+    def shown(s: str) -> bool:
+        return (
+            "data-loss window (a takeover now would lose)" in s
+            and all("UP" in _row(s, n) for n in ("crm", "dialplans"))
+            and all((w := _window(s, n)) is not None and w < 3 for n in ("crm", "dialplans"))
+        )
+
+    demo.see(shown, "replication caught up on top", timeout=60)
+
+
 def _back_to_primary(demo: Demo) -> None:
     wait_for(lambda: demo.state() == "failback_pending", timeout=120, what="the primary back")
     demo.run("failback", "--yes", "--runtime-dir", str(demo.runtime_dir))
@@ -139,16 +172,33 @@ def test_the_five_things_the_demo_offers(demo: Demo) -> None:
     for action in ("1 cut", "2 ack", "3 heal", "4 degrade", "5 split"):
         assert action in first, f"the hint line offers {action!r}"
     _steady(demo)
+    _caught_up(demo)
+    replication = demo.run("--runtime-dir", str(demo.runtime_dir), "replication", "status", "--json")
+    streams = {s["name"]: s for s in json.loads(replication.stdout)["streams"]}
+    assert streams["crm"]["transactions"] > 0, "the writer's commits reach the backup"
 
     # 1. Cut: calls move to the backup; the on-call phone is paged (the SMS log on screen).
     demo.lab("impair", "primary", "--cut")
-    after_cut = demo.see(lambda s: "backup_active" in s and f"out  {ON_CALL}" in s, "failover and the page")
+    after_cut = demo.see(
+        lambda s: "backup_active" in s and f"out  {ON_CALL}" in s and "at promotion" in s,
+        "failover, the page and the promotion's data-loss window",
+    )
+    assert "PROMOTED" in _row(after_cut, "crm")
+    promoted = _window(after_cut, "crm")
+    assert promoted is not None and promoted < 10, after_cut  # the cut's seconds before the promotion
     if capture := os.environ.get("HOTSITE_DEMO_CAPTURE"):
         # As `make demo` shows it: the default workdir, which the hint then leaves out.
         shown = after_cut.replace(f" --workdir {demo.workdir}", "").replace(
             str(demo.workdir), "/run/hotsite-lab"
         )
         Path(capture).write_text("\n".join(line.rstrip() for line in shown.rstrip().splitlines()) + "\n")
+
+    # The dialplans are not promoted: their link goes down and their window keeps growing.
+    down = demo.see(lambda s: "DOWN" in _row(s, "dialplans"), "the dialplans' link down", timeout=60)
+    before = _window(down, "dialplans")
+    assert before is not None
+    demo.see(lambda s: (w := _window(s, "dialplans")) is not None and w >= before + 2, "the window growing")
+    assert _window(demo.screen(), "crm") == promoted  # what the promotion recorded stays as it was
 
     # 2. ACK by SMS: the reply is on screen and the incident is acknowledged.
     incident = wait_for(lambda: _failover_incident(demo), timeout=30, what="the failover incident")
@@ -162,6 +212,7 @@ def test_the_five_things_the_demo_offers(demo: Demo) -> None:
     # 3. Heal and fail back: routing returns; the resolve text goes out.
     demo.lab("heal", "primary")
     _back_to_primary(demo)
+    _caught_up(demo)  # the failback demoted the copy: it follows the primary again
     demo.see(lambda s: any(f"out  {ON_CALL}" in line and "resolved" in line.lower() for line in s.splitlines()),
              "the resolve text")  # fmt: skip
 

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.cli.top import SPARK, RttHistory, Screen, gather, plain, sparkline
+from appliance import timefmt
+from appliance.cli.top import SPARK, RttHistory, Screen, gather, loss_window, plain, sparkline
 from appliance.errors import HotsiteError
 
 STATUS: dict[str, Any] = {
@@ -183,3 +184,25 @@ def test_a_refused_drill_shows_the_daemons_reason(refused: str) -> None:
     screen.key("d")
     screen.key("y")
     assert screen.message == f"error: drill: {refused}"
+
+
+def test_the_data_loss_window_is_the_lag_until_a_promotion_records_it() -> None:
+    """Issue 19: what a takeover would lose now, per stream; once promoted, what it did lose."""
+    live: list[dict[str, Any]] = [
+        {"name": "crm", "lag_s": 0.42, "over_budget": False},
+        {"name": "dialplans", "lag_s": None, "over_budget": True},
+    ]
+    line, style = loss_window(live)
+    assert line == "data-loss window (a takeover now would lose): crm 0.4s, dialplans ?"
+    assert style == "bold red"  # a stream never in sync is over any budget
+    promoted = {"at": 1000.0, "data_loss_window_s": 3.14}
+    cut: list[dict[str, Any]] = [
+        {"name": "crm", "lag_s": 30.0, "over_budget": True, "promoted": promoted},
+        {"name": "dialplans", "lag_s": 12.25, "over_budget": True, "connected": False},
+    ]
+    line, _ = loss_window(cut)
+    assert line == f"data-loss window: crm 3.1s at promotion {timefmt.clock(1000.0)}, dialplans 12.2s"
+    screen = plain(gather(_recorded(replication_status={"streams": cut}), 1100.0), RttHistory())
+    row = next(x for x in screen.splitlines() if x.startswith("crm "))
+    assert "PROMOTED" in row and " 30.0 " not in row  # a promoted copy has no lag to show
+    assert line in screen
