@@ -19,8 +19,7 @@ import click
 
 from appliance.cli.context import Context, fail, pass_ctx
 from appliance.errors import StateError
-
-RUNNING = ("failing_over", "failing_back")
+from failover.engine import RUNNING
 
 
 def _confirm(question: str, yes: bool) -> None:
