@@ -29,7 +29,7 @@ from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.service import ReplicationService
 from appliance.store import Store
 from appliance.systemd import Notifier
-from failover import plans
+from failover import plans, verification
 from failover.actuators.factory import build_actuators
 from failover.actuators.replication import ReplicationActuator
 from failover.drill import Drill
@@ -202,6 +202,7 @@ class Appliance(Daemon):
                 voter=voter,
                 kamailio=lambda: self.kamailio,
             ),
+            verify_calls=verification.caller(lambda: self.config) if verification.enabled(cfg) else None,
             on_change=lambda state: self.metrics.set_failover_state(state.state, state.routing, state.epoch),
         )
         self.monitor.on_verdict = self.failover.on_site_verdict

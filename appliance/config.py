@@ -323,6 +323,10 @@ class TestcallsSection(Section):
     answer_header: Annotated[str, _match(re.compile(r"^[A-Za-z0-9-]{1,64}$"), "a SIP header name")] = "Server"
     rise: int = Field(default=1, ge=1, le=100)  # consecutive good calls before "calls ok"
     fall: int = Field(default=2, ge=1, le=100)  # consecutive failed calls before "calls failing"
+    # After every failover and failback: call each of ``hotlines`` until it answers where the plan
+    # sends it, with audio, for at most verify_timeout_s (failover/verification.py).
+    verify_changes: bool = True
+    verify_timeout_s: float = Field(default=60.0, ge=5, le=900)
 
     @model_validator(mode="after")
     def _a_call_fits_its_interval(self) -> TestcallsSection:
