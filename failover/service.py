@@ -328,8 +328,11 @@ class FailoverService:
     async def reconcile_once(self) -> list[str]:
         """Compare desired and actual routing; repair drift. Returns what was repaired."""
         state = self.state
+        # Not while a runbook moves routing, while it is held for a human, or during a drill: the
+        # drill routes its test number for seconds on purpose, and "repairing" that would send its
+        # calls elsewhere mid-check.
         if (
-            state.state in ("failing_over", "failing_back", "held", "maintenance")
+            state.state in ("failing_over", "failing_back", "held", "maintenance", "drill")
             or state.routing == "unknown"
         ):
             return []

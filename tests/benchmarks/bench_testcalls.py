@@ -169,7 +169,7 @@ def cut_to_verified(lab: Lab, info: dict[str, Any], cuts: int) -> None:
             (verified,) = _verifications(daemon, after)
             for h in verified["data"]["hotlines"]:
                 firsts.setdefault(h["number"], []).append(
-                    h["answered_at"] - cut_wall if h["ok"] else float("inf")
+                    h["answered_at_epoch"] - cut_wall if h["ok"] else float("inf")
                 )
             lab.heal("primary")
             _wait(lambda: state() == "failback_pending", 120)

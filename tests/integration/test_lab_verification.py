@@ -145,7 +145,7 @@ def test_a_hard_cut_is_verified_by_calls_answered_at_the_backup_and_reported(
     assert [h["number"] for h in data["hotlines"]] == ["95588", "95566"]  # priority order
     for h in by_number.values():
         assert h["answered_by"] == "site:backup" and h["mos"] > 4.0 and h["pdd_ms"] is not None
-        print(f"{h['number']}: first good call {h['answered_at'] - cut_at:.2f} s after the cut")
+        print(f"{h['number']}: first good call {h['answered_at_epoch'] - cut_at:.2f} s after the cut")
     decisions = _events(daemon, "failover.decision")
     assert any(d["message"].startswith("failover verified by calls (epoch") for d in decisions)
     # The incident report, anchored on the decision that started the failover.
