@@ -27,7 +27,8 @@ Pieces, each usable alone:
   lease, swaps the engine's epoch for the etcd token, and is cut off when the
   lease view would expire. A new leader re-reads the real routing once before
   its first action (``on_takeover``).
-* :class:`EtcdCoordination`: the wiring object for the daemon.
+* the daemon's wiring object is the coordination backend
+  :class:`failover.coordination.etcd.Etcd`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,7 @@ from appliance.errors import ConfigError, HotsiteError
 from appliance.logs import kv
 from failover import lease as core
 from failover.actuators.base import Actuator, ActuatorError, StaleToken
-from failover.peers import PeerViews
+from failover.coordination.base import NotLeader, Takeover
 from failover.quorum import NullVoter, Vote, Voter
 from failover.routing import Routing
 
@@ -62,10 +63,8 @@ log = logging.getLogger("hotsite.etcd")
 
 MAX_ANSWER_BYTES = 1024 * 1024
 MIN_MEMBERS_FOR_AUTO = 3
-TAKEOVER_RETRY_S = 1.0  # a takeover that could not fence every actuator is retried this often
 OPS = ("grant", "keepalive", "txn", "range", "put", "revoke", "members", "auth", "status")
 ETCD_EXPIRY_SWEEP_S = 0.5  # etcd's lessor revokes expired leases on this period
-HEALTH_INTERVAL_S = 10.0  # how often every member is asked for its own status
 
 
 def boottime() -> float:
@@ -87,10 +86,6 @@ class EtcdError(HotsiteError):
 
 class EtcdUnavailable(EtcdError):
     """No endpoint gave a clear answer in time (unreachable, timed out, no quorum)."""
-
-
-class NotLeader(ActuatorError):
-    """An actuator call was refused: this appliance does not hold the lease (or cannot tell)."""
 
 
 def _b64(text: str) -> str:
@@ -616,12 +611,6 @@ class EtcdVoter(Voter):
 # Fencing at the actuators
 
 
-# Called with (observed routing, token) once a new leader has fenced the actuators and
-# re-read the real routing. It may return (or resolve to) the engine's epoch after adopting
-# what it found: decisions taken at an older epoch are then never carried out by this appliance.
-Takeover = Callable[[str, int], Awaitable[int | None] | int | None]
-
-
 class Fence:
     """The gate every actuator call of this appliance passes.
 
@@ -878,225 +867,3 @@ class CoordinationMetrics:
         self.reachable.set(1 if state.reachable else 0)
         self.token.set(state.token or 0)
         self.changes.labels(role=state.role).inc()
-
-
-class EtcdCoordination:
-    """Everything the daemon needs for ``[coordination] backend = "etcd"``."""
-
-    def __init__(
-        self,
-        section: CoordinationSection,
-        *,
-        appliance: str,
-        site: str = "",
-        registry: CollectorRegistry | None = None,
-        clock: Callable[[], float] = boottime,
-    ) -> None:
-        self.section = section
-        self.metrics = CoordinationMetrics(registry or CollectorRegistry())
-        credentials = read_credentials(section.credentials_file) if section.credentials_file else None
-        self.gateway = Gateway(
-            section.endpoints,
-            timeout_s=section.request_timeout_s,
-            verify=tls_context(section),
-            credentials=credentials,
-            observe=self.metrics.observe,
-        )
-        self.lease = EtcdLease(
-            self.gateway,
-            domain=section.domain,
-            appliance=appliance,
-            ttl_s=section.ttl_s,
-            retry_s=section.retry_s,
-            site=site,
-            clock=clock,
-        )
-        self.lease.on_change(self.metrics.update)
-        self.members: list[str] | None = None
-        self.health: dict[str, Any] | None = None  # the last health check of every member
-        self.peers: PeerViews | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def members_problem(self) -> str | None:
-        if self.members is None:
-            return None  # not listed yet: the config check already counted the endpoints
-        if len(self.members) < MIN_MEMBERS_FOR_AUTO:
-            return (
-                f"the etcd cluster has {len(self.members)} member(s): no automatic failover with fewer than 3"
-            )
-        return None
-
-    def peer_views(self, verdicts: Callable[[], dict[str, str]]) -> PeerViews:
-        """This appliance's published site verdicts and the other appliances' (run it as a task)."""
-        self.peers = PeerViews(
-            self.gateway,
-            self.lease,
-            domain=self.section.domain,
-            appliance=self.lease.state.me,
-            site=self.lease.site,
-            verdicts=verdicts,
-            interval_s=self.section.views_interval_s,
-            clock=self.lease.now,
-        )
-        return self.peers
-
-    def voter(self, inner: Voter | None = None) -> EtcdVoter:
-        return EtcdVoter(self.lease, inner, members_ok=self.members_problem)
-
-    def fence(
-        self,
-        actuators: Sequence[Actuator],
-        routings: Callable[[], dict[str, Routing]],
-        *,
-        on_takeover: Takeover | None = None,
-        record: Callable[[str, str, dict[str, Any]], None] = lambda kind, message, data: None,
-        step_timeout_s: float | None = None,
-    ) -> list[Actuator]:
-        self._fence = Fence(
-            self.lease, routings, on_takeover=on_takeover, record=record, step_timeout_s=step_timeout_s
-        )
-        return self._fence.wrap(actuators)
-
-    async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self.lease.run(), name="etcd-lease"),
-            asyncio.create_task(self._watch_members(), name="etcd-members"),
-            asyncio.create_task(self._watch_health(), name="etcd-health"),
-        ]
-        if hasattr(self, "_fence"):
-            self._tasks.append(asyncio.create_task(self._takeovers(), name="etcd-takeover"))
-
-    async def run(self) -> None:
-        """For the daemon's supervisor: start, run until cancelled, then release the lease."""
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
-
-    async def _watch_members(self) -> None:
-        while True:
-            with contextlib.suppress(EtcdError):
-                self.members = await self.gateway.members()
-                self.metrics.members.set(len(self.members))
-            await asyncio.sleep(60.0)
-
-    async def _watch_health(self) -> None:
-        while True:
-            await self.check_health()
-            await asyncio.sleep(HEALTH_INTERVAL_S)
-
-    async def check_health(self) -> dict[str, Any]:
-        """Ask every member for its own status; the summary is in the status and the metrics.
-
-        A member is healthy when it answers, names a raft leader and reports no
-        alarm. Fewer healthy members than a majority: the cluster cannot elect
-        or renew (no automatic failover); one down: one more loss stops it.
-        """
-        endpoints = [str(e).rstrip("/") for e in self.section.endpoints]
-        answers = await asyncio.gather(
-            *(self.gateway.member_status(e, self.section.request_timeout_s) for e in endpoints),
-            return_exceptions=True,
-        )
-        members = []
-        for endpoint, answer in zip(endpoints, answers, strict=True):
-            if isinstance(answer, asyncio.CancelledError):
-                raise answer
-            if isinstance(answer, BaseException):
-                members.append({"endpoint": endpoint, "healthy": False, "error": str(answer)[:200]})
-                continue
-            ok = answer["leader"] not in ("", "0") and not answer["errors"]
-            is_leader = answer["leader"] == answer["member_id"]
-            members.append({"endpoint": endpoint, "healthy": ok, **answer, "is_leader": is_leader})
-        self.health = _health_summary(members, self.lease.now())
-        for member in members:
-            self.metrics.member_up.labels(endpoint=member["endpoint"]).set(1 if member["healthy"] else 0)
-        self.metrics.healthy.set(self.health["healthy"])
-        self.metrics.has_leader.set(1 if self.health["raft_leader"] else 0)
-        return self.health
-
-    async def _takeovers(self) -> None:
-        """Fence and re-read as soon as we become leader, not at the first action.
-
-        A takeover that could not fence (an actuator unreachable) is tried again
-        every second while this appliance leads: until it succeeds nothing is acted on.
-        """
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(TAKEOVER_RETRY_S):
-                    await self.lease.changed.wait()
-            self.lease.changed.clear()
-            state = self.lease.leadership()
-            if state.role == "leader" and state.token != self._fence.verified_token:
-                with contextlib.suppress(NotLeader):
-                    await self._fence.admit()
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.section.request_timeout_s * 2):
-                await self.lease.release()
-        await self.gateway.close()
-
-    def view(self) -> dict[str, Any]:
-        data = self.lease.leadership().to_json(self.lease.now())
-        data["backend"] = "etcd"
-        data["members"] = self.members
-        data["ttl_s"] = self.lease.ttl_s
-        gate = getattr(self, "_fence", None)
-        data["observed_routing"] = getattr(gate, "observed", None)
-        data["fenced_token"] = getattr(gate, "fenced_token", None)
-        data["fence_error"] = getattr(gate, "fence_error", None)
-        data["peers"] = self.peers.view() if self.peers else None
-        data["etcd_health"] = self.health
-        return data
-
-    def handlers(self) -> dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]]:
-        async def status(caller: Any, params: dict[str, Any]) -> Any:
-            return self.view()
-
-        return {"coordination.status": status}
-
-
-def _health_summary(members: list[dict[str, Any]], now: float) -> dict[str, Any]:
-    healthy = [m for m in members if m["healthy"]]
-    leaders = {m["leader"] for m in healthy}
-    majority = len(members) // 2 + 1
-    problem = None
-    if len(healthy) < majority:
-        problem = f"{len(healthy)} of {len(members)} etcd members healthy: no majority, no leader election"
-    elif len(healthy) == majority and len(members) > 1:
-        problem = f"{len(healthy)} of {len(members)} etcd members healthy: one more loss stops coordination"
-    elif len(leaders) > 1:
-        problem = "etcd members name different raft leaders (an election under way)"
-    return {
-        "checked_at": round(now, 3),
-        "healthy": len(healthy),
-        "total": len(members),
-        "raft_leader": next((m["endpoint"] for m in healthy if m.get("is_leader")), None),
-        "problem": problem,
-        "members": members,
-    }
-
-
-async def adopt_routing(service: Any, observed: str, token: int) -> int:
-    """``on_takeover`` for the daemon: make a new leader's engine start from the real routing.
-
-    The engine decides (event :class:`~failover.engine.TookOver`; it stays the
-    only writer of its state): it follows "normal" or a failover routing, and
-    goes to ``held`` when the routing was mixed or unreadable. The engine's new
-    epoch is returned: whatever this appliance had decided before (a reconcile
-    under way, a runbook started while it stood by) is refused by the fence and
-    its result ignored as stale.
-    """
-    from failover.engine import TookOver
-    from failover.plans import lost_from_name
-
-    lost = lost_from_name(observed)
-    routing = "normal" if observed == "normal" else "failover" if lost is not None else "unknown"
-    outcome = await service.ask(TookOver(routing, token, observed, lost or ()))  # type: ignore[arg-type]
-    log.warning(outcome.decision, extra=kv(token=token, observed=observed, epoch=outcome.state.epoch))
-    return int(outcome.state.epoch)

@@ -50,6 +50,7 @@ from failover.engine import (
     Tick,
     WitnessVote,
     step,
+    took_over,
 )
 from failover.quorum import Voter
 from failover.routing import Routing
@@ -88,8 +89,10 @@ class FailoverService:
         pager: Pager | None = None,
         drill: DrillCheck | None = None,
         on_change: Callable[[EngineState], None] = lambda state: None,
+        epoch_is_token: bool = True,
     ) -> None:
         self.config = config
+        self.epoch_is_token = epoch_is_token
         self.store = store
         self.clock = clock
         self.actuators = list(actuators)
@@ -130,11 +133,12 @@ class FailoverService:
     async def _world_token(self) -> int:
         """The newest token the routing world obeyed (0: none read), for a single appliance.
 
-        Under etcd the lease's token is the fencing token and a takeover adopts the
-        world (:func:`failover.etcd.adopt_routing`); alone, the engine's epoch is,
-        and it must not start below what the world already refuses.
+        Under a coordination backend with its own tokens (etcd: the lease's) a
+        takeover re-reads the world instead (:meth:`took_over`); alone, the
+        engine's epoch is the token, and it must not start below what the world
+        already refuses.
         """
-        if self.config.coordination.backend == "etcd":
+        if not self.epoch_is_token:
             return 0
         newest = 0
         for actuator in self.actuators:
@@ -150,6 +154,18 @@ class FailoverService:
                 continue
             newest = max(newest, token or 0)
         return newest
+
+    async def took_over(self, observed: str, token: int) -> int:
+        """A new leader fenced the actuators and read ``observed`` back: the engine follows it.
+
+        The engine decides (event :class:`~failover.engine.TookOver`; it stays the
+        only writer of its state) and moves its epoch on; the epoch is returned so
+        the fence refuses whatever this appliance had decided before (a reconcile
+        under way, a runbook started while it stood by).
+        """
+        outcome = await self.ask(took_over(observed, token))
+        log.warning(outcome.decision, extra=kv(token=token, observed=observed, epoch=outcome.state.epoch))
+        return outcome.state.epoch
 
     def submit(self, event: Event) -> None:
         self._queue.put_nowait((event, None))
