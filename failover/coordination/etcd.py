@@ -30,7 +30,7 @@ from failover.etcd import (
     read_credentials,
     tls_context,
 )
-from failover.peers import PeerViews, PeerVoter
+from failover.etcd.peers import PeerViews, PeerVoter
 from failover.quorum import Voter
 from failover.routing import Routing
 

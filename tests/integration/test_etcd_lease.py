@@ -413,7 +413,7 @@ async def test_peer_views_are_shared_through_etcd_and_garbage_is_counted(
     cluster: EtcdCluster, domain: str
 ) -> None:
     """Two appliances publish under their own session leases; a third's garbage is ignored and counted."""
-    from failover.peers import PeerViews, PeerVoter
+    from failover.etcd.peers import PeerViews, PeerVoter
 
     gateways = [Gateway(cluster.endpoints, timeout_s=0.6) for _ in range(2)]
     leases = [

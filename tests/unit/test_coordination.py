@@ -18,7 +18,7 @@ from failover.coordination.base import Coordination, NotLeader
 from failover.coordination.etcd import Etcd
 from failover.coordination.witness import WitnessOnly
 from failover.etcd import FencedActuator
-from failover.peers import PeerVoter
+from failover.etcd.peers import PeerVoter
 from failover.quorum import NullVoter, Vote, Voter
 from failover.routing import Routing
 

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance.logs import kv
+from failover.etcd.gateway import EtcdError, Gateway
 from failover.quorum import Vote, Voter
 
 if TYPE_CHECKING:
-    from failover.etcd import EtcdLease, Gateway
+    from failover.etcd.election import EtcdLease
 
 log = logging.getLogger("hotsite.peers")
 
@@ -160,8 +161,6 @@ class PeerViews:
         self.malformed = 0
 
     async def run(self) -> None:
-        from failover.etcd import EtcdError
-
         while True:
             try:
                 await self.publish()
