@@ -15,7 +15,7 @@ from appliance import config as config_mod
 from appliance.clock import SimulatedClock
 from appliance.errors import ConfigError
 from failover import witness as w
-from failover.quorum import NullVoter
+from failover.quorum import NullVoter, Vote
 from monitoring.health import TargetHealth, Thresholds
 from monitoring.probes.base import ProbeResult
 
@@ -236,7 +236,7 @@ def answer(**fields: object) -> bytes:
     return json.dumps({k: v for k, v in doc.items() if v is not ...}).encode()
 
 
-def judge(status: int, body: bytes, *, wall: float = 1.8e9 + 1, rtt: float = 0.1) -> w.Vote:
+def judge(status: int, body: bytes, *, wall: float = 1.8e9 + 1, rtt: float = 0.1) -> Vote:
     return w.interpret(
         status, body, max_age_s=5.0, rtt_s=rtt, received_mono=100.0, received_wall=wall, source="witness:x"
     )
