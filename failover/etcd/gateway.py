@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from appliance.errors import ConfigError, HotsiteError
+from appliance.secretfile import read_secret
 from appliance.timeouts import cancelled_meanwhile
 
 MAX_ANSWER_BYTES = 1024 * 1024
@@ -71,16 +72,12 @@ def as_int(value: Any, default: int = 0) -> int:
 
 
 def read_credentials(path: Path) -> tuple[str, str]:
-    """``user:password`` from its file (one line; surrounding whitespace ignored)."""
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise ConfigError(f"coordination.credentials_file: {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"coordination.credentials_file: {path} cannot be read: {exc.strerror}") from None
+    """``user:password`` from its file (:func:`appliance.secretfile.read_secret`: one line, trimmed)."""
+    what = "coordination.credentials_file"
+    text = read_secret(path, what, form="'user:password'")
     user, sep, password = text.partition(":")
-    if not sep or not user or not password or "\n" in text:
-        raise ConfigError(f"coordination.credentials_file: {path}: expected one line 'user:password'")
+    if not sep or not user or not password:
+        raise ConfigError(f"{what}: {path}: expected one line 'user:password'")
     return user, password
 
 

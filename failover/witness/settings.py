@@ -13,6 +13,7 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from appliance.config import ListenAddress, ProbeSeconds, ProbeTimeout, Section
 from appliance.errors import ConfigError
+from appliance.secretfile import read_secret
 from monitoring.health import Thresholds
 from monitoring.targets import Target, parse_url
 
@@ -113,17 +114,11 @@ def describe(err: Any) -> str:
 
 
 def read_token(path: Path) -> str:
-    """A bearer token from its file: one line of visible ASCII, surrounding whitespace ignored."""
-    try:
-        token = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        raise ConfigError(f"token file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"token file {path} cannot be read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"token file {path}: expected printable ASCII") from None
+    """A bearer token from its file (:func:`appliance.secretfile.read_secret`): one word of visible ASCII."""
+    form = "one non-empty word of printable ASCII"
+    token = read_secret(path, "token file", encoding="ascii", form=form)
     if not token or any(not 0x21 <= ord(c) <= 0x7E for c in token):
-        raise ConfigError(f"token file {path}: expected one non-empty word of printable ASCII")
+        raise ConfigError(f"token file {path}: expected {form}")
     return token
 
 
