@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import socket
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
+from appliance import tomlfile
 from appliance.config import ListenAddress, ProbeSeconds, ProbeTimeout, Section
 from appliance.errors import ConfigError
 from appliance.secretfile import read_secret
@@ -79,38 +79,14 @@ class WitnessSettings(Section):
 
 
 def load_settings(path: Path | None, overrides: dict[str, Any]) -> WitnessSettings:
-    """The TOML file (if any), then the command-line values on top; every mistake at once."""
-    data: dict[str, Any] = {}
-    source = "command line"
-    if path is not None:
-        source = str(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"witness config {path} does not exist") from None
-        except OSError as exc:
-            raise ConfigError(f"witness config {path} cannot be read: {exc.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}", [f"TOML syntax: {exc}"]) from None
+    """The TOML file (if any), then the command-line values on top; every mistake at once.
+
+    Read and described like the appliance's own config (:mod:`appliance.tomlfile`).
+    """
+    data = tomlfile.read(path, "witness config") if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v not in (None, (), [])})
-    try:
-        return WitnessSettings.model_validate(data)
-    except ValidationError as exc:
-        problems = [describe(err) for err in exc.errors(include_url=False)]
-        raise ConfigError(f"{source}: {len(problems)} problem(s) in the witness settings", problems) from None
-
-
-def describe(err: Any) -> str:
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return f"{where}: unknown key (known keys: {', '.join(WitnessSettings.model_fields)})"
-    if err["type"] == "missing":
-        return f"{where}: required key is missing"
-    message = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
-    value = err.get("input")
-    if isinstance(value, dict | list):
-        return f"{where}: {message}"
-    return f"{where}: {value!r}: {message}"
+    source = str(path) if path is not None else "command line"
+    return tomlfile.validate(WitnessSettings, data, source, "witness settings")
 
 
 def read_token(path: Path) -> str:
