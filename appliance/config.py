@@ -31,13 +31,12 @@ from pydantic import (
     model_validator,
 )
 
-from appliance import tomlfile
+from appliance import hostnames, tomlfile
 from appliance.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/hotsite/hotsite.toml")
 ENV_VAR = "HOTSITE_CONFIG"
 
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
 _E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -59,12 +58,7 @@ def _split_host_port(value: str, default_port: int | None) -> tuple[str, int]:
 
 
 def _check_host(host: str) -> str:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOSTNAME_RE.match(host):
-            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
-    return host
+    return hostnames.check_host(host)
 
 
 def _address(default_port: int | None) -> Any:
