@@ -45,7 +45,7 @@ from monitoring.probes.host import HostCollector
 from monitoring.targets import from_config
 from monitoring.usage import UsageMonitor
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 REPLICATION_METHODS = (
     "replication.status",

@@ -56,7 +56,7 @@ from failover.quorum import Voter
 from failover.routing import Routing
 from monitoring.health import SiteVerdict
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 STATE_KEY = "failover.engine"
 Pager = Callable[[Page | Resolve], Awaitable[None]]

@@ -54,7 +54,7 @@ from appliance.replication.position import Batch, Position
 from appliance.replication.protocol import Msg, PeerStalled, ProtocolError, Sender
 from appliance.replication.tls import explain_handshake_error, peer_names
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 HANDSHAKE_TIMEOUT_S = 10.0
 

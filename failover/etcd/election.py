@@ -23,7 +23,7 @@ from failover import lease as core
 from failover.etcd.gateway import EtcdError, Gateway, boottime, holder_of
 from failover.quorum import NullVoter, Vote, Voter
 
-log = logging.getLogger("hotsite.etcd")
+log = logging.getLogger("hotsite.failover.etcd")
 
 
 class EtcdLease:

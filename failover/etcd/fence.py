@@ -16,7 +16,7 @@ from failover.coordination.base import NotLeader, Takeover
 from failover.etcd.election import EtcdLease
 from failover.routing import Routing
 
-log = logging.getLogger("hotsite.etcd")
+log = logging.getLogger("hotsite.failover.etcd")
 
 
 class Fence:

@@ -31,7 +31,7 @@ OPS = ("grant", "keepalive", "txn", "range", "put", "revoke", "members", "auth",
 if TYPE_CHECKING:
     from appliance.config import CoordinationSection
 
-log = logging.getLogger("hotsite.etcd")
+log = logging.getLogger("hotsite.failover.etcd")
 
 
 def boottime() -> float:

@@ -34,7 +34,7 @@ from failover.quorum import Vote, Voter
 if TYPE_CHECKING:
     from failover.etcd.election import EtcdLease
 
-log = logging.getLogger("hotsite.peers")
+log = logging.getLogger(f"hotsite.{__name__}")
 
 MAX_VIEW_BYTES = 16 * 1024
 VERDICTS = ("up", "degraded", "down", "unknown")

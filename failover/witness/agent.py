@@ -31,7 +31,7 @@ from monitoring.prober import Prober
 from monitoring.probes.base import REASONS, ProbeResult
 from monitoring.targets import Target
 
-log = logging.getLogger("hotsite.witness")
+log = logging.getLogger("hotsite.failover.witness")
 
 MAX_HEAD_BYTES = 8 * 1024  # request line + headers
 READ_TIMEOUT_S = 5.0  # a client that sends nothing for this long gets 408

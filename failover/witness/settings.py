@@ -17,7 +17,7 @@ from appliance.secretfile import read_secret
 from monitoring.health import Thresholds
 from monitoring.targets import Target, parse_url
 
-log = logging.getLogger("hotsite.witness")
+log = logging.getLogger("hotsite.failover.witness")
 
 
 def _target_url(value: str) -> str:

@@ -21,7 +21,7 @@ from monitoring.health import TargetHealth, Thresholds, observe
 from monitoring.probes.base import ProbeResult
 from monitoring.targets import Target
 
-log = logging.getLogger("hotsite.witness")
+log = logging.getLogger("hotsite.failover.witness")
 
 
 VERSION = 1

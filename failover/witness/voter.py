@@ -26,7 +26,7 @@ from failover.witness.vote import (
 if TYPE_CHECKING:
     from appliance.config import Config
 
-log = logging.getLogger("hotsite.witness")
+log = logging.getLogger("hotsite.failover.witness")
 
 
 # ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from appliance.replication import protocol, validate
 from appliance.replication.files.replica import FilesReplica, StagedFile
 from appliance.replication.protocol import Msg, ProtocolError
 
-log = logging.getLogger("appliance.replication.files")
+log = logging.getLogger("hotsite.appliance.replication.files")
 
 
 class FilesStreamClient:

@@ -8,7 +8,7 @@ import logging
 from appliance.replication import protocol
 from appliance.replication.protocol import ProtocolError
 
-log = logging.getLogger("appliance.replication.files")
+log = logging.getLogger("hotsite.appliance.replication.files")
 
 
 DELTA_MIN = 1024 * 1024  # smaller files always go whole

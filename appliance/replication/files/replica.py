@@ -21,7 +21,7 @@ from appliance.replication.files.scan import Entry, TreeScanner, digest_stable
 from appliance.replication.protocol import ProtocolError
 from appliance.replication.safepath import Beneath, parse_relpath
 
-log = logging.getLogger("appliance.replication.files")
+log = logging.getLogger("hotsite.appliance.replication.files")
 
 
 STAGING = ".hotsite-staging"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from appliance.replication.files.delta import BLOCK, READ_CHUNK, BlockHasher
 
-log = logging.getLogger("appliance.replication.files")
+log = logging.getLogger("hotsite.appliance.replication.files")
 
 
 @dataclass(frozen=True, slots=True)

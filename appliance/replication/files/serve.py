@@ -28,7 +28,7 @@ from appliance.replication.protocol import Msg, Sender
 if TYPE_CHECKING:
     from appliance.replication.source import ServedStream
 
-log = logging.getLogger("appliance.replication.files")
+log = logging.getLogger("hotsite.appliance.replication.files")
 
 
 class FilesSource(Protocol):

@@ -15,7 +15,7 @@ from typing import Any
 
 from appliance.logs import kv
 
-log = logging.getLogger("appliance.replication.files")
+log = logging.getLogger("hotsite.appliance.replication.files")
 
 
 class ChangeWatcher(abc.ABC):
