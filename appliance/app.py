@@ -40,10 +40,10 @@ from failover.plans import backup_site
 from failover.service import FailoverService
 from failover.witness import voter_from_config
 from monitoring import metrics as metrics_mod
+from monitoring.calls_in_progress import UsageMonitor
 from monitoring.monitor import Monitor
 from monitoring.probes.host import HostCollector
 from monitoring.targets import from_config
-from monitoring.usage import UsageMonitor
 
 log = logging.getLogger(f"hotsite.{__name__}")
 

@@ -28,7 +28,7 @@ from appliance.config import Config, host_port
 from appliance.kamailio import KamailioRpc, KamailioRpcError
 from failover import plans
 from failover.actuators.base import Actuator, ActuatorError
-from failover.quorum import Voter
+from failover.thirdvote import Voter
 from monitoring.sip import SipParseError, build_options, parse_response
 
 Check = Callable[[], Awaitable[tuple[bool, str]]]

@@ -52,8 +52,8 @@ from failover.engine import (
     step,
     took_over,
 )
-from failover.quorum import Voter
 from failover.routing import Routing
+from failover.thirdvote import Voter
 from monitoring.health import SiteVerdict
 
 log = logging.getLogger(f"hotsite.{__name__}")

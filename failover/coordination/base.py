@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from failover.actuators.base import Actuator, ActuatorError
-from failover.quorum import Voter
+from failover.thirdvote import Voter
 
 # (observed routing, fencing token) -> the engine's epoch after it followed what was observed.
 # Called once per new token, after every actuator was fenced and the routing read back.
@@ -37,7 +37,7 @@ class Coordination(abc.ABC):
 
     * **Construction** reads local files only (TLS, credentials) and touches no
       network; a bad file is a :class:`~appliance.errors.ConfigError` naming the key.
-    * :meth:`voter` returns the :class:`~failover.quorum.Voter` the engine polls.
+    * :meth:`voter` returns the :class:`~failover.thirdvote.Voter` the engine polls.
       It keeps the Voter contract: returns within its ``timeout_s``, never raises;
       "cannot tell" is a vote of ``None`` with the reason.
     * :meth:`guard` returns the actuators the engine acts through. A refused call

@@ -31,8 +31,8 @@ from failover.etcd import (
     tls_context,
 )
 from failover.etcd.peers import PeerViews, PeerVoter
-from failover.quorum import Voter
 from failover.routing import Routing
+from failover.thirdvote import Voter
 
 if TYPE_CHECKING:
     from appliance.config import Config, CoordinationSection

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from failover.actuators.base import Actuator
 from failover.coordination.base import Coordination, Job, Recorder, Takeover
-from failover.quorum import Voter
+from failover.thirdvote import Voter
 
 if TYPE_CHECKING:
     from appliance.config import Config

@@ -9,7 +9,7 @@ usable alone:
   :class:`EtcdUnavailable` (nothing clear came back) or :class:`EtcdError`.
 * :mod:`~failover.etcd.election`: :class:`EtcdLease`, the election loop for one
   domain (:meth:`~EtcdLease.leadership` never raises and answers from memory),
-  and :class:`EtcdVoter`, the :class:`~failover.quorum.Voter` face: only the
+  and :class:`EtcdVoter`, the :class:`~failover.thirdvote.Voter` face: only the
   leader passes on its inner voter's word; everyone else votes "unknown".
 * :mod:`~failover.etcd.fence`: :class:`Fence` and :class:`FencedActuator`: every
   ``apply`` first checks the lease, swaps the engine's epoch for the etcd token,

@@ -21,7 +21,7 @@ from appliance.logs import kv
 from appliance.timeouts import cancelled_meanwhile
 from failover import lease as core
 from failover.etcd.gateway import EtcdError, Gateway, boottime, holder_of
-from failover.quorum import NullVoter, Vote, Voter
+from failover.thirdvote import NullVoter, Vote, Voter
 
 log = logging.getLogger("hotsite.failover.etcd")
 
@@ -171,7 +171,7 @@ class EtcdVoter(Voter):
     """Only the leader's vote counts: a standby or an appliance cut from etcd votes "unknown".
 
     ``inner`` is what the leader believes about the primary (the witness, or
-    :class:`~failover.quorum.NullVoter`). Contract of :class:`Voter`: never raises.
+    :class:`~failover.thirdvote.NullVoter`). Contract of :class:`Voter`: never raises.
     """
 
     def __init__(

@@ -15,7 +15,7 @@ keeps changing, so two appliances' clocks never need to agree.
 
 Pure: :func:`parse_view`, :class:`Freshness` and :func:`judge`. The edge:
 :class:`PeerViews` (publish and read, one task) and :class:`PeerVoter`, the
-:class:`~failover.quorum.Voter` face the engine's witness slot takes.
+:class:`~failover.thirdvote.Voter` face the engine's witness slot takes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.logs import kv
 from failover.etcd.gateway import EtcdError, Gateway
-from failover.quorum import Vote, Voter
+from failover.thirdvote import Vote, Voter
 
 if TYPE_CHECKING:
     from failover.etcd.election import EtcdLease

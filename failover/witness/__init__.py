@@ -18,8 +18,8 @@ Two programs, one contract, one module each:
   otherwise. ``GET /vote?nonce=N`` echoes ``N``: the voter refuses an answer
   without its own nonce, so a recorded vote cannot be replayed;
 * :mod:`~failover.witness.voter`: :class:`HttpWitnessVoter`, the appliance's
-  client (a :class:`~failover.quorum.Voter`); :func:`voter_from_config` picks it
-  or :class:`~failover.quorum.NullVoter`.
+  client (a :class:`~failover.thirdvote.Voter`); :func:`voter_from_config` picks it
+  or :class:`~failover.thirdvote.NullVoter`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Pure: :func:`fold_round` (probe results -> :class:`WitnessView`),
 :func:`render_vote` (view -> the JSON document) on the agent's side;
-:func:`interpret` (HTTP status + body -> :class:`~failover.quorum.Vote`) on the
+:func:`interpret` (HTTP status + body -> :class:`~failover.thirdvote.Vote`) on the
 appliance's.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from failover.quorum import Vote
+from failover.thirdvote import Vote
 from monitoring.health import TargetHealth, Thresholds, observe
 from monitoring.probes.base import ProbeResult
 from monitoring.targets import Target

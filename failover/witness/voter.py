@@ -14,7 +14,7 @@ import httpx
 
 from appliance.clock import Clock, SystemClock
 from appliance.errors import ConfigError
-from failover.quorum import NullVoter, Vote, Voter
+from failover.thirdvote import NullVoter, Vote, Voter
 from failover.witness.settings import read_token
 from failover.witness.vote import (
     DEFAULT_MAX_AGE_S,
@@ -36,7 +36,7 @@ log = logging.getLogger("hotsite.failover.witness")
 class HttpWitnessVoter(Voter):
     """Asks a ``hotsite witness`` agent over HTTP(S) what it sees of the primary.
 
-    Contract (:class:`~failover.quorum.Voter`): :meth:`vote` returns within
+    Contract (:class:`~failover.thirdvote.Voter`): :meth:`vote` returns within
     ``timeout_s`` (plus scheduling noise) and never raises, except
     ``CancelledError`` when its caller is cancelled. An unreachable, slow,
     refusing, confused or stale witness gives ``Vote(None, detail)``. Stale

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from appliance.clock import SystemClock
 from appliance.errors import StartupError
 from failover import witness as w
-from failover.quorum import Vote
+from failover.thirdvote import Vote
 from failover.witness import agent as witness_agent
 from provisioning.lab.healthd import make_handler
 from tests.conftest import free_port

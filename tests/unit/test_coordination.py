@@ -19,8 +19,8 @@ from failover.coordination.etcd import Etcd
 from failover.coordination.witness import WitnessOnly
 from failover.etcd import FencedActuator
 from failover.etcd.peers import PeerVoter
-from failover.quorum import NullVoter, Vote, Voter
 from failover.routing import Routing
+from failover.thirdvote import NullVoter, Vote, Voter
 
 BASE = """
 [sites.primary]

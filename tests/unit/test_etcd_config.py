@@ -11,7 +11,7 @@ from appliance import config
 from appliance.errors import ConfigError
 from failover import etcd
 from failover.coordination.etcd import Etcd
-from failover.quorum import NullVoter
+from failover.thirdvote import NullVoter
 
 BASE = """
 [sites.primary]

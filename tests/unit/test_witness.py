@@ -15,7 +15,7 @@ from appliance import config as config_mod
 from appliance.clock import SimulatedClock
 from appliance.errors import ConfigError
 from failover import witness as w
-from failover.quorum import NullVoter, Vote
+from failover.thirdvote import NullVoter, Vote
 from monitoring.health import TargetHealth, Thresholds
 from monitoring.probes.base import ProbeResult
 
