@@ -29,6 +29,7 @@ from appliance.clock import Clock
 from appliance.config import Config
 from appliance.logs import kv
 from appliance.store import Store
+from appliance.timeouts import cancelled_meanwhile
 from failover import plans, runbook
 from failover.actuators.base import Actuator, ActuatorError
 from failover.engine import (
@@ -146,6 +147,7 @@ class FailoverService:
                 async with asyncio.timeout(actuator.timeout_s):
                     token = await actuator.obeyed_token()
             except (ActuatorError, TimeoutError) as exc:
+                cancelled_meanwhile()  # appliance/timeouts.py: a stop must not become a logged error
                 error = str(exc) or type(exc).__name__
                 log.warning(
                     "could not read the token the routing world has obeyed; going on from the saved epoch",
@@ -328,6 +330,7 @@ class FailoverService:
                 async with asyncio.timeout(self.config.failover.step_timeout_s):
                     differences = await actuator.verify(desired)
             except (ActuatorError, TimeoutError) as exc:
+                cancelled_meanwhile()
                 log.warning(
                     "reconcile: cannot read actual routing", extra=kv(actuator=actuator.name, error=str(exc))
                 )
@@ -345,6 +348,7 @@ class FailoverService:
                     await actuator.apply(desired, state.epoch)
                 left = await actuator.verify(desired)
             except (ActuatorError, TimeoutError) as exc:
+                cancelled_meanwhile()
                 self.store.record("failover.drift.unrepaired", subject=actuator.name, message=str(exc))
                 continue
             message = f"{actuator.name} repaired to {desired.name} routing" + (

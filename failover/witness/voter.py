@@ -14,6 +14,7 @@ import httpx
 
 from appliance.clock import Clock, SystemClock
 from appliance.errors import ConfigError
+from appliance.timeouts import cancelled_meanwhile
 from failover.thirdvote import NullVoter, Vote, Voter
 from failover.witness.settings import read_token
 from failover.witness.vote import (
@@ -78,14 +79,19 @@ class HttpWitnessVoter(Voter):
             async with asyncio.timeout(self.timeout_s):
                 status, body = await self._fetch(nonce)
         except TimeoutError:
+            cancelled_meanwhile()  # a stop that lands with an error must still stop the witness poll
             return self._unknown(f"witness did not answer within {self.timeout_s:g}s")
         except httpx.TimeoutException:
+            cancelled_meanwhile()
             return self._unknown(f"witness did not answer within {self.timeout_s:g}s")
         except httpx.ConnectError as exc:
+            cancelled_meanwhile()
             return self._unknown(f"witness unreachable: {exc or type(exc).__name__}")
         except TooLarge:
+            cancelled_meanwhile()
             return self._unknown(f"witness answer larger than {MAX_ANSWER_BYTES} bytes")
         except Exception as exc:  # the contract: never raise; say what happened instead
+            cancelled_meanwhile()
             return self._unknown(f"witness request failed: {type(exc).__name__}: {exc}")
         now = self._clock.monotonic()
         try:

@@ -11,6 +11,7 @@ from appliance.logs import kv
 from appliance.replication import protocol, validate
 from appliance.replication.files.replica import FilesReplica, StagedFile
 from appliance.replication.protocol import Msg, ProtocolError
+from appliance.timeouts import cancelled_meanwhile
 
 log = logging.getLogger("hotsite.appliance.replication.files")
 
@@ -75,6 +76,7 @@ class FilesStreamClient:
                     extra=kv(stream=self.name, reason=exc.reason, error=exc.message[:300]),
                 )
             except (OSError, asyncio.IncompleteReadError, ssl.SSLError, TimeoutError) as exc:
+                cancelled_meanwhile()
                 self.stats.note_error(f"{type(exc).__name__}: {exc}")
             except Exception as exc:  # a bug must not end replication silently: counted, logged, retried
                 self.stats.session_failures += 1
@@ -87,8 +89,7 @@ class FilesStreamClient:
 
     async def _session(self) -> None:
         await asyncio.to_thread(self.replica.open)
-        # asyncio.timeout throughout, not wait_for: 3.11's wait_for swallows a cancellation that lands
-        # just as a message completes, and the client then never stops (seen: 1 run in ~10).
+        # asyncio.timeout throughout, never wait_for: the rule and its reason are appliance/timeouts.py.
         async with asyncio.timeout(10):
             reader, writer = await asyncio.open_connection(
                 self.host, self.port, ssl=self._ssl, server_hostname=self._server_name if self._ssl else None
