@@ -117,3 +117,12 @@ def test_the_interface_is_all_the_daemon_sees() -> None:
     for make in BACKENDS.values():
         cls = getattr(make, "__self__", None)
         assert isinstance(cls, type) and issubclass(cls, Coordination) and not cls.__abstractmethods__
+
+
+def test_the_daemon_wires_the_interface_without_naming_a_backend() -> None:
+    """app.py builds whatever the table gives: no branch on the backend, no None for "no etcd"."""
+    from pathlib import Path
+
+    app = (Path(__file__).resolve().parents[2] / "appliance" / "app.py").read_text()
+    assert ".backend ==" not in app and "coordination = None" not in app and "EtcdCoordination" not in app
+    assert "coordination_from_config(" in app
