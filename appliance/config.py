@@ -18,11 +18,8 @@ import os
 import re
 import socket
 import tomllib
-import types
-import typing
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -34,12 +31,12 @@ from pydantic import (
     model_validator,
 )
 
+from appliance import hostnames, tomlfile
 from appliance.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/hotsite/hotsite.toml")
 ENV_VAR = "HOTSITE_CONFIG"
 
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
 _E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -61,12 +58,7 @@ def _split_host_port(value: str, default_port: int | None) -> tuple[str, int]:
 
 
 def _check_host(host: str) -> str:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOSTNAME_RE.match(host):
-            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
-    return host
+    return hostnames.check_host(host)
 
 
 def _address(default_port: int | None) -> Any:
@@ -817,97 +809,4 @@ def check_environment(config: Config) -> list[str]:
 
 
 def _describe(err: Any) -> str:
-    parts, model = _walk(err["loc"])
-    where = ".".join(parts) or "(top level)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent, parent_model = _walk(err["loc"][:-1])
-        known = sorted(parent_model.model_fields) if _is_model(parent_model) else []
-        hint = f" (known keys here: {', '.join(known)})" if known else ""
-        return f"{where}: unknown key{hint}"
-    if kind == "missing":
-        return f"{where}: required key is missing"
-    message = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
-    if kind == "union_tag_invalid":
-        return f"{where}.type: {err['input'].get('type')!r}: {message}"
-    if isinstance(err.get("input"), dict):
-        return f"{where}: {message}"
-    return f"{where}: {_show(err.get('input'))}: {message}"
-
-
-def _walk(loc: Iterable[Any]) -> tuple[list[str], Any]:
-    """Follow an error location through the schema.
-
-    Returns the key path as the user wrote it (pydantic inserts the tag of a
-    discriminated union, e.g. ``channels.sms.gsm.baud``; the file says
-    ``channels.sms.baud``) and the annotation found at its end.
-    """
-    parts: list[str] = []
-    model: Any = Config
-    for part in loc:
-        if part == "[key]":  # pydantic's marker for an invalid table name
-            continue
-        if isinstance(model, _Tagged):
-            model = model.by_tag(str(part))
-            continue
-        if isinstance(part, int) and parts:
-            parts[-1] += f"[{part}]"
-        else:
-            parts.append(str(part))
-        model = _descend(model, part) if model is not None else None
-    return parts, model
-
-
-def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, list):
-        return "a list"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _descend(annotation: Any, part: Any) -> Any:
-    annotation = _unwrap(annotation)
-    if _is_model(annotation):
-        field = annotation.model_fields.get(str(part))
-        return field.annotation if field else None
-    origin = typing.get_origin(annotation)
-    if origin in (dict, list):
-        inner = _unwrap(typing.get_args(annotation)[-1])
-        members = _union_members(inner)
-        if len(members) > 1:
-            # A discriminated union keyed by "type": the error loc names the tag next.
-            return _Tagged(members)
-        return inner
-    return None
-
-
-class _Tagged:
-    def __init__(self, members: list[Any]) -> None:
-        self.members = members
-
-    def by_tag(self, tag: str) -> Any:
-        for member in self.members:
-            field = member.model_fields.get("type")
-            if field is not None and tag in typing.get_args(field.annotation):
-                return member
-        return None
-
-
-def _unwrap(annotation: Any) -> Any:
-    while typing.get_origin(annotation) is Annotated:
-        annotation = typing.get_args(annotation)[0]
-    members = _union_members(annotation)
-    non_none = [m for m in members if m is not type(None)]
-    if len(members) > 1 and len(non_none) == 1:
-        return _unwrap(non_none[0])
-    return annotation
-
-
-def _union_members(annotation: Any) -> list[Any]:
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        return list(typing.get_args(annotation))
-    return [annotation]
+    return tomlfile.describe(err, Config)

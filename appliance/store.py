@@ -37,7 +37,7 @@ from appliance.migrations import COMPONENTS
 DB_NAME = "hotsite.db"
 LOCK_NAME = "hotsite.lock"
 FULL_DISK_BYTES = 1 << 20  # below this free, a state database that cannot be opened is a full disk
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 
 @dataclass(frozen=True, slots=True)

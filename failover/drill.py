@@ -32,7 +32,7 @@ from appliance.config import Config, host_port
 from appliance.kamailio import KamailioRpc, KamailioRpcError
 from failover import plans, verification
 from failover.actuators.base import Actuator, ActuatorError
-from failover.quorum import Voter
+from failover.thirdvote import Voter
 from monitoring.probes.testcall import CallResult, CallSpec, place_call
 from monitoring.sip import SipParseError, build_options, parse_response
 from monitoring.targets import call_spec

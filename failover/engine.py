@@ -50,6 +50,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from failover import plans
+
 EngineStateName = Literal[
     "primary_active",
     "primary_degraded",
@@ -228,6 +230,19 @@ class CallsVerified:
     epoch: int
     ok: bool
     summary: str
+
+
+def took_over(observed: str, token: int) -> TookOver:
+    """The event for a takeover that read ``observed`` back: a routing's name, "mixed" or "unreadable".
+
+    "normal" and every failover routing (``failover-without:west``…) are followed;
+    anything else is "unknown" (the engine holds for an operator).
+    """
+    lost = plans.lost_from_name(observed)
+    routing: Literal["normal", "failover", "unknown"] = (
+        "normal" if observed == "normal" else "failover" if lost is not None else "unknown"
+    )
+    return TookOver(routing, token, observed, lost or ())
 
 
 Event = (

@@ -29,6 +29,7 @@ from appliance.clock import Clock
 from appliance.config import Config
 from appliance.logs import kv
 from appliance.store import Store
+from appliance.timeouts import cancelled_meanwhile
 from failover import plans, runbook, verification
 from failover.actuators.base import Actuator, ActuatorError
 from failover.engine import (
@@ -51,12 +52,13 @@ from failover.engine import (
     Tick,
     WitnessVote,
     step,
+    took_over,
 )
-from failover.quorum import Voter
 from failover.routing import Routing
+from failover.thirdvote import Voter
 from monitoring.health import SiteVerdict
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 STATE_KEY = "failover.engine"
 Pager = Callable[[Page | Resolve], Awaitable[None]]
@@ -92,8 +94,10 @@ class FailoverService:
         drill: DrillCheck | None = None,
         verify_calls: CallVerifier | None = None,
         on_change: Callable[[EngineState], None] = lambda state: None,
+        epoch_is_token: bool = True,
     ) -> None:
         self.config = config
+        self.epoch_is_token = epoch_is_token
         self.store = store
         self.clock = clock
         self.actuators = list(actuators)
@@ -135,11 +139,12 @@ class FailoverService:
     async def _world_token(self) -> int:
         """The newest token the routing world obeyed (0: none read), for a single appliance.
 
-        Under etcd the lease's token is the fencing token and a takeover adopts the
-        world (:func:`failover.etcd.adopt_routing`); alone, the engine's epoch is,
-        and it must not start below what the world already refuses.
+        Under a coordination backend with its own tokens (etcd: the lease's) a
+        takeover re-reads the world instead (:meth:`took_over`); alone, the
+        engine's epoch is the token, and it must not start below what the world
+        already refuses.
         """
-        if self.config.coordination.backend == "etcd":
+        if not self.epoch_is_token:
             return 0
         newest = 0
         for actuator in self.actuators:
@@ -147,6 +152,7 @@ class FailoverService:
                 async with asyncio.timeout(actuator.timeout_s):
                     token = await actuator.obeyed_token()
             except (ActuatorError, TimeoutError) as exc:
+                cancelled_meanwhile()  # appliance/timeouts.py: a stop must not become a logged error
                 error = str(exc) or type(exc).__name__
                 log.warning(
                     "could not read the token the routing world has obeyed; going on from the saved epoch",
@@ -155,6 +161,18 @@ class FailoverService:
                 continue
             newest = max(newest, token or 0)
         return newest
+
+    async def took_over(self, observed: str, token: int) -> int:
+        """A new leader fenced the actuators and read ``observed`` back: the engine follows it.
+
+        The engine decides (event :class:`~failover.engine.TookOver`; it stays the
+        only writer of its state) and moves its epoch on; the epoch is returned so
+        the fence refuses whatever this appliance had decided before (a reconcile
+        under way, a runbook started while it stood by).
+        """
+        outcome = await self.ask(took_over(observed, token))
+        log.warning(outcome.decision, extra=kv(token=token, observed=observed, epoch=outcome.state.epoch))
+        return outcome.state.epoch
 
     def submit(self, event: Event) -> None:
         self._queue.put_nowait((event, None))
@@ -343,6 +361,7 @@ class FailoverService:
                 async with asyncio.timeout(self.config.failover.step_timeout_s):
                     differences = await actuator.verify(desired)
             except (ActuatorError, TimeoutError) as exc:
+                cancelled_meanwhile()
                 log.warning(
                     "reconcile: cannot read actual routing", extra=kv(actuator=actuator.name, error=str(exc))
                 )
@@ -360,6 +379,7 @@ class FailoverService:
                     await actuator.apply(desired, state.epoch)
                 left = await actuator.verify(desired)
             except (ActuatorError, TimeoutError) as exc:
+                cancelled_meanwhile()
                 self.store.record("failover.drift.unrepaired", subject=actuator.name, message=str(exc))
                 continue
             message = f"{actuator.name} repaired to {desired.name} routing" + (

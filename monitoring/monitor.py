@@ -24,7 +24,7 @@ from monitoring.probes.link import LinkMonitor
 from monitoring.scheduler import ProbeScheduler
 from monitoring.targets import Target, from_config
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 Recorder = Callable[..., Any]  # Store.record-like: record(kind, subject=…, message=…, data=…)
 

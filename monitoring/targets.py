@@ -17,12 +17,11 @@ A target's name is stable and bounded, because it becomes a metric label:
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
+from appliance.hostnames import is_host
 from monitoring.probes.testcall import CallSpec
 
 if TYPE_CHECKING:
@@ -32,7 +31,6 @@ Kind = Literal["sip", "http", "tcp", "icmp", "host", "link", "testcall"]
 KINDS: tuple[Kind, ...] = ("sip", "http", "tcp", "icmp", "host", "link", "testcall")
 SIP_TRANSPORTS = ("udp", "tcp", "tls")
 _SIP_DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
-_HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +55,8 @@ class Target:
 def _check_host(host: str, url: str) -> str:
     if not host:
         raise ValueError(f"{url!r}: no host")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOST_RE.match(host):
-            raise ValueError(f"{url!r}: {host!r} is neither an IP address nor a host name") from None
+    if not is_host(host):
+        raise ValueError(f"{url!r}: {host!r} is neither an IP address nor a host name")
     return host
 
 

@@ -162,7 +162,7 @@ def probe(target: str, count: int, interval: float, timeout: float, as_json: boo
       hotsite probe 'sip:sbc.example.com;transport=tls' -n 10 -i 0.2
       hotsite probe https://10.0.0.6/health --json
     """
-    from monitoring.oneshot import run_probes
+    from monitoring.probe_command import run_probes
 
     try:
         parsed = parse_target(target)

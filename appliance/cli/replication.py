@@ -19,13 +19,8 @@ import click
 
 from appliance import logs, timefmt
 from appliance.cli.confirm import confirm, yes_option
-from appliance.cli.options import echo_error, echo_json
+from appliance.cli.options import echo_error, echo_json, fail
 from appliance.errors import ConfigError, HotsiteError
-
-
-def _fail(exc: HotsiteError) -> None:
-    echo_error(exc.message, exc.exit_code, exc.problems if isinstance(exc, ConfigError) else ())
-    sys.exit(exc.exit_code)
 
 
 @click.command("source")
@@ -71,7 +66,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         if problems:
             raise ConfigError(f"{config_path}: {len(problems)} problem(s)", problems)
     except HotsiteError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if check:
         click.echo(f"{config_path}: ok ({len(cfg.streams)} streams)")
@@ -101,7 +96,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
     try:
         asyncio.run(agent.serve_forever())
     except OSError as exc:
-        _fail(HotsiteError(f"cannot listen on {s.listen}: {exc.strerror}"))
+        fail(HotsiteError(f"cannot listen on {s.listen}: {exc.strerror}"))
     except KeyboardInterrupt:
         pass
 
@@ -133,7 +128,7 @@ def _call(method: str, **params: Any) -> Any:
         try:
             return api.call(DEFAULT_RUNTIME_DIR, method, params)
         except HotsiteError as exc:
-            _fail(exc)
+            fail(exc)
     return ctx.call(method, **params)
 
 
@@ -325,7 +320,7 @@ def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> N
     try:
         snap = SnapshotStore(snapshots).restore(when, output)
     except HotsiteError as exc:
-        _fail(exc)
+        fail(exc)
         return
     click.echo(
         f"restored {output} from snapshot of {timefmt.stamp(snap.taken_at)} (position {snap.position})"

@@ -56,7 +56,7 @@ from appliance.paging.pdu import StatusReport
 from appliance.paging.webhook import WebhookReceiver
 from appliance.store import Store
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 Handler = Callable[[Caller, dict[str, Any]], Awaitable[Any]]
 TICK_S = 1.0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import config as config_mod
+from appliance import secretfile
 from appliance.config import Config
 from appliance.errors import ConfigError
 from appliance.paging.channel import Channel
@@ -119,14 +120,8 @@ def channel_order(cfg: Config) -> list[str]:
 
 
 def read_secret(path: Path | None, what: str) -> str | None:
-    """A secret from its ``*_file`` (first line, stripped); ConfigError names the file if unreadable."""
-    if path is None:
-        return None
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"{what}: {path} cannot be read: {exc.strerror}") from None
-    return text.splitlines()[0] if text else ""
+    """A secret from its ``*_file`` (:func:`appliance.secretfile.read_secret`); None when not configured."""
+    return None if path is None else secretfile.read_secret(path, what)
 
 
 def build_channels(cfg: Config, **gsm_hooks: Any) -> dict[str, Channel]:

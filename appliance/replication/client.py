@@ -34,7 +34,7 @@ from appliance.replication.protocol import Msg, ProtocolError
 from appliance.replication.replica import BatchRejected, PromotedError, Replica, ReplicaStorageError
 from appliance.replication.tls import explain_handshake_error
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 
 class SourceSilent(TimeoutError):

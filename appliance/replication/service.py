@@ -39,7 +39,7 @@ from appliance.replication.snapshots import SnapshotStore
 from appliance.replication.tls import client_context, describe_identity
 from appliance.store import Store
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 _REPLICA_STATUS = ("position", "checksum", "promoted", "damaged", "recorded_checksum", "verified_at")
 

@@ -22,7 +22,7 @@ from failover.actuators.hook import HookActuator
 from failover.actuators.kamailio import KamailioActuator
 from failover.actuators.netlink import NetlinkActuator
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 
 def _kamailio(name: str, section: Any, config: cfg.Config, rpc: KamailioRpc | None) -> Actuator:

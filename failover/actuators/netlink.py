@@ -59,7 +59,7 @@ from failover.actuators.base import Actuator, ActuatorError, StaleToken
 from failover.actuators.tokenfile import raise_token
 from failover.routing import Routing
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800

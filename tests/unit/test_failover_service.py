@@ -12,8 +12,8 @@ from appliance.clock import SimulatedClock
 from appliance.store import Store
 from failover.actuators.base import ActuatorError, NullActuator
 from failover.engine import Command, PrimaryVerdict, Tick
-from failover.quorum import NullVoter
 from failover.service import STATE_KEY, FailoverService
+from failover.thirdvote import NullVoter
 
 CONFIG = """
 [sites.primary]

@@ -17,8 +17,8 @@ from appliance.store import Store
 from failover import verification
 from failover.actuators.base import NullActuator
 from failover.engine import CallsVerified, Command, EngineState, Page, Policy, Resolve, step
-from failover.quorum import NullVoter
 from failover.service import FailoverService
+from failover.thirdvote import NullVoter
 from failover.verification import Expectation, HotlineCheck
 from monitoring.probes.testcall import CallResult
 from tests.unit.test_failover_service import settle

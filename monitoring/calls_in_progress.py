@@ -18,7 +18,7 @@ from appliance.kamailio import KamailioRpc, KamailioRpcError
 from appliance.logs import kv
 from monitoring.metrics import Metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 
 class UsageMonitor:
