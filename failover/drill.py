@@ -24,11 +24,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.config import Config, host_port
+from appliance.fields import host_port
 from appliance.kamailio import KamailioRpc, KamailioRpcError
 from failover import plans
 from failover.actuators.base import Actuator, ActuatorError
 from failover.quorum import Voter
+from failover.settings import FailoverConfig as Config
 from monitoring.sip import SipParseError, build_options, parse_response
 
 Check = Callable[[], Awaitable[tuple[bool, str]]]

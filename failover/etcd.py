@@ -56,7 +56,8 @@ from failover.quorum import NullVoter, Vote, Voter
 from failover.routing import Routing
 
 if TYPE_CHECKING:
-    from appliance.config import Config, CoordinationSection
+    from failover.settings import CoordinationSection
+    from failover.settings import FailoverConfig as Config
 
 log = logging.getLogger("hotsite.etcd")
 

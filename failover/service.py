@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from appliance.clock import Clock
-from appliance.config import Config
 from appliance.logs import kv
 from appliance.store import Store
 from failover import plans, runbook
@@ -53,6 +52,7 @@ from failover.engine import (
 )
 from failover.quorum import Voter
 from failover.routing import Routing
+from failover.settings import FailoverConfig as Config
 from monitoring.health import SiteVerdict
 
 log = logging.getLogger(__name__)

@@ -61,8 +61,8 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from appliance import httpd
 from appliance.clock import Clock, SystemClock
-from appliance.config import ListenAddress, ProbeSeconds, ProbeTimeout, Section, host_port
 from appliance.errors import ConfigError, StartupError
+from appliance.fields import ListenAddress, ProbeSeconds, ProbeTimeout, Section, host_port
 from appliance.logs import kv
 from failover.quorum import NullVoter, Vote, Voter
 from monitoring.health import TargetHealth, Thresholds, observe
@@ -71,7 +71,7 @@ from monitoring.probes.base import REASONS, ProbeResult
 from monitoring.targets import Target, parse_url
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from failover.settings import FailoverConfig as Config
 
 log = logging.getLogger("hotsite.witness")
 

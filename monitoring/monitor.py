@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.clock import Clock
-from appliance.config import Config
 from appliance.logs import kv
 from monitoring.health import SiteVerdict, TargetHealth, Thresholds, judge_site, observe, with_calls
 from monitoring.metrics import Metrics
@@ -22,6 +21,7 @@ from monitoring.probes.base import ProbeResult
 from monitoring.probes.host import HostProbe
 from monitoring.probes.link import LinkMonitor
 from monitoring.scheduler import ProbeScheduler
+from monitoring.settings import MonitoringConfig as Config
 from monitoring.targets import Target, from_config
 
 log = logging.getLogger(__name__)

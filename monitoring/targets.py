@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
+from appliance.fields import host_port
 from monitoring.probes.testcall import CallSpec
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from monitoring.settings import MonitoringConfig as Config
 
 Kind = Literal["sip", "http", "tcp", "icmp", "host", "link", "testcall"]
 KINDS: tuple[Kind, ...] = ("sip", "http", "tcp", "icmp", "host", "link", "testcall")
@@ -128,8 +129,6 @@ def sip_url(address: str, transport: str) -> str:
 
 def from_config(config: Config) -> list[Target]:
     """Every target the configuration names, in a stable order."""
-    from appliance.config import host_port
-
     targets = []
     for site_name, site in config.sites.items():
         host, port = host_port(site.sbc)
@@ -174,8 +173,6 @@ def from_config(config: Config) -> list[Target]:
 
 def call_spec(config: Config, name: str, number: str, address: str) -> CallSpec:
     """A test call to ``number`` through ``address`` (host:port) with the [testcalls] settings."""
-    from appliance.config import host_port
-
     t = config.testcalls
     peers = {site.sbc: f"site:{site_name}" for site_name, site in config.sites.items()}
     peers.update({trunk.address: f"trunk:{trunk_name}" for trunk_name, trunk in config.trunks.items()})

@@ -59,8 +59,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from appliance.config import ListenAddress, Name, Section
 from appliance.errors import ConfigError
+from appliance.fields import ListenAddress, Name, Section
 
 
 class SourceStream(Section):

@@ -146,7 +146,7 @@ def test_a_kamailio_actuator_without_a_way_to_reach_kamailio_is_a_config_error()
 
 def test_an_unknown_type_built_in_code_names_the_known_ones() -> None:
     cfg = config.parse(BASE)
-    bogus = cfg.model_copy(update={"actuators": {"odd": config.KamailioActuator.model_construct(type="bgp")}})
+    bogus = cfg.model_copy(update={"actuators": {"odd": config.KamailioActuatorSettings.model_construct(type="bgp")}})
     with pytest.raises(
         ConfigError, match=r"actuators.odd.type: unknown type 'bgp' \(known: hook, kamailio, netlink\)"
     ):
