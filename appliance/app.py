@@ -33,7 +33,7 @@ from failover import plans
 from failover.actuators.factory import build_actuators
 from failover.actuators.replication import ReplicationActuator
 from failover.drill import Drill
-from failover.engine import Command, Page, Resolve
+from failover.engine import ENGINE_STATES, Command, Page, Resolve
 from failover.etcd import EtcdCoordination, adopt_routing
 from failover.peers import PeerVoter
 from failover.plans import backup_site
@@ -202,7 +202,7 @@ class Appliance(Daemon):
                 voter=voter,
                 kamailio=lambda: self.kamailio,
             ),
-            on_change=lambda state: self.metrics.set_failover_state(state.state, state.routing, state.epoch),
+            on_change=self._show_failover_state,
         )
         self.monitor.on_verdict = self.failover.on_site_verdict
         for name, job in (
@@ -212,8 +212,11 @@ class Appliance(Daemon):
             ("reconcile", self.failover.reconcile),
         ):
             self.supervisor.start(name, job)
-        state = self.failover.state
-        self.metrics.set_failover_state(state.state, state.routing, state.epoch)
+        self._show_failover_state(self.failover.state)
+
+    def _show_failover_state(self, state: Any) -> None:
+        """The engine's state on /metrics (monitoring's registry is told the engine's state names)."""
+        self.metrics.set_failover_state(state.state, state.routing, state.epoch, ENGINE_STATES)
 
     def _site_verdicts(self) -> dict[str, str]:
         return {name: site.verdict for name, site in self.monitor.sites.items()} if self.monitor else {}
