@@ -30,7 +30,6 @@ from appliance.fields import (
 )
 from appliance.replication.replica_settings import ReplicationSection
 from failover import etcd, plans
-from failover.actuators.netlink import parse_route
 from monitoring.settings import ProbesSection, SiteSection, TrunkSection
 
 
@@ -80,6 +79,20 @@ def _ipv4_interface(value: str) -> str:
     if iface.version != 4:
         raise ValueError("only IPv4 service addresses are supported (gratuitous ARP; no IPv6 NA yet)")
     return str(iface) if "/" in value else f"{iface.ip}/32"
+
+
+def parse_route(text: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None]:
+    """``"10.9.0.0/16"`` or ``"10.9.0.0/16 via 192.0.2.1"``; ValueError says what is expected
+    (the config loader prefixes the key and the value)."""
+    parts = text.split()
+    if len(parts) not in (1, 3) or (len(parts) == 3 and parts[1] != "via"):
+        raise ValueError("expected 'PREFIX' or 'PREFIX via GATEWAY', e.g. '10.9.0.0/16 via 192.0.2.1'")
+    try:
+        dst = ipaddress.IPv4Network(parts[0], strict=True)
+        gateway = ipaddress.IPv4Address(parts[2]) if len(parts) == 3 else None
+    except ValueError as exc:
+        raise ValueError(f"{exc} (IPv4 only)") from None
+    return dst, gateway
 
 
 def _route(value: str) -> str:

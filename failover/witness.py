@@ -67,6 +67,7 @@ from appliance.logs import kv
 from failover.quorum import NullVoter, Vote, Voter
 from monitoring.health import TargetHealth, Thresholds, observe
 from monitoring.prober import Prober
+from monitoring.probes import kinds
 from monitoring.probes.base import REASONS, ProbeResult
 from monitoring.targets import Target, parse_url
 
@@ -94,8 +95,8 @@ TARGET_STATES = ("unknown", "up", "down")
 
 def _target_url(value: str) -> str:
     target = parse_url(value)  # ValueError names what is wrong and what is expected
-    if target.kind not in ("sip", "http", "tcp", "icmp"):
-        raise ValueError(f"{value!r}: a witness probes sip:, http(s)://, tcp:// or icmp:// targets")
+    if not kinds.get(target.kind).evidence:
+        raise ValueError(f"{value!r}: a witness probes {kinds.url_labels(evidence_only=True)} targets")
     return value
 
 

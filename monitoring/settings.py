@@ -28,6 +28,7 @@ from appliance.fields import (
     SipAddress,
     match,
 )
+from monitoring.probes import kinds
 from monitoring.targets import parse_url
 
 
@@ -63,8 +64,9 @@ class CheckSection(Section):
     @model_validator(mode="after")
     def _body_match_is_a_regex(self) -> CheckSection:
         if self.expect_body is not None:
-            if not self.url.lower().startswith(("http://", "https://")):
-                raise ValueError("expect_body applies only to http(s):// checks")
+            if not kinds.get(parse_url(self.url).kind).matches_body:
+                labels = [k.label for k in kinds.KINDS.values() if k.matches_body]
+                raise ValueError(f"expect_body applies only to {' and '.join(labels)} checks")
             try:
                 re.compile(self.expect_body)
             except re.error as exc:
@@ -203,9 +205,8 @@ class MonitoringSettings(Section):
     def evidence_kinds(self, site: str) -> set[str]:
         """The independent kinds of probe watching ``site`` (sip, http, tcp, icmp)."""
         section = self.sites[site]
-        kinds = {"sip"} | ({"http"} if section.health_url else set())
-        kinds |= {check.url.split(":", 1)[0].lower().removesuffix("s") for check in section.checks.values()}
-        return kinds
+        found = {"sip"} | ({"http"} if section.health_url else set())  # the SBC and the health URL
+        return found | {parse_url(check.url).kind for check in section.checks.values()}
 
 
 class Dialable(Protocol):
@@ -244,12 +245,13 @@ def problems(cfg: MonitoringSettings) -> list[str]:
 def warnings(cfg: MonitoringSettings) -> list[str]:
     """Sites watched by too few independent kinds of probe to ever be judged down."""
     notes = []
+    others = ", ".join(k for k in kinds.evidence_kinds() if k != "sip")  # the SBC itself is sip
     for name in cfg.sites:
-        kinds = cfg.evidence_kinds(name)
-        if len(kinds) < cfg.probes.min_evidence:
+        seen = cfg.evidence_kinds(name)
+        if len(seen) < cfg.probes.min_evidence:
             notes.append(
-                f"sites.{name}: {len(kinds)} kind(s) of evidence ({', '.join(sorted(kinds))}) but"
+                f"sites.{name}: {len(seen)} kind(s) of evidence ({', '.join(sorted(seen))}) but"
                 f" probes.min_evidence is {cfg.probes.min_evidence}: this site can be judged degraded,"
-                " never down; add checks of other kinds (http, tcp, icmp)"
+                f" never down; add checks of other kinds ({others})"
             )
     return notes

@@ -21,7 +21,6 @@ from appliance.core_settings import ApplianceSection
 from appliance.errors import ConfigError
 from appliance.fields import Email, HttpUrl, ListenAddress, Name, Phone, Seconds, Section, match
 from appliance.paging.channel import Channel
-from appliance.paging.modem import GsmChannel
 from appliance.paging.oncall import (
     ROTATION_PREFIX,
     Contact,
@@ -32,8 +31,6 @@ from appliance.paging.oncall import (
     Rotation,
     Step,
 )
-from appliance.paging.smtp import SmtpChannel
-from appliance.paging.webhook import WebhookChannel
 
 
 class ContactSection(Section):
@@ -293,6 +290,12 @@ def read_secret(path: Path | None, what: str) -> str | None:
 
 def build_channels(cfg: Config, **gsm_hooks: Any) -> dict[str, Channel]:
     """One channel object per ``[channels.<name>]``; an unknown type names the known ones."""
+    # Imported here, not at the top: reading a config (every CLI command does) needs neither
+    # pyserial nor an HTTP client; only the daemon and the paging commands build channels.
+    from appliance.paging.modem import GsmChannel
+    from appliance.paging.smtp import SmtpChannel
+    from appliance.paging.webhook import WebhookChannel
+
     out: dict[str, Channel] = {}
     for name, ch in cfg.channels.items():
         if isinstance(ch, GsmChannelSettings):
