@@ -8,16 +8,10 @@ from appliance import config
 from appliance.errors import ConfigError
 from appliance.paging import commands, settings
 from appliance.paging.oncall import on_call
+from tests.support import configs
 
-BASE = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1"
-kamailio_set = 1
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
+BASE = configs.valid(
+    """
 [[contacts]]
 name = "Zhang Wei"
 phone = "+8613800138000"
@@ -28,7 +22,9 @@ wake_for = "warning"
 [channels.sms]
 type = "gsm"
 device = "/dev/ttyUSB2"
-"""
+""",
+    primary_sbc="10.0.0.1",
+)
 
 GOOD = (
     BASE
