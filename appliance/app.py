@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
-from appliance import __version__, roles
+from appliance import __version__, migrations, roles
 from appliance import config as config_mod
 from appliance.api import ApiServer, Caller, RequestError
 from appliance.clock import Clock, SystemClock
@@ -104,7 +104,9 @@ class Appliance(Daemon):
     async def start(self) -> None:
         cfg = self.config
         self._started_at = self.clock.time()
-        self.store = Store.open_or_in_memory(cfg.appliance.state_dir, clock=self.clock.time)
+        self.store = Store.open_or_in_memory(
+            cfg.appliance.state_dir, clock=self.clock.time, components=migrations.COMPONENTS
+        )
         self.api = ApiServer(
             cfg.appliance.runtime_dir,
             self._handlers(),
