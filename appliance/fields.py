@@ -40,12 +40,18 @@ def _split_host_port(value: str, default_port: int | None) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _check_host(host: str) -> str:
+def is_host(host: str) -> bool:
+    """An IP address or a well-formed host name (the one host check: config keys and target URLs)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        if not _HOSTNAME_RE.match(host):
-            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+        return bool(_HOSTNAME_RE.match(host))
+    return True
+
+
+def _check_host(host: str) -> str:
+    if not is_host(host):
+        raise ValueError(f"{host!r} is neither an IP address nor a host name")
     return host
 
 

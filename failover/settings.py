@@ -18,7 +18,6 @@ from typing import Annotated, Literal, Protocol
 
 from pydantic import AfterValidator, Field, model_validator
 
-from appliance.core_settings import ApplianceSection, KamailioSection
 from appliance.fields import (
     Dialled,
     HttpUrl,
@@ -30,7 +29,7 @@ from appliance.fields import (
 )
 from appliance.replication.replica_settings import ReplicationSection
 from failover import etcd, plans
-from monitoring.settings import ProbesSection, SiteSection, TrunkSection
+from monitoring.settings import MonitoringConfig, SiteSection
 
 
 class FailoverSection(Section):
@@ -197,19 +196,10 @@ class FailoverSettings(Section):
     coordination: CoordinationSection = CoordinationSection()
 
 
-class FailoverConfig(Protocol):
-    """What failover reads of the root config (structural: the root :class:`Config` fits it)."""
+class FailoverConfig(MonitoringConfig, Protocol):
+    """What failover reads of the root config (structural: the root :class:`Config` fits it):
+    monitoring's view of it, and failover's own sections and replication's streams (the drill)."""
 
-    @property
-    def appliance(self) -> ApplianceSection: ...
-    @property
-    def kamailio(self) -> KamailioSection: ...
-    @property
-    def sites(self) -> Mapping[str, SiteSection]: ...
-    @property
-    def trunks(self) -> Mapping[str, TrunkSection]: ...
-    @property
-    def probes(self) -> ProbesSection: ...
     @property
     def primary(self) -> tuple[str, SiteSection]: ...
     @property

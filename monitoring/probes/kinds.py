@@ -13,13 +13,13 @@ one line in :data:`KINDS`.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from appliance.fields import is_host
 from monitoring.probes.base import Address, Probe, ProbeContext, ProbeResult, ProbeTarget
 from monitoring.probes.http import HttpProbe
 from monitoring.probes.icmp import IcmpProbe
@@ -29,7 +29,6 @@ from monitoring.probes.testcall import TestCall
 
 SIP_TRANSPORTS = ("udp", "tcp", "tls")
 _SIP_DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
-_HOST_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +56,8 @@ class Kind:
 def _check_host(host: str, url: str) -> str:
     if not host:
         raise ValueError(f"{url!r}: no host")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _HOST_RE.match(host):
-            raise ValueError(f"{url!r}: {host!r} is neither an IP address nor a host name") from None
+    if not is_host(host):
+        raise ValueError(f"{url!r}: {host!r} is neither an IP address nor a host name")
     return host
 
 
