@@ -173,6 +173,25 @@ class Config(
 if Config.__bases__ != tuple(feature.settings for feature in FEATURES):  # pragma: no cover
     raise ImportError("appliance.config: Config's bases and FEATURES list different features")
 
+# The order root keys are validated, walked and reported in (``config check`` lists problems in
+# it): the order the example file documents them, as before the sections moved into the features.
+# Composition alone would order them by feature, last base first.
+KEY_ORDER = (
+    "appliance", "metrics", "sites", "trunks", "probes", "host", "failover", "hotlines", "destinations",
+    "actuators", "kamailio", "contacts", "channels", "paging", "replication", "coordination", "testcalls",
+)  # fmt: skip
+
+
+def _order_root_keys() -> None:
+    fields = Config.__pydantic_fields__
+    if sorted(KEY_ORDER) != sorted(fields):  # pragma: no cover - a feature added a root key
+        raise ImportError(f"appliance.config: KEY_ORDER must list every root key once: {sorted(fields)}")
+    Config.__pydantic_fields__ = {key: fields[key] for key in KEY_ORDER}
+    Config.model_rebuild(force=True)
+
+
+_order_root_keys()
+
 
 # ---------------------------------------------------------------------------
 # Loading and error reporting
