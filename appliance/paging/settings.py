@@ -288,55 +288,79 @@ def read_secret(path: Path | None, what: str) -> str | None:
     return text.splitlines()[0] if text else ""
 
 
-def build_channels(cfg: Config, **gsm_hooks: Any) -> dict[str, Channel]:
-    """One channel object per ``[channels.<name>]``; an unknown type names the known ones."""
-    # Imported here, not at the top: reading a config (every CLI command does) needs neither
-    # pyserial nor an HTTP client; only the daemon and the paging commands build channels.
+# Each builder imports its channel class itself: reading a config (every CLI command does) needs
+# neither pyserial nor an HTTP client; only the daemon and the paging commands build channels.
+
+
+def _gsm(name: str, ch: GsmChannelSettings, cfg: Config, hooks: dict[str, Any]) -> Channel:
     from appliance.paging.modem import GsmChannel
+
+    return GsmChannel(
+        name,
+        ch.device,
+        baud=ch.baud,
+        pin=read_secret(ch.pin_file, f"channels.{name}.pin_file"),
+        smsc=ch.smsc,
+        send_timeout_s=ch.send_timeout_s,
+        prompt_timeout_s=ch.prompt_timeout_s,
+        retries=ch.retries,
+        poll_s=ch.poll_s,
+        health_s=ch.health_s,
+        status_reports=ch.status_reports,
+        **hooks,
+    )
+
+
+def _smtp(name: str, ch: SmtpChannelSettings, cfg: Config, hooks: dict[str, Any]) -> Channel:
     from appliance.paging.smtp import SmtpChannel
+
+    return SmtpChannel(
+        name,
+        ch.host,
+        ch.port,
+        from_addr=ch.from_addr,
+        starttls=ch.starttls,
+        username=ch.username,
+        password=read_secret(ch.password_file, f"channels.{name}.password_file"),
+        ca_file=ch.ca_file,
+        timeout_s=ch.timeout_s,
+    )
+
+
+def _webhook(name: str, ch: WebhookChannelSettings, cfg: Config, hooks: dict[str, Any]) -> Channel:
     from appliance.paging.webhook import WebhookChannel
 
+    return WebhookChannel(
+        name,
+        ch.url,
+        ch.format,
+        secret=read_secret(ch.secret_file, f"channels.{name}.secret_file"),
+        timeout_s=ch.timeout_s,
+        retries=ch.retries,
+        source=cfg.appliance.name,
+    )
+
+
+# The one table of channel types: ``[channels.<name>] type`` -> its builder. A new channel is its
+# module, its settings class in the ChannelSettings union above, and one line here.
+CHANNEL_BUILDERS: dict[str, Callable[[str, Any, Config, dict[str, Any]], Channel]] = {
+    "gsm": _gsm,
+    "smtp": _smtp,
+    "webhook": _webhook,
+}
+
+
+def build_channels(cfg: Config, **gsm_hooks: Any) -> dict[str, Channel]:
+    """One channel object per ``[channels.<name>]``; an unknown type names the known ones.
+
+    ``gsm_hooks`` (the daemon's callbacks for inbound texts and modem health) go to GSM channels.
+    """
     out: dict[str, Channel] = {}
     for name, ch in cfg.channels.items():
-        if isinstance(ch, GsmChannelSettings):
-            out[name] = GsmChannel(
-                name,
-                ch.device,
-                baud=ch.baud,
-                pin=read_secret(ch.pin_file, f"channels.{name}.pin_file"),
-                smsc=ch.smsc,
-                send_timeout_s=ch.send_timeout_s,
-                prompt_timeout_s=ch.prompt_timeout_s,
-                retries=ch.retries,
-                poll_s=ch.poll_s,
-                health_s=ch.health_s,
-                status_reports=ch.status_reports,
-                **gsm_hooks,
-            )
-        elif isinstance(ch, SmtpChannelSettings):
-            out[name] = SmtpChannel(
-                name,
-                ch.host,
-                ch.port,
-                from_addr=ch.from_addr,
-                starttls=ch.starttls,
-                username=ch.username,
-                password=read_secret(ch.password_file, f"channels.{name}.password_file"),
-                ca_file=ch.ca_file,
-                timeout_s=ch.timeout_s,
-            )
-        elif isinstance(ch, WebhookChannelSettings):
-            out[name] = WebhookChannel(
-                name,
-                ch.url,
-                ch.format,
-                secret=read_secret(ch.secret_file, f"channels.{name}.secret_file"),
-                timeout_s=ch.timeout_s,
-                retries=ch.retries,
-                source=cfg.appliance.name,
-            )
-        else:  # pragma: no cover - the schema's discriminator already refuses unknown types
-            raise ConfigError(f"channels.{name}.type: unknown (known: gsm, smtp, webhook)")
+        builder = CHANNEL_BUILDERS.get(str(getattr(ch, "type", "")))
+        if builder is None:  # the schema's discriminator already refuses unknown types
+            raise ConfigError(f"channels.{name}.type: unknown (known: {', '.join(CHANNEL_BUILDERS)})")
+        out[name] = builder(name, ch, cfg, gsm_hooks if isinstance(ch, GsmChannelSettings) else {})
     return out
 
 
