@@ -28,10 +28,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.config import Config, host_port
+from appliance.fields import host_port
 from appliance.kamailio import KamailioRpc, KamailioRpcError
 from failover import plans, verification
 from failover.actuators.base import Actuator, ActuatorError
+from failover.settings import FailoverConfig as Config
 from failover.thirdvote import Voter
 from monitoring.probes.testcall import CallResult, CallSpec, place_call
 from monitoring.sip import SipParseError, build_options, parse_response

@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from appliance.clock import Clock
-from appliance.config import Config
 from appliance.logs import kv
 from appliance.store import Store
 from appliance.timeouts import cancelled_meanwhile
@@ -55,6 +54,7 @@ from failover.engine import (
     took_over,
 )
 from failover.routing import Routing
+from failover.settings import FailoverConfig as Config
 from failover.thirdvote import Voter
 from monitoring.health import SiteVerdict
 

@@ -31,7 +31,7 @@ from failover import plans
 from monitoring.probes.testcall import CallResult
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from failover.settings import FailoverConfig as Config
 
 Kind = Literal["failover", "failback"]
 

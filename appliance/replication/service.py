@@ -27,7 +27,7 @@ from typing import Any
 
 from appliance.api import Caller, Handler, RequestError
 from appliance.clock import Clock, SystemClock
-from appliance.config import ReplicationSection, StreamSection, host_port
+from appliance.fields import host_port
 from appliance.logs import kv
 from appliance.replication.budget import MIB, JournalBudget
 from appliance.replication.client import SqliteStreamClient, StreamStats
@@ -35,6 +35,7 @@ from appliance.replication.files import FilesReplica, FilesStreamClient
 from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.promotion import data_loss_window, over_budget
 from appliance.replication.replica import PromotedError, Replica, ReplicaError, ReplicaStorageError
+from appliance.replication.replica_settings import ReplicationSection, StreamSection
 from appliance.replication.snapshots import SnapshotStore
 from appliance.replication.tls import client_context, describe_identity
 from appliance.store import Store
