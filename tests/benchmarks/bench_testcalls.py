@@ -145,7 +145,7 @@ def cut_to_verified(lab: Lab, info: dict[str, Any], cuts: int) -> None:
     path = Path(info["workdir"]) / "hotsite.toml"
     text = lab_config.render(info, metrics_listen=f"127.0.0.1:{free_port()}")
     assert "max_auto_per_hour = 5" in text
-    path.write_text(text.replace("max_auto_per_hour = 5", "max_auto_per_hour = 100") + VERIFY)
+    path.write_text(text.replace("max_auto_per_hour = 5", "max_auto_per_hour = 60") + VERIFY)
     daemon = RunningDaemon(path, Path(info["workdir"]) / "bench-verify.log")
     firsts: dict[str, list[float]] = {}
     routed: list[float] = []
