@@ -223,6 +223,11 @@ class SqliteFollower:
             self._db_fd = None
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (nothing can be read any more)."""
+        return self._db_fd is None and self._keep is None
+
+    @property
     def hold(self) -> str:
         """What the guard blocks now: "restart" (and copies), "copy" only, or "none"."""
         return self._guard.hold

@@ -51,6 +51,7 @@ from appliance.replication.checksum import show
 from appliance.replication.follower import ResnapshotNeeded, SourceError, SqliteFollower
 from appliance.replication.position import Batch, Position
 from appliance.replication.protocol import Msg, PeerStalled, ProtocolError, Sender
+from appliance.replication.tasks import cancel_and_wait
 from appliance.replication.tls import explain_handshake_error, peer_names
 
 log = logging.getLogger(__name__)
@@ -148,11 +149,7 @@ class SourceAgent:
             if follower is not None:
                 await asyncio.to_thread(follower.close)
         self._server = server
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(*self._tasks)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
@@ -311,17 +308,18 @@ class SourceAgent:
                         "replica silent; ending its session",
                         extra=kv(stream=stream.name, seconds=silent_after),
                     )
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-            healthy = work.cancelled() or work.exception() is None
+            await asyncio.wait({work})  # (awaiting it directly would take a stop of ours for its end)
+            failure = None if work.cancelled() else work.exception()
+            healthy = failure is None
+            if failure is not None:
+                raise failure
         finally:
-            for t in (work, reader_task):
-                t.cancel()
-                with contextlib.suppress(BaseException):
-                    await t
-            self.followers.discard(follower)
-            if not (healthy and self._stand(stream.name, follower)):
-                await asyncio.to_thread(follower.close)
+            try:
+                await cancel_and_wait(work, reader_task)  # the agent's stop, if it lands now, is re-raised
+            finally:
+                self.followers.discard(follower)
+                if not (healthy and self._stand(stream.name, follower)):
+                    await asyncio.to_thread(follower.close)
 
     def _stand(self, name: str, follower: SqliteFollower) -> bool:
         """Keep ``follower`` following between sessions; False if it cannot be (then close it)."""
@@ -350,9 +348,14 @@ class SourceAgent:
         follower = self.standing.pop(name, None)
         task = self._standing_tasks.pop(name, None)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            try:
+                await cancel_and_wait(task)
+            except asyncio.CancelledError:  # our caller is stopping: nobody takes the follower
+                if follower is not None:
+                    await asyncio.to_thread(follower.close)
+                raise
+        if follower is not None and follower.closed:
+            return None  # it was being dropped (continuity lost) as it was taken
         return follower
 
     async def _serve_sqlite_work(
