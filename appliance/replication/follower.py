@@ -99,6 +99,7 @@ RESTART_RETRY_S = 0.05
 # Holding nothing (when opening), how long every read-mark slot may stay busy before that is an
 # error. An application's TRUNCATE checkpoint holds them all while it truncates a large WAL.
 SLOT_WAIT_S = 10.0
+MAX_FOLLOWED_GENERATIONS = 4096  # WAL generations remembered as followed (~100 bytes each)
 CATCH_UP_ROUNDS = 1000  # polls to reach the newest commit before a catch-up gives up
 
 
@@ -170,6 +171,10 @@ class SqliteFollower:
         self.announced: Position | None = None  # the last position shipped: what the replica will be at
         self.frames_shipped = 0
         self.broken = False  # continuity was lost: the hashes no longer describe a state
+        self._partial = False  # a whole-state read (read_state) not yet iterated to its end
+        # The last frame followed in each WAL generation since the state was read: a replica at
+        # any of these positions is at a state this follower passed through (see followed()).
+        self._followed: dict[Generation, int] = {}
         self.pages_read = 0  # pages read whole from the files to hash or send a state (not frames)
         self.pages_unchanged = 0  # pages committed again exactly as they were: not sent (see _unchanged)
         self.pending_frames = 0
@@ -358,7 +363,16 @@ class SqliteFollower:
         self.position = self.announced = position
         self.hashes = hashes
         self.last_current_at = self._clock()
-        return position, page_size, db_pages, pages
+        self._followed = {position.generation: position.frame}
+        # The hashes are complete only once every page went by: a session cut half-way through a
+        # seed must not leave a follower standing with half of them (see has_state).
+        self._partial = True
+
+        def complete() -> Iterator[tuple[int, bytes]]:
+            yield from pages
+            self._partial = False
+
+        return position, page_size, db_pages, complete()
 
     @_locked
     def full_checksum(self) -> tuple[Position, int]:
@@ -389,7 +403,27 @@ class SqliteFollower:
     @_locked
     def has_state(self) -> bool:
         """Whether the page hashes describe a position (kept by following since a full read)."""
-        return self.position is not None and self.page_size > 0 and not self.broken
+        return self.position is not None and self.page_size > 0 and not self.broken and not self._partial
+
+    def _note(self, position: Position) -> None:
+        """Remember ``position`` as followed (the newest generations only: a bounded record)."""
+        self._followed[position.generation] = position.frame
+        if len(self._followed) > MAX_FOLLOWED_GENERATIONS:
+            del self._followed[next(iter(self._followed))]
+
+    @_locked
+    def followed(self, position: Position) -> bool:
+        """Whether ``position`` is one this follower passed (or stands at) since its state was read.
+
+        A replica there that comes back after an outage resumes: its page hashes
+        say what it lacks, and the source can account for everything since (it
+        followed it), even if the WAL restarted meanwhile. Only a position it
+        cannot account for is a resnapshot.
+        """
+        if not self.has_state():
+            return False
+        last = self._followed.get(position.generation)
+        return last is not None and position.frame <= last
 
     @_locked
     def catch_up(self) -> tuple[Position, int, int]:
@@ -507,6 +541,7 @@ class SqliteFollower:
             if header is None or mx == 0:
                 # A restart (or truncation) that has not written a frame yet: same content, new generation.
                 self.position = Position(generation, 0)
+                self._note(self.position)
                 return None
             if header.page_size != self.page_size:
                 raise ResnapshotNeeded(f"page size changed from {self.page_size} to {header.page_size}")
@@ -688,16 +723,18 @@ class SqliteFollower:
         )
         self.pages_unchanged += len(latest) - len(refs)
         self.position = self.announced = Position(header.generation, end)
+        self._note(self.position)
         self.frames_shipped += end - start + 1
         self.pending_frames = mx - end
         if end == mx:
             self.last_current_at = started
 
         def read() -> Iterator[tuple[int, bytes]]:
-            for pgno, i in refs:
+            for run in _runs(refs):
                 with self._lock:  # never across a yield (see _overlay)
-                    data = self._wal.frames(header, i, i)[0].data
-                yield pgno, data
+                    frames = self._wal.frames(header, run[0][1], run[-1][1])
+                for (pgno, _i), frame in zip(run, frames, strict=True):
+                    yield pgno, frame.data
 
         frames = end - start + 1
         return self._tx_batch(
@@ -746,6 +783,7 @@ class SqliteFollower:
         db_pages = self.hashes.db_pages
         end = frames[-1].index
         self.position = self.announced = Position(generation, end)
+        self._note(self.position)
         self.frames_shipped += len(frames)
         self.pending_frames = mx_after - end
         if end == mx_after:
@@ -964,6 +1002,26 @@ class SqliteFollower:
             return 0
         raw = os.pread(fds[1], 4, 96)
         return int.from_bytes(raw, sys.byteorder) if len(raw) == 4 else 0
+
+
+READ_RUN = 256  # frames read with one pread when a batch's pages are consecutive frames (1 MiB)
+
+
+def _runs(refs: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:
+    """``refs`` ((page, frame) in page order) cut into runs of consecutive frames.
+
+    A VACUUM writes its pages in page order, so its batch is a few long runs:
+    read with one ``pread`` each instead of one a page (measured: 15,000
+    single-frame reads took 0.5 s of a 62 MB VACUUM's 3.7 s catch-up).
+    """
+    run: list[tuple[int, int]] = []
+    for ref in refs:
+        if run and (ref[1] != run[-1][1] + 1 or len(run) >= READ_RUN):
+            yield run
+            run = []
+        run.append(ref)
+    if run:
+        yield run
 
 
 def describe_source(db_path: Path) -> dict[str, object]:

@@ -384,13 +384,9 @@ class SourceAgent:
             await sender.send(
                 Msg.SEED_BEGIN, {"page_size": page_size, "db_pages": db_pages, "position": pos.to_json()}
             )
-            while True:
-                chunk = await asyncio.to_thread(
-                    _take, pages, protocol.chunk_pages(page_size, self.max_message)
-                )
-                if not chunk:
-                    break
-                await sender.send(Msg.SEED_PAGES, {"n": len(chunk)}, protocol.pages_body(chunk))
+            await _send_chunks(
+                sender, Msg.SEED_PAGES, pages, protocol.chunk_pages(page_size, self.max_message)
+            )
             await sender.send(
                 Msg.SEED_END,
                 {
@@ -403,6 +399,8 @@ class SourceAgent:
             return
         if h.get("resync"):
             why: str | None = "the replica asked for a resync (after a refused batch or a demotion)"
+        elif await asyncio.to_thread(follower.followed, position):
+            why = None  # a state the follower passed: its hashes account for everything since
         else:
             why = await asyncio.to_thread(follower.resumable, position)
         mode = "resume" if why is None else "resnapshot"
@@ -498,11 +496,7 @@ class SourceAgent:
             return
         header = batch.header()
         await sender.send(Msg.BATCH_BEGIN, {**header, "checksum": None})
-        pages = batch.iter_pages()
-        sent = 0
-        while chunk := await asyncio.to_thread(_take, pages, per_chunk):
-            await sender.send(Msg.BATCH_PAGES, {"n": len(chunk)}, protocol.pages_body(chunk))
-            sent += len(chunk)
+        sent = await _send_chunks(sender, Msg.BATCH_PAGES, batch.iter_pages(), per_chunk)
         self.chunked_batches += 1
         # Sent last: a resume's or resnapshot's checksum is known once every page was read.
         await sender.send(
@@ -638,6 +632,35 @@ def _drain(follower: SqliteFollower) -> None:
     """Follow to the newest commit, shipping to nobody (the hashes move all the same)."""
     while follower.poll() is not None:
         pass
+
+
+async def _send_chunks(sender: Sender, kind: int, pages: Iterator[tuple[int, bytes]], per_chunk: int) -> int:
+    """Send ``pages`` as messages of ``per_chunk`` pages; how many pages went.
+
+    Each chunk is read and compressed in a worker thread while the previous
+    one is being sent: reading and compressing (zlib took 1.2 s of a 62 MB
+    VACUUM's 3.7 s catch-up, run in the event loop between sends) overlap
+    the link instead of stopping it. One chunk in flight at most: memory
+    stays bounded by two chunks.
+    """
+
+    def prepare() -> tuple[bytes, int] | None:
+        chunk = _take(pages, per_chunk)
+        if not chunk:
+            return None
+        return sender.prepare(kind, {"n": len(chunk)}, protocol.pages_body(chunk)), len(chunk)
+
+    sent = 0
+    ahead = asyncio.ensure_future(asyncio.to_thread(prepare))
+    try:
+        while (item := await ahead) is not None:
+            ahead = asyncio.ensure_future(asyncio.to_thread(prepare))
+            await sender.send_prepared(item[0])
+            sent += item[1]
+    finally:
+        if not ahead.done():
+            await cancel_and_wait(ahead)
+    return sent
 
 
 def _take(pages: Any, n: int) -> list[tuple[int, bytes]]:
