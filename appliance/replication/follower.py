@@ -68,6 +68,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
@@ -175,6 +176,7 @@ class SqliteFollower:
         # The last frame followed in each WAL generation since the state was read: a replica at
         # any of these positions is at a state this follower passed through (see followed()).
         self._followed: dict[Generation, int] = {}
+        self._deferred: _Deferred | None = None  # a large batch whose pages are hashed as sent
         self.pages_read = 0  # pages read whole from the files to hash or send a state (not frames)
         self.pages_unchanged = 0  # pages committed again exactly as they were: not sent (see _unchanged)
         self.pending_frames = 0
@@ -526,6 +528,7 @@ class SqliteFollower:
         :class:`ResnapshotNeeded` when continuity is lost.
         """
         assert self.position is not None
+        self._finish_deferred()
         started = self._clock()
         self.pending_frames = 0
         try:
@@ -690,56 +693,84 @@ class SqliteFollower:
     ) -> Batch:
         """The transaction starting at frame ``start`` and larger than one chunk, as a lazy batch.
 
-        Reads its frames a chunk at a time to hash them and note the newest
-        frame of each page, keeping only frame numbers; the pages are read
-        again from the WAL when sent. The guard keeps those frames in place:
-        no window opens before the next poll, which comes only after the
-        batch was sent.
+        Only its frame headers are read now (which frame holds the newest
+        version of each page, the size at its commit): the position moves at
+        once, and the pages are read, hashed, filtered (:meth:`_unchanged`)
+        and sent a run at a time by the batch's reader, so that hashing a
+        VACUUM overlaps sending it instead of coming first (it took 0.7 s of
+        a 62 MB VACUUM's catch-up, before the first byte left). The
+        checksum is known when the last page has been hashed: the batch
+        carries it in BATCH_END. Until then the hashes are being brought to
+        this position (``_deferred``); any other use of the follower first
+        completes them (:meth:`_finish_deferred`), e.g. after a session that
+        ended half-way. The guard keeps those frames in place: no window
+        opens before the next poll, which completes the hashing first.
         """
         latest: dict[int, int] = {}
-        before: dict[int, int] = {}  # each page's hash in the replica's state (see _unchanged)
-        min_pages = self.hashes.db_pages
-        end = 0
+        end = commit_size = 0
         index = start
         while not end:
-            chunk = self._wal.frames(header, index, min(mx, index + MAX_FRAMES_PER_POLL - 1))
-            if not chunk:
+            infos = self._wal.headers(header, index, min(mx, index + MAX_FRAMES_PER_POLL - 1))
+            if not infos:
                 raise ResnapshotNeeded(f"the WAL ended at frame {index - 1} inside a committed transaction")
-            for frame in chunk:
-                latest[frame.pgno] = frame.index
-                before.setdefault(frame.pgno, self.hashes.hashes.get(frame.pgno, 0))
-                self.hashes.set(frame.pgno, frame.data)
-                if frame.commit_size:
-                    self.hashes.truncate(frame.commit_size)
-                    min_pages = min(min_pages, frame.commit_size)
-                    end = frame.index
+            for offset, (pgno, commit) in enumerate(infos):
+                latest[pgno] = index + offset
+                if commit:
+                    end, commit_size = index + offset, commit
                     break
-            index += len(chunk)
-        db_pages = self.hashes.db_pages
-        refs = sorted(
-            (pgno, i)
-            for pgno, i in latest.items()
-            if pgno <= db_pages and not self._unchanged(pgno, before[pgno], min_pages)
-        )
-        self.pages_unchanged += len(latest) - len(refs)
+            index += len(infos)
+        min_pages = min(self.hashes.db_pages, commit_size)
+        refs = sorted((pgno, i) for pgno, i in latest.items() if pgno <= commit_size)
+        before = {pgno: self.hashes.hashes.get(pgno, 0) for pgno, _i in refs}
+        self.hashes.truncate(commit_size)
         self.position = self.announced = Position(header.generation, end)
         self._note(self.position)
         self.frames_shipped += end - start + 1
         self.pending_frames = mx - end
         if end == mx:
             self.last_current_at = started
+        batch = self._tx_batch(
+            announced,
+            min_pages,
+            transactions=1,
+            frames=end - start + 1,
+            page_count=len(refs),  # at most: unchanged pages are left out as they are hashed
+        )
+        deferred = _Deferred(header, refs, before, min_pages, batch)
+        self._deferred = deferred
 
         def read() -> Iterator[tuple[int, bytes]]:
-            for run in _runs(refs):
-                with self._lock:  # never across a yield (see _overlay)
-                    frames = self._wal.frames(header, run[0][1], run[-1][1])
-                for (pgno, _i), frame in zip(run, frames, strict=True):
-                    yield pgno, frame.data
+            while (pages := self._hash_next(deferred)) is not None:
+                yield from pages
 
-        frames = end - start + 1
-        return self._tx_batch(
-            announced, min_pages, transactions=1, frames=frames, page_reader=read, page_count=len(refs)
-        )
+        batch.page_reader = read
+        return batch
+
+    @_locked
+    def _hash_next(self, deferred: _Deferred) -> list[tuple[int, bytes]] | None:
+        """The next run of ``deferred``'s pages, hashed into our state; those to send (None: done)."""
+        if self._deferred is not deferred:
+            return None  # completed (by a poll after its session ended) or superseded
+        run = next(_runs(deferred.refs[deferred.next : deferred.next + READ_RUN]))
+        frames = self._wal.frames(deferred.header, run[0][1], run[-1][1])
+        out = []
+        for (pgno, _i), frame in zip(run, frames, strict=True):
+            self.hashes.set(pgno, frame.data)
+            if self._unchanged(pgno, deferred.before[pgno], deferred.min_pages):
+                self.pages_unchanged += 1
+            else:
+                out.append((pgno, frame.data))
+        deferred.next += len(run)
+        if deferred.next >= len(deferred.refs):
+            self._deferred = None
+            deferred.batch.checksum = self.hashes.checksum  # sent in BATCH_END
+        return out
+
+    def _finish_deferred(self) -> None:
+        """Bring the hashes to our position if a large batch's reader did not (its session ended)."""
+        deferred = self._deferred
+        while deferred is not None and self._deferred is deferred:
+            self._hash_next(deferred)
 
     def _ship(
         self,
@@ -1002,6 +1033,18 @@ class SqliteFollower:
             return 0
         raw = os.pread(fds[1], 4, 96)
         return int.from_bytes(raw, sys.byteorder) if len(raw) == 4 else 0
+
+
+@dataclass(slots=True)
+class _Deferred:
+    """A large transaction shipped before its pages were hashed (see ``_ship_large``)."""
+
+    header: WalHeader
+    refs: list[tuple[int, int]]  # (page, newest frame), in page order
+    before: dict[int, int]  # each page's hash in the state the batch starts from
+    min_pages: int
+    batch: Batch
+    next: int = 0  # refs hashed so far
 
 
 READ_RUN = 256  # frames read with one pread when a batch's pages are consecutive frames (1 MiB)

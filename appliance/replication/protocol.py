@@ -358,6 +358,7 @@ class Sender:
         self.largest_body = 0  # the most page bytes one message carried (tests: bounded memory)
         self.limiter = RateLimiter(rate_bytes_s)
         self.bytes_sent = 0
+        self.chunks_uncompressed = 0  # chunks sent as they are: the link was faster than compressing
         self._corrupt = corrupt  # fault injection for tests: alters a message after its CRC was computed
 
     async def _drain(self) -> None:
@@ -381,9 +382,10 @@ class Sender:
                     ) from None
                 pending = now
 
-    def prepare(self, kind: int, header: dict[str, Any], body: bytes = b"") -> bytes:
-        """The message as it goes on the wire (compressed): blocking, may run in a worker thread,
-        so that the next chunk is compressed while this one is being sent (:meth:`send_prepared`)."""
+    def prepare(self, kind: int, header: dict[str, Any], body: bytes = b"", compress: bool = True) -> bytes:
+        """The message as it goes on the wire (compressed unless ``compress`` is False): blocking,
+        may run in a worker thread, so that the next chunk is compressed while this one is being
+        sent (:meth:`send_prepared`)."""
         if len(body) + HEADER_ROOM > self.max_message:
             raise ProtocolError(
                 f"refusing to send a message of {len(body)} body bytes: over the {self.max_message}"
@@ -391,7 +393,7 @@ class Sender:
                 "too_long",
             )
         self.largest_body = max(self.largest_body, len(body))
-        data = encode(kind, header, body, self.compression)
+        data = encode(kind, header, body, self.compression if compress else "none")
         if self._corrupt is not None:
             data = self._corrupt(data)
         return data
