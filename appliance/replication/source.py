@@ -57,6 +57,9 @@ from appliance.replication.tls import explain_handshake_error, peer_names
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
+# How a session ends when the replica or the path goes away (a reset, a peer that stopped taking
+# bytes): nothing is wrong with the follower.
+LINK_ERRORS = (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +313,9 @@ class SourceAgent:
                     )
             await asyncio.wait({work})  # (awaiting it directly would take a stop of ours for its end)
             failure = None if work.cancelled() else work.exception()
-            healthy = failure is None
+            # The replica going away or the path failing says nothing against the follower: it stands,
+            # so the next session catches up from its hashes (a resume, not a resnapshot).
+            healthy = failure is None or isinstance(failure, LINK_ERRORS)
             if failure is not None:
                 raise failure
         finally:
