@@ -1064,6 +1064,7 @@ class _JournalWriter:
         head = json.dumps(header, sort_keys=True).encode()
         self._write(_HEAD.pack(MAGIC, seq, len(head)) + head)
         self.pages_start = self.pages_end = _HEAD.size + len(head)  # where its pages are in the file
+        self._unsynced = 0
 
     def _write(self, data: bytes) -> None:
         assert self._fd is not None, "journal already closed"
@@ -1081,6 +1082,13 @@ class _JournalWriter:
             data = b"".join(parts)
             self._write(data)
             self.pages_end += len(data)
+            self._unsynced += len(data)
+            if self._durable and self._unsynced >= SYNC_EVERY_BYTES:
+                # A large staged batch reaches the disk while its next chunks are still on the
+                # wire: the fsync in finish(), on the commit's path, is left with little to do.
+                assert self._fd is not None
+                os.fdatasync(self._fd)
+                self._unsynced = 0
 
     def finish(self) -> None:
         assert self._fd is not None, "journal already closed"
@@ -1115,6 +1123,7 @@ class _Stage:
 
 
 _READ_CHUNK = 1 << 20
+SYNC_EVERY_BYTES = 8 * 1024 * 1024  # a journal being staged is fdatasynced every this many bytes
 _IOV_MAX = 1024  # buffers per pwritev (Linux's IOV_MAX)
 
 
