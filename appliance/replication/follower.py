@@ -360,6 +360,7 @@ class SqliteFollower:
         """Start following at the newest committed state; iterate its pages (hashes kept as they go)."""
         self._hold_restarts_in_place()
         self._ended_at = None
+        self._deferred = None  # (hashes of a batch a session left half-sent: replaced whole here)
         position, page_size, db_pages, hashes, pages = self._overlay()
         self.page_size = page_size
         self.position = self.announced = position
