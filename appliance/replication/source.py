@@ -672,8 +672,7 @@ async def _send_chunks(sender: Sender, kind: int, pages: Iterator[tuple[int, byt
             compress = ahead.done()  # (decides the chunk after the one being prepared)
             sender.chunks_uncompressed += not compress
     finally:
-        if not ahead.done():
-            await cancel_and_wait(ahead)
+        await cancel_and_wait(ahead)  # (the one prepared ahead, if the send failed: its error consumed)
     return sent
 
 
