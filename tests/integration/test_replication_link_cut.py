@@ -136,10 +136,16 @@ def test_a_connection_cut_mid_stream_is_resumed_without_a_resnapshot(tmp_path: P
             assert await until(lambda: "db" in agent.standing, 2), (
                 "the follower was closed, not kept standing"
             )
-            # While the backup is away the application commits and truncates its WAL.
-            app.execute("INSERT INTO customers (note) VALUES (?)", (b"after the cut" * 100,))
-            assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-            app.execute("INSERT INTO customers (note) VALUES (?)", (b"new generation" * 100,))
+
+            # While the backup is away the application commits and truncates its WAL (in a thread:
+            # the standing follower, in this event loop, must make way for the TRUNCATE meanwhile).
+            def truncate() -> int:
+                app.execute("INSERT INTO customers (note) VALUES (?)", (b"after the cut" * 100,))
+                busy = app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                app.execute("INSERT INTO customers (note) VALUES (?)", (b"new generation" * 100,))
+                return int(busy)
+
+            assert await asyncio.to_thread(truncate) == 0, "the TRUNCATE checkpoint did not complete"
             second = client()
             task = asyncio.create_task(second.run())
             want = logical_checksum(db)
