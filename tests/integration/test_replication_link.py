@@ -187,9 +187,7 @@ def test_unknown_client_certificate_is_refused(tmp_path: Path, certs: Path) -> N
     asyncio.run(scenario())
 
 
-def test_resume_without_copy_then_resume_after_a_wal_restart_while_away(
-    tmp_path: Path, certs: Path
-) -> None:
+def test_resume_without_copy_then_resume_after_a_wal_restart_while_away(tmp_path: Path, certs: Path) -> None:
     async def scenario() -> None:
         rig = Rig(tmp_path, certs)
         rig.write(200)
