@@ -32,6 +32,7 @@ from appliance.replication.checksum import show
 from appliance.replication.position import Batch, Position, merge
 from appliance.replication.protocol import Msg, ProtocolError
 from appliance.replication.replica import BatchRejected, PromotedError, Replica, ReplicaStorageError
+from appliance.replication.tasks import cancel_and_wait
 from appliance.replication.tls import explain_handshake_error
 
 log = logging.getLogger(f"hotsite.{__name__}")
@@ -376,10 +377,7 @@ class SqliteStreamClient:
             try:
                 await self._consume(queue)
             finally:
-                for task in (pump, keepalive):
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
+                await cancel_and_wait(pump, keepalive)  # a stop of run() aimed at us is re-raised
         finally:
             writer.close()
             try:

@@ -55,6 +55,7 @@ FLAG_ZLIB = 0x40
 FLAG_ZSTD = 0x80
 TYPE_MASK = 0x3F
 COMPRESS_MIN = 512
+INFLATE_IN_THREAD = 64 * 1024  # compressed payloads at least this long are inflated in a worker thread
 
 
 class Msg:
@@ -211,9 +212,14 @@ async def read_message(
     limit_header = max_message if max_header is None else max_header
     if kind & (FLAG_ZSTD | FLAG_ZLIB):
         payload = await reader.readexactly(length)
-        if zlib.crc32(payload) != crc:
-            raise ProtocolError("message CRC mismatch: corrupted in transit", "crc")
-        head, body = _inflate(payload, kind, max_message, limit_header)
+        if length >= INFLATE_IN_THREAD:
+            # A chunk of pages: checked and inflated off the event loop (it took ~4 ms a MiB in
+            # it, while the loop also had the TLS records and the next chunk to take in).
+            head, body = await asyncio.to_thread(
+                _checked_inflate, payload, kind, crc, max_message, limit_header
+            )
+        else:
+            head, body = _checked_inflate(payload, kind, crc, max_message, limit_header)
     else:
         first = await reader.readexactly(_JSON.size)
         (hlen,) = _JSON.unpack(first)
@@ -227,6 +233,14 @@ async def read_message(
         _check_header_length(hlen, limit_header)
     header = decode_header(head, limit_header)
     return Message(kind & TYPE_MASK, header, body, _FRAME.size + length)
+
+
+def _checked_inflate(
+    payload: bytes, kind: int, crc: int, max_message: int, limit_header: int
+) -> tuple[bytes, bytes]:
+    if zlib.crc32(payload) != crc:
+        raise ProtocolError("message CRC mismatch: corrupted in transit", "crc")
+    return _inflate(payload, kind, max_message, limit_header)
 
 
 def _check_header_length(hlen: int, limit: int) -> None:
@@ -344,6 +358,7 @@ class Sender:
         self.largest_body = 0  # the most page bytes one message carried (tests: bounded memory)
         self.limiter = RateLimiter(rate_bytes_s)
         self.bytes_sent = 0
+        self.chunks_uncompressed = 0  # chunks sent as they are: the link was faster than compressing
         self._corrupt = corrupt  # fault injection for tests: alters a message after its CRC was computed
 
     async def _drain(self) -> None:
@@ -367,7 +382,10 @@ class Sender:
                     ) from None
                 pending = now
 
-    async def send(self, kind: int, header: dict[str, Any], body: bytes = b"") -> int:
+    def prepare(self, kind: int, header: dict[str, Any], body: bytes = b"", compress: bool = True) -> bytes:
+        """The message as it goes on the wire (compressed unless ``compress`` is False): blocking,
+        may run in a worker thread, so that the next chunk is compressed while this one is being
+        sent (:meth:`send_prepared`)."""
         if len(body) + HEADER_ROOM > self.max_message:
             raise ProtocolError(
                 f"refusing to send a message of {len(body)} body bytes: over the {self.max_message}"
@@ -375,9 +393,15 @@ class Sender:
                 "too_long",
             )
         self.largest_body = max(self.largest_body, len(body))
-        data = encode(kind, header, body, self.compression)
+        data = encode(kind, header, body, self.compression if compress else "none")
         if self._corrupt is not None:
             data = self._corrupt(data)
+        return data
+
+    async def send(self, kind: int, header: dict[str, Any], body: bytes = b"") -> int:
+        return await self.send_prepared(self.prepare(kind, header, body))
+
+    async def send_prepared(self, data: bytes) -> int:
         wait = self.limiter.delay(len(data))
         if wait > 0:
             await asyncio.sleep(wait)

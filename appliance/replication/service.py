@@ -37,6 +37,7 @@ from appliance.replication.promotion import data_loss_window, over_budget
 from appliance.replication.replica import PromotedError, Replica, ReplicaError, ReplicaStorageError
 from appliance.replication.replica_settings import ReplicationSection, StreamSection
 from appliance.replication.snapshots import SnapshotStore
+from appliance.replication.tasks import cancel_and_wait
 from appliance.replication.tls import client_context, describe_identity
 from appliance.store import Store
 
@@ -179,16 +180,14 @@ class ReplicationService:
 
     async def stop(self) -> None:
         tasks = [t for t in [self._ticker, *(s.task for s in self.streams.values())] if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
-        for s in self.streams.values():
-            if s.replica is not None:
-                with contextlib.suppress(Exception):  # a full disk must not stop the shutdown
-                    self._record_position(s)
-                s.replica.close()
+        try:
+            await cancel_and_wait(*tasks)
+        finally:
+            for s in self.streams.values():
+                if s.replica is not None:
+                    with contextlib.suppress(Exception):  # a full disk must not stop the shutdown
+                        self._record_position(s)
+                    s.replica.close()
 
     async def _tick_forever(self) -> None:
         while True:
@@ -392,10 +391,12 @@ class ReplicationService:
             if isinstance(s.client, SqliteStreamClient):
                 s.client.pause()
             if s.task is not None:
-                s.task.cancel()
-                with contextlib.suppress(BaseException):
-                    await s.task
-                s.task = None
+                task, s.task = s.task, None
+                try:
+                    await cancel_and_wait(task)
+                except asyncio.CancelledError:
+                    self._restart(s)  # the request was withdrawn: replication goes on
+                    raise
             st = s.stats
             window = data_loss_window(st.current_at, self.clock.time(), st.clock_offset_s)
             try:

@@ -229,6 +229,27 @@ class WalFile:
             out.append(Frame(first + i, pgno, commit, bytes(view[base + FRAME_HEADER_SIZE : base + size])))
         return out
 
+    def headers(self, header: WalHeader, first: int, last: int) -> list[tuple[int, int]]:
+        """(page number, commit size) of frames ``first..last``, salts checked as in :meth:`frames`;
+        the pages themselves are not copied out (a large transaction is sized before it is read)."""
+        if last < first:
+            return []
+        fds = self._fds()
+        if fds is None:
+            raise WalFormatError("the WAL file disappeared while being read")
+        size = FRAME_HEADER_SIZE + header.page_size
+        raw = os.pread(fds[0], size * (last - first + 1), frame_offset(first, header.page_size))
+        if len(raw) < size * (last - first + 1):
+            raise WalFormatError(f"WAL file shorter than its committed frame {last}")
+        out = []
+        for i in range(last - first + 1):
+            base = i * size
+            pgno, commit, _s1, _s2 = FRAME_HEADER.unpack_from(raw, base)
+            if raw[base + 8 : base + 16] != header.raw_salts:
+                raise WalFormatError(f"frame {first + i} carries salts of another WAL generation")
+            out.append((pgno, commit))
+        return out
+
     def frame_header(self, header: WalHeader, index: int) -> tuple[int, int, bytes] | None:
         """(page number, commit size, raw salts) of one frame, or None past the end of the file."""
         fds = self._fds()
