@@ -50,6 +50,7 @@ from provisioning.lab import replication as lab_replication
 from provisioning.lab import topology as topo
 from provisioning.lab.lab import SCENARIO as LAB_UAS
 from tests.conftest import REPO, free_port
+from tests.integration import image_roles
 from tests.integration.test_image_recipe import (
     IMAGE_CONFIG,
     OVMF_CODE,
@@ -192,8 +193,9 @@ class Timeline:
 class Vm:
     """The booted appliance: SSH as root, each step timed."""
 
-    def __init__(self, ssh: list[str], clock: Timeline, out: Path) -> None:
+    def __init__(self, ssh: list[str], clock: Timeline, out: Path, fwd: image_roles.Forwards) -> None:
         self.ssh = ssh
+        self.fwd = fwd  # this machine's ports forwarded to the VM's SSH, source agent and witness
         self.out = out  # the last journal read is kept here (journal.txt): failures show it whole
         self.clock = clock
 
@@ -272,6 +274,14 @@ def _build_cached(tmp_path: Path, clock: Timeline) -> Path:
     shutil.rmtree(tmp_path / "out/rootfs")  # 900 MB, now in the disk
     clock.step("build: disk image")
     return disk
+
+
+def _wheels(tmp_path: Path) -> Path:
+    """The wheels the image was built from (pip wheel of this tree), for the roles applied later."""
+    wheels = tmp_path / "wheels"
+    if not any(wheels.glob("hotsite-*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "-w", str(wheels)], check=True)
+    return wheels
 
 
 def _given_disk(tmp_path: Path) -> Path | None:
@@ -399,7 +409,9 @@ def _arp_announcements(pcap: Path, address: str) -> int:
 KVM_PROOF_S = 60  # under KVM the kernel prints its banner within seconds of power-on
 
 
-def _qemu(tmp_path: Path, disk: Path, modem: ModemEmulator, accel: str, port: int) -> subprocess.Popen[bytes]:
+def _qemu(
+    tmp_path: Path, disk: Path, modem: ModemEmulator, accel: str, fwd: image_roles.Forwards
+) -> subprocess.Popen[bytes]:
     """Power the VM on with fresh firmware variables and an empty console log."""
     shutil.copy(OVMF_VARS, tmp_path / "OVMF_VARS.fd")
     (tmp_path / "console.log").unlink(missing_ok=True)
@@ -416,7 +428,9 @@ def _qemu(tmp_path: Path, disk: Path, modem: ModemEmulator, accel: str, port: in
         "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,file={tmp_path / 'OVMF_VARS.fd'}",
         "-drive", f"file={disk},format=raw,if=virtio",
-        "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22",
+        "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{fwd.ssh}-:22"
+        f",hostfwd=tcp:127.0.0.1:{fwd.source}-:{image_roles.SOURCE_PORT}"
+        f",hostfwd=tcp:127.0.0.1:{fwd.witness}-:{image_roles.WITNESS_PORT}",
         "-netdev", "user,id=lan,restrict=on", "-device", f"virtio-net-pci,netdev=lan,mac={ETH1_MAC}",
         "-object", f"filter-dump,id=capture,netdev=lan,file={tmp_path / 'eth1.pcap'}",
     ]  # fmt: skip
@@ -435,7 +449,7 @@ def _kernel_started(tmp_path: Path, proc: subprocess.Popen[bytes], deadline: flo
 
 
 def _power_on(
-    tmp_path: Path, disk: Path, modem: ModemEmulator, port: int
+    tmp_path: Path, disk: Path, modem: ModemEmulator, fwd: image_roles.Forwards
 ) -> tuple[subprocess.Popen[bytes], str]:
     """KVM where /dev/kvm is there and actually runs the guest, TCG otherwise.
 
@@ -444,29 +458,29 @@ def _power_on(
     banner is not on the console within KVM_PROOF_S, the VM is powered off and booted by TCG.
     Nothing has been written to the disk by then (the firmware never got to the boot loader)."""
     if os.access("/dev/kvm", os.W_OK):
-        proc = _qemu(tmp_path, disk, modem, "kvm", port)
+        proc = _qemu(tmp_path, disk, modem, "kvm", fwd)
         if _kernel_started(tmp_path, proc, time.monotonic() + KVM_PROOF_S):
             return proc, "kvm"
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
         print(f"KVM does not run the guest here: {(tmp_path / 'qemu-kvm.log').read_text()[:200]!r}; TCG")
-    return _qemu(tmp_path, disk, modem, "tcg", port), "tcg"
+    return _qemu(tmp_path, disk, modem, "tcg", fwd), "tcg"
 
 
 def _boot(
     tmp_path: Path, disk: Path, modem: ModemEmulator, clock: Timeline
 ) -> tuple[subprocess.Popen[bytes], Vm]:
     key = _prepare_like_a_technician(disk, tmp_path)
-    port = free_port()
-    proc, accel = _power_on(tmp_path, disk, modem, port)
+    fwd = image_roles.Forwards(ssh=free_port(), source=free_port(), witness=free_port(), key=key)
+    clock.step("power on")
+    proc, accel = _power_on(tmp_path, disk, modem, fwd)
     ssh = [
-        "ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no",
+        "ssh", "-i", str(key), "-p", str(fwd.ssh), "-o", "StrictHostKeyChecking=no",
         "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
         "-o", "ConnectTimeout=20", "root@127.0.0.1",
     ]  # fmt: skip
-    clock.step("power on")
-    vm = Vm(ssh, clock, tmp_path)
+    vm = Vm(ssh, clock, tmp_path, fwd)
     seen = _wait_for_login(tmp_path / "console.log", proc, time.monotonic() + BOOT_TIMEOUT_S)
     assert seen["firstboot"] and seen["login"], (seen, (tmp_path / "console.log").read_text()[-3000:])
     vm.step(f"booted ({accel}): login prompt")
@@ -530,6 +544,7 @@ def test_the_daemon_runs_every_feature_under_its_real_unit(
         )
         _old_unit_refuses(vm)
         _rendered_unit_runs_everything(vm, tmp_path, modem, lab_source)
+        image_roles.apply_and_prove(vm, vm.fwd, _wheels(tmp_path), tmp_path / "roles")
         vm.run("systemctl poweroff", 30)
         proc.wait(120)
         clock.step("powered off")
