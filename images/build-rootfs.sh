@@ -67,6 +67,8 @@ if [ "$fresh" = yes ]; then
         debootstrap --variant=minbase --include="$packages" bookworm "$root" "$mirror"
     }
     echo "debootstrap: $(( $(date +%s) - started ))s (fresh)"
+    # Kept without the downloaded packages (half its size): the tree has them installed.
+    rm -f "$root"/var/cache/apt/archives/*.deb
     tar -C "$root" --numeric-owner -cpf "$tarball.tmp.$$" . && mv -f "$tarball.tmp.$$" "$tarball" \
         || { rm -f "$tarball.tmp.$$"; echo "build-rootfs: could not keep the debootstrap in $cache" >&2; }
     # Older tarballs (another package list or mirror) are never used again.
