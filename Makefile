@@ -15,8 +15,12 @@ PIP_STAMP := $(VENV)/.pip-installed
 demo: deps venv
 	$(BIN)/hotsite lab demo
 
+# The whole suite, then the appliance image booted under QEMU (test-image): what CI runs
+# (.ci/run). Each part prints how long it took.
 test: deps venv lint typecheck
-	$(BIN)/pytest
+	@started=$$(date +%s); $(BIN)/pytest; rc=$$?; \
+	    echo "make test: pytest $$(( $$(date +%s) - started ))s"; exit $$rc
+	@$(MAKE) --no-print-directory test-image
 
 # The integration tests with one busy process per core beside them, as on a loaded CI runner
 # (tests/stress.py): what must hold under load, not only on an idle machine.
@@ -26,10 +30,11 @@ test-stress: deps venv
 unit: venv
 	$(BIN)/pytest tests/unit
 
-# The appliance image built (its debootstrap kept in HOTSITE_IMAGE_CACHE) and booted under QEMU,
-# every feature run under the real unit (root, network; minutes: not in `make test`, see README).
+# The appliance image built (its bare debootstrap kept as a tarball in HOTSITE_IMAGE_CACHE) and
+# booted under QEMU, every feature run under the real unit (root, network; 9-12 minutes, see README).
 test-image: deps venv
-	HOTSITE_SLOW_TESTS=1 $(BIN)/pytest -s tests/integration/test_appliance_image.py
+	@started=$$(date +%s); HOTSITE_SLOW_TESTS=1 $(BIN)/pytest -s tests/integration/test_appliance_image.py; \
+	    rc=$$?; echo "make test-image: $$(( $$(date +%s) - started ))s"; exit $$rc
 
 lint: venv
 	$(BIN)/ruff check appliance failover monitoring provisioning tests

@@ -32,23 +32,25 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import struct
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from failover.actuators.kamailio import ROUTING_TABLE, TOKEN_KEY
 from provisioning.lab import kamailio as lab_kamailio
+from provisioning.lab import replication as lab_replication
 from provisioning.lab import topology as topo
-from provisioning.lab.checks import jsonrpc
 from provisioning.lab.lab import SCENARIO as LAB_UAS
 from tests.conftest import REPO, free_port
+from tests.integration import image_roles
 from tests.integration.test_image_recipe import (
     IMAGE_CONFIG,
     OVMF_CODE,
@@ -66,18 +68,35 @@ pytestmark = [
     pytest.mark.skipif(
         os.environ.get("HOTSITE_SLOW_TESTS") != "1", reason="set HOTSITE_SLOW_TESTS=1 (minutes, network)"
     ),
-    pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("debootstrap") is None, reason="needs root and debootstrap"
-    ),
-    pytest.mark.skipif(lab_kamailio.find_binary() is None, reason="needs Kamailio (Debian kamailio)"),
     pytest.mark.timeout(2400),
 ]
+
+
+@pytest.fixture(autouse=True)
+def asked_for_so_never_skipped() -> None:
+    """Once HOTSITE_SLOW_TESTS=1 asks for this test (`make test`, hence CI), a missing
+    prerequisite fails it: a skip would let CI pass without the image ever booting. QEMU, OVMF,
+    debootstrap and the disk tools are installed by the image_tools fixture; Kamailio and SIPp
+    by `make deps`."""
+    missing = [
+        what
+        for what, ok in (
+            ("root", os.geteuid() == 0),
+            ("Kamailio (Debian kamailio; make deps)", lab_kamailio.find_binary() is not None),
+            ("SIPp (Debian sip-tester; make deps)", shutil.which("sipp") is not None),
+        )
+        if not ok
+    ]
+    if missing:
+        pytest.fail(f"HOTSITE_SLOW_TESTS=1 but this machine lacks: {', '.join(missing)}")
+
 
 SERVICE_ADDRESS = "192.0.2.50"
 # The sites' SBCs: the failover fences the primary's by its URI in Kamailio's list.
 SBCS = ("203.0.113.10", "198.51.100.10")
 ETH1_MAC = "52:54:00:12:34:99"
 CACHE = Path(os.environ.get("HOTSITE_IMAGE_CACHE", "/var/tmp/hotsite-image-cache"))
+REPLICA = "/var/lib/hotsite/replicas/crm.db"
 BOOT_TIMEOUT_S = 300
 # What the technician writes on the booted appliance (the image's own config has none of it).
 FULL_CONFIG = f"""
@@ -139,18 +158,46 @@ host = "smtp.example.com"
 from_addr = "hotsite@example.com"
 username = "hotsite"
 password_file = "/etc/hotsite/secrets/smtp-password"
+
+# The primary's CRM database from the lab's `hotsite source` on this machine (mutual TLS).
+[replication]
+source_agent = "10.0.2.2:@SOURCE_PORT@"
+server_name = "{lab_replication.SOURCE_NAME}"
+tls_cert_file = "/etc/hotsite/tls/appliance.crt"
+tls_key_file = "/etc/hotsite/secrets/appliance.key"
+tls_ca_file = "/etc/hotsite/tls/ca.crt"
+
+[replication.streams.crm]
+kind = "sqlite"
+source = "{lab_replication.CRM_STREAM}"
+replica = "{REPLICA}"
+rpo_budget_s = 5
 """
 DENIED = re.compile(r"EPERM|EACCES|Operation not permitted|Permission denied")
+
+
+class Timeline:
+    """Each step of the test with its time since the test started, printed as it happens and
+    again at the end (pass or fail), so a CI log shows where the minutes went."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.log: list[str] = []
+
+    def step(self, what: str) -> None:
+        line = f"[{time.monotonic() - self.started:6.1f}s] {what}"
+        self.log.append(line)
+        print(line, flush=True)
 
 
 class Vm:
     """The booted appliance: SSH as root, each step timed."""
 
-    def __init__(self, ssh: list[str], started: float, out: Path) -> None:
+    def __init__(self, ssh: list[str], clock: Timeline, out: Path, fwd: image_roles.Forwards) -> None:
         self.ssh = ssh
+        self.fwd = fwd  # this machine's ports forwarded to the VM's SSH, source agent and witness
         self.out = out  # the last journal read is kept here (journal.txt): failures show it whole
-        self.started = started
-        self.log: list[str] = []
+        self.clock = clock
 
     def run(self, script: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.ssh, script], capture_output=True, text=True, timeout=timeout)
@@ -161,9 +208,7 @@ class Vm:
         return result.stdout
 
     def step(self, what: str) -> None:
-        line = f"[{time.monotonic() - self.started:6.1f}s] {what}"
-        self.log.append(line)
-        print(line, flush=True)
+        self.clock.step(what)
 
     def restart_hotsite(self) -> str:
         """Restart under whatever unit is installed now; the journal cursor before it."""
@@ -198,35 +243,45 @@ class Vm:
         )
 
 
-def _build_cached(tmp_path: Path) -> Path:
-    """The image of `make image`, over a kept debootstrap in CACHE; the disk in tmp_path."""
+def _build_cached(tmp_path: Path, clock: Timeline) -> Path:
+    """The image of `make image`, built in tmp_path from a bare debootstrap (the tarball kept in
+    CACHE by build-rootfs.sh, or a fresh one): never over an earlier build's tree."""
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "-w", str(wheels)], check=True)
+    clock.step("build: pip wheel")
     vars_file = tmp_path / "vars.yml"
     image_vars = {"hotsite_config": IMAGE_CONFIG, "hotsite_secrets": {"smtp-password": "set-at-first-boot\n"}}
     vars_file.write_text(yaml.safe_dump(image_vars))
-    CACHE.mkdir(parents=True, exist_ok=True)
-    kept = (CACHE / ".debootstrap-done").exists()
-    started = time.monotonic()
     result = subprocess.run(
-        [str(REPO / "images/build-rootfs.sh"), str(CACHE), str(wheels), str(vars_file)],
+        [str(REPO / "images/build-rootfs.sh"), str(tmp_path / "out"), str(wheels), str(vars_file)],
         capture_output=True,
         text=True,
         timeout=1500,
+        env={**os.environ, "HOTSITE_IMAGE_CACHE": str(CACHE)},
     )
-    print(
-        f"rootfs ({'kept debootstrap' if kept else 'fresh debootstrap'}): {time.monotonic() - started:.0f}s"
-    )
+    (tmp_path / "build-rootfs.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    debootstrap = re.search(r"^debootstrap: .*$", result.stdout, re.M)
+    clock.step(f"build: root filesystem ({debootstrap.group(0) if debootstrap else 'debootstrap: ?'})")
     disk = tmp_path / "hotsite.img"
     result = subprocess.run(
-        [str(REPO / "images/build-disk.sh"), str(CACHE / "rootfs"), str(disk)],
+        [str(REPO / "images/build-disk.sh"), str(tmp_path / "out/rootfs"), str(disk)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shutil.rmtree(tmp_path / "out/rootfs")  # 900 MB, now in the disk
+    clock.step("build: disk image")
     return disk
+
+
+def _wheels(tmp_path: Path) -> Path:
+    """The wheels the image was built from (pip wheel of this tree), for the roles applied later."""
+    wheels = tmp_path / "wheels"
+    if not any(wheels.glob("hotsite-*.whl")):
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", str(REPO), "-w", str(wheels)], check=True)
+    return wheels
 
 
 def _given_disk(tmp_path: Path) -> Path | None:
@@ -295,6 +350,48 @@ def kamailio(tmp_path: Path) -> Iterator[Path]:
         log.close()
 
 
+@dataclass
+class LabSource:
+    """The primary site's replication agent as the appliance sees it."""
+
+    port: int  # on this machine's loopback: 10.0.2.2 from inside the VM
+    tls: dict[str, Path]  # the appliance's client certificate, its key and the CA
+    db: Path  # the primary's CRM database, which the lab's writer keeps committing to
+
+
+@pytest.fixture
+def lab_source(tmp_path: Path) -> Iterator[LabSource]:
+    """The lab primary's `hotsite source` and CRM writer (provisioning/lab/replication.py) on this
+    machine's loopback with the lab's throwaway CA: mutual TLS, the agent allowing only the
+    appliance's client certificate."""
+    work = tmp_path / "primary"
+    work.mkdir()
+    repl = lab_replication.prepare(work, "127.0.0.1")
+    port = free_port()
+    config = Path(repl["source_config"])
+    config.write_text(config.read_text().replace(f"127.0.0.1:{lab_replication.PORT}", f"127.0.0.1:{port}"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, argv in lab_replication.commands(repl):
+            with (work / f"{name}.log").open("wb") as log:
+                procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 60
+        while (
+            f":{port}"
+            not in subprocess.run(["ss", "-ltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+        ):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), (
+                work / "source.log"
+            ).read_text()[-2000:]
+            time.sleep(0.3)
+        tls = {key: Path(repl[key]) for key in ("tls_cert_file", "tls_key_file", "tls_ca_file")}
+        yield LabSource(port, tls, Path(repl["streams"][lab_replication.CRM_STREAM]["path"]))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
 def _arp_announcements(pcap: Path, address: str) -> int:
     """Gratuitous ARP frames for ``address`` in a pcap file (QEMU's filter-dump writes one)."""
     data = pcap.read_bytes() if pcap.exists() else b""
@@ -312,7 +409,9 @@ def _arp_announcements(pcap: Path, address: str) -> int:
 KVM_PROOF_S = 60  # under KVM the kernel prints its banner within seconds of power-on
 
 
-def _qemu(tmp_path: Path, disk: Path, modem: ModemEmulator, accel: str, port: int) -> subprocess.Popen[bytes]:
+def _qemu(
+    tmp_path: Path, disk: Path, modem: ModemEmulator, accel: str, fwd: image_roles.Forwards
+) -> subprocess.Popen[bytes]:
     """Power the VM on with fresh firmware variables and an empty console log."""
     shutil.copy(OVMF_VARS, tmp_path / "OVMF_VARS.fd")
     (tmp_path / "console.log").unlink(missing_ok=True)
@@ -329,7 +428,9 @@ def _qemu(tmp_path: Path, disk: Path, modem: ModemEmulator, accel: str, port: in
         "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,file={tmp_path / 'OVMF_VARS.fd'}",
         "-drive", f"file={disk},format=raw,if=virtio",
-        "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{port}-:22",
+        "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{fwd.ssh}-:22"
+        f",hostfwd=tcp:127.0.0.1:{fwd.source}-:{image_roles.SOURCE_PORT}"
+        f",hostfwd=tcp:127.0.0.1:{fwd.witness}-:{image_roles.WITNESS_PORT}",
         "-netdev", "user,id=lan,restrict=on", "-device", f"virtio-net-pci,netdev=lan,mac={ETH1_MAC}",
         "-object", f"filter-dump,id=capture,netdev=lan,file={tmp_path / 'eth1.pcap'}",
     ]  # fmt: skip
@@ -348,7 +449,7 @@ def _kernel_started(tmp_path: Path, proc: subprocess.Popen[bytes], deadline: flo
 
 
 def _power_on(
-    tmp_path: Path, disk: Path, modem: ModemEmulator, port: int
+    tmp_path: Path, disk: Path, modem: ModemEmulator, fwd: image_roles.Forwards
 ) -> tuple[subprocess.Popen[bytes], str]:
     """KVM where /dev/kvm is there and actually runs the guest, TCG otherwise.
 
@@ -357,27 +458,29 @@ def _power_on(
     banner is not on the console within KVM_PROOF_S, the VM is powered off and booted by TCG.
     Nothing has been written to the disk by then (the firmware never got to the boot loader)."""
     if os.access("/dev/kvm", os.W_OK):
-        proc = _qemu(tmp_path, disk, modem, "kvm", port)
+        proc = _qemu(tmp_path, disk, modem, "kvm", fwd)
         if _kernel_started(tmp_path, proc, time.monotonic() + KVM_PROOF_S):
             return proc, "kvm"
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
         print(f"KVM does not run the guest here: {(tmp_path / 'qemu-kvm.log').read_text()[:200]!r}; TCG")
-    return _qemu(tmp_path, disk, modem, "tcg", port), "tcg"
+    return _qemu(tmp_path, disk, modem, "tcg", fwd), "tcg"
 
 
-def _boot(tmp_path: Path, disk: Path, modem: ModemEmulator) -> tuple[subprocess.Popen[bytes], Vm]:
+def _boot(
+    tmp_path: Path, disk: Path, modem: ModemEmulator, clock: Timeline
+) -> tuple[subprocess.Popen[bytes], Vm]:
     key = _prepare_like_a_technician(disk, tmp_path)
-    port = free_port()
-    started = time.monotonic()
-    proc, accel = _power_on(tmp_path, disk, modem, port)
+    fwd = image_roles.Forwards(ssh=free_port(), source=free_port(), witness=free_port(), key=key)
+    clock.step("power on")
+    proc, accel = _power_on(tmp_path, disk, modem, fwd)
     ssh = [
-        "ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no",
+        "ssh", "-i", str(key), "-p", str(fwd.ssh), "-o", "StrictHostKeyChecking=no",
         "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
         "-o", "ConnectTimeout=20", "root@127.0.0.1",
     ]  # fmt: skip
-    vm = Vm(ssh, started, tmp_path)
+    vm = Vm(ssh, clock, tmp_path, fwd)
     seen = _wait_for_login(tmp_path / "console.log", proc, time.monotonic() + BOOT_TIMEOUT_S)
     assert seen["firstboot"] and seen["login"], (seen, (tmp_path / "console.log").read_text()[-3000:])
     vm.step(f"booted ({accel}): login prompt")
@@ -386,10 +489,22 @@ def _boot(tmp_path: Path, disk: Path, modem: ModemEmulator) -> tuple[subprocess.
     return proc, vm
 
 
-def _install_config(vm: Vm, sip_port: int) -> None:
-    """The technician's configuration, the Kamailio list directory the daemon writes, eth1 up."""
-    config = FULL_CONFIG.replace("@SIP_PORT@", str(sip_port))
+def _install_config(vm: Vm, sip_port: int, source: LabSource) -> None:
+    """The technician's configuration, the Kamailio list directory the daemon writes, eth1 up,
+    the replication certificates (the key as a secret: the service user's, 0600)."""
+    config = FULL_CONFIG.replace("@SIP_PORT@", str(sip_port)).replace("@SOURCE_PORT@", str(source.port))
     listed = lab_kamailio.render_dispatcher_list(*SBCS)
+    tls = {name: source.tls[key].read_text() for name, key in (
+        ("/etc/hotsite/tls/appliance.crt", "tls_cert_file"),
+        ("/etc/hotsite/tls/ca.crt", "tls_ca_file"),
+        ("/etc/hotsite/secrets/appliance.key", "tls_key_file"),
+    )}  # fmt: skip
+    vm.must(
+        "set -e; install -d -m 0755 /etc/hotsite/tls\n"
+        + "".join(f"cat > {path} <<'EOF'\n{pem.strip()}\nEOF\n" for path, pem in tls.items())
+        + "chmod 0644 /etc/hotsite/tls/*.crt\n"
+        "chown hotsite:hotsite /etc/hotsite/secrets/appliance.key && chmod 0600 /etc/hotsite/secrets/appliance.key"
+    )
     vm.must(
         textwrap.dedent(f"""\
         set -e
@@ -411,42 +526,55 @@ def test_the_daemon_runs_every_feature_under_its_real_unit(
     image_tools: None,  # noqa: F811 - the imported fixture
     kamailio: Path,
     sip_trunk: int,
+    lab_source: LabSource,
     tmp_path: Path,
 ) -> None:
-    started = time.monotonic()
-    disk = _given_disk(tmp_path) or _build_cached(tmp_path)
-    print(f"image ready: {time.monotonic() - started:.0f}s")
+    clock = Timeline()
+    disk = _given_disk(tmp_path) or _build_cached(tmp_path, clock)
+    clock.step("image ready")
     modem = ModemEmulator().start()
-    proc, vm = _boot(tmp_path, disk, modem)
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        _install_config(vm, sip_trunk)
-        vm.step("full configuration installed (lab trunk, netlink on eth1, Kamailio list, modem on ttyUSB0)")
+        proc, vm = _boot(tmp_path, disk, modem, clock)
+        _config_dir_agrees_with_the_unit(vm)
+        _install_config(vm, sip_trunk, lab_source)
+        vm.step(
+            "full configuration installed (lab trunk, netlink on eth1, Kamailio list, modem on ttyUSB0,"
+            " replication from the lab's source agent)"
+        )
         _old_unit_refuses(vm)
-        _rendered_unit_runs_everything(vm, tmp_path, modem, kamailio)
+        _rendered_unit_runs_everything(vm, tmp_path, modem, lab_source)
+        if os.environ.get("HOTSITE_IMAGE_ROLES") == "1":
+            image_roles.apply_and_prove(vm, vm.fwd, _wheels(tmp_path), tmp_path / "roles")
+        else:
+            vm.step(
+                "source and witness roles under systemd: not run (HOTSITE_IMAGE_ROLES=1; ~15 min under TCG)"
+            )
         vm.run("systemctl poweroff", 30)
         proc.wait(120)
+        clock.step("powered off")
     finally:
-        print("\n".join(vm.log))
+        print("\n".join(["steps:", *clock.log]), flush=True)
         modem.stop()
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(10)
 
 
-def _fresh_routing(vm: Vm) -> None:
-    """Each failover below from a new appliance's routing state: no daemon state, the list as
-    installed, no service address, Kamailio's routing token back to 0.
-
-    A failover that fails under the pre-issue unit leaves Kamailio holding a later token than
-    the epoch the restarted daemon resumes with (found by this test, reported on issue 18):
-    every later failover would then be refused as stale, whatever the unit."""
-    listed = lab_kamailio.render_dispatcher_list(*SBCS)
-    vm.must(
-        "systemctl stop hotsite && rm -f /var/lib/hotsite/hotsite.db* /etc/kamailio/dispatcher.list.token"
-        f" && (ip addr del {SERVICE_ADDRESS}/24 dev eth1 2>/dev/null || true)"
-        f" && cat > /etc/kamailio/dispatcher.list <<'EOF'\n{listed}EOF"
-    )
-    jsonrpc("127.0.0.1", topo.RPC_PORT, "/RPC", "htable.seti", [ROUTING_TABLE, TOKEN_KEY, 0])
+def _config_dir_agrees_with_the_unit(vm: Vm) -> None:
+    """/etc/hotsite as the role made it (root:root 0755: the config holds no secret, CLI users
+    read it) is what the unit's ConfigurationDirectoryMode= says, so systemd warns of nothing."""
+    modes = vm.must("stat -c '%n %a %U:%G' /etc/hotsite /etc/hotsite/hotsite.toml /etc/hotsite/secrets")
+    assert modes.splitlines() == [
+        "/etc/hotsite 755 root:root",
+        "/etc/hotsite/hotsite.toml 644 root:root",
+        "/etc/hotsite/secrets 700 hotsite:hotsite",
+    ], modes
+    unit_mode = vm.must("systemctl show -p ConfigurationDirectoryMode --value hotsite").strip()
+    assert unit_mode == "0755", unit_mode
+    warned = vm.run("journalctl -b --no-pager -o cat | grep 'already exists but the mode is different'")
+    assert warned.stdout == "", warned.stdout
+    vm.step("/etc/hotsite 0755 root:root as the unit says; no mode warning in this boot's journal")
 
 
 EXPOSURE_TARGETS = {"hotsite.service": 3.0, "hotsite-firstboot.service": 5.0}  # issue 18
@@ -473,6 +601,47 @@ def _trunk_up(vm: Vm, timeout: float = 60) -> dict[str, object]:
     raise AssertionError(f"the lab trunk never came up: {trunk}")
 
 
+def _primary_rows(db: Path) -> tuple[int, int] | None:
+    """(customers, newest ticket id) in a database another process writes; None mid-write.
+    ``immutable=1``: no -shm/-wal made beside it and no lock taken."""
+    try:
+        with sqlite3.connect(f"file:{db}?immutable=1", uri=True) as conn:
+            customers = conn.execute("SELECT count(*) FROM customers").fetchone()[0]
+            newest = conn.execute("SELECT max(id) FROM tickets").fetchone()[0]
+            return int(customers), int(newest)
+    except sqlite3.DatabaseError:
+        return None
+
+
+REPLICA_ROWS = (
+    "import sqlite3; c = sqlite3.connect('file:" + REPLICA + "?immutable=1', uri=True); "
+    "print(c.execute('SELECT count(*) FROM customers').fetchone()[0], "
+    "c.execute('SELECT max(id) FROM tickets').fetchone()[0])"
+)
+
+
+def _replicated(vm: Vm, source: LabSource, timeout: float = 180) -> tuple[dict[str, object], tuple[int, int]]:
+    """The crm stream once `replication status` shows it up and the replica in the VM (read as
+    the hotsite user) holds every customer and a ticket the writer committed after this call."""
+    deadline = time.monotonic() + timeout
+    at_primary = None
+    while at_primary is None and time.monotonic() < deadline:
+        at_primary = _primary_rows(source.db)
+    assert at_primary is not None
+    stream: dict[str, object] = {}
+    rows: tuple[int, int] = (0, 0)
+    while time.monotonic() < deadline:
+        status = json.loads(vm.must("/opt/hotsite/bin/hotsite replication status --json"))
+        stream = next(s for s in status["streams"] if s["name"] == "crm")
+        read = vm.run(f'runuser -u hotsite -- /opt/hotsite/bin/python -c "{REPLICA_ROWS}"')
+        if read.returncode == 0 and read.stdout.split()[1:] != ["None"]:
+            rows = (int(read.stdout.split()[0]), int(read.stdout.split()[1]))
+        if stream["connected"] and rows[0] == at_primary[0] and rows[1] >= at_primary[1]:
+            return stream, rows
+        time.sleep(2)
+    raise AssertionError(f"the replica never caught up with {at_primary}: {rows}, {stream}")
+
+
 def _old_unit_refuses(vm: Vm) -> None:
     old = OLD_UNIT.replace("Type=notify", "Type=notify\nNotifyAccess=main\nWatchdogSec=30")
     vm.must(f"cat > /etc/systemd/system/hotsite.service <<'EOF'\n{old}EOF")
@@ -486,7 +655,6 @@ def _old_unit_refuses(vm: Vm) -> None:
     vm.step(
         "old unit: config check --unit exit 2, names RestrictAddressFamilies/AF_PACKET and ReadWritePaths"
     )
-    _fresh_routing(vm)
     cursor = vm.restart_hotsite()
     failed = vm.failover("old unit, issue 18")
     journal = vm.wait_journal(cursor, "Address family not supported")
@@ -496,7 +664,6 @@ def _old_unit_refuses(vm: Vm) -> None:
         "mkdir -p /etc/systemd/system/hotsite.service.d && printf '[Service]\\nRestrictAddressFamilies=AF_PACKET\\n'"
         " > /etc/systemd/system/hotsite.service.d/50-packet.conf"
     )
-    _fresh_routing(vm)
     cursor = vm.restart_hotsite()
     failed = vm.failover("old unit with AF_PACKET, issue 18")
     journal = vm.wait_journal(cursor, "Read-only file system")
@@ -507,14 +674,13 @@ def _old_unit_refuses(vm: Vm) -> None:
     vm.must("rm -r /etc/systemd/system/hotsite.service.d")
 
 
-def _rendered_unit_runs_everything(vm: Vm, tmp_path: Path, modem: ModemEmulator, kamailio: Path) -> None:
+def _rendered_unit_runs_everything(vm: Vm, tmp_path: Path, modem: ModemEmulator, source: LabSource) -> None:
     vm.must(
         "/opt/hotsite/bin/hotsite -c /etc/hotsite/hotsite.toml unit render -o /etc/systemd/system/hotsite.service"
         " && /opt/hotsite/bin/hotsite config check /etc/hotsite/hotsite.toml --unit /etc/systemd/system/hotsite.service"
         " && systemd-analyze verify /etc/systemd/system/hotsite.service"
     )
     vm.step("rendered unit: config check --unit ok, systemd-analyze verify ok")
-    _fresh_routing(vm)
     cursor = vm.restart_hotsite()
     scores = {unit: _exposure(vm, unit) for unit in EXPOSURE_TARGETS}
     vm.step(
@@ -525,6 +691,11 @@ def _rendered_unit_runs_everything(vm: Vm, tmp_path: Path, modem: ModemEmulator,
     trunk = _trunk_up(vm)
     vm.step(
         f"SIP probe: trunk lab {trunk['address']} up, OPTIONS {trunk['last_code']} in {trunk['rtt_ms']} ms"
+    )
+    stream, rows = _replicated(vm, source)
+    vm.step(
+        f"replication: stream crm {stream['mode']} from 10.0.2.2:{source.port} (mutual TLS),"
+        f" {rows[0]} customers and tickets up to #{rows[1]} in {REPLICA}, lag {stream['lag_s']} s"
     )
     pcap = tmp_path / "eth1.pcap"
     earlier = _arp_announcements(pcap, SERVICE_ADDRESS)  # the old unit + AF_PACKET's failover sent some

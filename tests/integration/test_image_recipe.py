@@ -126,6 +126,7 @@ def test_the_disk_is_a_gpt_with_an_esp_booting_the_newest_kernel_of_the_tree_by_
 
 
 IMAGE_PACKAGES = {
+    "debootstrap": "debootstrap",
     "sfdisk": "fdisk",
     "mcopy": "mtools",
     "mkfs.vfat": "dosfstools",
