@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from appliance.errors import ConfigError
+from monitoring.kpi_settings import CallKpisSection
 
 DEFAULT_PATH = Path("/etc/hotsite/hotsite.toml")
 ENV_VAR = "HOTSITE_CONFIG"
@@ -650,6 +651,7 @@ class Config(Section):
     replication: ReplicationSection = ReplicationSection()
     coordination: CoordinationSection = CoordinationSection()
     testcalls: TestcallsSection = TestcallsSection()
+    callkpis: CallKpisSection = CallKpisSection()
 
     @model_validator(mode="after")
     def _testcalls_name_known_hotlines_and_trunks(self) -> Config:
