@@ -100,6 +100,7 @@ class Appliance(Daemon):
         self.usage: UsageMonitor | None = None
         self.kpis: KpiMonitor | None = None  # per-trunk call KPIs (monitoring/KPIS.md)
         self.kpi_metrics = CallKpiMetrics(self.metrics.registry)
+        self._kpis_before: KpiMonitor | None = None
         self._started_at = 0.0
         self._started = False
 
@@ -318,13 +319,16 @@ class Appliance(Daemon):
             self.supervisor.start("usage", self.usage.run)
             if cfg.callkpis.enabled and cfg.trunks:
                 self.kpis = KpiMonitor(cfg, self.kamailio, self.clock, self._calls_changed)
+                if self._kpis_before is not None:  # a reload: carry the windows over
+                    self.kpis.adopt(self._kpis_before)
                 self.kpi_metrics.source = self.kpis
                 self.supervisor.start("call kpis", self.kpis.run)
 
     async def _stop_usage(self) -> None:
         await self.supervisor.stop("usage")
         await self.supervisor.stop("call kpis")
-        self.kpis = self.kpi_metrics.source = None
+        self._kpis_before, self.kpis = self.kpis, None
+        self.kpi_metrics.source = None
         if self.kamailio is not None:
             await self.kamailio.close()
         self.kamailio, self.usage = None, None

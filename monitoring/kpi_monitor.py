@@ -50,6 +50,19 @@ class KpiMonitor:
         self.uncounted: list[str] = []  # trunks the Kamailio config does not count
         self.error: str | None = None
 
+    def adopt(self, old: KpiMonitor) -> None:
+        """Keep the windows and judgements of trunks whose address a reload did not change.
+
+        Without this, a reload would forget a trunk judged failing, and its incident
+        would never be resolved by a later recovery.
+        """
+        for name, ip in self.addresses.items():
+            if old.addresses.get(name) == ip:
+                self.windows[name].readings = old.windows[name].readings
+                self.health[name] = old.health[name]
+                if name in old.totals:
+                    self.totals[name] = old.totals[name]
+
     async def run(self) -> None:
         while True:
             await self.poll()

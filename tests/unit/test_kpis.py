@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from appliance.config import Config
 from monitoring import kpis
+from monitoring.kpi_monitor import CallKpiMetrics, KpiMonitor
 from monitoring.kpi_settings import CallKpisSection
 from monitoring.kpis import AsrPolicy, CallsHealth, Counters, Window, judge_calls
 from provisioning.lab import kamailio as lab_kamailio
@@ -155,3 +158,61 @@ def test_generated_config_counts_only_the_trunks_it_names(tmp_path: Path) -> Non
     assert '$sht(kpitrunk=>10.77.0.11) = "kpi_10_77_0_11";' in text
     assert "kpi_10_77_0_12" not in text
     assert "|".join(map(str, kpis.CODES)) in text
+
+
+def _config(**callkpis: object) -> Config:
+    return Config.model_validate(
+        {
+            "sites": {
+                "primary": {"role": "primary", "sbc": "10.0.0.20:5060", "kamailio_set": 1},
+                "backup": {"role": "backup", "sbc": "10.0.0.30:5060", "kamailio_set": 2},
+            },
+            "trunks": {"trunk-a": {"address": "10.77.0.11:5060"}, "trunk-b": {"address": "10.77.0.12:5060"}},
+            "callkpis": callkpis,
+        }
+    )
+
+
+def _reading(attempts: int, answered: int, c503: int) -> dict[str, int]:
+    p = kpis.stat_prefix("10.77.0.11")
+    return {
+        f"{p}_attempts": attempts,
+        f"{p}_answered": answered,
+        f"{p}_fail_5xx": c503,
+        f"{p}_code_503": c503,
+        f"{p}_pdd_ms": 10 * answered,
+        f"{p}_pdd_calls": answered,
+    }
+
+
+def test_monitor_folds_readings_tells_changes_exports_and_survives_a_reload() -> None:
+    changes: list[tuple[str, str, str]] = []
+    cfg = _config(min_attempts=5, min_asr_pct=50, recover_asr_pct=60, window_s=60, channels={"trunk-a": 30})
+    monitor = KpiMonitor(
+        cfg, rpc=None, clock=None, on_change=lambda t, b, a: changes.append((t, b.state, a.state))
+    )  # type: ignore[arg-type]
+    monitor.fold(_reading(0, 0, 0), now=0)
+    monitor.fold(_reading(10, 2, 8), now=10)
+    assert changes == [("trunk-a", "unknown", "failing")]
+    assert monitor.uncounted == ["trunk-b"]  # Kamailio's config does not count it: said, not guessed
+    view = monitor.view("trunk-a", calls_in_progress=12)
+    assert (view["attempts"], view["answered"], view["asr_pct"], view["pdd_avg_ms"]) == (10, 2, 20.0, 10.0)
+    assert (view["channels"], view["channels_used_pct"], view["calls"]) == (30, 40.0, "failing")
+    assert view["codes"] == {"503": 8} and view["top_failure"] == {"code": "503", "count": 8}
+
+    registry = CollectorRegistry()
+    CallKpiMetrics(registry).source = monitor
+    assert registry.get_sample_value("hotsite_trunk_call_attempts_total", {"trunk": "trunk-a"}) == 10
+    assert registry.get_sample_value("hotsite_trunk_asr_ratio", {"trunk": "trunk-a"}) == 0.2
+    assert registry.get_sample_value("hotsite_trunk_calls_failing", {"trunk": "trunk-a"}) == 1
+    assert registry.get_sample_value("hotsite_trunk_channels", {"trunk": "trunk-a"}) == 30
+    assert registry.get_sample_value("hotsite_trunk_call_attempts_total", {"trunk": "trunk-b"}) is None
+
+    reloaded = KpiMonitor(
+        cfg, rpc=None, clock=None, on_change=lambda t, b, a: changes.append((t, b.state, a.state))
+    )  # type: ignore[arg-type]
+    reloaded.adopt(monitor)
+    reloaded.fold(_reading(30, 17, 13), now=20)  # 15 of 20 more answered: 17/30 = 57% < 60%: still failing
+    assert reloaded.health["trunk-a"].state == "failing"
+    reloaded.fold(_reading(40, 27, 13), now=30)  # 27/40 = 67.5%: recovered, and the change is told
+    assert changes[-1] == ("trunk-a", "failing", "ok")
