@@ -70,7 +70,8 @@ escalate_after_s = 600
 
 def _caller_scenario(sipp: str, workdir: Path) -> Path:
     """SIPp's own uac, taught to end a call cleanly on a 486 or 503 (ACK) instead of timing out."""
-    text = subprocess.run([sipp, "-sd", "uac"], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run([sipp, "-sd", "uac"], capture_output=True, text=True).stdout  # exits 99 when done
+    assert "<scenario" in text, "sipp -sd uac printed no scenario"
     rejected = "".join(
         f'  <recv response="{code}" optional="true" next="rejected"/>\n' for code in (486, 503)
     )
