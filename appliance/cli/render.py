@@ -159,7 +159,9 @@ def print_targets(targets: list[dict[str, Any]], title: str) -> None:
 def print_trunks(trunks: list[dict[str, Any]]) -> None:
     """The trunks' probe table and, when Kamailio counts their calls, their call KPIs."""
     with_kpis = [t for t in trunks if t.get("kpis")]
-    tables: list[Table] = [targets_table(trunks, "Trunks")]
+    # A degraded trunk answers its probes: its why (the failing calls) says more than its probe's reason.
+    shown = [t | {"reason": t["why"]} if t.get("state") == "degraded" and t.get("why") else t for t in trunks]
+    tables: list[Table] = [targets_table(shown, "Trunks")]
     if with_kpis:
         tables.append(kpis_table(with_kpis))
     table_out.emit(*tables)
@@ -189,7 +191,7 @@ def kpis_table(trunks: list[dict[str, Any]]) -> Table:
             _pct(k.get("ner_pct")),
             _ms(k.get("pdd_avg_ms")),
             " ".join(f"{n} {c}" for c, n in sorted(failures.items())) or "-",
-            "-" if top is None else f"{top['code']} x{top['count']}",
+            "-" if top is None else f"{top['code']}:{top['count']}",
             Text("no read") if k.get("error") else _calls(k.get("calls") or "unknown"),
         )
     return table
