@@ -29,7 +29,7 @@ from typing import Any
 from appliance.errors import ApiError, DaemonNotRunning, StartupError
 from appliance.logs import kv
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 SOCKET_NAME = "hotsite.sock"
 MAX_REQUEST_BYTES = 64 * 1024

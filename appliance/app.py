@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
-from appliance import __version__, roles
+from appliance import __version__, migrations, roles
 from appliance import config as config_mod
 from appliance.api import ApiServer, Caller, RequestError
 from appliance.clock import Clock, SystemClock
@@ -29,25 +29,26 @@ from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.service import ReplicationService
 from appliance.store import Store
 from appliance.systemd import Notifier
-from failover import plans
+from failover import verification
 from failover.actuators.factory import build_actuators
 from failover.actuators.replication import ReplicationActuator
+from failover.coordination.backends import from_config as coordination_from_config
+from failover.coordination.base import Coordination
+from failover.coordination.witness import WitnessOnly
 from failover.drill import Drill
-from failover.engine import Command, Page, Resolve
-from failover.etcd import EtcdCoordination, adopt_routing
-from failover.peers import PeerVoter
+from failover.engine import ENGINE_STATES, Command, Page, Resolve
 from failover.plans import backup_site
 from failover.service import FailoverService
 from failover.witness import voter_from_config
 from monitoring import metrics as metrics_mod
+from monitoring.calls_in_progress import UsageMonitor
 from monitoring.kpi_monitor import CallKpiMetrics, KpiMonitor
 from monitoring.kpis import CallsHealth, trunk_state
 from monitoring.monitor import Monitor
 from monitoring.probes.host import HostCollector
 from monitoring.targets import from_config
-from monitoring.usage import UsageMonitor
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 REPLICATION_METHODS = (
     "replication.status",
@@ -95,7 +96,7 @@ class Appliance(Daemon):
         self.failover: FailoverService | None = None
         self.replication: ReplicationService | None = None
         self.paging: PagingService | None = None
-        self.coordination: EtcdCoordination | None = None
+        self.coordination: Coordination = WitnessOnly()  # replaced by the configured backend at start
         self.kamailio: KamailioRpc | None = None
         self.usage: UsageMonitor | None = None
         self.kpis: KpiMonitor | None = None  # per-trunk call KPIs (monitoring/KPIS.md)
@@ -109,7 +110,9 @@ class Appliance(Daemon):
     async def start(self) -> None:
         cfg = self.config
         self._started_at = self.clock.time()
-        self.store = Store.open_or_in_memory(cfg.appliance.state_dir, clock=self.clock.time)
+        self.store = Store.open_or_in_memory(
+            cfg.appliance.state_dir, clock=self.clock.time, components=migrations.COMPONENTS
+        )
         self.api = ApiServer(
             cfg.appliance.runtime_dir,
             self._handlers(),
@@ -165,33 +168,20 @@ class Appliance(Daemon):
         """The engine, its actuators in runbook order (routing first, the data last), the witness."""
         assert self.store is not None and self.monitor is not None and self.replication is not None
         actuators = build_actuators(cfg)
-        voter = voter_from_config(cfg, clock=self.clock)
         if self.replication.sqlite_streams():
             actuators.append(ReplicationActuator(self.replication))
-        if cfg.coordination.backend == "etcd":
-            # Several appliances: only the holder of the etcd lease may act, and every
-            # actuator call carries the lease's fencing token (its create revision).
-            self.coordination = EtcdCoordination(
-                cfg.coordination,
-                appliance=cfg.appliance.name,
-                site=cfg.my_site,
-                registry=self.metrics.registry,
-            )
-            if cfg.failover.witness is None:
-                # Several sites: the appliances at the other sites are the witness.
-                peers = self.coordination.peer_views(lambda: self._site_verdicts())
-                voter = PeerVoter(peers, cfg.primary[0])
-                self.supervisor.start("peer views", peers.run)
-            voter = self.coordination.voter(voter)
-            actuators = self.coordination.fence(
-                actuators,
-                lambda: plans.known_routings(cfg),
-                on_takeover=lambda observed, token: adopt_routing(self.failover, observed, token),
-                record=lambda kind, message, data: self._record(kind, message=message, data=data),
-                step_timeout_s=cfg.failover.step_timeout_s,
-            )
-            self.coordination.lease.on_change(self._coordination_changed)
-            self.supervisor.start("coordination", self.coordination.run)
+        # Who may act: this appliance alone, or the holder of a shared lease whose every
+        # actuator call carries the lease's fencing token (failover/coordination/).
+        self.coordination = coordination_from_config(
+            cfg,
+            registry=self.metrics.registry,
+            record=lambda kind, message, data: self._record(kind, message=message, data=data),
+        )
+        voter = self.coordination.voter(voter_from_config(cfg, clock=self.clock), self._site_verdicts)
+        actuators = self.coordination.guard(actuators, on_takeover=self._took_over)
+        self.coordination.on_change(self._coordination_changed)
+        for name, job in self.coordination.jobs().items():
+            self.supervisor.start(name, job)
         self.failover = FailoverService(
             cfg,
             self.store,
@@ -207,7 +197,9 @@ class Appliance(Daemon):
                 voter=voter,
                 kamailio=lambda: self.kamailio,
             ),
-            on_change=lambda state: self.metrics.set_failover_state(state.state, state.routing, state.epoch),
+            verify_calls=verification.caller(lambda: self.config) if verification.enabled(cfg) else None,
+            on_change=self._show_failover_state,
+            epoch_is_token=self.coordination.epoch_is_token,
         )
         self.monitor.on_verdict = self.failover.on_site_verdict
         for name, job in (
@@ -217,21 +209,27 @@ class Appliance(Daemon):
             ("reconcile", self.failover.reconcile),
         ):
             self.supervisor.start(name, job)
-        state = self.failover.state
-        self.metrics.set_failover_state(state.state, state.routing, state.epoch)
+        self._show_failover_state(self.failover.state)
+
+    def _show_failover_state(self, state: Any) -> None:
+        """The engine's state on /metrics (monitoring's registry is told the engine's state names)."""
+        self.metrics.set_failover_state(state.state, state.routing, state.epoch, ENGINE_STATES)
 
     def _site_verdicts(self) -> dict[str, str]:
         return {name: site.verdict for name, site in self.monitor.sites.items()} if self.monitor else {}
 
-    def _coordination_changed(self, state: Any) -> None:
+    async def _took_over(self, observed: str, token: int) -> int:
+        """A new leader's engine follows the routing it read back (the engine decides)."""
+        assert self.failover is not None
+        return await self.failover.took_over(observed, token)
+
+    def _coordination_changed(self, role: str, detail: str) -> None:
         """Losing sight of etcd (or the lease) is worth a page: nobody acts until it is back."""
         action: Page | Resolve
-        if getattr(state, "role", "") == "unknown":
-            action = Page(
-                "coordination", "critical", f"etcd coordination lost: {getattr(state, 'detail', '')}"
-            )
+        if role == "unknown":
+            action = Page("coordination", "critical", f"etcd coordination lost: {detail}")
         else:
-            action = Resolve("coordination", f"etcd coordination: {getattr(state, 'role', '?')}")
+            action = Resolve("coordination", f"etcd coordination: {role}")
         self.supervisor.spawn("coordination page", self._page(action))
 
     async def _page(self, action: Page | Resolve) -> None:
@@ -447,7 +445,7 @@ class Appliance(Daemon):
         return {name: delegate(name) for name in ("incidents", "ack", "oncall", "page_test")}
 
     async def _api_coordination(self, caller: Caller, params: dict[str, Any]) -> Any:
-        return self.coordination.view() if self.coordination else {"backend": "witness"}
+        return self.coordination.view()
 
     async def _api_ping(self, caller: Caller, params: dict[str, Any]) -> Any:
         return {"pong": True, "version": __version__, "pid": os.getpid()}
@@ -585,7 +583,7 @@ class Appliance(Daemon):
             "sites": sites,
             "trunks": trunks,
             "failover": self.failover.view() if self.failover else {"state": "starting"},
-            "coordination": self.coordination.view() if self.coordination else {"backend": "witness"},
+            "coordination": self.coordination.view(),
             "events": [e.to_json() for e in self.store.events(limit=events)] if events else [],
         }
 

@@ -20,7 +20,7 @@ from typing import Any
 from appliance.logs import kv
 from appliance.systemd import Notifier
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 
 class Supervisor:

@@ -44,7 +44,7 @@ from urllib.parse import parse_qsl
 
 from appliance.logs import kv
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 OUTCOMES = (
     "ok",

@@ -4,6 +4,11 @@ journald picks stderr up under systemd, so there is no file handling here.
 Structured fields travel in ``extra={"kv": {...}}`` and are rendered after
 the message. Values of keys that look like secrets are masked, so a
 password or token passed by mistake never reaches the journal.
+
+Every module logs as ``hotsite.<module>`` (``logging.getLogger(f"hotsite.{__name__}")``,
+e.g. ``hotsite.failover.service``; a package split in modules keeps one name,
+e.g. ``hotsite.failover.etcd``), so one ``hotsite`` logger holds all of
+hotsite's and none of its libraries' (tests/unit/test_logger_names.py).
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ from appliance.logs import kv
 
 if TYPE_CHECKING:
     from appliance.api import Caller
-    from appliance.config import ApplianceSection
+    from appliance.core_settings import ApplianceSection
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 Role = Literal["operator", "read-only"]
 READ_ONLY_METHODS = frozenset(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from failover.routing import Routing
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from failover.settings import FailoverConfig as Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +185,7 @@ def lost_from_name(name: str) -> tuple[str, ...] | None:
 def known_routings(config: Config) -> dict[str, Routing]:
     """Every routing the engine can ask for: normal, and failover with each set of lost backups.
 
-    A new leader reads the real routing back against these (``failover/etcd.py``):
+    A new leader reads the real routing back against these (``failover/etcd/fence.py``):
     with three sites that is four routings, with five, sixteen.
     """
     backups = backup_sites(config)

@@ -24,7 +24,7 @@ from appliance.logs import kv
 from failover.actuators.base import Actuator, ActuatorError
 from failover.routing import Routing
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,14 +26,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from appliance.clock import Clock
-from appliance.config import Config
 from appliance.logs import kv
 from appliance.store import Store
-from failover import plans, runbook
+from appliance.timeouts import cancelled_meanwhile
+from failover import plans, runbook, verification
 from failover.actuators.base import Actuator, ActuatorError
 from failover.engine import (
     Action,
     BackupVerdict,
+    CallsVerified,
     Command,
     DrillDone,
     EngineState,
@@ -50,16 +51,20 @@ from failover.engine import (
     Tick,
     WitnessVote,
     step,
+    took_over,
 )
-from failover.quorum import Voter
 from failover.routing import Routing
+from failover.settings import FailoverConfig as Config
+from failover.thirdvote import Voter
 from monitoring.health import SiteVerdict
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 STATE_KEY = "failover.engine"
 Pager = Callable[[Page | Resolve], Awaitable[None]]
 DrillCheck = Callable[[], Awaitable[tuple[bool, str, dict[str, Any]]]]
+# Test calls after a routing change (failover/verification.py): kind, the lost backup sites -> results.
+CallVerifier = Callable[[str, tuple[str, ...]], Awaitable[list[verification.HotlineCheck]]]
 
 
 def policy_from(config: Config) -> Policy:
@@ -87,15 +92,19 @@ class FailoverService:
         *,
         pager: Pager | None = None,
         drill: DrillCheck | None = None,
+        verify_calls: CallVerifier | None = None,
         on_change: Callable[[EngineState], None] = lambda state: None,
+        epoch_is_token: bool = True,
     ) -> None:
         self.config = config
+        self.epoch_is_token = epoch_is_token
         self.store = store
         self.clock = clock
         self.actuators = list(actuators)
         self.voter = voter
         self._pager = pager
         self._drill = drill
+        self._verify_calls = verify_calls
         self._on_change = on_change
         saved = store.get_state(STATE_KEY)
         self.state = EngineState.from_json(saved) if saved else EngineState(since=clock.time())
@@ -130,11 +139,12 @@ class FailoverService:
     async def _world_token(self) -> int:
         """The newest token the routing world obeyed (0: none read), for a single appliance.
 
-        Under etcd the lease's token is the fencing token and a takeover adopts the
-        world (:func:`failover.etcd.adopt_routing`); alone, the engine's epoch is,
-        and it must not start below what the world already refuses.
+        Under a coordination backend with its own tokens (etcd: the lease's) a
+        takeover re-reads the world instead (:meth:`took_over`); alone, the
+        engine's epoch is the token, and it must not start below what the world
+        already refuses.
         """
-        if self.config.coordination.backend == "etcd":
+        if not self.epoch_is_token:
             return 0
         newest = 0
         for actuator in self.actuators:
@@ -142,6 +152,7 @@ class FailoverService:
                 async with asyncio.timeout(actuator.timeout_s):
                     token = await actuator.obeyed_token()
             except (ActuatorError, TimeoutError) as exc:
+                cancelled_meanwhile()  # appliance/timeouts.py: a stop must not become a logged error
                 error = str(exc) or type(exc).__name__
                 log.warning(
                     "could not read the token the routing world has obeyed; going on from the saved epoch",
@@ -150,6 +161,18 @@ class FailoverService:
                 continue
             newest = max(newest, token or 0)
         return newest
+
+    async def took_over(self, observed: str, token: int) -> int:
+        """A new leader fenced the actuators and read ``observed`` back: the engine follows it.
+
+        The engine decides (event :class:`~failover.engine.TookOver`; it stays the
+        only writer of its state) and moves its epoch on; the epoch is returned so
+        the fence refuses whatever this appliance had decided before (a reconcile
+        under way, a runbook started while it stood by).
+        """
+        outcome = await self.ask(took_over(observed, token))
+        log.warning(outcome.decision, extra=kv(token=token, observed=observed, epoch=outcome.state.epoch))
+        return outcome.state.epoch
 
     def submit(self, event: Event) -> None:
         self._queue.put_nowait((event, None))
@@ -245,6 +268,29 @@ class FailoverService:
         lost = plans.lost_from_name(result.routing)
         left = "normal" if result.routing == "normal" else "failover" if lost is not None else "unknown"
         self.submit(RunbookDone(action.kind, action.epoch, result.ok, left, result.detail, lost or ()))  # type: ignore[arg-type]
+        if result.ok and self._verify_calls is not None:
+            await self._verify_by_calls(action.kind, action.epoch, lost or ())
+
+    async def _verify_by_calls(self, kind: str, epoch: int, lost: tuple[str, ...]) -> None:
+        """The change judged by calls (recorded whole for the report, then one engine event)."""
+        assert self._verify_calls is not None
+        started = time.time()
+        try:
+            checks = await self._verify_calls(kind, lost)
+        except Exception as exc:  # a broken caller must not leave the change unjudged and silent
+            log.exception("verification calls failed to run", extra=kv(kind=kind, epoch=epoch))
+            self.submit(CallsVerified(kind, epoch, False, f"the verification calls could not run: {exc}"))  # type: ignore[arg-type]
+            return
+        ok = all(c.ok for c in checks)
+        text = verification.summary(checks)
+        self.store.record(
+            "failover.verification",
+            subject=f"epoch {epoch}",
+            message=f"{kind} {'verified' if ok else 'NOT verified'} by calls: {text}",
+            data={"kind": kind, "epoch": epoch, "ok": ok, "started_at": started, "finished_at": time.time(),
+                  "hotlines": [c.to_json() for c in checks]},
+        )  # fmt: skip
+        self.submit(CallsVerified(kind, epoch, ok, text))  # type: ignore[arg-type]
 
     async def _run_drill(self, action: RunDrill) -> None:
         if self._drill is None:
@@ -300,8 +346,11 @@ class FailoverService:
     async def reconcile_once(self) -> list[str]:
         """Compare desired and actual routing; repair drift. Returns what was repaired."""
         state = self.state
+        # Not while a runbook moves routing, while it is held for a human, or during a drill: the
+        # drill routes its test number for seconds on purpose, and "repairing" that would send its
+        # calls elsewhere mid-check.
         if (
-            state.state in ("failing_over", "failing_back", "held", "maintenance")
+            state.state in ("failing_over", "failing_back", "held", "maintenance", "drill")
             or state.routing == "unknown"
         ):
             return []
@@ -312,6 +361,7 @@ class FailoverService:
                 async with asyncio.timeout(self.config.failover.step_timeout_s):
                     differences = await actuator.verify(desired)
             except (ActuatorError, TimeoutError) as exc:
+                cancelled_meanwhile()
                 log.warning(
                     "reconcile: cannot read actual routing", extra=kv(actuator=actuator.name, error=str(exc))
                 )
@@ -329,6 +379,7 @@ class FailoverService:
                     await actuator.apply(desired, state.epoch)
                 left = await actuator.verify(desired)
             except (ActuatorError, TimeoutError) as exc:
+                cancelled_meanwhile()
                 self.store.record("failover.drift.unrepaired", subject=actuator.name, message=str(exc))
                 continue
             message = f"{actuator.name} repaired to {desired.name} routing" + (

@@ -20,13 +20,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from appliance.clock import Clock
-from appliance.config import Config, host_port
+from appliance.fields import host_port
 from appliance.kamailio import KamailioRpc, KamailioRpcError
 from appliance.logs import kv
 from monitoring import kpis
 from monitoring.kpis import AsrPolicy, CallsHealth, Counters, KpiParseError, Window
+from monitoring.settings import MonitoringConfig as Config
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 # (trunk, before, after): told of every change of a trunk's calls judgement.
 OnChange = Callable[[str, CallsHealth, CallsHealth], None]

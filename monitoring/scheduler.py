@@ -31,7 +31,7 @@ from appliance.logs import kv
 from monitoring.probes.base import ProbeResult
 from monitoring.targets import Target
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 # probe(target, timeout_s): must return within timeout_s; the scheduler enforces it anyway.
 ProbeFn = Callable[[Target, float], Awaitable[ProbeResult]]

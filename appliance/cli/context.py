@@ -7,26 +7,18 @@ the command tree itself.
 from __future__ import annotations
 
 import os
-import sys
 import tomllib
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from appliance import api
 from appliance import config as config_mod
+from appliance.cli.options import fail
 from appliance.errors import ConfigError, HotsiteError
 
 DEFAULT_RUNTIME_DIR = Path("/run/hotsite")
-
-
-def fail(exc: HotsiteError) -> NoReturn:
-    """Report *exc* (on stderr, or as JSON on stdout under ``--json``) and exit with its status."""
-    from appliance.cli.options import echo_error
-
-    echo_error(exc.message, exc.exit_code, exc.problems if isinstance(exc, ConfigError) else ())
-    sys.exit(exc.exit_code)
 
 
 class Context:

@@ -9,12 +9,14 @@ JSON are RFC 3339 everywhere (the Unix time kept as ``*_epoch``).
 from __future__ import annotations
 
 import json
+import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from appliance import timefmt
+from appliance.errors import ConfigError, HotsiteError
 
 
 class When(click.ParamType):
@@ -65,3 +67,12 @@ def echo_error(message: str, exit_code: int, problems: list[str] | tuple[str, ..
     click.echo(f"hotsite: error: {message}", err=True)
     for problem in problems:
         click.echo(f"  {problem}", err=True)
+
+
+def fail(exc: HotsiteError) -> NoReturn:
+    """Report *exc* (on stderr, or as JSON on stdout under ``--json``) and exit with its status.
+
+    The one way every ``hotsite`` command (the daemon's CLI, ``source``, ``witness``) gives up.
+    """
+    echo_error(exc.message, exc.exit_code, exc.problems if isinstance(exc, ConfigError) else ())
+    sys.exit(exc.exit_code)

@@ -19,13 +19,8 @@ import click
 
 from appliance import logs, timefmt
 from appliance.cli.confirm import confirm, yes_option
-from appliance.cli.options import echo_error, echo_json
+from appliance.cli.options import echo_error, echo_json, fail
 from appliance.errors import ConfigError, HotsiteError
-
-
-def _fail(exc: HotsiteError) -> None:
-    echo_error(exc.message, exc.exit_code, exc.problems if isinstance(exc, ConfigError) else ())
-    sys.exit(exc.exit_code)
 
 
 @click.command("source")
@@ -71,7 +66,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
         if problems:
             raise ConfigError(f"{config_path}: {len(problems)} problem(s)", problems)
     except HotsiteError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if check:
         click.echo(f"{config_path}: ok ({len(cfg.streams)} streams)")
@@ -101,7 +96,7 @@ def source(config_path: Path, check: bool, log_level: str) -> None:
     try:
         asyncio.run(agent.serve_forever())
     except OSError as exc:
-        _fail(HotsiteError(f"cannot listen on {s.listen}: {exc.strerror}"))
+        fail(HotsiteError(f"cannot listen on {s.listen}: {exc.strerror}"))
     except KeyboardInterrupt:
         pass
 
@@ -133,7 +128,7 @@ def _call(method: str, **params: Any) -> Any:
         try:
             return api.call(DEFAULT_RUNTIME_DIR, method, params)
         except HotsiteError as exc:
-            _fail(exc)
+            fail(exc)
     return ctx.call(method, **params)
 
 
@@ -226,7 +221,7 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
     for s in result["streams"]:
         lag = "-" if s.get("lag_s") is None else f"{s['lag_s']:.3f}s"
         line = (
-            f"{s['name']:<14} {s['kind']:<6} {'up' if s.get('connected') else 'DOWN':<5} lag {lag:>9}"
+            f"{s['name']:<14} {s['kind']:<6} {_link_word(s):<5} lag {lag:>9}"
             f" {s.get('lag_bytes', 0):>9}B  pos {s.get('position') or '-'}"
         )
         if s.get("over_budget"):
@@ -325,7 +320,7 @@ def restore_cmd(stream: str, at: str, output: Path, snapshots: Path | None) -> N
     try:
         snap = SnapshotStore(snapshots).restore(when, output)
     except HotsiteError as exc:
-        _fail(exc)
+        fail(exc)
         return
     click.echo(
         f"restored {output} from snapshot of {timefmt.stamp(snap.taken_at)} (position {snap.position})"
@@ -405,3 +400,9 @@ _standalone.add_command(replication)
 
 if __name__ == "__main__":
     _standalone()
+
+
+def _link_word(stream: dict[str, Any]) -> str:
+    """The stream's link as status prints it: up, quiet (connected, the source silent), DOWN."""
+    link = stream.get("link") or ("up" if stream.get("connected") else "down")
+    return "DOWN" if link == "down" else link

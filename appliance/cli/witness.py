@@ -17,22 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from pathlib import Path
 
 import click
 
 from appliance import logs
-from appliance.errors import ConfigError, HotsiteError
+from appliance.cli.options import fail
+from appliance.errors import HotsiteError
 from failover.witness import WitnessAgent, load_settings
-
-
-def _fail(exc: HotsiteError) -> None:
-    click.echo(f"hotsite: error: {exc.message}", err=True)
-    if isinstance(exc, ConfigError):
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
-    sys.exit(exc.exit_code)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -103,7 +95,7 @@ def witness(config_file: Path | None, **options: object) -> None:
         agent = WitnessAgent(settings)
         asyncio.run(_run(agent))
     except HotsiteError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 async def _run(agent: WitnessAgent) -> None:

@@ -41,7 +41,7 @@ from appliance.paging import pdu
 from appliance.paging.channel import Channel, Delivery, Message
 from appliance.paging.oncall import Contact
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 CTRL_Z, ESC = "\x1a", "\x1b"
 FINAL_OK = ("OK",)

@@ -27,7 +27,7 @@ from appliance.paging.channel import Channel, Delivery, Message
 from appliance.paging.incidents import Ack, Clear, Event, Raise
 from appliance.paging.oncall import SEVERITIES, Contact
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 MAX_BODY = 1024 * 1024
 
 

@@ -78,7 +78,7 @@ from appliance.replication.position import Batch, Position
 from appliance.replication.wal import Frame, Generation, WalFile, WalFormatError, WalHeader
 from appliance.replication.walguard import COPY_ALL, GuardError, ReadMarkGuard
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 MAX_FRAMES_PER_POLL = 4096
 WINDOW_S = 0.05  # the longest the WAL is left unguarded for the application to restart it

@@ -53,14 +53,13 @@ load. Keys of ``[source]``:
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from appliance.config import ListenAddress, Name, Section
-from appliance.errors import ConfigError
+from appliance import tomlfile
+from appliance.fields import ListenAddress, Name, Section
 
 
 class SourceStream(Section):
@@ -93,17 +92,8 @@ class SourceConfig(Section):
 
 
 def load_source_config(path: Path) -> SourceConfig:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"source agent config {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"source agent config {path} cannot be read: {exc}") from None
-    try:
-        return SourceConfig.model_validate(data)
-    except ValidationError as exc:
-        problems = [_describe(err) for err in exc.errors(include_url=False)]
-        raise ConfigError(f"{path}: {len(problems)} problem(s) in the configuration", problems) from None
+    """The source agent's TOML, read and described like the appliance's own config."""
+    return tomlfile.validate(SourceConfig, tomlfile.read(path, "source agent config"), str(path))
 
 
 def served_path_problems(config: SourceConfig) -> list[str]:
@@ -143,14 +133,3 @@ def _sqlite_problem(path: Path) -> str | None:
             " 'PRAGMA journal_mode=WAL' on it once (the application keeps that mode)"
         )
     return None
-
-
-def _describe(err: Any) -> str:
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return f"{where}: unknown key"
-    if err["type"] == "missing":
-        return f"{where}: required key is missing"
-    message = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
-    value = err.get("input")
-    return f"{where}: {message}" if isinstance(value, dict) else f"{where}: {value!r}: {message}"

@@ -48,12 +48,13 @@ from typing import Any
 from appliance.logs import kv
 from appliance.replication import protocol, validate
 from appliance.replication.checksum import show
+from appliance.replication.files.serve import serve_files
 from appliance.replication.follower import ResnapshotNeeded, SourceError, SqliteFollower
 from appliance.replication.position import Batch, Position
 from appliance.replication.protocol import Msg, PeerStalled, ProtocolError, Sender
 from appliance.replication.tls import explain_handshake_error, peer_names
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -124,6 +125,10 @@ class SourceAgent:
         # A follower per sqlite stream kept between sessions (see the module docstring).
         self.standing: dict[str, SqliteFollower] = {}
         self._standing_tasks: dict[str, asyncio.Task[None]] = {}
+
+    def source_time(self) -> float:
+        """This source's clock: what its messages carry as the time they observed (files streams too)."""
+        return self._clock()
 
     def find(self, requested: str) -> ServedStream | None:
         if requested in self.streams:
@@ -240,8 +245,6 @@ class SourceAgent:
             if stream.kind == "sqlite":
                 await self._serve_sqlite(stream, hello, reader, sender)
             else:
-                from appliance.replication.files import serve_files
-
                 await serve_files(self, stream, hello, reader, sender)
         except PeerStalled as exc:
             self.stalled_sessions += 1

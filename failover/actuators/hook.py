@@ -39,6 +39,8 @@ from typing import Any
 
 import httpx
 
+from appliance.errors import ConfigError
+from appliance.secretfile import read_secret
 from failover.actuators.base import Actuator, ActuatorError, StaleToken
 from failover.routing import Routing
 
@@ -189,10 +191,9 @@ class HookActuator(Actuator):
         if self.secret_file is None:
             return None
         try:
-            return self.secret_file.read_bytes().rstrip(b"\r\n")
-        except OSError as exc:
-            why = exc.strerror or exc
-            raise ActuatorError(f"{self.name}: secret_file {self.secret_file}: {why}") from None
+            return read_secret(self.secret_file, f"{self.name}: secret_file").encode()
+        except ConfigError as exc:
+            raise ActuatorError(exc.message) from None
 
     async def _post(self, payload: dict[str, Any], routing: Routing | None, token: int) -> Any:
         assert self._client is not None and self.url is not None

@@ -24,7 +24,7 @@ from appliance.replication.service import ReplicationService
 from failover.actuators.base import Actuator, ActuatorError, StaleToken
 from failover.routing import Routing
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 
 class ReplicationActuator(Actuator):

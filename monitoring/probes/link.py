@@ -20,7 +20,7 @@ from pyroute2.netlink.rtnl import RTMGRP_LINK
 from appliance.logs import kv
 from monitoring.probes.base import ProbeResult
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000

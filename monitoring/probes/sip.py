@@ -53,7 +53,7 @@ from monitoring.sip import (
     parse_response,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(f"hotsite.{__name__}")
 
 Transport = Literal["udp", "tcp", "tls"]
 TRANSPORTS: tuple[str, ...] = ("udp", "tcp", "tls")

@@ -28,7 +28,8 @@ import pytest
 
 from appliance.clock import SystemClock
 from failover.actuators.base import Actuator, NullActuator, StaleToken
-from failover.etcd import EtcdCoordination, EtcdLease, Fence, Gateway, NotLeader
+from failover.coordination.etcd import Etcd
+from failover.etcd import EtcdLease, Fence, Gateway, NotLeader
 from failover.routing import Routing
 from tests.integration import test_etcd_cluster as support
 from tests.integration.test_etcd_cluster import EtcdCluster, needs_etcd
@@ -412,7 +413,7 @@ async def test_peer_views_are_shared_through_etcd_and_garbage_is_counted(
     cluster: EtcdCluster, domain: str
 ) -> None:
     """Two appliances publish under their own session leases; a third's garbage is ignored and counted."""
-    from failover.peers import PeerViews, PeerVoter
+    from failover.etcd.peers import PeerViews, PeerVoter
 
     gateways = [Gateway(cluster.endpoints, timeout_s=0.6) for _ in range(2)]
     leases = [
@@ -527,7 +528,7 @@ async def test_the_health_check_counts_healthy_members_and_names_the_raft_leader
         + "]\n"
     )
     registry = CollectorRegistry()
-    coordination = EtcdCoordination(config.parse(text).coordination, appliance="a", registry=registry)
+    coordination = Etcd(config.parse(text).coordination, appliance="a", registry=registry)
     try:
         health = await coordination.check_health()
         leader = cluster.raft_leader()

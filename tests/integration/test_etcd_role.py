@@ -37,7 +37,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance import config
 from appliance.replication.certs import issue, make_ca
-from failover.etcd import EtcdCoordination
+from failover.coordination.etcd import Etcd
 from tests.conftest import REPO
 from tests.integration.test_etcd_cluster import ETCD, needs_etcd
 
@@ -226,7 +226,7 @@ def test_the_roles_flags_run_a_tls_cluster_with_pre_vote_that_refuses_clients_wi
     ).replace("'", '"')
 
     async def health() -> dict[str, object]:
-        coordination = EtcdCoordination(config.parse(text).coordination, appliance="a")
+        coordination = Etcd(config.parse(text).coordination, appliance="a")
         try:
             return await coordination.check_health()
         finally:

@@ -28,7 +28,8 @@ from prometheus_client import CollectorRegistry
 from appliance.clock import SystemClock
 from appliance.errors import StartupError
 from failover import witness as w
-from failover.quorum import Vote
+from failover.thirdvote import Vote
+from failover.witness import agent as witness_agent
 from provisioning.lab.healthd import make_handler
 from tests.conftest import free_port
 
@@ -180,7 +181,7 @@ def test_garbage_gets_4xx_is_counted_and_the_witness_keeps_serving(health_url: s
 def test_a_client_that_sends_nothing_gets_408_and_does_not_block_others(
     health_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(w, "READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(witness_agent, "READ_TIMEOUT_S", 0.3)  # the agent reads it per connection
     registry = CollectorRegistry()
 
     async def body(agent: w.WitnessAgent) -> None:

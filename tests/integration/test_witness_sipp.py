@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from appliance.clock import SystemClock
-from failover.quorum import Vote
+from failover.thirdvote import Vote
 from failover.witness import HttpWitnessVoter
 from tests.conftest import REPO
 

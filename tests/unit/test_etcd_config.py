@@ -10,7 +10,8 @@ import pytest
 from appliance import config
 from appliance.errors import ConfigError
 from failover import etcd
-from failover.quorum import NullVoter
+from failover.coordination.etcd import Etcd
+from failover.thirdvote import NullVoter
 
 BASE = """
 [sites.primary]
@@ -117,11 +118,11 @@ def test_unreachable_etcd_is_unknown_never_leader() -> None:
         BASE
         + '[coordination]\nbackend = "etcd"\nendpoints = ["http://127.0.0.1:9"]\nrequest_timeout_s = 0.2\n'
     )
-    coordination = etcd.EtcdCoordination(cfg.coordination, appliance="a")
+    coordination = Etcd(cfg.coordination, appliance="a")
 
     async def scenario() -> None:
         await coordination.lease.cycle()
-        vote = await coordination.voter(NullVoter()).vote()
+        vote = await coordination.voter(NullVoter(), dict).vote()
         assert vote.primary_alive is None and "etcd unreachable" in vote.detail
         state = coordination.lease.leadership()
         assert state.role == "unknown" and not coordination.lease.may_act()
@@ -145,10 +146,10 @@ def test_a_new_leader_adopts_the_real_routing(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         engine = asyncio.create_task(service.run())
-        epoch = await etcd.adopt_routing(service, "failover", 42)
+        epoch = await service.took_over("failover", 42)
         assert (service.state.state, service.state.routing) == ("backup_active", "failover")
         assert epoch == service.state.epoch
-        await etcd.adopt_routing(service, "mixed", 43)
+        await service.took_over("mixed", 43)
         assert (service.state.state, service.state.routing) == ("held", "unknown")
         engine.cancel()
         await asyncio.gather(engine, return_exceptions=True)

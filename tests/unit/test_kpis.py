@@ -216,3 +216,11 @@ def test_monitor_folds_readings_tells_changes_exports_and_survives_a_reload() ->
     assert reloaded.health["trunk-a"].state == "failing"
     reloaded.fold(_reading(40, 27, 13), now=30)  # 27/40 = 67.5%: recovered, and the change is told
     assert changes[-1] == ("trunk-a", "failing", "ok")
+
+
+def test_channels_of_an_unknown_trunk_are_a_config_problem() -> None:
+    problems = _config(channels={"trunk-z": 30}).problems()
+    assert any(
+        p.startswith("callkpis.channels names 'trunk-z': expected a name of [trunks.*]") for p in problems
+    )
+    assert not [p for p in _config(channels={"trunk-a": 30}).problems() if "callkpis" in p]

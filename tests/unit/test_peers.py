@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from failover.peers import Freshness, PeerView, judge, parse_view, render_view
+from failover.etcd.peers import Freshness, PeerView, judge, parse_view, render_view
 
 
 def view(name: str, site: str, primary: str, seq: int = 1) -> PeerView:

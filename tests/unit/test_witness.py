@@ -15,7 +15,7 @@ from appliance import config as config_mod
 from appliance.clock import SimulatedClock
 from appliance.errors import ConfigError
 from failover import witness as w
-from failover.quorum import NullVoter
+from failover.thirdvote import NullVoter, Vote
 from monitoring.health import TargetHealth, Thresholds
 from monitoring.probes.base import ProbeResult
 
@@ -50,7 +50,7 @@ GOOD = {"listen": "127.0.0.1:8080", "primary": [SIP], "allow_plain_http": True, 
         ({"primary": [SIP]}, "listen: required key is missing"),
         ({"listen": "127.0.0.1:8080"}, "primary: required key is missing"),
         ({**GOOD, "listen": "127.0.0.1"}, "listen: '127.0.0.1': expected host:port, e.g. 127.0.0.1:9477"),
-        ({**GOOD, "primary": ["ftp://x"]}, "primary.0: 'ftp://x': 'ftp://x': unknown target; expected sip:"),
+        ({**GOOD, "primary": ["ftp://x"]}, "primary[0]: 'ftp://x': 'ftp://x': unknown target; expected sip:"),
         ({**GOOD, "primary": ["sip:10.0.0.1:99999"]}, "port must be 1-65535"),
         ({**GOOD, "primary": [SIP, SIP]}, "the same target URL is listed twice"),
         ({**GOOD, "rise": 0}, "rise: 0: expected greater than or equal to 1"),
@@ -58,7 +58,10 @@ GOOD = {"listen": "127.0.0.1:8080", "primary": [SIP], "allow_plain_http": True, 
         ({**GOOD, "interval_s": 0.5, "timeout_s": 1.0}, "timeout_s (1.0) must not exceed interval_s (0.5)"),
         ({**GOOD, "tls_cert_file": "/x.pem"}, "give both tls_cert_file and tls_key_file, or neither"),
         ({**GOOD, "name": "has space"}, "name: 'has space': String should match pattern"),
-        ({**GOOD, "lisen": "x"}, "lisen: unknown key (known keys: name, listen, primary,"),
+        (
+            {**GOOD, "lisen": "x"},
+            "lisen: unknown key (known keys here: allow_plain_http, allow_unauthenticated, fall,",
+        ),
     ],
 )
 def test_settings_mistakes_are_named(overrides: dict[str, object], expected: str) -> None:
@@ -236,7 +239,7 @@ def answer(**fields: object) -> bytes:
     return json.dumps({k: v for k, v in doc.items() if v is not ...}).encode()
 
 
-def judge(status: int, body: bytes, *, wall: float = 1.8e9 + 1, rtt: float = 0.1) -> w.Vote:
+def judge(status: int, body: bytes, *, wall: float = 1.8e9 + 1, rtt: float = 0.1) -> Vote:
     return w.interpret(
         status, body, max_age_s=5.0, rtt_s=rtt, received_mono=100.0, received_wall=wall, source="witness:x"
     )

@@ -15,7 +15,7 @@ keeps changing, so two appliances' clocks never need to agree.
 
 Pure: :func:`parse_view`, :class:`Freshness` and :func:`judge`. The edge:
 :class:`PeerViews` (publish and read, one task) and :class:`PeerVoter`, the
-:class:`~failover.quorum.Voter` face the engine's witness slot takes.
+:class:`~failover.thirdvote.Voter` face the engine's witness slot takes.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance.logs import kv
-from failover.quorum import Vote, Voter
+from failover.etcd.gateway import EtcdError, Gateway
+from failover.thirdvote import Vote, Voter
 
 if TYPE_CHECKING:
-    from failover.etcd import EtcdLease, Gateway
+    from failover.etcd.election import EtcdLease
 
-log = logging.getLogger("hotsite.peers")
+log = logging.getLogger(f"hotsite.{__name__}")
 
 MAX_VIEW_BYTES = 16 * 1024
 VERDICTS = ("up", "degraded", "down", "unknown")
@@ -160,8 +161,6 @@ class PeerViews:
         self.malformed = 0
 
     async def run(self) -> None:
-        from failover.etcd import EtcdError
-
         while True:
             try:
                 await self.publish()

@@ -2,14 +2,16 @@
 
 With two sites, the backup cannot tell "the primary is dead" from "my link
 to the primary is cut". An automatic failover therefore needs a third
-vantage point's word. This module is that word's interface; backends:
+vantage point's word. This module is that word's interface (it counts no
+quorum: it asks one vantage point); backends:
 
 * :class:`NullVoter`: no witness configured; always "unknown", so ``auto``
   degrades to ``confirm``.
 * ``failover.witness.HttpWitnessVoter``: a small ``hotsite witness`` agent
   at a third location (e.g. the carrier edge) that probes the primary itself.
-* an etcd lease (a later backend) keeping the same decision when several
-  appliances share it.
+* ``failover.etcd.EtcdVoter``: several appliances sharing an etcd lease; only
+  the leader passes on its witness's word (or the other sites' views,
+  ``failover.etcd.peers.PeerVoter``).
 
 Contract: ``vote()`` returns within ``timeout_s`` and never raises; an
 unreachable or confused witness is a :class:`Vote` with
