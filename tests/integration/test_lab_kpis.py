@@ -208,7 +208,7 @@ def test_counts_and_ratios_of_a_known_mix_degrade_page_and_recover(
     assert 'hotsite_trunk_calls_failing{trunk="trunk-a"} 1.0' in scraped
     text = hotsite("trunks", config=daemon.config).stdout
     assert "Calls (Kamailio, last 900 s)" in text and "46.2%" in text and "486:4" in text, text
-    assert "calls failing" in text, text  # the degraded trunk's why, not its probe's "successes"
+    assert "failing:" in text and "ASR 46%" in text, text  # the degraded trunk's why (wrapped in a pipe)
 
     # Good calls again: 16 of 23 answered, 69.6% >= 60%: recovered, the incident resolved.
     _calls(scenario, 10, 7004)
