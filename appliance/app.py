@@ -42,6 +42,8 @@ from failover.service import FailoverService
 from failover.witness import voter_from_config
 from monitoring import metrics as metrics_mod
 from monitoring.calls_in_progress import UsageMonitor
+from monitoring.kpi_monitor import CallKpiMetrics, KpiMonitor
+from monitoring.kpis import CallsHealth, trunk_state
 from monitoring.monitor import Monitor
 from monitoring.probes.host import HostCollector
 from monitoring.targets import from_config
@@ -97,6 +99,9 @@ class Appliance(Daemon):
         self.coordination: Coordination = WitnessOnly()  # replaced by the configured backend at start
         self.kamailio: KamailioRpc | None = None
         self.usage: UsageMonitor | None = None
+        self.kpis: KpiMonitor | None = None  # per-trunk call KPIs (monitoring/KPIS.md)
+        self.kpi_metrics = CallKpiMetrics(self.metrics.registry)
+        self._kpis_before: KpiMonitor | None = None
         self._started_at = 0.0
         self._started = False
 
@@ -310,9 +315,18 @@ class Appliance(Daemon):
             self.kamailio = KamailioRpc(cfg.kamailio.rpc_url, timeout_s=cfg.kamailio.rpc_timeout_s)
             self.usage = UsageMonitor(cfg, self.kamailio, self.metrics)
             self.supervisor.start("usage", self.usage.run)
+            if cfg.callkpis.enabled and cfg.trunks:
+                self.kpis = KpiMonitor(cfg, self.kamailio, self.clock, self._calls_changed)
+                if self._kpis_before is not None:  # a reload: carry the windows over
+                    self.kpis.adopt(self._kpis_before)
+                self.kpi_metrics.source = self.kpis
+                self.supervisor.start("call kpis", self.kpis.run)
 
     async def _stop_usage(self) -> None:
         await self.supervisor.stop("usage")
+        await self.supervisor.stop("call kpis")
+        self._kpis_before, self.kpis = self.kpis, None
+        self.kpi_metrics.source = None
         if self.kamailio is not None:
             await self.kamailio.close()
         self.kamailio, self.usage = None, None
@@ -449,15 +463,37 @@ class Appliance(Daemon):
     def _trunk_views(self) -> list[dict[str, Any]]:
         assert self.monitor is not None
         calls = self.usage.trunks if self.usage else {}
-        return [
-            {
-                "name": name,
-                "carrier": trunk.carrier,
-                **self.monitor.target_view(f"trunk:{name}"),
-                "calls_in_progress": calls.get(name),
-            }
-            for name, trunk in self.config.trunks.items()
-        ]
+        views = []
+        for name, trunk in self.config.trunks.items():
+            view = {"name": name, "carrier": trunk.carrier, **self.monitor.target_view(f"trunk:{name}")}
+            view["calls_in_progress"] = calls.get(name)
+            if self.kpis is not None:
+                view["kpis"] = self.kpis.view(name, calls.get(name))
+                health = self.kpis.health.get(name, CallsHealth())
+                view["state"], view["why"] = trunk_state(view["state"], view["why"], health)
+            views.append(view)
+        return views
+
+    def _calls_changed(self, trunk: str, before: CallsHealth, after: CallsHealth) -> None:
+        """A trunk's real calls failing (ASR over the window) is an incident; recovered clears it."""
+        self._record(
+            "trunk.calls",
+            subject=f"trunk:{trunk}",
+            message=f"trunk {trunk} calls {before.state} -> {after.state}: {after.why}",
+            data={"state": after.state, "was": before.state},
+        )
+        if self.paging is None or not self.config.callkpis.page:
+            return
+        key = f"calls:{trunk}"
+        if after.state == "failing":
+            job = self.paging.raise_incident(
+                key, f"trunk {trunk} is degraded: calls failing: {after.why}", group="trunk", source="kpis"
+            )
+        elif before.state == "failing":
+            job = self.paging.clear(key, source="kpis")
+        else:
+            return
+        self.supervisor.spawn(f"incident {key}", job)
 
     async def _api_failover(self, caller: Caller, params: dict[str, Any]) -> Any:
         to = params.get("to", "backup")

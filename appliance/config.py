@@ -179,6 +179,7 @@ if Config.__bases__ != tuple(feature.settings for feature in FEATURES):  # pragm
 KEY_ORDER = (
     "appliance", "metrics", "sites", "trunks", "probes", "host", "failover", "hotlines", "destinations",
     "actuators", "kamailio", "contacts", "channels", "paging", "replication", "coordination", "testcalls",
+    "callkpis",
 )  # fmt: skip
 
 

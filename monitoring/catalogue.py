@@ -39,10 +39,19 @@ def _sources() -> Iterator[tuple[str, CollectorRegistry]]:
     from appliance.replication.metrics import ReplicationMetrics
     from failover.etcd import CoordinationMetrics
     from failover.witness import WitnessMetrics
+    from monitoring.kpi_monitor import CallKpiMetrics
     from monitoring.metrics import Metrics
     from monitoring.probes.host import HostCollector
 
-    for cls in (Metrics, PagingMetrics, ReplicationMetrics, CoordinationMetrics, WitnessMetrics):
+    classes = (
+        Metrics,
+        PagingMetrics,
+        ReplicationMetrics,
+        CoordinationMetrics,
+        WitnessMetrics,
+        CallKpiMetrics,
+    )
+    for cls in classes:
         registry = CollectorRegistry()
         cls(registry)
         yield cls.__module__, registry

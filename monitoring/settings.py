@@ -28,6 +28,7 @@ from appliance.fields import (
     SipAddress,
     match,
 )
+from monitoring.kpi_settings import CallKpisSection
 from monitoring.probes import kinds
 from monitoring.targets import parse_url
 
@@ -178,6 +179,7 @@ class MonitoringSettings(Section):
     probes: ProbesSection = ProbesSection()
     host: HostSection = HostSection()
     testcalls: TestcallsSection = TestcallsSection()
+    callkpis: CallKpisSection = CallKpisSection()  # per-trunk call KPIs (monitoring/KPIS.md)
 
     @model_validator(mode="after")
     def _one_primary_and_a_backup(self) -> MonitoringSettings:
@@ -238,12 +240,18 @@ class MonitoringConfig(Protocol):
     @property
     def testcalls(self) -> TestcallsSection: ...
     @property
+    def callkpis(self) -> CallKpisSection: ...
+    @property
     def hotlines(self) -> Mapping[str, Dialable]: ...
 
 
 def problems(cfg: MonitoringSettings) -> list[str]:
-    """Nothing beyond the validators above."""
-    return []
+    """Channels given for a trunk that is not configured."""
+    return [
+        f"callkpis.channels names {name!r}: expected a name of [trunks.*] ({', '.join(cfg.trunks) or 'none'})"
+        for name in cfg.callkpis.channels
+        if name not in cfg.trunks
+    ]
 
 
 def warnings(cfg: MonitoringSettings) -> list[str]:

@@ -127,7 +127,7 @@ def trunks(ctx: Context, as_json: bool) -> None:
     if as_json:
         echo_json(result)
     else:
-        render.print_targets(result, title="Trunks")
+        render.print_trunks(result)
 
 
 @cli.command()

@@ -154,3 +154,60 @@ def targets_table(targets: list[dict[str, Any]], title: str) -> Table:
 
 def print_targets(targets: list[dict[str, Any]], title: str) -> None:
     table_out.emit(targets_table(targets, title))
+
+
+def print_trunks(trunks: list[dict[str, Any]]) -> None:
+    """The trunks' probe table and, when Kamailio counts their calls, their call KPIs."""
+    with_kpis = [t for t in trunks if t.get("kpis")]
+    # A degraded trunk answers its probes: its why (the failing calls) says more than its probe's reason.
+    shown = [t | {"reason": t["why"]} if t.get("state") == "degraded" and t.get("why") else t for t in trunks]
+    tables: list[Table] = [targets_table(shown, "Trunks")]
+    if with_kpis:
+        tables.append(kpis_table(with_kpis))
+    table_out.emit(*tables)
+
+
+def kpis_table(trunks: list[dict[str, Any]]) -> Table:
+    """Real traffic per trunk over the KPI window (monitoring/KPIS.md), counted by Kamailio."""
+    window = next((t["kpis"].get("window_s") for t in trunks if t["kpis"].get("window_s")), None)
+    title = "Calls" + (f" (Kamailio, last {window:g} s)" if window else " (Kamailio)")
+    table = Table(title=title, title_justify="left", expand=False)
+    columns = ("trunk", "in use", "attempts", "answered", "ASR", "NER", "PDD ms", "failed", "top", "calls")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for t in trunks:
+        k = t["kpis"]
+        used = "-" if t.get("calls_in_progress") is None else str(t["calls_in_progress"])
+        if k.get("channels"):
+            used += f"/{k['channels']}"
+        failures = k.get("failures") or {}
+        top = k.get("top_failure")
+        table.add_row(
+            t["name"],
+            used,
+            _count(k.get("attempts")),
+            _count(k.get("answered")),
+            _pct(k.get("asr_pct")),
+            _pct(k.get("ner_pct")),
+            _ms(k.get("pdd_avg_ms")),
+            " ".join(f"{n} {c}" for c, n in sorted(failures.items())) or "-",
+            "-" if top is None else f"{top['code']}:{top['count']}",
+            Text("no read") if k.get("error") else _calls(k.get("calls") or "unknown"),
+        )
+    return table
+
+
+_CALLS_STATE = {"ok": "up", "failing": "down", "unknown": "unknown"}
+
+
+def _calls(state: str) -> Text:
+    """ok / failing / unknown, coloured like up / down / unknown."""
+    return Text(state, style=STATE_STYLE.get(_CALLS_STATE.get(state, "unknown"), ""))
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:g}%"

@@ -118,6 +118,29 @@ class RttHistory:
         return list(self.points.get(name, ()))
 
 
+def _in_use(trunk: dict[str, Any]) -> str:
+    """Calls in progress, against the trunk's channels when configured: ``12/30``."""
+    calls = trunk.get("calls_in_progress")
+    channels = (trunk.get("kpis") or {}).get("channels")
+    text = "-" if calls is None else str(calls)
+    return f"{text}/{channels}" if channels else text
+
+
+def _asr(kpis: dict[str, Any] | None) -> Text:
+    """The window's ASR, red while the trunk's calls are judged failing."""
+    if not kpis or kpis.get("asr_pct") is None:
+        return Text("-")
+    return Text(f"{kpis['asr_pct']:.0f}%", style="bold red" if kpis.get("calls") == "failing" else "")
+
+
+def _trunk_why(trunk: dict[str, Any]) -> str:
+    if trunk.get("state") == "up":
+        return ""
+    if trunk.get("state") == "degraded":
+        return str(trunk.get("why") or "")
+    return str(trunk.get("last_result") or trunk.get("reason") or "")
+
+
 def sparkline(values: Sequence[float | None], width: int, *, ascii_only: bool = False) -> str:
     """The last ``width`` values as block characters scaled to their own min..max; a gap for None."""
     chars = SPARK_ASCII if ascii_only else SPARK
@@ -216,8 +239,8 @@ def view(
     parts.append(sites)
 
     ascii_only = not _unicode_ok()
-    spark_width = max(8, min(HISTORY, width - 56))
-    trunks = _table("trunk", "state", "RTT ms", "history", "code", "calls", "why", widths={"why": 14})
+    spark_width = max(8, min(HISTORY, width - 62))
+    trunks = _table("trunk", "state", "RTT ms", "history", "code", "calls", "ASR", "why", widths={"why": 14})
     for t in status.get("trunks", []):
         rtt = t.get("rtt_ms")
         trunks.add_row(
@@ -226,8 +249,9 @@ def view(
             "-" if rtt is None else f"{rtt:.1f}",
             Text(sparkline(history.of(t["name"]), spark_width, ascii_only=ascii_only), style="cyan"),
             "-" if t.get("last_code") is None else str(t["last_code"]),
-            "-" if t.get("calls_in_progress") is None else str(t["calls_in_progress"]),
-            (t.get("last_result") or t.get("reason") or "") if t.get("state") != "up" else "",
+            _in_use(t),
+            _asr(t.get("kpis")),
+            _trunk_why(t),
         )
     parts.append(trunks)
 

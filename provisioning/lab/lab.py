@@ -304,6 +304,7 @@ class Lab:
                 module_dir=module_dir,
                 dispatcher_list=self.workdir / "dispatcher.list",
                 rpc_socket=self.workdir / "kamailio-rpc.sock",
+                trunks=[h.address(mode) for h in topo.HOSTS if h.role == "trunk"],
             )
         )
 

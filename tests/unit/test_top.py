@@ -206,3 +206,24 @@ def test_the_data_loss_window_is_the_lag_until_a_promotion_records_it() -> None:
     row = next(x for x in screen.splitlines() if x.startswith("crm "))
     assert "PROMOTED" in row and " 30.0 " not in row  # a promoted copy has no lag to show
     assert line in screen
+
+
+def test_a_trunk_whose_calls_fail_shows_its_asr_channels_and_the_evidence() -> None:
+    status = json_copy(STATUS)
+    status["trunks"][0] |= {
+        "state": "degraded",
+        "why": "calls failing: ASR 5% over 40 attempts in 300 s, top failure 503 (30)",
+        "kpis": {"asr_pct": 5.0, "calls": "failing", "channels": 30},
+    }
+    snap = gather(_recorded(status=status), 1100.0)
+    text = plain(snap, RttHistory(), width=80)
+    lines = text.splitlines()
+    assert len(lines) <= 24 and max(map(len, lines)) <= 80, text
+    row = next(line for line in lines if line.startswith("trunk-a"))
+    assert "20/30" in row and "5%" in row and "DEGRADED" in row and "calls failing" in row, text
+
+
+def json_copy(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value))
