@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
-from appliance import __version__, roles
+from appliance import __version__, migrations, roles
 from appliance import config as config_mod
 from appliance.api import ApiServer, Caller, RequestError
 from appliance.clock import Clock, SystemClock
@@ -29,13 +29,14 @@ from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.service import ReplicationService
 from appliance.store import Store
 from appliance.systemd import Notifier
+from failover import verification
 from failover.actuators.factory import build_actuators
 from failover.actuators.replication import ReplicationActuator
 from failover.coordination.backends import from_config as coordination_from_config
 from failover.coordination.base import Coordination
 from failover.coordination.witness import WitnessOnly
 from failover.drill import Drill
-from failover.engine import Command, Page, Resolve
+from failover.engine import ENGINE_STATES, Command, Page, Resolve
 from failover.plans import backup_site
 from failover.service import FailoverService
 from failover.witness import voter_from_config
@@ -104,7 +105,9 @@ class Appliance(Daemon):
     async def start(self) -> None:
         cfg = self.config
         self._started_at = self.clock.time()
-        self.store = Store.open_or_in_memory(cfg.appliance.state_dir, clock=self.clock.time)
+        self.store = Store.open_or_in_memory(
+            cfg.appliance.state_dir, clock=self.clock.time, components=migrations.COMPONENTS
+        )
         self.api = ApiServer(
             cfg.appliance.runtime_dir,
             self._handlers(),
@@ -189,7 +192,8 @@ class Appliance(Daemon):
                 voter=voter,
                 kamailio=lambda: self.kamailio,
             ),
-            on_change=lambda state: self.metrics.set_failover_state(state.state, state.routing, state.epoch),
+            verify_calls=verification.caller(lambda: self.config) if verification.enabled(cfg) else None,
+            on_change=self._show_failover_state,
             epoch_is_token=self.coordination.epoch_is_token,
         )
         self.monitor.on_verdict = self.failover.on_site_verdict
@@ -200,8 +204,11 @@ class Appliance(Daemon):
             ("reconcile", self.failover.reconcile),
         ):
             self.supervisor.start(name, job)
-        state = self.failover.state
-        self.metrics.set_failover_state(state.state, state.routing, state.epoch)
+        self._show_failover_state(self.failover.state)
+
+    def _show_failover_state(self, state: Any) -> None:
+        """The engine's state on /metrics (monitoring's registry is told the engine's state names)."""
+        self.metrics.set_failover_state(state.state, state.routing, state.epoch, ENGINE_STATES)
 
     def _site_verdicts(self) -> dict[str, str]:
         return {name: site.verdict for name, site in self.monitor.sites.items()} if self.monitor else {}

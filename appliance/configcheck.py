@@ -33,6 +33,10 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
+from appliance import roles
+from appliance.fields import host_port
+from appliance.paging.settings import SmtpChannelSettings, WebhookChannelSettings
+
 if TYPE_CHECKING:
     from appliance.config import Config
 
@@ -171,8 +175,6 @@ def file_problems(config: Config) -> list[str]:
             out += _one_file(where, Path(value), ids, who, want=6, device=True)
         elif name in ("command", "post_change_command") and isinstance(value, list) and value:
             out += _command(where, str(value[0]), ids, who)
-    from appliance import roles
-
     out += roles.problems(config.appliance)
     for key in ("state_dir", "runtime_dir"):
         path: Path = getattr(config.appliance, key)
@@ -250,8 +252,6 @@ def problems(config: Config) -> list[str]:
 
 def warnings(config: Config) -> list[str]:
     """Valid settings that expose something: an open receiver, credentials in clear."""
-    from appliance import roles
-
     out = roles.warnings(config.appliance)
     paging = config.paging
     if paging.alertmanager_listen and paging.alertmanager_token_file is None:
@@ -259,14 +259,20 @@ def warnings(config: Config) -> list[str]:
             "paging.alertmanager_allow_unauthenticated: the Alertmanager receiver accepts alerts from anyone"
             f" who reaches {paging.alertmanager_listen}"
         )
-    from appliance.config import SmtpChannel, WebhookChannel, host_port
-
     for name, channel in config.channels.items():
-        if isinstance(channel, SmtpChannel) and channel.password_file is not None and not channel.starttls:
+        if (
+            isinstance(channel, SmtpChannelSettings)
+            and channel.password_file is not None
+            and not channel.starttls
+        ):
             out.append(
                 f"channels.{name}.starttls: false with a password_file: SMTP AUTH sends the password in clear"
             )
-        if isinstance(channel, WebhookChannel) and _plain(channel.url) and channel.secret_file is not None:
+        if (
+            isinstance(channel, WebhookChannelSettings)
+            and _plain(channel.url)
+            and channel.secret_file is not None
+        ):
             out.append(f"channels.{name}.url: plain http:// with a secret_file: the secret travels in clear")
     witness = config.failover.witness
     if witness and _plain(witness):

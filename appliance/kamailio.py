@@ -38,7 +38,7 @@ import httpx
 from appliance.errors import HotsiteError
 
 if TYPE_CHECKING:
-    from appliance.config import KamailioSection
+    from appliance.core_settings import KamailioSection
 
 # Kamailio's jsonrpcs datagram buffer (JSONRPC_DGRAM_BUF_SIZE); larger replies are not sent.
 DGRAM_MAX = 65_457

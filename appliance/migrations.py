@@ -1,4 +1,8 @@
-"""The schema of every component that keeps state in the appliance's database.
+"""The schema of every component that keeps state in the appliance's database: the daemon's list.
+
+Top layer: it names every feature's migrations, and the daemon opens its
+store with :data:`COMPONENTS` (``appliance.app``); the store itself, below
+the features, knows only the core's tables (:mod:`appliance.schema`).
 
 Each component owns a list of migrations, applied in order, each in one
 transaction together with the component's version in ``schema_versions``.
@@ -11,32 +15,7 @@ from __future__ import annotations
 
 from appliance.paging.schema import MIGRATIONS as PAGING
 from appliance.replication.schema import MIGRATIONS as REPLICATION
-
-CORE: list[str] = [
-    # 1: audit log and keyed state.
-    """
-    CREATE TABLE events (
-        id      INTEGER PRIMARY KEY AUTOINCREMENT,
-        at      REAL    NOT NULL,          -- unix time, seconds
-        kind    TEXT    NOT NULL,          -- e.g. daemon.start, probe.state, operator.note
-        actor   TEXT    NOT NULL,          -- 'daemon', 'uid=0(root)', 'sms:+86…'
-        subject TEXT    NOT NULL DEFAULT '',
-        message TEXT    NOT NULL DEFAULT '',
-        data    TEXT    NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX events_at ON events(at);
-    CREATE INDEX events_kind ON events(kind, at);
-    CREATE TRIGGER events_no_update BEFORE UPDATE ON events
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
-        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-    CREATE TABLE state (
-        key        TEXT PRIMARY KEY,
-        value      TEXT NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    """,
-]
+from appliance.schema import MIGRATIONS as CORE  # the core's, defined beside the store
 
 # component name -> its migrations. Register a new component with one line here.
 COMPONENTS: dict[str, list[str]] = {

@@ -33,7 +33,7 @@ from appliance.logs import kv
 
 if TYPE_CHECKING:
     from appliance.api import Caller
-    from appliance.config import ApplianceSection
+    from appliance.core_settings import ApplianceSection
 
 log = logging.getLogger(f"hotsite.{__name__}")
 

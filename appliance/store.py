@@ -32,9 +32,12 @@ import sqlite_utils
 
 from appliance.errors import StateError
 from appliance.logs import kv
-from appliance.migrations import COMPONENTS
+from appliance.schema import MIGRATIONS as CORE
 
 DB_NAME = "hotsite.db"
+# What a store opened without a list of components has: the core's tables. The daemon passes
+# every component's (appliance.migrations.COMPONENTS); the store, below the features, names none.
+CORE_ONLY: Mapping[str, Sequence[str]] = {"core": CORE}
 LOCK_NAME = "hotsite.lock"
 FULL_DISK_BYTES = 1 << 20  # below this free, a state database that cannot be opened is a full disk
 log = logging.getLogger(f"hotsite.{__name__}")
@@ -86,7 +89,7 @@ class Store:
         *,
         exclusive: bool = True,
         clock: Callable[[], float] = time.time,
-        components: Mapping[str, Sequence[str]] = COMPONENTS,
+        components: Mapping[str, Sequence[str]] = CORE_ONLY,
     ) -> Store:
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -117,7 +120,7 @@ class Store:
         state_dir: Path,
         *,
         clock: Callable[[], float] = time.time,
-        components: Mapping[str, Sequence[str]] = COMPONENTS,
+        components: Mapping[str, Sequence[str]] = CORE_ONLY,
     ) -> Store:
         """:meth:`open`; on a full disk (less than ``FULL_DISK_BYTES`` free) :meth:`open_in_memory_copy`."""
         try:
@@ -141,7 +144,7 @@ class Store:
         state_dir: Path,
         *,
         clock: Callable[[], float] = time.time,
-        components: Mapping[str, Sequence[str]] = COMPONENTS,
+        components: Mapping[str, Sequence[str]] = CORE_ONLY,
     ) -> Store:
         """The state database copied into memory, for a daemon whose state disk is full.
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from appliance.config import Config, GsmChannel, KamailioActuator, NetlinkActuator
+from appliance.config import Config, GsmChannelSettings, KamailioActuatorSettings, NetlinkActuatorSettings
 from appliance.errors import ConfigError
 
 DIRECTORY_SETTINGS = ("StateDirectory=", "RuntimeDirectory=", "CacheDirectory=", "LogsDirectory=")
@@ -74,13 +74,13 @@ def needs(config: Config) -> Needs:
         out.families[family] = "the control socket, sd_notify, probes, link events and name lookups"
     for name, actuator in config.actuators.items():
         key = f"actuators.{name}"
-        if isinstance(actuator, NetlinkActuator):
+        if isinstance(actuator, NetlinkActuatorSettings):
             out.capabilities["CAP_NET_ADMIN"] = f"{key} (type netlink) adds and removes {actuator.address}"
             if actuator.garp_count > 0:
                 why = f"{key} (type netlink) sends gratuitous ARP (garp_count = {actuator.garp_count})"
                 out.families["AF_PACKET"] = f"{why} on an AF_PACKET socket"
                 out.capabilities["CAP_NET_RAW"] = f"{why} on a raw packet socket"
-        elif isinstance(actuator, KamailioActuator):
+        elif isinstance(actuator, KamailioActuatorSettings):
             _kamailio_writes(config, key, actuator, out)
     for site, section in config.sites.items():
         for check_name, check in section.checks.items():
@@ -106,12 +106,12 @@ def needs(config: Config) -> Needs:
             )
         )
     for name, channel in config.channels.items():
-        if isinstance(channel, GsmChannel):
+        if isinstance(channel, GsmChannelSettings):
             out.devices[f"channels.{name}.device"] = PurePosixPath(channel.device)
     return out
 
 
-def _kamailio_writes(config: Config, key: str, actuator: KamailioActuator, out: Needs) -> None:
+def _kamailio_writes(config: Config, key: str, actuator: KamailioActuatorSettings, out: Needs) -> None:
     listed = config.kamailio.dispatcher_list
     if listed is not None:
         path = PurePosixPath(listed)

@@ -8,7 +8,10 @@ Checks, each timed and explained:
 * every actuator can read the real routing back (the runbook could act);
 * a real SIP request to the drill's test number goes through the carrier
   edge's Kamailio along the *backup* path and is answered by the backup SBC.
-  Only the test number is re-routed, for the seconds the check lasts.
+  Only the test number is re-routed, for the seconds the check lasts;
+* with ``[testcalls] hotlines``: the failover's verification calls
+  (:mod:`failover.verification`), one per hotline, each to the test number routed
+  for that call where the plan would send the hotline, answered there with audio.
 
 The report ends with the expected RTO: detection (fall x interval +
 timeout), the hold-down, and the runbook's own time estimated from the
@@ -18,18 +21,22 @@ actuators' measured read-back latency.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.config import Config, host_port
+from appliance.fields import host_port
 from appliance.kamailio import KamailioRpc, KamailioRpcError
-from failover import plans
+from failover import plans, verification
 from failover.actuators.base import Actuator, ActuatorError
+from failover.settings import FailoverConfig as Config
 from failover.thirdvote import Voter
+from monitoring.probes.testcall import CallResult, CallSpec, place_call
 from monitoring.sip import SipParseError, build_options, parse_response
+from monitoring.targets import call_spec
 
 Check = Callable[[], Awaitable[tuple[bool, str]]]
 
@@ -74,8 +81,10 @@ class Drill:
         voter: Voter,
         kamailio: Callable[[], KamailioRpc | None],
         clock: Callable[[], float] = time.monotonic,
+        place: Callable[[CallSpec], Awaitable[CallResult]] = place_call,
     ) -> None:
         self.config = config
+        self._place = place
         self._verdict = site_verdict
         self._lagging = replication_lagging
         self._actuators = actuators
@@ -94,6 +103,10 @@ class Drill:
             ("test call through the backup path", self._test_call),
         ]
         results = [await self._run(name, check) for name, check in checks]
+        if verification.enabled(self.config):
+            calls = verification.expectations(self.config, "failover")
+            budget = len(calls) * self.config.testcalls.call_budget_s + 5
+            results.append(await self._run("hotline calls through the backup path", self._calls, budget))
         passed = sum(r.ok for r in results)
         rto = expected_rto(self.config, runbook_estimate_s=2 * self._read_latency_s)
         ok = passed == len(results)
@@ -111,13 +124,13 @@ class Drill:
         }
         return ok, detail, report
 
-    async def _run(self, name: str, check: Check) -> CheckResult:
+    async def _run(self, name: str, check: Check, timeout_s: float = 15.0) -> CheckResult:
         started = self._clock()
         try:
-            async with asyncio.timeout(15.0):
+            async with asyncio.timeout(timeout_s):
                 ok, detail = await check()
         except TimeoutError:
-            ok, detail = False, "no answer within 15 s"
+            ok, detail = False, f"no answer within {timeout_s:g} s"
         return CheckResult(name, ok, detail, self._clock() - started)
 
     async def _backup_up(self) -> tuple[bool, str]:
@@ -181,6 +194,33 @@ class Drill:
         if backup_host not in contact:
             return False, f"answered by {contact or 'an unknown contact'}, not the backup SBC {backup_host}"
         return True, f"test number {number} answered {code} by the backup SBC ({contact})"
+
+    async def _calls(self) -> tuple[bool, str]:
+        """The failover's verification calls, through the backup path, without moving a hotline.
+
+        Each hotline's call goes to the drill's test number, routed for the seconds of that call
+        to the set the failover plan would give the hotline; it must be answered there with audio.
+        """
+        number, rpc, edge = self.config.failover.test_number, self._kamailio(), self.config.kamailio.sip
+        if number is None or rpc is None or edge is None:
+            return False, "failover.test_number, kamailio.rpc_url and kamailio.sip are needed for drill calls"
+        sets = plans.destinations(self.config)
+        results = []
+        for expected in verification.expectations(self.config, "failover"):
+            stand_in = dataclasses.replace(expected, number=number)
+            spec = call_spec(self.config, f"drill:{expected.hotline}", number, edge)
+            try:
+                await rpc.call("htable.seti", "hotlines", number, sets[expected.destination].kamailio_set)
+                try:
+                    call = await self._place(spec)
+                finally:
+                    await rpc.call("htable.delete", "hotlines", number)
+            except KamailioRpcError as exc:
+                return False, exc.message
+            ok, detail = verification.judge(stand_in, call)
+            results.append((ok, f"{expected.hotline}: {detail}"))
+        results.sort(key=lambda r: r[0])  # failures first
+        return all(ok for ok, _ in results), "; ".join(d for _, d in results) or "no hotlines to call"
 
 
 async def _options_via(proxy: str, number: str, timeout: float = 3.0) -> tuple[int | None, str]:

@@ -221,6 +221,17 @@ class TookOver:
     lost: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class CallsVerified:
+    """The test calls placed after a runbook of ``epoch`` (failover.verification): did the hotlines answer
+    where the plan sends them, with audio? ``summary`` names each hotline's result, failures first."""
+
+    kind: Literal["failover", "failback"]
+    epoch: int
+    ok: bool
+    summary: str
+
+
 def took_over(observed: str, token: int) -> TookOver:
     """The event for a takeover that read ``observed`` back: a routing's name, "mixed" or "unreadable".
 
@@ -244,6 +255,7 @@ Event = (
     | DrillDone
     | Resumed
     | TookOver
+    | CallsVerified
 )
 
 
@@ -309,6 +321,8 @@ def step(state: EngineState, event: Event, policy: Policy, now: float) -> Outcom
         outcome = _resumed(state, event, now)
     elif isinstance(event, TookOver):
         outcome = _took_over(state, event, now)
+    elif isinstance(event, CallsVerified):
+        outcome = _calls_verified(state, event)
     else:
         outcome = _evaluate(state, policy, now)
     changed = outcome.state.state != state.state or outcome.state.routing != state.routing
@@ -697,6 +711,24 @@ def _runbook_done(state: EngineState, done: RunbookDone, now: float) -> Outcome:
     new = _to(state, back, now, routing=done.routing, waiting_for="", lost=lost)
     page = Page(FAILOVER, "critical", f"{done.kind} failed and was rolled back: {done.detail}")
     return Outcome(new, (page,), f"{done.kind} failed, rolled back to {done.routing} routing: {done.detail}")
+
+
+VERIFICATION = "verification"
+
+
+def _calls_verified(state: EngineState, done: CallsVerified) -> Outcome:
+    """The calls judge the change; routing stays as it is (a failed call is evidence for a human, and
+    moving calls again on it could flap). A failure pages; a later good verification resolves it."""
+    if done.epoch != state.epoch:
+        return _stay(state, f"ignored stale {done.kind} call results (epoch {done.epoch}, now {state.epoch})")
+    if done.ok:
+        return Outcome(
+            state,
+            (Resolve(VERIFICATION, f"{done.kind.capitalize()} verified by calls: {done.summary}"),),
+            f"{done.kind} verified by calls (epoch {done.epoch}): {done.summary}",
+        )
+    page = Page(VERIFICATION, "critical", f"{done.kind.capitalize()} NOT verified by calls: {done.summary}")
+    return Outcome(state, (page,), f"{done.kind} NOT verified by calls (epoch {done.epoch}): {done.summary}")
 
 
 def _drill_done(state: EngineState, done: DrillDone, now: float) -> Outcome:

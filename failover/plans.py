@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from failover.routing import Routing
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from failover.settings import FailoverConfig as Config
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,15 +26,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from appliance.clock import Clock
-from appliance.config import Config
 from appliance.logs import kv
 from appliance.store import Store
 from appliance.timeouts import cancelled_meanwhile
-from failover import plans, runbook
+from failover import plans, runbook, verification
 from failover.actuators.base import Actuator, ActuatorError
 from failover.engine import (
     Action,
     BackupVerdict,
+    CallsVerified,
     Command,
     DrillDone,
     EngineState,
@@ -54,6 +54,7 @@ from failover.engine import (
     took_over,
 )
 from failover.routing import Routing
+from failover.settings import FailoverConfig as Config
 from failover.thirdvote import Voter
 from monitoring.health import SiteVerdict
 
@@ -62,6 +63,8 @@ log = logging.getLogger(f"hotsite.{__name__}")
 STATE_KEY = "failover.engine"
 Pager = Callable[[Page | Resolve], Awaitable[None]]
 DrillCheck = Callable[[], Awaitable[tuple[bool, str, dict[str, Any]]]]
+# Test calls after a routing change (failover/verification.py): kind, the lost backup sites -> results.
+CallVerifier = Callable[[str, tuple[str, ...]], Awaitable[list[verification.HotlineCheck]]]
 
 
 def policy_from(config: Config) -> Policy:
@@ -89,6 +92,7 @@ class FailoverService:
         *,
         pager: Pager | None = None,
         drill: DrillCheck | None = None,
+        verify_calls: CallVerifier | None = None,
         on_change: Callable[[EngineState], None] = lambda state: None,
         epoch_is_token: bool = True,
     ) -> None:
@@ -100,6 +104,7 @@ class FailoverService:
         self.voter = voter
         self._pager = pager
         self._drill = drill
+        self._verify_calls = verify_calls
         self._on_change = on_change
         saved = store.get_state(STATE_KEY)
         self.state = EngineState.from_json(saved) if saved else EngineState(since=clock.time())
@@ -263,6 +268,29 @@ class FailoverService:
         lost = plans.lost_from_name(result.routing)
         left = "normal" if result.routing == "normal" else "failover" if lost is not None else "unknown"
         self.submit(RunbookDone(action.kind, action.epoch, result.ok, left, result.detail, lost or ()))  # type: ignore[arg-type]
+        if result.ok and self._verify_calls is not None:
+            await self._verify_by_calls(action.kind, action.epoch, lost or ())
+
+    async def _verify_by_calls(self, kind: str, epoch: int, lost: tuple[str, ...]) -> None:
+        """The change judged by calls (recorded whole for the report, then one engine event)."""
+        assert self._verify_calls is not None
+        started = time.time()
+        try:
+            checks = await self._verify_calls(kind, lost)
+        except Exception as exc:  # a broken caller must not leave the change unjudged and silent
+            log.exception("verification calls failed to run", extra=kv(kind=kind, epoch=epoch))
+            self.submit(CallsVerified(kind, epoch, False, f"the verification calls could not run: {exc}"))  # type: ignore[arg-type]
+            return
+        ok = all(c.ok for c in checks)
+        text = verification.summary(checks)
+        self.store.record(
+            "failover.verification",
+            subject=f"epoch {epoch}",
+            message=f"{kind} {'verified' if ok else 'NOT verified'} by calls: {text}",
+            data={"kind": kind, "epoch": epoch, "ok": ok, "started_at": started, "finished_at": time.time(),
+                  "hotlines": [c.to_json() for c in checks]},
+        )  # fmt: skip
+        self.submit(CallsVerified(kind, epoch, ok, text))  # type: ignore[arg-type]
 
     async def _run_drill(self, action: RunDrill) -> None:
         if self._drill is None:
@@ -318,8 +346,11 @@ class FailoverService:
     async def reconcile_once(self) -> list[str]:
         """Compare desired and actual routing; repair drift. Returns what was repaired."""
         state = self.state
+        # Not while a runbook moves routing, while it is held for a human, or during a drill: the
+        # drill routes its test number for seconds on purpose, and "repairing" that would send its
+        # calls elsewhere mid-check.
         if (
-            state.state in ("failing_over", "failing_back", "held", "maintenance")
+            state.state in ("failing_over", "failing_back", "held", "maintenance", "drill")
             or state.routing == "unknown"
         ):
             return []

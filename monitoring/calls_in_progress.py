@@ -13,10 +13,11 @@ import asyncio
 import logging
 from typing import Any
 
-from appliance.config import Config, host_port
+from appliance.fields import host_port
 from appliance.kamailio import KamailioRpc, KamailioRpcError
 from appliance.logs import kv
 from monitoring.metrics import Metrics
+from monitoring.settings import MonitoringConfig as Config
 
 log = logging.getLogger(f"hotsite.{__name__}")
 

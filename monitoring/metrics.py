@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
@@ -148,10 +149,10 @@ class Metrics:
         for candidate in SITE_VERDICTS:
             self.site_verdict.labels(site=site, verdict=candidate).set(1 if candidate == verdict else 0)
 
-    def set_failover_state(self, state: str, routing: str, epoch: int) -> None:
-        from failover.engine import ENGINE_STATES
-
-        for candidate in ENGINE_STATES:
+    def set_failover_state(self, state: str, routing: str, epoch: int, states: Iterable[str]) -> None:
+        """One series per engine state (``states``: the engine's, passed in by the wiring at the top,
+        because monitoring sits below failover and does not import it)."""
+        for candidate in states:
             self.failover_state.labels(state=candidate).set(1 if candidate == state else 0)
         for candidate in ("normal", "failover", "unknown"):
             self.failover_routing.labels(routing=candidate).set(1 if candidate == routing else 0)

@@ -13,15 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.clock import Clock
-from appliance.config import Config
 from appliance.logs import kv
 from monitoring.health import SiteVerdict, TargetHealth, Thresholds, judge_site, observe, with_calls
 from monitoring.metrics import Metrics
 from monitoring.prober import Prober
+from monitoring.probes import kinds
 from monitoring.probes.base import ProbeResult
 from monitoring.probes.host import HostProbe
 from monitoring.probes.link import LinkMonitor
 from monitoring.scheduler import ProbeScheduler
+from monitoring.settings import MonitoringConfig as Config
 from monitoring.targets import Target, from_config
 
 log = logging.getLogger(f"hotsite.{__name__}")
@@ -104,13 +105,14 @@ class Monitor:
         self._call_thresholds = Thresholds(rise=calls.rise, fall=calls.fall, damping_s=p.damping_s)
 
     def thresholds_for(self, target: Target) -> Thresholds:
-        if target.kind == "testcall":
+        which = kinds.get(target.kind).thresholds
+        if which == "calls":
             return self._call_thresholds
-        return self._link_thresholds if target.kind == "link" else self.thresholds
+        return self._link_thresholds if which == "definitive" else self.thresholds
 
     async def run(self) -> None:
         """Probe until cancelled (the supervisor owns this task)."""
-        polled = [t for t in self.targets.values() if t.kind != "link"]
+        polled = [t for t in self.targets.values() if kinds.get(t.kind).polled]
         links = LinkMonitor(
             [t.host for t in self.targets.values() if t.kind == "link"], self.on_result, self._clock.monotonic
         )
@@ -132,7 +134,7 @@ class Monitor:
         self.health[target.name] = after
         m = self._metrics
         m.probes.labels(target=target.name).inc()
-        if target.kind in ("sip", "http", "testcall"):
+        if kinds.get(target.kind).reports_code:
             m.last_code.labels(target=target.name).set(result.code or 0)
         if result.ok and result.rtt_s is not None:
             m.probe_rtt.labels(target=target.name).observe(result.rtt_s)

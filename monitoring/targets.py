@@ -17,26 +17,25 @@ A target's name is stable and bounded, because it becomes a metric label:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING
 
-from appliance.hostnames import is_host
+from appliance.fields import host_port
+from monitoring.probes import kinds
 from monitoring.probes.testcall import CallSpec
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from monitoring.settings import MonitoringConfig as Config
 
-Kind = Literal["sip", "http", "tcp", "icmp", "host", "link", "testcall"]
-KINDS: tuple[Kind, ...] = ("sip", "http", "tcp", "icmp", "host", "link", "testcall")
-SIP_TRANSPORTS = ("udp", "tcp", "tls")
-_SIP_DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
+Kind = str  # a name in monitoring.probes.kinds.KINDS
+SIP_TRANSPORTS = kinds.SIP_TRANSPORTS
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     name: str
-    kind: Kind
+    kind: Kind  # a name in monitoring.probes.kinds.KINDS
     host: str
     port: int = 0  # 0 where the kind has no port (icmp) or the URL carries it (http)
     transport: str = ""  # sip: udp|tcp|tls
@@ -52,69 +51,18 @@ class Target:
     labels: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
-def _check_host(host: str, url: str) -> str:
-    if not host:
-        raise ValueError(f"{url!r}: no host")
-    if not is_host(host):
-        raise ValueError(f"{url!r}: {host!r} is neither an IP address nor a host name")
-    return host
-
-
-def _port(text: str, url: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"{url!r}: port must be 1-65535, got {text!r}")
-    return int(text)
-
-
 def parse_url(url: str, name: str = "") -> Target:
-    """Parse a target URL; raise ValueError saying what is wrong and what is expected."""
+    """Parse a target URL; raise ValueError saying what is wrong and what is expected.
+
+    The URL's scheme picks its kind from :data:`monitoring.probes.kinds.KINDS`.
+    """
     url = url.strip()
     name = name or url
-    lowered = url.lower()
-    if lowered.startswith("sip:"):
-        return _parse_sip(url, name)
-    if lowered.startswith(("http://", "https://")):
-        parts = urlsplit(url)
-        _check_host(parts.hostname or "", url)
-        try:
-            port = parts.port
-        except ValueError:
-            port = -1
-        if port is not None and not 0 < port < 65536:
-            raise ValueError(f"{url!r}: port must be 1-65535")
-        return Target(name, "http", parts.hostname or "", port or 0, url=url)
-    if lowered.startswith("tcp://"):
-        host, sep, port_text = url[6:].rstrip("/").rpartition(":")
-        if not sep:
-            raise ValueError(f"{url!r}: expected tcp://HOST:PORT")
-        return Target(name, "tcp", _check_host(host.strip("[]"), url), _port(port_text, url))
-    if lowered.startswith("icmp://"):
-        return Target(name, "icmp", _check_host(url[7:].rstrip("/"), url))
-    raise ValueError(
-        f"{url!r}: unknown target; expected sip:HOST:PORT;transport=udp|tcp|tls,"
-        " http(s)://…, tcp://HOST:PORT or icmp://HOST"
-    )
-
-
-def _parse_sip(url: str, name: str) -> Target:
-    body, *params = url[4:].split(";")
-    transport = "udp"
-    for param in params:
-        key, _, value = param.partition("=")
-        if key.lower() != "transport":
-            continue
-        if value.lower() not in SIP_TRANSPORTS:
-            raise ValueError(f"{url!r}: transport must be udp, tcp or tls, got {value!r}")
-        transport = value.lower()
-    if "@" in body:
-        body = body.rsplit("@", 1)[1]
-    if body.startswith("["):
-        host, _, rest = body[1:].partition("]")
-        port_text = rest.lstrip(":")
-    else:
-        host, _, port_text = body.partition(":")
-    port = _port(port_text, url) if port_text else _SIP_DEFAULT_PORT[transport]
-    return Target(name, "sip", _check_host(host, url), port, transport)
+    kind = kinds.for_url(url)
+    if kind is None or kind.parse is None:
+        raise ValueError(f"{url!r}: unknown target; expected {kinds.expected_urls()}")
+    where = kind.parse(url)
+    return Target(name, kind.name, where.host, where.port, where.transport, url=where.url)
 
 
 def sip_url(address: str, transport: str) -> str:
@@ -123,8 +71,6 @@ def sip_url(address: str, transport: str) -> str:
 
 def from_config(config: Config) -> list[Target]:
     """Every target the configuration names, in a stable order."""
-    from appliance.config import host_port
-
     targets = []
     for site_name, site in config.sites.items():
         host, port = host_port(site.sbc)
@@ -169,8 +115,6 @@ def from_config(config: Config) -> list[Target]:
 
 def call_spec(config: Config, name: str, number: str, address: str) -> CallSpec:
     """A test call to ``number`` through ``address`` (host:port) with the [testcalls] settings."""
-    from appliance.config import host_port
-
     t = config.testcalls
     peers = {site.sbc: f"site:{site_name}" for site_name, site in config.sites.items()}
     peers.update({trunk.address: f"trunk:{trunk_name}" for trunk_name, trunk in config.trunks.items()})
@@ -215,6 +159,4 @@ def testcall_targets(config: Config) -> list[Target]:
 
 
 def _with(target: Target, **changes: object) -> Target:
-    import dataclasses
-
     return dataclasses.replace(target, **changes)  # type: ignore[arg-type]

@@ -7,33 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import configs
+
 REPO = Path(__file__).resolve().parent.parent
 
-MINIMAL = """
-[appliance]
-name = "test"
-state_dir = "{state}"
-runtime_dir = "{run}"
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-[probes]
-interval_s = 0.2
-timeout_s = 0.15
-rise = 1
-fall = 2
-
-[sites.primary]
-role = "primary"
-sbc = "127.0.0.1:{sbc_port}"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "127.0.0.1:{sbc_port}"
-kamailio_set = 2
-"""
+MINIMAL = configs.DAEMON  # the template integration tests start a daemon on
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

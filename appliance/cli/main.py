@@ -25,6 +25,7 @@ from appliance.cli.context import Context, fail, pass_ctx
 from appliance.cli.group import RootGroup
 from appliance.cli.options import When, echo_json
 from appliance.errors import ConfigError, HotsiteError
+from monitoring.probes import kinds
 from monitoring.targets import parse_url as parse_target
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -141,27 +142,35 @@ def probes(ctx: Context, as_json: bool) -> None:
         render.print_targets(result, title="Probes")
 
 
-@cli.command()
+def _probe_help() -> str:
+    """The ``probe`` command's help, its TARGET forms read from the kind table."""
+    forms = "".join(f"\n  {form}" for form in kinds.url_forms())
+    return (
+        "Probe TARGET now, like ping; no daemon needed. Exit 0 if it answered.\n\n"
+        f"\b\nTARGET forms:{forms}\n"
+        "\b\nExamples:\n"
+        "  hotsite probe sip:10.0.0.1:5060\n"
+        "  hotsite probe 'sip:sbc.example.com;transport=tls' -n 10 -i 0.2\n"
+        "  hotsite probe https://10.0.0.6/health --json"
+    )
+
+
+class _ProbeCommand(click.Command):
+    """Its help lists the TARGET forms of the kind table as the table is when help is asked."""
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.help = _probe_help()
+        super().format_help_text(ctx, formatter)
+
+
+@cli.command(cls=_ProbeCommand, help=_probe_help())
 @click.argument("target")
 @click.option("--count", "-n", default=4, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--interval", "-i", default=1.0, show_default=True, type=click.FloatRange(0.01, 3600))
 @click.option("--timeout", "-W", default=1.0, show_default=True, type=click.FloatRange(0.01, 60))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per probe, then a summary.")
 def probe(target: str, count: int, interval: float, timeout: float, as_json: bool) -> None:
-    """Probe TARGET now, like ping; no daemon needed. Exit 0 if it answered.
-
-    \b
-    TARGET forms:
-      sip:HOST[:PORT][;transport=udp|tcp|tls]
-      http(s)://HOST[:PORT]/PATH
-      tcp://HOST:PORT
-      icmp://HOST
-    \b
-    Examples:
-      hotsite probe sip:10.0.0.1:5060
-      hotsite probe 'sip:sbc.example.com;transport=tls' -n 10 -i 0.2
-      hotsite probe https://10.0.0.6/health --json
-    """
+    """Probe TARGET now, like ping (help: :func:`_probe_help`)."""
     from monitoring.probe_command import run_probes
 
     try:

@@ -221,7 +221,7 @@ def status_cmd(as_json: bool, follow: bool | None) -> None:
     for s in result["streams"]:
         lag = "-" if s.get("lag_s") is None else f"{s['lag_s']:.3f}s"
         line = (
-            f"{s['name']:<14} {s['kind']:<6} {'up' if s.get('connected') else 'DOWN':<5} lag {lag:>9}"
+            f"{s['name']:<14} {s['kind']:<6} {_link_word(s):<5} lag {lag:>9}"
             f" {s.get('lag_bytes', 0):>9}B  pos {s.get('position') or '-'}"
         )
         if s.get("over_budget"):
@@ -400,3 +400,9 @@ _standalone.add_command(replication)
 
 if __name__ == "__main__":
     _standalone()
+
+
+def _link_word(stream: dict[str, Any]) -> str:
+    """The stream's link as status prints it: up, quiet (connected, the source silent), DOWN."""
+    link = stream.get("link") or ("up" if stream.get("connected") else "down")
+    return "DOWN" if link == "down" else link

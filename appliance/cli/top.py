@@ -243,9 +243,7 @@ def view(
                     style="bold red" if r.get("over_budget") and not promoted else "green",
                 ),
                 f"{r.get('rpo_budget_s', 0):g}",
-                Text("PROMOTED", style="bold yellow")
-                if promoted
-                else _styled("up" if r.get("connected") else "down"),
+                Text("PROMOTED", style="bold yellow") if promoted else _link(r),
                 str(r.get("mode") or "-"),
                 str(r.get("transactions", "-")),
                 r.get("last_error") or "",
@@ -293,6 +291,14 @@ def view(
     if message:
         parts.append(Text(message, style="bold yellow", no_wrap=True, overflow="ellipsis"))
     return Group(*parts)
+
+
+def _link(stream: dict[str, Any]) -> Text:
+    """UP, DOWN, or ``QUIET 6s``: connected, but nothing heard from the source for that long."""
+    link = stream.get("link") or ("up" if stream.get("connected") else "down")
+    if link == "quiet":
+        return Text(f"QUIET {stream.get('silent_s') or 0:.0f}s", style="bold yellow")
+    return _styled(link)
 
 
 def loss_window(streams: list[dict[str, Any]]) -> tuple[str, str]:

@@ -40,6 +40,7 @@ GSM7_EXT = {
 _BASIC_INDEX = {ch: i for i, ch in enumerate(GSM7_BASIC) if ch != "\x1b"}
 _EXT_DECODE = {v: k for k, v in GSM7_EXT.items()}
 ESCAPE = 0x1B
+CR = 0x0D  # the padding septet of 3GPP TS 23.038 6.1.2.3.1
 
 GSM7_SINGLE, GSM7_PART = 160, 153
 UCS2_SINGLE, UCS2_PART = 70, 67
@@ -117,6 +118,14 @@ def gsm7_text(septets: list[int]) -> str:
 
 
 def pack7(septets: list[int], fill_bits: int = 0) -> bytes:
+    """Pack septets after ``fill_bits`` zero bits (the fill after a user data header).
+
+    When the text leaves 7 spare bits in its last octet, they carry a <CR> rather than zeros
+    (3GPP TS 23.038 6.1.2.3.1): a receiver that counts septets from the octets instead of the
+    UDL would otherwise show a trailing '@'. The UDL still counts only the text's septets.
+    """
+    if (fill_bits + 7 * len(septets)) % 8 == 1:
+        septets = [*septets, CR]
     acc = 0
     for i, s in enumerate(septets):
         acc |= (s & 0x7F) << (fill_bits + 7 * i)

@@ -27,11 +27,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from appliance import config as config_mod
 from appliance.api import Caller, RequestError
 from appliance.clock import Clock, SystemClock
-from appliance.config import Config
 from appliance.errors import ConfigError
+from appliance.fields import host_port
 from appliance.logs import kv
 from appliance.paging import commands, settings
 from appliance.paging.channel import Channel, Delivery, Message, send_with_fallback
@@ -53,6 +52,7 @@ from appliance.paging.modem import GsmChannel, Inbound, ModemHealth
 from appliance.paging.oncall import Contact, Roster, Severity, schedule
 from appliance.paging.outbox import Outbox, Row
 from appliance.paging.pdu import StatusReport
+from appliance.paging.settings import PagingConfig as Config
 from appliance.paging.webhook import WebhookReceiver
 from appliance.store import Store
 
@@ -118,7 +118,7 @@ class PagingService:
             await channel.start()
         paging = self.config.paging
         if paging.alertmanager_listen:
-            host, port = config_mod.host_port(paging.alertmanager_listen)
+            host, port = host_port(paging.alertmanager_listen)
             token = settings.read_secret(paging.alertmanager_token_file, "paging.alertmanager_token_file")
             self._receiver = WebhookReceiver(
                 host,

@@ -94,6 +94,20 @@ class StreamStats:
     storage_error: str = ""  # the replica's own disk refusing writes (full, I/O error); "" when fine
     disk_full: bool = False
     storage_errors: int = 0
+    # When the source was last heard (time.monotonic()): a partition closes nothing, so a session
+    # stays "connected" until idle_timeout_s of silence; status shows the silence before that.
+    last_heard: float | None = None
+
+    def heard(self, wire_bytes: int) -> None:
+        """A message arrived from the source agent."""
+        self.bytes_received += wire_bytes
+        self.last_heard = time.monotonic()
+
+    def silent_s(self, now: float) -> float | None:
+        """Seconds since the source was last heard in a connected session (None when not connected)."""
+        if not self.connected or self.last_heard is None:
+            return None
+        return max(0.0, now - self.last_heard)
 
     def note_error(self, message: str) -> None:
         """The error status shows, with when it happened (so a stale one can be told apart)."""
@@ -341,6 +355,7 @@ class SqliteStreamClient:
             mode = str(welcome.header["mode"])
             self.stats.mode = mode
             self.stats.connected = True
+            self.stats.last_heard = time.monotonic()
             self.stats.sessions += 1
             self.stats.last_error = ""  # only the current error is shown
             self.stats.last_error_at = None
@@ -398,7 +413,7 @@ class SqliteStreamClient:
                         f"nothing from the source agent for {self.idle_timeout_s:g} s: the path is presumed"
                         " dead (partition?); reconnecting"
                     ) from None
-                self.stats.bytes_received += msg.wire_bytes
+                self.stats.heard(msg.wire_bytes)
                 self._buffered += _held(msg)
                 self.stats.buffered_peak_bytes = max(self.stats.buffered_peak_bytes, self._buffered)
                 await queue.put(msg)

@@ -27,7 +27,7 @@ from typing import Any
 
 from appliance.api import Caller, Handler, RequestError
 from appliance.clock import Clock, SystemClock
-from appliance.config import ReplicationSection, StreamSection, host_port
+from appliance.fields import host_port
 from appliance.logs import kv
 from appliance.replication.budget import MIB, JournalBudget
 from appliance.replication.client import SqliteStreamClient, StreamStats
@@ -35,6 +35,7 @@ from appliance.replication.files import FilesReplica, FilesStreamClient
 from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.promotion import data_loss_window, over_budget
 from appliance.replication.replica import PromotedError, Replica, ReplicaError, ReplicaStorageError
+from appliance.replication.replica_settings import ReplicationSection, StreamSection
 from appliance.replication.snapshots import SnapshotStore
 from appliance.replication.tls import client_context, describe_identity
 from appliance.store import Store
@@ -320,6 +321,10 @@ class ReplicationService:
                 "source": s.section.source,
                 "replica": str(s.section.replica),
                 "connected": st.connected,
+                # Seconds since the source was last heard: a cut closes nothing, so "connected" holds
+                # for idle_timeout_s while the source is already silent (the agent heartbeats when idle).
+                "silent_s": None if (quiet := st.silent_s(time.monotonic())) is None else round(quiet, 1),
+                "link": _link(st.connected, quiet),
                 "mode": st.mode,
                 "lag_s": None if lag is None else round(lag, 3),
                 "lag_bytes": st.lag_bytes(),
@@ -582,3 +587,15 @@ def _stream_param(params: dict[str, Any]) -> str:
 
 def replica_paths(config: ReplicationSection) -> dict[str, Path]:
     return {n: s.replica for n, s in config.streams.items()}
+
+
+# A source heartbeats every 0.5 s when idle (its heartbeat_s): this much silence in a connected
+# session is worth showing long before the session's idle timeout (15 s) calls the link down.
+QUIET_AFTER_S = 2.0
+
+
+def _link(connected: bool, silent_s: float | None) -> str:
+    """``up``, ``down``, or ``quiet``: connected, but nothing heard from the source for a while."""
+    if not connected:
+        return "down"
+    return "quiet" if silent_s is not None and silent_s >= QUIET_AFTER_S else "up"

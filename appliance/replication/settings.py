@@ -59,7 +59,7 @@ from typing import Literal
 from pydantic import Field
 
 from appliance import tomlfile
-from appliance.config import ListenAddress, Name, Section
+from appliance.fields import ListenAddress, Name, Section
 
 
 class SourceStream(Section):

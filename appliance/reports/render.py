@@ -42,6 +42,9 @@ FIGURE_NAMES = {
     "production_routing_touched": "production routing touched",
     "expected_rto_s": "expected RTO",
     "expected_rto_parts": "expected RTO, parts",
+    "verified_by_calls": "every hotline verified by a call",
+    "first_good_call_after_detection": "first good call after detection, per hotline",
+    "drill_calls": "calls through the backup path",
 }
 
 

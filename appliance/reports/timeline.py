@@ -33,6 +33,7 @@ CATEGORIES = (
     "data",
     "note",
     "check",
+    "call",
 )
 LOOKBACK_S = 600.0  # how far before the anchor to look for the detection
 HORIZON_S = 6 * 3600.0  # the longest an incident report reaches after its anchor
@@ -255,9 +256,23 @@ def _entries(e: dict[str, Any]) -> list[Entry]:
                 event_id=eid,
             )
         ]
+    if kind == "failover.verification":
+        return _verification_calls(e)
     if kind == "operator.note":
         return [Entry(at, "note", f"note by {e['actor']}", message, event_id=eid)]
     return []
+
+
+def _verification_calls(e: dict[str, Any]) -> list[Entry]:
+    """One entry per hotline called after a routing change: at its good call's answer, else the end."""
+    out = []
+    for h in (e.get("data") or {}).get("hotlines", []):
+        ok = bool(h.get("ok"))
+        number, where = h.get("number", "?"), h.get("destination", "?")
+        title = f"call {number} answered at {where}" if ok else f"call {number} FAILED"
+        at = float(h["answered_at"]) if ok and h.get("answered_at") else e["at"]
+        out.append(Entry(at, "call", title, str(h.get("detail", "")), ok=ok, event_id=e["id"]))
+    return out
 
 
 def _decision_title(e: dict[str, Any]) -> str:
@@ -344,6 +359,14 @@ def _incident_figures(entries: list[Entry], start: float) -> dict[str, Any]:
             x.title.split()[1]: x.detail.removeprefix("data-loss window ") for x in losses
         }
     figures["pages"] = sum(1 for x in entries if x.category == "page")
+    calls = [x for x in entries if x.category == "call"]
+    if calls:  # the RTO as a customer measures it: the first good call per hotline, from detection
+        figures["verified_by_calls"] = all(bool(x.ok) for x in calls)
+        figures["first_good_call_after_detection"] = {
+            x.title.split()[1]: (f"{x.at - start:.1f} s ({x.detail.split('(', 1)[-1].rstrip(')')})" if x.ok
+                                 else f"none: {x.detail}")
+            for x in calls
+        }  # fmt: skip
     return figures
 
 

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from appliance import config as cfg
 from appliance.errors import ConfigError
 from appliance.kamailio import KamailioRpc
 from appliance.logs import kv
@@ -21,11 +20,12 @@ from failover.actuators.base import Actuator
 from failover.actuators.hook import HookActuator
 from failover.actuators.kamailio import KamailioActuator
 from failover.actuators.netlink import NetlinkActuator
+from failover.settings import FailoverConfig as Config
 
 log = logging.getLogger(f"hotsite.{__name__}")
 
 
-def _kamailio(name: str, section: Any, config: cfg.Config, rpc: KamailioRpc | None) -> Actuator:
+def _kamailio(name: str, section: Any, config: Config, rpc: KamailioRpc | None) -> Actuator:
     owns = rpc is None
     if rpc is None:
         rpc = KamailioRpc.from_config(config.kamailio)
@@ -51,7 +51,7 @@ def _kamailio(name: str, section: Any, config: cfg.Config, rpc: KamailioRpc | No
     )
 
 
-def _netlink(name: str, section: Any, config: cfg.Config, rpc: KamailioRpc | None) -> Actuator:
+def _netlink(name: str, section: Any, config: Config, rpc: KamailioRpc | None) -> Actuator:
     return NetlinkActuator(
         section.address,
         section.interface,
@@ -65,7 +65,7 @@ def _netlink(name: str, section: Any, config: cfg.Config, rpc: KamailioRpc | Non
     )
 
 
-def _hook(name: str, section: Any, config: cfg.Config, rpc: KamailioRpc | None) -> Actuator:
+def _hook(name: str, section: Any, config: Config, rpc: KamailioRpc | None) -> Actuator:
     return HookActuator(
         command=section.command or None,
         url=section.url,
@@ -76,14 +76,14 @@ def _hook(name: str, section: Any, config: cfg.Config, rpc: KamailioRpc | None) 
     )
 
 
-BUILDERS: dict[str, Callable[[str, Any, cfg.Config, KamailioRpc | None], Actuator]] = {
+BUILDERS: dict[str, Callable[[str, Any, Config, KamailioRpc | None], Actuator]] = {
     "kamailio": _kamailio,
     "netlink": _netlink,
     "hook": _hook,
 }
 
 
-def build_actuators(config: cfg.Config, *, kamailio_rpc: KamailioRpc | None = None) -> list[Actuator]:
+def build_actuators(config: Config, *, kamailio_rpc: KamailioRpc | None = None) -> list[Actuator]:
     """One actuator per ``[actuators.<name>]``, in config order.
 
     ``kamailio_rpc``: share the daemon's client (then the caller closes it);

@@ -58,26 +58,13 @@ from appliance.logs import kv
 from failover.actuators.base import Actuator, ActuatorError, StaleToken
 from failover.actuators.tokenfile import raise_token
 from failover.routing import Routing
+from failover.settings import parse_route
 
 log = logging.getLogger(f"hotsite.{__name__}")
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
 BROADCAST = b"\xff" * 6
-
-
-def parse_route(text: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address | None]:
-    """``"10.9.0.0/16"`` or ``"10.9.0.0/16 via 192.0.2.1"``; ValueError says what is expected
-    (the config loader prefixes the key and the value)."""
-    parts = text.split()
-    if len(parts) not in (1, 3) or (len(parts) == 3 and parts[1] != "via"):
-        raise ValueError("expected 'PREFIX' or 'PREFIX via GATEWAY', e.g. '10.9.0.0/16 via 192.0.2.1'")
-    try:
-        dst = ipaddress.IPv4Network(parts[0], strict=True)
-        gateway = ipaddress.IPv4Address(parts[2]) if len(parts) == 3 else None
-    except ValueError as exc:
-        raise ValueError(f"{exc} (IPv4 only)") from None
-    return dst, gateway
 
 
 def garp_frame(mac: bytes, ip: ipaddress.IPv4Address) -> bytes:

@@ -18,7 +18,7 @@ from failover.coordination.etcd import Etcd
 from failover.coordination.witness import WitnessOnly
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from failover.settings import FailoverConfig as Config
 
 Factory = Callable[..., Coordination]
 

@@ -35,7 +35,8 @@ from failover.routing import Routing
 from failover.thirdvote import Voter
 
 if TYPE_CHECKING:
-    from appliance.config import Config, CoordinationSection
+    from failover.settings import CoordinationSection
+    from failover.settings import FailoverConfig as Config
 
 TAKEOVER_RETRY_S = 1.0  # a takeover that could not fence every actuator is retried this often
 HEALTH_INTERVAL_S = 10.0  # how often every member is asked for its own status

@@ -10,7 +10,7 @@ from failover.coordination.base import Coordination, Job, Recorder, Takeover
 from failover.thirdvote import Voter
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from failover.settings import FailoverConfig as Config
 
 
 class WitnessOnly(Coordination):

@@ -10,7 +10,8 @@ MIN_MEMBERS_FOR_AUTO = 3
 ETCD_EXPIRY_SWEEP_S = 0.5  # etcd's lessor revokes expired leases on this period
 
 if TYPE_CHECKING:
-    from appliance.config import Config, CoordinationSection
+    from failover.settings import CoordinationSection
+    from failover.settings import FailoverConfig as Config
 
 
 def problems(config: Config) -> list[str]:

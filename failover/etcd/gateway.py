@@ -29,7 +29,7 @@ MAX_ANSWER_BYTES = 1024 * 1024
 OPS = ("grant", "keepalive", "txn", "range", "put", "revoke", "members", "auth", "status")
 
 if TYPE_CHECKING:
-    from appliance.config import CoordinationSection
+    from failover.settings import CoordinationSection
 
 log = logging.getLogger("hotsite.failover.etcd")
 

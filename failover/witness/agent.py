@@ -17,8 +17,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from appliance import httpd
 from appliance.clock import Clock, SystemClock
-from appliance.config import host_port
 from appliance.errors import ConfigError, StartupError
+from appliance.fields import host_port
 from appliance.logs import kv
 from failover.witness.settings import WitnessSettings, read_token
 from failover.witness.vote import (

@@ -11,10 +11,11 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, model_validator
 
 from appliance import tomlfile
-from appliance.config import ListenAddress, ProbeSeconds, ProbeTimeout, Section
 from appliance.errors import ConfigError
+from appliance.fields import ListenAddress, ProbeSeconds, ProbeTimeout, Section
 from appliance.secretfile import read_secret
 from monitoring.health import Thresholds
+from monitoring.probes import kinds
 from monitoring.targets import Target, parse_url
 
 log = logging.getLogger("hotsite.failover.witness")
@@ -22,8 +23,8 @@ log = logging.getLogger("hotsite.failover.witness")
 
 def _target_url(value: str) -> str:
     target = parse_url(value)  # ValueError names what is wrong and what is expected
-    if target.kind not in ("sip", "http", "tcp", "icmp"):
-        raise ValueError(f"{value!r}: a witness probes sip:, http(s)://, tcp:// or icmp:// targets")
+    if not kinds.get(target.kind).evidence:
+        raise ValueError(f"{value!r}: a witness probes {kinds.url_labels(evidence_only=True)} targets")
     return value
 
 

@@ -25,7 +25,7 @@ from failover.witness.vote import (
 )
 
 if TYPE_CHECKING:
-    from appliance.config import Config
+    from failover.settings import FailoverConfig as Config
 
 log = logging.getLogger("hotsite.failover.witness")
 

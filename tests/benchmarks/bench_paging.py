@@ -30,6 +30,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from appliance import config
+from appliance.migrations import COMPONENTS
 from appliance.paging.channel import NullChannel
 from appliance.paging.service import PagingService
 from appliance.store import Store
@@ -53,7 +54,7 @@ def pct(values: list[float], q: float) -> float:
 async def decision_to_cmgs(runs: int) -> tuple[list[float], list[float]]:
     emu = ModemEmulator().start()
     state = Path(tempfile.mkdtemp())
-    store = Store.open(state)
+    store = Store.open(state, components=COMPONENTS)
     svc = PagingService(make_config(emu.path), store, CollectorRegistry(), tick_s=3600)
     await svc.start()
     idle: list[float] = []
@@ -100,7 +101,7 @@ async def decision_to_cmgs(runs: int) -> tuple[list[float], list[float]]:
 
 
 async def outbox_throughput(count: int) -> tuple[float, float]:
-    store = Store.open(Path(tempfile.mkdtemp()))
+    store = Store.open(Path(tempfile.mkdtemp()), components=COMPONENTS)
     null = NullChannel("sms")
     svc = PagingService(
         make_config("/dev/null"), store, CollectorRegistry(), tick_s=3600, channels={"sms": null}

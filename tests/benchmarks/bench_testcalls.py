@@ -13,6 +13,10 @@
    loss, jitter and MOS from the call itself beside the same figures computed
    offline from the call's raw RTP trace by an independent straight-line
    implementation of RFC 3550 A.8 and the G.107 formulas.
+4. **Cut -> first verified call** (``--parts verified --cuts N``): the primary is cut N
+   times; each time, the seconds from the cut until the failover's verification call to
+   each hotline was answered at the backup with audio (median, p95), beside the seconds
+   until the routing state changed (what a read-back alone would report).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from provisioning.lab import netns as labnet
 from provisioning.lab.checks import dispatcher_flags, jsonrpc
 from provisioning.lab.lab import MEDIA_PORT
 from tests.conftest import free_port
-from tests.integration.daemon_helpers import RunningDaemon
+from tests.integration.daemon_helpers import RunningDaemon, hotsite
 
 TESTCALLS = """
 [testcalls]
@@ -107,6 +111,84 @@ def detection(lab: Lab, info: dict[str, Any], rounds: int, interval: float) -> N
     print(
         f"   expected: between (fall - 1) x interval and fall x interval + one call, i.e. {interval:g}-{2 * interval + 3:g} s"
     )
+
+
+VERIFY = """
+[testcalls]
+caller = "10086"
+hotlines = ["vip", "cards"]
+interval_s = 600
+duration_s = 1
+setup_timeout_s = 2
+verify_timeout_s = 30
+"""
+
+
+def _verifications(daemon: RunningDaemon, after: int) -> list[dict[str, Any]]:
+    proc = hotsite(
+        "events", "--json", "--kind", "failover.verification", "--limit", "20", config=daemon.config
+    )
+    return [e for e in json.loads(proc.stdout or "[]") if e["id"] > after] if proc.returncode == 0 else []
+
+
+def _newest_id(daemon: RunningDaemon) -> int:
+    events = json.loads(hotsite("events", "--json", "--limit", "1", config=daemon.config).stdout or "[]")
+    return int(events[0]["id"]) if events else 0
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def cut_to_verified(lab: Lab, info: dict[str, Any], cuts: int) -> None:
+    path = Path(info["workdir"]) / "hotsite.toml"
+    text = lab_config.render(info, metrics_listen=f"127.0.0.1:{free_port()}")
+    assert "max_auto_per_hour = 5" in text
+    path.write_text(text.replace("max_auto_per_hour = 5", "max_auto_per_hour = 60") + VERIFY)
+    daemon = RunningDaemon(path, Path(info["workdir"]) / "bench-verify.log")
+    firsts: dict[str, list[float]] = {}
+    routed: list[float] = []
+    state = lambda: daemon.status()["failover"]["state"]  # noqa: E731
+    try:
+        daemon.wait_ready()
+        for _ in range(cuts):
+            _wait(
+                lambda: (
+                    state() == "primary_active"
+                    and all(s["verdict"] == "up" for s in daemon.status()["sites"])
+                ),
+                120,
+            )
+            after = _newest_id(daemon)
+            lab.impair("primary", cut=True)
+            cut_wall, cut = time.time(), time.monotonic()
+            _wait(lambda: state() == "backup_active", 60)
+            routed.append(time.monotonic() - cut)
+            _wait(lambda after=after: bool(_verifications(daemon, after)), 90)
+            (verified,) = _verifications(daemon, after)
+            for h in verified["data"]["hotlines"]:
+                firsts.setdefault(h["number"], []).append(
+                    h["answered_at_epoch"] - cut_wall if h["ok"] else float("inf")
+                )
+            lab.heal("primary")
+            _wait(lambda: state() == "failback_pending", 120)
+            back = _newest_id(daemon)
+            _wait(lambda: hotsite("failback", "--yes", config=daemon.config).returncode == 0, 60)
+            _wait(lambda back=back: bool(_verifications(daemon, back)), 90)
+    finally:
+        daemon.stop()
+    print(f"4. cut of the primary -> first verified call at the backup ({cuts} cuts, calls of 1 s)")
+    print(
+        f"   routing state changed (read-back): median {statistics.median(routed):.2f} s, p95 {_pct(routed, 0.95):.2f} s"
+    )
+    for number, values in firsts.items():
+        failed = sum(1 for v in values if v == float("inf"))
+        good = [v for v in values if v != float("inf")]
+        print(
+            f"   {number} answered at the backup with audio: median {statistics.median(good):.2f} s,"
+            f" p95 {_pct(good, 0.95):.2f} s, max {max(good):.2f} s; not verified: {failed} of {len(values)}"
+        )
 
 
 async def _calls(n: int, host: str) -> list[Any]:
@@ -235,7 +317,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--interval", type=float, default=8.0)
     parser.add_argument("--calls", default="1,4,8")
-    parser.add_argument("--parts", default="cost,mos,detection", help="which of cost, mos, detection to run")
+    parser.add_argument("--cuts", type=int, default=10)
+    parser.add_argument(
+        "--parts",
+        default="cost,mos,detection,verified",
+        help="which of cost, mos, detection, verified to run",
+    )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     lab = Lab(Path(tempfile.mkdtemp(prefix="bench-testcalls-")))
@@ -248,6 +335,8 @@ def main() -> int:
             mos_check(info)
         if "detection" in parts:
             detection(lab, info, args.rounds, args.interval)
+        if "verified" in parts:
+            cut_to_verified(lab, info, args.cuts)
     finally:
         lab.down()
     return 0

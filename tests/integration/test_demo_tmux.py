@@ -13,12 +13,15 @@ streams are on ``top`` caught up; after the cut the CRM database is promoted wit
 window on screen, and the dialplans' link goes down while their lag (their window) grows; after
 the failback both follow the primary again.
 
-With ``HOTSITE_DEMO_CAPTURE=FILE`` the screen after the cut is written to FILE (the README's
-capture, ``docs/demo-screen.txt``, is made that way).
+Every run renders the screen after the cut as an SVG (tmux's ANSI capture through rich) and checks
+that it shows that moment. With ``HOTSITE_DEMO_CAPTURE=FILE`` the screen is written to FILE and the
+picture beside it as FILE with ``.svg`` (the README's ``docs/demo-screen.txt`` and
+``docs/demo-screen.svg`` are made that way).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -32,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
+from rich.text import Text
 
 from provisioning.lab.config import ON_CALL
 from tests.conftest import free_port
@@ -55,7 +60,9 @@ class Demo:
     """`hotsite lab demo` in a tmux pane, and the commands a viewer types in another terminal."""
 
     def __init__(self, work: Path) -> None:
-        self.workdir = work / "lab"
+        # As short as make demo's /run/hotsite-lab, so the hint lines fit the pane as they do there
+        # (the capture then writes the default path back in); lab down removes it.
+        self.workdir = Path("/tmp") / f"hsd-{uuid.uuid4().hex[:6]}"
         self.runtime_dir = self.workdir / "run"
         self.tmux = ["tmux", "-S", str(work / "tmux.sock")]
         self.session = f"hotsite-demo-{uuid.uuid4().hex[:8]}"
@@ -68,9 +75,11 @@ class Demo:
                         f"cd {shlex.quote(os.getcwd())} && {shlex.join(demo)}; sleep 60"],  # fmt: skip
                        check=True, env=env)  # fmt: skip
 
-    def screen(self) -> str:
+    def screen(self, colours: bool = False) -> str:
+        """The pane's text; with ``colours``, its ANSI escapes too (``capture-pane -e``)."""
+        flags = ["-p", "-e"] if colours else ["-p"]
         proc = subprocess.run(
-            [*self.tmux, "capture-pane", "-p", "-t", self.session], capture_output=True, text=True
+            [*self.tmux, "capture-pane", *flags, "-t", self.session], capture_output=True, text=True
         )
         return proc.stdout
 
@@ -102,6 +111,7 @@ class Demo:
         finally:
             subprocess.run([*self.tmux, "kill-server"], capture_output=True)
             subprocess.run([*HOTSITE, "lab", "down", "--workdir", str(self.workdir)], capture_output=True)
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -165,7 +175,27 @@ def _back_to_primary(demo: Demo) -> None:
     demo.see(lambda s: "primary_active" in s, "routing back on the screen")
 
 
-def test_the_five_things_the_demo_offers(demo: Demo) -> None:
+def _as_make_demo_shows_it(demo: Demo, screen: str) -> str:
+    """The screen with the default workdir, which the hint line then leaves out."""
+    return screen.replace(f" --workdir {demo.workdir}", "").replace(str(demo.workdir), "/run/hotsite-lab")
+
+
+def _picture(demo: Demo, path: Path) -> Path:
+    """The pane, colours and all, as an SVG (the README's picture): rich renders tmux's ANSI capture."""
+    ansi = _as_make_demo_shows_it(demo, demo.screen(colours=True)).rstrip()
+    console = Console(
+        record=True, width=WIDTH, file=io.StringIO(), force_terminal=True, color_system="truecolor"
+    )
+    console.print(Text.from_ansi(ansi), crop=True, overflow="crop", no_wrap=True)
+    console.save_svg(str(path), title="hotsite top: the demo after `hotsite lab impair primary --cut`")
+    svg = path.read_text()
+    # The picture shows what the test just asserted on the screen: it is the same moment.
+    for shown in ("hotsite top", "backup_active", "PROMOTED", "at promotion", ON_CALL):
+        assert shown.replace(" ", "&#160;") in svg, f"{shown!r} missing from the SVG"
+    return path
+
+
+def test_the_five_things_the_demo_offers(demo: Demo, tmp_path: Path) -> None:
     first = demo.see(
         lambda s: "SMS (the demo's GSM modem)" in s and "primary" in s, "the demo screen", timeout=180
     )
@@ -186,12 +216,11 @@ def test_the_five_things_the_demo_offers(demo: Demo) -> None:
     assert "PROMOTED" in _row(after_cut, "crm")
     promoted = _window(after_cut, "crm")
     assert promoted is not None and promoted < 10, after_cut  # the cut's seconds before the promotion
+    picture = _picture(demo, tmp_path / "demo-screen.svg")
     if capture := os.environ.get("HOTSITE_DEMO_CAPTURE"):
-        # As `make demo` shows it: the default workdir, which the hint then leaves out.
-        shown = after_cut.replace(f" --workdir {demo.workdir}", "").replace(
-            str(demo.workdir), "/run/hotsite-lab"
-        )
+        shown = _as_make_demo_shows_it(demo, after_cut)
         Path(capture).write_text("\n".join(line.rstrip() for line in shown.rstrip().splitlines()) + "\n")
+        shutil.copyfile(picture, Path(capture).with_suffix(".svg"))
 
     # The dialplans are not promoted: their link goes down and their window keeps growing.
     down = demo.see(lambda s: "DOWN" in _row(s, "dialplans"), "the dialplans' link down", timeout=60)

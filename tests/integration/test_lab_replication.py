@@ -45,10 +45,11 @@ def _lab(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Path]:
+@pytest.fixture(params=["netns", "loopback"])
+def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """The lab in both modes: namespaces, and the loopback fallback (127.77.0.x, no namespaces)."""
     workdir = tmp_path / "lab"
-    up = _lab(workdir, "up", "--mode", "netns", "--with-replication", "--metrics-listen",
+    up = _lab(workdir, "up", "--mode", request.param, "--with-replication", "--metrics-listen",
               f"127.0.0.1:{free_port()}")  # fmt: skip
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -82,9 +83,10 @@ def test_source_and_writer_run_at_the_primary_and_the_replica_follows(lab: Path,
     assert {"source", "crm-writer"} <= set(procs), procs
     assert all(procs[n]["alive"] for n in ("source", "crm-writer"))
     assert primary["ports"]["replication"] == lab_repl.PORT
-    for name in ("source", "crm-writer"):  # in the primary's namespace, not the appliance's
-        ns = Path(f"/proc/{procs[name]['pid']}/ns/net").resolve()
-        assert str(ns) != str(Path("/proc/self/ns/net").resolve()), name
+    ours = os.readlink("/proc/self/ns/net")  # "net:[4026531833]": the namespace's identity
+    for name in ("source", "crm-writer"):  # netns: in the primary's namespace, not the appliance's
+        theirs = os.readlink(f"/proc/{procs[name]['pid']}/ns/net")
+        assert (theirs != ours) == (info["mode"] == "netns"), (name, theirs, ours)
     repl = info["replication"]
     assert repl["source_agent"] == f"{primary['address']}:{lab_repl.PORT}"
     source_db = Path(repl["streams"]["crm"]["path"])

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from appliance.api import ApiServer
 from appliance.cli.main import Context
 from appliance.cli.paging import COMMANDS
+from appliance.migrations import COMPONENTS
 from appliance.paging.channel import NullChannel
 from appliance.paging.service import PagingService
 from appliance.store import Store
@@ -37,7 +38,7 @@ for command in COMMANDS:
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[Path, PagingService, asyncio.AbstractEventLoop]]:
     loop = asyncio.new_event_loop()
-    store = Store.open(tmp_path / "state")
+    store = Store.open(tmp_path / "state", components=COMPONENTS)
     runtime = tmp_path / "run"
     ready = threading.Event()
     holder: dict[str, object] = {}

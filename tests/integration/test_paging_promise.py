@@ -23,6 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from appliance.clock import SimulatedClock
+from appliance.migrations import COMPONENTS
 from appliance.paging.channel import NullChannel
 from appliance.paging.service import PagingService
 from appliance.paging.webhook import WebhookChannel
@@ -41,7 +42,7 @@ def emulator() -> Iterator[ModemEmulator]:
 def service(
     tmp_path: Path, device: str, registry: CollectorRegistry, clock: SimulatedClock, extra: str = ""
 ) -> tuple[PagingService, Store]:
-    store = Store.open(tmp_path)
+    store = Store.open(tmp_path, components=COMPONENTS)
     from appliance import config
     from tests.integration.test_paging_service import CONFIG
 

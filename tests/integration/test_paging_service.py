@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from appliance import config
 from appliance.api import Caller, RequestError
 from appliance.clock import SimulatedClock
+from appliance.migrations import COMPONENTS
 from appliance.paging.channel import NullChannel
 from appliance.paging.service import PagingService
 from appliance.store import Store
@@ -112,7 +113,7 @@ def texts_to(emu: ModemEmulator, number: str) -> list[str]:
 
 def test_escalation_ack_by_sms_and_resolve_notices(tmp_path: Path, emulator: ModemEmulator) -> None:
     clock = SimulatedClock(start=0, wall_offset=T0)
-    store = Store.open(tmp_path)
+    store = Store.open(tmp_path, components=COMPONENTS)
     registry = CollectorRegistry()
     email = NullChannel("email")
 
@@ -205,7 +206,7 @@ def test_outbox_restart_resends_what_never_went_out_and_repeats_the_uncertain(tm
     clock = SimulatedClock(start=0, wall_offset=T0)
 
     async def first_life() -> None:
-        store = Store.open(tmp_path)
+        store = Store.open(tmp_path, components=COMPONENTS)
         down = NullChannel("sms", result="failed")
         svc = PagingService(cfg, store, CollectorRegistry(), clock=clock, channels={"sms": down}, tick_s=3600)
         await svc.start()
@@ -233,7 +234,7 @@ def test_outbox_restart_resends_what_never_went_out_and_repeats_the_uncertain(tm
         store.close()
 
     async def second_life() -> None:
-        store = Store.open(tmp_path)
+        store = Store.open(tmp_path, components=COMPONENTS)
         up = NullChannel("sms")
         registry = CollectorRegistry()
         svc = PagingService(cfg, store, registry, clock=clock, channels={"sms": up}, tick_s=3600)
@@ -266,7 +267,7 @@ def test_outbox_restart_resends_what_never_went_out_and_repeats_the_uncertain(tm
 def test_fallback_rate_limit_and_api(tmp_path: Path) -> None:
     cfg = make_config("/dev/null")
     clock = SimulatedClock(start=0, wall_offset=T0)
-    store = Store.open(tmp_path)
+    store = Store.open(tmp_path, components=COMPONENTS)
     registry = CollectorRegistry()
     sms, email = NullChannel("sms", result="failed", retryable=False), NullChannel("email")
 

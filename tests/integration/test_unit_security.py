@@ -18,19 +18,11 @@ import pytest
 
 from appliance import config, systemd_unit
 from tests.conftest import REPO
+from tests.support import configs
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 
-MINIMAL = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1:5060"
-kamailio_set = 1
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-"""
+MINIMAL = configs.TWO_SITES
 
 
 def exposure(unit: Path) -> float:

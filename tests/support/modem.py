@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import io
 import itertools
 import os
 import select
@@ -35,6 +36,7 @@ import time
 import tty
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from appliance.paging import pdu
 
@@ -120,13 +122,7 @@ class ModemEmulator:
 
     def submitted_texts(self) -> list[tuple[str, str]]:
         """(recipient, text) of every submitted part, decoded with our decoder's peer, smspdudecoder."""
-        from smspdudecoder.easy import read_outgoing_sms
-
-        out = []
-        for s in self.submitted:
-            decoded = read_outgoing_sms(s.hex)
-            out.append((decoded["recipient"], decoded["content"]))
-        return out
+        return [read_submit(s.hex) for s in self.submitted]
 
     # -- the thread ----------------------------------------------------------------
 
@@ -316,3 +312,37 @@ class ModemEmulator:
                 self._write(f"\r\n+CDS: {len(report) // 2 - 1}\r\n{report}\r\n")
 
             self._later(self.reply_delay + self.report_delay, cds)
+
+
+def read_submit(hexpdu: str) -> tuple[str, str]:
+    """(recipient, text) of one SMS-SUBMIT as the network would deliver it: smspdudecoder's reading,
+    with its text cut to the UDL (see :func:`gsm_text`)."""
+    from smspdudecoder.easy import read_outgoing_sms
+    from smspdudecoder.fields import SMSSubmit
+
+    decoded = SMSSubmit.decode(io.StringIO(hexpdu))
+    text = gsm_text(hexpdu, decoded) if decoded["dcs"]["encoding"] == "gsm" else decoded["user_data"]["data"]
+    return read_outgoing_sms(hexpdu)["recipient"], text
+
+
+def gsm_text(hexpdu: str, decoded: dict[str, Any]) -> str:
+    """smspdudecoder's GSM-7 text cut to the PDU's UDL.
+
+    smspdudecoder slices the decoded *characters* by the UDL in *septets*, so with extension
+    characters (two septets each) the padding septet leaks out as a trailing character ('@', or
+    the <CR> that 3GPP TS 23.038 puts in 7 spare bits). A handset reads exactly UDL septets: so
+    does this (the UDL read straight from the PDU).
+    """
+    data = bytes.fromhex(hexpdu)
+    pos = 1 + data[0] + 2  # SMSC field, first octet, message reference
+    pos += 2 + (data[pos] + 1) // 2 + 3  # address, PID, DCS, validity
+    udl = data[pos]
+    header = decoded["user_data"]["header"]
+    budget = udl - ((header["length"] + 1) * 8 + 6) // 7 if header else udl
+    out = ""
+    for ch in decoded["user_data"]["data"]:
+        need = len(pdu.gsm7_septets(ch) or [])
+        if need > budget:
+            break
+        out, budget = out + ch, budget - need
+    return out

@@ -12,18 +12,9 @@ from failover.actuators.factory import build_actuators
 from failover.actuators.hook import HookActuator
 from failover.actuators.kamailio import KamailioActuator
 from failover.actuators.netlink import NetlinkActuator
+from tests.support import configs
 
-BASE = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1:5060"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-"""
+BASE = configs.TWO_SITES
 
 
 def problems(text: str) -> list[str]:
@@ -146,7 +137,9 @@ def test_a_kamailio_actuator_without_a_way_to_reach_kamailio_is_a_config_error()
 
 def test_an_unknown_type_built_in_code_names_the_known_ones() -> None:
     cfg = config.parse(BASE)
-    bogus = cfg.model_copy(update={"actuators": {"odd": config.KamailioActuator.model_construct(type="bgp")}})
+    bogus = cfg.model_copy(
+        update={"actuators": {"odd": config.KamailioActuatorSettings.model_construct(type="bgp")}}
+    )
     with pytest.raises(
         ConfigError, match=r"actuators.odd.type: unknown type 'bgp' \(known: hook, kamailio, netlink\)"
     ):

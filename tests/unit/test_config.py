@@ -9,18 +9,9 @@ import pytest
 from appliance import config
 from appliance.errors import ConfigError
 from tests.conftest import REPO
+from tests.support import configs
 
-BASE = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1:5060"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-"""
+BASE = configs.TWO_SITES
 
 
 def problems(text: str) -> list[str]:

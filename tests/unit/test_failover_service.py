@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,23 @@ def test_reconcile_repairs_drift(tmp_path: Path) -> None:
         "failover.drift.repaired",
         "failover.drift",
     ]
+    store.close()
+
+
+def test_reconcile_leaves_a_drill_alone(tmp_path: Path) -> None:
+    """A drill routes its test number for a few seconds on purpose (its calls through the backup path);
+    reconcile 'repairing' that drift removed the number mid-call and failed the drill."""
+    cfg = config.parse(CONFIG)
+    clock = SimulatedClock()
+    store = Store.open(tmp_path, clock=clock.time)
+    actuator = NullActuator()
+
+    async def scenario() -> None:
+        service = FailoverService(cfg, store, clock, [actuator], NullVoter())
+        service.state = dataclasses.replace(service.state, state="drill")
+        assert await service.reconcile_once() == [] and actuator.applied == []
+
+    asyncio.run(scenario())
     store.close()
 
 

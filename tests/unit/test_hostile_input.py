@@ -17,6 +17,7 @@ from appliance import api, configcheck, httpd, roles
 from appliance.api import ApiServer, Caller
 from appliance.errors import ApiError
 from appliance.redact import mask_text
+from tests.support import configs
 
 # ---------------------------------------------------------------------------
 # Roles
@@ -248,17 +249,7 @@ def test_the_body_is_not_read_before_authentication_and_heads_are_bounded() -> N
 # Credentials that would travel in clear
 
 
-SITES = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1:5060"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-"""
+SITES = configs.TWO_SITES
 
 
 def test_config_check_warns_about_every_credential_in_clear() -> None:

@@ -8,16 +8,10 @@ from appliance import config
 from appliance.errors import ConfigError
 from appliance.paging import commands, settings
 from appliance.paging.oncall import on_call
+from tests.support import configs
 
-BASE = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1"
-kamailio_set = 1
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
+BASE = configs.valid(
+    """
 [[contacts]]
 name = "Zhang Wei"
 phone = "+8613800138000"
@@ -28,7 +22,9 @@ wake_for = "warning"
 [channels.sms]
 type = "gsm"
 device = "/dev/ttyUSB2"
-"""
+""",
+    primary_sbc="10.0.0.1",
+)
 
 GOOD = (
     BASE
@@ -232,3 +228,18 @@ def test_country_code_is_validated(value: str) -> None:
     assert any("paging.country_code" in p and "country calling code" in p for p in err.value.problems), (
         err.value.problems
     )
+
+
+def test_each_channel_type_is_built_by_its_line_in_the_table() -> None:
+    cfg = config.parse(
+        BASE
+        + '[channels.mail]\ntype = "smtp"\nhost = "mail.example.com"\nfrom_addr = "hotsite@example.com"\n'
+        + '[channels.hook]\ntype = "webhook"\nurl = "https://hooks.example.com/x"\n'
+    )
+    built = settings.build_channels(cfg)
+    assert {name: type(ch).__name__ for name, ch in built.items()} == {
+        "sms": "GsmChannel",
+        "mail": "SmtpChannel",
+        "hook": "WebhookChannel",
+    }
+    assert sorted(settings.CHANNEL_BUILDERS) == ["gsm", "smtp", "webhook"]

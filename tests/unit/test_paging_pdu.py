@@ -14,30 +14,9 @@ from smspdudecoder.fields import SMSDeliver, SMSSubmit
 
 from appliance.paging import pdu
 from appliance.paging.pdu import PduError
+from tests.support.modem import gsm_text, read_submit
 
 GSM_CHARS = pdu.GSM7_BASIC.replace("\x1b", "") + "".join(pdu.GSM7_EXT)
-
-
-def their_gsm_text(hexpdu: str, decoded: dict) -> str:
-    """smspdudecoder's GSM-7 text cut to the PDU's UDL.
-
-    It slices the decoded *characters* by the UDL in *septets*, so with extension
-    characters (two septets each) the padding septet leaks out as a trailing '@'.
-    The UDL (read straight from the PDU) says how many septets are text.
-    """
-    data = bytes.fromhex(hexpdu)
-    pos = 1 + data[0] + 2  # SMSC field, first octet, message reference
-    pos += 2 + (data[pos] + 1) // 2 + 3  # address, PID, DCS, validity
-    udl = data[pos]
-    header = decoded["user_data"]["header"]
-    budget = udl - ((header["length"] + 1) * 8 + 6) // 7 if header else udl
-    out = ""
-    for ch in decoded["user_data"]["data"]:
-        need = len(pdu.gsm7_septets(ch) or [])
-        if need > budget:
-            break
-        out, budget = out + ch, budget - need
-    return out
 
 
 def test_reference_example_ucs2() -> None:
@@ -50,9 +29,11 @@ def test_golden_gsm7_with_extension_table() -> None:
     (part,) = pdu.encode_submit("+8613800138000", "Cost: 5€ [x]", reference=7)
     decoded = SMSSubmit.decode(io.StringIO(part.hex))
     assert decoded["dcs"]["encoding"] == "gsm"
-    assert their_gsm_text(part.hex, decoded) == "Cost: 5€ [x]"
+    assert gsm_text(part.hex, decoded) == "Cost: 5€ [x]"
     assert decoded["recipient"]["number"] == "8613800138000"
-    assert part.hex == "0011000D91683108108300F00000AA0FC3F79CAE03D53665D08687DFF800"
+    # 15 septets leave 7 spare bits: a <CR> there (TS 23.038 6.1.2.3.1), as smspdudecoder's own
+    # encoder writes it: GSM.encode("Cost: 5€ [x]", with_padding=True) ends in F81A.
+    assert part.hex == "0011000D91683108108300F00000AA0FC3F79CAE03D53665D08687DFF81A"
 
 
 def test_golden_deliver_with_smsc_field() -> None:
@@ -85,11 +66,11 @@ def test_gsm7_submit_round_trips_through_the_independent_decoder(text: str, ref:
     for i, part in enumerate(parts, start=1):
         assert len(bytes.fromhex(part.hex)) - 1 == part.tpdu_length
         decoded = SMSSubmit.decode(io.StringIO(part.hex))
-        joined += their_gsm_text(part.hex, decoded)
+        joined += gsm_text(part.hex, decoded)
         if len(parts) > 1:
             (element,) = decoded["user_data"]["header"]["elements"]
             assert element["data"] == {"reference": ref, "parts_count": len(parts), "part_number": i}
-        septets = pdu.gsm7_septets(their_gsm_text(part.hex, decoded))
+        septets = pdu.gsm7_septets(gsm_text(part.hex, decoded))
         assert septets is not None and len(septets) <= (153 if len(parts) > 1 else 160)
     assert joined == text
     assert read_outgoing_sms(parts[0].hex)["recipient"] == "+8613800138000"
@@ -169,3 +150,36 @@ def test_garbage_never_raises_anything_but_pdu_error(data: bytes) -> None:
     for decode in (pdu.decode_deliver, pdu.decode_status_report):
         with contextlib.suppress(PduError):
             decode(data.hex())
+
+
+# The text of the demo's first page: 143 septets (each bracket is an escape pair), so 7 bits of
+# its last octet are spare. It once showed in the demo's SMS log as "... or 2002@".
+SPARE_SEVEN = (
+    "[lab-backup-appliance] #1 CRITICAL: site:primary:sbc is down: 3 consecutive failures, "
+    "last timeout: no reply within 0.4s. Reply ACK 1 or 2002"
+)
+
+
+def test_seven_spare_bits_carry_a_carriage_return_not_an_at_sign() -> None:
+    septets = pdu.gsm7_septets(SPARE_SEVEN)
+    assert septets is not None and len(septets) % 8 == 7
+    (part,) = pdu.encode_submit("+8613800138000", SPARE_SEVEN)
+    data = bytes.fromhex(part.hex)
+    ud = data[-((7 * len(septets) + 7) // 8) :]
+    assert data[-len(ud) - 1] == len(septets), "the UDL counts the text's septets only"
+    assert pdu.unpack7(ud, len(septets) + 1)[-1] == pdu.CR  # TS 23.038 6.1.2.3.1
+    assert pdu.gsm7_text(pdu.unpack7(ud, len(septets))) == SPARE_SEVEN
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=GSM_CHARS, min_size=1, max_size=400), st.integers(0, 255))
+def test_the_modem_emulator_logs_exactly_what_was_sent(text: str, ref: int) -> None:
+    """What the lab's SMS log and the tests read from the emulator is the text, nothing trailing."""
+    parts = pdu.encode_submit("+8613800138000", text, reference=ref)
+    assert "".join(read_submit(p.hex)[1] for p in parts) == text
+    assert {read_submit(p.hex)[0] for p in parts} == {"+8613800138000"}
+
+
+def test_the_demo_page_reads_back_without_a_trailing_at_sign() -> None:
+    (part,) = pdu.encode_submit("+8613800138000", SPARE_SEVEN)
+    assert read_submit(part.hex) == ("+8613800138000", SPARE_SEVEN)

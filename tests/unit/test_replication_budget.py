@@ -16,6 +16,7 @@ from appliance.replication.checksum import PageHashes
 from appliance.replication.position import Position
 from appliance.replication.replica import BatchRejected, Replica, file_checksum
 from appliance.replication.wal import Generation
+from tests.support import configs
 
 SIZE = 512
 START = Position(Generation(1, 2), 0)
@@ -84,9 +85,8 @@ def test_the_bound_refuses_exactly_what_passes_it(limit: int, journal: int, addi
 
 def test_journal_limit_mb_is_a_stream_setting() -> None:
     base = (
-        '[sites.primary]\nrole = "primary"\nsbc = "10.0.0.1:5060"\nkamailio_set = 1\n'
-        '[sites.backup]\nrole = "backup"\nsbc = "10.0.0.2"\nkamailio_set = 2\n'
-        '[replication]\nsource_agent = "10.0.0.1"\ntls_cert_file = "/c"\ntls_key_file = "/k"\n'
+        configs.TWO_SITES
+        + '[replication]\nsource_agent = "10.0.0.1"\ntls_cert_file = "/c"\ntls_key_file = "/k"\n'
         'tls_ca_file = "/ca"\n[replication.streams.c]\nkind = "sqlite"\nsource = "c"\nreplica = "/r/c.db"\n'
     )
     assert config.parse(base).replication.streams["c"].journal_limit_mb == 0

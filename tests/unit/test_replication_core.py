@@ -22,18 +22,9 @@ from appliance.replication.replica import BatchRejected, Replica, file_checksum,
 from appliance.replication.settings import load_source_config
 from appliance.replication.snapshots import RestoreError, SnapshotStore, parse_time
 from appliance.replication.wal import Generation
+from tests.support import configs
 
-BASE = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1:5060"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-"""
+BASE = configs.TWO_SITES
 TLS = 'tls_cert_file = "/c"\ntls_key_file = "/k"\ntls_ca_file = "/ca"\n'
 STREAM = '[replication.streams.customers]\nkind = "sqlite"\nsource = "customers"\nreplica = "/r/c.db"\n'
 

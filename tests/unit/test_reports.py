@@ -179,6 +179,41 @@ def test_incident_timeline_from_the_decision() -> None:
     assert [e.at for e in t.entries] == sorted(e.at for e in t.entries)
 
 
+VERIFIED = ev(
+    23,
+    70.0,
+    "failover.verification",
+    "epoch 4",
+    "failover NOT verified by calls: 95566 not answered at ivr: 503 Service Unavailable; 95588 at backup",
+    epoch=4,
+    ok=False,
+    hotlines=[
+        {"hotline": "vip", "number": "95588", "destination": "backup", "ok": True, "answered_at": T + 9.25,
+         "detail": "95588 at backup (PDD 4 ms, MOS 4.41)", "pdd_ms": 4.0, "mos": 4.41},
+        {"hotline": "cards", "number": "95566", "destination": "ivr", "ok": False, "answered_at": None,
+         "detail": "95566 not answered at ivr: 503 Service Unavailable"},
+    ],
+)  # fmt: skip
+
+
+def test_the_report_shows_each_hotlines_first_good_call_after_the_change() -> None:
+    t = build([*EVENTS, VERIFIED], "12", "incident")
+    calls = [e for e in t.entries if e.category == "call"]
+    assert [(c.title, c.ok, c.at) for c in calls] == [
+        ("call 95588 answered at backup", True, T + 9.25),  # at the answer, not when it was recorded
+        ("call 95566 FAILED", False, T + 70.0),
+    ]
+    assert t.figures["verified_by_calls"] is False
+    assert t.figures["first_good_call_after_detection"] == {
+        "95588": "9.2 s (PDD 4 ms, MOS 4.41)",
+        "95566": "none: 95566 not answered at ivr: 503 Service Unavailable",
+    }
+    md = render.markdown(t)
+    assert "first good call after detection, per hotline: 95588 9.2 s (PDD 4 ms, MOS 4.41)" in md
+    assert "| call | call 95566 FAILED |" in md
+    assert "call" in render.svg(t)  # a lane of its own in the chart
+
+
 def test_incident_by_paging_number_gives_the_same_story() -> None:
     by_incident = build(EVENTS, "#7", "incident")
     assert by_incident.end == T + 400.0

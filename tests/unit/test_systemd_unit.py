@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from appliance import config, systemd_unit
 from appliance.cli.main import cli
 from tests.conftest import REPO
+from tests.support import configs
 
 # images/systemd/hotsite.service as shipped before issue 18: the regression fixture.
 OLD_UNIT = """\
@@ -45,17 +46,7 @@ DeviceAllow=char-ttyUSB rw
 DeviceAllow=char-ttyACM rw
 """
 
-SITES = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1:5060"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-"""
+SITES = configs.TWO_SITES
 
 NETLINK = """
 [actuators.vip]

@@ -13,18 +13,10 @@ from appliance.errors import ConfigError
 from monitoring.health import TargetHealth, Thresholds, observe, with_calls
 from monitoring.probes.testcall import CallResult
 from monitoring.targets import from_config
+from tests.support import configs
 
-BASE = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1:5060"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2:5060"
-kamailio_set = 2
-
+BASE = configs.valid(
+    """
 [trunks.trunk-a]
 address = "10.0.0.11:5060"
 
@@ -38,7 +30,9 @@ failover = ["backup"]
 
 [kamailio]
 sip = "10.0.0.10:5060"
-"""
+""",
+    backup_sbc="10.0.0.2:5060",
+)
 
 
 def problems(text: str) -> list[str]:

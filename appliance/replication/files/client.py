@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 
 from appliance.logs import kv
@@ -117,11 +118,12 @@ class FilesStreamClient:
             if welcome.kind != Msg.WELCOME:
                 raise OSError(f"source agent refused: {welcome.header.get('error')}")
             self.stats.connected = True
+            self.stats.last_heard = time.monotonic()
             self.stats.sessions += 1
             while True:
                 async with asyncio.timeout(self.idle_timeout_s):
                     msg = await protocol.read_message(reader, self.max_message)
-                self.stats.bytes_received += msg.wire_bytes
+                self.stats.heard(msg.wire_bytes)
                 await self._dispatch(msg)
         finally:
             if self._incoming is not None:  # cut mid-file: nothing of it stays
