@@ -244,12 +244,16 @@ class Etcd(Coordination):
         await self.gateway.close()
 
     def view(self) -> dict[str, Any]:
-        data = self.lease.leadership().to_json(self.lease.now())
+        state = self.lease.leadership()
+        data = state.to_json(self.lease.now())
         data["backend"] = self.name
         data["members"] = self.members
         data["ttl_s"] = self.lease.ttl_s
         gate = self._fence
-        data["observed_routing"] = getattr(gate, "observed", None)
+        # What this leadership's takeover read back; None until it is done. A routing read in an
+        # earlier leadership is not shown as this one's: it would say "taken over" before the fence.
+        current = gate is not None and state.token is not None and gate.verified_token == state.token
+        data["observed_routing"] = gate.observed if current and gate is not None else None
         data["fenced_token"] = getattr(gate, "fenced_token", None)
         data["fence_error"] = getattr(gate, "fence_error", None)
         data["peers"] = self.peers.view() if self.peers else None

@@ -126,3 +126,21 @@ def test_the_daemon_wires_the_interface_without_naming_a_backend() -> None:
     app = (Path(__file__).resolve().parents[2] / "appliance" / "app.py").read_text()
     assert ".backend ==" not in app and "coordination = None" not in app and "EtcdCoordination" not in app
     assert "coordination_from_config(" in app
+
+
+def test_the_status_shows_only_this_leaderships_takeover() -> None:
+    """A leader again with a new token shows no routing read back until its own takeover is done.
+
+    A routing read in an earlier leadership, shown as this one's, said "taken over" before the
+    fence (test_multisite_fence released a stalled write on it and saw it applied, 1 run of 3).
+    """
+    coordination = Etcd(config.parse(BASE + ETCD).coordination, appliance="a")
+    fence = coordination.guard([NullActuator()], on_takeover=lambda observed, token: None)[0].gate  # type: ignore[attr-defined]
+    lease = coordination.lease
+    now = lease.now()
+    fence.observed, fence.verified_token = "normal", 264  # what its takeover with token 264 read
+    lease.state = core.acquired(core.granted(lease.state, 7, 10, sent_at=now, margin_s=0.5), 1415, now=now)
+    assert coordination.view()["observed_routing"] is None
+    fence.observed, fence.verified_token = "failover", 1415
+    assert coordination.view()["observed_routing"] == "failover"
+    asyncio.run(coordination.gateway.close())
