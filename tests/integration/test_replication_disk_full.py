@@ -206,6 +206,7 @@ def test_a_full_disk_is_paged_from_memory(small_disk: Path) -> None:
     """The state store's disk full: the incident is still paged (from memory), nothing raises."""
     from appliance import config
     from appliance.clock import SimulatedClock
+    from appliance.migrations import COMPONENTS
     from appliance.paging.channel import NullChannel
     from appliance.paging.service import PagingService
     from tests.integration.test_paging_service import CONFIG, T0
@@ -214,7 +215,7 @@ def test_a_full_disk_is_paged_from_memory(small_disk: Path) -> None:
     registry = CollectorRegistry()
 
     async def scenario() -> None:
-        store = Store.open(small_disk / "state")
+        store = Store.open(small_disk / "state", components=COMPONENTS)  # every feature's tables
         sms = NullChannel("sms")
         svc = PagingService(
             cfg,

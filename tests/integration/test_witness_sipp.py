@@ -191,4 +191,4 @@ def test_bad_options_exit_2_naming_the_problem(procs: Procs) -> None:
     )
     assert proc.returncode == 2, proc
     assert "listen: 'nowhere': expected host:port" in proc.stderr
-    assert "primary.0: 'ftp://x'" in proc.stderr
+    assert "primary[0]: 'ftp://x'" in proc.stderr

@@ -194,8 +194,10 @@ def test_a_session_that_never_reads_does_not_pin_the_wal(tmp_path: Path) -> None
             # Without the bound the guard pinned every frame: ~4 KB a transaction, over 80 MB.
             assert peak_wal[0] < 40 * MB, f"the WAL grew to {peak_wal[0] / MB:.0f} MB"
             assert not agent.followers, "the stuck session's follower (and its WAL guard) is gone"
+            # In a thread, as the application is another process: the agent's standing follower
+            # (kept between sessions) makes way from its event loop while the checkpoint waits.
             busy, _log, _done = await asyncio.to_thread(
-                app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone
+                lambda: app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             )
             assert busy == 0 and wal.stat().st_size == 0, "the application's own checkpoint completes"
             assert agent.stalled_sessions == 1
