@@ -21,10 +21,11 @@ actuators' measured read-back latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,11 +180,8 @@ class Drill:
             return False, "kamailio.rpc_url and kamailio.sip are needed for the test call"
         backup = self.config.sites[plans.backup_site(self.config)]
         try:
-            await rpc.call("htable.seti", "hotlines", number, backup.kamailio_set)
-            try:
+            async with _routed(rpc, number, backup.kamailio_set):
                 code, contact = await _options_via(self.config.kamailio.sip, number)
-            finally:
-                await rpc.call("htable.delete", "hotlines", number)
         except KamailioRpcError as exc:
             return False, exc.message
         backup_host = host_port(backup.sbc)[0]
@@ -210,17 +208,25 @@ class Drill:
             stand_in = dataclasses.replace(expected, number=number)
             spec = call_spec(self.config, f"drill:{expected.hotline}", number, edge)
             try:
-                await rpc.call("htable.seti", "hotlines", number, sets[expected.destination].kamailio_set)
-                try:
+                async with _routed(rpc, number, sets[expected.destination].kamailio_set):
                     call = await self._place(spec)
-                finally:
-                    await rpc.call("htable.delete", "hotlines", number)
             except KamailioRpcError as exc:
                 return False, exc.message
             ok, detail = verification.judge(stand_in, call)
             results.append((ok, f"{expected.hotline}: {detail}"))
         results.sort(key=lambda r: r[0])  # failures first
         return all(ok for ok, _ in results), "; ".join(d for _, d in results) or "no hotlines to call"
+
+
+@contextlib.asynccontextmanager
+async def _routed(rpc: KamailioRpc, number: str, kamailio_set: int) -> AsyncIterator[None]:
+    """The drill's test number routed to ``kamailio_set`` in Kamailio's hotlines table for the
+    duration of one check, and removed again however the check ends."""
+    await rpc.call("htable.seti", "hotlines", number, kamailio_set)
+    try:
+        yield
+    finally:
+        await rpc.call("htable.delete", "hotlines", number)
 
 
 async def _options_via(proxy: str, number: str, timeout: float = 3.0) -> tuple[int | None, str]:

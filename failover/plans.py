@@ -19,7 +19,7 @@ lists what makes a plan unusable (the config check reports them).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import combinations
 from typing import TYPE_CHECKING
@@ -28,6 +28,7 @@ from failover.routing import Routing
 
 if TYPE_CHECKING:
     from failover.settings import FailoverConfig as Config
+    from failover.settings import HotlineSection
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,11 @@ def serving_site(config: Config, lost: Iterable[str] = ()) -> str | None:
     return next((name for name in backup_sites(config) if name not in gone), None)
 
 
+def by_priority(hotlines: Mapping[str, HotlineSection]) -> list[tuple[str, HotlineSection]]:
+    """Hotlines in the order they are served and checked: priority, then name."""
+    return sorted(hotlines.items(), key=lambda item: (item[1].priority, item[0]))
+
+
 def assign(config: Config, lost: str | Iterable[str]) -> tuple[list[Assignment], list[str]]:
     """Serve hotlines by priority from what is left when the ``lost`` site(s) are gone.
 
@@ -86,7 +92,7 @@ def assign(config: Config, lost: str | Iterable[str]) -> tuple[list[Assignment],
     places = destinations(config)
     left = {name: d.capacity for name, d in places.items()}
     assignments, unserved = [], []
-    ordered = sorted(config.hotlines.items(), key=lambda item: (item[1].priority, item[0]))
+    ordered = by_priority(config.hotlines)
     for name, line in ordered:
         chosen, why = None, ""
         for candidate in line.failover:

@@ -63,8 +63,6 @@ log = logging.getLogger(f"hotsite.{__name__}")
 STATE_KEY = "failover.engine"
 Pager = Callable[[Page | Resolve], Awaitable[None]]
 DrillCheck = Callable[[], Awaitable[tuple[bool, str, dict[str, Any]]]]
-# Test calls after a routing change (failover/verification.py): kind, the lost backup sites -> results.
-CallVerifier = Callable[[str, tuple[str, ...]], Awaitable[list[verification.HotlineCheck]]]
 
 
 def policy_from(config: Config) -> Policy:
@@ -92,7 +90,7 @@ class FailoverService:
         *,
         pager: Pager | None = None,
         drill: DrillCheck | None = None,
-        verify_calls: CallVerifier | None = None,
+        verify_calls: verification.Verifier | None = None,
         on_change: Callable[[EngineState], None] = lambda state: None,
         epoch_is_token: bool = True,
     ) -> None:
@@ -271,7 +269,7 @@ class FailoverService:
         if result.ok and self._verify_calls is not None:
             await self._verify_by_calls(action.kind, action.epoch, lost or ())
 
-    async def _verify_by_calls(self, kind: str, epoch: int, lost: tuple[str, ...]) -> None:
+    async def _verify_by_calls(self, kind: verification.Kind, epoch: int, lost: tuple[str, ...]) -> None:
         """The change judged by calls (recorded whole for the report, then one engine event)."""
         assert self._verify_calls is not None
         started = time.time()
@@ -279,7 +277,7 @@ class FailoverService:
             checks = await self._verify_calls(kind, lost)
         except Exception as exc:  # a broken caller must not leave the change unjudged and silent
             log.exception("verification calls failed to run", extra=kv(kind=kind, epoch=epoch))
-            self.submit(CallsVerified(kind, epoch, False, f"the verification calls could not run: {exc}"))  # type: ignore[arg-type]
+            self.submit(CallsVerified(kind, epoch, False, f"the verification calls could not run: {exc}"))
             return
         ok = all(c.ok for c in checks)
         text = verification.summary(checks)
@@ -290,7 +288,7 @@ class FailoverService:
             data={"kind": kind, "epoch": epoch, "ok": ok, "started_at": started, "finished_at": time.time(),
                   "hotlines": [c.to_json() for c in checks]},
         )  # fmt: skip
-        self.submit(CallsVerified(kind, epoch, ok, text))  # type: ignore[arg-type]
+        self.submit(CallsVerified(kind, epoch, ok, text))
 
     async def _run_drill(self, action: RunDrill) -> None:
         if self._drill is None:

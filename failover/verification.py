@@ -82,10 +82,7 @@ def expectations(config: Config, kind: Kind, lost: Iterable[str] = ()) -> list[E
     :func:`failover.plans.assign` sends it with the primary (and ``lost``) gone.
     """
     listed = set(config.testcalls.hotlines)
-    ordered = sorted(
-        ((name, line) for name, line in config.hotlines.items() if name in listed),
-        key=lambda item: (item[1].priority, item[0]),
-    )
+    ordered = [(name, line) for name, line in plans.by_priority(config.hotlines) if name in listed]
     if kind == "failback":
         primary = config.primary[0]
         return [Expectation(name, line.number, primary, f"site:{primary}") for name, line in ordered]
@@ -159,20 +156,24 @@ def enabled(config: Config) -> bool:
     return bool(t.verify_changes and t.hotlines and config.kamailio.sip)
 
 
-def caller(config: Callable[[], Config]) -> Callable[[str, tuple[str, ...]], Awaitable[list[HotlineCheck]]]:
+# What the failover service calls after a change: (kind, the lost backup sites) -> one check per hotline.
+Verifier = Callable[[Kind, tuple[str, ...]], Awaitable[list[HotlineCheck]]]
+
+
+def caller(config: Callable[[], Config]) -> Verifier:
     """The daemon's verifier: real calls through the carrier edge with the ``[testcalls]`` settings,
     read from the configuration in force when the change is made (a reload may change them)."""
     from monitoring.probes.testcall import place_call
     from monitoring.targets import call_spec
 
-    async def run(kind: str, lost: tuple[str, ...]) -> list[HotlineCheck]:
+    async def run(kind: Kind, lost: tuple[str, ...]) -> list[HotlineCheck]:
         cfg = config()
         edge = cfg.kamailio.sip or ""
 
         async def place(expected: Expectation) -> CallResult:
             return await place_call(call_spec(cfg, f"verify:{expected.hotline}", expected.number, edge))
 
-        wanted = expectations(cfg, "failback" if kind == "failback" else "failover", lost)
+        wanted = expectations(cfg, kind, lost)
         return await verify(wanted, place, timeout_s=cfg.testcalls.verify_timeout_s)
 
     return run
