@@ -309,11 +309,13 @@ class SourceAgent:
                 # The replica hung up or went silent while we were sending (maybe blocked on a full
                 # socket buffer): stop sending. The rest of what it sent is of no use now.
                 work.cancel()
-                if reader_task.result() == "silent":
-                    log.warning(
-                        "replica silent; ending its session",
-                        extra=kv(stream=stream.name, seconds=silent_after),
-                    )
+            # Said whether or not the work saw it first: the streaming loop also ends on the
+            # reader's end, and may do so in the same turn of the loop.
+            if _ended(reader_task) == "silent":
+                log.warning(
+                    "replica silent; ending its session",
+                    extra=kv(stream=stream.name, seconds=silent_after),
+                )
             await asyncio.wait({work})  # (awaiting it directly would take a stop of ours for its end)
             failure = None if work.cancelled() else work.exception()
             # The replica going away or the path failing says nothing against the follower: it stands,
@@ -569,6 +571,13 @@ class SourceAgent:
                 )
                 last_sent = time.monotonic()
             await asyncio.sleep(self.poll_interval_s)
+
+
+def _ended(reader_task: asyncio.Task[str]) -> str | None:
+    """How the replica's reader ended ("closed", "silent"), or None while it runs or if it failed."""
+    if not reader_task.done() or reader_task.cancelled() or reader_task.exception() is not None:
+        return None
+    return reader_task.result()
 
 
 async def _pump(

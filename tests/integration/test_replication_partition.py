@@ -55,7 +55,7 @@ pytestmark = pytest.mark.skipif(
 def agent_main(db: Path, host: str, certs: Path) -> None:
     import logging
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s %(__dict__)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
 
     agent = SourceAgent(
         [ServedStream("db", "sqlite", db)],
