@@ -65,7 +65,9 @@ async def bench_kamailio(world: World) -> None:
             act = KamailioActuator(rpc, dispatcher_list=world.dispatcher_list, owns_rpc=True, timeout_s=10)
             failover, normal = routings(hotlines)
             token = await act.highest_token()
-            fo, fb, ver = [], [], []
+            fo: list[float] = []
+            fb: list[float] = []
+            ver: list[float] = []
             for _ in range(TRIALS):
                 for routing, sink in ((failover, fo), (normal, fb)):
                     token += 1

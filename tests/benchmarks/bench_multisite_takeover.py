@@ -193,7 +193,7 @@ def raft_leader_cut(sites: Sites) -> float:
 
 def no_leader_seconds(sites: Sites, start: float, end: float) -> float:
     """Seconds of [start, end] in which no appliance held the lease (from their logged role changes)."""
-    edges: list[tuple[float, int]] = []
+    edges: list[tuple[float, float]] = []
     for changes in sites.role_timeline().values():
         role_at_start = "unknown"
         leading_since: float | None = None

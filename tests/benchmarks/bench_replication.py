@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ from appliance.replication.tls import client_context, server_context
 DELAY_S = 0.020
 
 
-def _writer(db: str, rate: float, seconds: float, result: mp.Queue) -> None:  # type: ignore[type-arg]
+def _writer(db: str, rate: float, seconds: float, result: mp.Queue) -> None:
     """Single-row transactions at ``rate``/s (0: as fast as possible); puts (tx/s, p50, p99 commit seconds)."""
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -82,9 +83,7 @@ def _writer(db: str, rate: float, seconds: float, result: mp.Queue) -> None:  # 
     conn.close()
 
 
-async def _delay_proxy(
-    target_port: int, host: str = "127.0.0.1", delay_s: float = DELAY_S
-) -> asyncio.AbstractServer:
+async def _delay_proxy(target_port: int, host: str = "127.0.0.1", delay_s: float = DELAY_S) -> asyncio.Server:
     """A TCP proxy on 127.0.0.1 that delays every byte by ``delay_s`` each way (no netem here).
 
     It closes a side only when the other closes: a path that drops packets stalls it, it
@@ -140,7 +139,7 @@ class Bench:
             ssl_context=server_context(c / "source.pem", c / "source.key", c / "ca.pem"),
         )
 
-    def client(self, replica: Replica, port: int, **kw: object) -> SqliteStreamClient:
+    def client(self, replica: Replica, port: int, **kw: Any) -> SqliteStreamClient:
         c = self.certs
         return SqliteStreamClient(
             "db",
@@ -151,7 +150,7 @@ class Bench:
             server_name="source",
             ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"),
             **kw,
-        )  # type: ignore[arg-type]
+        )
 
 
 async def rpo(bench: Bench, rate: float, seconds: float) -> dict[str, float]:
@@ -185,7 +184,7 @@ async def rpo(bench: Bench, rate: float, seconds: float) -> dict[str, float]:
     client = bench.client(replica, proxy.sockets[0].getsockname()[1], on_applied=on_applied)
     task = asyncio.create_task(client.run())
     await asyncio.sleep(1.0)
-    q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    q: mp.Queue = mp.Queue()
     p = mp.Process(target=_writer, args=(str(db), rate, seconds, q))
     p.start()
     await asyncio.to_thread(p.join)
@@ -293,7 +292,7 @@ async def catch_up(bench: Bench, n: int) -> dict[str, float]:
     }
 
 
-def _replica_process(rep: str, port: int, certs: str, cpus: set[int] | None, stop: mp.Event) -> None:  # type: ignore[type-arg]
+def _replica_process(rep: str, port: int, certs: str, cpus: set[int] | None, stop: EventType) -> None:
     """The appliance side in its own process (as it is in production: another machine)."""
     if cpus:
         os.sched_setaffinity(0, cpus)
@@ -359,9 +358,10 @@ async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple
             )
             rep.start()
             await asyncio.sleep(1.0)
-        q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+        q: mp.Queue = mp.Queue()
         p = mp.Process(target=_writer, args=(str(db), rate, seconds, q))
         p.start()
+        assert p.pid is not None
         os.sched_setaffinity(p.pid, writer_cpus or everything)
         wal = Path(str(db) + "-wal")
         biggest = 0
@@ -379,9 +379,8 @@ async def overhead(bench: Bench, seconds: float, rate: float) -> dict[str, tuple
         )
         followers = agent.followers if agent is not None else set()
         windows = sum(f.window_restarts for f in followers)
-        tails = sum(f.tail_frames for f in followers)
         resnapshots = agent.continuity_lost if agent is not None else 0
-        results[mode] = (*q.get(), biggest / 1e6, restarts, hold, held, windows, tails, resnapshots)
+        results[mode] = (*q.get(), biggest / 1e6, restarts, hold, held, windows, resnapshots)
         stop.set()
         if rep is not None:
             await asyncio.to_thread(rep.join, 10)
@@ -550,7 +549,7 @@ BLOB = 300_000
 
 def _crm_writer(
     db: str, rate: float, transactions: int, vacuum_every: int, seed: int, result: mp.Queue
-) -> None:  # type: ignore[type-arg]
+) -> None:
     """Issue 15's workload: customer rows, a ~300 KB blob in one transaction in ten, deletes of the
     oldest rows, a TRUNCATE checkpoint after 1% of transactions, a VACUUM every ``vacuum_every``.
     Every insert carries its commit time (``ts``). Puts (tx/s, TRUNCATEs, VACUUMs, VACUUM seconds)."""
@@ -634,7 +633,7 @@ async def blob_vacuum_rpo(
     task = asyncio.create_task(client.run())
     while replica.position is None:
         await asyncio.sleep(0.05)
-    q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    q: mp.Queue = mp.Queue()
     p = mp.Process(target=_crm_writer, args=(str(db), rate, transactions, vacuum_every, 15, q))
     p.start()
     await asyncio.to_thread(p.join)
@@ -839,10 +838,9 @@ def overhead_line(label: str, base: str, other: str, o: dict[str, tuple[float, .
         f" {o[base][1] * 1e6:.0f} / {o[other][1] * 1e6:.0f} us,"
         f" p99 {o[base][2] * 1e6:.0f} / {o[other][2] * 1e6:.0f} us;"
         f" WAL largest {o[base][4]:.1f} / {o[other][4]:.1f} MB,"
-        f" WAL restarted by the application in a window {o[other][8]:.0f} times"
-        f" ({o[other][9]:.0f} frames read after the restart), by the agent"
+        f" WAL restarted by the application in a window {o[other][8]:.0f} times, by the agent"
         f" {o[other][5]:.0f} times (writers held off at most {o[other][6] * 1000:.1f} ms,"
-        f" {o[other][7] * 1000:.0f} ms in all); resnapshots {o[other][10]:.0f}"
+        f" {o[other][7] * 1000:.0f} ms in all); resnapshots {o[other][9]:.0f}"
     )
 
 

@@ -50,7 +50,7 @@ class RunningDaemon:
     def status(self) -> dict[str, Any]:
         proc = hotsite("status", "--json", config=self.config)
         assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+        return json.loads(proc.stdout)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

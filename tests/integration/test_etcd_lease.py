@@ -423,7 +423,7 @@ async def test_peer_views_are_shared_through_etcd_and_garbage_is_counted(
     seen = {"a0": {"primary": "down", "east": "up"}, "a1": {"primary": "up", "west": "up"}}
     views = [
         PeerViews(g, lease, domain=domain, appliance=f"a{i}", site=("east", "west")[i],
-                  verdicts=lambda i=i: seen[f"a{i}"], interval_s=0.2, clock=time.monotonic)
+                  verdicts=functools.partial(seen.__getitem__, f"a{i}"), interval_s=0.2, clock=time.monotonic)
         for i, (g, lease) in enumerate(zip(gateways, leases, strict=True))
     ]  # fmt: skip
     try:

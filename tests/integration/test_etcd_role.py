@@ -205,13 +205,13 @@ def test_the_roles_flags_run_a_tls_cluster_with_pre_vote_that_refuses_clients_wi
         )
     for name in NAMES:
         wait_healthy(rendered[name]["ETCD_LISTEN_METRICS_URLS"])
-    log = (work / "m1.log").read_text()
+    m1_log = (work / "m1.log").read_text()
     for key in first:  # etcd took every flag the role writes, and none is unknown to it
         assert (
-            f"recognized and used environment variable {key}=" in log
-            or f"recognized environment variable {key}" in log
-        ), (key, log[:3000])
-    assert "unrecognized environment variable" not in log
+            f"recognized and used environment variable {key}=" in m1_log
+            or f"recognized environment variable {key}" in m1_log
+        ), (key, m1_log[:3000])
+    assert "unrecognized environment variable" not in m1_log
 
     endpoints = [f"https://127.77.{net}.{i}:2379" for i in range(1, 4)]
     tls = work / "tls"

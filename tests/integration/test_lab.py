@@ -31,8 +31,6 @@ from provisioning.lab import Lab, LabError
 from provisioning.lab import netns as labnet
 from provisioning.lab import topology as topo
 
-pytestmark = pytest.mark.lab
-
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -95,11 +95,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Runni
         started = time.monotonic()
         daemon = RunningDaemon(config, tmp_path_factory.mktemp("daemon") / "daemon.log")
         daemon.wait_ready(timeout=60)
-        wait_for(lambda: daemon.status()["failover"]["state"] == "primary_active"  # type: ignore[union-attr]
-                 and all(s["verdict"] == "up" for s in daemon.status()["sites"]),  # type: ignore[union-attr]
+        wait_for(lambda: daemon.status()["failover"]["state"] == "primary_active"
+                 and all(s["verdict"] == "up" for s in daemon.status()["sites"]),
                  timeout=60, what="steady")  # fmt: skip
         assert hotsite("lab", "impair", "--workdir", str(the_lab.workdir), "primary", "--cut").returncode == 0
-        wait_for(lambda: daemon.status()["failover"]["state"] == "backup_active",  # type: ignore[union-attr]
+        wait_for(lambda: daemon.status()["failover"]["state"] == "backup_active",
                  timeout=90, what="failover")  # fmt: skip
         wait_for(lambda: modem.submitted, timeout=60, what="the page to the on-call contractor")
         yield the_lab, daemon, started

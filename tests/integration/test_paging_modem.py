@@ -58,7 +58,7 @@ class Harness:
         )
 
 
-async def until(predicate, timeout: float = 3.0) -> None:  # type: ignore[no-untyped-def]
+async def until(predicate, timeout: float = 3.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():

@@ -180,10 +180,10 @@ def test_escalation_ack_by_sms_and_resolve_notices(tmp_path: Path, emulator: Mod
             assert email.sent[2].kind == "resolve"
             listing = await svc.handlers()["incidents"](ROOT, {})
             assert listing["active"] == [] and listing["recent"][0]["status"] == "resolved"
-            assert (
-                registry.get_sample_value("hotsite_paging_pages_total", {"channel": "sms", "result": "sent"})
-                >= 4
+            sent = registry.get_sample_value(
+                "hotsite_paging_pages_total", {"channel": "sms", "result": "sent"}
             )
+            assert sent is not None and sent >= 4
             kinds = [e.kind for e in store.events(limit=100)]
             assert {
                 "paging.opened",

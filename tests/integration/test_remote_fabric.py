@@ -13,6 +13,7 @@ import json
 import ssl
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ password_file = "/etc/hotsite/secrets/smtp-password"
 
 
 @pytest.fixture(scope="module")
-def host() -> sshd_host.SshHost:
+def host() -> Iterator[sshd_host.SshHost]:
     h = sshd_host.SshHost()
     h.up()
     try:
@@ -84,13 +85,15 @@ def target(h: sshd_host.SshHost) -> Target:
     return Target(h.address, identity=str(h.key), hotsite=HOTSITE)
 
 
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    f = tar.extractfile(member)
+    assert f is not None, member.name  # a regular file always has contents
+    return f.read().decode()
+
+
 def bundle_files(path: Path) -> dict[str, str]:
     with tarfile.open(path) as tar:
-        return {
-            m.name.split("/", 1)[1]: tar.extractfile(m).read().decode()
-            for m in tar.getmembers()
-            if m.isfile()
-        }
+        return {m.name.split("/", 1)[1]: _read(tar, m) for m in tar.getmembers() if m.isfile()}
 
 
 def test_diagnostics_bundle_has_status_versions_logs_and_no_secret(

@@ -24,7 +24,7 @@ import pytest
 
 from appliance.replication.certs import issue, make_ca
 from appliance.replication.checksum import show
-from appliance.replication.client import SqliteStreamClient
+from appliance.replication.client import SqliteStreamClient, StreamStats
 from appliance.replication.replica import Replica, file_checksum, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
 from appliance.replication.tls import client_context, server_context
@@ -221,7 +221,7 @@ def test_random_writer_replica_is_always_a_committed_state(tmp_path: Path, certs
     )
     samples: list[int] = []
 
-    async def scenario() -> StreamStatsLike:
+    async def scenario() -> StreamStats:
         agent = SourceAgent(
             [ServedStream("customers", "sqlite", db)],
             allowed_clients=["appliance"],
@@ -267,9 +267,6 @@ def test_random_writer_replica_is_always_a_committed_state(tmp_path: Path, certs
     conn = sqlite3.connect(f"file:{rep_path}?mode=ro", uri=True)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
-
-
-StreamStatsLike = object
 
 
 @pytest.mark.slow

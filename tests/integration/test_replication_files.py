@@ -103,10 +103,10 @@ def test_file_replaced_while_read_is_not_shipped_half_old(tmp_path: Path) -> Non
         os.replace(tmp, path)
         return st
 
-    os.fstat = fstat_then_replace  # type: ignore[assignment]
+    os.fstat = fstat_then_replace
     try:
         assert read_stable(path) is None
     finally:
-        os.fstat = original_fstat  # type: ignore[assignment]
+        os.fstat = original_fstat
     assert real_read is os.read
     assert TreeScanner(tmp_path).scan()["f"].size == 10

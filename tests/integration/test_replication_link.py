@@ -131,7 +131,7 @@ def test_corrupted_message_is_detected_rerequested_never_applied(tmp_path: Path,
     asyncio.run(scenario())
 
 
-async def _flipping_proxy(target_port: int, flip_after: int) -> tuple[asyncio.AbstractServer, dict[str, int]]:
+async def _flipping_proxy(target_port: int, flip_after: int) -> tuple[asyncio.Server, dict[str, int]]:
     """A TCP proxy that flips one byte of the TLS stream (source to appliance) once."""
     state = {"flipped": 0, "bytes": 0}
 
@@ -232,10 +232,12 @@ def test_promotion_reports_loss_window_and_failback_refuses_to_overwrite(tmp_pat
         assert window is not None and 0 <= window < 2
         promotion = rig.replica.promote(window, reason="test")
         assert promotion.position == rig.replica.position
+        at = rig.replica.position
+        assert at is not None
         with pytest.raises(PromotedError):
             from appliance.replication.position import Batch
 
-            rig.replica.apply(Batch("tx", rig.replica.position, rig.replica.position, 4096, 1, 1, 0, 0.0))
+            rig.replica.apply(Batch("tx", at, at, 4096, 1, 1, 0, 0.0))
         # The backup writes to its promoted copy.
         w = sqlite3.connect(rig.replica.path, isolation_level=None)
         w.execute("INSERT INTO t(v) VALUES (x'00')")

@@ -33,7 +33,7 @@ class CuttableProxy:
         self.target_port = target_port
         self.flowing = asyncio.Event()
         self.flowing.set()
-        self.transports: list[asyncio.BaseTransport] = []
+        self.transports: list[asyncio.WriteTransport] = []
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> int:

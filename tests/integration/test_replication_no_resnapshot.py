@@ -32,7 +32,7 @@ RATE = 200.0
 BLOBS = 0.10
 
 
-def crm_writer(db: str, transactions: int, seed: int, rate: float, done: mp.Queue) -> None:  # type: ignore[type-arg]
+def crm_writer(db: str, transactions: int, seed: int, rate: float, done: mp.Queue) -> None:
     """The issue's workload, ``transactions`` commits (``rate`` per second, 0: flat out).
 
     Puts (commits, TRUNCATE checkpoints done, VACUUMs done) when finished.
@@ -112,7 +112,7 @@ def test_truncate_checkpoints_and_vacuums_never_cost_a_resnapshot(tmp_path: Path
                 await asyncio.sleep(0.02)
             assert replica.position is not None, "never seeded"
             ctx = mp.get_context("spawn")
-            done: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+            done: mp.Queue = ctx.Queue()
             writer = ctx.Process(target=crm_writer, args=(str(db), 10_500, 15, RATE, done))
             writer.start()
             await asyncio.to_thread(writer.join, 900)

@@ -84,10 +84,12 @@ def test_service_status_metrics_verify_promote_failback(tmp_path: Path) -> None:
         assert service.readiness() == []
         verify = await handlers["replication.verify"](CALLER, {"stream": "customers"})
         assert verify["ok"] and verify["source_checksum"] == verify["replica_checksum"]
-        assert (
-            registry.get_sample_value("hotsite_replication_transactions_total", {"stream": "customers"}) >= 50
+        transactions = registry.get_sample_value(
+            "hotsite_replication_transactions_total", {"stream": "customers"}
         )
-        assert registry.get_sample_value("hotsite_replication_lag_seconds", {"stream": "customers"}) < 1.0
+        assert transactions is not None and transactions >= 50
+        lag = registry.get_sample_value("hotsite_replication_lag_seconds", {"stream": "customers"})
+        assert lag is not None and lag < 1.0
         assert store.query("SELECT position FROM replication_positions WHERE stream = 'customers'")[0][0]
         assert store.query("SELECT count(*) FROM replication_snapshots")[0][0] >= 1
         with pytest.raises(RequestError, match="unknown stream"):

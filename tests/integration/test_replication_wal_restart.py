@@ -22,7 +22,7 @@ from appliance.replication.follower import ResnapshotNeeded, SqliteFollower
 from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
 from appliance.replication.tls import client_context, server_context
-from appliance.replication.wal import WalFile
+from appliance.replication.wal import Generation, WalFile
 from appliance.replication.walguard import ReadMarkGuard
 
 PAYLOAD = "customer record " * 8
@@ -379,7 +379,7 @@ def test_wal_stays_bounded_under_load_and_the_replica_follows(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
-def _flat_out(db: str, seconds: float, result: mp.Queue, stop: Any = None) -> None:  # type: ignore[type-arg]
+def _flat_out(db: str, seconds: float, result: mp.Queue, stop: Any = None) -> None:
     """Insert as fast as SQLite goes for ``seconds`` (or until ``stop`` is set); put the count."""
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA synchronous=NORMAL")
@@ -399,7 +399,7 @@ def test_a_writer_flat_out_restarts_the_wal_in_windows_and_nothing_is_lost(tmp_p
     make_db(db).close()
     follower, replica = seeded(db, tmp_path / "rep.db", checkpoint_frames=2000, restart_frames=1000)
     ctx = mp.get_context("spawn")
-    q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    q: mp.Queue = ctx.Queue()
     # The writer goes flat out until ten restarts were followed in windows (3 s on an idle
     # 2-core machine; a loaded one takes longer), at most 60 s: what is asserted is that every
     # restart was followed without loss, not how many a given machine manages per second.
@@ -407,7 +407,7 @@ def test_a_writer_flat_out_restarts_the_wal_in_windows_and_nothing_is_lost(tmp_p
     writer = ctx.Process(target=_flat_out, args=(str(db), 60.0, q, stop))
     try:
         writer.start()
-        generations = set()
+        generations: set[Generation] = set()
         while writer.is_alive():
             if follower.window_restarts >= 10 and len(generations) >= 10:
                 stop.set()

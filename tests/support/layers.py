@@ -114,9 +114,12 @@ def _imports_of(name: str, package: str, tree: ast.AST, known: dict[str, Path]) 
                 isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)
             )
             targets: list[str | None] = []
+            line = 0
             if isinstance(child, ast.Import):
+                line = child.lineno
                 targets = [resolve(alias.name) for alias in child.names]
             elif isinstance(child, ast.ImportFrom):
+                line = child.lineno
                 base = child.module or ""
                 if child.level:
                     parts = package.split(".")[: len(package.split(".")) - (child.level - 1)]
@@ -124,7 +127,7 @@ def _imports_of(name: str, package: str, tree: ast.AST, known: dict[str, Path]) 
                 targets = [resolve(f"{base}.{alias.name}") for alias in child.names]
             for target in targets:
                 if target is not None and target != name:
-                    yield Import(name, target, child.lineno, runs)
+                    yield Import(name, target, line, runs)
             yield from visit(child, child_runs)
 
     yield from visit(tree, True)

@@ -38,7 +38,7 @@ from appliance.cli.main import cli
     ],
 )
 def test_global_options_are_moved_before_the_subcommand(args: list[str], hoisted: list[str]) -> None:
-    assert hoist_globals(cli, args) == hoisted  # type: ignore[arg-type]
+    assert hoist_globals(cli, args) == hoisted
 
 
 def test_config_after_the_subcommand_is_the_config_used(tmp_path: Path) -> None:

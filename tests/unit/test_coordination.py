@@ -76,7 +76,7 @@ def test_etcd_without_a_witness_takes_the_other_sites_views_and_fences_every_act
     coordination = from_config(cfg, registry=CollectorRegistry())
     assert isinstance(coordination, Etcd) and not coordination.epoch_is_token
     voter = coordination.voter(NullVoter(), lambda: {"primary": "down"})
-    assert isinstance(voter.inner, PeerVoter)  # type: ignore[attr-defined]
+    assert isinstance(voter.inner, PeerVoter)
     guarded = coordination.guard([NullActuator()], on_takeover=lambda observed, token: None)
     assert [type(a) for a in guarded] == [FencedActuator]
     assert list(coordination.jobs()) == ["peer views", "coordination"]
@@ -86,7 +86,7 @@ def test_etcd_without_a_witness_takes_the_other_sites_views_and_fences_every_act
     async def scenario() -> None:
         with pytest.raises(NotLeader, match="not acting"):  # nobody granted this appliance a lease
             await guarded[0].apply(NORMAL, 1)
-        await coordination.gateway.close()  # type: ignore[attr-defined]
+        await coordination.gateway.close()
 
     asyncio.run(scenario())
 
@@ -96,7 +96,7 @@ def test_etcd_with_a_witness_passes_on_the_witness_and_tells_role_changes() -> N
     coordination = from_config(cfg, registry=CollectorRegistry())
     assert isinstance(coordination, Etcd)
     witness = Witness()
-    assert coordination.voter(witness, dict).inner is witness  # type: ignore[attr-defined]
+    assert coordination.voter(witness, dict).inner is witness
     assert list(coordination.jobs()) == ["coordination"]
     roles: list[tuple[str, str]] = []
     coordination.on_change(lambda role, detail: roles.append((role, detail)))

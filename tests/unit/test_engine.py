@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,8 @@ from failover.engine import (
     WitnessVote,
     step,
 )
+
+Mode = Literal["auto", "confirm", "manual"]  # Policy.mode
 
 AUTO = Policy(mode="auto", has_witness=True, hold_down_s=10, min_dwell_s=60, max_auto_per_hour=1)
 CONFIRM = Policy(mode="confirm", hold_down_s=10)
@@ -291,8 +294,8 @@ events = st.one_of(
     mode=st.sampled_from(["auto", "confirm", "manual"]),
     witness=st.booleans(),
 )
-def test_safety_properties(script: list[tuple[float, Event, bool, str]], mode: str, witness: bool) -> None:
-    policy = Policy(mode=mode, has_witness=witness, hold_down_s=15, min_dwell_s=30, max_auto_per_hour=2)  # type: ignore[arg-type]
+def test_safety_properties(script: list[tuple[float, Event, bool, str]], mode: Mode, witness: bool) -> None:
+    policy = Policy(mode=mode, has_witness=witness, hold_down_s=15, min_dwell_s=30, max_auto_per_hour=2)
     run = Run(policy)
     now = 0.0
     down_since: float | None = None
@@ -352,7 +355,7 @@ world = st.one_of(
     confirm_timeout=st.sampled_from([0.0, 45.0]),
 )
 def test_automatic_decisions_only_on_lasting_evidence(
-    script: list[tuple[float, Event]], mode: str, confirm_timeout: float
+    script: list[tuple[float, Event]], mode: Mode, confirm_timeout: float
 ) -> None:
     """Only the world speaks (no operator): every automatic move is justified, and limited."""
     policy = Policy(
@@ -360,7 +363,7 @@ def test_automatic_decisions_only_on_lasting_evidence(
         has_witness=True,
         hold_down_s=15,
         min_dwell_s=30,
-        max_auto_per_hour=2,  # type: ignore[arg-type]
+        max_auto_per_hour=2,
         confirm_timeout_s=confirm_timeout,
         failback="auto",
         failback_stable_s=40,
@@ -526,14 +529,14 @@ multi_world = st.one_of(
     mode=st.sampled_from(["auto", "confirm"]),
 )
 def test_a_lost_backup_site_is_planned_around_only_on_lasting_evidence(
-    script: list[tuple[float, Event, bool]], mode: str
+    script: list[tuple[float, Event, bool]], mode: Mode
 ) -> None:
     policy = Policy(
         mode=mode,
         has_witness=True,
         hold_down_s=15,
         min_dwell_s=0,
-        max_auto_per_hour=50,  # type: ignore[arg-type]
+        max_auto_per_hour=50,
         failback="auto",
         failback_stable_s=40,
     )

@@ -28,7 +28,7 @@ DEFAULT = Thresholds(rise=2, fall=3)
 
 def run(oks: list[bool], thresholds: Thresholds = DEFAULT) -> list[str]:
     health = TargetHealth("trunk:a")
-    states = []
+    states: list[str] = []
     for i, ok in enumerate(oks):
         health = observe(health, result(ok, float(i)), thresholds)
         states.append(health.state)

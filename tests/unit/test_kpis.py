@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from appliance.clock import SimulatedClock
 from appliance.config import Config
+from appliance.kamailio import KamailioRpc
 from monitoring import kpis
 from monitoring.kpi_monitor import CallKpiMetrics, KpiMonitor
 from monitoring.kpi_settings import CallKpisSection
@@ -160,6 +162,10 @@ def test_generated_config_counts_only_the_trunks_it_names(tmp_path: Path) -> Non
     assert "|".join(map(str, kpis.CODES)) in text
 
 
+# The monitor folds readings handed to it here and never calls Kamailio: an RPC to nowhere.
+UNUSED_RPC = KamailioRpc(socket_path="/nonexistent/kamailio-rpc.sock")
+
+
 def _config(**callkpis: object) -> Config:
     return Config.model_validate(
         {
@@ -189,8 +195,11 @@ def test_monitor_folds_readings_tells_changes_exports_and_survives_a_reload() ->
     changes: list[tuple[str, str, str]] = []
     cfg = _config(min_attempts=5, min_asr_pct=50, recover_asr_pct=60, window_s=60, channels={"trunk-a": 30})
     monitor = KpiMonitor(
-        cfg, rpc=None, clock=None, on_change=lambda t, b, a: changes.append((t, b.state, a.state))
-    )  # type: ignore[arg-type]
+        cfg,
+        rpc=UNUSED_RPC,
+        clock=SimulatedClock(),
+        on_change=lambda t, b, a: changes.append((t, b.state, a.state)),
+    )
     monitor.fold(_reading(0, 0, 0), now=0)
     monitor.fold(_reading(10, 2, 8), now=10)
     assert changes == [("trunk-a", "unknown", "failing")]
@@ -209,8 +218,11 @@ def test_monitor_folds_readings_tells_changes_exports_and_survives_a_reload() ->
     assert registry.get_sample_value("hotsite_trunk_call_attempts_total", {"trunk": "trunk-b"}) is None
 
     reloaded = KpiMonitor(
-        cfg, rpc=None, clock=None, on_change=lambda t, b, a: changes.append((t, b.state, a.state))
-    )  # type: ignore[arg-type]
+        cfg,
+        rpc=UNUSED_RPC,
+        clock=SimulatedClock(),
+        on_change=lambda t, b, a: changes.append((t, b.state, a.state)),
+    )
     reloaded.adopt(monitor)
     reloaded.fold(_reading(30, 17, 13), now=20)  # 15 of 20 more answered: 17/30 = 57% < 60%: still failing
     assert reloaded.health["trunk-a"].state == "failing"

@@ -64,7 +64,7 @@ def test_generated_cfg_passes_kamailio_check(tmp_path: Path) -> None:
     cfg.write_text(text)
     (tmp_path / "run").mkdir()
     binary = kamailio.find_binary()
-    assert binary is not None and shutil.which(binary) or Path(binary).exists()
+    assert binary is not None and (shutil.which(binary) or Path(binary).exists())
     r = subprocess.run(
         [binary, "-c", "-f", str(cfg), "-Y", str(tmp_path / "run")],
         capture_output=True,

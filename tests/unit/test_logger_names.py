@@ -9,6 +9,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("appliance", "failover", "monitoring")
 
 
+def _formatted(part: ast.expr) -> ast.expr:
+    """The expression inside one ``{...}`` of an f-string."""
+    assert isinstance(part, ast.FormattedValue), ast.dump(part)
+    return part.value
+
+
 def _name(call: ast.Call) -> str | None:
     """The logger name a getLogger call asks for, as written; None for the root logger."""
     if not call.args:
@@ -18,8 +24,9 @@ def _name(call: ast.Call) -> str | None:
         return arg.value
     if isinstance(arg, ast.JoinedStr):
         parts = [
-            v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}" for v in arg.values
-        ]  # type: ignore[attr-defined]
+            v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(_formatted(v)) + "}"
+            for v in arg.values
+        ]
         return "".join(str(p) for p in parts)
     return ast.unparse(arg)
 

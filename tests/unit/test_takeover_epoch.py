@@ -10,6 +10,7 @@ history thrown at it, concurrently.
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 import pytest
 from hypothesis import given, settings
@@ -84,7 +85,9 @@ class Engine:
     def finish_runbook(self, ok: bool) -> None:
         """What the edges report when a runbook the engine started ends."""
         if self.state.state in ("failing_over", "failing_back"):
-            kind = "failover" if self.state.state == "failing_over" else "failback"
+            kind: Literal["failover", "failback"] = (
+                "failover" if self.state.state == "failing_over" else "failback"
+            )
             self.at(
                 1.0, RunbookDone(kind, self.state.epoch, ok, "failover" if kind == "failover" else "normal")
             )

@@ -53,7 +53,7 @@ def gate(lease: EtcdLease, edges: list[Edge], taken: list[tuple[str, int]]) -> t
     fence = Fence(
         lease,
         lambda: {"normal": NORMAL, "failover": FAILOVER},
-        on_takeover=lambda observed, token: taken.append((observed, token)) and None,
+        on_takeover=lambda observed, token: taken.append((observed, token)),
     )
     return fence, fence.wrap(edges)
 
