@@ -9,8 +9,6 @@ state (every step is idempotent, a newer fencing token) and finish it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,15 +20,9 @@ import pytest
 from provisioning.lab import config as lab_config
 from tests.conftest import free_port
 from tests.integration.daemon_helpers import RunningDaemon, hotsite, wait_for
+from tests.support import lab as lab_rig
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
-for ok, why in [
-    (os.geteuid() == 0, "the namespace lab needs root"),
-    (shutil.which("kamailio") is not None, "kamailio is not installed"),
-    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
-]:
-    if not ok:
-        pytestmark.append(pytest.mark.skip(reason=why))
+pytestmark = lab_rig.marks(pytest.mark.slow)
 
 HOOK = """#!/bin/sh
 # A slow external step (a carrier's redirect API, say) that records what it was told.
@@ -48,15 +40,8 @@ echo "$HOTSITE_ROUTING" > "$state"
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from provisioning.lab import Lab
-
-    the_lab = Lab(tmp_path_factory.mktemp("lab"))
-    try:
-        info = the_lab.up(mode="netns")
-        the_lab.wait_ready()
+    with lab_rig.netns_lab(tmp_path_factory) as (_, info):
         yield info
-    finally:
-        the_lab.down()
 
 
 def _rpc(method: str, *params: Any) -> Any:

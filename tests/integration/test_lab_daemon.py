@@ -7,8 +7,6 @@ link is cut with tc netem to see it judged down, then healed.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -19,60 +17,36 @@ from typing import Any
 import httpx
 import pytest
 
+from provisioning.lab import Lab
 from provisioning.lab import config as lab_config
 from tests.conftest import free_port
-from tests.integration.daemon_helpers import RunningDaemon, hotsite, metrics, wait_for
+from tests.integration.daemon_helpers import hotsite, metrics, wait_for
+from tests.support import lab as lab_rig
+from tests.support.lab import LabDaemon
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
-
-NEEDS = [
-    (os.geteuid() == 0, "the namespace lab needs root"),
-    (shutil.which("kamailio") is not None, "kamailio is not installed"),
-    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
-]
-for ok, why in NEEDS:
-    if not ok:
-        pytestmark.append(pytest.mark.skip(reason=why))
+pytestmark = lab_rig.marks(pytest.mark.slow)
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, dict[str, Any]]]:
-    from provisioning.lab import Lab
-
-    the_lab = Lab(tmp_path_factory.mktemp("lab"))
-    try:
-        info = the_lab.up(mode="netns")
-        the_lab.wait_ready()
-        yield the_lab, info
-    finally:
-        the_lab.down()
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, dict[str, Any]]]:
+    with lab_rig.netns_lab(tmp_path_factory) as up:
+        yield up
 
 
 @pytest.fixture(scope="module")
-def daemon(
-    lab: tuple[Any, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningDaemon]:
-    _, info = lab
-    listen = f"127.0.0.1:{free_port()}"
-    path = Path(info["workdir"]) / "hotsite.toml"
-    path.write_text(lab_config.render(info, metrics_listen=listen))
-    running = RunningDaemon(path, tmp_path_factory.mktemp("daemon") / "daemon.log")
-    running.listen = listen  # type: ignore[attr-defined]
-    try:
-        running.wait_ready()
+def daemon(lab: tuple[Lab, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabDaemon]:
+    with lab_rig.lab_daemon(lab[1], tmp_path_factory) as running:
         yield running
-    finally:
-        assert running.stop() == 0
 
 
-def _states(daemon: RunningDaemon) -> dict[str, str]:
+def _states(daemon: LabDaemon) -> dict[str, str]:
     status = daemon.status()
     states = {f"site:{s['name']}": s["state"] for s in status["sites"]}
     states.update({f"trunk:{t['name']}": t["state"] for t in status["trunks"]})
     return states
 
 
-def test_every_trunk_and_sbc_is_seen_up(daemon: RunningDaemon) -> None:
+def test_every_trunk_and_sbc_is_seen_up(daemon: LabDaemon) -> None:
     states = wait_for(
         lambda: (s := _states(daemon)) and all(v == "up" for v in s.values()) and s,
         what="all targets up",
@@ -82,7 +56,7 @@ def test_every_trunk_and_sbc_is_seen_up(daemon: RunningDaemon) -> None:
     for trunk in status["trunks"]:
         assert trunk["last_code"] == 200
         assert 0 < trunk["rtt_ms"] < 100
-    text = metrics(daemon.listen)  # type: ignore[attr-defined]
+    text = metrics(daemon.listen)
     for target in ("site:primary:sbc", "site:backup:sbc", "trunk:trunk-a", "trunk:trunk-b"):
         assert f'hotsite_probe_up{{kind="sip",target="{target}"}} 1.0' in text
     assert 'hotsite_probe_rtt_seconds_count{target="trunk:trunk-a"}' in text
@@ -90,7 +64,7 @@ def test_every_trunk_and_sbc_is_seen_up(daemon: RunningDaemon) -> None:
     assert human.returncode == 0 and "trunk-a" in human.stdout and "UP" in human.stdout
 
 
-def test_a_cut_trunk_goes_down_and_comes_back(lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon) -> None:
+def test_a_cut_trunk_goes_down_and_comes_back(lab: tuple[Any, dict[str, Any]], daemon: LabDaemon) -> None:
     the_lab, _ = lab
     wait_for(lambda: _states(daemon).get("trunk:trunk-a") == "up", what="trunk-a up")
     proc = hotsite("lab", "impair", "--workdir", str(the_lab_workdir(the_lab)), "trunk-a", "--cut")
@@ -101,7 +75,7 @@ def test_a_cut_trunk_goes_down_and_comes_back(lab: tuple[Any, dict[str, Any]], d
         assert states["trunk:trunk-b"] == "up" and states["site:primary"] == "up"
         trunk = next(t for t in daemon.status()["trunks"] if t["name"] == "trunk-a")
         assert "timeout" in trunk["reason"]
-        assert 'hotsite_probe_up{kind="sip",target="trunk:trunk-a"} 0.0' in metrics(daemon.listen)  # type: ignore[attr-defined]
+        assert 'hotsite_probe_up{kind="sip",target="trunk:trunk-a"} 0.0' in metrics(daemon.listen)
         events = json.loads(hotsite("events", "--json", "--kind", "probe", config=daemon.config).stdout)
         assert any(e["subject"] == "trunk:trunk-a" and e["data"]["state"] == "down" for e in events)
     finally:
@@ -182,7 +156,7 @@ def _rpc(method: str, *params: Any) -> Any:
 
 
 def test_a_dead_primary_fails_over_by_plan_and_back_under_control(
-    lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
+    lab: tuple[Any, dict[str, Any]], daemon: LabDaemon
 ) -> None:
     """The whole path: cut -> verdict (two kinds agree) -> witness agrees -> auto failover -> calls
     land at the backup by plan -> primary back -> failback only when an operator says so."""
@@ -208,7 +182,7 @@ def test_a_dead_primary_fails_over_by_plan_and_back_under_control(
         assert flags[1]["sip:10.77.0.20:5060"].startswith("D") and flags[1]["sip:10.77.0.30:5060"].startswith(
             "A"
         )
-        text = metrics(daemon.listen)  # type: ignore[attr-defined]
+        text = metrics(daemon.listen)
         assert 'hotsite_failover_state{state="backup_active"} 1.0' in text
         assert 'hotsite_site_verdict{site="primary",verdict="down"} 1.0' in text
         call = _sipp_call("95588", 5090, hold_ms=2000)
@@ -244,13 +218,13 @@ def _dispatcher_flags() -> dict[int, dict[str, str]]:
     }
 
 
-def test_the_appliance_link_is_watched_by_netlink(daemon: RunningDaemon) -> None:
+def test_the_appliance_link_is_watched_by_netlink(daemon: LabDaemon) -> None:
     probes = json.loads(hotsite("probes", "--json", config=daemon.config).stdout)
     link = next(p for p in probes if p["target"] == "link:hs-appl")
     assert link["state"] == "up" and link["kind"] == "link"
 
 
-def test_calls_in_progress_are_read_from_kamailio(daemon: RunningDaemon) -> None:
+def test_calls_in_progress_are_read_from_kamailio(daemon: LabDaemon) -> None:
     """Three 10-second calls from trunk-a through Kamailio: counted per trunk and per site, then gone.
 
     Trunks, sites and metrics come from three separate reads, so they are judged
@@ -295,7 +269,7 @@ def test_calls_in_progress_are_read_from_kamailio(daemon: RunningDaemon) -> None
                 for t in json.loads(hotsite("trunks", "--json", config=daemon.config).stdout)
             }
             sites = {s["name"]: s["calls_in_progress"] for s in daemon.status()["sites"]}
-            exported = metrics(daemon.listen)  # type: ignore[attr-defined]
+            exported = metrics(daemon.listen)
             seen = (trunks, sites, exported)
             return (
                 trunks["trunk-a"] == 3
@@ -315,7 +289,7 @@ def test_calls_in_progress_are_read_from_kamailio(daemon: RunningDaemon) -> None
     wait_for(lambda: daemon.status()["sites"][0]["calls_in_progress"] == 0, timeout=20, what="calls ended")
 
 
-def test_a_drill_checks_the_backup_path_without_moving_production(daemon: RunningDaemon) -> None:
+def test_a_drill_checks_the_backup_path_without_moving_production(daemon: LabDaemon) -> None:
     wait_for(lambda: daemon.status()["failover"]["state"] == "primary_active", what="normal operation")
     wait_for(lambda: all(s["verdict"] == "up" for s in daemon.status()["sites"]), what="both sites up")
     before = _rpc("htable.dump", "hotlines")
@@ -337,11 +311,11 @@ def test_a_drill_checks_the_backup_path_without_moving_production(daemon: Runnin
     assert decision["message"].startswith("drill passed: 5/5 checks passed, expected RTO")
 
 
-def _failover_state(daemon: RunningDaemon) -> str:
+def _failover_state(daemon: LabDaemon) -> str:
     return str(daemon.status()["failover"]["state"])
 
 
-def _steady(daemon: RunningDaemon) -> None:
+def _steady(daemon: LabDaemon) -> None:
     wait_for(
         lambda: (
             _failover_state(daemon) == "primary_active"
@@ -352,7 +326,7 @@ def _steady(daemon: RunningDaemon) -> None:
     )
 
 
-def _no_failover_for(daemon: RunningDaemon, seconds: float) -> list[str]:
+def _no_failover_for(daemon: LabDaemon, seconds: float) -> list[str]:
     """Watch for ``seconds``: the engine may get worried, but never starts a runbook."""
     seen, deadline = set(), time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -364,7 +338,7 @@ def _no_failover_for(daemon: RunningDaemon, seconds: float) -> list[str]:
 
 
 def test_grey_failure_moves_the_hotlines_although_the_sbc_answers(
-    lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
+    lab: tuple[Any, dict[str, Any]], daemon: LabDaemon
 ) -> None:
     """The primary's SBC keeps answering OPTIONS and calls, but its health says nobody can take calls:
     Kamailio's dispatcher and keepalived cannot see this; hotsite moves the hotlines by plan."""
@@ -399,7 +373,7 @@ def test_grey_failure_moves_the_hotlines_although_the_sbc_answers(
 
 
 def test_no_failover_when_only_the_link_to_the_primary_is_cut(
-    lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
+    lab: tuple[Any, dict[str, Any]], daemon: LabDaemon
 ) -> None:
     """Backup cut from the primary, the witness still sees it: a partition, never a failover."""
     the_lab, _ = lab
@@ -423,7 +397,7 @@ def test_no_failover_when_only_the_link_to_the_primary_is_cut(
 
 
 def test_no_failover_on_a_blip_or_when_only_the_witness_dies(
-    lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
+    lab: tuple[Any, dict[str, Any]], daemon: LabDaemon
 ) -> None:
     the_lab, _ = lab
     _steady(daemon)

@@ -13,7 +13,6 @@ the GSM modem emulator); good calls bring the ASR back and the trunk recovers.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,20 +22,14 @@ from typing import Any
 
 import pytest
 
-from provisioning.lab import config as lab_config
+from provisioning.lab import Lab
 from provisioning.lab import topology as topo
-from tests.conftest import free_port
 from tests.integration.daemon_helpers import RunningDaemon, hotsite, metrics, wait_for
+from tests.support import lab as lab_rig
+from tests.support.lab import LabDaemon
 from tests.support.modem import ModemEmulator
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
-for ok, why in [
-    (os.geteuid() == 0, "the namespace lab needs root"),
-    (shutil.which("kamailio") is not None, "kamailio is not installed"),
-    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
-]:
-    if not ok:
-        pytestmark.append(pytest.mark.skip(reason=why))
+pytestmark = lab_rig.marks(pytest.mark.slow)
 
 ON_CALL = "+8613800138000"
 CALLKPIS = """
@@ -110,30 +103,20 @@ def _caller_scenario(sipp: str, workdir: Path) -> Path:
 @pytest.fixture(scope="module")
 def world(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Any, RunningDaemon, ModemEmulator, Path]]:
-    from provisioning.lab import Lab
-
-    the_lab = Lab(tmp_path_factory.mktemp("lab"))
-    modem = ModemEmulator().start()
-    daemon = None
-    try:
-        info = the_lab.up(mode="netns")
-        the_lab.wait_ready()
-        config = Path(info["workdir"]) / "hotsite.toml"
-        listen = f"127.0.0.1:{free_port()}"
-        config.write_text(
-            lab_config.render(info, metrics_listen=listen) + CALLKPIS.replace("{device}", modem.path)
-        )
-        daemon = RunningDaemon(config, tmp_path_factory.mktemp("daemon") / "daemon.log")
-        daemon.wait_ready(timeout=60)
-        daemon.listen = listen  # type: ignore[attr-defined]
+) -> Iterator[tuple[Lab, LabDaemon, ModemEmulator, Path]]:
+    with (
+        lab_rig.modem() as modem,
+        lab_rig.netns_lab(tmp_path_factory) as (the_lab, info),
+        lab_rig.lab_daemon(
+            info,
+            tmp_path_factory,
+            CALLKPIS.replace("{device}", modem.path),
+            ready_timeout=60,
+            clean_exit=False,
+        ) as daemon,
+    ):
         scenario = _caller_scenario(shutil.which("sipp") or "sipp", Path(info["workdir"]))
         yield the_lab, daemon, modem, scenario
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        modem.stop()
-        the_lab.down()
 
 
 def _calls(scenario: Path, n: int, port: int) -> None:
@@ -157,7 +140,7 @@ def _trunk(daemon: RunningDaemon) -> dict[str, Any]:
 
 
 def test_counts_and_ratios_of_a_known_mix_degrade_page_and_recover(
-    world: tuple[Any, RunningDaemon, ModemEmulator, Path],
+    world: tuple[Lab, LabDaemon, ModemEmulator, Path],
 ) -> None:
     the_lab, daemon, modem, scenario = world
     wait_for(lambda: _trunk(daemon)["state"] == "up", timeout=60, what="trunk-a up (OPTIONS)")
@@ -201,7 +184,7 @@ def test_counts_and_ratios_of_a_known_mix_degrade_page_and_recover(
     )
     assert "calls failing" in texts[0]
 
-    scraped = metrics(daemon.listen)  # type: ignore[attr-defined]
+    scraped = metrics(daemon.listen)
     assert 'hotsite_trunk_call_attempts_total{trunk="trunk-a"} 13.0' in scraped
     assert 'hotsite_trunk_calls_answered_total{trunk="trunk-a"} 6.0' in scraped
     assert 'hotsite_trunk_call_failure_codes_total{code="503",trunk="trunk-a"} 3.0' in scraped

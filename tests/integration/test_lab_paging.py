@@ -8,28 +8,19 @@ The GSM modem is the pseudo-terminal emulator (the one part we cannot have for r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from provisioning.lab import config as lab_config
-from tests.conftest import free_port
+from provisioning.lab import Lab
 from tests.integration.daemon_helpers import RunningDaemon, hotsite, wait_for
+from tests.support import lab as lab_rig
+from tests.support.lab import LabDaemon
 from tests.support.modem import ModemEmulator
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
-for ok, why in [
-    (os.geteuid() == 0, "the namespace lab needs root"),
-    (shutil.which("kamailio") is not None, "kamailio is not installed"),
-    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
-]:
-    if not ok:
-        pytestmark.append(pytest.mark.skip(reason=why))
+pytestmark = lab_rig.marks(pytest.mark.slow)
 
 ON_CALL = "+8613800138000"  # "Lab On-Call" in the lab config
 BACKUP = "+8613900139000"
@@ -60,26 +51,15 @@ escalate_after_s = 600
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, ModemEmulator, RunningDaemon]]:
-    from provisioning.lab import Lab
-
-    the_lab = Lab(tmp_path_factory.mktemp("lab"))
-    modem = ModemEmulator().start()
-    daemon = None
-    try:
-        info = the_lab.up(mode="netns")
-        the_lab.wait_ready()
-        config = Path(info["workdir"]) / "hotsite.toml"
-        text = lab_config.render(info, metrics_listen=f"127.0.0.1:{free_port()}")
-        config.write_text(text + PAGING.replace("{device}", modem.path))
-        daemon = RunningDaemon(config, tmp_path_factory.mktemp("daemon") / "daemon.log")
-        daemon.wait_ready()
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, ModemEmulator, LabDaemon]]:
+    with (
+        lab_rig.modem() as modem,
+        lab_rig.netns_lab(tmp_path_factory) as (the_lab, info),
+        lab_rig.lab_daemon(
+            info, tmp_path_factory, PAGING.replace("{device}", modem.path), clean_exit=False
+        ) as daemon,
+    ):
         yield the_lab, modem, daemon
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        modem.stop()
-        the_lab.down()
 
 
 def _texts_to(modem: ModemEmulator, number: str) -> list[str]:

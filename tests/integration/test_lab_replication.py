@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -23,15 +22,9 @@ import pytest
 from provisioning.lab import replication as lab_repl
 from tests.conftest import free_port
 from tests.integration.daemon_helpers import RunningDaemon, hotsite, wait_for
+from tests.support import lab as lab_rig
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
-for ok, why in [
-    (os.geteuid() == 0, "the namespace lab needs root"),
-    (shutil.which("kamailio") is not None, "kamailio is not installed"),
-    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
-]:
-    if not ok:
-        pytestmark.append(pytest.mark.skip(reason=why))
+pytestmark = lab_rig.marks(pytest.mark.slow)
 
 HOTSITE = [sys.executable, "-m", "appliance.cli.main"]
 

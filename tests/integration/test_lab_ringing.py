@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -32,16 +31,9 @@ from failover.actuators.kamailio import KamailioActuator
 from failover.routing import Routing
 from provisioning.lab import kamailio as lab_kamailio
 from provisioning.lab import topology as topo
+from tests.support import lab as lab_rig
 
-pytestmark = [pytest.mark.lab]
-NEEDS = [
-    (os.geteuid() == 0, "the namespace lab needs root"),
-    (shutil.which("kamailio") is not None, "kamailio is not installed"),
-    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
-]
-for ok, why in NEEDS:
-    if not ok:
-        pytestmark.append(pytest.mark.skip(reason=why))
+pytestmark = lab_rig.marks()
 
 RING_MS = 4000
 KAMAILIO = f"{topo.host('carrier').netns_addr}:{topo.SIP_PORT}"

@@ -13,29 +13,19 @@ Then every read command runs as a script or a serial console would run it (stdou
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from provisioning.lab import config as lab_config
-from tests.conftest import free_port
+from provisioning.lab import Lab
 from tests.integration.daemon_helpers import RunningDaemon, hotsite, wait_for
-from tests.support.modem import ModemEmulator
+from tests.support import lab as lab_rig
+from tests.support.lab import LabDaemon
 from tests.support.surfaces import BOX, monotonic_leaks
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
-for ok, why in [
-    (os.geteuid() == 0, "the namespace lab needs root"),
-    (shutil.which("kamailio") is not None, "kamailio is not installed"),
-    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
-]:
-    if not ok:
-        pytestmark.append(pytest.mark.skip(reason=why))
+pytestmark = lab_rig.marks(pytest.mark.slow)
 
 MAX_COLUMNS = 200
 # Markdown documents, not tables for a terminal: a Markdown table row cannot be wrapped without
@@ -79,35 +69,24 @@ READ_COMMANDS: list[tuple[str, ...]] = [
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, RunningDaemon, float]]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabDaemon, float]]:
     """A lab whose primary has been cut: failed over, an incident open and paged."""
-    from provisioning.lab import Lab
-
-    the_lab = Lab(tmp_path_factory.mktemp("lab"))
-    modem = ModemEmulator().start()
-    daemon = None
-    try:
-        info = the_lab.up(mode="netns")
-        the_lab.wait_ready()
-        config = Path(info["workdir"]) / "hotsite.toml"
-        text = lab_config.render(info, metrics_listen=f"127.0.0.1:{free_port()}")
-        config.write_text(text + PAGING.replace("{device}", modem.path))
+    with lab_rig.modem() as modem, lab_rig.netns_lab(tmp_path_factory) as (the_lab, info):
         started = time.monotonic()
-        daemon = RunningDaemon(config, tmp_path_factory.mktemp("daemon") / "daemon.log")
-        daemon.wait_ready(timeout=60)
-        wait_for(lambda: daemon.status()["failover"]["state"] == "primary_active"
-                 and all(s["verdict"] == "up" for s in daemon.status()["sites"]),
-                 timeout=60, what="steady")  # fmt: skip
-        assert hotsite("lab", "impair", "--workdir", str(the_lab.workdir), "primary", "--cut").returncode == 0
-        wait_for(lambda: daemon.status()["failover"]["state"] == "backup_active",
-                 timeout=90, what="failover")  # fmt: skip
-        wait_for(lambda: modem.submitted, timeout=60, what="the page to the on-call contractor")
-        yield the_lab, daemon, started
-    finally:
-        if daemon is not None:
-            daemon.stop()
-        modem.stop()
-        the_lab.down()
+        with lab_rig.lab_daemon(
+            info, tmp_path_factory, PAGING.replace("{device}", modem.path), ready_timeout=60, clean_exit=False
+        ) as daemon:
+            wait_for(lambda: daemon.status()["failover"]["state"] == "primary_active"
+                     and all(s["verdict"] == "up" for s in daemon.status()["sites"]),
+                     timeout=60, what="steady")  # fmt: skip
+            assert (
+                hotsite("lab", "impair", "--workdir", str(the_lab.workdir), "primary", "--cut").returncode
+                == 0
+            )
+            wait_for(lambda: daemon.status()["failover"]["state"] == "backup_active",
+                     timeout=90, what="failover")  # fmt: skip
+            wait_for(lambda: modem.submitted, timeout=60, what="the page to the on-call contractor")
+            yield the_lab, daemon, started
 
 
 def _incident_id(daemon: RunningDaemon) -> str:

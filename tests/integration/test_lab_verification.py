@@ -11,27 +11,18 @@ backup path with no hotline moved.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from provisioning.lab import config as lab_config
-from tests.conftest import free_port
+from provisioning.lab import Lab
 from tests.integration.daemon_helpers import RunningDaemon, hotsite, wait_for
+from tests.support import lab as lab_rig
+from tests.support.lab import LabDaemon
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
-for ok, why in [
-    (os.geteuid() == 0, "the namespace lab needs root"),
-    (shutil.which("kamailio") is not None, "kamailio is not installed"),
-    (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
-]:
-    if not ok:
-        pytestmark.append(pytest.mark.skip(reason=why))
+pytestmark = lab_rig.marks(pytest.mark.slow)
 
 # Short calls; the scheduled test calls rarely (the verification is what this file is about).
 TESTCALLS = """
@@ -46,30 +37,15 @@ verify_timeout_s = 30
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, dict[str, Any]]]:
-    from provisioning.lab import Lab
-
-    the_lab = Lab(tmp_path_factory.mktemp("lab"))
-    try:
-        info = the_lab.up(mode="netns")
-        yield the_lab, info
-    finally:
-        the_lab.down()
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, dict[str, Any]]]:
+    with lab_rig.netns_lab(tmp_path_factory, ready=False) as up:
+        yield up
 
 
 @pytest.fixture(scope="module")
-def daemon(
-    lab: tuple[Any, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RunningDaemon]:
-    _, info = lab
-    path = Path(info["workdir"]) / "hotsite.toml"
-    path.write_text(lab_config.render(info, metrics_listen=f"127.0.0.1:{free_port()}") + TESTCALLS)
-    running = RunningDaemon(path, tmp_path_factory.mktemp("daemon") / "daemon.log")
-    try:
-        running.wait_ready()
+def daemon(lab: tuple[Lab, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabDaemon]:
+    with lab_rig.lab_daemon(lab[1], tmp_path_factory, TESTCALLS) as running:
         yield running
-    finally:
-        assert running.stop() == 0
 
 
 def _events(daemon: RunningDaemon, kind: str) -> list[dict[str, Any]]:
