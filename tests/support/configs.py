@@ -57,3 +57,38 @@ timeout_s = 0.15
 rise = 1
 fall = 2
 """ + two_sites("127.0.0.1:{sbc_port}", "127.0.0.1:{sbc_port}")
+
+
+# Pieces for the configs that plan hotlines: sites with seats, destinations, hotlines. Each
+# returns its TOML table (ending in a newline) so a test's config reads as what it is made of.
+
+
+def site(name: str, role: str, sbc: str, kamailio_set: int, seats: int | None = None) -> str:
+    """``[sites.<name>]``; ``seats`` only when given (plans need it, probes do not)."""
+    text = f'[sites.{name}]\nrole = "{role}"\nsbc = "{sbc}"\nkamailio_set = {kamailio_set}\n'
+    return text + (f"seats = {seats}\n" if seats is not None else "")
+
+
+def destination(name: str, kind: str, kamailio_set: int, capacity: int | None = None) -> str:
+    """``[destinations.<name>]`` (an IVR, remote agents...), ``capacity`` only when given."""
+    text = f'[destinations.{name}]\nkind = "{kind}"\nkamailio_set = {kamailio_set}\n'
+    return text + (f"capacity = {capacity}\n" if capacity is not None else "")
+
+
+def hotline(name: str, number: str, *, agents: int, failover: list[str], priority: int | None = None) -> str:
+    """``[hotlines.<name>]``: its number, agents needed and where it fails over to, in order."""
+    text = f'[hotlines.{name}]\nnumber = "{number}"\n'
+    text += f"priority = {priority}\n" if priority is not None else ""
+    targets = ", ".join(f'"{t}"' for t in failover)
+    return text + f"agents = {agents}\nfailover = [{targets}]\n"
+
+
+# A primary of 100 seats, a backup of 50 and an IVR (set 3): what the failover service plans on.
+SEATED_SITES = (
+    site("primary", "primary", "10.0.0.1", 1, seats=100)
+    + site("backup", "backup", "10.0.1.1", 2, seats=50)
+    + destination("ivr", "ivr", 3)
+)
+
+# Operator confirmation, a 10 s hold-down: the failover section the service tests run under.
+CONFIRM_FAILOVER = '[failover]\npolicy = "confirm"\nhold_down_s = 10\n'

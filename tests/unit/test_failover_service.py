@@ -14,29 +14,13 @@ from failover.actuators.base import ActuatorError, NullActuator
 from failover.engine import Command, PrimaryVerdict, Tick
 from failover.service import STATE_KEY, FailoverService
 from failover.thirdvote import NullVoter
+from tests.support import configs
 
-CONFIG = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1"
-kamailio_set = 1
-seats = 100
-[sites.backup]
-role = "backup"
-sbc = "10.0.1.1"
-kamailio_set = 2
-seats = 50
-[destinations.ivr]
-kind = "ivr"
-kamailio_set = 3
-[hotlines.vip]
-number = "95588"
-agents = 40
-failover = ["backup", "ivr"]
-[failover]
-policy = "confirm"
-hold_down_s = 10
-"""
+CONFIG = (
+    configs.SEATED_SITES
+    + configs.hotline("vip", "95588", agents=40, failover=["backup", "ivr"])
+    + configs.CONFIRM_FAILOVER
+)
 
 
 async def settle(service: FailoverService) -> None:

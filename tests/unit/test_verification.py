@@ -21,45 +21,17 @@ from failover.service import FailoverService
 from failover.thirdvote import NullVoter
 from failover.verification import Expectation, HotlineCheck
 from monitoring.probes.testcall import CallResult
+from tests.support import configs
 from tests.unit.test_failover_service import settle
 
-CONFIG = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1"
-kamailio_set = 1
-seats = 100
-[sites.backup]
-role = "backup"
-sbc = "10.0.1.1"
-kamailio_set = 2
-seats = 50
-[destinations.ivr]
-kind = "ivr"
-kamailio_set = 3
-[hotlines.vip]
-number = "95588"
-agents = 40
-priority = 1
-failover = ["backup", "ivr"]
-[hotlines.cards]
-number = "95566"
-agents = 40
-priority = 2
-failover = ["backup", "ivr"]
-[hotlines.quiet]
-number = "95500"
-agents = 1
-priority = 3
-failover = ["backup"]
-[kamailio]
-sip = "10.0.2.1:5060"
-[testcalls]
-hotlines = ["cards", "vip"]
-[failover]
-policy = "confirm"
-hold_down_s = 10
-"""
+CONFIG = (
+    configs.SEATED_SITES
+    + configs.hotline("vip", "95588", agents=40, priority=1, failover=["backup", "ivr"])
+    + configs.hotline("cards", "95566", agents=40, priority=2, failover=["backup", "ivr"])
+    + configs.hotline("quiet", "95500", agents=1, priority=3, failover=["backup"])
+    + '[kamailio]\nsip = "10.0.2.1:5060"\n[testcalls]\nhotlines = ["cards", "vip"]\n'
+    + configs.CONFIRM_FAILOVER
+)
 
 
 def answered(number: str, by: str, pdd_ms: float = 4.0, mos: float = 4.41) -> CallResult:
