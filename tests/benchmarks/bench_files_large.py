@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.replication import protocol
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.files import FilesReplica, FilesStreamClient
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
+from tests.support import replication_rig
 
 MIB = 1024 * 1024
 
@@ -71,7 +70,7 @@ def agent_main(src: str, certs: str, max_message: int, ports: Any, results: Any,
             [ServedStream("prompts", "files", Path(src))],
             heartbeat_s=0.5,
             max_message=max_message,
-            ssl_context=server_context(c / "source.pem", c / "source.key", c / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(c),
         )
         await agent.start()
         sampler = PeakRss()
@@ -97,7 +96,7 @@ async def replicate(dst: Path, certs: Path, port: int, max_message: int, size: i
         host="127.0.0.1",
         port=port,
         server_name="source",
-        ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+        ssl_context=replication_rig.client_ctx(certs),
         **kwargs,
     )
     sampler = PeakRss()
@@ -124,9 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         certs = tmp / "tls"
-        make_ca(certs)
-        issue(certs, "source", hosts=["127.0.0.1"], server=True)
-        issue(certs, "appliance", hosts=[], server=False)
+        replication_rig.pki(certs)
         src, dst = tmp / "prompts", tmp / "replica" / "prompts"
         src.mkdir()
         with open(src / "archive.bin", "wb") as f:

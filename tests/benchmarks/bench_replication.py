@@ -53,7 +53,7 @@ from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
+from tests.support import replication_rig
 
 DELAY_S = 0.020
 
@@ -136,7 +136,7 @@ class Bench:
             [ServedStream("db", "sqlite", db)],
             heartbeat_s=0.2,
             poll_interval_s=0.005,
-            ssl_context=server_context(c / "source.pem", c / "source.key", c / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(c),
         )
 
     def client(self, replica: Replica, port: int, **kw: Any) -> SqliteStreamClient:
@@ -148,7 +148,7 @@ class Bench:
             host="127.0.0.1",
             port=port,
             server_name="source",
-            ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(c),
             **kw,
         )
 
@@ -308,7 +308,7 @@ def _replica_process(rep: str, port: int, certs: str, cpus: set[int] | None, sto
             host="127.0.0.1",
             port=port,
             server_name="source",
-            ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(c),
         )
         task = asyncio.create_task(client.run())
         while not stop.is_set():

@@ -28,11 +28,10 @@ from click.testing import CliRunner
 from appliance.api import ApiServer
 from appliance.cli.main import cli
 from appliance.config import ReplicationSection
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import server_context
+from tests.support import replication_rig
 
 
 def _run(args: list[str]) -> Any:
@@ -80,7 +79,7 @@ def _daemon(tmp_path: Path, *, with_source: Path | None) -> Iterator[dict[str, A
             agent = SourceAgent(
                 [ServedStream("customers", "sqlite", with_source)],
                 heartbeat_s=0.1,
-                ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+                ssl_context=replication_rig.server_ctx(certs),
             )
             await agent.start()
             port = agent.port
@@ -117,9 +116,7 @@ def _wait(cond: Any, timeout: float = 30.0) -> None:
 
 def _source(tmp_path: Path) -> tuple[Path, sqlite3.Connection]:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     db = tmp_path / "customers.db"
     app = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     app.execute("PRAGMA journal_mode=WAL")

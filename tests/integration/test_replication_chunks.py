@@ -18,8 +18,8 @@ from typing import Any
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, file_checksum, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
 from tests.integration.test_replication_link import certs, make_db
+from tests.support import replication_rig
 
 __all__ = ["certs"]  # the fixture, re-exported for pytest
 
@@ -37,7 +37,7 @@ class ChunkRig:
             [ServedStream("db", "sqlite", self.db)],
             heartbeat_s=0.1,
             max_message=LIMIT,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         self.rep_path = tmp / "rep" / "db.db"
         self.replica = Replica(self.rep_path)
@@ -57,7 +57,7 @@ class ChunkRig:
             host="127.0.0.1",
             port=self.agent.port,
             server_name="source",
-            ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(c),
             max_message=LIMIT,
             max_buffered_bytes=BUFFER,
             **client_kw,

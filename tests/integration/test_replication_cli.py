@@ -19,11 +19,10 @@ from appliance.api import ApiServer
 from appliance.cli import replication as cli_replication
 from appliance.cli.main import cli
 from appliance.config import ReplicationSection
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import server_context
+from tests.support import replication_rig
 
 
 def _run(args: list[str]) -> Any:
@@ -32,9 +31,7 @@ def _run(args: list[str]) -> Any:
 
 def test_status_verify_restore_over_the_control_socket(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     db = tmp_path / "customers.db"
     app = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     app.execute("PRAGMA journal_mode=WAL")
@@ -49,7 +46,7 @@ def test_status_verify_restore_over_the_control_socket(tmp_path: Path) -> None:
         agent = SourceAgent(
             [ServedStream("customers", "sqlite", db)],
             heartbeat_s=0.1,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         section = ReplicationSection.model_validate(

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.checksum import show
 from appliance.replication.client import SqliteStreamClient, StreamStats
 from appliance.replication.replica import Replica, file_checksum, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
 from tests.conftest import REPO, free_port
+from tests.support import replication_rig
 
 PY = sys.executable
 
@@ -123,7 +122,7 @@ def replica_main(replica_path: Path, port: int, certs: Path) -> None:
             replica,
             host="127.0.0.1",
             port=port,
-            ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(certs),
             server_name="source",
         )
         await client.run()
@@ -138,9 +137,7 @@ def replica_main(replica_path: Path, port: int, certs: Path) -> None:
 @pytest.fixture
 def certs(tmp_path: Path) -> Path:
     d = tmp_path / "tls"
-    make_ca(d)
-    issue(d, "source", hosts=["127.0.0.1"], server=True)
-    issue(d, "appliance", hosts=[], server=False)
+    replication_rig.pki(d)
     return d
 
 
@@ -225,7 +222,7 @@ def test_random_writer_replica_is_always_a_committed_state(tmp_path: Path, certs
         agent = SourceAgent(
             [ServedStream("customers", "sqlite", db)],
             allowed_clients=["appliance"],
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
             heartbeat_s=0.2,
         )
         await agent.start()
@@ -238,7 +235,7 @@ def test_random_writer_replica_is_always_a_committed_state(tmp_path: Path, certs
             host="127.0.0.1",
             port=agent.port,
             server_name="source",
-            ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(certs),
         )
         task = asyncio.create_task(client.run())
         proc = await asyncio.to_thread(start_writer, db, out, 5.0, 1)

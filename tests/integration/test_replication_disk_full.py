@@ -25,13 +25,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from appliance.config import ReplicationSection
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import server_context
 from appliance.store import Store
+from tests.support import replication_rig
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -82,9 +81,7 @@ async def _until(cond: object, timeout: float, what: str) -> float:
 
 def test_disk_full_is_raised_survived_and_recovered_from(tmp_path: Path, small_disk: Path) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     db = tmp_path / "customers.db"
     app = sqlite3.connect(db, isolation_level=None)
     app.execute("PRAGMA journal_mode=WAL")
@@ -127,7 +124,7 @@ def test_disk_full_is_raised_survived_and_recovered_from(tmp_path: Path, small_d
         agent = SourceAgent(
             [ServedStream("customers", "sqlite", db)],
             heartbeat_s=0.1,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         st = store()

@@ -10,10 +10,9 @@ import stat
 import sys
 from pathlib import Path
 
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.files import FilesReplica, FilesStreamClient, TreeScanner, read_stable
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
+from tests.support import replication_rig
 
 
 def tree(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -26,9 +25,7 @@ def tree(root: Path) -> dict[str, tuple[bytes, int]]:
 
 def test_file_tree_sync(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     src, dst = tmp_path / "dialplans", tmp_path / "replica" / "dialplans"
     (src / "ivr").mkdir(parents=True)
     for i in range(300):
@@ -50,7 +47,7 @@ def test_file_tree_sync(tmp_path: Path) -> None:
             [ServedStream("dialplans", "files", src)],
             heartbeat_s=0.2,
             rescan_s=1.0,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         replica = FilesReplica(
@@ -63,7 +60,7 @@ def test_file_tree_sync(tmp_path: Path) -> None:
             host="127.0.0.1",
             port=agent.port,
             server_name="source",
-            ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(certs),
         )
         task = asyncio.create_task(client.run())
         assert await wait_equal(client)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.files import (
     BLOCK,
     FilesReplica,
@@ -21,7 +20,7 @@ from appliance.replication.files import (
 )
 from appliance.replication.protocol import ProtocolError
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
+from tests.support import replication_rig
 
 SIZE = 4_000_000
 
@@ -45,9 +44,7 @@ def test_delta_rebuilds_exactly_for_edits_appends_and_truncations() -> None:
 
 def test_large_file_changes_travel_as_deltas(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     src, dst = tmp_path / "prompts", tmp_path / "replica" / "prompts"
     src.mkdir()
     big = src / "routing.db"
@@ -68,7 +65,7 @@ def test_large_file_changes_travel_as_deltas(tmp_path: Path) -> None:
             host="127.0.0.1",
             port=agent.port,
             server_name="source",
-            ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(certs),
         )
         return client, asyncio.create_task(client.run())
 
@@ -76,7 +73,7 @@ def test_large_file_changes_travel_as_deltas(tmp_path: Path) -> None:
         agent = SourceAgent(
             [ServedStream("prompts", "files", src)],
             heartbeat_s=0.2,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         client, task = start(agent)

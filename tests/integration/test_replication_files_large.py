@@ -28,8 +28,8 @@ from appliance.replication.files import (
 )
 from appliance.replication.protocol import ProtocolError
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
 from tests.integration.test_replication_link import certs
+from tests.support import replication_rig
 
 __all__ = ["certs"]  # the fixture, re-exported for pytest
 
@@ -55,7 +55,7 @@ class FilesRig:
             rescan_s=1.0,
             max_message=LIMIT,
             bandwidth_limit_bytes_s=bandwidth,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         self.client: FilesStreamClient | None = None
         self.task: asyncio.Task[None] | None = None
@@ -71,7 +71,7 @@ class FilesRig:
             host="127.0.0.1",
             port=self.agent.port,
             server_name="source",
-            ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(c),
             max_message=LIMIT,  # the client refuses (and reports) any larger message
         )
         self.task = asyncio.create_task(self.client.run())
@@ -337,7 +337,7 @@ def test_a_silent_path_is_noticed_and_the_next_session_catches_up(tmp_path: Path
             host="127.0.0.1",
             port=port,
             server_name="source",
-            ssl_context=client_context(c / "appliance.pem", c / "appliance.key", c / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(c),
             idle_timeout_s=1.0,
         )
         task = asyncio.create_task(client.run())

@@ -7,10 +7,9 @@ import asyncio
 import time
 from pathlib import Path
 
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.files import FilesReplica, FilesStreamClient, InotifyWatcher, make_watcher
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
+from tests.support import replication_rig
 
 
 async def _visible(path: Path, text: str, timeout: float) -> float | None:
@@ -24,9 +23,7 @@ async def _visible(path: Path, text: str, timeout: float) -> float | None:
 
 def test_change_is_shipped_without_waiting_for_the_rescan(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     src, dst = tmp_path / "etc", tmp_path / "replica" / "etc"
     (src / "ivr").mkdir(parents=True)
     (src / "ivr" / "menu.conf").write_text("v1\n")
@@ -36,7 +33,7 @@ def test_change_is_shipped_without_waiting_for_the_rescan(tmp_path: Path) -> Non
             [ServedStream("etc", "files", src)],
             heartbeat_s=0.2,
             rescan_s=30.0,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         client = FilesStreamClient(
@@ -46,7 +43,7 @@ def test_change_is_shipped_without_waiting_for_the_rescan(tmp_path: Path) -> Non
             host="127.0.0.1",
             port=agent.port,
             server_name="source",
-            ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(certs),
         )
         task = asyncio.create_task(client.run())
         try:

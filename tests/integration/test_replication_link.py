@@ -12,19 +12,18 @@ from typing import Any
 
 import pytest
 
-from appliance.replication.certs import issue, make_ca
+from appliance.replication.certs import issue
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import PromotedError, Replica, file_checksum, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
+from appliance.replication.tls import client_context
+from tests.support import replication_rig
 
 
 @pytest.fixture
 def certs(tmp_path: Path) -> Path:
     d = tmp_path / "tls"
-    make_ca(d)
-    issue(d, "source", hosts=["127.0.0.1"], server=True)
-    issue(d, "appliance", hosts=[], server=False)
+    replication_rig.pki(d)
     issue(d, "stranger", hosts=[], server=False)
     return d
 
@@ -54,7 +53,7 @@ class Rig:
             [ServedStream("db", "sqlite", self.db)],
             allowed_clients=["appliance"],
             heartbeat_s=0.1,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
             **agent_kw,
         )
         self.replica = Replica(tmp / "rep" / "db.db")

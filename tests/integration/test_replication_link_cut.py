@@ -15,11 +15,10 @@ import sqlite3
 import time
 from pathlib import Path
 
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
+from tests.support import replication_rig
 
 ROWS = 3000
 ROW = 3000
@@ -79,9 +78,7 @@ async def until(condition: object, seconds: float) -> bool:
 
 def test_a_connection_cut_mid_stream_is_resumed_without_a_resnapshot(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     db = tmp_path / "src.db"
     app = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     app.execute("PRAGMA journal_mode=WAL")
@@ -96,7 +93,7 @@ def test_a_connection_cut_mid_stream_is_resumed_without_a_resnapshot(tmp_path: P
             [ServedStream("db", "sqlite", db)],
             heartbeat_s=0.2,
             poll_interval_s=0.005,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         proxy = CuttableProxy(agent.port)
@@ -113,9 +110,7 @@ def test_a_connection_cut_mid_stream_is_resumed_without_a_resnapshot(tmp_path: P
                 port=port,
                 server_name="source",
                 compression="none",  # these pages would compress to almost nothing: fill the buffers
-                ssl_context=client_context(
-                    certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"
-                ),
+                ssl_context=replication_rig.client_ctx(certs),
             )
 
         first = client()

@@ -18,11 +18,10 @@ import sqlite3
 import time
 from pathlib import Path
 
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
+from tests.support import replication_rig
 
 BLOB = 300_000
 RATE = 200.0
@@ -74,9 +73,7 @@ def crm_writer(db: str, transactions: int, seed: int, rate: float, done: mp.Queu
 
 def test_truncate_checkpoints_and_vacuums_never_cost_a_resnapshot(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     db = tmp_path / "src.db"
     init = sqlite3.connect(db, isolation_level=None)
     init.execute("PRAGMA journal_mode=WAL")
@@ -91,7 +88,7 @@ def test_truncate_checkpoints_and_vacuums_never_cost_a_resnapshot(tmp_path: Path
             [ServedStream("db", "sqlite", db)],
             heartbeat_s=0.2,
             poll_interval_s=0.005,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         replica = Replica(tmp_path / "rep.db", durable=False)
@@ -103,7 +100,7 @@ def test_truncate_checkpoints_and_vacuums_never_cost_a_resnapshot(tmp_path: Path
             host="127.0.0.1",
             port=agent.port,
             server_name="source",
-            ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(certs),
         )
         task = asyncio.create_task(client.run())
         try:

@@ -29,12 +29,11 @@ from typing import Any
 
 import pytest
 
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, file_checksum, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
 from tests.conftest import REPO
+from tests.support import replication_rig
 
 PY = sys.executable
 PORT = 7450
@@ -63,7 +62,7 @@ def agent_main(db: Path, host: str, certs: Path) -> None:
         port=PORT,
         heartbeat_s=0.2,
         peer_timeout_s=PEER_TIMEOUT_S,
-        ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+        ssl_context=replication_rig.server_ctx(certs),
     )
     asyncio.run(agent.serve_forever())
 
@@ -82,7 +81,7 @@ def replica_main(rep: Path, agent_host: str, certs: Path, status: Path) -> None:
             host="127.0.0.1",
             port=proxy.sockets[0].getsockname()[1],
             server_name="source",
-            ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(certs),
             keepalive_s=0.5,
             idle_timeout_s=IDLE_TIMEOUT_S,
         )
@@ -195,9 +194,7 @@ def wait_for(what: str, check: object, timeout: float) -> float:
 def test_partition_detected_both_ways_then_resume_without_resnapshot(tmp_path: Path) -> None:
     link = Link()
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=[link.src_ip], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs, source_hosts=[link.src_ip])
     db, rep, status = tmp_path / "src.db", tmp_path / "rep" / "db.db", tmp_path / "status.json"
     app = sqlite3.connect(db, isolation_level=None)
     app.execute("PRAGMA journal_mode=WAL")

@@ -13,12 +13,11 @@ import sqlite3
 import time
 from pathlib import Path
 
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.checksum import page_hash
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
+from tests.support import replication_rig
 
 ROWS = 2000
 ROW = 3000  # one row a page, near enough: updating a tenth of the rows changes a tenth of the pages
@@ -55,9 +54,7 @@ async def until(condition: object, seconds: float) -> bool:
 
 def test_a_resync_after_an_outage_sends_and_reads_only_the_changed_pages(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     db = tmp_path / "src.db"
     app = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     app.execute("PRAGMA journal_mode=WAL")
@@ -72,7 +69,7 @@ def test_a_resync_after_an_outage_sends_and_reads_only_the_changed_pages(tmp_pat
             [ServedStream("db", "sqlite", db)],
             heartbeat_s=0.2,
             poll_interval_s=0.005,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         replica = Replica(tmp_path / "rep.db", durable=False)
@@ -86,9 +83,7 @@ def test_a_resync_after_an_outage_sends_and_reads_only_the_changed_pages(tmp_pat
                 host="127.0.0.1",
                 port=agent.port,
                 server_name="source",
-                ssl_context=client_context(
-                    certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"
-                ),
+                ssl_context=replication_rig.client_ctx(certs),
             )
 
         try:

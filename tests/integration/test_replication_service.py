@@ -11,22 +11,19 @@ from prometheus_client import CollectorRegistry
 
 from appliance.api import Caller, RequestError
 from appliance.config import ReplicationSection
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import server_context
 from appliance.store import Store
+from tests.support import replication_rig
 
 CALLER = Caller(pid=1, uid=0, gid=0)
 
 
 def test_service_status_metrics_verify_promote_failback(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     db = tmp_path / "customers.db"
     app = sqlite3.connect(db, isolation_level=None)
     app.execute("PRAGMA journal_mode=WAL")
@@ -38,7 +35,7 @@ def test_service_status_metrics_verify_promote_failback(tmp_path: Path) -> None:
         agent = SourceAgent(
             [ServedStream("customers", "sqlite", db), ServedStream("etc", "files", tmp_path / "etc")],
             heartbeat_s=0.1,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         section = ReplicationSection.model_validate(

@@ -17,13 +17,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from appliance.config import ReplicationSection
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import server_context
+from tests.support import replication_rig
 
 
 async def _until(cond: object, timeout: float, what: str) -> None:
@@ -37,9 +36,7 @@ def test_a_failing_stream_task_is_restarted_logged_counted_and_shown(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     db = tmp_path / "customers.db"
     app = sqlite3.connect(db, isolation_level=None)
     app.execute("PRAGMA journal_mode=WAL")
@@ -50,7 +47,7 @@ def test_a_failing_stream_task_is_restarted_logged_counted_and_shown(
         agent = SourceAgent(
             [ServedStream("customers", "sqlite", db)],
             heartbeat_s=0.1,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         section = ReplicationSection.model_validate(

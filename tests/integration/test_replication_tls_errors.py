@@ -14,7 +14,7 @@ from appliance.config import ReplicationSection
 from appliance.replication.certs import issue, make_ca
 from appliance.replication.service import ReplicationService
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import server_context
+from tests.support import replication_rig
 
 
 def _section(
@@ -55,7 +55,7 @@ def test_a_refused_handshake_says_why_on_both_sides(
     async def scenario() -> tuple[str, int]:
         agent = SourceAgent(
             [ServedStream("customers", "sqlite", db)],
-            ssl_context=server_context(good / "source.pem", good / "source.key", good / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(good),
             allowed_clients=["appliance"],
         )
         await agent.start()

@@ -28,12 +28,11 @@ from pathlib import Path
 import pytest
 
 from appliance.replication.budget import MIB, JournalBudget
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.protocol import CHUNK_BYTES
 from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
+from tests.support import replication_rig
 
 ROWS = 6000
 ROW = 3000  # one row a page, near enough: ~6,000 pages (24 MB), past one chunk of WAL frames
@@ -86,15 +85,13 @@ def source_database(tmp_path: Path) -> tuple[Path, sqlite3.Connection]:
 async def streaming(tmp_path: Path) -> AsyncIterator[Streaming]:
     """A source agent serving a database of ROWS pages and a client replicating it, seeded."""
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     db, app = source_database(tmp_path)
     agent = SourceAgent(
         [ServedStream("db", "sqlite", db)],
         heartbeat_s=0.2,
         poll_interval_s=0.005,
-        ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+        ssl_context=replication_rig.server_ctx(certs),
     )
     await agent.start()
     replica = Replica(tmp_path / "rep.db", durable=False)
@@ -106,7 +103,7 @@ async def streaming(tmp_path: Path) -> AsyncIterator[Streaming]:
         host="127.0.0.1",
         port=agent.port,
         server_name="source",
-        ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+        ssl_context=replication_rig.client_ctx(certs),
         max_buffered_bytes=BUFFERED,
     )
     task = asyncio.create_task(client.run())

@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.follower import ResnapshotNeeded, SqliteFollower
 from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
-from appliance.replication.tls import client_context, server_context
 from appliance.replication.wal import Generation, WalFile
 from appliance.replication.walguard import ReadMarkGuard
+from tests.support import replication_rig
 
 PAYLOAD = "customer record " * 8
 
@@ -305,9 +304,7 @@ def _writer(db: str, rate: float, seconds: float, result: mp.Queue) -> None:
 
 def test_wal_stays_bounded_under_load_and_the_replica_follows(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
-    make_ca(certs)
-    issue(certs, "source", hosts=["127.0.0.1"], server=True)
-    issue(certs, "appliance", hosts=[], server=False)
+    replication_rig.pki(certs)
     db = tmp_path / "src.db"
     make_db(db).close()
     restart_frames = 1000
@@ -320,7 +317,7 @@ def test_wal_stays_bounded_under_load_and_the_replica_follows(tmp_path: Path) ->
             poll_interval_s=0.005,
             checkpoint_frames=200,
             restart_frames=restart_frames,
-            ssl_context=server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem"),
+            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         replica = Replica(tmp_path / "rep.db", durable=False)
@@ -332,7 +329,7 @@ def test_wal_stays_bounded_under_load_and_the_replica_follows(tmp_path: Path) ->
             host="127.0.0.1",
             port=agent.port,
             server_name="source",
-            ssl_context=client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem"),
+            ssl_context=replication_rig.client_ctx(certs),
         )
         task = asyncio.create_task(client.run())
         while replica.position is None:

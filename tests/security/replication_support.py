@@ -21,25 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.replication import protocol
-from appliance.replication.certs import issue, make_ca
 from appliance.replication.protocol import Msg
-from appliance.replication.tls import client_context, server_context
-
-
-def pki(directory: Path) -> Path:
-    """A CA, a server certificate for "source" and a client certificate for "appliance"."""
-    make_ca(directory)
-    issue(directory, "source", hosts=["127.0.0.1"], server=True)
-    issue(directory, "appliance", hosts=[], server=False)
-    return directory
-
-
-def server_ctx(certs: Path) -> Any:
-    return server_context(certs / "source.pem", certs / "source.key", certs / "ca.pem")
-
-
-def client_ctx(certs: Path) -> Any:
-    return client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem")
+from tests.support.replication_rig import server_ctx
 
 
 def raw_message(kind: int, header_json: bytes, body: bytes = b"") -> bytes:

@@ -32,7 +32,8 @@ from appliance.replication.protocol import Msg
 from appliance.replication.replica import Replica
 from appliance.replication.source import ServedStream, SourceAgent
 from tests.conftest import free_port
-from tests.security.replication_support import cancel, client_ctx, pki, server_ctx, until
+from tests.security.replication_support import cancel, until
+from tests.support.replication_rig import client_ctx, pki, server_ctx
 
 REPO = Path(__file__).resolve().parents[2]
 HOTSITE = [sys.executable, "-c", "from appliance.cli.main import main; main()"]  # this checkout's code

@@ -16,16 +16,8 @@ import pytest
 
 from appliance.replication.files import FilesReplica, FilesStreamClient
 from appliance.replication.source import ServedStream, SourceAgent
-from tests.security.replication_support import (
-    HostileAgent,
-    cancel,
-    client_ctx,
-    listing,
-    manifest,
-    pki,
-    server_ctx,
-    until,
-)
+from tests.security.replication_support import HostileAgent, cancel, listing, manifest, until
+from tests.support.replication_rig import client_ctx, pki, server_ctx
 
 HOSTILE_PATHS = [
     "",

@@ -19,7 +19,8 @@ from appliance.replication.files import is_version_of, version_stem
 from appliance.replication.protocol import Msg, ProtocolError
 from appliance.replication.safepath import Beneath, parse_relpath
 from appliance.replication.source import ServedStream, SourceAgent
-from tests.security.replication_support import client_ctx, pki, server_ctx, until
+from tests.security.replication_support import until
+from tests.support.replication_rig import client_ctx, pki, server_ctx
 
 _TOKENS = st.sampled_from(["a", "b", "/", ".", "..", "\0", "é", ".hotsite", "-", " ", "\\", "~"])
 _PATHS = st.one_of(st.lists(_TOKENS, max_size=12).map("".join), st.text(max_size=40))

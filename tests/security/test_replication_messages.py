@@ -23,13 +23,12 @@ from appliance.replication.service import ReplicationService
 from tests.security.replication_support import (
     HostileAgent,
     cancel,
-    client_ctx,
     manifest,
     nested_header,
-    pki,
     raw_message,
     until,
 )
+from tests.support.replication_rig import client_ctx, pki
 
 
 def _section(certs: Path, port: int, root: Path) -> ReplicationSection:
