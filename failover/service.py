@@ -115,6 +115,11 @@ class FailoverService:
     def policy(self) -> Policy:
         return policy_from(self.config)
 
+    @property
+    def idle(self) -> bool:
+        """No event waiting to be stepped and no runbook or job running."""
+        return self._queue.empty() and not self._jobs
+
     def routing_for(self, name: str, lost: tuple[str, ...] = ()) -> Routing:
         """The routing the engine's ``normal``/``failover`` means (failover: without ``lost`` sites)."""
         if name == "failover":

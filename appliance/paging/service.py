@@ -365,6 +365,10 @@ class PagingService:
         rows = self.store.query("SELECT state FROM paging_state WHERE id = 1")
         return PagerState.from_json(json.loads(rows[0]["state"])) if rows else PagerState()
 
+    def wake(self) -> None:
+        """Look at the outbox now rather than at the next due time it knew of (a clock moved)."""
+        self._wake.set()
+
     async def apply_tick(self) -> list[Any]:
         """Run the escalation timers now (the ticker does this every ``tick_s``)."""
         return await self.apply(Tick())

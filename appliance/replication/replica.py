@@ -624,6 +624,17 @@ class Replica:
             )
 
     @property
+    def is_open(self) -> bool:
+        """Opened (its lock held) and not closed since."""
+        return self._lock_fd is not None
+
+    @property
+    def staged_pages(self) -> int:
+        """Pages of the batch being staged received so far (0: none is being staged)."""
+        stage = self._stage
+        return stage.pages if stage is not None else 0
+
+    @property
     def staged_page_size(self) -> int:
         """Page size of the batch being staged (0: none), to parse its chunks."""
         stage = self._stage

@@ -139,6 +139,11 @@ class SourceAgent:
             return self.streams[requested]
         return next((s for s in self.streams.values() if str(s.path) == requested), None)
 
+    @property
+    def serving(self) -> bool:
+        """Listening: started and not stopped since."""
+        return self._server is not None
+
     async def start(self) -> None:
         # TLS is started in _serve, not by the server: a refused handshake is then ours to log
         # (asyncio's own server drops it silently below debug level).

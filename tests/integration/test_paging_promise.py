@@ -183,7 +183,7 @@ def test_a_digest_instead_of_silence(tmp_path: Path) -> None:
             assert len(sms.sent) == 4
             assert "page limit reached: 37 incident(s) waiting" in sms.sent[3].text
             clock.advance(3601)
-            svc._wake.set()
+            svc.wake()
             await until(lambda: len(sms.sent) == 5)
             await asyncio.sleep(0.3)
             assert len(sms.sent) == 5

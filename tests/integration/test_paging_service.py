@@ -241,7 +241,7 @@ def test_outbox_restart_resends_what_never_went_out_and_repeats_the_uncertain(tm
         assert svc.state.incidents[1].summary == "trunk a down"  # escalation state came back
         await svc.start()
         clock.advance(5)  # past the retry backoff
-        svc._wake.set()
+        svc.wake()
         await until(lambda: len(up.sent) == 3)
         await asyncio.sleep(0.2)
         assert sorted(m.text for m in up.sent if m.contact.name == "Li Na") == ["(repeat) text y", "text x"]
@@ -298,7 +298,7 @@ def test_fallback_rate_limit_and_api(tmp_path: Path) -> None:
             await until(lambda: len(email.sent) == 5)
             assert "primary site down" in email.sent[4].text
             clock.advance(3601)
-            svc._wake.set()
+            svc.wake()
             # The window reopens: the held pages go out as ONE digest.
             await until(lambda: len(email.sent) == 6)
             await asyncio.sleep(0.2)

@@ -45,9 +45,9 @@ class ChunkRig:
         self.task: asyncio.Task[None] | None = None
 
     async def start(self, **client_kw: Any) -> SqliteStreamClient:
-        if self.agent._server is None:
+        if not self.agent.serving:
             await self.agent.start()
-        if self.replica._lock_fd is None:
+        if not self.replica.is_open:
             self.replica.open()
         c = self.certs
         self.client = SqliteStreamClient(
@@ -169,8 +169,7 @@ def test_transfer_cut_mid_batch_leaves_the_previous_state_and_restarts_cleanly(
         rig.fill(1500)  # ~5 MB to resume, sent at 2 MB/s: cut after the first chunks
         client = await rig.start(rate_bytes_s=2_000_000)
         for _ in range(200):
-            stage = rig.replica._stage
-            if stage is not None and stage.pages > 100:
+            if rig.replica.staged_pages > 100:
                 break
             await asyncio.sleep(0.02)
         else:

@@ -61,7 +61,7 @@ class FilesRig:
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> FilesStreamClient:
-        if self.agent._server is None:
+        if not self.agent.serving:
             await self.agent.start()
         c = self.certs
         self.client = FilesStreamClient(

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,9 @@ class Rig:
         self.client: SqliteStreamClient | None = None
 
     async def start(self, port: int | None = None, name: str = "appliance") -> SqliteStreamClient:
-        if self.agent._server is None:
+        if not self.agent.serving:
             await self.agent.start()
-        if self.replica._lock_fd is None:
+        if not self.replica.is_open:
             self.replica.open()
         c = self.certs
         self.client = SqliteStreamClient(
@@ -226,7 +227,7 @@ def test_promotion_reports_loss_window_and_failback_refuses_to_overwrite(tmp_pat
         assert await rig.caught_up()
         await asyncio.sleep(0.3)  # heartbeats: the replica knows it is current
         await rig.stop_client()
-        now = rig.replica._clock()
+        now = time.time()  # the replica's clock (its default)
         window = data_loss_window(client.stats.current_at, now, client.stats.clock_offset_s)
         assert window is not None and 0 <= window < 2
         promotion = rig.replica.promote(window, reason="test")

@@ -26,7 +26,7 @@ CONFIG = (
 async def settle(service: FailoverService) -> None:
     for _ in range(50):
         await asyncio.sleep(0.01)
-        if service._queue.empty() and not service._jobs:
+        if service.idle:
             return
 
 

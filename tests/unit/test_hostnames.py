@@ -21,7 +21,7 @@ hosts = st.one_of(
 def test_the_config_and_the_probe_targets_accept_the_same_hosts(host: str) -> None:
     in_config = True
     try:
-        fields._check_host(host)
+        fields.check_host(host)
     except ValueError:
         in_config = False
     in_targets = True

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli import replication as cli_replication
+from appliance.cli.main import cli
 from appliance.replication.certs import issue, make_ca
 
 
@@ -33,9 +34,7 @@ def test_source_check_refuses_a_database_not_in_wal_mode(tmp_path: Path, mode: s
     conn.execute(f"PRAGMA journal_mode={mode}")
     conn.execute("CREATE TABLE c (x)")
     conn.close()
-    result = CliRunner().invoke(
-        cli_replication._standalone, ["source", "--check", "-c", str(_config(tmp_path, db))]
-    )
+    result = CliRunner().invoke(cli, ["source", "--check", "-c", str(_config(tmp_path, db))])
     if mode == "wal":
         assert result.exit_code == 0, result.output
     else:
@@ -47,9 +46,7 @@ def test_source_check_refuses_a_database_not_in_wal_mode(tmp_path: Path, mode: s
 def test_source_check_refuses_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
     db = tmp_path / "customers.db"
     db.write_text("name,phone\n")
-    result = CliRunner().invoke(
-        cli_replication._standalone, ["source", "--check", "-c", str(_config(tmp_path, db))]
-    )
+    result = CliRunner().invoke(cli, ["source", "--check", "-c", str(_config(tmp_path, db))])
     assert result.exit_code == 2 and "is not a SQLite database" in result.output
 
 
