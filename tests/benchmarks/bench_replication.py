@@ -141,16 +141,7 @@ class Bench:
 
     def client(self, replica: Replica, port: int, **kw: Any) -> SqliteStreamClient:
         c = self.certs
-        return SqliteStreamClient(
-            "db",
-            "db",
-            replica,
-            host="127.0.0.1",
-            port=port,
-            server_name="source",
-            ssl_context=replication_rig.client_ctx(c),
-            **kw,
-        )
+        return replication_rig.sqlite_client("db", replica, port, c, **kw)
 
 
 async def rpo(bench: Bench, rate: float, seconds: float) -> dict[str, float]:
@@ -301,15 +292,7 @@ def _replica_process(rep: str, port: int, certs: str, cpus: set[int] | None, sto
         c = Path(certs)
         replica = Replica(Path(rep))
         replica.open()
-        client = SqliteStreamClient(
-            "db",
-            "db",
-            replica,
-            host="127.0.0.1",
-            port=port,
-            server_name="source",
-            ssl_context=replication_rig.client_ctx(c),
-        )
+        client = replication_rig.sqlite_client("db", replica, port, c)
         task = asyncio.create_task(client.run())
         while not stop.is_set():
             await asyncio.sleep(0.05)

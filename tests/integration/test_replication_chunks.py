@@ -50,17 +50,8 @@ class ChunkRig:
         if not self.replica.is_open:
             self.replica.open()
         c = self.certs
-        self.client = SqliteStreamClient(
-            "db",
-            "db",
-            self.replica,
-            host="127.0.0.1",
-            port=self.agent.port,
-            server_name="source",
-            ssl_context=replication_rig.client_ctx(c),
-            max_message=LIMIT,
-            max_buffered_bytes=BUFFER,
-            **client_kw,
+        self.client = replication_rig.sqlite_client(
+            "db", self.replica, self.agent.port, c, max_message=LIMIT, max_buffered_bytes=BUFFER, **client_kw
         )
         self.task = asyncio.create_task(self.client.run())
         return self.client

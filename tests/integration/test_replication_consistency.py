@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from appliance.replication.checksum import show
-from appliance.replication.client import SqliteStreamClient, StreamStats
+from appliance.replication.client import StreamStats
 from appliance.replication.replica import Replica, file_checksum, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
 from tests.conftest import REPO, free_port
@@ -116,15 +116,7 @@ def replica_main(replica_path: Path, port: int, certs: Path) -> None:
     async def run() -> None:
         replica = Replica(replica_path)
         replica.open()
-        client = SqliteStreamClient(
-            "customers",
-            "customers",
-            replica,
-            host="127.0.0.1",
-            port=port,
-            ssl_context=replication_rig.client_ctx(certs),
-            server_name="source",
-        )
+        client = replication_rig.sqlite_client("customers", replica, port, certs)
         await client.run()
 
     asyncio.run(run())
@@ -228,15 +220,7 @@ def test_random_writer_replica_is_always_a_committed_state(tmp_path: Path, certs
         await agent.start()
         replica = Replica(rep_path)
         replica.open()
-        client = SqliteStreamClient(
-            "customers",
-            "customers",
-            replica,
-            host="127.0.0.1",
-            port=agent.port,
-            server_name="source",
-            ssl_context=replication_rig.client_ctx(certs),
-        )
+        client = replication_rig.sqlite_client("customers", replica, agent.port, certs)
         task = asyncio.create_task(client.run())
         proc = await asyncio.to_thread(start_writer, db, out, 5.0, 1)
         while proc.poll() is None:

@@ -102,15 +102,12 @@ def test_a_connection_cut_mid_stream_is_resumed_without_a_resnapshot(tmp_path: P
         replica.open()
 
         def client() -> SqliteStreamClient:
-            return SqliteStreamClient(
-                "db",
+            return replication_rig.sqlite_client(
                 "db",
                 replica,
-                host="127.0.0.1",
-                port=port,
-                server_name="source",
+                port,
+                certs,
                 compression="none",  # these pages would compress to almost nothing: fill the buffers
-                ssl_context=replication_rig.client_ctx(certs),
             )
 
         first = client()

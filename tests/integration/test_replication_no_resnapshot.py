@@ -18,7 +18,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
 from tests.support import replication_rig
@@ -93,15 +92,7 @@ def test_truncate_checkpoints_and_vacuums_never_cost_a_resnapshot(tmp_path: Path
         await agent.start()
         replica = Replica(tmp_path / "rep.db", durable=False)
         replica.open()
-        client = SqliteStreamClient(
-            "db",
-            "db",
-            replica,
-            host="127.0.0.1",
-            port=agent.port,
-            server_name="source",
-            ssl_context=replication_rig.client_ctx(certs),
-        )
+        client = replication_rig.sqlite_client("db", replica, agent.port, certs)
         task = asyncio.create_task(client.run())
         try:
             deadline = time.monotonic() + 60

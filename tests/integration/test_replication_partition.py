@@ -29,7 +29,6 @@ from typing import Any
 
 import pytest
 
-from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, file_checksum, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
 from tests.conftest import REPO
@@ -74,14 +73,11 @@ def replica_main(rep: Path, agent_host: str, certs: Path, status: Path) -> None:
         proxy = await _delay_proxy(PORT, host=agent_host, delay_s=DELAY_S)
         replica = Replica(rep)
         replica.open()
-        client = SqliteStreamClient(
-            "db",
+        client = replication_rig.sqlite_client(
             "db",
             replica,
-            host="127.0.0.1",
-            port=proxy.sockets[0].getsockname()[1],
-            server_name="source",
-            ssl_context=replication_rig.client_ctx(certs),
+            proxy.sockets[0].getsockname()[1],
+            certs,
             keepalive_s=0.5,
             idle_timeout_s=IDLE_TIMEOUT_S,
         )

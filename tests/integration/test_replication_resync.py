@@ -76,15 +76,7 @@ def test_a_resync_after_an_outage_sends_and_reads_only_the_changed_pages(tmp_pat
         replica.open()
 
         def client() -> SqliteStreamClient:
-            return SqliteStreamClient(
-                "db",
-                "db",
-                replica,
-                host="127.0.0.1",
-                port=agent.port,
-                server_name="source",
-                ssl_context=replication_rig.client_ctx(certs),
-            )
+            return replication_rig.sqlite_client("db", replica, agent.port, certs)
 
         try:
             first = client()

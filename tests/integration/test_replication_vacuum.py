@@ -96,16 +96,7 @@ async def streaming(tmp_path: Path) -> AsyncIterator[Streaming]:
     await agent.start()
     replica = Replica(tmp_path / "rep.db", durable=False)
     replica.open()
-    client = SqliteStreamClient(
-        "db",
-        "db",
-        replica,
-        host="127.0.0.1",
-        port=agent.port,
-        server_name="source",
-        ssl_context=replication_rig.client_ctx(certs),
-        max_buffered_bytes=BUFFERED,
-    )
+    client = replication_rig.sqlite_client("db", replica, agent.port, certs, max_buffered_bytes=BUFFERED)
     task = asyncio.create_task(client.run())
     try:
         s = Streaming(db, app, agent, replica, client)

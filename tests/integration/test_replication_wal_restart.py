@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from appliance.replication.client import SqliteStreamClient
 from appliance.replication.follower import ResnapshotNeeded, SqliteFollower
 from appliance.replication.replica import Replica, logical_checksum
 from appliance.replication.source import ServedStream, SourceAgent
@@ -322,15 +321,7 @@ def test_wal_stays_bounded_under_load_and_the_replica_follows(tmp_path: Path) ->
         await agent.start()
         replica = Replica(tmp_path / "rep.db", durable=False)
         replica.open()
-        client = SqliteStreamClient(
-            "db",
-            "db",
-            replica,
-            host="127.0.0.1",
-            port=agent.port,
-            server_name="source",
-            ssl_context=replication_rig.client_ctx(certs),
-        )
+        client = replication_rig.sqlite_client("db", replica, agent.port, certs)
         task = asyncio.create_task(client.run())
         while replica.position is None:
             await asyncio.sleep(0.02)

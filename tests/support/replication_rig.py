@@ -11,8 +11,11 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from appliance.replication.certs import issue, make_ca
+from appliance.replication.client import SqliteStreamClient
+from appliance.replication.replica import Replica
 from appliance.replication.tls import client_context, server_context
 
 
@@ -32,3 +35,17 @@ def server_ctx(certs: Path) -> ssl.SSLContext:
 def client_ctx(certs: Path) -> ssl.SSLContext:
     """The appliance's side: its client certificate, and the CA the source must be issued by."""
     return client_context(certs / "appliance.pem", certs / "appliance.key", certs / "ca.pem")
+
+
+def sqlite_client(stream: str, replica: Replica, port: int, certs: Path, **kw: Any) -> SqliteStreamClient:
+    """The appliance's client of ``stream`` on 127.0.0.1:``port``, over :func:`client_ctx`; ``kw`` as the client takes."""
+    return SqliteStreamClient(
+        stream,
+        stream,
+        replica,
+        host="127.0.0.1",
+        port=port,
+        server_name="source",
+        ssl_context=client_ctx(certs),
+        **kw,
+    )
