@@ -46,13 +46,10 @@ def _free_port() -> int:
 
 def _section(tmp_path: Path, port: int) -> ReplicationSection:
     certs = tmp_path / "tls"
-    return ReplicationSection.model_validate(
+    return replication_rig.section(
+        port,
+        certs,
         {
-            "source_agent": f"127.0.0.1:{port}",
-            "server_name": "source",
-            "tls_cert_file": str(certs / "appliance.pem"),
-            "tls_key_file": str(certs / "appliance.key"),
-            "tls_ca_file": str(certs / "ca.pem"),
             "streams": {
                 "customers": {
                     "kind": "sqlite",
@@ -61,7 +58,7 @@ def _section(tmp_path: Path, port: int) -> ReplicationSection:
                     "snapshot_interval_s": 1,
                 }
             },
-        }
+        },
     )
 
 

@@ -18,7 +18,6 @@ from click.testing import CliRunner
 from appliance.api import ApiServer
 from appliance.cli import replication as cli_replication
 from appliance.cli.main import cli
-from appliance.config import ReplicationSection
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
 from appliance.replication.source import ServedStream, SourceAgent
@@ -49,13 +48,10 @@ def test_status_verify_restore_over_the_control_socket(tmp_path: Path) -> None:
             ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
-        section = ReplicationSection.model_validate(
+        section = replication_rig.section(
+            agent.port,
+            certs,
             {
-                "source_agent": f"127.0.0.1:{agent.port}",
-                "server_name": "source",
-                "tls_cert_file": str(certs / "appliance.pem"),
-                "tls_key_file": str(certs / "appliance.key"),
-                "tls_ca_file": str(certs / "ca.pem"),
                 "streams": {
                     "customers": {
                         "kind": "sqlite",
@@ -64,7 +60,7 @@ def test_status_verify_restore_over_the_control_socket(tmp_path: Path) -> None:
                         "snapshot_interval_s": 1,
                     }
                 },
-            }
+            },
         )
         service = ReplicationService(section)
         await service.start()

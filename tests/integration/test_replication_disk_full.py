@@ -92,13 +92,10 @@ def test_disk_full_is_raised_survived_and_recovered_from(tmp_path: Path, small_d
     app.executemany("INSERT INTO c (name) VALUES (?)", [("x" * 500,) for _ in range(1500)])
 
     def section(port: int) -> ReplicationSection:
-        return ReplicationSection.model_validate(
+        return replication_rig.section(
+            port,
+            certs,
             {
-                "source_agent": f"127.0.0.1:{port}",
-                "server_name": "source",
-                "tls_cert_file": str(certs / "appliance.pem"),
-                "tls_key_file": str(certs / "appliance.key"),
-                "tls_ca_file": str(certs / "ca.pem"),
                 "keep_versions": 1,
                 "streams": {
                     "customers": {
@@ -108,7 +105,7 @@ def test_disk_full_is_raised_survived_and_recovered_from(tmp_path: Path, small_d
                         "snapshot_interval_s": 1,
                     }
                 },
-            }
+            },
         )
 
     def store() -> Store:

@@ -10,7 +10,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from appliance.api import Caller, RequestError
-from appliance.config import ReplicationSection
 from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
@@ -38,13 +37,10 @@ def test_service_status_metrics_verify_promote_failback(tmp_path: Path) -> None:
             ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
-        section = ReplicationSection.model_validate(
+        section = replication_rig.section(
+            agent.port,
+            certs,
             {
-                "source_agent": f"127.0.0.1:{agent.port}",
-                "server_name": "source",
-                "tls_cert_file": str(certs / "appliance.pem"),
-                "tls_key_file": str(certs / "appliance.key"),
-                "tls_ca_file": str(certs / "ca.pem"),
                 "streams": {
                     "customers": {
                         "kind": "sqlite",
@@ -55,7 +51,7 @@ def test_service_status_metrics_verify_promote_failback(tmp_path: Path) -> None:
                     },
                     "etc": {"kind": "files", "source": "etc", "replica": str(tmp_path / "rep" / "etc")},
                 },
-            }
+            },
         )
         store = Store.open(
             tmp_path / "state",

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from appliance.config import ReplicationSection
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.replica import logical_checksum
@@ -50,17 +49,14 @@ def test_a_failing_stream_task_is_restarted_logged_counted_and_shown(
             ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
-        section = ReplicationSection.model_validate(
+        section = replication_rig.section(
+            agent.port,
+            certs,
             {
-                "source_agent": f"127.0.0.1:{agent.port}",
-                "server_name": "source",
-                "tls_cert_file": str(certs / "appliance.pem"),
-                "tls_key_file": str(certs / "appliance.key"),
-                "tls_ca_file": str(certs / "ca.pem"),
                 "streams": {
                     "customers": {"kind": "sqlite", "source": "customers", "replica": str(tmp_path / "r.db")}
                 },
-            }
+            },
         )
         original = SqliteStreamClient.run
         failures = [RuntimeError("bug in a session"), RuntimeError("bug in a session")]

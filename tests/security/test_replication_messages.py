@@ -28,19 +28,17 @@ from tests.security.replication_support import (
     raw_message,
     until,
 )
+from tests.support import replication_rig
 from tests.support.replication_rig import client_ctx, pki
 
 
 def _section(certs: Path, port: int, root: Path) -> ReplicationSection:
-    return ReplicationSection.model_validate(
+    return replication_rig.section(
+        port,
+        certs,
         {
-            "source_agent": f"127.0.0.1:{port}",
-            "server_name": "source",
-            "tls_cert_file": str(certs / "appliance.pem"),
-            "tls_key_file": str(certs / "appliance.key"),
-            "tls_ca_file": str(certs / "ca.pem"),
             "streams": {"dialplans": {"kind": "files", "source": "dialplans", "replica": str(root)}},
-        }
+        },
     )
 
 

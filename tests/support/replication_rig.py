@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from appliance.config import ReplicationSection
 from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica
@@ -48,4 +49,19 @@ def sqlite_client(stream: str, replica: Replica, port: int, certs: Path, **kw: A
         server_name="source",
         ssl_context=client_ctx(certs),
         **kw,
+    )
+
+
+def section(port: int, certs: Path, settings: dict[str, Any]) -> ReplicationSection:
+    """The appliance's ``[replication]`` section for an agent on 127.0.0.1:``port`` with the
+    :func:`pki` certificates, plus ``settings`` (its streams, keep_versions...)."""
+    return ReplicationSection.model_validate(
+        {
+            "source_agent": f"127.0.0.1:{port}",
+            "server_name": "source",
+            "tls_cert_file": str(certs / "appliance.pem"),
+            "tls_key_file": str(certs / "appliance.key"),
+            "tls_ca_file": str(certs / "ca.pem"),
+            **settings,
+        }
     )
