@@ -92,3 +92,13 @@ SEATED_SITES = (
 
 # Operator confirmation, a 10 s hold-down: the failover section the service tests run under.
 CONFIRM_FAILOVER = '[failover]\npolicy = "confirm"\nhold_down_s = 10\n'
+
+
+def three_hotlines(vip_and_cards: list[str], loans: list[str]) -> str:
+    """The planning tests' three hotlines: vip (95588, priority 1) and cards (95566, 2), 60 agents
+    each, failing over to ``vip_and_cards``; loans (95577, 3), 40 agents, to ``loans``."""
+    return (
+        hotline("vip", "95588", priority=1, agents=60, failover=vip_and_cards)
+        + hotline("cards", "95566", priority=2, agents=60, failover=vip_and_cards)
+        + hotline("loans", "95577", priority=3, agents=40, failover=loans)
+    )

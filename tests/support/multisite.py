@@ -34,6 +34,7 @@ from appliance import config
 from failover import plans
 from provisioning.lab.lab import HEALTHD, SCENARIO
 from tests.integration.daemon_helpers import HOTSITE, hotsite
+from tests.support import configs
 
 PREFIX = "hs-ms-"
 CORE = f"{PREFIX}core"
@@ -108,24 +109,7 @@ fall = 3
 kind = "ivr"
 kamailio_set = 9
 
-[hotlines.vip]
-number = "95588"
-priority = 1
-agents = 60
-failover = ["east", "west", "ivr"]
-
-[hotlines.cards]
-number = "95566"
-priority = 2
-agents = 60
-failover = ["east", "west", "ivr"]
-
-[hotlines.loans]
-number = "95577"
-priority = 3
-agents = 40
-failover = ["west", "east", "ivr"]
-
+{configs.three_hotlines(["east", "west", "ivr"], ["west", "east", "ivr"])}
 [failover]
 policy = "auto"
 hold_down_s = 1

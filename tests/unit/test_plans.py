@@ -8,44 +8,16 @@ from hypothesis import strategies as st
 
 from appliance import config
 from failover import plans
+from tests.support import configs
 
-SITES = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1"
-kamailio_set = 1
-seats = 400
-[sites.backup]
-role = "backup"
-sbc = "10.0.1.1"
-kamailio_set = 2
-seats = 100
-[destinations.ivr]
-kind = "ivr"
-kamailio_set = 3
-[destinations.remote]
-kind = "remote_agents"
-kamailio_set = 4
-capacity = 30
-"""
+SITES = (
+    configs.site("primary", "primary", "10.0.0.1", 1, seats=400)
+    + configs.site("backup", "backup", "10.0.1.1", 2, seats=100)
+    + configs.destination("ivr", "ivr", 3)
+    + configs.destination("remote", "remote_agents", 4, capacity=30)
+)
 
-HOTLINES = """
-[hotlines.vip]
-number = "95588"
-priority = 1
-agents = 60
-failover = ["backup", "remote", "ivr"]
-[hotlines.cards]
-number = "95566"
-priority = 2
-agents = 60
-failover = ["backup", "remote", "ivr"]
-[hotlines.loans]
-number = "95577"
-priority = 3
-agents = 40
-failover = ["backup", "ivr"]
-"""
+HOTLINES = configs.three_hotlines(["backup", "remote", "ivr"], ["backup", "ivr"])
 
 
 def test_failover_serves_by_priority_within_capacity() -> None:
@@ -146,44 +118,14 @@ def test_capacities_are_never_exceeded_and_every_line_is_served(
 
 # -- three sites: a primary and two backup sites with seats of their own ----------------
 
-THREE_SITES = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1"
-kamailio_set = 1
-seats = 400
-[sites.east]
-role = "backup"
-sbc = "10.0.1.1"
-kamailio_set = 2
-seats = 100
-[sites.west]
-role = "backup"
-sbc = "10.0.2.1"
-kamailio_set = 5
-seats = 80
-[destinations.ivr]
-kind = "ivr"
-kamailio_set = 3
-"""
+THREE_SITES = (
+    configs.site("primary", "primary", "10.0.0.1", 1, seats=400)
+    + configs.site("east", "backup", "10.0.1.1", 2, seats=100)
+    + configs.site("west", "backup", "10.0.2.1", 5, seats=80)
+    + configs.destination("ivr", "ivr", 3)
+)
 
-THREE_SITE_HOTLINES = """
-[hotlines.vip]
-number = "95588"
-priority = 1
-agents = 60
-failover = ["east", "west", "ivr"]
-[hotlines.cards]
-number = "95566"
-priority = 2
-agents = 60
-failover = ["east", "west", "ivr"]
-[hotlines.loans]
-number = "95577"
-priority = 3
-agents = 40
-failover = ["west", "east", "ivr"]
-"""
+THREE_SITE_HOTLINES = configs.three_hotlines(["east", "west", "ivr"], ["west", "east", "ivr"])
 
 
 def test_three_sites_spread_hotlines_over_the_surviving_sites() -> None:
