@@ -21,18 +21,9 @@ from failover.etcd import FencedActuator
 from failover.etcd.peers import PeerVoter
 from failover.routing import Routing
 from failover.thirdvote import NullVoter, Vote, Voter
+from tests.support import configs
 
-BASE = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1:5060"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-"""
+BASE = configs.TWO_SITES
 ETCD = '[coordination]\nbackend = "etcd"\nendpoints = ["http://127.0.0.1:9"]\nrequest_timeout_s = 0.2\n'
 WITNESS = '[failover]\nwitness = "http://10.0.0.9:8080"\n'
 NORMAL = Routing("normal", "primary", 1, {"95588": 1}, active_sets=frozenset({1}))

@@ -12,18 +12,9 @@ from appliance.errors import ConfigError
 from failover import etcd
 from failover.coordination.etcd import Etcd
 from failover.thirdvote import NullVoter
+from tests.support import configs
 
-BASE = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1:5060"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-"""
+BASE = configs.TWO_SITES
 
 THREE = 'endpoints = ["http://10.0.0.1:2379", "http://10.0.1.1:2379", "http://10.0.2.1:2379"]\n'
 

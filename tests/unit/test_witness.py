@@ -18,6 +18,7 @@ from failover import witness as w
 from failover.thirdvote import NullVoter, Vote
 from monitoring.health import TargetHealth, Thresholds
 from monitoring.probes.base import ProbeResult
+from tests.support import configs
 
 SIP = "sip:10.1.0.10:5060"
 HTTP = "http://10.1.0.10/health"
@@ -347,17 +348,7 @@ def test_any_json_gives_a_vote_and_only_a_fresh_well_formed_one_counts(
 # voter_from_config
 
 
-BASE = """
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1:5060"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-"""
+BASE = configs.TWO_SITES
 
 
 def test_no_witness_gives_the_null_voter() -> None:
