@@ -25,20 +25,10 @@ from appliance.paging.oncall import Contact
 from appliance.paging.smtp import SmtpChannel
 from appliance.paging.webhook import WebhookChannel, WebhookReceiver, alertmanager_events
 from tests.conftest import free_port
+from tests.support import configs
 
 ZHANG = Contact("Zhang Wei", phone="+8613800138000", email="zw@example.com")
-BASE = """
-[appliance]
-name = "dr1"
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1"
-kamailio_set = 1
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-"""
+BASE = '\n[appliance]\nname = "dr1"\n' + configs.two_sites("10.0.0.1", "10.0.0.2")
 
 # A real Alertmanager 0.27 webhook body (two alerts, one firing, one resolved).
 ALERTMANAGER_BODY = {

@@ -22,26 +22,17 @@ from appliance.migrations import COMPONENTS
 from appliance.paging.channel import NullChannel
 from appliance.paging.service import PagingService
 from appliance.store import Store
+from tests.support import configs
 from tests.support.modem import ModemEmulator
 
 T0 = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.timezone(dt.timedelta(hours=8))).timestamp()
 ZHANG, LI, STRANGER = "+8613800138000", "+8613900139000", "+8613700000000"
 ROOT = Caller(pid=1, uid=0, gid=0)
 
-CONFIG = """
-[appliance]
-name = "dr1"
-
-[sites.primary]
-role = "primary"
-sbc = "10.0.0.1"
-kamailio_set = 1
-
-[sites.backup]
-role = "backup"
-sbc = "10.0.0.2"
-kamailio_set = 2
-
+CONFIG = (
+    '\n[appliance]\nname = "dr1"\n'
+    + configs.two_sites("10.0.0.1", "10.0.0.2")
+    + """
 [[contacts]]
 name = "Zhang Wei"
 phone = "+8613800138000"
@@ -81,6 +72,7 @@ escalate_after_s = 300
 targets = ["Li Na", "Site Mgr"]
 escalate_after_s = 600
 """
+)
 
 
 @pytest.fixture
