@@ -52,7 +52,7 @@ from typing import Any
 from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, logical_checksum
-from appliance.replication.source import ServedStream, SourceAgent
+from appliance.replication.source import SourceAgent
 from tests.support import replication_rig
 
 DELAY_S = 0.020
@@ -132,12 +132,7 @@ class Bench:
 
     def agent(self, db: Path) -> SourceAgent:
         c = self.certs
-        return SourceAgent(
-            [ServedStream("db", "sqlite", db)],
-            heartbeat_s=0.2,
-            poll_interval_s=0.005,
-            ssl_context=replication_rig.server_ctx(c),
-        )
+        return replication_rig.sqlite_agent(db, c, heartbeat_s=0.2, poll_interval_s=0.005)
 
     def client(self, replica: Replica, port: int, **kw: Any) -> SqliteStreamClient:
         c = self.certs

@@ -30,7 +30,6 @@ from appliance.cli.main import cli
 from appliance.config import ReplicationSection
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
-from appliance.replication.source import ServedStream, SourceAgent
 from tests.support import replication_rig
 
 
@@ -73,11 +72,7 @@ def _daemon(tmp_path: Path, *, with_source: Path | None) -> Iterator[dict[str, A
         agent = None
         port = _free_port()  # nobody listens there: the primary is unreachable
         if with_source is not None:
-            agent = SourceAgent(
-                [ServedStream("customers", "sqlite", with_source)],
-                heartbeat_s=0.1,
-                ssl_context=replication_rig.server_ctx(certs),
-            )
+            agent = replication_rig.sqlite_agent(with_source, certs, stream="customers", heartbeat_s=0.1)
             await agent.start()
             port = agent.port
         service = ReplicationService(_section(tmp_path, port))

@@ -17,7 +17,6 @@ from typing import Any
 
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, file_checksum, logical_checksum
-from appliance.replication.source import ServedStream, SourceAgent
 from tests.integration.test_replication_link import certs, make_db
 from tests.support import replication_rig
 
@@ -33,12 +32,7 @@ class ChunkRig:
         self.conn = make_db(self.db)
         self.conn.execute("PRAGMA wal_autocheckpoint = 0")  # the WAL keeps what a resume needs
         self.certs = certs
-        self.agent = SourceAgent(
-            [ServedStream("db", "sqlite", self.db)],
-            heartbeat_s=0.1,
-            max_message=LIMIT,
-            ssl_context=replication_rig.server_ctx(certs),
-        )
+        self.agent = replication_rig.sqlite_agent(self.db, certs, heartbeat_s=0.1, max_message=LIMIT)
         self.rep_path = tmp / "rep" / "db.db"
         self.replica = Replica(self.rep_path)
         self.client: SqliteStreamClient | None = None

@@ -20,7 +20,6 @@ from appliance.cli import replication as cli_replication
 from appliance.cli.main import cli
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
-from appliance.replication.source import ServedStream, SourceAgent
 from tests.support import replication_rig
 
 
@@ -42,11 +41,7 @@ def test_status_verify_restore_over_the_control_socket(tmp_path: Path) -> None:
     done = threading.Event()
 
     async def daemonless() -> None:
-        agent = SourceAgent(
-            [ServedStream("customers", "sqlite", db)],
-            heartbeat_s=0.1,
-            ssl_context=replication_rig.server_ctx(certs),
-        )
+        agent = replication_rig.sqlite_agent(db, certs, stream="customers", heartbeat_s=0.1)
         await agent.start()
         section = replication_rig.section(
             agent.port,

@@ -25,7 +25,6 @@ import pytest
 from appliance.replication.checksum import show
 from appliance.replication.client import StreamStats
 from appliance.replication.replica import Replica, file_checksum, logical_checksum
-from appliance.replication.source import ServedStream, SourceAgent
 from tests.conftest import REPO, free_port
 from tests.support import replication_rig
 
@@ -211,11 +210,8 @@ def test_random_writer_replica_is_always_a_committed_state(tmp_path: Path, certs
     samples: list[int] = []
 
     async def scenario() -> StreamStats:
-        agent = SourceAgent(
-            [ServedStream("customers", "sqlite", db)],
-            allowed_clients=["appliance"],
-            ssl_context=replication_rig.server_ctx(certs),
-            heartbeat_s=0.2,
+        agent = replication_rig.sqlite_agent(
+            db, certs, stream="customers", allowed_clients=["appliance"], heartbeat_s=0.2
         )
         await agent.start()
         replica = Replica(rep_path)

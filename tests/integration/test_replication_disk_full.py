@@ -28,7 +28,6 @@ from appliance.config import ReplicationSection
 from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
-from appliance.replication.source import ServedStream, SourceAgent
 from appliance.store import Store
 from tests.support import replication_rig
 
@@ -118,11 +117,7 @@ def test_disk_full_is_raised_survived_and_recovered_from(tmp_path: Path, small_d
         )
 
     async def scenario() -> None:
-        agent = SourceAgent(
-            [ServedStream("customers", "sqlite", db)],
-            heartbeat_s=0.1,
-            ssl_context=replication_rig.server_ctx(certs),
-        )
+        agent = replication_rig.sqlite_agent(db, certs, stream="customers", heartbeat_s=0.1)
         await agent.start()
         st = store()
         registry = CollectorRegistry()

@@ -16,7 +16,6 @@ import pytest
 from appliance.replication.certs import issue
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import PromotedError, Replica, file_checksum, logical_checksum
-from appliance.replication.source import ServedStream, SourceAgent
 from appliance.replication.tls import client_context
 from tests.support import replication_rig
 
@@ -50,12 +49,8 @@ class Rig:
         self.db = tmp / "src.db"
         self.conn = make_db(self.db)
         self.certs = certs
-        self.agent = SourceAgent(
-            [ServedStream("db", "sqlite", self.db)],
-            allowed_clients=["appliance"],
-            heartbeat_s=0.1,
-            ssl_context=replication_rig.server_ctx(certs),
-            **agent_kw,
+        self.agent = replication_rig.sqlite_agent(
+            self.db, certs, allowed_clients=["appliance"], heartbeat_s=0.1, **agent_kw
         )
         self.replica = Replica(tmp / "rep" / "db.db")
         self.task: asyncio.Task[None] | None = None

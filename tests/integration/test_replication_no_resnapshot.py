@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from appliance.replication.replica import Replica, logical_checksum
-from appliance.replication.source import ServedStream, SourceAgent
 from tests.support import replication_rig
 
 BLOB = 300_000
@@ -83,12 +82,7 @@ def test_truncate_checkpoints_and_vacuums_never_cost_a_resnapshot(tmp_path: Path
     init.close()
 
     async def scenario() -> None:
-        agent = SourceAgent(
-            [ServedStream("db", "sqlite", db)],
-            heartbeat_s=0.2,
-            poll_interval_s=0.005,
-            ssl_context=replication_rig.server_ctx(certs),
-        )
+        agent = replication_rig.sqlite_agent(db, certs, heartbeat_s=0.2, poll_interval_s=0.005)
         await agent.start()
         replica = Replica(tmp_path / "rep.db", durable=False)
         replica.open()

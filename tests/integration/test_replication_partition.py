@@ -30,7 +30,6 @@ from typing import Any
 import pytest
 
 from appliance.replication.replica import Replica, file_checksum, logical_checksum
-from appliance.replication.source import ServedStream, SourceAgent
 from tests.conftest import REPO
 from tests.support import replication_rig
 
@@ -55,13 +54,8 @@ def agent_main(db: Path, host: str, certs: Path) -> None:
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
 
-    agent = SourceAgent(
-        [ServedStream("db", "sqlite", db)],
-        host=host,
-        port=PORT,
-        heartbeat_s=0.2,
-        peer_timeout_s=PEER_TIMEOUT_S,
-        ssl_context=replication_rig.server_ctx(certs),
+    agent = replication_rig.sqlite_agent(
+        db, certs, host=host, port=PORT, heartbeat_s=0.2, peer_timeout_s=PEER_TIMEOUT_S
     )
     asyncio.run(agent.serve_forever())
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance.replication.checksum import page_hash
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica, logical_checksum
-from appliance.replication.source import ServedStream, SourceAgent
 from tests.support import replication_rig
 
 ROWS = 2000
@@ -43,34 +42,18 @@ def change_a_tenth(app: sqlite3.Connection) -> int:
     return truncated
 
 
-async def until(condition: object, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        await asyncio.sleep(0.05)
-    return False
+async def until(condition: Callable[[], object], seconds: float) -> bool:
+    return await replication_rig.until(condition, seconds, interval=0.05)
 
 
 def test_a_resync_after_an_outage_sends_and_reads_only_the_changed_pages(tmp_path: Path) -> None:
     certs = tmp_path / "tls"
     replication_rig.pki(certs)
     db = tmp_path / "src.db"
-    app = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
-    app.execute("PRAGMA journal_mode=WAL")
-    app.execute("PRAGMA busy_timeout = 5000")
-    app.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, note BLOB)")
-    app.executemany(
-        "INSERT INTO customers (note) VALUES (?)", ((bytes([i % 251]) * ROW,) for i in range(ROWS))
-    )
+    app = replication_rig.blob_db(db, ROWS, ROW)
 
     async def scenario() -> None:
-        agent = SourceAgent(
-            [ServedStream("db", "sqlite", db)],
-            heartbeat_s=0.2,
-            poll_interval_s=0.005,
-            ssl_context=replication_rig.server_ctx(certs),
-        )
+        agent = replication_rig.sqlite_agent(db, certs, heartbeat_s=0.2, poll_interval_s=0.005)
         await agent.start()
         replica = Replica(tmp_path / "rep.db", durable=False)
         replica.open()

@@ -20,7 +20,6 @@ from appliance.replication.client import SqliteStreamClient
 from appliance.replication.metrics import ReplicationMetrics
 from appliance.replication.replica import logical_checksum
 from appliance.replication.service import ReplicationService
-from appliance.replication.source import ServedStream, SourceAgent
 from tests.support import replication_rig
 
 
@@ -43,11 +42,7 @@ def test_a_failing_stream_task_is_restarted_logged_counted_and_shown(
     app.execute("INSERT INTO c (name) VALUES ('a')")
 
     async def scenario() -> None:
-        agent = SourceAgent(
-            [ServedStream("customers", "sqlite", db)],
-            heartbeat_s=0.1,
-            ssl_context=replication_rig.server_ctx(certs),
-        )
+        agent = replication_rig.sqlite_agent(db, certs, stream="customers", heartbeat_s=0.1)
         await agent.start()
         section = replication_rig.section(
             agent.port,

@@ -13,7 +13,6 @@ import pytest
 from appliance.config import ReplicationSection
 from appliance.replication.certs import issue, make_ca
 from appliance.replication.service import ReplicationService
-from appliance.replication.source import ServedStream, SourceAgent
 from tests.support import replication_rig
 
 
@@ -53,11 +52,7 @@ def test_a_refused_handshake_says_why_on_both_sides(
     server_name = "not-the-source" if case == "wrong_server_name" else "source"
 
     async def scenario() -> tuple[str, int]:
-        agent = SourceAgent(
-            [ServedStream("customers", "sqlite", db)],
-            ssl_context=replication_rig.server_ctx(good),
-            allowed_clients=["appliance"],
-        )
+        agent = replication_rig.sqlite_agent(db, good, stream="customers", allowed_clients=["appliance"])
         await agent.start()
         section = _section(
             agent.port,

@@ -31,7 +31,7 @@ from appliance.replication.budget import MIB, JournalBudget
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.protocol import CHUNK_BYTES
 from appliance.replication.replica import Replica, logical_checksum
-from appliance.replication.source import ServedStream, SourceAgent
+from appliance.replication.source import SourceAgent
 from tests.support import replication_rig
 
 ROWS = 6000
@@ -87,12 +87,7 @@ async def streaming(tmp_path: Path) -> AsyncIterator[Streaming]:
     certs = tmp_path / "tls"
     replication_rig.pki(certs)
     db, app = source_database(tmp_path)
-    agent = SourceAgent(
-        [ServedStream("db", "sqlite", db)],
-        heartbeat_s=0.2,
-        poll_interval_s=0.005,
-        ssl_context=replication_rig.server_ctx(certs),
-    )
+    agent = replication_rig.sqlite_agent(db, certs, heartbeat_s=0.2, poll_interval_s=0.005)
     await agent.start()
     replica = Replica(tmp_path / "rep.db", durable=False)
     replica.open()

@@ -18,7 +18,6 @@ import pytest
 
 from appliance.replication.follower import ResnapshotNeeded, SqliteFollower
 from appliance.replication.replica import Replica, logical_checksum
-from appliance.replication.source import ServedStream, SourceAgent
 from appliance.replication.wal import Generation, WalFile
 from appliance.replication.walguard import ReadMarkGuard
 from tests.support import replication_rig
@@ -310,13 +309,13 @@ def test_wal_stays_bounded_under_load_and_the_replica_follows(tmp_path: Path) ->
     wal = Path(str(db) + "-wal")
 
     async def scenario() -> None:
-        agent = SourceAgent(
-            [ServedStream("db", "sqlite", db)],
+        agent = replication_rig.sqlite_agent(
+            db,
+            certs,
             heartbeat_s=0.1,
             poll_interval_s=0.005,
             checkpoint_frames=200,
             restart_frames=restart_frames,
-            ssl_context=replication_rig.server_ctx(certs),
         )
         await agent.start()
         replica = Replica(tmp_path / "rep.db", durable=False)

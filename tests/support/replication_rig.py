@@ -8,8 +8,11 @@ it beside these with :func:`appliance.replication.certs.issue`.
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from appliance.config import ReplicationSection
 from appliance.replication.certs import issue, make_ca
 from appliance.replication.client import SqliteStreamClient
 from appliance.replication.replica import Replica
+from appliance.replication.source import ServedStream, SourceAgent
 from appliance.replication.tls import client_context, server_context
 
 
@@ -65,3 +69,31 @@ def section(port: int, certs: Path, settings: dict[str, Any]) -> ReplicationSect
             **settings,
         }
     )
+
+
+def sqlite_agent(db: Path, certs: Path, stream: str = "db", **kw: Any) -> SourceAgent:
+    """A source agent serving the SQLite database ``db`` as ``stream``, over :func:`server_ctx`."""
+    return SourceAgent([ServedStream(stream, "sqlite", db)], ssl_context=server_ctx(certs), **kw)
+
+
+def blob_db(path: Path, rows: int, row_bytes: int) -> sqlite3.Connection:
+    """A WAL database of ``rows`` customers, each a ``row_bytes`` note of one repeated byte
+    (row i: i % 251); the connection is the application's, usable from any thread."""
+    app = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    app.execute("PRAGMA journal_mode=WAL")
+    app.execute("PRAGMA busy_timeout = 5000")
+    app.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, note BLOB)")
+    app.executemany(
+        "INSERT INTO customers (note) VALUES (?)", ((bytes([i % 251]) * row_bytes,) for i in range(rows))
+    )
+    return app
+
+
+async def until(condition: Callable[[], object], seconds: float, interval: float = 0.02) -> bool:
+    """Whether ``condition()`` came true within ``seconds`` (looked at every ``interval``)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(interval)
+    return False
