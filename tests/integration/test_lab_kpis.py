@@ -32,7 +32,8 @@ from tests.support.modem import ModemEmulator
 pytestmark = lab_rig.marks(pytest.mark.slow)
 
 ON_CALL = "+8613800138000"
-CALLKPIS = """
+CALLKPIS = (
+    """
 [callkpis]
 interval_s = 0.5
 window_s = 900
@@ -40,25 +41,9 @@ min_attempts = 5
 min_asr_pct = 50
 recover_asr_pct = 60
 channels = { trunk-a = 30 }
-
-[channels.sms]
-type = "gsm"
-device = "{device}"
-send_timeout_s = 5
-prompt_timeout_s = 2
-poll_s = 0.5
-
-[paging.rotations.telephony]
-contacts = ["Lab On-Call"]
-start = 2026-01-05T09:00:00+08:00
-period_s = 604800
-
-[paging.policies.default]
-repeat = 0
-[[paging.policies.default.steps]]
-targets = ["rotation:telephony"]
-escalate_after_s = 600
 """
+    + lab_rig.SMS_ROTATION_PAGING
+)
 
 
 def _caller_scenario(sipp: str, workdir: Path) -> Path:

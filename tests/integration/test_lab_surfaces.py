@@ -33,25 +33,7 @@ MAX_COLUMNS = 200
 DOCUMENTS = ("report ",)
 ON_CALL = "+8613800138000"
 
-PAGING = """
-[channels.sms]
-type = "gsm"
-device = "{device}"
-send_timeout_s = 5
-prompt_timeout_s = 2
-poll_s = 0.5
-
-[paging.rotations.telephony]
-contacts = ["Lab On-Call"]
-start = 2026-01-05T09:00:00+08:00
-period_s = 604800
-
-[paging.policies.default]
-repeat = 0
-[[paging.policies.default.steps]]
-targets = ["rotation:telephony"]
-escalate_after_s = 600
-"""
+PAGING = lab_rig.SMS_ROTATION_PAGING
 
 # Every command that only reads, with what it needs. `logs` reads journald (no unit here).
 READ_COMMANDS: list[tuple[str, ...]] = [

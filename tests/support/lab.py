@@ -30,6 +30,28 @@ NEEDS = [
     (shutil.which("sipp") is not None, "sipp (sip-tester) is not installed"),
 ]
 
+# Paging on the lab: SMS through the emulated modem (``{device}``: its path, put in with
+# str.replace), the on-call rotation of the lab's contact, paged once by the default policy.
+SMS_ROTATION_PAGING = """
+[channels.sms]
+type = "gsm"
+device = "{device}"
+send_timeout_s = 5
+prompt_timeout_s = 2
+poll_s = 0.5
+
+[paging.rotations.telephony]
+contacts = ["Lab On-Call"]
+start = 2026-01-05T09:00:00+08:00
+period_s = 604800
+
+[paging.policies.default]
+repeat = 0
+[[paging.policies.default.steps]]
+targets = ["rotation:telephony"]
+escalate_after_s = 600
+"""
+
 
 def marks(*extra: pytest.MarkDecorator) -> list[pytest.MarkDecorator]:
     """A lab module's ``pytestmark``: ``lab``, ``extra`` (e.g. ``slow``), a skip per missing need."""
