@@ -1,9 +1,11 @@
-"""The replication tests' one PKI and TLS set-up, instead of the same lines in every file.
+"""The replication tests' one rig: PKI, TLS contexts, agent, client, section, instead of copies.
 
 Every replication test runs the real agent and client over real mutual TLS: a CA, a
 server certificate for "source" and a client certificate for "appliance", and the two
 contexts made from them. A test that needs another name (a stranger, a rogue CA) issues
-it beside these with :func:`appliance.replication.certs.issue`.
+it beside these with :func:`appliance.replication.certs.issue`. The agent, client and
+``[replication]`` section helpers fill in what every test wrote the same way (loopback,
+server name "source", those certificates) and pass the rest on.
 """
 
 from __future__ import annotations
