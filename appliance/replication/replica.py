@@ -189,6 +189,11 @@ class Replica:
         self._seed_meta: dict[str, Any] = {}
         self._stage: _Stage | None = None  # a batch too large for one message, being received
         self.staged_batches = 0
+        # Seconds spent per stage of staged batches (the benchmark's breakdown): staging chunks as
+        # they arrive, committing (of which: writing pages into the file, fsyncs).
+        self.timings: dict[str, float] = dict.fromkeys(("stage", "commit", "write", "fsync"), 0.0)
+        # perf_counter at the last staged batch's begin / end / commit
+        self.stage_marks: dict[str, float] = {}
         self.budget = JournalBudget()  # disk a journal may take (set from the stream's config)
         self._mutex = threading.Lock()
         self.hashes = PageHashes()
@@ -473,6 +478,7 @@ class Replica:
         is nearly every page, and one system call a page cost more than the copy.
         """
         assert self._db_fd is not None
+        started = time.perf_counter()
         size = int(header["page_size"])
         min_pages, db_pages = int(header["min_pages"]), int(header["db_pages"])
         if os.fstat(self._db_fd).st_size > min_pages * size:
@@ -495,8 +501,11 @@ class Replica:
         if run:
             _pwrite_all(self._db_fd, run, (run_start - 1) * size)
         os.ftruncate(self._db_fd, db_pages * size)
+        t0 = time.perf_counter()
+        self.timings["write"] += t0 - started
         if self._durable:
             os.fsync(self._db_fd)
+        self.timings["fsync"] += time.perf_counter() - t0
         return changes
 
     # -- apply -----------------------------------------------------------
@@ -599,6 +608,7 @@ class Replica:
         the replica at its previous state, and the next session starts again.
         The checksum the database would have is accumulated page by page.
         """
+        self.stage_marks = {"begin": time.perf_counter()}
         with self._mutex:
             self._check_writable()
             self._check_untouched()
@@ -632,6 +642,13 @@ class Replica:
     @_storage("staging pages")
     def stage_pages(self, pages: list[tuple[int, bytes]]) -> int:
         """Add one chunk of pages (ascending page numbers) to the staged batch; returns how many."""
+        t0 = time.perf_counter()
+        try:
+            return self._stage_pages(pages)
+        finally:
+            self.timings["stage"] += time.perf_counter() - t0
+
+    def _stage_pages(self, pages: list[tuple[int, bytes]]) -> int:
         with self._mutex:
             stage = self._stage
             if stage is None:
@@ -668,6 +685,14 @@ class Replica:
 
         Returns the batch's description (no pages) for the caller's counters.
         """
+        t0 = self.stage_marks["end"] = time.perf_counter()
+        try:
+            return self._stage_commit(checksum, observed_at)
+        finally:
+            self.stage_marks["committed"] = time.perf_counter()
+            self.timings["commit"] += self.stage_marks["committed"] - t0
+
+    def _stage_commit(self, checksum: int, observed_at: float | None) -> Batch:
         with self._mutex:
             stage = self._stage
             if stage is None:
