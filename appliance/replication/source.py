@@ -508,7 +508,10 @@ class SourceAgent:
             await sender.send(Msg.BATCH, batch.header(), protocol.pages_body(batch.iter_pages()))
             return
         header = batch.header()
-        await sender.send(Msg.BATCH_BEGIN, {**header, "checksum": None})
+        # page_count: at most this many pages follow (the replica builds a new file for a batch that
+        # rewrites most of the database instead of journaling every page).
+        count = batch.page_count or len(batch.pages)
+        await sender.send(Msg.BATCH_BEGIN, {**header, "checksum": None, "page_count": count})
         sent = await _send_chunks(sender, Msg.BATCH_PAGES, batch.iter_pages(), per_chunk, self.chunk_timings)
         self.chunked_batches += 1
         # Sent last: a resume's or resnapshot's checksum is known once every page was read.
