@@ -191,8 +191,9 @@ class Replica:
         self.staged_batches = 0
         self.rewrites = 0  # staged batches applied by building a new file (tests, the benchmark)
         # Seconds spent per stage of staged batches (the benchmark's breakdown): staging chunks as
-        # they arrive, committing (of which: writing pages into the file, fsyncs).
-        self.timings: dict[str, float] = dict.fromkeys(("stage", "commit", "write", "fsync"), 0.0)
+        # they arrive, committing (of which: writing pages into the file and its fsync, or completing a
+        # new file and its fsync).
+        self.timings: dict[str, float] = dict.fromkeys(("stage", "commit", "write", "fsync", "new_file"), 0.0)
         # perf_counter at the last staged batch's begin / end / commit
         self.stage_marks: dict[str, float] = {}
         self.budget = JournalBudget()  # disk a journal may take (set from the stream's config)
@@ -824,7 +825,9 @@ class Replica:
         assert stage.rewrite is not None
         batch = stage.batch
         try:
+            t0 = time.perf_counter()
             stage.rewrite.finish()
+            self.timings["new_file"] += time.perf_counter() - t0
             hashes = self._hashes_after(stage)
             if hashes.checksum != checksum:  # cannot happen: the same sums as stage.checksum
                 raise ReplicaError(

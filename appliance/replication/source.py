@@ -124,6 +124,7 @@ class SourceAgent:
         # Seconds spent per stage of chunked sends, all sessions (the benchmark's breakdown): reading
         # and hashing pages, encoding (compressing), the link waiting for a chunk, the link's sends.
         self.chunk_timings: dict[str, float] = dict.fromkeys(("read", "encode", "wait_ready", "send"), 0.0)
+        self.chunk_marks: dict[str, float] = {}  # perf_counter at the last large batch's poll / its end
         self.continuity_lost = 0  # sessions ended because the WAL lost continuity (a resnapshot follows)
         self.largest_body = 0  # the most page bytes one message carried, all sessions (tests)
         self.max_hello = max_hello_bytes  # the largest HELLO read from a replica, decompressed
@@ -543,7 +544,10 @@ class SourceAgent:
                     log.warning("replica refused a batch", extra=kv(stream=stream.name, **msg.header))
                     return
             try:
+                polled = time.perf_counter()
                 batch = await asyncio.to_thread(follower.poll, verify_at)
+                if batch is not None and batch.page_reader is not None:
+                    self.chunk_marks = {"poll": polled, "polled": time.perf_counter()}
             except ResnapshotNeeded as exc:
                 self.continuity_lost += 1
                 follower.broken = True  # its hashes no longer describe a state: never kept standing
