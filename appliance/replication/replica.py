@@ -193,7 +193,9 @@ class Replica:
         # Seconds spent per stage of staged batches (the benchmark's breakdown): staging chunks as
         # they arrive, committing (of which: writing pages into the file and its fsync, or completing a
         # new file and its fsync).
-        self.timings: dict[str, float] = dict.fromkeys(("stage", "commit", "write", "fsync", "new_file"), 0.0)
+        self.timings: dict[str, float] = dict.fromkeys(
+            ("stage", "commit", "write", "fsync", "new_file", "record", "journal", "rename"), 0.0
+        )
         # perf_counter at the last staged batch's begin / end / commit
         self.stage_marks: dict[str, float] = {}
         self.budget = JournalBudget()  # disk a journal may take (set from the stream's config)
@@ -827,13 +829,16 @@ class Replica:
         try:
             t0 = time.perf_counter()
             stage.rewrite.finish()
-            self.timings["new_file"] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.timings["new_file"] += t1 - t0
             hashes = self._hashes_after(stage)
             if hashes.checksum != checksum:  # cannot happen: the same sums as stage.checksum
                 raise ReplicaError(
                     f"rewritten file's hashes sum to {show(hashes.checksum)}, not {show(checksum)}"
                 )
             self._record.stage_next(hashes, batch.page_size, stage.seq)
+            t2 = time.perf_counter()
+            self.timings["record"] += t2 - t1
             journal = _JournalWriter(
                 self._journal_path(stage.seq),
                 stage.seq,
@@ -848,12 +853,20 @@ class Replica:
             journal.finish()
         finally:
             journal.close()
+        t3 = time.perf_counter()
+        self.timings["journal"] += t3 - t2
         self.seq = stage.seq
         os.replace(stage.rewrite.path, self.path)
         if self._durable:
             _fsync_dir(self.path.parent)
         self._record.commit_next(stage.seq)
+        # The old file's last reference is our descriptor: closing it frees its blocks, which for a
+        # large file takes the filesystem a while. That happens in the background, off the commit.
+        old, self._db_fd = self._db_fd, None
+        if old is not None:
+            threading.Thread(target=os.close, args=(old,), name="replica-free-old-file", daemon=True).start()
         self._open_db(load=False)
+        self.timings["rename"] += time.perf_counter() - t3
         now = self._clock()
         batch.checksum = checksum
         if observed_at is not None:

@@ -804,7 +804,8 @@ async def vacuum_and_resync(bench: Bench, mb: int, resync: bool = True) -> dict[
     await _accounted(client, replica, 0, 0)
     pages0, wire0 = client.stats.pages, client.stats.bytes_received
     applied0, batches0 = replica.batches_applied, client.stats.batches
-    src0, rep0 = dict(agent.chunk_timings), dict(replica.timings)
+    # (getattr: the same bench also runs against older code, for before/after figures)
+    src0, rep0 = dict(getattr(agent, "chunk_timings", {})), dict(getattr(replica, "timings", {}))
     rss0 = _PEAK["rss"] = _rss_mb()
     t1 = time.perf_counter()
     await asyncio.to_thread(conn.execute, "VACUUM")
@@ -814,11 +815,11 @@ async def vacuum_and_resync(bench: Bench, mb: int, resync: bool = True) -> dict[
     await _accounted(client, replica, applied0, batches0)
     vacuum_pages, vacuum_mb = client.stats.pages - pages0, (client.stats.bytes_received - wire0) / 1e6
     vacuum_rss = _PEAK["rss"] - rss0
-    marks = {k: v - committed for k, v in replica.stage_marks.items()}
-    marks.update({f"source_{k}": v - committed for k, v in agent.chunk_marks.items()})
+    marks = {k: v - committed for k, v in getattr(replica, "stage_marks", {}).items()}
+    marks.update({f"source_{k}": v - committed for k, v in getattr(agent, "chunk_marks", {}).items()})
     stages = {
-        **{f"source_{k}": v for k, v in _delta(agent.chunk_timings, src0).items()},
-        **{f"replica_{k}": v for k, v in _delta(replica.timings, rep0).items()},
+        **{f"source_{k}": v for k, v in _delta(getattr(agent, "chunk_timings", {}), src0).items()},
+        **{f"replica_{k}": v for k, v in _delta(getattr(replica, "timings", {}), rep0).items()},
     }
     db_pages = replica.hashes.db_pages
     size_mb = db.stat().st_size / 1e6
@@ -888,7 +889,7 @@ def _vacuum_figures(bench: Bench, mb: int, runs: int, resync: bool) -> dict[str,
         after = v["vacuum_s"] - v["vacuum_local_s"]
         v["after"], v["ratio"] = after, after / v["copy_s"]
         results.append(v)
-        m, st = v["marks"], v["stages"]
+        m, st, nan = v["marks"], v["stages"], float("nan")
         print(
             f"  run {i + 1}: caught up {after:.2f} s after the VACUUM committed (it took {v['vacuum_local_s']:.1f} s"
             f" at the source), copying the {v['mb']:.0f} MB file over the same link (TLS, proxy) {v['copy_s']:.2f} s:"
@@ -899,11 +900,13 @@ def _vacuum_figures(bench: Bench, mb: int, runs: int, resync: bool) -> dict[str,
             f"    after the commit: agent's poll from {m.get('source_poll', float('nan')):.2f} s to"
             f" {m.get('source_polled', float('nan')):.2f} s, batch begun at the replica {m.get('begin', float('nan')):.2f} s, last chunk"
             f" in {m.get('end', float('nan')):.2f} s, committed {m.get('committed', float('nan')):.2f} s;"
-            f" agent (worker thread): read+hash {st['source_read']:.2f} s, encode {st['source_encode']:.2f} s,"
-            f" link waited for chunks {st['source_wait_ready']:.2f} s, sending {st['source_send']:.2f} s;"
-            f" replica: staging {st['replica_stage']:.2f} s, commit {st['replica_commit']:.2f} s (journaled: writing"
-            f" pages {st['replica_write']:.2f} s, fsync of the file {st['replica_fsync']:.2f} s; new file: completing"
-            f" and fsync {st['replica_new_file']:.2f} s)"
+            f" agent (worker thread): read+hash {st.get('source_read', nan):.2f} s, encode {st.get('source_encode', nan):.2f} s,"
+            f" link waited for chunks {st.get('source_wait_ready', nan):.2f} s, sending {st.get('source_send', nan):.2f} s;"
+            f" replica: staging {st.get('replica_stage', nan):.2f} s, commit {st.get('replica_commit', nan):.2f} s (journaled: writing"
+            f" pages {st.get('replica_write', nan):.2f} s, fsync of the file {st.get('replica_fsync', nan):.2f} s; new file: completing"
+            f" and fsync {st.get('replica_new_file', nan):.2f} s, hashes recorded"
+            f" {st.get('replica_record', nan):.2f} s, journal {st.get('replica_journal', nan):.2f} s, renames"
+            f" {st.get('replica_rename', nan):.2f} s)"
         )
     ratios = sorted(v["ratio"] for v in results)
     afters = sorted(v["after"] for v in results)
