@@ -10,16 +10,18 @@ import asyncio
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
-from appliance import __version__, migrations, roles
+from appliance import __version__, features, migrations, roles
 from appliance import config as config_mod
 from appliance.api import ApiServer, Caller, RequestError
 from appliance.clock import Clock, SystemClock
 from appliance.config import Config
+from appliance.core_metrics import CoreMetrics
 from appliance.daemon import Daemon
 from appliance.errors import ConfigError
 from appliance.kamailio import KamailioRpc
@@ -36,7 +38,8 @@ from failover.coordination.backends import from_config as coordination_from_conf
 from failover.coordination.base import Coordination
 from failover.coordination.witness import WitnessOnly
 from failover.drill import Drill
-from failover.engine import ENGINE_STATES, Command, Page, Resolve
+from failover.engine import Command, Page, Resolve
+from failover.metrics import FailoverMetrics
 from failover.plans import backup_site
 from failover.service import FailoverService
 from failover.witness import voter_from_config
@@ -50,13 +53,6 @@ from monitoring.targets import from_config
 
 log = logging.getLogger(f"hotsite.{__name__}")
 
-REPLICATION_METHODS = (
-    "replication.status",
-    "replication.verify",
-    "replication.promote",
-    "replication.demote",
-    "replication.snapshots",
-)
 # Settings that only take effect at start; a reload that changes them says so.
 RESTART_ONLY = (
     "appliance.state_dir",
@@ -87,7 +83,12 @@ class Appliance(Daemon):
         self.config = config
         self.config_path = config_path
         self.clock = clock or SystemClock()
-        self.metrics = metrics_mod.Metrics(registry or CollectorRegistry())
+        # Each feature's metrics on the one registry; the catalogue lists the same classes from the
+        # feature table (appliance/features.py), and a unit test compares the two.
+        registry = registry or CollectorRegistry()
+        self.core_metrics = CoreMetrics(registry)
+        self.metrics = metrics_mod.Metrics(registry)  # monitoring's
+        self.failover_metrics = FailoverMetrics(registry)
         self.store: Store | None = None
         self.api: ApiServer | None = None
         self._metrics_server: Any = None
@@ -117,17 +118,17 @@ class Appliance(Daemon):
             cfg.appliance.runtime_dir,
             self._handlers(),
             group=cfg.appliance.socket_group,
-            on_bad_request=lambda reason: self.metrics.api_bad_requests.labels(reason=reason).inc(),
+            on_bad_request=lambda reason: self.core_metrics.api_bad_requests.labels(reason=reason).inc(),
             authorize=roles.policy_from(cfg.appliance).refusal,
         )
         await self.api.start()
         if cfg.metrics.enabled:
             host, port = config_mod.host_port(cfg.metrics.listen)
             options = cfg.metrics.server_options()
-            requests = self.metrics.http_requests
+            requests = self.core_metrics.http_requests
             options["on_outcome"] = lambda outcome: requests.labels("metrics", outcome).inc()
             self._metrics_server = metrics_mod.serve(self.metrics.registry, host, port, **options)
-        self.metrics.start_time.set(self._started_at)
+        self.core_metrics.start_time.set(self._started_at)
         self._host_collector = HostCollector(cfg.appliance.state_dir, cfg.host.interfaces)
         self._host_collector.cpu.start()  # sampled on the daemon's own interval, not per scrape
         self.metrics.registry.register(self._host_collector)
@@ -150,7 +151,7 @@ class Appliance(Daemon):
         self.paging = PagingService(
             cfg, self.store, self.metrics.registry, clock=self.clock, status_text=self.sms_status
         )
-        counted = self.metrics.http_requests
+        counted = self.core_metrics.http_requests
         self.paging.on_receiver_outcome = lambda outcome: counted.labels("alertmanager", outcome).inc()
         await self.paging.start()
         self.monitor.on_target_state = self._target_incident
@@ -212,8 +213,8 @@ class Appliance(Daemon):
         self._show_failover_state(self.failover.state)
 
     def _show_failover_state(self, state: Any) -> None:
-        """The engine's state on /metrics (monitoring's registry is told the engine's state names)."""
-        self.metrics.set_failover_state(state.state, state.routing, state.epoch, ENGINE_STATES)
+        """The engine's state on /metrics."""
+        self.failover_metrics.show(state.state, state.routing, state.epoch)
 
     def _site_verdicts(self) -> dict[str, str]:
         return {name: site.verdict for name, site in self.monitor.sites.items()} if self.monitor else {}
@@ -339,14 +340,14 @@ class Appliance(Daemon):
             await self._apply(new)
         except Exception as exc:
             error = exc if isinstance(exc, ConfigError) else ConfigError(f"{type(exc).__name__}: {exc}")
-            self.metrics.config_reloads.labels(result="rejected").inc()
+            self.core_metrics.config_reloads.labels(result="rejected").inc()
             for problem in error.problems or [error.message]:
                 log.error("new configuration rejected; keeping the old one", extra=kv(problem=problem))
             self._record("config.reload_rejected", message=error.message, data={"problems": error.problems})
             if self.config is not old:
                 await self._apply(old)  # half-applied: back to what ran before
             return
-        self.metrics.config_reloads.labels(result="applied").inc()
+        self.core_metrics.config_reloads.labels(result="applied").inc()
 
     async def _apply(self, new: Config) -> None:
         ignored = [key for key in RESTART_ONLY if _get(new, key) != _get(self.config, key)]
@@ -399,50 +400,48 @@ class Appliance(Daemon):
     # -- control API -----------------------------------------------------------
 
     def _handlers(self) -> dict[str, Any]:
-        return (
-            self._replication_handlers()
-            | self._paging_handlers()
-            | {
-                "coordination.status": self._api_coordination,
-                "ping": self._api_ping,
-                "status": self._api_status,
-                "events": self._api_events,
-                "probes": self._api_probes,
-                "trunks": self._api_trunks,
-                "note": self._api_note,
-                "failover": self._api_failover,
-                "failback": self._api_command("failback"),
-                "approve": self._api_command("approve"),
-                "cancel": self._api_command("cancel"),
-                "maintenance": self._api_maintenance,
-                "drill": self._api_command("drill"),
-                "reload": self._api_reload,
+        """The control API's routes: each feature's handlers, checked against the feature table
+        (a route no feature declares, or two features claim, stops the start with both named)."""
+        return features.route_table(
+            {
+                "core": {
+                    "ping": self._api_ping,
+                    "status": self._api_status,
+                    "events": self._api_events,
+                    "note": self._api_note,
+                    "reload": self._api_reload,
+                },
+                "monitoring": {"probes": self._api_probes, "trunks": self._api_trunks},
+                "failover": {
+                    "coordination.status": self._api_coordination,
+                    "failover": self._api_failover,
+                    "failback": self._api_command("failback"),
+                    "approve": self._api_command("approve"),
+                    "cancel": self._api_command("cancel"),
+                    "maintenance": self._api_maintenance,
+                    "drill": self._api_command("drill"),
+                },
+                "paging": self._delegated("paging", lambda: self.paging),
+                "replication": self._delegated("replication", lambda: self.replication),
             }
         )
 
-    def _replication_handlers(self) -> dict[str, Any]:
-        """replication.* methods, delegated once the service exists (the socket opens first)."""
+    @staticmethod
+    def _delegated(feature: str, service: Callable[[], Any]) -> dict[str, Any]:
+        """A feature service's ``handlers()``, for the routes the feature table gives it, delegated
+        once the service exists (the socket opens before the services start)."""
 
         def delegate(name: str) -> Any:
             async def handler(caller: Caller, params: dict[str, Any]) -> Any:
-                if self.replication is None:
-                    raise RequestError("replication is starting; try again")
-                return await self.replication.handlers()[name](caller, params)
+                running = service()
+                if running is None:
+                    raise RequestError(f"{feature} is starting; try again")
+                return await running.handlers()[name](caller, params)
 
             return handler
 
-        return {name: delegate(name) for name in REPLICATION_METHODS}
-
-    def _paging_handlers(self) -> dict[str, Any]:
-        def delegate(name: str) -> Any:
-            async def handler(caller: Caller, params: dict[str, Any]) -> Any:
-                if self.paging is None:
-                    raise RequestError("paging is starting; try again")
-                return await self.paging.handlers()[name](caller, params)
-
-            return handler
-
-        return {name: delegate(name) for name in ("incidents", "ack", "oncall", "page_test")}
+        routes = next(f.routes for f in features.FEATURES if f.name == feature)
+        return {name: delegate(name) for name in routes}
 
     async def _api_coordination(self, caller: Caller, params: dict[str, Any]) -> Any:
         return self.coordination.view()

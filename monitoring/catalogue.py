@@ -1,8 +1,9 @@
 """The metrics catalogue (``monitoring/METRICS.md``), generated from the code so it cannot drift.
 
-Every class that defines metrics is instantiated on a fresh ``CollectorRegistry`` — the
-daemon's own (``monitoring.metrics.Metrics``), paging's, replication's, and the host
-collector the daemon registers at start — and each metric is listed with the name
+Every metrics class of every feature in the feature table (:mod:`appliance.features`:
+the core's, monitoring's with the host collector, failover's with the etcd backend's
+and the witness agent's, paging's, replication's) is instantiated on a fresh
+``CollectorRegistry``, and each metric is listed with the name
 Prometheus sees (counters end in ``_total``, info metrics in ``_info``), its type, its
 labels and its help text. A unit test compares the committed file with this output, so
 adding a metric without ``python -m monitoring.catalogue`` fails the test suite.
@@ -11,7 +12,6 @@ adding a metric without ``python -m monitoring.catalogue`` fails the test suite.
 from __future__ import annotations
 
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
+
+from appliance.features import metric_sets
 
 CATALOGUE = Path(__file__).resolve().parent / "METRICS.md"
 SUFFIX = {"counter": "_total", "info": "_info"}
@@ -34,30 +36,12 @@ class Entry:
 
 
 def _sources() -> Iterator[tuple[str, CollectorRegistry]]:
-    """(module, registry holding only that module's metrics), one fresh registry each."""
-    from appliance.paging.metrics import PagingMetrics
-    from appliance.replication.metrics import ReplicationMetrics
-    from failover.etcd import CoordinationMetrics
-    from failover.witness import WitnessMetrics
-    from monitoring.kpi_monitor import CallKpiMetrics
-    from monitoring.metrics import Metrics
-    from monitoring.probes.host import HostCollector
-
-    classes = (
-        Metrics,
-        PagingMetrics,
-        ReplicationMetrics,
-        CoordinationMetrics,
-        WitnessMetrics,
-        CallKpiMetrics,
-    )
-    for cls in classes:
+    """(module, registry holding only that module's metrics), one fresh registry each, for every
+    metrics class of every feature in the feature table (:data:`appliance.features.FEATURES`)."""
+    for _feature, metrics in metric_sets():
         registry = CollectorRegistry()
-        cls(registry)
-        yield cls.__module__, registry
-    registry = CollectorRegistry()
-    registry.register(HostCollector(Path(tempfile.gettempdir()), ["lo"]))
-    yield HostCollector.__module__, registry
+        metrics.make(registry)
+        yield metrics.source, registry
 
 
 def _collectors(registry: CollectorRegistry) -> list[Collector]:
