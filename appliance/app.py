@@ -38,9 +38,8 @@ from failover.coordination.backends import from_config as coordination_from_conf
 from failover.coordination.base import Coordination
 from failover.coordination.witness import WitnessOnly
 from failover.drill import Drill
-from failover.engine import Command, Page, Resolve
+from failover.engine import Page, Resolve
 from failover.metrics import FailoverMetrics
-from failover.plans import backup_site
 from failover.service import FailoverService
 from failover.witness import voter_from_config
 from monitoring import metrics as metrics_mod
@@ -412,22 +411,17 @@ class Appliance(Daemon):
                     "reload": self._api_reload,
                 },
                 "monitoring": {"probes": self._api_probes, "trunks": self._api_trunks},
-                "failover": {
-                    "coordination.status": self._api_coordination,
-                    "failover": self._api_failover,
-                    "failback": self._api_command("failback"),
-                    "approve": self._api_command("approve"),
-                    "cancel": self._api_command("cancel"),
-                    "maintenance": self._api_maintenance,
-                    "drill": self._api_command("drill"),
-                },
+                # The coordination backend is chosen here at the top; the engine's commands are
+                # the failover service's own handlers().
+                "failover": {"coordination.status": self._api_coordination}
+                | self._delegated("failover", lambda: self.failover, but=("coordination.status",)),
                 "paging": self._delegated("paging", lambda: self.paging),
                 "replication": self._delegated("replication", lambda: self.replication),
             }
         )
 
     @staticmethod
-    def _delegated(feature: str, service: Callable[[], Any]) -> dict[str, Any]:
+    def _delegated(feature: str, service: Callable[[], Any], but: tuple[str, ...] = ()) -> dict[str, Any]:
         """A feature service's ``handlers()``, for the routes the feature table gives it, delegated
         once the service exists (the socket opens before the services start)."""
 
@@ -441,7 +435,7 @@ class Appliance(Daemon):
             return handler
 
         routes = next(f.routes for f in features.FEATURES if f.name == feature)
-        return {name: delegate(name) for name in routes}
+        return {name: delegate(name) for name in routes if name not in but}
 
     async def _api_coordination(self, caller: Caller, params: dict[str, Any]) -> Any:
         return self.coordination.view()
@@ -493,38 +487,6 @@ class Appliance(Daemon):
         else:
             return
         self.supervisor.spawn(f"incident {key}", job)
-
-    async def _api_failover(self, caller: Caller, params: dict[str, Any]) -> Any:
-        to = params.get("to", "backup")
-        if to not in ("backup", backup_site(self.config)):
-            raise RequestError(
-                f"--to must be 'backup' or the backup site {backup_site(self.config)!r}, got {to!r}"
-                " (with several backup sites, hotlines go where the plan sends them)"
-            )
-        return await self._command(caller, "failover", params)
-
-    def _api_command(self, command: str) -> Any:
-        async def handler(caller: Caller, params: dict[str, Any]) -> Any:
-            return await self._command(caller, command, params)
-
-        return handler
-
-    async def _api_maintenance(self, caller: Caller, params: dict[str, Any]) -> Any:
-        on = params.get("on")
-        if not isinstance(on, bool):
-            raise RequestError("on must be true or false")
-        return await self._command(caller, "maintenance_on" if on else "maintenance_off", params)
-
-    async def _command(self, caller: Caller, command: str, params: dict[str, Any]) -> Any:
-        assert self.failover is not None
-        reason = params.get("reason") or ""
-        force = params.get("force", False)
-        if not isinstance(reason, str) or len(reason) > 500 or not isinstance(force, bool):
-            raise RequestError("reason must be text (at most 500 characters) and force true or false")
-        outcome = await self.failover.ask(Command(command, caller.actor, reason, force))  # type: ignore[arg-type]
-        if outcome.refused:
-            raise RequestError(outcome.decision)
-        return {"decision": outcome.decision, "failover": self.failover.view()}
 
     async def _api_events(self, caller: Caller, params: dict[str, Any]) -> Any:
         assert self.store is not None

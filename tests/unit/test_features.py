@@ -208,3 +208,28 @@ def test_two_features_claiming_one_component_are_refused_naming_both() -> None:
     twin = features.Feature("twin", core.settings, core.checks, migrations={"core": ["CREATE TABLE t (x)"]})
     with pytest.raises(ValueError, match="component 'core' claimed by both core and twin"):
         features.components([core, twin])
+
+
+def _failover_answers(app: Appliance) -> list[str]:
+    """What the failover feature's handlers answer over the real socket, refusals included."""
+    run = app.config.appliance.runtime_dir
+    answers = []
+    for method, params in (("failover", {"to": "nowhere"}), ("maintenance", {"on": "yes"})):
+        with pytest.raises(ApiError) as caught:
+            api.call(run, method, params)
+        answers.append(str(caught.value))
+    reply = api.call(run, "maintenance", {"on": True, "reason": "feature table test"})
+    answers.append(reply["failover"]["state"])
+    answers.append(api.call(run, "coordination.status")["backend"])
+    return answers
+
+
+def test_the_failover_features_handlers_answer_through_the_socket(tmp_path: Path) -> None:
+    answers = _running(_config(tmp_path, "witness"), tmp_path, _failover_answers)
+    assert answers == [
+        "--to must be 'backup' or the backup site 'backup', got 'nowhere'"
+        " (with several backup sites, hotlines go where the plan sends them)",
+        "on must be true or false",
+        "maintenance",
+        "witness",
+    ]
