@@ -16,6 +16,7 @@ migration: append a new one.
 from __future__ import annotations
 
 from appliance.features import components
+from appliance.schema import MIGRATIONS as CORE  # noqa: F401 - the core's alone (tests open bare stores with it)
 
 # component name -> its migrations: core, paging, replication (the feature table's order).
 COMPONENTS: dict[str, list[str]] = components()
