@@ -40,7 +40,7 @@ from appliance.replication.metrics import ReplicationMetrics
 from failover import settings as failover_settings
 from failover.etcd.metrics import CoordinationMetrics
 from failover.metrics import FailoverMetrics
-from failover.witness.agent import WitnessMetrics
+from failover.witness.metrics import WitnessMetrics
 from monitoring import settings as monitoring_settings
 from monitoring.kpi_monitor import CallKpiMetrics
 from monitoring.metrics import Metrics as MonitoringMetrics

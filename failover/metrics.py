@@ -2,7 +2,7 @@
 
 The coordination backends' ``hotsite_coordination_*`` are in
 :mod:`failover.etcd.metrics` (only the etcd backend exposes them); the witness
-agent's ``hotsite_witness_*`` in :mod:`failover.witness.agent` (another program).
+agent's ``hotsite_witness_*`` in :mod:`failover.witness.metrics` (another program).
 """
 
 from __future__ import annotations

@@ -150,8 +150,8 @@ class CoordinationSection(Section):
     """Who may act: the witness alone (one appliance), or a leader lease on an etcd cluster.
 
     ``etcd``: appliances sharing ``domain`` elect one leader through a lease of
-    ``ttl_s`` (see ``failover/etcd/election.py`` and ``failover/lease.py``); ``endpoints`` are etcd client URLs
-    (the v3 JSON gateway). Automatic failover needs a cluster of three or more.
+    ``ttl_s`` (see ``failover/etcd/election.py`` and ``failover/lease.py``); ``endpoints``
+    are etcd client URLs (the v3 JSON gateway). Automatic failover needs a cluster of three or more.
     """
 
     backend: Literal["witness", "etcd"] = "witness"
