@@ -434,8 +434,7 @@ class Appliance(Daemon):
 
             return handler
 
-        routes = next(f.routes for f in features.FEATURES if f.name == feature)
-        return {name: delegate(name) for name in routes if name not in but}
+        return {name: delegate(name) for name in features.routes_of(feature) if name not in but}
 
     async def _api_coordination(self, caller: Caller, params: dict[str, Any]) -> Any:
         return self.coordination.view()

@@ -163,6 +163,15 @@ def metric_sets(features: Iterable[Feature] = FEATURES) -> list[tuple[Feature, M
     return [(feature, metrics) for feature in features for metrics in feature.metrics]
 
 
+def routes_of(name: str, features: Iterable[Feature] = FEATURES) -> tuple[str, ...]:
+    """The API methods feature ``name`` declares; KeyError naming the known features otherwise."""
+    features = list(features)
+    for feature in features:
+        if feature.name == name:
+            return feature.routes
+    raise KeyError(f"no feature {name!r} in the table ({', '.join(f.name for f in features)})")
+
+
 def route_owners(features: Iterable[Feature] = FEATURES) -> dict[str, str]:
     """route -> the feature answering it; ValueError naming both features if two claim one."""
     owners: dict[str, str] = {}

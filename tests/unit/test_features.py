@@ -125,8 +125,9 @@ def test_every_api_route_comes_from_exactly_one_feature(tmp_path: Path) -> None:
     assert known == set(owners)
     assert {"status", "failover", "incidents", "replication.status", "coordination.status"} <= known
     for name, routes in services.items():  # the services' own handlers() are what the table declares
-        declared = next(f.routes for f in features.FEATURES if f.name == name)
-        assert routes == set(declared), name
+        assert routes == set(features.routes_of(name)), name
+    with pytest.raises(KeyError, match="no feature 'nope' in the table"):
+        features.routes_of("nope")
 
 
 def _handler(caller: api.Caller, params: dict[str, Any]) -> Any:
