@@ -10,6 +10,7 @@ as a state directory written before the table existed.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import re
 import shutil
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from appliance import api, config, features, migrations
+from appliance import api, config, features, migrations, roles
 from appliance.app import Appliance
 from appliance.errors import ApiError
 from appliance.store import DB_NAME, Store
@@ -234,3 +235,28 @@ def test_the_failover_features_handlers_answer_through_the_socket(tmp_path: Path
         "maintenance",
         "witness",
     ]
+
+
+def _cli_methods() -> set[str]:
+    """Every control API method the CLI names: the string given to a ``call``/``_call`` function."""
+    found: set[str] = set()
+    for path in sorted((REPO / "appliance" / "cli").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name not in ("call", "_call"):
+                continue
+            found |= {
+                a.value for a in node.args[:2] if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            }
+    return found
+
+
+def test_every_method_the_cli_and_the_roles_name_is_a_declared_route() -> None:
+    """A renamed or dropped route cannot leave a CLI command or a role pointing at nothing."""
+    routes = set(features.route_owners())
+    cli = _cli_methods()
+    assert {"status", "failover", "maintenance", "incidents", "page_test", "replication.promote"} <= cli
+    assert cli - routes == set()
+    assert set(roles.READ_ONLY_METHODS) - routes == set()
