@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from appliance.api import Caller, Handler, RequestError
 from appliance.clock import Clock
 from appliance.logs import kv
 from appliance.store import Store
@@ -421,3 +422,48 @@ class FailoverService:
             "plan": plans.failover_routing(self.config, s.lost).to_json(),
             "actuators": [a.name for a in self.actuators],
         }
+
+    # -- control API: this feature's methods (declared in the feature table, appliance/features.py) --
+
+    def handlers(self) -> dict[str, Handler]:
+        """The operator's commands; each becomes an engine event, and a refusal says why."""
+        return {
+            "failover": self._api_failover,
+            "failback": self._api_command("failback"),
+            "approve": self._api_command("approve"),
+            "cancel": self._api_command("cancel"),
+            "maintenance": self._api_maintenance,
+            "drill": self._api_command("drill"),
+        }
+
+    async def _api_failover(self, caller: Caller, params: dict[str, Any]) -> Any:
+        to = params.get("to", "backup")
+        backup = plans.backup_site(self.config)
+        if to not in ("backup", backup):
+            raise RequestError(
+                f"--to must be 'backup' or the backup site {backup!r}, got {to!r}"
+                " (with several backup sites, hotlines go where the plan sends them)"
+            )
+        return await self._command(caller, "failover", params)
+
+    def _api_command(self, command: str) -> Handler:
+        async def handler(caller: Caller, params: dict[str, Any]) -> Any:
+            return await self._command(caller, command, params)
+
+        return handler
+
+    async def _api_maintenance(self, caller: Caller, params: dict[str, Any]) -> Any:
+        on = params.get("on")
+        if not isinstance(on, bool):
+            raise RequestError("on must be true or false")
+        return await self._command(caller, "maintenance_on" if on else "maintenance_off", params)
+
+    async def _command(self, caller: Caller, command: str, params: dict[str, Any]) -> Any:
+        reason = params.get("reason") or ""
+        force = params.get("force", False)
+        if not isinstance(reason, str) or len(reason) > 500 or not isinstance(force, bool):
+            raise RequestError("reason must be text (at most 500 characters) and force true or false")
+        outcome = await self.ask(Command(command, caller.actor, reason, force))  # type: ignore[arg-type]
+        if outcome.refused:
+            raise RequestError(outcome.decision)
+        return {"decision": outcome.decision, "failover": self.view()}
