@@ -147,6 +147,9 @@ class TestcallsSection(Section):
     max_concurrent: int = Field(default=2, ge=1, le=100)
     min_mos: float = Field(default=3.5, ge=1, le=4.5)  # a call with less is "poor audio", a failed call
     audio_floor_dbov: float = Field(default=-50.0, ge=-100, le=0)
+    # The far end echoes the caller's RTP (an echo test number; the lab's SBCs): then a call whose
+    # own packets never come back while the far end's arrive is "one-way audio", a failed call.
+    echo: bool = False
     answer_header: Annotated[str, match(re.compile(r"^[A-Za-z0-9-]{1,64}$"), "a SIP header name")] = "Server"
     rise: int = Field(default=1, ge=1, le=100)  # consecutive good calls before "calls ok"
     fall: int = Field(default=2, ge=1, le=100)  # consecutive failed calls before "calls failing"
