@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,6 +50,7 @@ from failover.engine import (
     RunDrill,
     RunRunbook,
     Tick,
+    VerifyCalls,
     WitnessVote,
     step,
     took_over,
@@ -113,7 +115,8 @@ class FailoverService:
 
     @property
     def policy(self) -> Policy:
-        return policy_from(self.config)
+        # The engine owes verification calls only where something can place them.
+        return dataclasses.replace(policy_from(self.config), verify_by_calls=self._verify_calls is not None)
 
     def routing_for(self, name: str, lost: tuple[str, ...] = ()) -> Routing:
         """The routing the engine's ``normal``/``failover`` means (failover: without ``lost`` sites)."""
@@ -219,6 +222,9 @@ class FailoverService:
             self._spawn(self._run_runbook(action), f"runbook {action.kind} {action.epoch}")
         elif isinstance(action, RunDrill):
             self._spawn(self._run_drill(action), "drill")
+        elif isinstance(action, VerifyCalls):
+            job = self._verify_by_calls(action.kind, action.epoch, action.lost)
+            self._spawn(job, f"verify {action.kind} {action.epoch}")
         elif isinstance(action, Page | Resolve):
             self._spawn(self._page(action), f"page {action.key}")
 
@@ -265,13 +271,14 @@ class FailoverService:
         )
         lost = plans.lost_from_name(result.routing)
         left = "normal" if result.routing == "normal" else "failover" if lost is not None else "unknown"
+        # A success is then verified by calls: the engine asks for them (VerifyCalls) and keeps them
+        # owed in its persisted state until their result, so a crash in between re-places them.
         self.submit(RunbookDone(action.kind, action.epoch, result.ok, left, result.detail, lost or ()))  # type: ignore[arg-type]
-        if result.ok and self._verify_calls is not None:
-            await self._verify_by_calls(action.kind, action.epoch, lost or ())
 
     async def _verify_by_calls(self, kind: verification.Kind, epoch: int, lost: tuple[str, ...]) -> None:
         """The change judged by calls (recorded whole for the report, then one engine event)."""
-        assert self._verify_calls is not None
+        if self._verify_calls is None:  # the engine asks only when a verifier is wired (policy)
+            return
         started = time.time()
         try:
             checks = await self._verify_calls(kind, lost)
