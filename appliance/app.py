@@ -202,6 +202,7 @@ class Appliance(Daemon):
             epoch_is_token=self.coordination.epoch_is_token,
         )
         self.monitor.on_verdict = self.failover.on_site_verdict
+        self.monitor.serving_site = self.failover.serving_site  # test calls judge the site serving them
         for name, job in (
             ("failover", self.failover.run),
             ("failover ticks", functools.partial(self.failover.ticks, cfg.failover.tick_s)),

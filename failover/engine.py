@@ -103,6 +103,7 @@ class EngineState:
     primary: str = "unknown"  # the primary site's latest verdict
     primary_since: float = 0.0
     primary_grey: bool = False  # down because it says it cannot serve (reachable): no partition doubt
+    primary_why: str = ""  # the verdict's reasons, as the monitor gave them (for the decisions' words)
     witness: bool | None = None  # does the witness see the primary?
     witness_detail: str = "no vote yet"
     routing_changed_at: float = 0.0
@@ -350,9 +351,13 @@ def _observe(state: EngineState, event: Event, now: float) -> EngineState:
     if isinstance(event, PrimaryVerdict):
         if event.verdict != state.primary:
             return dataclasses.replace(
-                state, primary=event.verdict, primary_since=now, primary_grey=event.grey
+                state,
+                primary=event.verdict,
+                primary_since=now,
+                primary_grey=event.grey,
+                primary_why=event.why,
             )
-        return dataclasses.replace(state, primary_grey=event.grey)
+        return dataclasses.replace(state, primary_grey=event.grey, primary_why=event.why)
     if isinstance(event, WitnessVote):
         return dataclasses.replace(state, witness=event.primary_alive, witness_detail=event.detail)
     if isinstance(event, BackupVerdict):
@@ -435,6 +440,7 @@ def _decide_failover(state: EngineState, policy: Policy, now: float) -> Outcome:
         blocked = _auto_blocked(state, policy, now)
         if blocked is None:
             reason = f"primary reports it cannot serve (grey failure) for {_for(state, now)}"
+            reason += f": {state.primary_why}" if state.primary_why else ""
             return _start(state, "failover", now, reason, "daemon", automatic=True)
         return _pending(state, now, f"automatic failover withheld: {blocked}; waiting for an operator")
     if state.witness is True and mode != "manual":

@@ -333,6 +333,16 @@ class FailoverService:
                 self.submit(WitnessVote(vote.primary_alive, vote.detail))
             await asyncio.sleep(interval_s)
 
+    def serving_site(self, hotline: str) -> str | None:
+        """Where the routing in force sends ``hotline``: test calls as evidence (monitoring/callevidence.py).
+
+        None while a runbook moves routing or it is unknown: a call then proves nothing about a site.
+        """
+        state = self.state
+        if state.state in ("failing_over", "failing_back", "held"):
+            return None
+        return plans.hotline_site(self.config, state.routing, state.lost, hotline)
+
     def on_site_verdict(self, verdict: SiteVerdict) -> None:
         """Called by the monitor whenever a site's verdict changes."""
         site = self.config.sites.get(verdict.site)
