@@ -47,6 +47,24 @@ class SiteCalls:
     failures: tuple[FailedCall, ...] = ()
 
 
+def failed_at(site: str, ok: bool, reason: str, code: int | None, answered_by: str | None) -> str | None:
+    """What a test call to a hotline ``site`` serves says of that site: None if it proved the site.
+
+    A call answered with audio *by another site* ("site:backup", told by the answer's own
+    identity) failed at the serving site too: the carrier edge's own fallback (Kamailio's
+    ``ds_next_dst``) hides the serving site's refusal from the caller, not from the answer.
+    An answerer that names no configured site cannot be judged: it counts as good.
+    """
+    if ok:
+        elsewhere = (
+            answered_by is not None and answered_by.startswith("site:") and answered_by != f"site:{site}"
+        )
+        return f"answered at {answered_by.removeprefix('site:')}" if elsewhere and answered_by else None
+    if reason in ("rejected", "bad_code") and code:
+        return str(code)
+    return reason.replace("_", " ")
+
+
 def fold(calls: SiteCalls, failed: FailedCall | None, policy: CallPolicy) -> SiteCalls:
     """One test call at this site: ``None`` for a good call (it ends the run), else the failure.
 

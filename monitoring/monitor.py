@@ -14,7 +14,7 @@ from typing import Any
 
 from appliance.clock import Clock
 from appliance.logs import kv
-from monitoring.callevidence import CallPolicy, FailedCall, SiteCalls, critical, fold, lapses_at
+from monitoring.callevidence import CallPolicy, FailedCall, SiteCalls, critical, failed_at, fold, lapses_at
 from monitoring.health import SiteVerdict, TargetHealth, Thresholds, judge_site, observe, with_calls
 from monitoring.metrics import Metrics
 from monitoring.prober import Prober
@@ -180,21 +180,18 @@ class Monitor:
             return
         site = serving
         number = target.call.number if target.call else target.name
-        failed = None if result.ok else FailedCall(result.at, number, self._what_failed(target.name, result))
+        call = self.prober.last_calls.get(target.name)
+        if call is not None and call.started == result.at:  # this call's own record: who answered, its code
+            what = failed_at(site, call.ok, call.reason, call.code, call.answered_by)
+        else:
+            what = failed_at(site, result.ok, result.reason, result.code, None)
+        failed = None if what is None else FailedCall(result.at, number, what)
         self.calls[site] = fold(self.calls[site], failed, self._call_policy)
         self._judge(site)
 
     def _primary(self, hotline: str) -> str | None:
         """Normal routing: every hotline is the primary's."""
         return next((n for n, s in self.config.sites.items() if s.role == "primary"), None)
-
-    def _what_failed(self, name: str, result: ProbeResult) -> str:
-        """What a customer met, in the words counted in the evidence: "503", "no audio", "timeout"."""
-        call = self.prober.last_calls.get(name)
-        if call is not None and not call.ok:
-            rejected = call.reason == "rejected" and call.code
-            return str(call.code) if rejected else call.reason.replace("_", " ")
-        return str(result.code) if result.reason == "bad_code" and result.code else result.reason
 
     def _judge(self, site: str) -> None:
         before = self.sites[site]

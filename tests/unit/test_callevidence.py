@@ -19,11 +19,12 @@ from appliance.clock import SimulatedClock
 from appliance.errors import ConfigError
 from failover import plans
 from failover.engine import EngineState
-from monitoring.callevidence import CallPolicy, FailedCall, SiteCalls, critical, fold
+from monitoring.callevidence import CallPolicy, FailedCall, SiteCalls, critical, failed_at, fold
 from monitoring.health import SiteVerdict, Thresholds, judge_site
 from monitoring.metrics import Metrics
 from monitoring.monitor import Monitor
 from monitoring.probes.base import ProbeResult
+from monitoring.probes.testcall import CallResult
 from tests.support import configs
 
 POLICY = CallPolicy(failures=3, window_s=60)
@@ -57,6 +58,18 @@ def test_the_evidence_lapses_when_no_failure_is_recent() -> None:
     site = run((0, "503"), (20, "503"), (40, "503"))
     assert critical(site, POLICY, 100) is not None
     assert critical(site, POLICY, 100.5) is None  # the latest failure is older than the window
+
+
+def test_what_a_call_says_of_the_site_serving_its_hotline() -> None:
+    assert failed_at("primary", True, "ok", 200, "site:primary") is None
+    assert failed_at("primary", True, "ok", 200, "Oracle SBC") is None  # no configured site named: good
+    assert failed_at("primary", True, "ok", 200, None) is None
+    # The edge's fallback answered at the backup: the serving site refused it.
+    assert failed_at("primary", True, "ok", 200, "site:backup") == "answered at backup"
+    assert failed_at("primary", False, "rejected", 503, None) == "503"
+    assert failed_at("primary", False, "bad_code", 480, None) == "480"
+    assert failed_at("primary", False, "no_audio", 200, "site:primary") == "no audio"
+    assert failed_at("primary", False, "timeout", None, None) == "timeout"
 
 
 @settings(max_examples=300)
@@ -138,6 +151,23 @@ def test_the_monitor_judges_the_serving_site_down_on_the_third_failed_call_not_t
     assert mon.sites["backup"].verdict != "down"  # the evidence is for the serving site only
     call(mon, clock, True)  # a good call at the site ends the run
     assert not mon.sites["primary"].grey
+
+
+def test_calls_the_edge_answered_at_another_site_are_failures_at_the_serving_one() -> None:
+    mon, clock, _ = monitor()
+    for _ in range(3):
+        clock.advance(20)
+        at = clock.monotonic()
+        answer = CallResult(
+            "testcall:vip", "95588", ok=True, reason="ok", code=200, answered_by="site:backup"
+        )
+        answer.started = at
+        mon.prober.last_calls["testcall:vip"] = answer
+        mon.on_result(answer.to_probe())
+    assert mon.sites["primary"].grey
+    assert mon.sites["primary"].why == (
+        "test calls to 95588 failing at primary: answered at backup ×3: grey failure",
+    )
 
 
 def test_after_a_failover_the_calls_are_evidence_for_the_backup_and_the_old_run_lapses() -> None:
