@@ -432,6 +432,7 @@ class FailoverService:
             "primary_grey": s.primary_grey,
             "witness": {"primary_alive": s.witness, "detail": s.witness_detail},
             "last_decision": s.last_decision,
+            "verification_owed": s.verifying,  # a change's verification calls not yet reported
             "last_runbook": self.last_runbook.to_json() if self.last_runbook else None,
             "lost_sites": list(s.lost),
             "backup_sites": {site: verdict for site, verdict, _ in s.sites},

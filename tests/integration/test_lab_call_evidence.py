@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ def test_calls_refused_at_the_primary_move_routing_to_the_backup_and_say_why(
     lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
 ) -> None:
     the_lab, _ = lab
+    impaired_at = time.monotonic()
     _impair(the_lab, "impair", "primary", "--reject-invites", "503")
     try:
         moved = wait_for(
@@ -150,6 +152,7 @@ def test_calls_refused_at_the_primary_move_routing_to_the_backup_and_say_why(
             what="routing moved to the backup on the calls' evidence",
             on_fail=lambda: daemon.log.read_text()[-4000:],
         )
+        print(f"INVITEs rejected -> routing on the backup: {time.monotonic() - impaired_at:.1f} s")
         print(json.dumps(moved["last_decision"]))
         decisions = [e["message"] for e in _events(daemon, "failover.decision")]
         started = [d for d in decisions if d.startswith("starting failover")]
