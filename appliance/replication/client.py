@@ -480,8 +480,9 @@ class SqliteStreamClient:
             await asyncio.to_thread(replica.stage_begin, h)
             self.stats.chunked_batches += 1
         elif msg.kind == Msg.BATCH_PAGES:
-            chunk = sorted(protocol.parse_pages(msg.body, replica.staged_page_size).items())
-            await asyncio.to_thread(replica.stage_pages, chunk)
+            # Parsed in the worker thread too: in the event loop it held up the reads (and TLS) of
+            # the next chunks for as long as it took to split and sort a MiB of pages.
+            await asyncio.to_thread(_stage_chunk, replica, msg.body)
         elif msg.kind == Msg.BATCH_END:
             batch = await asyncio.to_thread(
                 replica.stage_commit, int(h["checksum"], 16), float(h["observed_at"])
@@ -595,3 +596,8 @@ class SqliteStreamClient:
 def _held(msg: protocol.Message) -> int:
     """Bytes a received message holds until it is applied."""
     return len(msg.body) + 256
+
+
+def _stage_chunk(replica: Replica, body: bytes) -> int:
+    """Parse one BATCH_PAGES body and stage its pages (blocking: run in a worker thread)."""
+    return replica.stage_pages(sorted(protocol.parse_pages(body, replica.staged_page_size).items()))

@@ -28,7 +28,11 @@ entries and then the header are written in place and fsynced, before the
 next journal can be written. A crash in between is repaired by recovery,
 which redoes the newest journal and its entries (idempotent). After a seed
 or a repair the file is written whole to ``pagehashes.new`` and renamed
-into place (fsync of file and directory). Only the replica writes it.
+into place (fsync of file and directory). A batch applied by building a new
+database file (a VACUUM) writes its record whole to ``pagehashes.next``
+before its journal; recovery takes it over only if its own sequence number
+is that journal's (a leftover of a later, torn batch is never taken). Only
+the replica writes it.
 """
 
 from __future__ import annotations
@@ -91,12 +95,13 @@ class HashRecord:
         self.path = directory / "pagehashes"
         self.new_path = directory / "pagehashes.new"
         self.seed_path = directory / "pagehashes.seed"
+        self.next_path = directory / "pagehashes.next"
         self._durable = durable
 
-    def load(self) -> Recorded | None:
+    def load(self, path: Path | None = None) -> Recorded | None:
         """The record, or None when it is absent or its header is not one we wrote."""
         try:
-            raw = self.path.read_bytes()
+            raw = (path or self.path).read_bytes()
         except FileNotFoundError:
             return None
         if len(raw) < HEADER_SIZE:
@@ -131,9 +136,19 @@ class HashRecord:
         if current is not None:
             self.update([], current.page_size, current.db_pages, seq)
 
-    def write_whole(self, hashes: PageHashes, page_size: int, seq: int, *, staged: bool = False) -> None:
-        """Write every entry to a new file and rename it into place (or leave it staged for a seed)."""
-        target = self.seed_path if staged else self.new_path
+    def write_whole(
+        self,
+        hashes: PageHashes,
+        page_size: int,
+        seq: int,
+        *,
+        staged: bool = False,
+        target: Path | None = None,
+    ) -> None:
+        """Write every entry to a new file and rename it into place (or leave it staged for a seed, or
+        at ``target``)."""
+        staged = staged or target is not None
+        target = target or (self.seed_path if staged else self.new_path)
         try:
             with open(target, "wb") as f:
                 f.write(_header(page_size, hashes.db_pages, seq))
@@ -156,6 +171,21 @@ class HashRecord:
             if self._durable:
                 _fsync_dir(self.path.parent)
 
+    def stage_next(self, hashes: PageHashes, page_size: int, seq: int) -> None:
+        """The record of journal ``seq``'s state, written whole before that journal (a rewrite)."""
+        self.write_whole(hashes, page_size, seq, target=self.next_path)
+
+    def commit_next(self, seq: int) -> None:
+        """Take over the staged record if it is journal ``seq``'s (idempotent; any other is dropped)."""
+        staged = self.load(self.next_path)
+        if staged is not None and staged.seq == seq:
+            os.replace(self.next_path, self.path)
+            if self._durable:
+                _fsync_dir(self.path.parent)
+        else:
+            self.next_path.unlink(missing_ok=True)
+
     def discard_leftovers(self) -> None:
         self.new_path.unlink(missing_ok=True)
         self.seed_path.unlink(missing_ok=True)
+        self.next_path.unlink(missing_ok=True)

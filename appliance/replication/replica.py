@@ -189,6 +189,15 @@ class Replica:
         self._seed_meta: dict[str, Any] = {}
         self._stage: _Stage | None = None  # a batch too large for one message, being received
         self.staged_batches = 0
+        self.rewrites = 0  # staged batches applied by building a new file (tests, the benchmark)
+        # Seconds spent per stage of staged batches (the benchmark's breakdown): staging chunks as
+        # they arrive, committing (of which: writing pages into the file and its fsync, or completing a
+        # new file and its fsync).
+        self.timings: dict[str, float] = dict.fromkeys(
+            ("stage", "commit", "write", "fsync", "new_file", "record", "journal", "rename"), 0.0
+        )
+        # perf_counter at the last staged batch's begin / end / commit
+        self.stage_marks: dict[str, float] = {}
         self.budget = JournalBudget()  # disk a journal may take (set from the stream's config)
         self._mutex = threading.Lock()
         self.hashes = PageHashes()
@@ -271,6 +280,7 @@ class Replica:
         self.damage, self.recorded_checksum = None, None
         if not found:
             seed.unlink(missing_ok=True)
+            self._discard_rewrites()
             self._record.discard_leftovers()
             self.position, self.page_size, self.promotion = None, 0, None
             self._open_db(load=False)
@@ -289,12 +299,16 @@ class Replica:
             self._record.commit_staged()
         else:
             seed.unlink(missing_ok=True)
+        rewritten = kind in ("tx", "resync") and bool(header.get("file"))
+        if rewritten:
+            missing = self._complete_rewrite(seq, str(header["file"])) and missing
+        self._discard_rewrites()
         self._record.discard_leftovers()
         self._load_header(header)
         self._open_db(load=False)
         recorded = self._record.load()
         done = recorded is not None and recorded.seq == seq  # its pages and hashes were written
-        if kind in ("tx", "resync") and not self.promotion and not done:
+        if kind in ("tx", "resync") and not self.promotion and not done and not rewritten:
             # Redo (idempotent). Only when the record says the journal's pages may not all have
             # reached the file: redoing a finished one would hide damage to its pages at rest.
             changes = self._write_pages(header, pages)
@@ -305,6 +319,26 @@ class Replica:
         if self.promotion is None:
             self.damage = self._check_at_rest(header, missing)
             self.needs_resync = self.needs_resync or self.damage is not None
+
+    def _complete_rewrite(self, seq: int, name: str) -> bool:
+        """Finish journal ``seq``'s rewrite: its new file renamed over the database if that was not
+        done yet, its record taken over (idempotent). False if the file was put in place now."""
+        new = self.dir / name
+        if name != f"rewrite-{seq}.db":
+            raise ReplicaError(f"journal {seq} names {name!r} as its new file: not one this replica writes")
+        if new.exists():
+            os.replace(new, self.path)
+            if self._durable:
+                _fsync_dir(self.path.parent)
+            self._record.commit_next(seq)
+            return False
+        self._record.commit_next(seq)
+        return True
+
+    def _discard_rewrites(self) -> None:
+        """New files of batches that never completed (their journal torn): the old file stands."""
+        for leftover in self.dir.glob("rewrite-*.db"):
+            leftover.unlink(missing_ok=True)
 
     def _check_at_rest(self, header: dict[str, Any], missing: bool) -> str | None:
         """Compare the file (``self.hashes``, just read) with the recorded state; None if equal.
@@ -473,6 +507,7 @@ class Replica:
         is nearly every page, and one system call a page cost more than the copy.
         """
         assert self._db_fd is not None
+        started = time.perf_counter()
         size = int(header["page_size"])
         min_pages, db_pages = int(header["min_pages"]), int(header["db_pages"])
         if os.fstat(self._db_fd).st_size > min_pages * size:
@@ -495,8 +530,11 @@ class Replica:
         if run:
             _pwrite_all(self._db_fd, run, (run_start - 1) * size)
         os.ftruncate(self._db_fd, db_pages * size)
+        t0 = time.perf_counter()
+        self.timings["write"] += t0 - started
         if self._durable:
             os.fsync(self._db_fd)
+        self.timings["fsync"] += time.perf_counter() - t0
         return changes
 
     # -- apply -----------------------------------------------------------
@@ -599,6 +637,7 @@ class Replica:
         the replica at its previous state, and the next session starts again.
         The checksum the database would have is accumulated page by page.
         """
+        self.stage_marks = {"begin": time.perf_counter()}
         with self._mutex:
             self._check_writable()
             self._check_untouched()
@@ -622,6 +661,48 @@ class Replica:
             self._stage = _Stage(
                 batch, cut, checksum, seq, _JournalWriter(self._journal_path(seq), seq, record, self._durable)
             )
+            self._stage.header = record
+            self._stage.hint = int(header.get("page_count") or 0)
+
+    def _rewrites(self, stage: _Stage, adding: int) -> bool:
+        """Go on building a new file for this batch rather than journaling its pages (:class:`_Rewrite`)?
+
+        Yes once it has proved large and dense: at least REWRITE_MIN_PAGES
+        staged, at least half the pages in the span they cover, up to half the
+        database or more announced (a VACUUM that moves what follows a hole, a
+        resync after most pages changed), and a whole new file within the
+        journal bound. Then every page is written once instead of twice and
+        the commit is a rename. A batch of a few pages (a VACUUM that moves
+        nothing) or scattered ones (a resync of a tenth) stays journaled: a
+        new file would copy the whole database for them.
+        """
+        b = stage.batch
+        staged = stage.pages + adding
+        if stage.journal is None or self._db_fd is None or staged < REWRITE_MIN_PAGES:
+            return False
+        if 2 * stage.hint < max(self.hashes.db_pages, b.db_pages):
+            return False
+        if 2 * staged < stage.last_pgno - stage.first_pgno + 1:
+            return False
+        limit = self.budget.limit_bytes
+        return not limit or b.db_pages * b.page_size <= limit
+
+    def _switch_to_rewrite(self, stage: _Stage) -> None:
+        """Move what was journaled so far into a new file, and the rest of the batch after it."""
+        journal, b = stage.journal, stage.batch
+        assert journal is not None and self._db_fd is not None
+        name = f"rewrite-{stage.seq}.db"
+        rewrite = _Rewrite(self.dir / name, self._db_fd, b.page_size, stage.cut, b.db_pages, self._durable)
+        stage.rewrite, stage.header = rewrite, {**stage.header, "file": name}
+        try:
+            for pages in _batched(
+                _journal_pages(journal.path, journal.pages_start, journal.pages_end, b.page_size)
+            ):
+                stage.pgnos.extend(p for p, _d in pages)
+                rewrite.add(pages)
+        finally:
+            journal.abandon()  # torn and empty: recovery never redoes it
+            stage.journal = None
 
     @property
     def staged_page_size(self) -> int:
@@ -632,6 +713,13 @@ class Replica:
     @_storage("staging pages")
     def stage_pages(self, pages: list[tuple[int, bytes]]) -> int:
         """Add one chunk of pages (ascending page numbers) to the staged batch; returns how many."""
+        t0 = time.perf_counter()
+        try:
+            return self._stage_pages(pages)
+        finally:
+            self.timings["stage"] += time.perf_counter() - t0
+
+    def _stage_pages(self, pages: list[tuple[int, bytes]]) -> int:
         with self._mutex:
             stage = self._stage
             if stage is None:
@@ -646,6 +734,7 @@ class Replica:
                         "malformed",
                     )
                 stage.last_pgno = pgno
+                stage.first_pgno = stage.first_pgno or pgno
                 value = 0
                 if pgno <= b.db_pages:
                     before = 0 if pgno > stage.cut else self.hashes.hashes.get(pgno, 0)
@@ -653,12 +742,18 @@ class Replica:
                     stage.checksum ^= before ^ value
                 stage.hashes.append(value)
                 n += 1
+            if stage.rewrite is not None:
+                return self._stage_rewrite(stage, pages, n)
+            if self._rewrites(stage, n):
+                self._switch_to_rewrite(stage)
+                return self._stage_rewrite(stage, pages, n)
             try:
                 self._check_budget(stage.pages * (_PAGE.size + b.page_size), n * (_PAGE.size + b.page_size))
             except BatchRejected:
                 self._abort_stage()
                 raise
             stage.pages += n
+            assert stage.journal is not None
             stage.journal.add(pages)
             return n
 
@@ -668,18 +763,29 @@ class Replica:
 
         Returns the batch's description (no pages) for the caller's counters.
         """
+        t0 = self.stage_marks["end"] = time.perf_counter()
+        try:
+            return self._stage_commit(checksum, observed_at)
+        finally:
+            self.stage_marks["committed"] = time.perf_counter()
+            self.timings["commit"] += self.stage_marks["committed"] - t0
+
+    def _stage_commit(self, checksum: int, observed_at: float | None) -> Batch:
         with self._mutex:
             stage = self._stage
             if stage is None:
                 raise BatchRejected("end of a staged batch that was never begun", "malformed")
             self._stage = None
             if stage.checksum != checksum:
-                stage.journal.abandon()  # torn: recovery ignores it
+                stage.abandon()  # torn: recovery ignores it
                 raise BatchRejected(
                     f"checksum after staged batch would be {show(stage.checksum)},"
                     f" source says {show(checksum)}",
                     reason="checksum",
                 )
+            if stage.rewrite is not None:
+                return self._commit_rewrite(stage, checksum, observed_at)
+            assert stage.journal is not None
             try:
                 stage.journal.finish()
             finally:
@@ -698,13 +804,108 @@ class Replica:
             self.staged_batches += 1
             return batch
 
+    @staticmethod
+    def _stage_rewrite(stage: _Stage, pages: list[tuple[int, bytes]], n: int) -> int:
+        assert stage.rewrite is not None
+        stage.pgnos.extend(p for p, _d in pages)
+        stage.pages += n
+        stage.rewrite.add(pages)
+        return n
+
+    def _commit_rewrite(self, stage: _Stage, checksum: int, observed_at: float | None) -> Batch:
+        """Put a verified rewritten file in place of the database, crash-safe at every step.
+
+        Order: the new file complete and fsynced; its page-hash record staged
+        (``pagehashes.next``, carrying this journal's sequence number); the
+        journal (header only, naming the file) finished and fsynced: from
+        here recovery completes the batch; the rename over the database and
+        a directory fsync; the record taken over. A crash before the journal
+        is complete leaves the old file and record untouched (recovery drops
+        the new file); after it, recovery renames (if not yet done) and takes
+        the record over: the replica is always exactly one committed state.
+        """
+        assert stage.rewrite is not None
+        batch = stage.batch
+        try:
+            t0 = time.perf_counter()
+            stage.rewrite.finish()
+            t1 = time.perf_counter()
+            self.timings["new_file"] += t1 - t0
+            hashes = self._hashes_after(stage)
+            if hashes.checksum != checksum:  # cannot happen: the same sums as stage.checksum
+                raise ReplicaError(
+                    f"rewritten file's hashes sum to {show(hashes.checksum)}, not {show(checksum)}"
+                )
+            self._record.stage_next(hashes, batch.page_size, stage.seq)
+            t2 = time.perf_counter()
+            self.timings["record"] += t2 - t1
+            journal = _JournalWriter(
+                self._journal_path(stage.seq),
+                stage.seq,
+                {**stage.header, "checksum": show(checksum), "page_count": stage.pages},
+                self._durable,
+            )
+        except BaseException:
+            stage.abandon()
+            self._record.discard_leftovers()
+            raise
+        try:
+            journal.finish()
+        finally:
+            journal.close()
+        t3 = time.perf_counter()
+        self.timings["journal"] += t3 - t2
+        self.seq = stage.seq
+        os.replace(stage.rewrite.path, self.path)
+        if self._durable:
+            _fsync_dir(self.path.parent)
+        self._record.commit_next(stage.seq)
+        # The old file's last reference is our descriptor: closing it frees its blocks, which for a
+        # large file takes the filesystem a while. That happens in the background, off the commit.
+        old, self._db_fd = self._db_fd, None
+        if old is not None:
+            threading.Thread(target=os.close, args=(old,), name="replica-free-old-file", daemon=True).start()
+        self._open_db(load=False)
+        self.timings["rename"] += time.perf_counter() - t3
+        now = self._clock()
+        batch.checksum = checksum
+        if observed_at is not None:
+            batch.observed_at = observed_at
+        batch.page_count = stage.pages
+        self.hashes, self.page_size, self.position = hashes, batch.page_size, batch.position
+        self.observed_at, self.applied_at = batch.observed_at, now
+        self.batches_applied += 1
+        self.staged_batches += 1
+        self.rewrites += 1
+        self.damage, self.recorded_checksum = None, checksum
+        self._stamp_file()
+        return batch
+
+    def _hashes_after(self, stage: _Stage) -> PageHashes:
+        """The page hashes the database has once ``stage`` is applied (ours are left as they are)."""
+        batch, out = stage.batch, PageHashes()
+        out.hashes, out.checksum, out.db_pages = (
+            dict(self.hashes.hashes),
+            self.hashes.checksum,
+            self.hashes.db_pages,
+        )
+        if out.db_pages > batch.min_pages:
+            out.truncate(batch.min_pages)
+        for pgno, value in zip(stage.pgnos, stage.hashes, strict=True):
+            if pgno <= batch.db_pages:
+                out.checksum ^= out.hashes.get(pgno, 0) ^ value
+                out.hashes[pgno] = value
+        out.truncate(batch.db_pages)
+        out.db_pages = batch.db_pages
+        return out
+
     def stage_abort(self) -> None:
         with self._mutex:
             self._abort_stage()
 
     def _abort_stage(self) -> None:
         if self._stage is not None:
-            self._stage.journal.abandon()  # left torn (and empty): never redone
+            self._stage.abandon()  # left torn (and empty): never redone; a new file removed
             self._stage = None
 
     def _check_budget(self, journal_bytes: int, adding: int) -> None:
@@ -1115,15 +1316,138 @@ class _Stage:
     cut: int  # pages past this are truncated away unless the batch writes them
     checksum: int  # what the database will be, accumulated as pages arrive
     seq: int
-    journal: _JournalWriter
+    journal: _JournalWriter | None  # None: the batch builds a new file instead
+    rewrite: _Rewrite | None = None
+    header: dict[str, Any] = field(default_factory=dict)  # a rewrite's journal header (written at commit)
     last_pgno: int = 0
+    first_pgno: int = 0
+    hint: int = 0  # pages the source announced (at most: unchanged ones are left out)
     pages: int = 0
     # Each staged page's hash, in order (0 past the end): 8 bytes a page, reused when applying.
     hashes: array.array[int] = field(default_factory=lambda: array.array("Q"))
+    pgnos: array.array[int] = field(default_factory=lambda: array.array("I"))  # a rewrite's pages, in order
+
+    def abandon(self) -> None:
+        if self.journal is not None:
+            self.journal.abandon()
+        if self.rewrite is not None:
+            self.rewrite.abandon()
+
+
+class _Rewrite:
+    """A new database file built for one staged batch that rewrites most pages (a VACUUM).
+
+    Journaling such a batch writes every page twice (journal, then file) and
+    reads the journal back at commit; here each arriving page is written
+    once, at its place in a new file, and the pages the batch leaves as they
+    were are copied from the current file in the kernel (``copy_file_range``)
+    as the chunks pass them. The current file is not touched until the new
+    one is complete, fsynced and the batch's journal (no pages, naming this
+    file) is complete; then the new file is renamed over it. Disk needed:
+    one database's size, as for the largest journal.
+    """
+
+    def __init__(
+        self, path: Path, src_fd: int, page_size: int, cut: int, db_pages: int, durable: bool
+    ) -> None:
+        self.path = path
+        self._src = src_fd
+        self._size = page_size
+        self._keep = min(cut, os.fstat(src_fd).st_size // page_size)  # current pages kept unless rewritten
+        self._db_pages = db_pages
+        self._durable = durable
+        self._filled = 0  # pages 1.._filled are in the new file (or holes, past what is kept)
+        self._unsynced = 0
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
+
+    def add(self, pages: Iterable[tuple[int, bytes]]) -> None:
+        """Write arriving pages (ascending) at their place, after the kept pages before them."""
+        assert self._fd is not None
+        run: list[bytes] = []
+        start = 0
+        for pgno, data in pages:
+            if pgno > self._db_pages:
+                continue
+            if run and (pgno != start + len(run) or len(run) >= _IOV_MAX):
+                self._write(run, start)
+                run = []
+            if not run:
+                self._copy_kept(pgno - 1)
+                start = pgno
+            run.append(data)
+        if run:
+            self._write(run, start)
+
+    def _write(self, run: list[bytes], start: int) -> None:
+        assert self._fd is not None
+        _pwrite_all(self._fd, run, (start - 1) * self._size)
+        self._filled = max(self._filled, start + len(run) - 1)
+        self._synced(len(run) * self._size)
+
+    def _copy_kept(self, upto: int) -> None:
+        """Pages ``_filled+1..upto`` from the current file (those it keeps; the rest stay holes)."""
+        assert self._fd is not None
+        last = min(upto, self._keep)
+        if last > self._filled:
+            offset, count = self._filled * self._size, (last - self._filled) * self._size
+            _copy_range(self._src, self._fd, offset, count)
+            self._synced(count)
+        self._filled = max(self._filled, upto)
+
+    def _synced(self, added: int) -> None:
+        self._unsynced += added
+        if self._durable and self._unsynced >= SYNC_EVERY_BYTES:
+            assert self._fd is not None
+            os.fdatasync(self._fd)  # reaches the disk while the next chunks are on the wire
+            self._unsynced = 0
+
+    def finish(self) -> None:
+        """The kept pages after the last one written, the final size, fsynced."""
+        assert self._fd is not None
+        self._copy_kept(self._db_pages)
+        os.ftruncate(self._fd, self._db_pages * self._size)
+        if self._durable:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+
+    def abandon(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.path.unlink(missing_ok=True)
+
+
+def _batched(pages: Iterator[tuple[int, bytes]], n: int = 256) -> Iterator[list[tuple[int, bytes]]]:
+    while chunk := [p for _i, p in zip(range(n), pages, strict=False)]:
+        yield chunk
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes at ``offset`` from ``src`` to the same offset in ``dst``."""
+    end = offset + count
+    try:
+        while offset < end:
+            n = os.copy_file_range(src, dst, end - offset, offset, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"the replica's file ended at byte {offset} while being copied")
+            offset += n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        while offset < end:  # no in-kernel copy here: read and write
+            data = os.pread(src, min(_READ_CHUNK, end - offset), offset)
+            if not data:
+                raise OSError(
+                    errno.EIO, f"the replica's file ended at byte {offset} while being copied"
+                ) from None
+            _pwrite_all(dst, [data], offset)
+            offset += len(data)
 
 
 _READ_CHUNK = 1 << 20
 SYNC_EVERY_BYTES = 8 * 1024 * 1024  # a journal being staged is fdatasynced every this many bytes
+REWRITE_MIN_PAGES = 1024  # a staged batch of at least this many pages, half the database: a new file
 _IOV_MAX = 1024  # buffers per pwritev (Linux's IOV_MAX)
 
 

@@ -121,6 +121,10 @@ class SourceAgent:
         self.max_message = max_message  # the largest message either end accepts (tests lower it)
         self.peer_timeout_s = peer_timeout_s  # silence from a replica that sends keepalives: dead path
         self.chunked_batches = 0  # batches sent in chunks, all sessions (tests)
+        # Seconds spent per stage of chunked sends, all sessions (the benchmark's breakdown): reading
+        # and hashing pages, encoding (compressing), the link waiting for a chunk, the link's sends.
+        self.chunk_timings: dict[str, float] = dict.fromkeys(("read", "encode", "wait_ready", "send"), 0.0)
+        self.chunk_marks: dict[str, float] = {}  # perf_counter at the last large batch's poll / its end
         self.continuity_lost = 0  # sessions ended because the WAL lost continuity (a resnapshot follows)
         self.largest_body = 0  # the most page bytes one message carried, all sessions (tests)
         self.max_hello = max_hello_bytes  # the largest HELLO read from a replica, decompressed
@@ -505,8 +509,11 @@ class SourceAgent:
             await sender.send(Msg.BATCH, batch.header(), protocol.pages_body(batch.iter_pages()))
             return
         header = batch.header()
-        await sender.send(Msg.BATCH_BEGIN, {**header, "checksum": None})
-        sent = await _send_chunks(sender, Msg.BATCH_PAGES, batch.iter_pages(), per_chunk)
+        # page_count: at most this many pages follow (the replica builds a new file for a batch that
+        # rewrites most of the database instead of journaling every page).
+        count = batch.page_count or len(batch.pages)
+        await sender.send(Msg.BATCH_BEGIN, {**header, "checksum": None, "page_count": count})
+        sent = await _send_chunks(sender, Msg.BATCH_PAGES, batch.iter_pages(), per_chunk, self.chunk_timings)
         self.chunked_batches += 1
         # Sent last: a resume's or resnapshot's checksum is known once every page was read.
         await sender.send(
@@ -537,7 +544,10 @@ class SourceAgent:
                     log.warning("replica refused a batch", extra=kv(stream=stream.name, **msg.header))
                     return
             try:
+                polled = time.perf_counter()
                 batch = await asyncio.to_thread(follower.poll, verify_at)
+                if batch is not None and batch.page_reader is not None:
+                    self.chunk_marks = {"poll": polled, "polled": time.perf_counter()}
             except ResnapshotNeeded as exc:
                 self.continuity_lost += 1
                 follower.broken = True  # its hashes no longer describe a state: never kept standing
@@ -651,7 +661,13 @@ def _drain(follower: SqliteFollower) -> None:
         pass
 
 
-async def _send_chunks(sender: Sender, kind: int, pages: Iterator[tuple[int, bytes]], per_chunk: int) -> int:
+async def _send_chunks(
+    sender: Sender,
+    kind: int,
+    pages: Iterator[tuple[int, bytes]],
+    per_chunk: int,
+    timings: dict[str, float] | None = None,
+) -> int:
     """Send ``pages`` as messages of ``per_chunk`` pages; how many pages went.
 
     Each chunk is read and compressed in a worker thread while the previous
@@ -668,18 +684,32 @@ async def _send_chunks(sender: Sender, kind: int, pages: Iterator[tuple[int, byt
     on a slow WAN every chunk is compressed, as before.
     """
 
+    spent = timings if timings is not None else dict.fromkeys(("read", "encode", "wait_ready", "send"), 0.0)
+
     def prepare(compress: bool) -> tuple[bytes, int] | None:
+        t0 = time.perf_counter()
         chunk = _take(pages, per_chunk)
+        t1 = time.perf_counter()
+        spent["read"] += t1 - t0
         if not chunk:
             return None
-        return sender.prepare(kind, {"n": len(chunk)}, protocol.pages_body(chunk), compress), len(chunk)
+        data = sender.prepare(kind, {"n": len(chunk)}, protocol.pages_body(chunk), compress)
+        spent["encode"] += time.perf_counter() - t1
+        return data, len(chunk)
 
     sent, compress = 0, True
     ahead = asyncio.ensure_future(asyncio.to_thread(prepare, compress))
     try:
-        while (item := await ahead) is not None:
+        while True:
+            t0 = time.perf_counter()
+            item = await ahead
+            t1 = time.perf_counter()
+            spent["wait_ready"] += t1 - t0
+            if item is None:
+                break
             ahead = asyncio.ensure_future(asyncio.to_thread(prepare, compress))
             await sender.send_prepared(item[0])
+            spent["send"] += time.perf_counter() - t1
             sent += item[1]
             compress = ahead.done()  # (decides the chunk after the one being prepared)
             sender.chunks_uncompressed += not compress

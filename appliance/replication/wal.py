@@ -237,17 +237,20 @@ class WalFile:
         fds = self._fds()
         if fds is None:
             raise WalFormatError("the WAL file disappeared while being read")
-        size = FRAME_HEADER_SIZE + header.page_size
-        raw = os.pread(fds[0], size * (last - first + 1), frame_offset(first, header.page_size))
-        if len(raw) < size * (last - first + 1):
-            raise WalFormatError(f"WAL file shorter than its committed frame {last}")
+        # One 16-byte pread a frame: reading the frames whole to take their headers copied every
+        # page (62 MB for a VACUUM) and took twice as long, before the first page could be sent.
+        fd, salts, unpack = fds[0], header.raw_salts, FRAME_HEADER.unpack
+        offset, step = frame_offset(first, header.page_size), FRAME_HEADER_SIZE + header.page_size
         out = []
-        for i in range(last - first + 1):
-            base = i * size
-            pgno, commit, _s1, _s2 = FRAME_HEADER.unpack_from(raw, base)
-            if raw[base + 8 : base + 16] != header.raw_salts:
-                raise WalFormatError(f"frame {first + i} carries salts of another WAL generation")
+        for index in range(first, last + 1):
+            raw = os.pread(fd, 16, offset)
+            if len(raw) < 16:
+                raise WalFormatError(f"WAL file shorter than its committed frame {last}")
+            if raw[8:16] != salts:
+                raise WalFormatError(f"frame {index} carries salts of another WAL generation")
+            pgno, commit, _s1, _s2 = unpack(raw)
             out.append((pgno, commit))
+            offset += step
         return out
 
     def frame_header(self, header: WalHeader, index: int) -> tuple[int, int, bytes] | None:
