@@ -202,6 +202,7 @@ class Appliance(Daemon):
             epoch_is_token=self.coordination.epoch_is_token,
         )
         self.monitor.on_verdict = self.failover.on_site_verdict
+        self.monitor.serving_site = self.failover.serving_site  # test calls judge the site serving them
         for name, job in (
             ("failover", self.failover.run),
             ("failover ticks", functools.partial(self.failover.ticks, cfg.failover.tick_s)),
@@ -267,6 +268,14 @@ class Appliance(Daemon):
         else:
             return
         self.supervisor.spawn(f"incident {key}", job)
+
+    def _close_removed(self, targets: set[str]) -> None:
+        """A target removed by a reload is never probed again: its open incident would never clear."""
+        if self.paging is None:
+            return
+        for target in sorted(targets):
+            job = self.paging.clear(f"target:{target}", reason=f"{target} removed from the configuration")
+            self.supervisor.spawn(f"incident target:{target}", job)
 
     async def _watch_conditions(self, interval_s: float = 5.0) -> None:
         """Conditions that are not probe targets become incidents too: replica lag, modem trouble."""
@@ -355,7 +364,9 @@ class Appliance(Daemon):
         self.config = new
         assert self.monitor is not None
         await self.supervisor.stop("probes")
+        before = set(self.monitor.targets)
         self.monitor.configure(new)
+        self._close_removed(before - set(self.monitor.targets))
         if self.failover is not None:
             self.failover.config = new
         self.supervisor.start("probes", self.monitor.run)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +51,7 @@ from failover.engine import (
     RunDrill,
     RunRunbook,
     Tick,
+    VerifyCalls,
     WitnessVote,
     step,
     took_over,
@@ -114,7 +116,8 @@ class FailoverService:
 
     @property
     def policy(self) -> Policy:
-        return policy_from(self.config)
+        # The engine owes verification calls only where something can place them.
+        return dataclasses.replace(policy_from(self.config), verify_by_calls=self._verify_calls is not None)
 
     def routing_for(self, name: str, lost: tuple[str, ...] = ()) -> Routing:
         """The routing the engine's ``normal``/``failover`` means (failover: without ``lost`` sites)."""
@@ -220,6 +223,9 @@ class FailoverService:
             self._spawn(self._run_runbook(action), f"runbook {action.kind} {action.epoch}")
         elif isinstance(action, RunDrill):
             self._spawn(self._run_drill(action), "drill")
+        elif isinstance(action, VerifyCalls):
+            job = self._verify_by_calls(action.kind, action.epoch, action.lost)
+            self._spawn(job, f"verify {action.kind} {action.epoch}")
         elif isinstance(action, Page | Resolve):
             self._spawn(self._page(action), f"page {action.key}")
 
@@ -266,13 +272,14 @@ class FailoverService:
         )
         lost = plans.lost_from_name(result.routing)
         left = "normal" if result.routing == "normal" else "failover" if lost is not None else "unknown"
+        # A success is then verified by calls: the engine asks for them (VerifyCalls) and keeps them
+        # owed in its persisted state until their result, so a crash in between re-places them.
         self.submit(RunbookDone(action.kind, action.epoch, result.ok, left, result.detail, lost or ()))  # type: ignore[arg-type]
-        if result.ok and self._verify_calls is not None:
-            await self._verify_by_calls(action.kind, action.epoch, lost or ())
 
     async def _verify_by_calls(self, kind: verification.Kind, epoch: int, lost: tuple[str, ...]) -> None:
         """The change judged by calls (recorded whole for the report, then one engine event)."""
-        assert self._verify_calls is not None
+        if self._verify_calls is None:  # the engine asks only when a verifier is wired (policy)
+            return
         started = time.time()
         try:
             checks = await self._verify_calls(kind, lost)
@@ -326,6 +333,16 @@ class FailoverService:
                 last = (vote.primary_alive, vote.detail)
                 self.submit(WitnessVote(vote.primary_alive, vote.detail))
             await asyncio.sleep(interval_s)
+
+    def serving_site(self, hotline: str) -> str | None:
+        """Where the routing in force sends ``hotline``: test calls as evidence (monitoring/callevidence.py).
+
+        None while a runbook moves routing or it is unknown: a call then proves nothing about a site.
+        """
+        state = self.state
+        if state.state in ("failing_over", "failing_back", "held"):
+            return None
+        return plans.hotline_site(self.config, state.routing, state.lost, hotline)
 
     def on_site_verdict(self, verdict: SiteVerdict) -> None:
         """Called by the monitor whenever a site's verdict changes."""
@@ -416,6 +433,7 @@ class FailoverService:
             "primary_grey": s.primary_grey,
             "witness": {"primary_alive": s.witness, "detail": s.witness_detail},
             "last_decision": s.last_decision,
+            "verification_owed": s.verifying,  # a change's verification calls not yet reported
             "last_runbook": self.last_runbook.to_json() if self.last_runbook else None,
             "lost_sites": list(s.lost),
             "backup_sites": {site: verdict for site, verdict, _ in s.sites},

@@ -157,6 +157,11 @@ class TestcallsSection(Section):
     # sends it, with audio, for at most verify_timeout_s (failover/verification.py).
     verify_changes: bool = True
     verify_timeout_s: float = Field(default=60.0, ge=5, le=900)
+    # Test calls as critical evidence (monitoring/callevidence.py): this many consecutive failed calls
+    # to hotlines a site serves, within site_critical_window_s, judge that site down (a grey failure),
+    # and routing moves as on any critical evidence. 0 (the default): test calls never move routing.
+    site_critical_failures: int = Field(default=0, ge=0, le=100)
+    site_critical_window_s: float = Field(default=900.0, ge=10, le=86400)
 
     @model_validator(mode="after")
     def _a_call_fits_its_interval(self) -> TestcallsSection:
@@ -165,6 +170,17 @@ class TestcallsSection(Section):
             raise ValueError(
                 f"interval_s ({self.interval_s:g}) must be at least setup_timeout_s + duration_s + 5"
                 f" ({budget:g}): a test call would still be running when the next is due"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _critical_run_fits_its_window(self) -> TestcallsSection:
+        n, window = self.site_critical_failures, self.site_critical_window_s
+        if n > 1 and window < (n - 1) * self.interval_s:
+            raise ValueError(
+                f"site_critical_window_s ({window:g}) must be at least (site_critical_failures - 1)"
+                f" x interval_s ({(n - 1) * self.interval_s:g}): {n} failed test calls could never"
+                " fall within it"
             )
         return self
 
