@@ -10,16 +10,18 @@ import asyncio
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
-from appliance import __version__, migrations, roles
+from appliance import __version__, features, migrations, roles
 from appliance import config as config_mod
 from appliance.api import ApiServer, Caller, RequestError
 from appliance.clock import Clock, SystemClock
 from appliance.config import Config
+from appliance.core_metrics import CoreMetrics
 from appliance.daemon import Daemon
 from appliance.errors import ConfigError
 from appliance.kamailio import KamailioRpc
@@ -36,8 +38,8 @@ from failover.coordination.backends import from_config as coordination_from_conf
 from failover.coordination.base import Coordination
 from failover.coordination.witness import WitnessOnly
 from failover.drill import Drill
-from failover.engine import ENGINE_STATES, Command, Page, Resolve
-from failover.plans import backup_site
+from failover.engine import Page, Resolve
+from failover.metrics import FailoverMetrics
 from failover.service import FailoverService
 from failover.witness import voter_from_config
 from monitoring import metrics as metrics_mod
@@ -50,13 +52,6 @@ from monitoring.targets import from_config
 
 log = logging.getLogger(f"hotsite.{__name__}")
 
-REPLICATION_METHODS = (
-    "replication.status",
-    "replication.verify",
-    "replication.promote",
-    "replication.demote",
-    "replication.snapshots",
-)
 # Settings that only take effect at start; a reload that changes them says so.
 RESTART_ONLY = (
     "appliance.state_dir",
@@ -87,7 +82,12 @@ class Appliance(Daemon):
         self.config = config
         self.config_path = config_path
         self.clock = clock or SystemClock()
-        self.metrics = metrics_mod.Metrics(registry or CollectorRegistry())
+        # Each feature's metrics on the one registry; the catalogue lists the same classes from the
+        # feature table (appliance/features.py), and a unit test compares the two.
+        registry = registry or CollectorRegistry()
+        self.core_metrics = CoreMetrics(registry)
+        self.metrics = metrics_mod.Metrics(registry)  # monitoring's
+        self.failover_metrics = FailoverMetrics(registry)
         self.store: Store | None = None
         self.api: ApiServer | None = None
         self._metrics_server: Any = None
@@ -117,17 +117,17 @@ class Appliance(Daemon):
             cfg.appliance.runtime_dir,
             self._handlers(),
             group=cfg.appliance.socket_group,
-            on_bad_request=lambda reason: self.metrics.api_bad_requests.labels(reason=reason).inc(),
+            on_bad_request=lambda reason: self.core_metrics.api_bad_requests.labels(reason=reason).inc(),
             authorize=roles.policy_from(cfg.appliance).refusal,
         )
         await self.api.start()
         if cfg.metrics.enabled:
             host, port = config_mod.host_port(cfg.metrics.listen)
             options = cfg.metrics.server_options()
-            requests = self.metrics.http_requests
+            requests = self.core_metrics.http_requests
             options["on_outcome"] = lambda outcome: requests.labels("metrics", outcome).inc()
             self._metrics_server = metrics_mod.serve(self.metrics.registry, host, port, **options)
-        self.metrics.start_time.set(self._started_at)
+        self.core_metrics.start_time.set(self._started_at)
         self._host_collector = HostCollector(cfg.appliance.state_dir, cfg.host.interfaces)
         self._host_collector.cpu.start()  # sampled on the daemon's own interval, not per scrape
         self.metrics.registry.register(self._host_collector)
@@ -150,7 +150,7 @@ class Appliance(Daemon):
         self.paging = PagingService(
             cfg, self.store, self.metrics.registry, clock=self.clock, status_text=self.sms_status
         )
-        counted = self.metrics.http_requests
+        counted = self.core_metrics.http_requests
         self.paging.on_receiver_outcome = lambda outcome: counted.labels("alertmanager", outcome).inc()
         await self.paging.start()
         self.monitor.on_target_state = self._target_incident
@@ -202,6 +202,7 @@ class Appliance(Daemon):
             epoch_is_token=self.coordination.epoch_is_token,
         )
         self.monitor.on_verdict = self.failover.on_site_verdict
+        self.monitor.serving_site = self.failover.serving_site  # test calls judge the site serving them
         for name, job in (
             ("failover", self.failover.run),
             ("failover ticks", functools.partial(self.failover.ticks, cfg.failover.tick_s)),
@@ -212,8 +213,8 @@ class Appliance(Daemon):
         self._show_failover_state(self.failover.state)
 
     def _show_failover_state(self, state: Any) -> None:
-        """The engine's state on /metrics (monitoring's registry is told the engine's state names)."""
-        self.metrics.set_failover_state(state.state, state.routing, state.epoch, ENGINE_STATES)
+        """The engine's state on /metrics."""
+        self.failover_metrics.show(state.state, state.routing, state.epoch)
 
     def _site_verdicts(self) -> dict[str, str]:
         return {name: site.verdict for name, site in self.monitor.sites.items()} if self.monitor else {}
@@ -267,6 +268,14 @@ class Appliance(Daemon):
         else:
             return
         self.supervisor.spawn(f"incident {key}", job)
+
+    def _close_removed(self, targets: set[str]) -> None:
+        """A target removed by a reload is never probed again: its open incident would never clear."""
+        if self.paging is None:
+            return
+        for target in sorted(targets):
+            job = self.paging.clear(f"target:{target}", reason=f"{target} removed from the configuration")
+            self.supervisor.spawn(f"incident target:{target}", job)
 
     async def _watch_conditions(self, interval_s: float = 5.0) -> None:
         """Conditions that are not probe targets become incidents too: replica lag, modem trouble."""
@@ -339,14 +348,14 @@ class Appliance(Daemon):
             await self._apply(new)
         except Exception as exc:
             error = exc if isinstance(exc, ConfigError) else ConfigError(f"{type(exc).__name__}: {exc}")
-            self.metrics.config_reloads.labels(result="rejected").inc()
+            self.core_metrics.config_reloads.labels(result="rejected").inc()
             for problem in error.problems or [error.message]:
                 log.error("new configuration rejected; keeping the old one", extra=kv(problem=problem))
             self._record("config.reload_rejected", message=error.message, data={"problems": error.problems})
             if self.config is not old:
                 await self._apply(old)  # half-applied: back to what ran before
             return
-        self.metrics.config_reloads.labels(result="applied").inc()
+        self.core_metrics.config_reloads.labels(result="applied").inc()
 
     async def _apply(self, new: Config) -> None:
         ignored = [key for key in RESTART_ONLY if _get(new, key) != _get(self.config, key)]
@@ -355,7 +364,9 @@ class Appliance(Daemon):
         self.config = new
         assert self.monitor is not None
         await self.supervisor.stop("probes")
+        before = set(self.monitor.targets)
         self.monitor.configure(new)
+        self._close_removed(before - set(self.monitor.targets))
         if self.failover is not None:
             self.failover.config = new
         self.supervisor.start("probes", self.monitor.run)
@@ -399,50 +410,42 @@ class Appliance(Daemon):
     # -- control API -----------------------------------------------------------
 
     def _handlers(self) -> dict[str, Any]:
-        return (
-            self._replication_handlers()
-            | self._paging_handlers()
-            | {
-                "coordination.status": self._api_coordination,
-                "ping": self._api_ping,
-                "status": self._api_status,
-                "events": self._api_events,
-                "probes": self._api_probes,
-                "trunks": self._api_trunks,
-                "note": self._api_note,
-                "failover": self._api_failover,
-                "failback": self._api_command("failback"),
-                "approve": self._api_command("approve"),
-                "cancel": self._api_command("cancel"),
-                "maintenance": self._api_maintenance,
-                "drill": self._api_command("drill"),
-                "reload": self._api_reload,
+        """The control API's routes: each feature's handlers, checked against the feature table
+        (a route no feature declares, or two features claim, stops the start with both named)."""
+        return features.route_table(
+            {
+                "core": {
+                    "ping": self._api_ping,
+                    "status": self._api_status,
+                    "events": self._api_events,
+                    "note": self._api_note,
+                    "reload": self._api_reload,
+                },
+                "monitoring": {"probes": self._api_probes, "trunks": self._api_trunks},
+                # The coordination backend is chosen here at the top; the engine's commands are
+                # the failover service's own handlers().
+                "failover": {"coordination.status": self._api_coordination}
+                | self._delegated("failover", lambda: self.failover, but=("coordination.status",)),
+                "paging": self._delegated("paging", lambda: self.paging),
+                "replication": self._delegated("replication", lambda: self.replication),
             }
         )
 
-    def _replication_handlers(self) -> dict[str, Any]:
-        """replication.* methods, delegated once the service exists (the socket opens first)."""
+    @staticmethod
+    def _delegated(feature: str, service: Callable[[], Any], but: tuple[str, ...] = ()) -> dict[str, Any]:
+        """A feature service's ``handlers()``, for the routes the feature table gives it, delegated
+        once the service exists (the socket opens before the services start)."""
 
         def delegate(name: str) -> Any:
             async def handler(caller: Caller, params: dict[str, Any]) -> Any:
-                if self.replication is None:
-                    raise RequestError("replication is starting; try again")
-                return await self.replication.handlers()[name](caller, params)
+                running = service()
+                if running is None:
+                    raise RequestError(f"{feature} is starting; try again")
+                return await running.handlers()[name](caller, params)
 
             return handler
 
-        return {name: delegate(name) for name in REPLICATION_METHODS}
-
-    def _paging_handlers(self) -> dict[str, Any]:
-        def delegate(name: str) -> Any:
-            async def handler(caller: Caller, params: dict[str, Any]) -> Any:
-                if self.paging is None:
-                    raise RequestError("paging is starting; try again")
-                return await self.paging.handlers()[name](caller, params)
-
-            return handler
-
-        return {name: delegate(name) for name in ("incidents", "ack", "oncall", "page_test")}
+        return {name: delegate(name) for name in features.routes_of(feature) if name not in but}
 
     async def _api_coordination(self, caller: Caller, params: dict[str, Any]) -> Any:
         return self.coordination.view()
@@ -494,38 +497,6 @@ class Appliance(Daemon):
         else:
             return
         self.supervisor.spawn(f"incident {key}", job)
-
-    async def _api_failover(self, caller: Caller, params: dict[str, Any]) -> Any:
-        to = params.get("to", "backup")
-        if to not in ("backup", backup_site(self.config)):
-            raise RequestError(
-                f"--to must be 'backup' or the backup site {backup_site(self.config)!r}, got {to!r}"
-                " (with several backup sites, hotlines go where the plan sends them)"
-            )
-        return await self._command(caller, "failover", params)
-
-    def _api_command(self, command: str) -> Any:
-        async def handler(caller: Caller, params: dict[str, Any]) -> Any:
-            return await self._command(caller, command, params)
-
-        return handler
-
-    async def _api_maintenance(self, caller: Caller, params: dict[str, Any]) -> Any:
-        on = params.get("on")
-        if not isinstance(on, bool):
-            raise RequestError("on must be true or false")
-        return await self._command(caller, "maintenance_on" if on else "maintenance_off", params)
-
-    async def _command(self, caller: Caller, command: str, params: dict[str, Any]) -> Any:
-        assert self.failover is not None
-        reason = params.get("reason") or ""
-        force = params.get("force", False)
-        if not isinstance(reason, str) or len(reason) > 500 or not isinstance(force, bool):
-            raise RequestError("reason must be text (at most 500 characters) and force true or false")
-        outcome = await self.failover.ask(Command(command, caller.actor, reason, force))  # type: ignore[arg-type]
-        if outcome.refused:
-            raise RequestError(outcome.decision)
-        return {"decision": outcome.decision, "failover": self.failover.view()}
 
     async def _api_events(self, caller: Caller, params: dict[str, Any]) -> Any:
         assert self.store is not None

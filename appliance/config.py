@@ -9,7 +9,8 @@ setting silently not applied.
 Top layer: each feature owns its sections in its own ``settings`` module
 (:mod:`appliance.core_settings`, :mod:`monitoring.settings`,
 :mod:`failover.settings`, :mod:`appliance.paging.settings`,
-:mod:`appliance.replication.replica_settings`); :data:`FEATURES` lists them
+:mod:`appliance.replication.replica_settings`); the feature table
+(:data:`appliance.features.FEATURES`, here as :data:`FEATURES`) lists them
 once, the root :class:`Config` is composed of their ``*Settings`` classes,
 and their ``problems``/``warnings`` are collected from the same list. Only the
 checks that tie two features' sections together live here.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import os
 import tomllib
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import ValidationError, model_validator
 
-from appliance import configcheck, core_settings
+from appliance import configcheck, core_settings, features
 
 # Re-exported for the top layer and the tests, which name sections as ``config.X`` (features
 # import them from their own settings module: the layer contract forbids importing this one).
@@ -103,18 +103,11 @@ class Feature:
     warnings: Callable[[Any], list[str]]
 
 
-def _feature(module: types.ModuleType, settings: type[Section]) -> Feature:
-    return Feature(settings, module.problems, module.warnings)
-
-
-# The one list of features. The root model below inherits exactly these settings classes, in
-# this order (checked when this module loads): a feature cannot be half registered.
-FEATURES: tuple[Feature, ...] = (
-    _feature(core_settings, core_settings.CoreSettings),
-    _feature(monitoring_settings, monitoring_settings.MonitoringSettings),
-    _feature(failover_settings, failover_settings.FailoverSettings),
-    _feature(paging_settings, paging_settings.PagingSettings),
-    _feature(replica_settings, replica_settings.ReplicationSettings),
+# Every feature's part of the config, from the one feature table (appliance.features). The root
+# model below inherits exactly these settings classes, in this order (checked when this module
+# loads): a feature cannot be half registered.
+FEATURES: tuple[Feature, ...] = tuple(
+    Feature(f.settings, f.checks.problems, f.checks.warnings) for f in features.FEATURES
 )
 
 

@@ -1,8 +1,10 @@
 """The schema of every component that keeps state in the appliance's database: the daemon's list.
 
-Top layer: it names every feature's migrations, and the daemon opens its
-store with :data:`COMPONENTS` (``appliance.app``); the store itself, below
-the features, knows only the core's tables (:mod:`appliance.schema`).
+Top layer: built from the feature table (:data:`appliance.features.FEATURES`:
+each feature names its own tables' migrations, in its own ``schema.py``), and
+the daemon opens its store with :data:`COMPONENTS` (``appliance.app``); the
+store itself, below the features, knows only the core's tables
+(:mod:`appliance.schema`).
 
 Each component owns a list of migrations, applied in order, each in one
 transaction together with the component's version in ``schema_versions``.
@@ -13,13 +15,8 @@ migration: append a new one.
 
 from __future__ import annotations
 
-from appliance.paging.schema import MIGRATIONS as PAGING
-from appliance.replication.schema import MIGRATIONS as REPLICATION
-from appliance.schema import MIGRATIONS as CORE  # the core's, defined beside the store
+from appliance.features import components
+from appliance.schema import MIGRATIONS as CORE  # noqa: F401 - the core's alone (tests open bare stores with it)
 
-# component name -> its migrations. Register a new component with one line here.
-COMPONENTS: dict[str, list[str]] = {
-    "core": CORE,
-    "paging": PAGING,
-    "replication": REPLICATION,
-}
+# component name -> its migrations: core, paging, replication (the feature table's order).
+COMPONENTS: dict[str, list[str]] = components()

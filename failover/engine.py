@@ -82,6 +82,9 @@ class Policy:
     confirm_timeout_s: float = 0.0  # confirm: proceed after this long without an answer; 0 = never
     failback: Literal["manual", "auto"] = "manual"
     failback_stable_s: float = 600.0
+    # Every successful runbook is followed by verification calls (failover/verification.py): the
+    # engine then keeps a pending mark until their result, so a restart re-places them.
+    verify_by_calls: bool = False
 
     @property
     def effective_mode(self) -> str:
@@ -100,6 +103,7 @@ class EngineState:
     primary: str = "unknown"  # the primary site's latest verdict
     primary_since: float = 0.0
     primary_grey: bool = False  # down because it says it cannot serve (reachable): no partition doubt
+    primary_why: str = ""  # the verdict's reasons, as the monitor gave them (for the decisions' words)
     witness: bool | None = None  # does the witness see the primary?
     witness_detail: str = "no vote yet"
     routing_changed_at: float = 0.0
@@ -112,6 +116,9 @@ class EngineState:
     lost: tuple[str, ...] = ()  # backup sites the failover routing avoids (sorted)
     # What a running runbook rolls back to: None = normal routing, else failover without these.
     previous_lost: tuple[str, ...] | None = None
+    # The change (at ``epoch``) whose verification calls are owed: set when its runbook succeeds,
+    # cleared by their result or by a newer change. A restart finding it set places them again.
+    verifying: Literal["failover", "failback"] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -290,7 +297,16 @@ class Resolve:
     summary: str
 
 
-Action = RunRunbook | RunDrill | Page | Resolve
+@dataclass(frozen=True, slots=True)
+class VerifyCalls:
+    """Place the verification calls for the ``kind`` change at ``epoch`` (answered by CallsVerified)."""
+
+    kind: Literal["failover", "failback"]
+    epoch: int
+    lost: tuple[str, ...] = ()  # failover: the backup sites the plan in force avoids
+
+
+Action = RunRunbook | RunDrill | Page | Resolve | VerifyCalls
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,11 +330,11 @@ def step(state: EngineState, event: Event, policy: Policy, now: float) -> Outcom
     if isinstance(event, Command):
         outcome = _command(state, event, policy, now)
     elif isinstance(event, RunbookDone):
-        outcome = _runbook_done(state, event, now)
+        outcome = _runbook_done(state, event, policy, now)
     elif isinstance(event, DrillDone):
         outcome = _drill_done(state, event, now)
     elif isinstance(event, Resumed):
-        outcome = _resumed(state, event, now)
+        outcome = _resumed(state, event, policy, now)
     elif isinstance(event, TookOver):
         outcome = _took_over(state, event, now)
     elif isinstance(event, CallsVerified):
@@ -335,9 +351,13 @@ def _observe(state: EngineState, event: Event, now: float) -> EngineState:
     if isinstance(event, PrimaryVerdict):
         if event.verdict != state.primary:
             return dataclasses.replace(
-                state, primary=event.verdict, primary_since=now, primary_grey=event.grey
+                state,
+                primary=event.verdict,
+                primary_since=now,
+                primary_grey=event.grey,
+                primary_why=event.why,
             )
-        return dataclasses.replace(state, primary_grey=event.grey)
+        return dataclasses.replace(state, primary_grey=event.grey, primary_why=event.why)
     if isinstance(event, WitnessVote):
         return dataclasses.replace(state, witness=event.primary_alive, witness_detail=event.detail)
     if isinstance(event, BackupVerdict):
@@ -420,6 +440,7 @@ def _decide_failover(state: EngineState, policy: Policy, now: float) -> Outcome:
         blocked = _auto_blocked(state, policy, now)
         if blocked is None:
             reason = f"primary reports it cannot serve (grey failure) for {_for(state, now)}"
+            reason += f": {state.primary_why}" if state.primary_why else ""
             return _start(state, "failover", now, reason, "daemon", automatic=True)
         return _pending(state, now, f"automatic failover withheld: {blocked}; waiting for an operator")
     if state.witness is True and mode != "manual":
@@ -573,6 +594,7 @@ def _start(
         waiting_for=f"{kind} runbook (epoch {epoch})",
         lost=lost,
         previous_lost=previous,
+        verifying=None,  # a newer change: the older one's calls would prove nothing now
     )
     without = f" without backup site {', '.join(lost)}" if kind == "failover" and lost else ""
     page = Page(FAILOVER, "critical", f"{kind.capitalize()}{without} started by {actor}: {reason}")
@@ -685,23 +707,36 @@ _COMMANDS: dict[str, Callable[[EngineState, Command, Policy, float], Outcome]] =
 # -- results from the edges ----------------------------------------------------------------
 
 
-def _runbook_done(state: EngineState, done: RunbookDone, now: float) -> Outcome:
+def _runbook_done(state: EngineState, done: RunbookDone, policy: Policy, now: float) -> Outcome:
     if done.epoch != state.epoch or state.state not in RUNNING:
         return _stay(state, f"ignored a stale {done.kind} result (epoch {done.epoch}, now {state.epoch})")
     if done.ok:
-        if done.kind == "failover":
-            new = _to(state, "backup_active", now, routing="failover", waiting_for="")
-            page = Page(
-                FAILOVER, "critical", f"Failover completed: calls now go to the backup site ({done.detail})"
-            )
-            return Outcome(new, (page,), f"failover completed (epoch {done.epoch}): {done.detail}")
-        new = _to(state, "primary_active", now, routing="normal", waiting_for="", lost=())
-        resolves = (  # one "Failback completed" per episode: each key says what closed it
-            Resolve(FAILOVER, "Failback completed"),
-            Resolve(PRIMARY_DOWN, "Primary serving again"),
-            Resolve("failback", "Routing is back on the primary: the failback request is closed"),
+        outcome = _runbook_succeeded(state, done, now)
+        if not policy.verify_by_calls:
+            return outcome
+        verify = VerifyCalls(done.kind, done.epoch, outcome.state.lost if done.kind == "failover" else ())
+        marked = dataclasses.replace(outcome.state, verifying=done.kind)
+        return dataclasses.replace(outcome, state=marked, actions=(*outcome.actions, verify))
+    return _runbook_failed(state, done, now)
+
+
+def _runbook_succeeded(state: EngineState, done: RunbookDone, now: float) -> Outcome:
+    if done.kind == "failover":
+        new = _to(state, "backup_active", now, routing="failover", waiting_for="")
+        page = Page(
+            FAILOVER, "critical", f"Failover completed: calls now go to the backup site ({done.detail})"
         )
-        return Outcome(new, resolves, f"failback completed (epoch {done.epoch}): {done.detail}")
+        return Outcome(new, (page,), f"failover completed (epoch {done.epoch}): {done.detail}")
+    new = _to(state, "primary_active", now, routing="normal", waiting_for="", lost=())
+    resolves = (  # one "Failback completed" per episode: each key says what closed it
+        Resolve(FAILOVER, "Failback completed"),
+        Resolve(PRIMARY_DOWN, "Primary serving again"),
+        Resolve("failback", "Routing is back on the primary: the failback request is closed"),
+    )
+    return Outcome(new, resolves, f"failback completed (epoch {done.epoch}): {done.detail}")
+
+
+def _runbook_failed(state: EngineState, done: RunbookDone, now: float) -> Outcome:
     if done.routing == "unknown":
         new = _to(state, "held", now, routing="unknown", waiting_for="an operator: routing state unknown")
         page = Page(FAILOVER, "critical", f"{done.kind} failed and could not be rolled back: {done.detail}")
@@ -721,6 +756,7 @@ def _calls_verified(state: EngineState, done: CallsVerified) -> Outcome:
     moving calls again on it could flap). A failure pages; a later good verification resolves it."""
     if done.epoch != state.epoch:
         return _stay(state, f"ignored stale {done.kind} call results (epoch {done.epoch}, now {state.epoch})")
+    state = dataclasses.replace(state, verifying=None)  # owed no more: the calls have judged the change
     if done.ok:
         return Outcome(
             state,
@@ -765,6 +801,7 @@ def _took_over(state: EngineState, event: TookOver, now: float) -> Outcome:
         previous_lost=None,
         epoch=state.epoch + 1,
         before_maintenance=None,
+        verifying=None,  # the former leader's change: its calls are not this appliance's to owe
         waiting_for="an operator: routing state unknown" if name == "held" else "",
     )
     actions: tuple[Action, ...] = ()
@@ -774,10 +811,10 @@ def _took_over(state: EngineState, event: TookOver, now: float) -> Outcome:
     return Outcome(new, actions, decision)
 
 
-def _resumed(state: EngineState, event: Resumed, now: float) -> Outcome:
+def _resumed(state: EngineState, event: Resumed, policy: Policy, now: float) -> Outcome:
     if event.world_token > state.epoch:
         adopted = dataclasses.replace(state, epoch=event.world_token)
-        outcome = _resumed(adopted, Resumed(), now)
+        outcome = _resumed(adopted, Resumed(), policy, now)
         why = (
             f"the routing world has obeyed token {event.world_token}, above this appliance's epoch"
             f" {state.epoch} (its state was lost or is an older copy): epochs continue from"
@@ -794,4 +831,25 @@ def _resumed(state: EngineState, event: Resumed, now: float) -> Outcome:
         return Outcome(new, (run,), decision)
     if state.state == "drill":
         return Outcome(_to(state, "primary_active", now), (), "an interrupted drill was abandoned at restart")
+    if state.verifying is not None:
+        return _resume_verification(state, state.verifying, policy)
     return _stay(state, f"resumed in {state.state} with {state.routing} routing")
+
+
+def _resume_verification(
+    state: EngineState, kind: Literal["failover", "failback"], policy: Policy
+) -> Outcome:
+    """The daemon died after a change and before its verification calls reported: place them again.
+
+    Routing moved but nothing proved it by a call; the report's "first good call" would never come.
+    The calls are placed from the top (each is a fresh call), judged against the routing in force.
+    """
+    if not policy.verify_by_calls:  # turned off (or no hotlines listed) since: nothing can place them
+        decision = f"resumed in {state.state}; the {kind}'s verification calls are dropped: verification off"
+        return _stay(dataclasses.replace(state, verifying=None), decision)
+    lost = state.lost if kind == "failover" else ()
+    decision = (
+        f"resumed in {state.state} with {state.routing} routing; placing the interrupted {kind}'s"
+        f" verification calls again (epoch {state.epoch})"
+    )
+    return Outcome(state, (VerifyCalls(kind, state.epoch, lost),), decision)

@@ -77,6 +77,21 @@ def serving_site(config: Config, lost: Iterable[str] = ()) -> str | None:
     return next((name for name in backup_sites(config) if name not in gone), None)
 
 
+def hotline_site(config: Config, routing: str, lost: Iterable[str], hotline: str) -> str | None:
+    """The site that serves ``hotline`` under ``routing`` ("normal" or "failover" without ``lost``).
+
+    None when no site does: the routing is unknown, or the plan sends the hotline to an IVR,
+    an announcement, or nowhere.
+    """
+    if routing == "normal":
+        return config.primary[0]
+    if routing != "failover":
+        return None
+    assigned, _ = assign(config, {config.primary[0], *lost})
+    where = next((a.destination for a in assigned if a.hotline == hotline), None)
+    return where if where in config.sites else None
+
+
 def by_priority(hotlines: Mapping[str, HotlineSection]) -> list[tuple[str, HotlineSection]]:
     """Hotlines in the order they are served and checked: priority, then name."""
     return sorted(hotlines.items(), key=lambda item: (item[1].priority, item[0]))

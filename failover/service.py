@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from appliance.api import Caller, Handler, RequestError
 from appliance.clock import Clock
 from appliance.logs import kv
 from appliance.store import Store
@@ -49,6 +51,7 @@ from failover.engine import (
     RunDrill,
     RunRunbook,
     Tick,
+    VerifyCalls,
     WitnessVote,
     step,
     took_over,
@@ -113,7 +116,8 @@ class FailoverService:
 
     @property
     def policy(self) -> Policy:
-        return policy_from(self.config)
+        # The engine owes verification calls only where something can place them.
+        return dataclasses.replace(policy_from(self.config), verify_by_calls=self._verify_calls is not None)
 
     @property
     def idle(self) -> bool:
@@ -224,6 +228,9 @@ class FailoverService:
             self._spawn(self._run_runbook(action), f"runbook {action.kind} {action.epoch}")
         elif isinstance(action, RunDrill):
             self._spawn(self._run_drill(action), "drill")
+        elif isinstance(action, VerifyCalls):
+            job = self._verify_by_calls(action.kind, action.epoch, action.lost)
+            self._spawn(job, f"verify {action.kind} {action.epoch}")
         elif isinstance(action, Page | Resolve):
             self._spawn(self._page(action), f"page {action.key}")
 
@@ -270,13 +277,14 @@ class FailoverService:
         )
         lost = plans.lost_from_name(result.routing)
         left = "normal" if result.routing == "normal" else "failover" if lost is not None else "unknown"
+        # A success is then verified by calls: the engine asks for them (VerifyCalls) and keeps them
+        # owed in its persisted state until their result, so a crash in between re-places them.
         self.submit(RunbookDone(action.kind, action.epoch, result.ok, left, result.detail, lost or ()))  # type: ignore[arg-type]
-        if result.ok and self._verify_calls is not None:
-            await self._verify_by_calls(action.kind, action.epoch, lost or ())
 
     async def _verify_by_calls(self, kind: verification.Kind, epoch: int, lost: tuple[str, ...]) -> None:
         """The change judged by calls (recorded whole for the report, then one engine event)."""
-        assert self._verify_calls is not None
+        if self._verify_calls is None:  # the engine asks only when a verifier is wired (policy)
+            return
         started = time.time()
         try:
             checks = await self._verify_calls(kind, lost)
@@ -330,6 +338,16 @@ class FailoverService:
                 last = (vote.primary_alive, vote.detail)
                 self.submit(WitnessVote(vote.primary_alive, vote.detail))
             await asyncio.sleep(interval_s)
+
+    def serving_site(self, hotline: str) -> str | None:
+        """Where the routing in force sends ``hotline``: test calls as evidence (monitoring/callevidence.py).
+
+        None while a runbook moves routing or it is unknown: a call then proves nothing about a site.
+        """
+        state = self.state
+        if state.state in ("failing_over", "failing_back", "held"):
+            return None
+        return plans.hotline_site(self.config, state.routing, state.lost, hotline)
 
     def on_site_verdict(self, verdict: SiteVerdict) -> None:
         """Called by the monitor whenever a site's verdict changes."""
@@ -420,9 +438,55 @@ class FailoverService:
             "primary_grey": s.primary_grey,
             "witness": {"primary_alive": s.witness, "detail": s.witness_detail},
             "last_decision": s.last_decision,
+            "verification_owed": s.verifying,  # a change's verification calls not yet reported
             "last_runbook": self.last_runbook.to_json() if self.last_runbook else None,
             "lost_sites": list(s.lost),
             "backup_sites": {site: verdict for site, verdict, _ in s.sites},
             "plan": plans.failover_routing(self.config, s.lost).to_json(),
             "actuators": [a.name for a in self.actuators],
         }
+
+    # -- control API: this feature's methods (declared in the feature table, appliance/features.py) --
+
+    def handlers(self) -> dict[str, Handler]:
+        """The operator's commands; each becomes an engine event, and a refusal says why."""
+        return {
+            "failover": self._api_failover,
+            "failback": self._api_command("failback"),
+            "approve": self._api_command("approve"),
+            "cancel": self._api_command("cancel"),
+            "maintenance": self._api_maintenance,
+            "drill": self._api_command("drill"),
+        }
+
+    async def _api_failover(self, caller: Caller, params: dict[str, Any]) -> Any:
+        to = params.get("to", "backup")
+        backup = plans.backup_site(self.config)
+        if to not in ("backup", backup):
+            raise RequestError(
+                f"--to must be 'backup' or the backup site {backup!r}, got {to!r}"
+                " (with several backup sites, hotlines go where the plan sends them)"
+            )
+        return await self._command(caller, "failover", params)
+
+    def _api_command(self, command: str) -> Handler:
+        async def handler(caller: Caller, params: dict[str, Any]) -> Any:
+            return await self._command(caller, command, params)
+
+        return handler
+
+    async def _api_maintenance(self, caller: Caller, params: dict[str, Any]) -> Any:
+        on = params.get("on")
+        if not isinstance(on, bool):
+            raise RequestError("on must be true or false")
+        return await self._command(caller, "maintenance_on" if on else "maintenance_off", params)
+
+    async def _command(self, caller: Caller, command: str, params: dict[str, Any]) -> Any:
+        reason = params.get("reason") or ""
+        force = params.get("force", False)
+        if not isinstance(reason, str) or len(reason) > 500 or not isinstance(force, bool):
+            raise RequestError("reason must be text (at most 500 characters) and force true or false")
+        outcome = await self.ask(Command(command, caller.actor, reason, force))  # type: ignore[arg-type]
+        if outcome.refused:
+            raise RequestError(outcome.decision)
+        return {"decision": outcome.decision, "failover": self.view()}

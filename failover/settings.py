@@ -150,8 +150,8 @@ class CoordinationSection(Section):
     """Who may act: the witness alone (one appliance), or a leader lease on an etcd cluster.
 
     ``etcd``: appliances sharing ``domain`` elect one leader through a lease of
-    ``ttl_s`` (see ``failover/etcd.py``); ``endpoints`` are etcd client URLs
-    (the v3 JSON gateway). Automatic failover needs a cluster of three or more.
+    ``ttl_s`` (see ``failover/etcd/election.py`` and ``failover/lease.py``); ``endpoints``
+    are etcd client URLs (the v3 JSON gateway). Automatic failover needs a cluster of three or more.
     """
 
     backend: Literal["witness", "etcd"] = "witness"
@@ -161,7 +161,7 @@ class CoordinationSection(Section):
     request_timeout_s: ProbeSeconds = 1.0
     retry_s: ProbeSeconds = 0.5  # how often a standby tries to take the lease
     # Each appliance publishes its site verdicts; with no failover.witness the leader takes
-    # the other appliances' views as its witness (failover/peers.py).
+    # the other appliances' views as its witness (failover/etcd/peers.py).
     views_interval_s: ProbeSeconds = 1.0
     ca_file: Path | None = None
     cert_file: Path | None = None

@@ -171,6 +171,7 @@ def judge_site(
     now: float,
     critical: frozenset[str] = frozenset(),
     wall_now: float | None = None,
+    calls: str | None = None,
 ) -> SiteVerdict:
     """Combine a site's targets into one verdict that says why.
 
@@ -183,6 +184,10 @@ def judge_site(
     is down because it answered "unhealthy" makes the site down on its own:
     a grey failure, where the SBC still answers but nobody can take calls.
     Unreachable, it is only one more piece of evidence.
+
+    *calls*, when given, is why the test calls to hotlines this site serves are
+    critical evidence (:mod:`monitoring.callevidence`): the site answered the
+    calls and refused them, a grey failure too.
     """
     healths = list(healths)
     grey = [
@@ -190,8 +195,8 @@ def judge_site(
         for h in healths
         if h.target in critical and h.state == "down" and h.last is not None and h.last.reason in ANSWERED_NO
     ]
-    if grey:
-        return _grey(previous, grey, now)
+    if grey or calls:
+        return _grey(previous, grey, now, calls)
     known = [h for h in healths if h.state != "unknown"]
     down = sorted(h.target for h in known if h.state == "down")
     up = sorted(h.target for h in known if h.state == "up")
@@ -238,11 +243,13 @@ def _down_since(since: float | None, now: float, wall_now: float | None) -> str:
     return timefmt.since(timefmt.wall_from_monotonic(since, now, wall_now), wall_now)
 
 
-def _grey(previous: SiteVerdict, grey: list[TargetHealth], now: float) -> SiteVerdict:
+def _grey(previous: SiteVerdict, grey: list[TargetHealth], now: float, calls: str | None) -> SiteVerdict:
     why = [
         f"{h.target} says the site cannot serve ({h.last.detail if h.last else 'unhealthy'}): grey failure"
         for h in grey
     ]
+    if calls:
+        why.append(f"{calls}: grey failure")
     since = previous.since if previous.verdict == "down" and previous.grey and previous.since else now
     return SiteVerdict(
         site=previous.site,
@@ -250,6 +257,6 @@ def _grey(previous: SiteVerdict, grey: list[TargetHealth], now: float) -> SiteVe
         since=since,
         why=tuple(why),
         down=tuple(sorted(h.target for h in grey)),
-        kinds_down=tuple(sorted({h.kind for h in grey})),
+        kinds_down=tuple(sorted({h.kind for h in grey} | ({"testcall"} if calls else set()))),
         grey=True,
     )

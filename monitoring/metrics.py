@@ -1,4 +1,9 @@
-"""Every Prometheus metric hotsite exports, in one place.
+"""Monitoring's Prometheus metrics: probes, targets, sites, calls in progress.
+
+Each feature owns its metrics module (the core's in :mod:`appliance.core_metrics`,
+failover's in :mod:`failover.metrics`, paging's and replication's in theirs); the
+feature table at the top (:mod:`appliance.features`) lists them all, and the
+catalogue (``monitoring/METRICS.md``) is built from it.
 
 The registry is passed in (a fresh one per test, as prometheus/client_python
 itself recommends) rather than using the global default. Label values are
@@ -8,13 +13,10 @@ bounded: target names come from the config, reasons from a fixed vocabulary.
 from __future__ import annotations
 
 import contextlib
-import platform
-from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from appliance import __version__
 from monitoring.probes.base import REASONS
 
 TARGET_STATES = ("unknown", "up", "down")
@@ -26,20 +28,6 @@ RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        # process_* (CPU seconds, resident memory, open fds, start time) of the daemon itself, on its own
-        # registry: the stock collector, so dashboards and alerts written for any exporter work here too.
-        ProcessCollector(registry=registry)
-        self.build_info = Info("hotsite_build", "Version of the running hotsite.", registry=registry)
-        self.build_info.info({"version": __version__, "python": platform.python_version()})
-        self.start_time = Gauge(
-            "hotsite_start_time_seconds", "Unix time the daemon started.", registry=registry
-        )
-        self.config_reloads = Counter(
-            "hotsite_config_reloads_total",
-            "Configuration reloads by result.",
-            ["result"],
-            registry=registry,
-        )
         self.probe_up = Gauge(
             "hotsite_probe_up",
             "1 when the target's judged state is up, 0 otherwise.",
@@ -105,33 +93,6 @@ class Metrics:
             ["trunk"],
             registry=registry,
         )
-        self.failover_state = Gauge(
-            "hotsite_failover_state",
-            "The failover engine's state (one series per state, 1 for the current one).",
-            ["state"],
-            registry=registry,
-        )
-        self.failover_routing = Gauge(
-            "hotsite_failover_routing",
-            "Which routing is applied (1 for the current one): normal, failover or unknown.",
-            ["routing"],
-            registry=registry,
-        )
-        self.failover_epoch = Gauge(
-            "hotsite_failover_epoch", "Fencing token of the newest routing decision.", registry=registry
-        )
-        self.http_requests = Counter(
-            "hotsite_http_requests_total",
-            "Requests to the daemon's HTTP listeners (metrics, alertmanager) by outcome; refused ones too.",
-            ["listener", "outcome"],
-            registry=registry,
-        )
-        self.api_bad_requests = Counter(
-            "hotsite_api_bad_requests_total",
-            "Control API requests rejected before reaching a handler.",
-            ["reason"],
-            registry=registry,
-        )
         self.last_code = Gauge(
             "hotsite_probe_last_status_code",
             "SIP status code of the last reply (0 when none).",
@@ -148,15 +109,6 @@ class Metrics:
         self.site_up.labels(site=site).set(1 if verdict == "up" else 0)
         for candidate in SITE_VERDICTS:
             self.site_verdict.labels(site=site, verdict=candidate).set(1 if candidate == verdict else 0)
-
-    def set_failover_state(self, state: str, routing: str, epoch: int, states: Iterable[str]) -> None:
-        """One series per engine state (``states``: the engine's, passed in by the wiring at the top,
-        because monitoring sits below failover and does not import it)."""
-        for candidate in states:
-            self.failover_state.labels(state=candidate).set(1 if candidate == state else 0)
-        for candidate in ("normal", "failover", "unknown"):
-            self.failover_routing.labels(routing=candidate).set(1 if candidate == routing else 0)
-        self.failover_epoch.set(epoch)
 
     def forget_target(self, target: str, kind: str) -> None:
         """Drop a target's series after a reload removed it from the config."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from appliance.clock import Clock
 from appliance.logs import kv
+from monitoring.callevidence import CallPolicy, FailedCall, SiteCalls, critical, failed_at, fold, lapses_at
 from monitoring.health import SiteVerdict, TargetHealth, Thresholds, judge_site, observe, with_calls
 from monitoring.metrics import Metrics
 from monitoring.prober import Prober
@@ -36,6 +37,9 @@ class Monitor:
         self.on_verdict: Callable[[SiteVerdict], None] = lambda verdict: None
         # Told of every published change of a target's state: (target, kind, state, why).
         self.on_target_state: Callable[[str, str, str, str], None] = lambda target, kind, state, why: None
+        # Which site serves a hotline under the routing in force (the failover service tells; until
+        # then, and with normal routing, the primary). None: nobody can say (routing unknown).
+        self.serving_site: Callable[[str], str | None] = self._primary
         self._metrics = metrics
         self._clock = clock
         self._record = record
@@ -55,6 +59,7 @@ class Monitor:
         self.targets: dict[str, Target] = {}
         self.health: dict[str, TargetHealth] = {}
         self.sites: dict[str, SiteVerdict] = {}
+        self.calls: dict[str, SiteCalls] = {}  # per site: its latest run of failed test calls
         self.config = config
         self.scheduler: ProbeScheduler  # built by configure(), once per configuration
         self.configure(config)
@@ -76,6 +81,7 @@ class Monitor:
                 self.health[name] = TargetHealth(name, kind=target.kind)
                 self._metrics.set_target_state(name, target.kind, "unknown")
         self.sites = {name: self.sites.get(name, SiteVerdict(name)) for name in config.sites}
+        self.calls = {name: self.calls.get(name, SiteCalls(name)) for name in config.sites}
         for site in self.sites:
             self._judge(site)
         self.scheduler = self._scheduler(config)
@@ -103,6 +109,7 @@ class Monitor:
         # A test call is one expensive sample minutes apart: its own rise/fall.
         calls = config.testcalls
         self._call_thresholds = Thresholds(rise=calls.rise, fall=calls.fall, damping_s=p.damping_s)
+        self._call_policy = CallPolicy(calls.site_critical_failures, calls.site_critical_window_s)
 
     def thresholds_for(self, target: Target) -> Thresholds:
         which = kinds.get(target.kind).thresholds
@@ -140,6 +147,8 @@ class Monitor:
             m.probe_rtt.labels(target=target.name).observe(result.rtt_s)
         elif not result.ok:
             m.probe_failures.labels(target=target.name, reason=result.reason).inc()
+        if self._call_policy.failures:
+            self._calls_at_site(target, result)
         if after.state == before.state:
             return
         m.set_target_state(target.name, target.kind, after.state)
@@ -157,12 +166,41 @@ class Monitor:
         if target.site:
             self._judge(target.site)
 
+    def _calls_at_site(self, target: Target, result: ProbeResult) -> None:
+        """A hotline's test call is evidence for the site serving it; a run of failures may lapse."""
+        for site, run in self.calls.items():
+            lapse = lapses_at(run, self._call_policy)
+            if lapse is not None and result.at > lapse:
+                self.calls[site] = SiteCalls(site)
+                self._judge(site)
+        if target.kind != "testcall" or target.trunk is not None:
+            return
+        serving = self.serving_site(target.name.removeprefix("testcall:"))
+        if serving is None or serving not in self.calls:
+            return
+        site = serving
+        number = target.call.number if target.call else target.name
+        call = self.prober.last_calls.get(target.name)
+        if call is not None and call.started == result.at:  # this call's own record: who answered, its code
+            what = failed_at(site, call.ok, call.reason, call.code, call.answered_by)
+        else:
+            what = failed_at(site, result.ok, result.reason, result.code, None)
+        failed = None if what is None else FailedCall(result.at, number, what)
+        self.calls[site] = fold(self.calls[site], failed, self._call_policy)
+        self._judge(site)
+
+    def _primary(self, hotline: str) -> str | None:
+        """Normal routing: every hotline is the primary's."""
+        return next((n for n, s in self.config.sites.items() if s.role == "primary"), None)
+
     def _judge(self, site: str) -> None:
         before = self.sites[site]
         members = [h for name, h in self.health.items() if self.targets[name].site == site]
-        critical = frozenset(n for n, t in self.targets.items() if t.site == site and t.critical)
+        critical_targets = frozenset(n for n, t in self.targets.items() if t.site == site and t.critical)
+        now = self._clock.monotonic()
+        calls = critical(self.calls[site], self._call_policy, now) if site in self.calls else None
         after = judge_site(
-            before, members, self.thresholds, self._clock.monotonic(), critical, wall_now=self._clock.time()
+            before, members, self.thresholds, now, critical_targets, wall_now=self._clock.time(), calls=calls
         )
         self.sites[site] = after
         self._metrics.set_site_verdict(site, after.verdict)

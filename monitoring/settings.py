@@ -147,6 +147,9 @@ class TestcallsSection(Section):
     max_concurrent: int = Field(default=2, ge=1, le=100)
     min_mos: float = Field(default=3.5, ge=1, le=4.5)  # a call with less is "poor audio", a failed call
     audio_floor_dbov: float = Field(default=-50.0, ge=-100, le=0)
+    # The far end echoes the caller's RTP (an echo test number; the lab's SBCs): then a call whose
+    # own packets never come back while the far end's arrive is "one-way audio", a failed call.
+    echo: bool = False
     answer_header: Annotated[str, match(re.compile(r"^[A-Za-z0-9-]{1,64}$"), "a SIP header name")] = "Server"
     rise: int = Field(default=1, ge=1, le=100)  # consecutive good calls before "calls ok"
     fall: int = Field(default=2, ge=1, le=100)  # consecutive failed calls before "calls failing"
@@ -154,6 +157,11 @@ class TestcallsSection(Section):
     # sends it, with audio, for at most verify_timeout_s (failover/verification.py).
     verify_changes: bool = True
     verify_timeout_s: float = Field(default=60.0, ge=5, le=900)
+    # Test calls as critical evidence (monitoring/callevidence.py): this many consecutive failed calls
+    # to hotlines a site serves, within site_critical_window_s, judge that site down (a grey failure),
+    # and routing moves as on any critical evidence. 0 (the default): test calls never move routing.
+    site_critical_failures: int = Field(default=0, ge=0, le=100)
+    site_critical_window_s: float = Field(default=900.0, ge=10, le=86400)
 
     @model_validator(mode="after")
     def _a_call_fits_its_interval(self) -> TestcallsSection:
@@ -162,6 +170,17 @@ class TestcallsSection(Section):
             raise ValueError(
                 f"interval_s ({self.interval_s:g}) must be at least setup_timeout_s + duration_s + 5"
                 f" ({budget:g}): a test call would still be running when the next is due"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _critical_run_fits_its_window(self) -> TestcallsSection:
+        n, window = self.site_critical_failures, self.site_critical_window_s
+        if n > 1 and window < (n - 1) * self.interval_s:
+            raise ValueError(
+                f"site_critical_window_s ({window:g}) must be at least (site_critical_failures - 1)"
+                f" x interval_s ({(n - 1) * self.interval_s:g}): {n} failed test calls could never"
+                " fall within it"
             )
         return self
 

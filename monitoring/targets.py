@@ -129,6 +129,7 @@ def call_spec(config: Config, name: str, number: str, address: str) -> CallSpec:
         setup_timeout_s=t.setup_timeout_s,
         answer_header=t.answer_header,
         audio_floor_dbov=t.audio_floor_dbov,
+        expect_echo=t.echo,
         min_mos=t.min_mos,
         peers=peers,
     )

@@ -199,6 +199,12 @@ def sms(workdir: Path, sender: str, text: str) -> None:
     help="Reject every INVITE with this code (e.g. 503); OPTIONS still answered.",
 )
 @click.option("--no-media", is_flag=True, help="Answer calls but send no RTP back.")
+@click.option(
+    "--one-way",
+    "one_way",
+    is_flag=True,
+    help="Answer calls, play a prompt to the caller, never echo the caller's RTP (one-way audio).",
+)
 def impair(
     workdir: Path,
     host: str,
@@ -207,10 +213,12 @@ def impair(
     cut: bool,
     reject_invites: int | None,
     no_media: bool,
+    one_way: bool,
 ) -> None:
-    """Degrade HOST: its link (loss, delay, cut) or its calls (rejected, no media)."""
-    if loss_pct is None and delay_ms is None and not cut and reject_invites is None and not no_media:
-        raise click.UsageError("give --loss, --delay, --cut, --reject-invites or --no-media")
+    """Degrade HOST: its link (loss, delay, cut) or its calls (rejected, no media, one-way audio)."""
+    calls = reject_invites is not None or no_media or one_way
+    if loss_pct is None and delay_ms is None and not cut and not calls:
+        raise click.UsageError("give --loss, --delay, --cut, --reject-invites, --no-media or --one-way")
     try:
         click.echo(
             _lab(workdir).impair(
@@ -220,6 +228,7 @@ def impair(
                 cut=cut,
                 reject_invites=reject_invites,
                 no_media=no_media,
+                one_way=one_way,
             )
         )
     except _lab_errors() as exc:

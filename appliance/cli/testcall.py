@@ -96,8 +96,10 @@ def _print(r: dict[str, Any], host: str, port: int) -> None:
         rtt = f", round trip {r['rtt_ms']:.1f} ms" if r["rtt_ms"] is not None else ""
         level = f", level {r['level_dbov']:.1f} dBov" if r["level_dbov"] is not None else ""
         heard = "audio" if r["audio"] else "NO AUDIO"
+        heard = "ONE-WAY AUDIO (the far end did not hear us)" if r["reason"] == "one_way" else heard
         received = f"received {r['rx_packets']} (loss {loss})"
-        click.echo(f"  media    sent {r['tx_packets']}, {received}{jitter}{rtt}{level}: {heard}")
+        echoed = f" ({r['tx_echoed']} came back)" if r["tx_echoed"] or r["reason"] == "one_way" else ""
+        click.echo(f"  media    sent {r['tx_packets']}{echoed}, {received}{jitter}{rtt}{level}: {heard}")
     if r["mos"] is not None:
         click.echo(f"  quality  R {r['r_factor']:.1f}, estimated MOS {r['mos']:.2f} (ITU-T G.107)")
     click.echo(

@@ -58,6 +58,7 @@ class Raise:
 class Clear:
     key: str
     source: str = "engine"
+    reason: str = ""  # why the condition is gone, when not simply "it recovered" (a reload removed it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,13 +224,12 @@ def step(state: PagerState, event: Event, now: float, roster: Roster) -> tuple[P
         incident = state.by_key(event.key)
         if incident is not None:
             keys = tuple(k for k in incident.keys if k != event.key)
+            cleared = f"{event.key} cleared" + (f": {event.reason}" if event.reason else "")
             if keys:
                 state = _put(state, replace(incident, keys=keys))
-                actions.append(Note("cleared", incident.id, f"{event.key} cleared; {len(keys)} remain"))
+                actions.append(Note("cleared", incident.id, f"{cleared}; {len(keys)} remain"))
             else:
-                state = _resolve(
-                    state, incident, now, roster, f"condition {event.key} cleared", "auto", actions
-                )
+                state = _resolve(state, incident, now, roster, f"condition {cleared}", "auto", actions)
     elif isinstance(event, Ack):
         state = _ack(state, event, now, roster, actions)
     elif isinstance(event, Undelivered):

@@ -193,9 +193,10 @@ class PagingService:
         """A condition started (engine, health model): dedupe by ``key``, group by ``group``."""
         return await self.apply(Raise(key, summary, severity, group, source))
 
-    async def clear(self, key: str, source: str = "engine") -> list[Any]:
-        """The condition ``key`` is gone; the incident resolves when all its conditions are."""
-        return await self.apply(Clear(key, source))
+    async def clear(self, key: str, source: str = "engine", reason: str = "") -> list[Any]:
+        """The condition ``key`` is gone (``reason``: why, if not recovery); the incident resolves when
+        all its conditions are."""
+        return await self.apply(Clear(key, source, reason))
 
     async def apply(self, event: Event, actor: str = "daemon") -> list[Any]:
         async with self._lock:

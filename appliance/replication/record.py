@@ -164,12 +164,16 @@ class HashRecord:
             if self._durable:
                 _fsync_dir(self.path.parent)
 
-    def commit_staged(self) -> None:
-        """A seed's record, written before its journal, takes over (idempotent)."""
-        if self.seed_path.exists():
+    def commit_staged(self, seq: int) -> None:
+        """Journal ``seq``'s seed record, written before that journal, takes over (idempotent);
+        one staged by a later seed that never got its journal is dropped."""
+        staged = self.load(self.seed_path)
+        if staged is not None and staged.seq == seq:
             os.replace(self.seed_path, self.path)
             if self._durable:
                 _fsync_dir(self.path.parent)
+        else:
+            self.seed_path.unlink(missing_ok=True)
 
     def stage_next(self, hashes: PageHashes, page_size: int, seq: int) -> None:
         """The record of journal ``seq``'s state, written whole before that journal (a rewrite)."""

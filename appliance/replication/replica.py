@@ -187,6 +187,7 @@ class Replica:
         self._seed_fd: int | None = None
         self._seed_hashes: PageHashes | None = None
         self._seed_meta: dict[str, Any] = {}
+        self._seed_path: Path | None = None  # the seed being written: seed-<its journal's seq>.tmp
         self._stage: _Stage | None = None  # a batch too large for one message, being received
         self.staged_batches = 0
         self.rewrites = 0  # staged batches applied by building a new file (tests, the benchmark)
@@ -275,11 +276,10 @@ class Replica:
 
     def _recover(self) -> None:
         found = [j for j in (self._read_journal(self.dir / f"journal-{i}") for i in (0, 1)) if j is not None]
-        seed = self.dir / "seed.tmp"
         missing = not self.path.exists()
         self.damage, self.recorded_checksum = None, None
         if not found:
-            seed.unlink(missing_ok=True)
+            self._discard_seeds()
             self._discard_rewrites()
             self._record.discard_leftovers()
             self.position, self.page_size, self.promotion = None, 0, None
@@ -291,14 +291,16 @@ class Replica:
         self.seq = seq
         kind = header["kind"]
         if kind == "seed":
+            # Only the file this journal's seed wrote is put in place (if the crash came before its
+            # rename); a later seed that never got its journal leaves a file that is no state.
+            seed = self._seed_file(seq)
             if seed.exists():
                 os.replace(seed, self.path)
                 missing = False
                 if self._durable:
                     _fsync_dir(self.path.parent)
-            self._record.commit_staged()
-        else:
-            seed.unlink(missing_ok=True)
+            self._record.commit_staged(seq)
+        self._discard_seeds()
         rewritten = kind in ("tx", "resync") and bool(header.get("file"))
         if rewritten:
             missing = self._complete_rewrite(seq, str(header["file"])) and missing
@@ -334,6 +336,15 @@ class Replica:
             return False
         self._record.commit_next(seq)
         return True
+
+    def _seed_file(self, seq: int) -> Path:
+        return self.dir / f"seed-{seq}.tmp"
+
+    def _discard_seeds(self) -> None:
+        """Seed files no journal completed (and ``seed.tmp`` of older versions, whose journal it
+        belonged to cannot be told): none is a state."""
+        for leftover in (*self.dir.glob("seed-*.tmp"), self.dir / "seed.tmp"):
+            leftover.unlink(missing_ok=True)
 
     def _discard_rewrites(self) -> None:
         """New files of batches that never completed (their journal torn): the old file stands."""
@@ -933,7 +944,8 @@ class Replica:
             self._check_writable()
             if self._seed_fd is not None:
                 os.close(self._seed_fd)
-            self._seed_fd = os.open(self.dir / "seed.tmp", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
+            self._seed_path = self._seed_file(self.seq + 1)  # the journal seed_end will write
+            self._seed_fd = os.open(self._seed_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
             self._seed_hashes = PageHashes()
             self._seed_hashes.db_pages = db_pages
             self._seed_meta = {"page_size": page_size, "db_pages": db_pages}
@@ -973,12 +985,18 @@ class Replica:
                 "applied_at": now,
                 "promoted": None,
             }
-            self._record.write_whole(hashes, self._seed_meta["page_size"], self.seq + 1, staged=True)
+            seq = self.seq + 1
+            seed = self._seed_file(seq)
+            assert self._seed_path is not None
+            if self._seed_path != seed:  # another journal came between begin and end: no one names it yet
+                os.replace(self._seed_path, seed)
+            self._seed_path = None
+            self._record.write_whole(hashes, self._seed_meta["page_size"], seq, staged=True)
             self._write_journal(header, [])
-            os.replace(self.dir / "seed.tmp", self.path)
+            os.replace(seed, self.path)
             if self._durable:
                 _fsync_dir(self.path.parent)
-            self._record.commit_staged()
+            self._record.commit_staged(seq)
             self._open_db(load=False)
             self.hashes = hashes
             self.page_size = self._seed_meta["page_size"]
@@ -990,10 +1008,14 @@ class Replica:
             self._stamp_file()
 
     def seed_abort(self) -> None:
+        """Drop the seed being written, if any (never the file of a seed whose journal is complete:
+        recovery still has to put that one in place)."""
         if self._seed_fd is not None:
             os.close(self._seed_fd)
             self._seed_fd = None
-        (self.dir / "seed.tmp").unlink(missing_ok=True)
+        if self._seed_path is not None:
+            self._seed_path.unlink(missing_ok=True)
+            self._seed_path = None
         self._seed_hashes = None
 
     # -- reading -----------------------------------------------------------

@@ -24,7 +24,8 @@ Two programs, one contract, one module each:
 
 from __future__ import annotations
 
-from failover.witness.agent import WitnessAgent, WitnessMetrics
+from failover.witness.agent import WitnessAgent
+from failover.witness.metrics import WitnessMetrics
 from failover.witness.settings import WitnessSettings, display_name, load_settings, read_token
 from failover.witness.vote import (
     DEFAULT_MAX_AGE_S,

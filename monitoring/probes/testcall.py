@@ -64,6 +64,9 @@ class CallSpec:
     answer_header: str = "server"  # header naming who answered (falls back to Server, then Contact)
     audio_floor_dbov: float = -50.0  # received audio quieter than this is "no audio"
     min_mos: float = 0.0  # below this estimate the call fails ("poor audio")
+    # The far end echoes our RTP (an echo test number, the lab's SBCs): none of ours coming
+    # back while its own stream arrives is one-way audio (it cannot hear the caller).
+    expect_echo: bool = False
     peers: dict[str, str] = field(default_factory=dict, compare=False)  # "host:port" -> a name
 
 
@@ -74,15 +77,16 @@ class CallResult:
     name: str
     number: str
     ok: bool = False
-    reason: str = "error"  # ok | rejected | timeout | no_audio | poor_audio | send_error | error
+    reason: str = "error"  # ok | rejected | timeout | no_audio | one_way | poor_audio | send_error | error
     code: int | None = None
     status: str = ""  # "503 Service Unavailable"
     pdd_ringing_ms: float | None = None  # INVITE -> first 180/183
     pdd_answer_ms: float | None = None  # INVITE -> 200
     answered_by: str | None = None
     contact: str | None = None
-    tx_packets: int = 0
-    rx_packets: int = 0
+    tx_packets: int = 0  # caller -> far end: sent
+    tx_echoed: int = 0  # ... and came back (our SSRC and sequence): proof the far end received them
+    rx_packets: int = 0  # far end -> caller: received (any stream), then lost, loss, jitter
     rx_expected: int = 0
     rx_lost: int = 0
     loss_pct: float | None = None
@@ -108,6 +112,11 @@ class CallResult:
             return f"{self.number}: {self.status}"
         if self.reason == "no_audio":
             return f"{self.number}: no audio ({self.rx_packets} RTP packets received)"
+        if self.reason == "one_way":
+            return (
+                f"{self.number}: one-way audio: none of our {self.tx_packets} RTP packets came back"
+                f" from {self.answered_by} ({self.rx_packets} of its own received)"
+            )
         if self.reason == "poor_audio":
             return f"{self.number}: poor audio (MOS {self.mos:.2f})"
         return f"{self.number}: {self.status or self.reason}"
@@ -510,10 +519,13 @@ class TestCall:
                 continue
             if self.trace is not None:
                 self.trace.append((packet.seq, packet.timestamp, packet.ssrc, arrival))
+            # Our own packet, echoed: counted once per packet (duplicates and probation included).
+            sent = sent_at.pop(packet.seq, None) if packet.ssrc == ssrc else None
+            self.result.tx_echoed += sent is not None
             if not stats.add(packet, arrival):
                 continue
-            if packet.ssrc == ssrc and packet.seq in sent_at:  # our own packet, echoed
-                rtts.append(arrival - sent_at.pop(packet.seq))
+            if sent is not None:
+                rtts.append(arrival - sent)
 
     async def _poll_sip(self) -> None:
         """Answer what arrived on the SIP socket meanwhile (a BYE, a retransmitted 200)."""
@@ -541,6 +553,8 @@ class TestCall:
             r.mos = mos.mos_from_r(r.r_factor)
         if not r.audio:
             r.reason = "no_audio"
+        elif spec.expect_echo and r.tx_packets and not r.tx_echoed:
+            r.reason = "one_way"  # we hear the far end; it never heard us
         elif r.mos is not None and r.mos < spec.min_mos:
             r.reason = "poor_audio"
         else:

@@ -44,11 +44,13 @@ Facts: /work/shared/REFERENCE.md, Kamailio 5.6 tm/tmx/dispatcher sources.
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from monitoring import kpis
 from provisioning.lab import topology as topo
@@ -178,6 +180,55 @@ def render_dispatcher_list(primary_addr: str, backup_addr: str, trunks: Sequence
         f"{topo.SET_PRIMARY} sip:{backup_addr}:{topo.SIP_PORT} 0 0 name=backup-fallback\n"
         f"{topo.SET_BACKUP} sip:{backup_addr}:{topo.SIP_PORT} 0 0 name=backup\n"
     ) + "".join(f"{SET_TRUNKS} sip:{addr}:{topo.SIP_PORT} 0 0 name=trunk\n" for addr in trunks)
+
+
+def trunk_ips(trunks: Any, key: str = "trunks") -> list[str]:
+    """The IP addresses of the carrier trunks to count, from what an inventory may hold.
+
+    Accepted: a list of ``"192.0.2.21"``, ``"192.0.2.21:5060"``, ``"[2001:db8::1]:5060"`` or
+    mappings with an ``address`` of that form, or a mapping name -> such a mapping (the
+    appliance's ``[trunks]`` table, so the edge can reuse it as it is). Statistics are per
+    IP address (the INVITE's source, any port): two entries with one address are one trunk.
+    Anything else is a :class:`ValueError` naming ``key`` and what is expected.
+    """
+    if trunks is None:
+        return []
+    if isinstance(trunks, Mapping):
+        items: list[tuple[str, Any]] = [(f"{key}.{name}", t) for name, t in trunks.items()]
+    elif isinstance(trunks, list | tuple):
+        items = [(f"{key}[{i}]", t) for i, t in enumerate(trunks)]
+    else:
+        raise ValueError(
+            f"{key}: expected a list of trunk addresses or a mapping of trunks, got {trunks!r:.80}"
+        )
+    ips: list[str] = []
+    for where, item in items:
+        address = item.get("address") if isinstance(item, Mapping) else item
+        ip = _ip_of(address)
+        if ip is None:
+            raise ValueError(
+                f"{where}: expected an IP address, IP:port or {{address: IP:port}}, got {item!r:.80}"
+            )
+        if ip not in ips:
+            ips.append(ip)
+    return ips
+
+
+def _ip_of(address: Any) -> str | None:
+    """``192.0.2.21`` from ``192.0.2.21`` or ``192.0.2.21:5060`` (``[v6]:port`` too); None if not one."""
+    if not isinstance(address, str):
+        return None
+    host, port = address.strip(), ""
+    if host.startswith("[") and "]:" in host:
+        host, port = host[1:].split("]:", 1)
+    elif host.count(":") == 1:
+        host, port = host.split(":", 1)
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        return None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 def render_cfg(

@@ -32,6 +32,9 @@ DEFAULT_WORKDIR = Path("/run/hotsite-lab")
 SCENARIO = Path(__file__).with_name("scenarios") / "uas.xml"
 # Answers OPTIONS, rejects INVITEs with the code given (`impair --reject-invites`).
 REJECT_SCENARIO = Path(__file__).with_name("scenarios") / "uas-reject.xml"
+# What a one-way SBC plays to the caller (`impair --one-way`): G.711 A-law speech, ~7 s, shipped
+# with Debian's sip-tester.
+PROMPT_PCAP = Path("/usr/share/sip-tester/g711a.pcap")
 # RTP port SIPp echoes on (-mp; its default): the SDP of uas.xml's 200 OK names it.
 MEDIA_PORT = 6000
 # Reason phrases for the codes a carrier rejects calls with (others: "Rejected").
@@ -60,12 +63,19 @@ GENERATED = (
     "witness.toml",
     repl.SOURCE_CONFIG,
 )
-GENERATED_GLOBS = ("*.log", "*.unhealthy", "uas-reject-*.xml")
+GENERATED_GLOBS = ("*.log", "*.unhealthy", "uas-reject-*.xml", "uas-oneway-*.xml")
 GENERATED_DIRS = ("kamailio-run", repl.TLS_DIR, repl.DATA_DIR)
 
 
 def sipp_command(
-    sipp: str, addr: str, workdir: Path, host: str, *, reject: int | None = None, media: bool = True
+    sipp: str,
+    addr: str,
+    workdir: Path,
+    host: str,
+    *,
+    reject: int | None = None,
+    media: bool = True,
+    one_way: bool = False,
 ) -> list[str]:
     """The SIPp peer of a lab host: answers OPTIONS, and INVITEs with media or a rejection.
 
@@ -73,8 +83,19 @@ def sipp_command(
     so a test call hears its own audio back and can time the round trip.
     ``reject``: INVITEs get this final code instead (OPTIONS still 200); the
     scenario is written to ``workdir`` with the code filled in.
+    ``one_way``: one-way audio. Once the call is answered SIPp plays :data:`PROMPT_PCAP`
+    to the caller's RTP address, and echoes nothing: the caller hears the far end,
+    the far end never hears the caller (its RTP arrives and is dropped).
     """
     scenario = SCENARIO
+    if one_way:
+        if not PROMPT_PCAP.exists():
+            raise LabError(f"one-way audio needs {PROMPT_PCAP}: install the Debian package sip-tester")
+        scenario = workdir / f"uas-oneway-{host}.xml"
+        play = f'<nop><action><exec play_pcap_audio="{PROMPT_PCAP}"/></action></nop>'
+        ack = '<recv request="ACK" crlf="true"/>'
+        scenario.write_text(SCENARIO.read_text().replace(ack, f"{ack}\n\n  {play}", 1))
+        media = False
     if reject:
         scenario = workdir / f"uas-reject-{host}.xml"
         text = REJECT_SCENARIO.read_text().replace("@CODE@", str(reject))
@@ -502,9 +523,10 @@ class Lab:
         cut: bool = False,
         reject_invites: int | None = None,
         no_media: bool = False,
+        one_way: bool = False,
     ) -> str:
-        if reject_invites is not None or no_media:
-            desc = self.impair_calls(host, reject=reject_invites, media=not no_media)
+        if reject_invites is not None or no_media or one_way:
+            desc = self.impair_calls(host, reject=reject_invites, media=not no_media, one_way=one_way)
             if not cut and not loss_pct and not delay_ms:
                 return desc
         info = self._require()
@@ -553,28 +575,43 @@ class Lab:
         self._save(info)
         return desc
 
-    def impair_calls(self, host: str, *, reject: int | None = None, media: bool = True) -> str:
+    def impair_calls(
+        self, host: str, *, reject: int | None = None, media: bool = True, one_way: bool = False
+    ) -> str:
         """Calls fail while keepalives still pass: the grey failure only a test call reveals.
 
         The host's SIPp is restarted with INVITEs rejected (``reject``, a 4xx-6xx
         code) or answered without echoing RTP (``media=False``); OPTIONS keep
         getting 200 (one keepalive may fall in the restart's few milliseconds).
+        ``one_way``: answered, the SBC plays a prompt to the caller and never echoes
+        the caller's RTP (see :func:`sipp_command`).
         """
+        if one_way and (reject is not None or not media):
+            raise LabError("one_way: give it alone (not with reject_invites or no_media)")
         if reject is not None and not 400 <= reject <= 699:
             raise LabError(f"reject_invites must be a final failure code 400-699, got {reject}")
         info = self._require()
         entry, _ = self._host(info, host)
-        self._restart_sipp(info, entry, reject=reject, media=media)
+        self._restart_sipp(info, entry, reject=reject, media=media, one_way=one_way)
         what = [f"INVITEs rejected with {reject} {REASONS.get(reject, 'Rejected')}" if reject else ""]
         what.append("" if media else "calls answered without media")
+        what.append(
+            "one-way audio: calls answered, a prompt played, the caller's RTP never echoed" if one_way else ""
+        )
         desc = f"{host}: " + ", ".join(w for w in what if w) + "; OPTIONS still answered"
         entry["impairment"] = desc
-        entry["calls"] = {"reject": reject, "media": media}
+        entry["calls"] = {"reject": reject, "media": media, "one_way": one_way}
         self._save(info)
         return desc
 
     def _restart_sipp(
-        self, info: dict[str, Any], entry: dict[str, Any], *, reject: int | None, media: bool
+        self,
+        info: dict[str, Any],
+        entry: dict[str, Any],
+        *,
+        reject: int | None,
+        media: bool,
+        one_way: bool = False,
     ) -> None:
         procs = [p for p in entry["processes"] if p["name"] == "sipp"]
         if not procs:
@@ -584,7 +621,9 @@ class Lab:
             raise LabError("sipp not found: install the Debian package sip-tester")
         processes.terminate([int(p["pid"]) for p in procs])
         name = entry["name"]
-        cmd = sipp_command(sipp, entry["address"], self.workdir, name, reject=reject, media=media)
+        cmd = sipp_command(
+            sipp, entry["address"], self.workdir, name, reject=reject, media=media, one_way=one_way
+        )
         proc = processes.start("sipp", name, cmd, self.workdir / f"sipp-{name}.log", entry["namespace"])
         entry["processes"] = [p for p in entry["processes"] if p["name"] != "sipp"]
         entry["processes"].append({"name": proc.name, "pid": proc.pid, "log": proc.log})

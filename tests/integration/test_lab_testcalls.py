@@ -33,6 +33,7 @@ interval_s = 8
 duration_s = 1
 setup_timeout_s = 2
 fall = 2
+echo = true
 """
 
 
@@ -118,6 +119,37 @@ def test_a_trunk_without_media_fails_with_no_audio(
         assert "95588: no audio" in trunk["why"]
     finally:
         assert hotsite("lab", "heal", "--workdir", str(the_lab.workdir), "trunk-a").returncode == 0
+
+
+def test_a_trunk_with_one_way_audio_fails_naming_the_direction(
+    lab: tuple[Any, dict[str, Any]], daemon: RunningDaemon
+) -> None:
+    """trunk-a answers and plays its prompt, but never hears (echoes) the caller."""
+    the_lab, _ = lab
+    wait_for(lambda: _trunk(daemon, "trunk-a")["state"] == "up", timeout=60, what="trunk-a up")
+    impair = hotsite("lab", "impair", "--workdir", str(the_lab.workdir), "trunk-a", "--one-way")
+    assert impair.returncode == 0 and "one-way audio" in impair.stdout, impair.stderr
+    try:
+        once = hotsite("testcall", "vip", "--via", "trunk-a", "--json", config=daemon.config)
+        assert once.returncode == 1, once.stdout + once.stderr
+        r = json.loads(once.stdout)
+        assert r["reason"] == "one_way" and r["code"] == 200, r
+        # Per direction: ours went out and none came back; the far end's prompt arrived, with audio.
+        assert r["tx_packets"] > 0 and r["tx_echoed"] == 0, r
+        assert r["rx_packets"] >= 5 and r["audio"], r
+        assert r["detail"].startswith(f"95588: one-way audio: none of our {r['tx_packets']} RTP packets"), r
+        text = hotsite("testcall", "vip", "--via", "trunk-a", config=daemon.config).stdout
+        assert "FAILED: 95588: one-way audio" in text and "ONE-WAY AUDIO" in text and "(0 came back)" in text
+        trunk = wait_for(
+            lambda: (t := _trunk(daemon, "trunk-a"))["state"] == "degraded" and t,
+            timeout=60,
+            what="trunk-a degraded: one-way audio",
+        )
+        assert "95588: one-way audio" in trunk["why"]
+    finally:
+        assert hotsite("lab", "heal", "--workdir", str(the_lab.workdir), "trunk-a").returncode == 0
+    good = hotsite("testcall", "vip", "--via", "trunk-a", "--json", config=daemon.config)
+    assert good.returncode == 0 and json.loads(good.stdout)["tx_echoed"] > 0, good.stdout
 
 
 def _addr(info: dict[str, Any], host: str) -> str:

@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "=appliance",  # the package itself (__version__); "=": this module only, not what is under it
             "appliance.api",  # control API transport (unix socket, framing, peer credentials)
             "appliance.clock",
+            "appliance.core_metrics",  # the core's metrics (process, build, reloads, listeners)
             "appliance.core_settings",
             "appliance.daemon",
             "appliance.errors",
@@ -56,6 +57,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "appliance.cli",
             "appliance.config",
             "appliance.configcheck",
+            "appliance.features",  # the feature table: settings, metrics, migrations, API routes
             "appliance.migrations",  # every component's migrations, for the daemon's store
             "appliance.systemd_unit",
             "monitoring.catalogue",  # the metrics catalogue: every feature's metrics, built at the top

@@ -412,7 +412,8 @@ def test_a_grey_failure_needs_no_witness_but_still_the_hold_down() -> None:
     out = run.at(10, Tick())
     assert (
         out.decision
-        == "starting failover (epoch 1) by daemon: primary reports it cannot serve (grey failure) for 10s"
+        == "starting failover (epoch 1) by daemon: primary reports it cannot serve (grey failure) for 10s:"
+        " site:primary:http says the site cannot serve"
     )
     plain = Run(dataclasses.replace(AUTO, mode="confirm"))
     plain.at(0, PrimaryVerdict("down", grey=True))

@@ -149,6 +149,20 @@ def test_dedupe_group_ack_and_resolve_notices() -> None:
     assert state.incidents[2].id == 2 and pages(actions)[0].contact == "Zhang Wei"
 
 
+def test_a_condition_cleared_for_a_reason_says_it() -> None:
+    """A reload removed the trunk: its incident closes, and the record says why (not "recovered")."""
+    r = roster()
+    state, _ = step(PagerState(), Raise("trunk:a", "trunk a down", group="g"), T0, r)
+    state, _ = step(state, Raise("trunk:b", "trunk b down", group="g"), T0 + 1, r)
+    state, actions = step(state, Clear("trunk:a", reason="trunk:a removed from the configuration"), T0 + 2, r)
+    assert (
+        notes(actions, "cleared")[0].message
+        == "trunk:a cleared: trunk:a removed from the configuration; 1 remain"
+    )
+    state, actions = step(state, Clear("trunk:b"), T0 + 3, r)
+    assert notes(actions, "resolved")[0].message == "condition trunk:b cleared" and state.incidents == {}
+
+
 def test_a_warning_that_becomes_a_failover_tells_who_was_paged_it_is_critical_now() -> None:
     """The engine's "primary judged down" (warning) is followed by "failover started" (critical)
     in the same group: the contact paged WARNING must not be left believing it is only that."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.replication.checksum import page_hash
+from appliance.replication.checksum import PageHashes, page_hash
 from appliance.replication.position import Batch, Generation, Position
 from appliance.replication.record import HashRecord
 from appliance.replication.replica import PromotedError, Replica, ReplicaStorageError, image_checksum
@@ -338,3 +338,34 @@ def test_demote_with_discard_saves_the_backups_copy_first(tmp_path: Path) -> Non
     r.apply(_resync(r, image, 3))
     assert r.verified and r.checksum == image_checksum(image, 4096)
     r.close()
+
+
+@pytest.mark.parametrize("torn_at", ["pages", "record"])
+def test_a_crash_during_a_second_seed_keeps_the_first_seeds_replica(tmp_path: Path, torn_at: str) -> None:
+    """A resnapshot killed before its journal leaves the replica at the last committed state.
+
+    Both leftovers of the torn seed (its half-written file and, if it got that far, its staged
+    page-hash record) must be dropped: recovery used to rename any leftover seed file over a
+    good replica because the newest complete journal was also a seed.
+    """
+    first = _source(tmp_path).read_bytes()
+    r = _seeded(tmp_path, first)
+    good = r.checksum
+    second = bytearray(first)
+    second[4096 * 3 + 100 : 4096 * 3 + 116] = b"\xff" * 16  # any other database will do
+    pages = _pages(bytes(second))
+    r.seed_begin(4096, len(pages))
+    r.seed_pages(sorted(pages.items())[: len(pages) // 2])
+    if torn_at == "record":  # seed_end got as far as staging its record, not its journal
+        staged = PageHashes()
+        staged.db_pages = len(pages)
+        for pgno, data in pages.items():
+            staged.set(pgno, data)
+        HashRecord(r.dir).write_whole(staged, 4096, r.seq + 1, staged=True)
+    r.close()  # the process dies here: its files stay as they are (close removes none)
+    again = Replica(r.path)
+    again.open()
+    assert again.damage is None, again.damage
+    assert again.checksum == good
+    assert (tmp_path / "rep" / "c.db").read_bytes() == first
+    assert not [p.name for p in again.dir.iterdir() if "seed" in p.name]

@@ -24,7 +24,7 @@ from appliance.replication.budget import JournalBudget
 from appliance.replication.checksum import show
 from appliance.replication.follower import SqliteFollower
 from appliance.replication.position import Position
-from appliance.replication.replica import BatchRejected, Replica, file_checksum
+from appliance.replication.replica import BatchRejected, Replica, file_checksum, image_checksum
 
 ROWS = 3000
 PER_CHUNK = 256
@@ -181,8 +181,8 @@ _WATCHED = (
 )
 
 
-def _child(rep_path: str, staged: Staged, kill_at: int, counted: Any) -> None:
-    """Apply ``staged``; SIGKILL this process at the ``kill_at``-th watched call (0: never)."""
+def _child(rep_path: str, work: Callable[[Replica], bool], kill_at: int, counted: Any) -> None:
+    """Run ``work`` on the replica; SIGKILL this process at the ``kill_at``-th watched call (0: never)."""
     calls = [0]
 
     def watch(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
@@ -199,14 +199,21 @@ def _child(rep_path: str, staged: Staged, kill_at: int, counted: Any) -> None:
     replica.open()  # before watching: only the apply's own steps are counted
     for name in _WATCHED:
         setattr(os, name, watch(name, getattr(os, name)))
-    _apply(replica, staged)
-    os._exit(0 if replica.rewrites == 1 else 3)
+    os._exit(0 if work(replica) else 3)
 
 
-def _run_child(rep: Path, staged: Staged, kill_at: int) -> tuple[int, int]:
-    ctx = mp.get_context("fork")
+def _rewrite(staged: Staged) -> Callable[[Replica], bool]:
+    def work(replica: Replica) -> bool:
+        _apply(replica, staged)
+        return replica.rewrites == 1
+
+    return work
+
+
+def _run_child(rep: Path, work: Callable[[Replica], bool], kill_at: int) -> tuple[int, int]:
+    ctx = mp.get_context("fork")  # fork: ``work`` may be a closure
     counted = ctx.Value("i", 0)
-    proc = ctx.Process(target=_child, args=(str(rep), staged, kill_at, counted))
+    proc = ctx.Process(target=_child, args=(str(rep), work, kill_at, counted))
     proc.start()
     proc.join(60)
     assert proc.exitcode is not None, "the replica process hung"
@@ -231,13 +238,13 @@ def test_sigkill_at_every_step_of_a_rewrite_leaves_exactly_a_committed_state(tmp
         shutil.copy2(pristine / "rep.db", replica.path)
         shutil.copytree(pristine / "rep.db.hotsite", replica.dir)
 
-    code, steps = _run_child(replica.path, staged, 0)
+    code, steps = _run_child(replica.path, _rewrite(staged), 0)
     assert code == 0, "the apply must complete as a rewrite when not killed"
     assert steps > 10
     outcomes: list[str] = []
     for kill_at in range(1, steps + 1):
         restore()
-        code, _ = _run_child(replica.path, staged, kill_at)
+        code, _ = _run_child(replica.path, _rewrite(staged), kill_at)
         assert code == -signal.SIGKILL, f"step {kill_at}: expected the process killed, exit {code}"
         after = Replica(replica.path)
         after.open()
@@ -257,6 +264,70 @@ def test_sigkill_at_every_step_of_a_rewrite_leaves_exactly_a_committed_state(tmp
         finally:
             after.close()
     # Killed early: the old state; from the completed journal on: the new one; never back again.
+    assert outcomes[0] == "old" and outcomes[-1] == "new"
+    flips = sum(1 for a, b in zip(outcomes, outcomes[1:], strict=False) if a != b)
+    assert flips == 1, f"states by kill step: {outcomes}"
+
+
+def _reseed(image: bytes, page_size: int, position: Position) -> Callable[[Replica], bool]:
+    def work(replica: Replica) -> bool:
+        pages = [(i // page_size + 1, image[i : i + page_size]) for i in range(0, len(image), page_size)]
+        replica.seed_begin(page_size, len(pages))
+        replica.seed_pages(pages)
+        replica.seed_end(position, image_checksum(image, page_size), 1.0)
+        return True
+
+    return work
+
+
+def test_sigkill_at_every_step_of_a_reseed_leaves_exactly_a_committed_state(tmp_path: Path) -> None:
+    """A resnapshot over a good replica, killed anywhere, leaves the good replica or the new one.
+
+    Before, a kill between the seed's journal and its rename left "damage" (recovery first
+    dropped the seed file the complete journal named), and a kill after a later seed had
+    begun could have put that seed's half-written file in place.
+    """
+    db = tmp_path / "src.db"
+    app = _app(db)
+    follower, replica = _seeded(db, tmp_path / "rep.db")
+    old_sum, old_pos = replica.checksum, replica.position
+    assert old_pos is not None
+    app.execute("DELETE FROM t WHERE id % 3 = 0")
+    app.execute("VACUUM")
+    app.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    image, size = db.read_bytes(), replica.page_size
+    new_sum, new_pos = image_checksum(image, size), Position(old_pos.generation, old_pos.frame + 1)
+    replica.close()
+    follower.close()
+    app.close()
+    pristine = tmp_path / "pristine"
+    shutil.copytree(replica.dir, pristine / "rep.db.hotsite")
+    shutil.copy2(replica.path, pristine / "rep.db")
+
+    code, steps = _run_child(replica.path, _reseed(image, size, new_pos), 0)
+    assert code == 0 and steps > 5
+    # Every step but the run of page writes (one in 64 of those): each kill is a fork and a copy.
+    kill_points = sorted({*range(1, steps + 1, 64), *range(1, 4), *range(max(1, steps - 40), steps + 1)})
+    outcomes: list[str] = []
+    for kill_at in kill_points:
+        shutil.rmtree(replica.dir)
+        shutil.copy2(pristine / "rep.db", replica.path)
+        shutil.copytree(pristine / "rep.db.hotsite", replica.dir)
+        code, _ = _run_child(replica.path, _reseed(image, size, new_pos), kill_at)
+        assert code == -signal.SIGKILL, f"step {kill_at}: expected the process killed, exit {code}"
+        after = Replica(replica.path)
+        after.open()
+        try:
+            state = {(old_sum, old_pos): "old", (new_sum, new_pos): "new"}.get(
+                (after.checksum, after.position)
+            )
+            assert state is not None, f"killed at step {kill_at} of {steps}: neither state"
+            assert after.damage is None, f"step {kill_at} of {steps}: {after.damage}"
+            assert file_checksum(after.path, after.page_size) == after.checksum
+            assert not [p.name for p in after.dir.iterdir() if "seed" in p.name], f"step {kill_at}: leftovers"
+            outcomes.append(state)
+        finally:
+            after.close()
     assert outcomes[0] == "old" and outcomes[-1] == "new"
     flips = sum(1 for a, b in zip(outcomes, outcomes[1:], strict=False) if a != b)
     assert flips == 1, f"states by kill step: {outcomes}"

@@ -81,10 +81,17 @@ class FakeUas(asyncio.DatagramProtocol):
 
 
 class Echo(asyncio.DatagramProtocol):
-    def __init__(self, enabled: bool, garbage: bool) -> None:
-        self.enabled, self.garbage = enabled, garbage
+    """The far end's media: echoes what it receives, or (``prompt``) plays its own stream instead.
+
+    ``prompt`` is one-way audio as the lab stages it: the caller hears the far end's
+    prompt, the far end never hears (so never echoes) the caller.
+    """
+
+    def __init__(self, enabled: bool, garbage: bool, prompt: bool = False) -> None:
+        self.enabled, self.garbage, self.prompt = enabled, garbage, prompt
         self.transport: asyncio.DatagramTransport | None = None
         self.packets = 0
+        self.audio = rtp.tone(samples=rtp.FRAME_SAMPLES)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -92,7 +99,10 @@ class Echo(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.packets += 1
         assert self.transport is not None
-        if self.enabled:
+        if self.prompt:  # its own stream, for every packet it gets: same pace, another SSRC
+            n = self.packets
+            self.transport.sendto(rtp.build(rtp.PCMU, n, n * rtp.FRAME_SAMPLES, 0x5EED, self.audio), addr)
+        elif self.enabled:
             self.transport.sendto(data, addr)
         if self.garbage and self.packets % 10 == 0:
             self.transport.sendto(b"\x00garbage", addr)
@@ -101,7 +111,8 @@ class Echo(asyncio.DatagramProtocol):
 async def _call(mode: str, **spec: Any) -> tuple[Any, FakeUas, Echo]:
     loop = asyncio.get_running_loop()
     echo_t, echo = await loop.create_datagram_endpoint(
-        lambda: Echo(mode not in ("silent",), mode == "garbage"), local_addr=("127.0.0.1", 0)
+        lambda: Echo(mode not in ("silent",), mode == "garbage", mode == "one-way"),
+        local_addr=("127.0.0.1", 0),
     )
     uas_t, uas = await loop.create_datagram_endpoint(
         lambda: FakeUas(mode, echo_t.get_extra_info("sockname")[1]), local_addr=("127.0.0.1", 0)
@@ -159,6 +170,26 @@ def test_answered_without_media_is_no_audio() -> None:
     assert r.rx_packets == 0 and echo.packets == 30
     assert r.detail == "95588: no audio (0 RTP packets received)"
     assert r.to_probe().reason == "threshold"
+
+
+def test_our_rtp_never_coming_back_from_an_echo_is_one_way_audio() -> None:
+    r, _, echo = asyncio.run(_call("one-way", expect_echo=True))
+    assert not r.ok and r.reason == "one_way" and r.code == 200 and r.audio  # its prompt was heard
+    assert (r.tx_packets, r.tx_echoed, r.rx_packets, echo.packets) == (30, 0, 30, 30)
+    assert r.detail == (
+        "95588: one-way audio: none of our 30 RTP packets came back from fake-sbc/1 (30 of its own received)"
+    )
+    assert r.to_probe().reason == "threshold"
+
+
+def test_a_far_end_playing_a_prompt_is_fine_when_no_echo_is_expected() -> None:
+    r, _, _ = asyncio.run(_call("one-way"))  # an IVR: it talks, it does not echo
+    assert r.ok and r.reason == "ok" and (r.tx_echoed, r.rx_packets) == (0, 30)
+
+
+def test_an_echo_counts_our_packets_back_per_direction() -> None:
+    r, _, _ = asyncio.run(_call("ok", expect_echo=True))
+    assert r.ok and (r.tx_packets, r.tx_echoed, r.rx_packets) == (30, 30, 30)
 
 
 def test_a_peer_that_never_answers_times_out_after_retransmitting() -> None:
