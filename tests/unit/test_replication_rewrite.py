@@ -249,9 +249,11 @@ def test_sigkill_at_every_step_of_a_rewrite_leaves_exactly_a_committed_state(tmp
         after = Replica(replica.path)
         after.open()
         try:
-            state = {(old_sum, old_pos): "old", (new_sum, new_pos): "new"}.get(
-                (after.checksum, after.position)
-            )
+            states: dict[tuple[int, Position | None], str] = {
+                (old_sum, old_pos): "old",
+                (new_sum, new_pos): "new",
+            }
+            state = states.get((after.checksum, after.position))
             assert state is not None, (
                 f"killed at step {kill_at} of {steps}: recovered checksum {show(after.checksum)} at"
                 f" {after.position} is neither the state before ({show(old_sum)}) nor after ({show(new_sum)})"
@@ -318,9 +320,11 @@ def test_sigkill_at_every_step_of_a_reseed_leaves_exactly_a_committed_state(tmp_
         after = Replica(replica.path)
         after.open()
         try:
-            state = {(old_sum, old_pos): "old", (new_sum, new_pos): "new"}.get(
-                (after.checksum, after.position)
-            )
+            states: dict[tuple[int, Position | None], str] = {
+                (old_sum, old_pos): "old",
+                (new_sum, new_pos): "new",
+            }
+            state = states.get((after.checksum, after.position))
             assert state is not None, f"killed at step {kill_at} of {steps}: neither state"
             assert after.damage is None, f"step {kill_at} of {steps}: {after.damage}"
             assert file_checksum(after.path, after.page_size) == after.checksum
