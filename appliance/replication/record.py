@@ -167,13 +167,7 @@ class HashRecord:
     def commit_staged(self, seq: int) -> None:
         """Journal ``seq``'s seed record, written before that journal, takes over (idempotent);
         one staged by a later seed that never got its journal is dropped."""
-        staged = self.load(self.seed_path)
-        if staged is not None and staged.seq == seq:
-            os.replace(self.seed_path, self.path)
-            if self._durable:
-                _fsync_dir(self.path.parent)
-        else:
-            self.seed_path.unlink(missing_ok=True)
+        self._take_over(self.seed_path, seq)
 
     def stage_next(self, hashes: PageHashes, page_size: int, seq: int) -> None:
         """The record of journal ``seq``'s state, written whole before that journal (a rewrite)."""
@@ -181,13 +175,18 @@ class HashRecord:
 
     def commit_next(self, seq: int) -> None:
         """Take over the staged record if it is journal ``seq``'s (idempotent; any other is dropped)."""
-        staged = self.load(self.next_path)
+        self._take_over(self.next_path, seq)
+
+    def _take_over(self, staged_path: Path, seq: int) -> None:
+        """``staged_path`` becomes the record if it is journal ``seq``'s; otherwise it is dropped
+        (a leftover of a later batch whose journal was torn describes no state)."""
+        staged = self.load(staged_path)
         if staged is not None and staged.seq == seq:
-            os.replace(self.next_path, self.path)
+            os.replace(staged_path, self.path)
             if self._durable:
                 _fsync_dir(self.path.parent)
         else:
-            self.next_path.unlink(missing_ok=True)
+            staged_path.unlink(missing_ok=True)
 
     def discard_leftovers(self) -> None:
         self.new_path.unlink(missing_ok=True)
