@@ -42,10 +42,11 @@ from failover.engine import Page, Resolve
 from failover.metrics import FailoverMetrics
 from failover.service import FailoverService
 from failover.witness import voter_from_config
+from monitoring import handlers as monitoring_api
 from monitoring import metrics as metrics_mod
 from monitoring.calls_in_progress import UsageMonitor
 from monitoring.kpi_monitor import CallKpiMetrics, KpiMonitor
-from monitoring.kpis import CallsHealth, trunk_state
+from monitoring.kpis import CallsHealth
 from monitoring.monitor import Monitor
 from monitoring.probes.host import HostCollector
 from monitoring.targets import from_config
@@ -421,7 +422,7 @@ class Appliance(Daemon):
                     "note": self._api_note,
                     "reload": self._api_reload,
                 },
-                "monitoring": {"probes": self._api_probes, "trunks": self._api_trunks},
+                "monitoring": monitoring_api.handlers(self._monitoring_parts),
                 # The coordination backend is chosen here at the top; the engine's commands are
                 # the failover service's own handlers().
                 "failover": {"coordination.status": self._api_coordination}
@@ -456,26 +457,14 @@ class Appliance(Daemon):
     async def _api_status(self, caller: Caller, params: dict[str, Any]) -> Any:
         return self.status(events=_int_param(params, "events", 10, 0, 1000))
 
-    async def _api_probes(self, caller: Caller, params: dict[str, Any]) -> Any:
-        assert self.monitor is not None
-        return [self.monitor.target_view(name) for name in self.monitor.targets]
-
-    async def _api_trunks(self, caller: Caller, params: dict[str, Any]) -> Any:
-        return self._trunk_views()
-
-    def _trunk_views(self) -> list[dict[str, Any]]:
-        assert self.monitor is not None
-        calls = self.usage.trunks if self.usage else {}
-        views = []
-        for name, trunk in self.config.trunks.items():
-            view = {"name": name, "carrier": trunk.carrier, **self.monitor.target_view(f"trunk:{name}")}
-            view["calls_in_progress"] = calls.get(name)
-            if self.kpis is not None:
-                view["kpis"] = self.kpis.view(name, calls.get(name))
-                health = self.kpis.health.get(name, CallsHealth())
-                view["state"], view["why"] = trunk_state(view["state"], view["why"], health)
-            views.append(view)
-        return views
+    @functools.cached_property
+    def _monitoring_parts(self) -> monitoring_api.MonitoringParts:
+        return monitoring_api.MonitoringParts(
+            monitor=lambda: self.monitor,
+            calls=lambda: self.usage,
+            kpis=lambda: self.kpis,
+            trunks=lambda: self.config.trunks,
+        )
 
     def _calls_changed(self, trunk: str, before: CallsHealth, after: CallsHealth) -> None:
         """A trunk's real calls failing (ASR over the window) is an incident; recovered clears it."""
@@ -540,7 +529,7 @@ class Appliance(Daemon):
                 | view
                 | {"calls_in_progress": calls}
             )
-        trunks = self._trunk_views()
+        trunks = monitoring_api.trunk_views(self._monitoring_parts)
         return {
             "appliance": {
                 "name": cfg.appliance.name,
