@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,40 +228,69 @@ def test_sigkill_at_every_step_of_a_rewrite_leaves_exactly_a_committed_state(tmp
     replica.close()
     follower.close()
     app.close()
-    pristine = tmp_path / "pristine"
+
+    def leftovers(directory: Path) -> list[str]:
+        return [
+            p.name
+            for p in directory.iterdir()
+            if p.name.startswith("rewrite-") or p.name == "pagehashes.next"
+        ]
+
+    _kill_at_each_step(
+        replica.path,
+        _rewrite(staged),
+        lambda steps: range(1, steps + 1),
+        (old_sum, old_pos),
+        (new_sum, new_pos),
+        leftovers,
+        min_steps=11,
+    )
+
+
+def _kill_at_each_step(
+    rep: Path,
+    work: Callable[[Replica], bool],
+    kill_points: Callable[[int], Iterable[int]],
+    old: tuple[int, Position | None],
+    new: tuple[int, Position | None],
+    leftovers: Callable[[Path], list[str]],
+    *,
+    min_steps: int,
+) -> None:
+    """Run ``work`` from the replica as it is now once whole (counting its ``steps``: at least
+    ``min_steps``), then SIGKILLed at each of ``kill_points(steps)`` in turn.
+
+    Every recovery must be exactly ``old`` or ``new`` (checksum and position), undamaged, its file
+    matching, nothing ``leftovers`` names left behind; the old state first, the new one last, one
+    switch between them.
+    """
+    replica_dir = Path(str(rep) + ".hotsite")
+    pristine = rep.parent / "pristine"
     pristine.mkdir()
-    shutil.copy2(replica.path, pristine / "rep.db")
-    shutil.copytree(replica.dir, pristine / "rep.db.hotsite")
-
-    def restore() -> None:
-        shutil.rmtree(replica.dir)
-        shutil.copy2(pristine / "rep.db", replica.path)
-        shutil.copytree(pristine / "rep.db.hotsite", replica.dir)
-
-    code, steps = _run_child(replica.path, _rewrite(staged), 0)
-    assert code == 0, "the apply must complete as a rewrite when not killed"
-    assert steps > 10
+    shutil.copy2(rep, pristine / "rep.db")
+    shutil.copytree(replica_dir, pristine / "rep.db.hotsite")
+    code, steps = _run_child(rep, work, 0)
+    assert code == 0, "the work must complete (and as intended) when not killed"
+    assert steps >= min_steps
+    states: dict[tuple[int, Position | None], str] = {old: "old", new: "new"}
     outcomes: list[str] = []
-    for kill_at in range(1, steps + 1):
-        restore()
-        code, _ = _run_child(replica.path, _rewrite(staged), kill_at)
+    for kill_at in kill_points(steps):
+        shutil.rmtree(replica_dir)
+        shutil.copy2(pristine / "rep.db", rep)
+        shutil.copytree(pristine / "rep.db.hotsite", replica_dir)
+        code, _ = _run_child(rep, work, kill_at)
         assert code == -signal.SIGKILL, f"step {kill_at}: expected the process killed, exit {code}"
-        after = Replica(replica.path)
+        after = Replica(rep)
         after.open()
         try:
-            states: dict[tuple[int, Position | None], str] = {
-                (old_sum, old_pos): "old",
-                (new_sum, new_pos): "new",
-            }
             state = states.get((after.checksum, after.position))
             assert state is not None, (
                 f"killed at step {kill_at} of {steps}: recovered checksum {show(after.checksum)} at"
-                f" {after.position} is neither the state before ({show(old_sum)}) nor after ({show(new_sum)})"
+                f" {after.position} is neither the state before ({show(old[0])}) nor after ({show(new[0])})"
             )
-            assert after.damage is None, f"step {kill_at}: {after.damage}"
+            assert after.damage is None, f"step {kill_at} of {steps}: {after.damage}"
             assert file_checksum(after.path, after.page_size) == after.checksum
-            assert not list(after.dir.glob("rewrite-*")), f"step {kill_at}: a new file left behind"
-            assert not (after.dir / "pagehashes.next").exists()
+            assert not leftovers(after.dir), f"step {kill_at}: left behind: {leftovers(after.dir)}"
             outcomes.append(state)
         finally:
             after.close()
@@ -302,36 +331,17 @@ def test_sigkill_at_every_step_of_a_reseed_leaves_exactly_a_committed_state(tmp_
     replica.close()
     follower.close()
     app.close()
-    pristine = tmp_path / "pristine"
-    shutil.copytree(replica.dir, pristine / "rep.db.hotsite")
-    shutil.copy2(replica.path, pristine / "rep.db")
 
-    code, steps = _run_child(replica.path, _reseed(image, size, new_pos), 0)
-    assert code == 0 and steps > 5
-    # Every step but the run of page writes (one in 64 of those): each kill is a fork and a copy.
-    kill_points = sorted({*range(1, steps + 1, 64), *range(1, 4), *range(max(1, steps - 40), steps + 1)})
-    outcomes: list[str] = []
-    for kill_at in kill_points:
-        shutil.rmtree(replica.dir)
-        shutil.copy2(pristine / "rep.db", replica.path)
-        shutil.copytree(pristine / "rep.db.hotsite", replica.dir)
-        code, _ = _run_child(replica.path, _reseed(image, size, new_pos), kill_at)
-        assert code == -signal.SIGKILL, f"step {kill_at}: expected the process killed, exit {code}"
-        after = Replica(replica.path)
-        after.open()
-        try:
-            states: dict[tuple[int, Position | None], str] = {
-                (old_sum, old_pos): "old",
-                (new_sum, new_pos): "new",
-            }
-            state = states.get((after.checksum, after.position))
-            assert state is not None, f"killed at step {kill_at} of {steps}: neither state"
-            assert after.damage is None, f"step {kill_at} of {steps}: {after.damage}"
-            assert file_checksum(after.path, after.page_size) == after.checksum
-            assert not [p.name for p in after.dir.iterdir() if "seed" in p.name], f"step {kill_at}: leftovers"
-            outcomes.append(state)
-        finally:
-            after.close()
-    assert outcomes[0] == "old" and outcomes[-1] == "new"
-    flips = sum(1 for a, b in zip(outcomes, outcomes[1:], strict=False) if a != b)
-    assert flips == 1, f"states by kill step: {outcomes}"
+    def kill_points(steps: int) -> list[int]:
+        # Every step but the run of page writes (one in 64 of those): each kill is a fork and a copy.
+        return sorted({*range(1, steps + 1, 64), *range(1, 4), *range(max(1, steps - 40), steps + 1)})
+
+    _kill_at_each_step(
+        replica.path,
+        _reseed(image, size, new_pos),
+        kill_points,
+        (old_sum, old_pos),
+        (new_sum, new_pos),
+        lambda directory: [p.name for p in directory.iterdir() if "seed" in p.name],
+        min_steps=6,
+    )
